@@ -1,0 +1,111 @@
+"""What every script shares: errors for people, the one image loader, the one atomic writer, progress bars."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from typing import Callable, Iterator, List, Optional
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line naming the file or argument, without a traceback."""
+
+
+def run_main(main: Callable[[], Optional[int]]) -> None:
+    """Runs a script's main(), turning a UserError into `error: ...` on stderr and exit status 2."""
+    try:
+        code = main()
+    except UserError as err:
+        print("error: %s" % err, file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def list_images(folder: str, what: str = "image folder") -> List[str]:
+    """Sorted file names of the images in `folder`; other files are skipped with one warning naming them."""
+    if not os.path.isdir(folder):
+        raise UserError("%s not found or not a directory: %s" % (what, folder))
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    skipped = [n for n in names if n not in set(images)]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (" and %d more" % (len(skipped) - 5) if len(skipped) > 5 else "")
+        warnings.warn("skipping %d non-image file(s) in %s: %s" % (len(skipped), folder, shown), stacklevel=2)
+    if not images:
+        raise UserError("no images (%s) in %s" % ("/".join(IMAGE_EXTENSIONS), folder))
+    return images
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Opens any image mode (grayscale, 16-bit, palette, RGBA, CMYK...) as 8-bit RGB; transparency goes on white."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise UserError("cannot read image %s: %s" % (path, err)) from None
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256.0).convert("L")  # 16-bit to 8-bit keeps the full range
+    elif image.mode == "F":
+        image = image.convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8", newline: Optional[str] = None) -> Iterator:
+    """Writes `path` through a temporary file in the same folder, renamed into place only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding,
+                       newline=None if "b" in mode else newline) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj, indent: Optional[int] = 2) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_json(path: str, what: str = "JSON file"):
+    if not os.path.isfile(path):
+        raise UserError("%s not found: %s" % (what, path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError("%s is not valid JSON: %s (%s)" % (what, path, err)) from None
+
+
+def progress(iterable=None, **kwargs):
+    """The project's progress bar: tqdm on stderr, so stdout keeps only results."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.5)
+    return tqdm(iterable, **kwargs)
