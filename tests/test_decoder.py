@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tiny_models import save_course_format
 from decoder import (LORA_TARGETS, Config, Decoder, DecoderWeightsError, KVCache, count_parameters,
                      load_gpt2_weights, peft_config)
 
@@ -24,16 +25,6 @@ def hf_model(n_layer, n_embd, n_head, vocab_size, n_positions, seed=0):
             if name.endswith("bias") or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
-
-
-def save_course_format(model, path):
-    """The course's decoder_model.bin: the transformer trunk's state dict, Conv1D layout, mask buffers kept."""
-    state = {k: v.clone() for k, v in model.transformer.state_dict().items()}
-    for i in range(model.config.n_layer):  # the course file carries GPT-2's causal-mask buffers
-        n = model.config.n_positions
-        state["h.%d.attn.bias" % i] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
-    torch.save(state, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
