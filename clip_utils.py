@@ -107,7 +107,7 @@ def load_clip(model: str, pretrained: Optional[str], device: str = "cpu") -> Tup
             raise UserError("checkpoint file not found: %s" % pretrained)
         config = _tag_config(open_clip, name, pretrained)
         if cached_weights(config) is None:
-            raise UserError("weights %s/%s are not downloaded and this machine is offline: %s" % (name, pretrained, DOWNLOAD_HINT))
+            raise UserError("weights %s/%s are not in the local cache (loading never downloads): %s" % (name, pretrained, DOWNLOAD_HINT))
         kwargs["force_quick_gelu"] = bool(config.get("quick_gelu")) or pretrained == "openai"
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device, **kwargs)

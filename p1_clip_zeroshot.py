@@ -1,0 +1,331 @@
+"""P1: zero-shot classification with a pretrained open_clip CLIP, no fine-tuning.
+
+Class embeddings are averaged over a template set (normalised before and after averaging, as open_clip's
+zero_shot_classifier does); each image goes to the class whose embedding is most similar to its own.
+
+    python3 p1_clip_zeroshot.py IMG_DIR ID2LABEL_JSON OUT_CSV [--evaluate] [--compare-prompts] [--plot-top5 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import random
+import re
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from common import UserError, list_images, load_rgb, progress, read_json, run_main, atomic_write, write_json
+
+# open_clip's published zero-shot CIFAR-100 accuracy (docs/openclip_results.csv): EVA02-L-14 merged2b_s4b_b131k
+# 90.71 %, the best of the models whose weights fit an 11 GB card in fp16 and a 20-minute download (0.86 GB, fp16).
+DEFAULT_MODEL = "EVA02-L-14"
+DEFAULT_PRETRAINED = "merged2b_s4b_b131k"
+DEFAULT_TEMPLATES = "cifar"
+RANDOM_WEIGHTS = ("none", "random")
+CLASSES_PER_TEXT_BATCH = 10
+TOP_K = 5
+
+
+def read_id2label(path: str) -> List[str]:
+    """Class names indexed by their integer id; ids must be 0..N-1 with no gaps."""
+    mapping = read_json(path, "id2label file")
+    if not isinstance(mapping, dict) or not mapping:
+        raise UserError("id2label file %s must be a non-empty JSON object {\"0\": \"name\", ...}" % path)
+    by_id: Dict[int, str] = {}
+    for key, name in mapping.items():
+        if not re.fullmatch(r"\s*\d+\s*", str(key)):
+            raise UserError("id2label file %s: key %r is not a non-negative integer id" % (path, key))
+        if not isinstance(name, str) or not clean_class_name(name):
+            raise UserError("id2label file %s: the name of id %s is %r, not a non-empty string" % (path, key, name))
+        if int(key) in by_id:
+            raise UserError("id2label file %s: id %d appears twice" % (path, int(key)))
+        by_id[int(key)] = name
+    gaps = sorted(set(range(len(by_id))) - set(by_id))
+    if gaps:
+        raise UserError("id2label file %s: ids must run 0..%d without gaps; missing %s"
+                        % (path, len(by_id) - 1, ", ".join(str(g) for g in gaps[:10])))
+    return [by_id[i] for i in range(len(by_id))]
+
+
+def clean_class_name(name: str) -> str:
+    """`aquarium_fish` -> `aquarium fish`: prompts should read like captions."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def load_templates(spec: str) -> List[str]:
+    """A named set (p1_templates) or a file with one template per line; `{}` or `{object}` marks the class name."""
+    import p1_templates
+
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            lines = [(number, line.strip()) for number, line in enumerate(f, 1)]
+        templates = []
+        for number, line in lines:
+            if not line or line.startswith("#"):
+                continue
+            line = line.replace("{object}", "{}")
+            if line.count("{}") != 1:
+                raise UserError("templates file %s line %d: %r needs exactly one {} (or {object}) for the class name"
+                                % (spec, number, line))
+            templates.append(line)
+        if not templates:
+            raise UserError("templates file %s has no templates (one per line, with {} for the class name)" % spec)
+        return templates
+    try:
+        return list(p1_templates.template_set(spec))
+    except KeyError:
+        raise UserError("--templates %r is neither a file nor a named set (%s)"
+                        % (spec, ", ".join(p1_templates.set_names()))) from None
+
+
+def labels_from_names(names: Sequence[str], num_classes: int, what: str) -> List[int]:
+    """True labels from the `{label}_{id}.png` file-name convention of the course's validation set."""
+    labels = []
+    for name in names:
+        match = re.match(r"(\d+)_", name)
+        if not match or int(match.group(1)) >= num_classes:
+            raise UserError("%s needs file names '{label}_...' with label in 0..%d; %r is not"
+                            % (what, num_classes - 1, name))
+        labels.append(int(match.group(1)))
+    return labels
+
+
+def labels_or_none(names: Sequence[str], num_classes: int) -> Optional[List[int]]:
+    try:
+        return labels_from_names(names, num_classes, "labels")
+    except UserError:
+        return None
+
+
+class ImageFiles:
+    """Dataset of (preprocessed image) for DataLoader workers; a bad file becomes a UserError value, not a crash."""
+
+    def __init__(self, folder: str, names: Sequence[str], preprocess: Callable):
+        self.folder, self.names, self.preprocess = folder, list(names), preprocess
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.preprocess(load_rgb(os.path.join(self.folder, self.names[index])))
+        except UserError as err:
+            return err
+
+
+def stack_or_error(items):
+    import torch
+
+    errors = [item for item in items if isinstance(item, UserError)]
+    return errors[0] if errors else torch.stack(items)
+
+
+def autocast(device: str):
+    """fp16 autocast on GPU (the 2080 Ti has no bf16); plain fp32 on CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def encode_images(model, dataset: ImageFiles, device: str, batch_size: int = 64, workers: int = 2):
+    """(N, D) unit-norm image embeddings in file order, decoded by DataLoader workers."""
+    import torch
+    import torch.nn.functional as F
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=stack_or_error, pin_memory=torch.device(device).type == "cuda")
+    features = []
+    with torch.no_grad(), progress(total=len(dataset), desc="images", unit="img") as bar:
+        for images in loader:
+            if isinstance(images, UserError):
+                raise images
+            with autocast(device):
+                embeddings = model.encode_image(images.to(device, non_blocking=True))  # (B, D)
+            features.append(F.normalize(embeddings.float(), dim=-1).cpu())
+            bar.update(len(images))
+    return torch.cat(features)
+
+
+def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: str):
+    """(C, D) unit-norm class embeddings: per class, mean of the normalised template embeddings, renormalised."""
+    import open_clip
+    import torch
+
+    fill_ins = [(lambda c, t=template: t.replace("{}", c)) for template in templates]
+    with torch.no_grad(), autocast(device):
+        weights = open_clip.build_zero_shot_classifier(model, tokenizer, [clean_class_name(c) for c in classnames],
+                                                       fill_ins, num_classes_per_batch=CLASSES_PER_TEXT_BATCH,
+                                                       device=device)  # (D, C)
+    return weights.float().t().cpu()
+
+
+def write_predictions(path: str, names: Sequence[str], predictions: Sequence[int]) -> None:
+    with atomic_write(path, newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["filename", "label"])
+        writer.writerows(zip(names, (int(p) for p in predictions)))
+
+
+def evaluation(predictions, labels: Sequence[int], classnames: Sequence[str]) -> dict:
+    correct = [int(p) == t for p, t in zip(predictions, labels)]
+    per_class = {}
+    for index, name in enumerate(classnames):
+        hits = [c for c, t in zip(correct, labels) if t == index]
+        per_class[str(index)] = {"name": name, "n_images": len(hits),
+                                 "accuracy": sum(hits) / len(hits) if hits else None}
+    return {"accuracy": sum(correct) / len(correct), "n_images": len(correct), "n_correct": sum(correct),
+            "per_class": per_class}
+
+
+def compare_prompts(model, tokenizer, features, labels, classnames, ensemble: Tuple[str, List[str]], device: str) -> str:
+    """Markdown table: accuracy of the report's three single templates and of our ensemble."""
+    import p1_templates
+
+    rows = [(text, [text]) for _, text in p1_templates.REPORT_TEMPLATES]
+    rows.append(("ensemble: %s (%d templates)" % (ensemble[0], len(ensemble[1])), ensemble[1]))
+    lines = ["| prompt | accuracy |", "| --- | ---: |"]
+    for title, templates in rows:
+        predictions = (features @ class_embeddings(model, tokenizer, classnames, templates, device).t()).argmax(dim=1)
+        accuracy = sum(int(p) == t for p, t in zip(predictions.tolist(), labels)) / len(labels)
+        lines.append("| %s | %.2f %% |" % (title.replace("{}", "{object}").replace("|", "\\|"), 100 * accuracy))
+    return "\n".join(lines) + "\n"
+
+
+def plot_top5(path: str, folder: str, names: Sequence[str], probabilities, classnames: Sequence[str],
+              count: int, seed: int, labels: Optional[Sequence[int]] = None) -> List[str]:
+    """One PNG, a row per sampled image: the image beside a bar chart of its top-5 class probabilities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = sorted(random.Random(seed).sample(range(len(names)), min(count, len(names))))
+    figure, axes = plt.subplots(len(chosen), 2, figsize=(9, 2.6 * len(chosen)), squeeze=False,
+                                gridspec_kw={"width_ratios": [1, 2]})
+    for row, index in enumerate(chosen):
+        top = probabilities[index].topk(min(TOP_K, len(classnames)))
+        axes[row][0].imshow(load_rgb(os.path.join(folder, names[index])), interpolation="nearest")
+        truth = " (true: %s)" % clean_class_name(classnames[labels[index]]) if labels else ""
+        axes[row][0].set_title(names[index] + truth, fontsize=9)
+        axes[row][0].axis("off")
+        labels = ["a photo of a %s" % clean_class_name(classnames[i]) for i in top.indices.tolist()]
+        axes[row][1].barh(range(len(labels))[::-1], top.values.tolist(), color="tab:blue")
+        axes[row][1].set_yticks(range(len(labels))[::-1])
+        axes[row][1].set_yticklabels(labels, fontsize=9)
+        axes[row][1].set_xlim(0, 1)
+        axes[row][1].set_xlabel("probability")
+    figure.tight_layout()
+    with atomic_write(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=120)
+    plt.close(figure)
+    return [names[i] for i in chosen]
+
+
+def sidecar(out_csv: str, suffix: str) -> str:
+    """Report files live beside the CSV: pred.csv -> pred.eval.json, pred.prompts.md, pred.top5.png."""
+    return os.path.splitext(out_csv)[0] + suffix
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("image_dir", help="folder of images to classify")
+    io.add_argument("id2label", help="JSON {\"0\": \"class name\", ...} with ids 0..N-1")
+    io.add_argument("out_csv", help="output CSV 'filename,label' (its folder is created)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL,
+                       help="open_clip model name, or path of an open_clip model-config JSON (default %(default)s)")
+    model.add_argument("--pretrained", default=None,
+                       help="open_clip tag (local cache only), a checkpoint file, or 'none' for random weights "
+                            "(default %s with the default model)" % DEFAULT_PRETRAINED)
+    model.add_argument("--templates", default=DEFAULT_TEMPLATES,
+                       help="named template set or a file, one template per line with {} (default %(default)s)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
+    run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                     help="DataLoader decoding processes, 0 = in the main process (default %(default)s)")
+    run.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    report = parser.add_argument_group("report helpers")
+    report.add_argument("--evaluate", action="store_true",
+                        help="accuracy from the '{label}_' file-name prefix, printed and written to OUT.eval.json")
+    report.add_argument("--compare-prompts", action="store_true",
+                        help="Markdown table of the report's three templates and the ensemble -> OUT.prompts.md")
+    report.add_argument("--plot-top5", type=int, default=0, metavar="N",
+                        help="plot the top-5 class probabilities of N sampled images -> OUT.top5.png")
+    report.add_argument("--seed", type=int, default=0, help="seed for the --plot-top5 sample (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0 or args.plot_top5 < 0:
+        parser.error("--batch-size must be >= 1, --workers and --plot-top5 >= 0")
+    if args.pretrained is None:
+        if args.model != DEFAULT_MODEL:
+            parser.error("--pretrained is needed with --model %s (a tag, a checkpoint file, or 'none')" % args.model)
+        args.pretrained = DEFAULT_PRETRAINED
+    return args
+
+
+def resolve_device(device: Optional[str]) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError("--device %r is not a torch device (cpu, cuda, cuda:0...)" % device) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device %s asked for, but torch sees no CUDA GPU" % device)
+    return device
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    # Everything the user could have got wrong is checked before the model loads.
+    names = list_images(args.image_dir)
+    classnames = read_id2label(args.id2label)
+    templates = load_templates(args.templates)
+    labels = None
+    if args.evaluate or args.compare_prompts:
+        labels = labels_from_names(names, len(classnames), "--evaluate/--compare-prompts")
+    if os.path.isdir(args.out_csv):
+        raise UserError("output CSV path %s is a directory" % args.out_csv)
+    device = resolve_device(args.device)
+
+    import clip_utils
+    import torch
+
+    pretrained = None if args.pretrained.lower() in RANDOM_WEIGHTS else args.pretrained
+    model, preprocess, tokenizer = clip_utils.load_clip(args.model, pretrained, device=device)
+    text = class_embeddings(model, tokenizer, classnames, templates, device)  # (C, D), once per run
+    features = encode_images(model, ImageFiles(args.image_dir, names, preprocess), device, args.batch_size, args.workers)
+    similarities = features @ text.t()  # (N, C) cosine similarities
+    predictions = similarities.argmax(dim=1).tolist()
+    write_predictions(args.out_csv, names, predictions)
+    print("wrote %d predictions to %s (%.1f s)" % (len(names), args.out_csv, time.time() - started))
+
+    if args.evaluate:
+        result = evaluation(predictions, labels, classnames)
+        result.update(model=args.model, pretrained=args.pretrained, templates=args.templates,
+                      n_templates=len(templates), seconds=round(time.time() - started, 2))
+        write_json(sidecar(args.out_csv, ".eval.json"), result)
+        print("accuracy %.4f (%d/%d)" % (result["accuracy"], result["n_correct"], result["n_images"]))
+    if args.compare_prompts:
+        table = compare_prompts(model, tokenizer, features, labels, classnames, (args.templates, templates), device)
+        with atomic_write(sidecar(args.out_csv, ".prompts.md")) as f:
+            f.write(table)
+        print(table, end="")
+    if args.plot_top5:
+        scale = float(model.logit_scale.detach().exp().clamp(max=100)) if hasattr(model, "logit_scale") else 100.0
+        probabilities = torch.softmax(scale * similarities, dim=1)
+        shown = plot_top5(sidecar(args.out_csv, ".top5.png"), args.image_dir, names, probabilities, classnames,
+                          args.plot_top5, args.seed, labels_or_none(names, len(classnames)))
+        print("top-5 plot of %s -> %s" % (", ".join(shown), sidecar(args.out_csv, ".top5.png")))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
