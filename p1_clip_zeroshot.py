@@ -212,10 +212,10 @@ def plot_top5(path: str, folder: str, names: Sequence[str], probabilities, class
         truth = " (true: %s)" % clean_class_name(classnames[labels[index]]) if labels else ""
         axes[row][0].set_title(names[index] + truth, fontsize=9)
         axes[row][0].axis("off")
-        labels = ["a photo of a %s" % clean_class_name(classnames[i]) for i in top.indices.tolist()]
-        axes[row][1].barh(range(len(labels))[::-1], top.values.tolist(), color="tab:blue")
-        axes[row][1].set_yticks(range(len(labels))[::-1])
-        axes[row][1].set_yticklabels(labels, fontsize=9)
+        prompts = ["a photo of a %s" % clean_class_name(classnames[i]) for i in top.indices.tolist()]
+        axes[row][1].barh(range(len(prompts))[::-1], top.values.tolist(), color="tab:blue")
+        axes[row][1].set_yticks(range(len(prompts))[::-1])
+        axes[row][1].set_yticklabels(prompts, fontsize=9)
         axes[row][1].set_xlim(0, 1)
         axes[row][1].set_xlabel("probability")
     figure.tight_layout()

@@ -1,0 +1,253 @@
+"""P1 CLI on a tiny random CLIP loaded from a checkpoint file: predictions match a plain reference computation,
+the CSV covers every file once with names untouched, and every bad input gives a clear error and no CSV."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_utils
+import p1_clip_zeroshot as p1
+from common import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CLASSES = ["bicycle", "aquarium_fish", "camel", "rabbit", "lamp", "maple_tree"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny CLIP config + its random weights saved to a file, id2label.json, and 18 small varied images."""
+    root = tmp_path_factory.mktemp("p1world")
+    config = str(root / "tiny-p1-clip.json")
+    with open(config, "w") as f:
+        json.dump(TINY_CONFIG, f)
+    torch.manual_seed(0)
+    model, _, _ = clip_utils.load_clip(config, None)
+    weights = str(root / "tiny-p1-clip.pt")
+    torch.save(model.state_dict(), weights)
+    id2label = str(root / "id2label.json")
+    with open(id2label, "w") as f:
+        json.dump({str(i): name for i, name in enumerate(CLASSES)}, f)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(18):
+        pixels = (rng.rand(32, 32, 3) * 255 * rng.rand(3)).astype(np.uint8)  # colour casts differ per image
+        Image.fromarray(pixels).save(str(images / ("%d_%d.png" % (i % len(CLASSES), i))))
+    return {"root": root, "config": config, "weights": weights, "id2label": id2label, "images": str(images)}
+
+
+def run(world, out, *extra, images=None):
+    args = [images or world["images"], world["id2label"], str(out), "--model", world["config"],
+            "--pretrained", world["weights"], "--workers", "0", "--device", "cpu"] + list(extra)
+    assert p1.main(args) == 0
+    with open(str(out), newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    return rows[0], {name: int(label) for name, label in rows[1:]}, rows
+
+
+def reference_similarities(world, names, templates, folder=None):
+    """Plain loops: every prompt and every image encoded on its own, normalised by hand."""
+    model, preprocess, tokenizer = clip_utils.load_clip(world["config"], world["weights"])
+    with torch.no_grad():
+        classes = []
+        for name in CLASSES:
+            prompts = [t.replace("{}", name.replace("_", " ")) for t in templates]
+            per_template = [F.normalize(model.encode_text(tokenizer([p]))[0], dim=0) for p in prompts]
+            mean = torch.stack(per_template).mean(dim=0)
+            classes.append(mean / mean.norm())
+        text = torch.stack(classes)
+        rows = []
+        for name in names:
+            image = Image.open(os.path.join(folder or world["images"], name)).convert("RGB")
+            embedding = model.encode_image(preprocess(image)[None])[0]
+            rows.append(text @ (embedding / embedding.norm()))
+    return torch.stack(rows)  # (N, C)
+
+
+def assert_argmax_matches(predicted, similarities, names):
+    for i, name in enumerate(names):
+        top2 = similarities[i].topk(2)
+        if float(top2.values[0] - top2.values[1]) > 1e-4:
+            assert predicted[name] == int(top2.indices[0]), name
+        else:  # a near tie may break either way between batched and one-at-a-time float sums
+            assert float(similarities[i].max() - similarities[i][predicted[name]]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("templates", ["cifar", "photo", "file"])
+def test_predictions_equal_reference(world, tmp_path, templates):
+    if templates == "file":
+        path = tmp_path / "templates.txt"
+        path.write_text("# my set\na tiny photo of a {object}.\n\nan icon of the {}\n", encoding="utf-8")
+        spec, template_list = str(path), ["a tiny photo of a {}.", "an icon of the {}"]
+    else:
+        spec, template_list = templates, p1.load_templates(templates)
+    header, predicted, _ = run(world, tmp_path / "pred.csv", "--templates", spec, "--batch-size", "4")
+    names = sorted(os.listdir(world["images"]))
+    assert header == ["filename", "label"] and sorted(predicted) == names
+    assert_argmax_matches(predicted, reference_similarities(world, names, template_list), names)
+
+
+def test_workers_and_batching_give_the_same_csv(world, tmp_path):
+    _, single, _ = run(world, tmp_path / "a.csv", "--batch-size", "1")
+    _, batched, _ = run(world, tmp_path / "b.csv", "--batch-size", "7", "--workers", "2")
+    assert single == batched
+
+
+def test_csv_keeps_every_file_name_once(world, tmp_path):
+    folder = tmp_path / "odd names"
+    folder.mkdir()
+    names = ["a b.c.png", "ünïcødé 猫.png", "with,comma.png", "x.JPG", "0_1.jpeg"]
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 30), (i * 40, 100, 200 - i * 30)).save(str(folder / name), format="PNG")
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="notes.txt"):
+        header, predicted, rows = run(world, tmp_path / "nested" / "new" / "pred.csv", images=str(folder))
+    assert header == ["filename", "label"]
+    assert sorted(r[0] for r in rows[1:]) == sorted(names) and len(rows) == len(names) + 1
+    assert all(0 <= label < len(CLASSES) for label in predicted.values())
+    with open(str(tmp_path / "nested" / "new" / "pred.csv"), encoding="utf-8") as f:
+        assert f.readline() == "filename,label\n"
+
+
+def test_any_image_mode_is_classified_as_rgb(world, tmp_path):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    rgb = Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8))
+    rgb.convert("L").save(str(folder / "gray.png"))
+    rgb.convert("RGBA").save(str(folder / "rgba.png"))
+    rgb.convert("P").save(str(folder / "palette.png"))
+    rgb.convert("CMYK").save(str(folder / "cmyk.jpg"))
+    Image.fromarray((np.random.RandomState(2).rand(32, 32) * 65535).astype(np.uint16)).save(str(folder / "deep.png"))
+    _, predicted, _ = run(world, tmp_path / "pred.csv", images=str(folder))
+    assert sorted(predicted) == sorted(os.listdir(str(folder)))
+
+
+def test_evaluate_writes_accuracy_json(world, tmp_path):
+    _, predicted, _ = run(world, tmp_path / "pred.csv", "--evaluate")
+    with open(str(tmp_path / "pred.eval.json")) as f:
+        result = json.load(f)
+    truth = {name: int(name.split("_")[0]) for name in predicted}
+    correct = sum(predicted[n] == truth[n] for n in predicted)
+    assert result["n_images"] == len(predicted) and result["n_correct"] == correct
+    assert result["accuracy"] == pytest.approx(correct / len(predicted))
+    fish = [n for n in predicted if truth[n] == 1]
+    assert result["per_class"]["1"]["name"] == "aquarium_fish"
+    assert result["per_class"]["1"]["accuracy"] == pytest.approx(sum(predicted[n] == 1 for n in fish) / len(fish))
+
+
+def test_compare_prompts_matches_single_runs(world, tmp_path, capsys):
+    run(world, tmp_path / "pred.csv", "--compare-prompts", "--evaluate")
+    table = (tmp_path / "pred.prompts.md").read_text(encoding="utf-8")
+    assert table in capsys.readouterr().out
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    assert [r[0].strip() for r in rows[:3]] == ["This is a photo of {object}", "This is not a photo of {object}",
+                                               "No {object}, no score."]
+    ensemble = json.loads((tmp_path / "pred.eval.json").read_text())["accuracy"]
+    assert float(rows[3][1].strip(" %")) == pytest.approx(100 * ensemble, abs=0.006)
+    run(world, tmp_path / "photo.csv", "--templates", "not-photo", "--evaluate")
+    single = json.loads((tmp_path / "photo.eval.json").read_text())["accuracy"]
+    assert float(rows[1][1].strip(" %")) == pytest.approx(100 * single, abs=0.006)
+
+
+def test_plot_top5_writes_a_png(world, tmp_path):
+    run(world, tmp_path / "pred.csv", "--plot-top5", "2")
+    with Image.open(str(tmp_path / "pred.top5.png")) as image:
+        assert image.format == "PNG" and image.size[1] > 200
+
+
+def expect_error(world, tmp_path, match, images=None, id2label=None, extra=()):
+    out = tmp_path / "out" / "pred.csv"
+    args = [images or world["images"], id2label or world["id2label"], str(out), "--model", world["config"],
+            "--pretrained", world["weights"], "--workers", "0", "--device", "cpu"] + list(extra)
+    with pytest.raises(UserError, match=match):
+        p1.main(args)
+    assert not out.exists()
+    assert not (out.parent.exists() and os.listdir(str(out.parent)))  # no temporary left behind
+
+
+def write_json(path, obj):
+    with open(str(path), "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+def test_bad_folders(world, tmp_path):
+    (tmp_path / "empty").mkdir()
+    expect_error(world, tmp_path, "no images", images=str(tmp_path / "empty"))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("x")
+    with pytest.warns(UserWarning, match="a.txt"):
+        expect_error(world, tmp_path, "no images", images=str(tmp_path / "texts"))
+    expect_error(world, tmp_path, "not found", images=str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_image_is_named_and_old_csv_survives(world, tmp_path, workers):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (32, 32), (i * 50, 0, 0)).save(str(folder / ("%d_%d.png" % (i, i))))
+    (folder / "3_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "pred.csv"
+    out.write_text("previous results\n")
+    with pytest.raises(UserError, match="3_bad.png"):
+        p1.main([str(folder), world["id2label"], str(out), "--model", world["config"], "--pretrained",
+                 world["weights"], "--workers", workers, "--batch-size", "2", "--device", "cpu"])
+    assert out.read_text() == "previous results\n"
+    assert sorted(os.listdir(str(tmp_path))) == ["broken", "pred.csv"]
+
+
+def test_bad_id2label(world, tmp_path):
+    expect_error(world, tmp_path, "without gaps; missing 1", id2label=write_json(tmp_path / "gap.json", {"0": "a", "2": "b"}))
+    expect_error(world, tmp_path, "'cat' is not a non-negative integer",
+                 id2label=write_json(tmp_path / "keys.json", {"0": "a", "cat": "b"}))
+    expect_error(world, tmp_path, "not a non-empty string", id2label=write_json(tmp_path / "val.json", {"0": ""}))
+    expect_error(world, tmp_path, "non-empty JSON object", id2label=write_json(tmp_path / "list.json", ["a", "b"]))
+    (tmp_path / "bad.json").write_text("{oops")
+    expect_error(world, tmp_path, "not valid JSON: .*bad.json", id2label=str(tmp_path / "bad.json"))
+    expect_error(world, tmp_path, "id2label file not found", id2label=str(tmp_path / "none.json"))
+
+
+def test_bad_templates_and_evaluate_names(world, tmp_path):
+    (tmp_path / "t.txt").write_text("a photo of a cat\n")
+    expect_error(world, tmp_path, "t.txt line 1", extra=["--templates", str(tmp_path / "t.txt")])
+    expect_error(world, tmp_path, "neither a file nor a named set", extra=["--templates", "nope"])
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(str(folder / "xxxx.png"))
+    expect_error(world, tmp_path, "xxxx.png", images=str(folder), extra=["--evaluate"])
+
+
+def test_clean_class_name():
+    assert p1.clean_class_name("aquarium_fish") == "aquarium fish"
+    assert p1.clean_class_name("  sweet__pepper ") == "sweet pepper"
+    assert p1.clean_class_name("t-shirt") == "t-shirt"
+
+
+def test_hw3_1_sh_fails_fast_offline_without_weights(world, tmp_path):
+    script = os.path.join(ROOT, "hw3_1.sh")
+    words = open(script).read().split()
+    assert not set(words) & {"pip", "cd", "mkdir", "rm", "cp", "mv", "sudo"}
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    out = tmp_path / "out" / "pred.csv"
+    done = subprocess.run(["bash", script, world["images"], world["id2label"], str(out)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "hw3_download.sh" in last and "--pretrained PATH" in last
+    assert not out.exists()
