@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Rebuilds the miniature world's "pretrained" models from scratch with their committed settings and seeds:
+# miniworld/models/tiny_clip.pt (open_clip, config tiny_clip.json) and miniworld/models/decoder_model.bin (GPT-2).
+# Each run is bounded (a few minutes on 2 cores when they are free); progress bars on stderr, timings at the end.
+set -euo pipefail
+source "$(dirname "$0")/../setup_env.sh"
+cd "$HW3_ROOT"
+start=$(date +%s)
+"$HW3_PY" miniworld/train_clip.py
+clip_done=$(date +%s)
+"$HW3_PY" miniworld/train_gpt2.py
+end=$(date +%s)
+echo "build_models: tiny CLIP $((clip_done - start)) s, tiny GPT-2 $((end - clip_done)) s, total $((end - start)) s"

@@ -1,0 +1,152 @@
+"""Writes the miniature world's P1, P2 and P3 splits, shaped like the homework's data, from one seed.
+
+Every image draws from its own generator seeded by (seed, split, index), so a split is the same whatever the sizes of
+the others, and --small is a prefix of the full world. The output appears complete or not at all: it is written to a
+temporary sibling folder and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
+from miniworld import world  # noqa: E402
+
+SPLIT_P1, SPLIT_P2_TRAIN, SPLIT_P2_VAL, SPLIT_P3 = 1, 2, 3, 4
+OBJECT_COUNT_PROBS = (0.3, 0.4, 0.3)  # P(1, 2, 3 objects) in P2/P3 scenes
+VAL_ID_OFFSET = 900000
+MARKER = "world.json"
+FULL = dict(p1_per_class=20, p2_train=3000, p2_val=250, p3=5, captions=5)
+SMALL = dict(p1_per_class=2, p2_train=40, p2_val=12, p3=3, captions=5)
+
+
+def rng_for(seed: int, split: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, split, index])
+
+
+def object_record(obj: dict, mask: np.ndarray) -> dict:
+    """An object as the JSON files keep it: colour, shape, size word, COCO box and RLE mask."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return dict(color=obj["color"], shape=obj["shape"], size=obj["size"], bbox=world.box_of(mask),
+                segmentation=dict(size=[int(v) for v in rle["size"]], counts=str(rle["counts"], "ascii")))
+
+
+def make_scene(rng: np.random.Generator, n_objects: int) -> Tuple[np.ndarray, List[dict], List[dict]]:
+    pairs = [(c, s) for c in world.COLOR_NAMES for s in world.SHAPES]
+    objects = world.sample_objects(rng, n_objects, pairs)
+    image, masks = world.render(rng, objects)
+    return image, objects, [object_record(o, m) for o, m in zip(objects, masks)]
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+
+
+def write_p1(out: str, seed: int, per_class: int) -> None:
+    """p1/val/{label}_{id}.png with one object each, id2label.json, and the held-out classes."""
+    names = world.class_names()
+    jobs = [(label, k) for label in range(len(names)) for k in range(per_class)]
+    objects = {}
+    for label, k in progress(jobs, desc="p1 images", unit="img"):
+        color, shape = names[label].split(" ")
+        rng = rng_for(seed, SPLIT_P1, label * 100000 + k)
+        objs = world.sample_objects(rng, 1, [(color, shape)])
+        image, masks = world.render(rng, objs)
+        file_name = "%d_%d.png" % (label, k)
+        save_png(os.path.join(out, "p1", "val", file_name), image)
+        objects[file_name] = [object_record(objs[0], masks[0])]
+    write_json(os.path.join(out, "p1", "id2label.json"), {str(i): n for i, n in enumerate(names)})
+    heldout = world.heldout_labels()
+    write_json(os.path.join(out, "p1", "heldout.json"),
+               dict(labels=heldout, names=[names[i] for i in heldout],
+                    note="colour-shape pairs that never occur in the tiny CLIP's training images or captions"))
+    write_json(os.path.join(out, "p1", "val_objects.json"), objects, indent=None)
+
+
+def write_p2_split(out: str, seed: int, split: str, count: int, captions: int) -> Dict[str, dict]:
+    """p2/images/{split}/*.png and the course's COCO-style {split}.json; returns the scenes' objects by file stem."""
+    split_code, id_offset = (SPLIT_P2_TRAIN, 0) if split == "train" else (SPLIT_P2_VAL, VAL_ID_OFFSET)
+    images, annotations, scenes = [], [], {}
+    for index in progress(range(count), desc="p2 %s images" % split, unit="img"):
+        rng = rng_for(seed, split_code, index)
+        n_objects = int(rng.choice([1, 2, 3], p=OBJECT_COUNT_PROBS))
+        image, objs, records = make_scene(rng, n_objects)
+        image_id = id_offset + index + 1
+        file_name = "%06d.png" % image_id
+        save_png(os.path.join(out, "p2", "images", split, file_name), image)
+        images.append(dict(file_name=file_name, id=image_id))
+        for caption in world.scene_captions(rng, objs, captions):
+            annotations.append(dict(caption=caption, id=len(annotations) + 1 + id_offset * 10, image_id=image_id))
+        scenes[os.path.splitext(file_name)[0]] = dict(file_name=file_name, id=image_id, objects=records)
+    write_json(os.path.join(out, "p2", "%s.json" % split),
+               dict(info="miniworld-%s seed %d" % (split, seed), licenses="", annotations=annotations, images=images))
+    return scenes
+
+
+def write_p3(out: str, seed: int, count: int) -> None:
+    """A few P3-style images named after their content, with their objects (boxes and masks) beside them."""
+    scenes = {}
+    for index in range(count):
+        rng = rng_for(seed, SPLIT_P3, index)
+        image, objs, records = make_scene(rng, 1 + index % 3)
+        stem = "_".join("%s-%s" % (o["color"], o["shape"]) for o in sorted(objs, key=lambda o: float(o["cx"])))
+        save_png(os.path.join(out, "p3", "images", stem + ".png"), image)
+        scenes[stem] = dict(file_name=stem + ".png", objects=records)
+    write_json(os.path.join(out, "p3", "objects.json"), scenes)
+
+
+def generate(out: str, seed: int, small: bool) -> dict:
+    """Builds the whole world in a temporary sibling folder, then renames it to `out`."""
+    sizes = SMALL if small else FULL
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out)) + ".", dir=parent)
+    try:
+        write_p1(tmp, seed, sizes["p1_per_class"])
+        write_p2_split(tmp, seed, "train", sizes["p2_train"], sizes["captions"])
+        val_scenes = write_p2_split(tmp, seed, "val", sizes["p2_val"], sizes["captions"])
+        write_json(os.path.join(tmp, "p2", "val_objects.json"), val_scenes)
+        write_p3(tmp, seed, sizes["p3"])
+        summary = dict(seed=seed, small=small, image_size=world.IMAGE_SIZE, sizes=sizes,
+                       heldout=[" ".join(p) for p in world.HELDOUT],
+                       box_format="COCO [x, y, width, height] in pixels", mask_format="COCO RLE (pycocotools)")
+        write_json(os.path.join(tmp, MARKER), summary)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    parser.add_argument("--out", required=True, help="output folder; an existing world there is replaced")
+    parser.add_argument("--small", action="store_true", help="a reduced world for tests (a few seconds)")
+    args = parser.parse_args()
+    if args.seed < 0:
+        raise UserError("--seed must be >= 0, got %d" % args.seed)
+    if os.path.exists(args.out) and (not os.path.isdir(args.out)
+                                     or (os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, MARKER)))):
+        raise UserError("--out %s exists and is not a miniworld folder (no %s); choose another folder" % (args.out, MARKER))
+    summary = generate(args.out, args.seed, args.small)
+    print("wrote miniworld (seed %d, %s) to %s" % (args.seed, "small" if args.small else "full", args.out))
+    return 0 if summary else 1
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,171 @@
+"""Pre-trains the tiny GPT-2 language model on world captions and saves it in the course's decoder_model.bin format.
+
+The course file is a plain state dict of the GPT-2 trunk (`wte.weight`, `h.0.attn.c_attn.weight`... Conv1D weights as
+(in, out)) with the output head tied to `wte`. World captions use a few dozen of GPT-2's 50,257 tokens, so training
+computes the softmax exactly but cheaply: every unused token shares one learned embedding row, which enters the
+softmax once with weight log(number of unused tokens). The export writes that shared row into every unused slot, so
+the saved file is ordinary GPT-2 giving the same logits, and its repeated rows compress to almost nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
+from miniworld import world  # noqa: E402
+from tokenizer import END_TOKEN, BPETokenizer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "models", "decoder_model.bin")
+
+# Settings: the defaults are the committed model's.
+SEED = 0
+N_LAYER = 3
+N_EMBD = 128              # two 64-wide heads: decoder.py infers n_head = n_embd // 64
+BLOCK_SIZE = 64
+VOCAB_SIZE = 50257
+STEPS = 1200
+BATCH = 64
+LR = 2e-3
+WARMUP = 100
+WEIGHT_DECAY = 0.01
+CORPUS_SCENES = 20000
+EVAL_SCENES = 500
+OBJECT_COUNT_PROBS = (0.3, 0.4, 0.3)
+# The trunk as the course file holds it, per block and around the blocks.
+BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+              "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+              "mlp.c_proj.bias")
+
+
+def caption_corpus(seed: int, scenes: int, tokenizer: BPETokenizer) -> List[List[int]]:
+    """Token ids of world captions framed as the course trains them: <|endoftext|> caption <|endoftext|>."""
+    rng = np.random.default_rng([seed, 21])
+    pairs = [(c, s) for c in world.COLOR_NAMES for s in world.SHAPES]
+    corpus = []
+    for _ in progress(range(scenes), desc="captions", unit="scene", leave=False):
+        objects = world.sample_objects(rng, int(rng.choice([1, 2, 3], p=OBJECT_COUNT_PROBS)), pairs)
+        for caption in world.scene_captions(rng, objects, 2):
+            corpus.append([END_TOKEN] + tokenizer.encode(caption) + [END_TOKEN])
+    longest = max(len(ids) for ids in corpus)
+    assert longest <= BLOCK_SIZE, "a caption of %d tokens does not fit block_size %d" % (longest, BLOCK_SIZE)
+    return corpus
+
+
+def batch_of(corpus: List[List[int]], index: np.ndarray):
+    """(inputs, targets): inputs padded with <|endoftext|>, targets shifted by one and padded with -100."""
+    length = max(len(corpus[i]) for i in index) - 1
+    inputs = torch.full((len(index), length), END_TOKEN, dtype=torch.long)
+    targets = torch.full((len(index), length), -100, dtype=torch.long)
+    for row, i in enumerate(index):
+        ids = torch.tensor(corpus[i])
+        inputs[row, :len(ids) - 1] = ids[:-1]
+        targets[row, :len(ids) - 1] = ids[1:]
+    return inputs, targets
+
+
+class SharedTailLM(torch.nn.Module):
+    """GPT-2 trunk (transformers' GPT2Model) over the used tokens only, with a tied head in which every unused
+    vocabulary row equals one learned vector: exactly a full-vocabulary GPT-2 whose unused rows are all equal."""
+
+    def __init__(self, used: torch.Tensor, seed: int):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        torch.manual_seed(seed)
+        config = GPT2Config(vocab_size=len(used), n_positions=BLOCK_SIZE, n_embd=N_EMBD, n_layer=N_LAYER,
+                            n_head=N_EMBD // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=0, eos_token_id=0)  # ids in the used-token numbering
+        self.trunk = GPT2Model(config)  # its wte holds the used tokens' rows, in the order of `used`
+        self.register_buffer("used", used)
+        self.unused_row = torch.nn.Parameter(torch.randn(N_EMBD) * 0.02)
+        self.log_unused = math.log(VOCAB_SIZE - len(used))
+        position = torch.full((VOCAB_SIZE,), -1, dtype=torch.long)
+        position[used] = torch.arange(len(used))
+        self.register_buffer("position", position)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = self.trunk(self.position[inputs]).last_hidden_state  # (B, T, C)
+        used_logits = hidden @ self.trunk.wte.weight.t()  # (B, T, U)
+        tail = (hidden @ self.unused_row).unsqueeze(-1) + self.log_unused  # (B, T, 1): all unused tokens at once
+        logits = torch.cat([used_logits, tail], dim=-1)
+        mapped = torch.where(targets >= 0, self.position[targets.clamp(min=0)], targets)
+        assert bool((mapped[targets >= 0] >= 0).all()), "a target token is outside the used vocabulary"
+        return F.cross_entropy(logits.flatten(0, 1), mapped.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def course_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The trunk in the course's layout, unused wte rows set to the shared row, in fp16."""
+        state = self.trunk.state_dict()
+        wte = self.unused_row.expand(VOCAB_SIZE, N_EMBD).clone()
+        wte[self.used] = self.trunk.wte.weight
+        keys = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
+        keys += ["h.%d.%s" % (i, k) for i in range(N_LAYER) for k in BLOCK_KEYS]
+        return {k: (wte if k == "wte.weight" else state[k]).detach().half().contiguous() for k in keys}
+
+
+def train(out: str, seed: int, steps: int, batch: int) -> Dict[str, float]:
+    tokenizer = BPETokenizer()
+    corpus = caption_corpus(seed, CORPUS_SCENES, tokenizer)
+    held = caption_corpus(seed + 1000, EVAL_SCENES, tokenizer)
+    used = torch.tensor(sorted({t for ids in corpus for t in ids}))
+    model = SharedTailLM(used, seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)],
+                                  lr=LR, betas=(0.9, 0.95))
+    schedule = lambda step: min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    rng = np.random.default_rng([seed, 23])
+    bar = progress(range(steps), desc="tiny GPT-2", unit="step")
+    for _ in bar:
+        model.train()
+        loss = model(*batch_of(corpus, rng.choice(len(corpus), size=batch, replace=False)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        bar.set_postfix(loss="%.3f" % loss.item())
+    model.eval()
+    with torch.no_grad():
+        eval_loss = float(np.mean([model(*batch_of(held, np.arange(i, min(i + 256, len(held))))).item()
+                                   for i in range(0, len(held), 256)]))
+    state = model.course_state_dict()
+    with atomic_write(out, "wb") as f:
+        torch.save(state, f)
+    result = dict(train_loss=round(loss.item(), 4), eval_loss=round(eval_loss, 4), used_tokens=len(used),
+                  n_layer=N_LAYER, n_embd=N_EMBD, block_size=BLOCK_SIZE, seed=seed, steps=steps, batch=batch)
+    write_json(os.path.splitext(out)[0] + ".log.json", result)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=OUT, help="course-format weight file to write (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the model and the caption corpus")
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimiser steps")
+    parser.add_argument("--batch", type=int, default=BATCH, help="captions per step")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the cores are shared)")
+    args = parser.parse_args()
+    if args.steps < 1 or args.batch < 1:
+        raise UserError("--steps and --batch must be >= 1")
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    result = train(args.out, args.seed, args.steps, args.batch)
+    print("tiny GPT-2 written to %s in %.0f s: %s" % (args.out, time.time() - start, result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

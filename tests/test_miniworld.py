@@ -1,0 +1,208 @@
+"""The miniature world: deterministic generator, homework-shaped files, exact boxes, object F1, committed models."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from miniworld import generate, world  # noqa: E402
+
+MODELS = os.path.join(ROOT, "miniworld", "models")
+CLIP_CONFIG = os.path.join(MODELS, "tiny_clip.json")
+CLIP_WEIGHTS = os.path.join(MODELS, "tiny_clip.pt")
+GPT2_WEIGHTS = os.path.join(MODELS, "decoder_model.bin")
+
+
+def tree_digest(folder: str) -> dict:
+    digest = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                digest[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return digest
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("world") / "w")
+    generate.generate(out, seed=3, small=True)
+    return out
+
+
+def read(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_generator_is_deterministic_for_a_seed(small_world, tmp_path):
+    again = str(tmp_path / "again")
+    generate.generate(again, seed=3, small=True)
+    first = tree_digest(small_world)
+    assert len(first) > 100 and first == tree_digest(again)
+    other = str(tmp_path / "other")
+    generate.generate(other, seed=4, small=True)
+    assert tree_digest(other)["p2/train.json"] != first["p2/train.json"]
+
+
+def test_p1_split_is_shaped_like_the_homework(small_world):
+    id2label = read(os.path.join(small_world, "p1", "id2label.json"))
+    assert sorted(id2label, key=int) == [str(i) for i in range(50)]
+    assert len(set(id2label.values())) == 50 and id2label["0"] == "red circle"
+    heldout = read(os.path.join(small_world, "p1", "heldout.json"))
+    assert len(heldout["labels"]) == 10 and [id2label[str(i)] for i in heldout["labels"]] == heldout["names"]
+    # neither the colour nor the shape alone names a held-out class among the held-out ones
+    colors = [n.split()[0] for n in heldout["names"]]
+    shapes = [n.split()[1] for n in heldout["names"]]
+    assert all(colors.count(c) == 2 for c in colors) and all(shapes.count(s) == 2 for s in shapes)
+    files = sorted(os.listdir(os.path.join(small_world, "p1", "val")))
+    assert len(files) == 50 * generate.SMALL["p1_per_class"]
+    for name in files:
+        label, _ = re.fullmatch(r"(\d+)_(\d+)\.png", name).groups()
+        assert label in id2label
+    with Image.open(os.path.join(small_world, "p1", "val", files[0])) as image:
+        assert image.mode == "RGB" and image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+
+
+def test_p2_split_is_coco_style_with_several_captions(small_world):
+    for split, count in (("train", generate.SMALL["p2_train"]), ("val", generate.SMALL["p2_val"])):
+        data = read(os.path.join(small_world, "p2", "%s.json" % split))
+        assert set(data) >= {"images", "annotations"} and len(data["images"]) == count
+        ids = {im["id"] for im in data["images"]}
+        for im in data["images"]:
+            assert os.path.isfile(os.path.join(small_world, "p2", "images", split, im["file_name"]))
+        assert len({a["id"] for a in data["annotations"]}) == len(data["annotations"])
+        per_image = {}
+        for a in data["annotations"]:
+            assert a["image_id"] in ids and isinstance(a["caption"], str)
+            per_image.setdefault(a["image_id"], []).append(a["caption"])
+        assert all(len(set(c)) == generate.SMALL["captions"] for c in per_image.values())
+    val = read(os.path.join(small_world, "p2", "val.json"))
+    assert {im["file_name"] for im in val["images"]} == {s["file_name"] for s in
+                                                         read(os.path.join(small_world, "p2", "val_objects.json")).values()}
+
+
+def test_every_reference_caption_names_exactly_its_scene(small_world):
+    """The object-F1 parser against the generator: each reference caption names the scene's objects, no more."""
+    val = read(os.path.join(small_world, "p2", "val.json"))
+    scenes = read(os.path.join(small_world, "p2", "val_objects.json"))
+    names = {im["id"]: os.path.splitext(im["file_name"])[0] for im in val["images"]}
+    truth = {k: [(o["color"], o["shape"]) for o in s["objects"]] for k, s in scenes.items()}
+    for a in val["annotations"]:
+        key = names[a["image_id"]]
+        scores = world.object_scores({key: a["caption"]}, {key: truth[key]})
+        assert scores["object_f1"] == 1.0 and scores["exact_object_set"] == 1.0, a["caption"]
+
+
+def test_boxes_and_masks_hold_their_objects_pixels(small_world):
+    from pycocotools import mask as mask_utils
+
+    scenes = read(os.path.join(small_world, "p2", "val_objects.json"))
+    scenes_p3 = read(os.path.join(small_world, "p3", "objects.json"))
+    folders = [("p2/images/val", scenes), ("p3/images", scenes_p3)]
+    palette = np.asarray(list(world.COLORS.values()), dtype=np.float64)
+    for folder, table in folders:
+        for scene in table.values():
+            image = np.asarray(Image.open(os.path.join(small_world, folder, scene["file_name"])), dtype=np.float64)
+            for obj in scene["objects"]:
+                rle = dict(obj["segmentation"], counts=obj["segmentation"]["counts"].encode("ascii"))
+                mask = mask_utils.decode(rle).astype(bool)
+                x, y, w, h = obj["bbox"]
+                inside = np.zeros_like(mask)
+                inside[y:y + h, x:x + w] = True
+                assert mask.sum() > 20 and not (mask & ~inside).any()
+                assert mask[y, :].any() and mask[y + h - 1, :].any() and mask[:, x].any() and mask[:, x + w - 1].any()
+                mean = image[mask].mean(0)
+                nearest = world.COLOR_NAMES[int(np.argmin(((palette - mean) ** 2).sum(1)))]
+                assert nearest == obj["color"]
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a small red circle to the left of a blue square", [("red", "circle"), ("blue", "square")]),
+    ("two big green stars and a cross", [("green", "star"), ("green", "star"), (None, "cross")]),
+    ("A Black Triangle.", [("black", "triangle")]),
+    ("a picture of a gray background", []),
+])
+def test_parse_objects(caption, expected):
+    assert world.parse_objects(caption) == expected
+
+
+def test_object_scores_micro_average():
+    scenes = {"a": [("red", "circle"), ("blue", "square")], "b": [("green", "star")]}
+    predictions = {"a": "a red circle and a blue star", "b": "a green star"}
+    scores = world.object_scores(predictions, scenes)
+    tp, n_pred, n_true = 2, 3, 3  # counted by hand from the captions above
+    assert scores["object_precision"] == pytest.approx(tp / n_pred)
+    assert scores["object_recall"] == pytest.approx(tp / n_true)
+    assert scores["object_f1"] == pytest.approx(2 * tp / (n_pred + n_true))
+    assert scores["exact_object_set"] == pytest.approx(0.5)
+    assert world.object_scores({}, scenes)["object_f1"] == 0.0
+
+
+def test_generate_refuses_a_foreign_folder(tmp_path):
+    import subprocess
+
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "miniworld", "generate.py"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not a miniworld folder" in result.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.skipif(not os.path.isfile(CLIP_WEIGHTS), reason="tiny CLIP not built (bash miniworld/build_models.sh)")
+def test_tiny_clip_loads_through_clip_utils_and_classifies(small_world):
+    import clip_utils
+
+    model, preprocess, tokenizer = clip_utils.load_clip(CLIP_CONFIG, CLIP_WEIGHTS, "cpu")
+    state = torch.load(CLIP_WEIGHTS, map_location="cpu")
+    rows = state["token_embedding.weight"].float()
+    assert (rows.abs().sum(1) == 0).float().mean() > 0.99  # unused token rows are exactly zero
+    names = world.class_names()
+    folder = os.path.join(small_world, "p1", "val")
+    files = sorted(os.listdir(folder))
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(["a photo of a %s." % n for n in names])), dim=-1)
+        images = torch.stack([preprocess(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files])
+        feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+    predicted = (feats @ text.t()).argmax(1)
+    labels = torch.tensor([int(f.split("_")[0]) for f in files])
+    accuracy = (predicted == labels).float().mean().item()
+    assert accuracy > 25 * (1.0 / len(names)), accuracy  # chance is 0.02
+
+
+@pytest.mark.skipif(not os.path.isfile(GPT2_WEIGHTS), reason="tiny GPT-2 not built (bash miniworld/build_models.sh)")
+def test_tiny_gpt2_loads_through_decoder_and_matches_transformers():
+    from decoder import Config, Decoder
+    from tokenizer import END_TOKEN, BPETokenizer
+    transformers = pytest.importorskip("transformers")
+
+    state = torch.load(GPT2_WEIGHTS, map_location="cpu")
+    decoder = Decoder(Config(checkpoint=GPT2_WEIGHTS)).eval()
+    cfg = decoder.cfg
+    assert (cfg.vocab_size, cfg.n_embd, cfg.n_head) == (50257, 128, 2)
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head))
+    reference.transformer.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    reference.tie_weights()
+    reference.eval()
+    tokenizer = BPETokenizer()
+    caption = [END_TOKEN] + tokenizer.encode("a small red circle to the left of a blue square") + [END_TOKEN]
+    tokens = torch.tensor([caption])
+    with torch.no_grad():
+        logits = decoder(tokens)
+        torch.testing.assert_close(logits, reference(tokens).logits, atol=1e-4, rtol=1e-4)
+        # it has learnt the world's language: a real caption is far likelier than the same tokens shuffled
+        shuffled = torch.tensor([[caption[0]] + caption[1:-1][::-1] + [caption[-1]]])
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
+        loss_shuffled = torch.nn.functional.cross_entropy(decoder(shuffled)[0, :-1], shuffled[0, 1:])
+    assert loss < 1.0 and loss_shuffled > loss + 2.0
