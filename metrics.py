@@ -382,12 +382,22 @@ _LEXER = [_Rule(*rule) for rule in _RULES]
 # (except the words that PTBLexer splits). Skips the rule scan for most of a caption.
 _PLAIN_WORD = regex.compile(r"[A-Za-z]+(?=[ \n]|$)")
 _SPACES = _compile("{SPACES}")
+_PLAIN_RUN = regex.compile(_expand(r"(?:[A-Za-z]+ {SPACE}*)+"))  # plain words each followed by a space run
+_ASCII_WORD = regex.compile(r"[A-Za-z]+")
+_ASTRAL = regex.compile("[\U00010000-\U0010FFFF]")
+_SURROGATE = regex.compile("[\ud800-\udfff]")
 _SPLIT_WORDS = frozenset(["cannot", "gonna", "gotta", "lemme", "gimme", "wanna"])
+
+
+@functools.lru_cache(maxsize=None)
+def _rules_starting_with(char: str) -> List[_Rule]:
+    """The rules a match can start with `char` in (regex's partial matching), in order: most characters leave few."""
+    return [rule for rule in _LEXER if rule.full.match(char, partial=True)]
 
 
 def _to_utf16_units(text: str) -> str:
     """Java strings are UTF-16: a character outside the BMP is two surrogates, which PTBLexer drops."""
-    if all(ord(c) < 0x10000 for c in text):
+    if not _ASTRAL.search(text):
         return text
     out = []
     for c in text:
@@ -402,10 +412,10 @@ def _to_utf16_units(text: str) -> str:
 
 def _from_utf16_units(text: str) -> str:
     """Joins surrogate pairs back into characters; a lone surrogate is written by Java's UTF-8 encoder as "?"."""
-    if not any("\ud800" <= c <= "\udfff" for c in text):
+    if not _SURROGATE.search(text):
         return text
     text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
-    return "".join("?" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return _SURROGATE.sub("?", text)
 
 
 def ptb_lex(text: str, fast: bool = True) -> List[str]:
@@ -418,13 +428,20 @@ def ptb_lex(text: str, fast: bool = True) -> List[str]:
             if text[pos] == " ":  # from an ASCII space only SPACES matches (other blanks may start a URL)
                 pos = _SPACES.match(text, pos).end()
                 continue
+            run = _PLAIN_RUN.match(text, pos)
+            if run:
+                words = _ASCII_WORD.findall(run.group())
+                if not any(w.lower() in _SPLIT_WORDS for w in words):
+                    tokens.extend(words)
+                    pos = run.end()
+                    continue
             plain = _PLAIN_WORD.match(text, pos)
             if plain and plain.group().lower() not in _SPLIT_WORDS:
                 tokens.append(plain.group())
                 pos = plain.end()
                 continue
         best, best_end = None, pos
-        for rule in _LEXER:
+        for rule in _rules_starting_with(text[pos]) if fast else _LEXER:
             match = rule.full.match(text, pos)
             if match is not None and match.end() > best_end:
                 best, best_end = rule, match.end()
