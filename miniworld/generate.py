@@ -55,7 +55,7 @@ def save_png(path: str, image: np.ndarray) -> None:
 
 
 def write_p1(out: str, seed: int, per_class: int) -> None:
-    """p1/val/{label}_{id}.png with one object each, id2label.json, and the held-out classes."""
+    """p1/val/{label}_{id}.png with one object each, id2label.json, the held-out classes and their own split."""
     names = world.class_names()
     jobs = [(label, k) for label in range(len(names)) for k in range(per_class)]
     objects = {}
@@ -73,6 +73,25 @@ def write_p1(out: str, seed: int, per_class: int) -> None:
                dict(labels=heldout, names=[names[i] for i in heldout],
                     note="colour-shape pairs that never occur in the tiny CLIP's training images or captions"))
     write_json(os.path.join(out, "p1", "val_objects.json"), objects, indent=None)
+    write_p1_heldout(out, heldout, names)
+
+
+def write_p1_heldout(out: str, heldout: List[int], names: List[str]) -> None:
+    """p1_heldout/: the held-out classes' images as a P1 split of their own (labels 0..9), so the P1 CLI measures
+    zero-shot accuracy among the held-out classes directly."""
+    source = os.path.join(out, "p1", "val")
+    for name in sorted(os.listdir(source)):
+        label, image_id = name.split("_", 1)
+        if int(label) in heldout:
+            shutil.copyfile(os.path.join(source, name),
+                            os.path.join(_makedirs(out, "p1_heldout", "val"), "%d_%s" % (heldout.index(int(label)), image_id)))
+    write_json(os.path.join(out, "p1_heldout", "id2label.json"), {str(i): names[label] for i, label in enumerate(heldout)})
+
+
+def _makedirs(*parts: str) -> str:
+    path = os.path.join(*parts)
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def write_p2_split(out: str, seed: int, split: str, count: int, captions: int) -> Dict[str, dict]:

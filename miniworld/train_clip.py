@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
 from miniworld import world  # noqa: E402
+from p1_templates import CIFAR_TEMPLATES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "models", "tiny_clip.json")
@@ -40,8 +41,9 @@ PARTIAL_CAPTION_PROB = 0.3    # single-object captions naming only the colour or
 EVAL_PER_CLASS = 10
 EVAL_EVERY = 200
 
-PROMPTS = ["a photo of a {}.", "a {}", "a picture of a {}", "this is a photo of a {}", "This is a photo of {}",
-           "an image of a {}", "a drawing of a {}", "a {} on a gray background", "there is a {}"]
+# P1's default ensemble (CIFAR templates) among the prompt-style captions, so zero-shot prompts are in-distribution.
+PROMPTS = ["a {}", "a picture of a {}", "this is a photo of a {}", "This is a photo of {}", "an image of a {}",
+           "a drawing of a {}", "a {} on a gray background", "there is a {}"] + list(CIFAR_TEMPLATES)
 COLOR_ONLY = ["a {} shape", "something {}", "a {} object", "a photo of a {} shape", "the color {}"]
 SHAPE_ONLY = ["a {}", "a photo of a {}", "a {} of some color", "a {} shape", "there is a {}"]
 

@@ -17,6 +17,8 @@ sys.path.insert(0, ROOT)
 
 from miniworld import generate, world  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under numpy 2
+
 MODELS = os.path.join(ROOT, "miniworld", "models")
 CLIP_CONFIG = os.path.join(MODELS, "tiny_clip.json")
 CLIP_WEIGHTS = os.path.join(MODELS, "tiny_clip.pt")
@@ -72,6 +74,16 @@ def test_p1_split_is_shaped_like_the_homework(small_world):
         assert label in id2label
     with Image.open(os.path.join(small_world, "p1", "val", files[0])) as image:
         assert image.mode == "RGB" and image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+    # p1_heldout: the same images of the held-out classes, relabelled 0..9 as a P1 split of their own
+    sub = read(os.path.join(small_world, "p1_heldout", "id2label.json"))
+    assert [sub[str(i)] for i in range(10)] == heldout["names"]
+    sub_files = sorted(os.listdir(os.path.join(small_world, "p1_heldout", "val")))
+    assert len(sub_files) == 10 * generate.SMALL["p1_per_class"]
+    digest = tree_digest(small_world)
+    for name in sub_files:
+        label, image_id = name.split("_")
+        original = "%d_%s" % (heldout["labels"][int(label)], image_id)
+        assert digest[os.path.join("p1_heldout", "val", name)] == digest[os.path.join("p1", "val", original)]
 
 
 def test_p2_split_is_coco_style_with_several_captions(small_world):
