@@ -30,7 +30,10 @@ def _open_clip(offline: bool = True):
 
 def resolve_model_name(model: str) -> str:
     """An open_clip model name as given, or a model-config JSON registered with open_clip under its file stem."""
-    open_clip = _open_clip()
+    return _resolve_name(_open_clip(), model)
+
+
+def _resolve_name(open_clip, model: str) -> str:
     if model.lower().endswith(".json") or os.path.sep in model:
         config = read_json(model, "CLIP model config")
         missing = [k for k in CONFIG_KEYS if not isinstance(config, dict) or k not in config]
@@ -100,42 +103,74 @@ def _explain_load_error(open_clip, pretrained: Optional[str], err: Exception) ->
 def load_clip(model: str, pretrained: Optional[str], device: str = "cpu") -> Tuple[object, Callable, Callable]:
     """(model in eval mode on device, eval preprocess PIL -> tensor, tokenizer List[str] -> ids) from local files only."""
     open_clip = _open_clip()
-    name = resolve_model_name(model)
+    name = _resolve_name(open_clip, model)
     kwargs = {}
     if pretrained and not os.path.isfile(pretrained):
         if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
             raise UserError("checkpoint file not found: %s" % pretrained)
         config = _tag_config(open_clip, name, pretrained)
         if cached_weights(config) is None:
-            raise UserError("weights %s/%s are not in the local cache (loading never downloads): %s" % (name, pretrained, DOWNLOAD_HINT))
+            raise UserError("weights %s/%s are not in the local cache (loading never downloads): %s"
+                            % (name, pretrained, DOWNLOAD_HINT))
         kwargs["force_quick_gelu"] = bool(config.get("quick_gelu")) or pretrained == "openai"
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device, **kwargs)
-    except UserError:
-        raise
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None,
+                                                                    device=device, **kwargs)
     except Exception as err:  # open_clip raises RuntimeError/KeyError/pickle errors alike: say which file and why
         raise UserError("cannot load CLIP %s: %s" % (model, _explain_load_error(open_clip, pretrained, err))) from None
     try:
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:
-        raise UserError("cannot load the tokenizer of CLIP %s (%s): %s" % (model, str(err).splitlines()[0][:200], DOWNLOAD_HINT)) from None
+        raise UserError("cannot load the tokenizer of CLIP %s (%s): %s"
+                        % (model, " ".join(str(err).split())[:200], DOWNLOAD_HINT)) from None
     clip.eval()
     return clip, preprocess, tokenizer
 
 
 def download_clip(model: str, tag: str) -> str:
     """Online: fetches a tag's weights (and a hub tokenizer if the model has one) into open_clip's normal cache."""
-    _force_hub_offline(False)
     open_clip = _open_clip(offline=False)
-    name = resolve_model_name(model)
+    name = _resolve_name(open_clip, model)
     config = _tag_config(open_clip, name, tag)
-    path = cached_weights(config) or open_clip.download_pretrained(config)
+    try:
+        path = cached_weights(config) or open_clip.download_pretrained(config)
+        open_clip.get_tokenizer(name)
+    except Exception as err:  # network errors come in many types; the person needs the gist and the source
+        source = config.get("hf_hub") or config.get("url")
+        raise UserError("download of %s/%s from %s failed (is this machine online?): %s"
+                        % (name, tag, source, " ".join(str(err).split())[:200])) from None
     if not path or not os.path.isfile(path):
         raise UserError("download of %s/%s failed (no file returned)" % (name, tag))
-    open_clip.get_tokenizer(name)
     return path
 
 
 def list_tags(model: str) -> List[str]:
     open_clip = _open_clip()
-    return open_clip.list_pretrained_tags_by_model(resolve_model_name(model))
+    return open_clip.list_pretrained_tags_by_model(_resolve_name(open_clip, model))
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="open_clip weights for hw3: fetch them (online) or check the cache.")
+    parser.add_argument("action", choices=("download", "check"), help="download: fetch into open_clip's cache; "
+                        "check: print the cached file or fail with what to run")
+    parser.add_argument("model", help="open_clip model name, e.g. EVA02-L-14 or ViT-B-32")
+    parser.add_argument("tag", help="open_clip pretrained tag, e.g. merged2b_s4b_b131k or openai")
+    args = parser.parse_args()
+    if args.action == "download":
+        print(download_clip(args.model, args.tag))
+        return 0
+    open_clip = _open_clip()
+    name = _resolve_name(open_clip, args.model)
+    path = cached_weights(_tag_config(open_clip, name, args.tag))
+    if path is None:
+        raise UserError("weights %s/%s are not in the local cache: %s" % (name, args.tag, DOWNLOAD_HINT))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    from common import run_main
+
+    run_main(main)

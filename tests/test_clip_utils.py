@@ -129,3 +129,24 @@ def test_cached_weights_finds_url_files(tmp_path, monkeypatch):
     target = os.path.join(str(tmp_path), ".cache", "clip", "ViT-X.pt")
     open(target, "wb").close()
     assert clip_utils.cached_weights({"url": url}) == target
+
+
+def test_download_goes_online_and_loading_goes_back_offline(tmp_path, monkeypatch):
+    import open_clip
+
+    seen = {}
+    target = os.path.join(str(tmp_path), "weights.bin")
+    open(target, "wb").close()
+
+    def fake_download(config, *args, **kwargs):
+        seen["offline"] = os.environ.get("HF_HUB_OFFLINE")
+        seen["config"] = config
+        return target
+
+    monkeypatch.setattr(open_clip, "download_pretrained", fake_download)
+    monkeypatch.setattr(clip_utils, "cached_weights", lambda config: None)
+    assert clip_utils.download_clip("ViT-B-32", "laion2b_s34b_b79k") == target
+    assert seen["offline"] == "0" and seen["config"] == open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
+    with pytest.raises(UserError, match="hw3_download.sh"):
+        clip_utils.load_clip("ViT-B-32", "laion2b_s34b_b79k")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
