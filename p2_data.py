@@ -1,0 +1,267 @@
+"""Captioning data for training: COCO-style annotations, the course's caption targets, and the encoder feature cache.
+
+The encoder is frozen, so its output for an image never changes: `build_feature_cache` computes the image tokens of
+a split once into a memory-mapped fp16 .npy file, keyed by the encoder spec, its weights, its transform and the image
+list. Later epochs and later runs read rows from that file and never run the ViT (and so cannot augment images).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common import UserError, load_rgb, progress, read_json, write_json
+from tokenizer import END_TOKEN
+
+IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- annotations
+
+def clean_caption(text: str) -> str:
+    """One style for every target: lower case, single spaces, no trailing full stop (CIDEr's tokeniser drops case
+    and punctuation anyway, so the decoder should not spend capacity on them)."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return re.sub(r"\s*\.+$", "", text)
+
+
+@dataclass
+class CaptionSet:
+    """The images of a split (sorted by file name) and each one's captions."""
+
+    folder: str
+    annotation_file: str
+    names: List[str]
+    captions: List[List[str]]
+
+    def keys(self) -> List[str]:
+        """Prediction keys as the course writes them: the file name without extension."""
+        return [os.path.splitext(n)[0] for n in self.names]
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.folder, self.names[index])
+
+    def subset(self, count: int) -> "CaptionSet":
+        return CaptionSet(self.folder, self.annotation_file, self.names[:count], self.captions[:count])
+
+
+def load_captions(annotation_file: str, images_root: str, clean: bool = True) -> CaptionSet:
+    """Reads a COCO-style caption file with pycocotools; every listed image must exist in `images_root`."""
+    from pycocotools.coco import COCO
+
+    read_json(annotation_file, "annotation file")  # clear errors for a missing or broken file first
+    if not os.path.isdir(images_root):
+        raise UserError("image folder not found: %s (for %s)" % (images_root, annotation_file))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
+            coco = COCO(annotation_file)
+    except (KeyError, TypeError, AssertionError) as err:
+        raise UserError("%s is not a COCO caption file (needs 'images' with 'id' and 'file_name', 'annotations' with "
+                        "'id', 'image_id' and 'caption'): %r" % (annotation_file, err)) from None
+    by_name = {}
+    for image_id, info in coco.imgs.items():
+        if "file_name" not in info:
+            raise UserError("%s: image %s has no 'file_name'" % (annotation_file, image_id))
+        captions = [a.get("caption") for a in coco.imgToAnns.get(image_id, [])]
+        if not all(isinstance(c, str) for c in captions):
+            raise UserError("%s: an annotation of image %s has no text 'caption'" % (annotation_file, image_id))
+        captions = [clean_caption(c) if clean else c.strip() for c in captions]
+        by_name[info["file_name"]] = [c for c in captions if c]
+    names = sorted(n for n, caps in by_name.items() if caps)
+    if not names:
+        raise UserError("%s holds no captioned images" % annotation_file)
+    missing = [n for n in names if not os.path.isfile(os.path.join(images_root, n))]
+    if missing:
+        raise UserError("%d image(s) of %s are not in %s, e.g. %s" % (len(missing), annotation_file, images_root,
+                                                                      ", ".join(missing[:3])))
+    return CaptionSet(images_root, annotation_file, names, [by_name[n] for n in names])
+
+
+def tokenize_captions(captions: List[List[str]], tokenizer, max_tokens: int) -> List[List[List[int]]]:
+    """Token ids of every caption, cut to `max_tokens` (the end token is added by `caption_targets`)."""
+    return [[tokenizer.encode(c)[:max_tokens] for c in caps] for caps in captions]
+
+
+def caption_targets(token_lists: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The course's training pair for a batch of token lists, padded to the longest (K = N_max + 2):
+    inputs  [50256, t1..tN, 50256, 50256...]   targets [t1..tN, 50256, -100, -100...]  (both (B, K))."""
+    K = max(len(t) for t in token_lists) + 2
+    inputs = torch.full((len(token_lists), K), END_TOKEN, dtype=torch.long)
+    targets = torch.full((len(token_lists), K), IGNORE_INDEX, dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        n = len(tokens)
+        inputs[row, 1:n + 1] = torch.tensor(list(tokens), dtype=torch.long)
+        targets[row, :n] = inputs[row, 1:n + 1]
+        targets[row, n] = END_TOKEN
+    return inputs, targets
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+def light_augmentation() -> Callable:
+    """A mild crop (80-100% of the area) and colour jitter before the encoder's own transform. No horizontal flip:
+    captions say "left" and "right"."""
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+
+    jitter = T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)
+
+    def augment(image):
+        top, left, height, width = T.RandomResizedCrop.get_params(image, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3))
+        return jitter(TF.crop(image, top, left, height, width))
+
+    return augment
+
+
+class Images(Dataset):
+    """(index, image tensor) through the encoder's transform, optionally augmented first."""
+
+    def __init__(self, caption_set: CaptionSet, transform: Callable, augment: Optional[Callable] = None):
+        self.caption_set, self.transform, self.augment = caption_set, transform, augment
+
+    def __len__(self) -> int:
+        return len(self.caption_set.names)
+
+    def __getitem__(self, index: int):
+        image = load_rgb(self.caption_set.path(index))
+        if self.augment is not None:
+            image = self.augment(image)
+        return index, self.transform(image)
+
+
+class Features(Dataset):
+    """(index, cached image tokens (N, width) fp16) from a feature-cache file, opened lazily in each process so
+    DataLoader workers never pickle the memory map."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.shape = tuple(np.load(path, mmap_mode="r").shape)
+        self._rows = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int):
+        if self._rows is None:
+            self._rows = np.load(self.path, mmap_mode="r")
+        return index, torch.from_numpy(np.array(self._rows[index]))
+
+
+class CaptionPairs(Dataset):
+    """Every (image, caption) pair of a split: the decoder sees each caption once per epoch."""
+
+    def __init__(self, visuals: Dataset, tokens: List[List[List[int]]]):
+        self.visuals = visuals
+        self.pairs = [(i, j) for i, caps in enumerate(tokens) for j in range(len(caps))]
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        image, caption = self.pairs[index]
+        _, visual = self.visuals[image]
+        return visual, self.tokens[image][caption]
+
+
+def collate_pairs(batch):
+    """[(visual, tokens)] -> (visuals (B, ...), inputs (B, K), targets (B, K))."""
+    visuals = torch.stack([v for v, _ in batch])
+    inputs, targets = caption_targets([t for _, t in batch])
+    return visuals, inputs, targets
+
+
+def collate_images(batch):
+    return torch.tensor([i for i, _ in batch], dtype=torch.long), torch.stack([v for _, v in batch])
+
+
+# ----------------------------------------------------------------------------------------------- feature cache
+
+def _encoder_identity(encoder) -> dict:
+    """What decides an encoder's output: its spec, the stat of a local weight file, and its transform."""
+    from captioner import parse_encoder_spec
+
+    _, _, weights, _ = parse_encoder_spec(encoder.spec)
+    stat = None
+    if weights and os.path.isfile(weights):
+        info = os.stat(weights)
+        stat = [os.path.abspath(weights), info.st_size, int(info.st_mtime)]
+    return dict(spec=encoder.spec, weights_file=stat, transform=repr(encoder.transform), width=int(encoder.width))
+
+
+def cache_key(encoder, caption_set: CaptionSet) -> Tuple[str, dict]:
+    identity = dict(version=CACHE_VERSION, encoder=_encoder_identity(encoder),
+                    folder=os.path.abspath(caption_set.folder), names=caption_set.names)
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    return digest, identity
+
+
+def cache_paths(cache_dir: str, split: str, digest: str) -> Tuple[str, str]:
+    stem = os.path.join(cache_dir, "%s-%s" % (split, digest))
+    return stem + ".npy", stem + ".json"
+
+
+def cached_features(cache_dir: str, split: str, encoder, caption_set: CaptionSet) -> Optional[str]:
+    """The finished cache file for this encoder and image list, or None."""
+    digest, identity = cache_key(encoder, caption_set)
+    path, meta_path = cache_paths(cache_dir, split, digest)
+    if not (os.path.isfile(path) and os.path.isfile(meta_path)):
+        return None
+    meta = read_json(meta_path, "feature-cache description")
+    return path if meta.get("identity") == identity and meta.get("complete") else None
+
+
+@torch.no_grad()
+def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch_size: int, device, num_workers: int,
+               amp: bool, show: bool) -> None:
+    from torch.utils.data import DataLoader, Subset
+
+    loader = DataLoader(Subset(Images(caption_set, encoder.transform), indices), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_images)
+    for index, images in progress(loader, desc="encoding %d images" % len(indices), disable=not show):
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+            tokens = encoder(images.to(device))  # (B, N, width)
+        rows[index.numpy()] = tokens.float().cpu().numpy().astype(np.float16)
+
+
+def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: CaptionSet, batch_size: int = 64,
+                        device="cpu", num_workers: int = 0, amp: bool = False, rank: int = 0, world_size: int = 1,
+                        barrier: Callable[[], None] = lambda: None) -> str:
+    """Path of the split's cache, computing it when missing. Under DDP every rank encodes its share of the images
+    into the same file (rank 0 creates it, `barrier` waits for all); the description JSON marks it complete."""
+    path = cached_features(cache_dir, split, encoder, caption_set)
+    if path is not None:
+        return path
+    digest, identity = cache_key(encoder, caption_set)
+    path, meta_path = cache_paths(cache_dir, split, digest)
+    partial = path[:-len(".npy")] + ".partial.npy"
+    if rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        with torch.no_grad():
+            probe = encoder(encoder.transform(load_rgb(caption_set.path(0))).unsqueeze(0).to(device))
+        shape = (len(caption_set.names),) + tuple(probe.shape[1:])
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
+    barrier()
+    rows = np.load(partial, mmap_mode="r+")
+    _fill_rows(rows, encoder, caption_set, list(range(rank, len(caption_set.names), world_size)), batch_size,
+               device, num_workers, amp, show=rank == 0)
+    rows.flush()
+    del rows
+    barrier()
+    if rank == 0:
+        os.replace(partial, path)
+        write_json(meta_path, dict(identity=identity, complete=True, shape=list(np.load(path, mmap_mode="r").shape)))
+        print("feature cache: %s" % path, file=sys.stderr)
+    barrier()
+    return path

@@ -1,0 +1,526 @@
+"""Trains the P2 captioner: frozen ViT -> frozen GPT-2 with trained cross-attention and PEFT, one loop.
+
+    python p2_train.py --train-json hw3_data/p2_data/train.json --train-images hw3_data/p2_data/images/train \\
+        --val-json hw3_data/p2_data/val.json --val-images hw3_data/p2_data/images/val \\
+        --decoder-weights hw3_data/p2_data/decoder_model.bin --peft lora --feature-cache cache/ --out runs/lora
+    torchrun --nproc_per_node 2 p2_train.py ...same arguments...          # DDP: logs, checkpoints and eval on rank 0
+
+Writes to --out: best.pt + best.json (trainable tensors + the config that rebuilds the model, via captioner.py),
+last_state.pt (everything --resume needs, rewritten atomically at each epoch end), log.jsonl, val_predictions.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+import p2_data
+from common import UserError, atomic_write, progress, read_json, run_main, write_json
+
+MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
+STATE_FORMAT = "hw3-p2-train-state/1"
+PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
+SELECT_METRICS = {"cider": 1, "clipscore": 1, "val_loss": -1}  # +1: higher is better
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from captioner import DECODE_DEFAULTS, DEFAULT_ENCODER
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-json", required=True, help="COCO-style captions of the training images")
+    g.add_argument("--train-images", required=True, help="folder of the training images")
+    g.add_argument("--val-json", required=True, help="COCO-style captions of the validation images")
+    g.add_argument("--val-images", required=True, help="folder of the validation images")
+    g.add_argument("--val-max-images", type=int, default=0, help="validate on the first N images only (0 = all)")
+    g.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut to this many tokens")
+    g.add_argument("--raw-captions", action="store_true", help="train on captions as written (default: lower case, "
+                   "single spaces, no trailing full stop)")
+    g.add_argument("--augment", action="store_true", help="light crop and colour jitter (not with --feature-cache)")
+    g.add_argument("--feature-cache", metavar="DIR", help="compute the frozen encoder's outputs once into memory-"
+                   "mapped fp16 files in DIR and train from them (no ViT during training, no augmentation)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (see captioner.py), default %(default)s")
+    g.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (frozen GPT-2)")
+    g.add_argument("--peft", choices=PEFT_METHODS, default="lora", help="PEFT method (none = cross-attention only)")
+    g.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (preset 64)")
+    g.add_argument("--adapter-places", help="comma list of self,cross,mlp (preset all three)")
+    g.add_argument("--prefix-len", type=int, help="prefix tuning: prefix length (preset 10)")
+    g.add_argument("--prefix-hidden", type=int, help="prefix tuning: reparameterisation MLP width, 0 = none "
+                   "(preset 128)")
+    g.add_argument("--prompt-len", type=int, help="prompt tuning: number of learned input embeddings (preset 10)")
+    g.add_argument("--lora-rank", type=int, help="LoRA rank (preset 16)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (preset 32)")
+    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (preset 0.05)")
+    g.add_argument("--lora-targets", help="comma list of attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (preset all)")
+    g.add_argument("--cross-attn-layers", help="comma list of decoder blocks with cross-attention (default every)")
+    g.add_argument("--image-proj", choices=("linear", "mlp"), default="linear", help="image token projection")
+    g.add_argument("--no-cross-attn-gate", action="store_true", help="no tanh gate (at 0) on cross-attention")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="training epochs (every caption once per epoch)")
+    g.add_argument("--batch-size", type=int, default=32, help="captions per step per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps (capped at 10%% of training)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices only")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the caption loss (BLIP's "
+                   "captioning setting)")
+    g.add_argument("--no-amp", action="store_true", help="no fp16 autocast on CUDA (it is never used on CPU)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun picks cuda:LOCAL_RANK)")
+    g = p.add_argument_group("validation and checkpoints")
+    g.add_argument("--out", default="runs/p2", help="output folder")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt if it exists")
+    g.add_argument("--stop-after", type=int, default=0, help="end this run after N epochs (0 = run to --epochs); "
+                   "continue later with --resume")
+    g.add_argument("--select", choices=tuple(SELECT_METRICS), default="cider", help="metric that picks best.pt")
+    g.add_argument("--val-decode", choices=("greedy", "beam"), default="greedy", help="decoding of validation "
+                   "captions (greedy is fastest)")
+    g.add_argument("--val-beam-size", type=int, default=DECODE_DEFAULTS["beam_size"], help="beam size with beam")
+    g.add_argument("--val-max-len", type=int, default=DECODE_DEFAULTS["max_len"], help="max caption tokens")
+    g.add_argument("--val-batch-size", type=int, default=64, help="validation images per batch")
+    g.add_argument("--encode-batch-size", type=int, default=64, help="images per batch when filling the cache")
+    g.add_argument("--clip-model", default="ViT-B-32", help="CLIP for CLIPScore (open_clip name or config JSON)")
+    g.add_argument("--clip-pretrained", default="openai", help="CLIP weights: tag, local file, or none")
+    g.add_argument("--no-clipscore", action="store_true", help="validate with CIDEr only (no CLIP needed)")
+    g.add_argument("--log-every", type=int, default=50, help="log the training loss every N optimiser steps")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "grad_accum", "max_caption_tokens", "val_batch_size", "encode_batch_size",
+                 "log_every", "val_beam_size", "val_max_len"):
+        if getattr(args, name) < 1:
+            raise UserError("--%s must be at least 1" % name.replace("_", "-"))
+    if args.augment and args.feature_cache:
+        raise UserError("--augment needs the encoder at every step, so it cannot be used with --feature-cache")
+    if args.no_clipscore and args.select == "clipscore":
+        raise UserError("--select clipscore needs CLIPScore: drop --no-clipscore")
+    return args
+
+
+def _csv(text: Optional[str], cast=str):
+    return None if text is None else tuple(cast(t.strip()) for t in text.split(",") if t.strip())
+
+
+def decoder_config(args: argparse.Namespace):
+    from decoder import Config, peft_config
+
+    peft = peft_config(args.peft, adapter_dim=args.adapter_dim, adapter_places=_csv(args.adapter_places),
+                       prefix_len=args.prefix_len, prefix_hidden=args.prefix_hidden, prompt_len=args.prompt_len,
+                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                       lora_targets=_csv(args.lora_targets))
+    try:
+        layers = _csv(args.cross_attn_layers, int)
+    except ValueError:
+        raise UserError("--cross-attn-layers must be a comma list of block numbers, got %r" % args.cross_attn_layers)
+    return Config(checkpoint=args.decoder_weights, cross_attn_layers=layers, image_proj=args.image_proj,
+                  cross_attn_gate=not args.no_cross_attn_gate, **peft)
+
+
+def check_budget(decoder) -> Dict[str, int]:
+    """The trainable parameter count per part; refuses to train a model the course would not grade."""
+    summary = decoder.parameter_summary()
+    parts = ", ".join("%s %s" % (k, format(v, ",")) for k, v in summary.items())
+    print("parameters: %s" % parts, file=sys.stderr)
+    if summary["trainable"] >= MAX_TRAINABLE:
+        raise UserError("%s trainable parameters is over the course's limit of %s (%s): choose a smaller PEFT "
+                        "setting or fewer cross-attention layers" % (format(summary["trainable"], ","),
+                                                                    format(MAX_TRAINABLE, ","), parts))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, device_arg: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device %s but CUDA is not available here (use --device cpu)" % device_arg)
+        cuda = torch.cuda.is_available() and device_arg != "cpu"
+        if self.world_size > 1:
+            if cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        elif device_arg == "auto":
+            self.device = torch.device("cuda" if cuda else "cpu")
+        else:
+            try:
+                self.device = torch.device(device_arg)
+            except RuntimeError:
+                raise UserError("--device must be auto, cpu, cuda or cuda:N, got %r" % device_arg) from None
+        self.main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+def rng_state() -> dict:
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def grad_scaler(enabled: bool):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+
+class WarmupCosine:
+    """LambdaLR factor: linear warmup to 1, then cosine down to min_lr / lr (an object, so it pickles)."""
+
+    def __init__(self, warmup: int, total: int, floor: float):
+        self.warmup, self.total, self.floor = warmup, total, floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress_ = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
+    """AdamW with weight decay on matrices only (nanoGPT's rule), warmup + cosine per optimiser step."""
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    warmup = min(args.warmup_steps, total_steps // 10)
+    schedule = WarmupCosine(warmup, total_steps, min(1.0, args.min_lr / args.lr))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _unmerged_lora(decoder) -> None:
+    """Keeps LoRA un-merged when validation switches to eval(): loralib's merge/unmerge round trip would change the
+    frozen weights by rounding every epoch (and make a resumed run differ from an uninterrupted one)."""
+    for module in decoder.modules():
+        if hasattr(module, "merge_weights") and hasattr(module, "merged"):
+            module.merge_weights = False
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def build_data(args, captioner, world: Dist):
+    from tokenizer import BPETokenizer
+
+    train = p2_data.load_captions(args.train_json, args.train_images, clean=not args.raw_captions)
+    val = p2_data.load_captions(args.val_json, args.val_images, clean=not args.raw_captions)
+    if args.val_max_images:
+        val = val.subset(args.val_max_images)
+    tokenizer = BPETokenizer()
+    block = captioner.decoder.cfg.block_size - captioner.decoder.cfg.prompt_len
+    max_tokens = min(args.max_caption_tokens, block - 2)
+    train_tokens = p2_data.tokenize_captions(train.captions, tokenizer, max_tokens)
+    encoder = captioner.encoder
+    if args.feature_cache:
+        kwargs = dict(batch_size=args.encode_batch_size, device=world.device, num_workers=args.workers,
+                      amp=world.device.type == "cuda" and not args.no_amp, rank=world.rank,
+                      world_size=world.world_size, barrier=world.barrier)
+        train_visuals = p2_data.Features(p2_data.build_feature_cache(args.feature_cache, "train", encoder, train,
+                                                                     **kwargs))
+        val_visuals = p2_data.Features(p2_data.build_feature_cache(args.feature_cache, "val", encoder, val, **kwargs))
+        captioner.encoder.cpu()  # never run again: free the accelerator for the decoder
+    else:
+        augment = p2_data.light_augmentation() if args.augment else None
+        train_visuals = p2_data.Images(train, encoder.transform, augment)
+        val_visuals = p2_data.Images(val, encoder.transform)
+    pairs = p2_data.CaptionPairs(train_visuals, train_tokens)
+    sampler = DistributedSampler(pairs, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(pairs, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=p2_data.collate_pairs, pin_memory=world.device.type == "cuda")
+    val_loader = DataLoader(val_visuals, batch_size=args.val_batch_size, num_workers=args.workers,
+                            collate_fn=p2_data.collate_images)
+    val_tokens = p2_data.tokenize_captions(val.captions, tokenizer, max_tokens)
+    return loader, sampler, val, val_loader, val_tokens
+
+
+def image_tokens(captioner, visuals: torch.Tensor, device) -> torch.Tensor:
+    """Cached features (B, N, width) in fp16 -> fp32 on device; images (B, 3, H, W) -> the frozen encoder's tokens."""
+    visuals = visuals.to(device, non_blocking=True)
+    if visuals.dim() == 3:
+        return visuals.float()
+    return captioner.encode(visuals)
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the target positions (padding is -100)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=p2_data.IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+def load_clip(args, device):
+    """The CLIP triple for CLIPScore, loaded once before any training (None with --no-clipscore)."""
+    if args.no_clipscore:
+        return None
+    import clip_utils
+
+    pretrained = None if (args.clip_pretrained or "none").lower() == "none" else args.clip_pretrained
+    return clip_utils.load_clip(args.clip_model, pretrained, str(device))
+
+
+@torch.no_grad()
+def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) -> dict:
+    """Validation captions through captioner's generate, teacher-forced loss on every reference caption."""
+    from captioner import decode_captions, generate
+
+    decoder = captioner.decoder
+    captioner.eval()
+    predictions, loss_sum, count = {}, 0.0, 0
+    keys = val.keys()
+    for index, visuals in progress(val_loader, desc="validation", leave=False):
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+            tokens = image_tokens(captioner, visuals, device)  # (B, N, width)
+            ids = generate(decoder, tokens, method=args.val_decode, beam_size=args.val_beam_size,
+                           max_len=args.val_max_len)
+            rows = [(r, caption) for r, i in enumerate(index.tolist()) for caption in val_tokens[i]]
+            inputs, targets = p2_data.caption_targets([c for _, c in rows])
+            repeat = torch.tensor([r for r, _ in rows], device=device)
+            logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat))
+        n = int((targets != p2_data.IGNORE_INDEX).sum())
+        loss_sum += float(caption_loss(logits, targets.to(device))) * n
+        count += n
+        for i, caption in zip(index.tolist(), decode_captions(ids)):
+            predictions[keys[i]] = caption
+    return dict(predictions=predictions, val_loss=loss_sum / max(1, count))
+
+
+def score(predictions: dict, val, clip, device) -> Dict[str, float]:
+    """CIDEr and CLIPScore through p2_evaluate (CIDEr only without CLIP); a validation subset is scored against the
+    annotations of just those images."""
+    import metrics
+    from p2_evaluate import evaluate, load_references
+
+    annotations = read_json(val.annotation_file, "annotation file")
+    if len(val.names) < len(annotations.get("images", [])):
+        keep = set(val.names)
+        images = [im for im in annotations["images"] if im.get("file_name") in keep]
+        ids = {im["id"] for im in images}
+        annotations = dict(annotations, images=images,
+                           annotations=[a for a in annotations["annotations"] if a.get("image_id") in ids])
+    if clip is None:
+        return dict(cider=metrics.cider(predictions, load_references(annotations)[0])[0])
+    result = evaluate(predictions, annotations, val.folder, clip=clip, device=str(device))
+    return dict(cider=float(result["CIDEr"]), clipscore=float(result["CLIPScore"]))
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+def model_settings(args, captioner) -> dict:
+    """What must not change between a run and its --resume."""
+    cfg = captioner.decoder.cfg.to_dict()
+    cfg.pop("checkpoint", None)
+    return dict(encoder=captioner.encoder.spec, decoder=cfg, raw_captions=args.raw_captions,
+                max_caption_tokens=args.max_caption_tokens)
+
+
+def save_state(path: str, **state) -> None:
+    with atomic_write(path, "wb") as f:
+        torch.save(dict(state, format=STATE_FORMAT), f)
+
+
+def load_state(path: str) -> dict:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: optimizer and RNG states
+        except TypeError:  # torch < 1.13 has no weights_only
+            state = torch.load(path, map_location="cpu")
+    except Exception as err:
+        raise UserError("cannot read training state %s: %s" % (path, " ".join(str(err).split())[:200])) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError("%s is not a p2_train.py training state" % path)
+    return state
+
+
+def resume(path: str, settings: dict, captioner, optimizer, scheduler, scaler, world: Dist) -> dict:
+    state = load_state(path)
+    if state["settings"] != settings:
+        changed = sorted(k for k in set(state["settings"]) | set(settings)
+                         if state["settings"].get(k) != settings.get(k))
+        raise UserError("cannot --resume %s: the model settings changed (%s); use the original arguments or a new "
+                        "--out" % (path, ", ".join(changed)))
+    if state["world_size"] != world.world_size:
+        raise UserError("cannot --resume %s: it was trained by %d process(es), this run has %d"
+                        % (path, state["world_size"], world.world_size))
+    captioner.decoder.load_trainable_state_dict(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][world.rank])
+    return state
+
+
+def log_line(path: str, **record) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scaler, args, world: Dist, amp: bool,
+                log_path: str, step: int) -> int:
+    """One pass over the training pairs; returns the optimiser step count."""
+    n_micro = len(loader)
+    captioner.train()
+    running, seen, started = 0.0, 0, time.time()
+    bar = progress(loader, desc="epoch %d/%d" % (epoch + 1, args.epochs), disable=not world.main)
+    for micro, (visuals, inputs, targets) in enumerate(bar):
+        group_start = micro - micro % args.grad_accum
+        group_size = min(args.grad_accum, n_micro - group_start)
+        last = micro == group_start + group_size - 1
+        sync = model.no_sync() if world.world_size > 1 and not last else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                tokens = image_tokens(captioner, visuals, world.device)
+                logits = model(inputs.to(world.device), image_tokens=tokens)
+                loss = caption_loss(logits, targets.to(world.device), args.label_smoothing)
+            scaler.scale(loss / group_size).backward()
+        running += float(loss.detach())
+        seen += 1
+        if not last:
+            continue
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        if world.main and step % args.log_every == 0:
+            bar.set_postfix(loss="%.3f" % (running / seen))
+            log_line(log_path, kind="step", epoch=epoch + 1, step=step, loss=running / seen,
+                     lr=scheduler.get_last_lr()[0], seconds=round(time.time() - started, 2))
+            running, seen = 0.0, 0
+    return step
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # missing weights fail at once (hw3_download.sh fetches them)
+    args = parse_args(argv)
+    from captioner import build_captioner, save_checkpoint
+
+    world = Dist(args.device)
+    try:
+        return _run(args, world, build_captioner, save_checkpoint)
+    finally:
+        world.close()
+
+
+def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
+    torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    captioner = build_captioner(args.encoder, decoder_config(args))
+    _unmerged_lora(captioner.decoder)
+    summary = check_budget(captioner.decoder)
+    captioner.to(world.device)
+    clip = load_clip(args, world.device) if world.main else None
+    loader, sampler, val, val_loader, val_tokens = build_data(args, captioner, world)
+
+    amp = world.device.type == "cuda" and not args.no_amp
+    model = captioner.decoder
+    if world.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            captioner.decoder, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    total_steps = args.epochs * math.ceil(len(loader) / args.grad_accum)
+    optimizer, scheduler = make_optimizer(captioner.decoder, args, total_steps)
+    scaler = grad_scaler(amp)
+    settings = model_settings(args, captioner)
+    os.makedirs(args.out, exist_ok=True)
+    state_path, log_path = os.path.join(args.out, "last_state.pt"), os.path.join(args.out, "log.jsonl")
+    sign = SELECT_METRICS[args.select]
+    start_epoch, step, best = 0, 0, None
+    torch.manual_seed(args.seed + world.rank)  # per-rank dropout and augmentation streams
+    if args.resume and os.path.isfile(state_path):
+        state = resume(state_path, settings, captioner, optimizer, scheduler, scaler, world)
+        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        if world.main:
+            with open(log_path, "a+b") as f:
+                f.truncate(state["log_bytes"])  # drop step lines of the epoch that was interrupted
+            print("resuming after epoch %d (best %s)" % (start_epoch, best), file=sys.stderr)
+    elif world.main:
+        with atomic_write(log_path):
+            pass
+        write_json(os.path.join(args.out, "args.json"), vars(args))
+        log_line(log_path, kind="start", parameters=summary, settings=settings, steps=total_steps)
+
+    end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
+    for epoch in range(start_epoch, end_epoch):
+        sampler.set_epoch(epoch)
+        started = time.time()
+        step = train_epoch(epoch, model, captioner, loader, optimizer, scheduler, scaler, args, world, amp, log_path,
+                           step)
+        record = dict(kind="epoch", epoch=epoch + 1, step=step, train_seconds=round(time.time() - started, 2))
+        if world.main:
+            result = validate(captioner, val_loader, val, val_tokens, args, world.device, amp)
+            write_json(os.path.join(args.out, "val_predictions.json"), result["predictions"])
+            record.update(score(result["predictions"], val, clip, world.device), val_loss=result["val_loss"])
+            value = record.get(args.select)
+            if value is None:
+                raise UserError("the evaluation gave no %s (it gave %s)" % (args.select, ", ".join(record)))
+            if best is None or sign * (value - best["value"]) > 0:
+                best = dict(metric=args.select, value=value, epoch=epoch + 1)
+                save_checkpoint(os.path.join(args.out, "best.pt"), captioner,
+                                extra=dict(epoch=epoch + 1, metrics={k: record[k] for k in record if k not in (
+                                    "kind", "epoch", "step", "train_seconds")}))
+            record["best_epoch"] = best["epoch"]
+            log_line(log_path, **record)
+            print(json.dumps(record), file=sys.stderr)
+        rngs = world.gather(rng_state())
+        if world.main:
+            save_state(state_path, epoch=epoch + 1, step=step, best=best, settings=settings,
+                       world_size=world.world_size, trainable=captioner.decoder.trainable_state_dict(),
+                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                       scaler=scaler.state_dict() if scaler.is_enabled() else None, rng=rngs,
+                       log_bytes=os.path.getsize(log_path))
+        world.barrier()
+    if world.main and best is not None:
+        print("best %s %.4f at epoch %d: %s" % (best["metric"], best["value"], best["epoch"],
+                                                 os.path.join(args.out, "best.pt")), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,252 @@
+"""p2_train.py / p2_data.py on a tiny world: synthetic images, a random 1-block ViT and a random 2-block GPT-2."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import p2_data
+import p2_train
+from common import UserError
+from tiny_models import TINY_ENCODER, tiny_gpt2
+
+pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = {"red.png": "a red square on a table", "blue.png": "two blue birds", "green.png": "a green field",
+            "grid.png": "a black and white grid"}
+
+
+def _image(name: str) -> Image.Image:
+    a = np.zeros((32, 32, 3), np.uint8)
+    if name == "red.png":
+        a[8:24, 8:24] = (220, 30, 30)
+    elif name == "blue.png":
+        a[:, :] = (30, 40, 200)
+    elif name == "green.png":
+        a[16:, :] = (30, 180, 40)
+    else:
+        a[::4, :] = 255
+        a[:, ::4] = 255
+    return Image.fromarray(a)
+
+
+def _coco(names, copies=1):
+    images = [dict(id=i + 1, file_name=n) for i, n in enumerate(names)]
+    annotations = [dict(id=100 * c + i, image_id=i + 1, caption=CAPTIONS[n].capitalize() + ".")
+                   for c in range(copies) for i, n in enumerate(names)]
+    return dict(info="tiny", licenses="", images=images, annotations=annotations)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread than on threads fighting over 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("p2world")
+    (root / "images").mkdir()
+    for name in CAPTIONS:
+        _image(name).save(root / "images" / name)
+    (root / "train.json").write_text(json.dumps(_coco(list(CAPTIONS), copies=4)))
+    (root / "val.json").write_text(json.dumps(_coco(list(CAPTIONS))))
+    gpt2 = tiny_gpt2(root / "decoder_model.bin", n_layer=2, n_embd=64, n_head=2, n_positions=32)
+    state = torch.load(gpt2)
+    state["wte.weight"] = state["wte.weight"] * 25  # std 0.5: a frozen tied head that can put most mass on one token
+    torch.save(state, gpt2)
+    return root
+
+
+def cli(world, out, *extra):
+    return ["--train-json", str(world / "train.json"), "--train-images", str(world / "images"),
+            "--val-json", str(world / "val.json"), "--val-images", str(world / "images"),
+            "--decoder-weights", str(world / "decoder_model.bin"), "--encoder", TINY_ENCODER,
+            "--out", str(out), "--workers", "0", "--device", "cpu", "--no-clipscore", "--batch-size", "8",
+            "--val-max-len", "10", "--log-every", "1", "--warmup-steps", "2"] + list(extra)
+
+
+def log_records(out):
+    with open(os.path.join(str(out), "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+def test_caption_targets_follow_the_course():
+    tokens = [[64, 9592, 351], [257], [5, 6, 7, 8, 9]]
+    inputs, targets = p2_data.caption_targets(tokens)
+    K = 5 + 2
+    for row, t in enumerate(tokens):  # the course's 11/27 note, written out
+        expected_input = [50256] + t + [50256] + [50256] * (K - len(t) - 2)
+        expected_target = t + [50256] + [-100] * (K - len(t) - 1)
+        assert inputs[row].tolist() == expected_input
+        assert targets[row].tolist() == expected_target
+    shifted = targets != p2_data.IGNORE_INDEX  # targets are the inputs moved left by one
+    assert torch.equal(targets[:, :-1][shifted[:, :-1]], inputs[:, 1:][shifted[:, :-1]])
+
+
+def test_clean_caption_and_loading(world):
+    assert p2_data.clean_caption("  A Dog  runs.. ") == "a dog runs"
+    caps = p2_data.load_captions(str(world / "train.json"), str(world / "images"))
+    assert caps.names == sorted(CAPTIONS)
+    assert all(c == [CAPTIONS[n]] * 4 for n, c in zip(caps.names, caps.captions))
+    raw = p2_data.load_captions(str(world / "val.json"), str(world / "images"), clean=False)
+    assert raw.captions[0] == [CAPTIONS[raw.names[0]].capitalize() + "."]
+
+
+def test_bad_annotations_name_the_file(world, tmp_path):
+    bad = _coco(list(CAPTIONS))
+    bad["images"][0]["file_name"] = "missing.png"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match="missing.png"):
+        p2_data.load_captions(str(tmp_path / "bad.json"), str(world / "images"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(UserError, match="broken.json"):
+        p2_data.load_captions(str(tmp_path / "broken.json"), str(world / "images"))
+
+
+# ----------------------------------------------------------------------------------------------- budget
+
+def test_refuses_above_35m_trainable(world, tmp_path, capsys):
+    # prefix MLP: 140000 * (64 + 2 * 2 * 64) weights, about 45M trainable parameters
+    args = cli(world, tmp_path / "run", "--peft", "prefix", "--prefix-hidden", "140000")
+    with pytest.raises(UserError, match="over the course's limit") as err:
+        p2_train.main(args)
+    assert "prefix" in str(err.value) and "cross_attn" in str(err.value)
+    assert "parameters:" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_budget_counts_what_the_checkpoint_holds(world):
+    from captioner import build_captioner
+
+    args = p2_train.parse_args(cli(world, "unused", "--peft", "adapter", "--adapter-dim", "8"))
+    captioner = build_captioner(args.encoder, p2_train.decoder_config(args))
+    summary = p2_train.check_budget(captioner.decoder)
+    assert summary["trainable"] == sum(v.numel() for v in captioner.decoder.trainable_state_dict().values())
+    assert summary["adapter"] > 0 and summary["cross_attn"] > 0
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def test_tiny_model_overfits_and_reproduces_captions(world, tmp_path):
+    from captioner import generate, load_captioner
+    from tokenizer import BPETokenizer
+
+    out = tmp_path / "run"
+    assert p2_train.main(cli(world, out, "--peft", "lora", "--lora-rank", "8", "--no-cross-attn-gate", "--epochs", "20",
+                             "--lr", "1e-2", "--min-lr", "1e-3", "--label-smoothing", "0", "--select", "val_loss", "--batch-size", "4")) == 0
+    steps = [r["loss"] for r in log_records(out) if r["kind"] == "step"]
+    assert steps[-1] < steps[0] / 20, (steps[0], steps[-1])
+    captioner, meta = load_captioner(str(out / "best.pt"), str(world / "decoder_model.bin"))
+    caps = p2_data.load_captions(str(world / "val.json"), str(world / "images"))
+    images = torch.stack([captioner.encoder.transform(Image.open(caps.path(i)).convert("RGB"))
+                          for i in range(len(caps.names))])
+    ids = generate(captioner.decoder, captioner.encode(images), method="greedy", max_len=12)
+    assert [BPETokenizer().decode(s).strip() for s in ids] == [c[0] for c in caps.captions]
+    assert meta["metrics"]["cider"] > 5  # identical captions: CIDEr-D near its 10x maximum
+
+
+def test_resume_gives_identical_state(world, tmp_path):
+    common = ("--peft", "lora", "--lora-rank", "4", "--lora-dropout", "0.2", "--epochs", "2", "--lr", "1e-3")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert p2_train.main(cli(world, straight, *common)) == 0
+    assert p2_train.main(cli(world, split, *common, "--stop-after", "1")) == 0
+    first = p2_train.load_state(str(split / "last_state.pt"))
+    assert first["epoch"] == 1
+    torch.manual_seed(12345)  # a resumed run must not depend on the RNG it starts with
+    assert p2_train.main(cli(world, split, *common, "--resume")) == 0
+    a, b = (p2_train.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    assert set(a["trainable"]) == set(b["trainable"])
+    for name in a["trainable"]:
+        assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+    assert not torch.equal(a["trainable"][name], first["trainable"][name])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    drop = ("seconds", "train_seconds")
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in log_records(straight)]
+    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in log_records(split)]
+
+
+def test_resume_refuses_changed_model(world, tmp_path):
+    out = tmp_path / "run"
+    assert p2_train.main(cli(world, out, "--peft", "none", "--epochs", "2", "--stop-after", "1")) == 0
+    with pytest.raises(UserError, match="settings changed"):
+        p2_train.main(cli(world, out, "--peft", "adapter", "--epochs", "2", "--resume"))
+
+
+# ----------------------------------------------------------------------------------------------- feature cache
+
+def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monkeypatch):
+    from captioner import ImageEncoder
+
+    encoder = ImageEncoder(TINY_ENCODER)
+    caps = p2_data.load_captions(str(world / "val.json"), str(world / "images"))
+    path = p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps, batch_size=3)
+    rows = np.load(path, mmap_mode="r")
+    with torch.no_grad():
+        reference = encoder(torch.stack([encoder.transform(Image.open(caps.path(i)).convert("RGB"))
+                                         for i in range(len(caps.names))]))
+    assert rows.dtype == np.float16 and rows.shape == tuple(reference.shape)
+    assert np.allclose(rows.astype(np.float32), reference.numpy(), rtol=1e-3, atol=1e-3)
+    monkeypatch.setattr(ImageEncoder, "forward", lambda *a: pytest.fail("the cache was not reused"))
+    assert p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps) == path
+    assert p2_data.cached_features(str(tmp_path), "val", encoder, caps.subset(2)) is None  # other image list
+
+
+def test_training_from_the_cache_matches_images(world, tmp_path):
+    """One step from cached fp16 features gives (nearly) the loss of the same step from images."""
+    common = ("--peft", "adapter", "--adapter-dim", "8", "--epochs", "1", "--label-smoothing", "0")
+    assert p2_train.main(cli(world, tmp_path / "images", *common)) == 0
+    assert p2_train.main(cli(world, tmp_path / "cached", *common, "--feature-cache", str(tmp_path / "cache"))) == 0
+    a, b = ([r["loss"] for r in log_records(tmp_path / d) if r["kind"] == "step"] for d in ("images", "cached"))
+    assert len(a) == len(b) == 2 and np.allclose(a, b, rtol=1e-2)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+def test_augment_and_cache_are_exclusive(world, tmp_path):
+    with pytest.raises(UserError, match="--augment"):
+        p2_train.parse_args(cli(world, tmp_path, "--augment", "--feature-cache", str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo(world, tmp_path):
+    from captioner import load_captioner
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), os.path.join(ROOT, "p2_train.py")]
+    command += cli(world, out, "--peft", "prefix", "--prefix-len", "2", "--prefix-hidden", "0", "--epochs", "2",
+                   "--feature-cache", str(tmp_path / "cache"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    done = subprocess.run(command, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    records = log_records(out)
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]  # one writer: rank 0
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == 2 * 1  # 16 pairs / (2 processes x 8) = 1 step per epoch
+    captioner, meta = load_captioner(str(out / "best.pt"), str(world / "decoder_model.bin"))
+    state = p2_train.load_state(str(out / "last_state.pt"))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    cache = np.load(str(next((tmp_path / "cache").glob("train-*.npy"))))
+    assert np.isfinite(cache).all() and (np.abs(cache).sum(axis=(1, 2)) > 0).all()  # both ranks filled their rows
