@@ -112,7 +112,8 @@ def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     course = parser.add_argument_group("the course's arguments")
     course.add_argument("--pred_file", required=True, help="prediction JSON {file name without extension: caption}")
     course.add_argument("--images_root", default="hw3_data/p2_data/images/val", help="folder of the images")
