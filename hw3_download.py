@@ -22,6 +22,7 @@ from common import UserError, progress, run_main
 HERE = os.path.dirname(os.path.abspath(__file__))
 HUB_HOST = "huggingface.co"
 CHUNK = 1 << 20
+CLIPSCORE_CLIP = ("ViT-B-32", "openai")  # the course's CLIPScore model
 
 # The trained P2 checkpoint: its JSON config is committed beside where the tensors land; the tensors are downloaded.
 # Empty url: no trained release exists yet (see README, "What could not be verified here").
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-p1", action="store_true", help="do not fetch P1's CLIP")
     parser.add_argument("--skip-p2", action="store_true", help="do not fetch P2's encoder and checkpoint")
+    parser.add_argument("--with-clipscore", action="store_true",
+                        help="also fetch CLIP ViT-B-32/openai, which p2_evaluate.py and training use for CLIPScore")
     args = parser.parse_args(argv)
     check_online()
     import p1_clip_zeroshot
@@ -126,6 +129,10 @@ def main(argv=None) -> int:
 
         path = clip_utils.download_clip(p1_clip_zeroshot.DEFAULT_MODEL, p1_clip_zeroshot.DEFAULT_PRETRAINED)
         print("P1 CLIP %s/%s: %s" % (p1_clip_zeroshot.DEFAULT_MODEL, p1_clip_zeroshot.DEFAULT_PRETRAINED, path))
+    if args.with_clipscore:
+        import clip_utils
+
+        print("CLIPScore CLIP %s/%s: %s" % (CLIPSCORE_CLIP + (clip_utils.download_clip(*CLIPSCORE_CLIP),)))
     if not args.skip_p2:
         print("P2 encoder %s: %s" % (DEFAULT_ENCODER, download_encoder(DEFAULT_ENCODER)))
         if not RELEASE["url"]:
