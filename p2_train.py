@@ -449,6 +449,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
+    state_path, log_path = os.path.join(args.out, "last_state.pt"), os.path.join(args.out, "log.jsonl")
+    if not args.resume and os.path.isfile(state_path):
+        raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
+                        "another --out" % args.out)
     torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -469,7 +473,6 @@ def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
     scaler = grad_scaler(amp)
     settings = model_settings(args, captioner)
     os.makedirs(args.out, exist_ok=True)
-    state_path, log_path = os.path.join(args.out, "last_state.pt"), os.path.join(args.out, "log.jsonl")
     sign = SELECT_METRICS[args.select]
     start_epoch, step, best = 0, 0, None
     torch.manual_seed(args.seed + world.rank)  # per-rank dropout and augmentation streams
@@ -477,8 +480,9 @@ def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
         state = resume(state_path, settings, captioner, optimizer, scheduler, scaler, world)
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
         if world.main:
-            with open(log_path, "a+b") as f:
-                f.truncate(state["log_bytes"])  # drop step lines of the epoch that was interrupted
+            if os.path.isfile(log_path) and os.path.getsize(log_path) > state["log_bytes"]:
+                with open(log_path, "r+b") as f:
+                    f.truncate(state["log_bytes"])  # drop the step lines of the epoch that was interrupted
             print("resuming after epoch %d (best %s)" % (start_epoch, best), file=sys.stderr)
     elif world.main:
         with atomic_write(log_path):

@@ -185,6 +185,27 @@ def test_resume_refuses_changed_model(world, tmp_path):
     assert p2_train.main(cli(world, out, "--peft", "none", "--epochs", "2", "--stop-after", "1")) == 0
     with pytest.raises(UserError, match="settings changed"):
         p2_train.main(cli(world, out, "--peft", "adapter", "--epochs", "2", "--resume"))
+    with pytest.raises(UserError, match="pass --resume"):  # a forgotten --resume must not overwrite the run
+        p2_train.main(cli(world, out, "--peft", "none", "--epochs", "2"))
+
+
+def test_validation_subset_with_clipscore(world, tmp_path):
+    import metrics
+    from p2_evaluate import load_references
+
+    clip_config = tmp_path / "tiny-clip.json"
+    clip_config.write_text(json.dumps({
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    args = cli(world, tmp_path / "run", "--peft", "none", "--epochs", "1", "--val-max-images", "2")
+    args = [a for a in args if a != "--no-clipscore"]
+    assert p2_train.main(args + ["--clip-model", str(clip_config), "--clip-pretrained", "none"]) == 0
+    record = [r for r in log_records(tmp_path / "run") if r["kind"] == "epoch"][0]
+    predictions = json.loads((tmp_path / "run" / "val_predictions.json").read_text())
+    assert sorted(predictions) == ["blue", "green"]  # the first two images by file name
+    references = load_references(str(world / "val.json"))[0]
+    assert record["cider"] == pytest.approx(metrics.cider(predictions, {k: references[k] for k in predictions})[0])
+    assert 0 <= record["clipscore"] <= 2.5
 
 
 # ----------------------------------------------------------------------------------------------- feature cache
