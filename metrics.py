@@ -5,9 +5,10 @@ The course's p2_evaluate.py tokenises captions with pycocoevalcap's PTBTokenizer
 tokens. `ptb_tokenize` reproduces that output in pure Python by running the rules of CoreNLP 3.4.1's PTBLexer.flex
 (the JFlex grammar the jar was built from) as a longest-match lexer: at every position each rule's longest match
 (POSIX semantics, trailing context included) is taken, the longest rule wins and ties go to the earlier rule, as a
-JFlex scanner does. Known divergences, all outside what captions contain: Unicode letters and digits follow
-Python's Unicode tables rather than those of the JDK that generated the jar, and characters outside the BMP are
-split into UTF-16 surrogates (as Java sees them), which the lexer drops as untokenisable.
+JFlex scanner does. Characters outside the BMP are split into UTF-16 surrogates, as Java sees them. Known
+divergences, all outside what captions contain: Unicode letters and digits follow Python's Unicode tables rather
+than those of the JDK that generated the jar, and a Greek capital sigma next to digits or punctuation may lower-case
+to the other form (Java decides final sigma within BreakIterator words, Python by Unicode's Final_Sigma context).
 """
 from __future__ import annotations
 
@@ -43,12 +44,20 @@ def _expand(pattern: str) -> str:
     return _MACRO_REF.sub(lambda m: _M[m.group(1)], pattern)
 
 
+# JFlex's caseless letters also match the characters whose simple case mapping gives them (Java's toLowerCase /
+# toUpperCase of a char): dotted and dotless i, long s, Kelvin sign. So "'tİstanbul" starts with the rule 'tis.
+_CASE_VARIANTS = {"i": "\u0130\u0131", "s": "\u017F", "k": "\u212A"}
+
+
 def _caseless(pattern: str) -> str:
     """(?i:abc) -> (?:[aA][bB][cC]). Spelt out because the regex module lets a scoped (?i:) case-fold character
     classes in other branches of the same pattern (regex 2026.11: `(?:(?i:w)|[^,-_]+)` rejects "xx")."""
+    def letter(c):
+        low = c.group().lower()
+        return "[%s%s%s]" % (low, low.upper(), _CASE_VARIANTS.get(low, ""))
+
     def spell(match):
-        return "(?:%s)" % regex.sub(r"(?<!\\)[A-Za-z]", lambda c: "[%s%s]" % (c.group().lower(), c.group().upper()),
-                                    match.group(1))
+        return "(?:%s)" % regex.sub(r"(?<!\\)[A-Za-z]", letter, match.group(1))
     return regex.sub(r"\(\?i:([^()]*)\)", spell, pattern)
 
 

@@ -3,6 +3,7 @@ pipeline, CLIPScore equals its formula computed directly on a tiny random CLIP."
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -28,7 +29,7 @@ CAPTIONS = [
     "tabs\tand  double  spaces ", "\u201ccurly\u201d \u2018quotes\u2019 don\u2019t", "em\u2014dash en\u2013dash",
     "ellipsis\u2026 done", "soft\u00adhyphen", "x-ray e-mail F-16 COVID-19 B-52", "9am 5pm 2x4 4x4 10x",
     "ph.d. Ph.D Jr. Sr. Bros. St. Mt. Ave. Jan. Inc. Ltd. Calif. ca. fig. pp.", "no. 5 No.5 No. 5", "", "   ",
-    "Straße İstanbul ΣΑΣ", "a --- b ---- c ----- d", "x^2 ^_^ o_O -_- (^_^)", "->", "<< >> => ++",
+    "Straße İstanbul ΑΒΓ", "a --- b ---- c ----- d", "x^2 ^_^ o_O -_- (^_^)", "->", "<< >> => ++",
     "-LRB- -lrb- &lt; &gt; &quot; &apos; &nbsp;", "a.", "A.", "z.", "dog.", "dog!", "dog?", "dog...",
 ]
 
@@ -43,6 +44,18 @@ def fuzz_captions(n: int, seed: int) -> list:
     return ["".join(rng.choice(chars) for _ in range(rng.randint(0, 25))) for _ in range(n)]
 
 
+def caption_like(n: int, seed: int) -> list:
+    """Captions recombined from the pieces of CAPTIONS, with odd spacing, case and trailing punctuation."""
+    pieces = [p for caption in CAPTIONS for p in caption.split(" ") if p]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text = "".join(rng.choice(pieces) + rng.choice([" ", " ", " ", "", "  "]) for _ in range(rng.randint(1, 12)))
+        text += rng.choice([".", " .", "..", "!", "", "?"])
+        out.append(text.capitalize() if rng.random() < 0.3 else text)
+    return out
+
+
 def java_tokenize(lines):
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -52,7 +65,9 @@ def java_tokenize(lines):
 
 @needs_java
 def test_ptb_tokenize_equals_java_ptbtokenizer():
-    lines = CAPTIONS + fuzz_captions(1500, seed=0)
+    """HW3_PTB_CORPUS=N (default 1000) sets how many caption-like and fuzz lines are compared."""
+    n = int(os.environ.get("HW3_PTB_CORPUS", "1000"))
+    lines = CAPTIONS + caption_like(n, seed=0) + fuzz_captions(n, seed=0)
     expected = java_tokenize(lines)
     got = metrics.ptb_tokenize_lines(lines)
     mismatches = [(line, e, g) for line, e, g in zip(lines, expected, got) if e != g]
