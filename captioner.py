@@ -26,7 +26,8 @@ END_TOKEN = 50256
 # CLIP ViT-H/14 trained on DFN-5B: the strongest CLIP image tower timm 0.9.10 knows below ViT-bigG (83.4% ImageNet
 # zero-shot vs 78.0% for LAION-2B ViT-H/14); 1280 wide, 16x16 patches + CLS at 224 px; a 3.9 GB download.
 DEFAULT_ENCODER = "timm:vit_huge_patch14_clip_quickgelu_224.dfn5b"
-DOWNLOAD_HINT = "run `bash hw3_download.sh` (online) first, or give the encoder a local weight file (spec NAME@PATH)"
+DOWNLOAD_HINT = ("run `bash hw3_download.sh` (online) first, or point the encoder at a local weight file "
+                 "(p2_inference.py --encoder timm:NAME@/path/to/weights)")
 RANDOM_INIT_SEED = 0  # `@none` encoders are seeded, so a saved spec rebuilds the same random weights
 CHECKPOINT_FORMAT = "hw3-captioner/1"
 DECODE_DEFAULTS = dict(method="beam", beam_size=3, max_len=30, length_penalty=1.0, no_repeat_ngram=3)
@@ -89,20 +90,27 @@ def _hub_file_cached(repo: str, filenames: Sequence[str]) -> Optional[str]:
     return None
 
 
-def timm_weights_cached(name: str) -> Optional[str]:
-    """The local file timm would load for `name` (NAME.TAG), or None when it still has to be downloaded."""
+def _timm_pretrained_cfg(name: str) -> Optional[dict]:
+    """timm's download recipe for NAME[.TAG] (hub id, file name, url), or None if it has no pretrained weights."""
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag of a known architecture
+        return None
+    cfg = cfg.to_dict() if cfg is not None else {}
+    return cfg if cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file") else None
+
+
+def timm_weights_cached(name: str) -> Optional[str]:
+    """The local file timm would load for `name` (NAME.TAG), or None when it still has to be downloaded."""
+    cfg = _timm_pretrained_cfg(name)
     if cfg is None:
         return None
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if cfg.get("file"):
         return cfg["file"] if os.path.isfile(cfg["file"]) else None
     repo = cfg.get("hf_hub_id")
     if repo:
-        if repo.endswith("/"):
-            repo += name
         filename = cfg.get("hf_hub_filename") or "pytorch_model.bin"
         stem = os.path.splitext(filename)[0]
         alternatives = ["model.safetensors"] if filename == "pytorch_model.bin" else [
@@ -116,23 +124,37 @@ def timm_weights_cached(name: str) -> Optional[str]:
     return None
 
 
-def _build_timm(name: str, weights: Optional[str], kwargs: Dict[str, object], offline: bool) -> nn.Module:
+def check_encoder_weights(spec: str, offline: Optional[bool] = None) -> None:
+    """Raises at once, before any model is built, if the encoder's weights cannot be had (unknown name or tag,
+    missing local file, not downloaded while offline)."""
+    backend, name, weights, _ = parse_encoder_spec(spec)
+    offline = hub_offline() if offline is None else offline
+    if weights is not None and weights.lower() != "none" and not os.path.isfile(weights) and (
+            backend == "timm" or os.path.sep in weights):
+        raise UserError("encoder weight file not found: %s" % weights)
+    if backend != "timm":
+        return  # clip_utils.load_clip checks open_clip tags and downloads before building
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        raise UserError("unknown timm model %r in the encoder spec %s" % (name, spec))
+    if weights is not None:
+        return
+    if _timm_pretrained_cfg(name) is None:
+        raise UserError("timm has no pretrained weights for %r (tags: %s)" % (
+            name, ", ".join(timm.list_pretrained(name.split(".")[0] + ".*")[:8]) or "none"))
+    if offline and timm_weights_cached(name) is None:
+        raise UserError("encoder weights %s are not downloaded and this machine is offline: %s" % (name, DOWNLOAD_HINT))
+
+
+def _build_timm(name: str, weights: Optional[str], kwargs: Dict[str, object]) -> nn.Module:
     import timm
 
     kwargs = dict(kwargs, num_classes=0)
-    if not timm.is_model(name.split(".")[0]):
-        raise UserError("unknown timm model %r in the encoder spec" % name)
     if weights is not None and weights.lower() == "none":
         return _seeded(lambda: timm.create_model(name, pretrained=False, **kwargs))
     if weights is not None:
-        if not os.path.isfile(weights):
-            raise UserError("encoder weight file not found: %s" % weights)
         kwargs["pretrained_cfg_overlay"] = dict(file=weights)
-    elif timm.models.get_pretrained_cfg(name) is None:
-        raise UserError("timm has no pretrained weights for %r (tags: %s)" % (
-            name, ", ".join(timm.list_pretrained(name.split(".")[0] + ".*")[:8]) or "none"))
-    elif offline and timm_weights_cached(name) is None:
-        raise UserError("encoder weights %s are not downloaded and this machine is offline: %s" % (name, DOWNLOAD_HINT))
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # hub, unpickling and shape errors alike: say which encoder and why, on one line
@@ -148,19 +170,20 @@ class ImageEncoder(nn.Module):
         self.spec = spec
         backend, name, weights, kwargs = parse_encoder_spec(spec)
         offline = hub_offline() if offline is None else offline
+        check_encoder_weights(spec, offline)
         self.backend = backend
         if backend == "timm":
-            self._init_timm(name, weights, kwargs, offline)
+            self._init_timm(name, weights, kwargs)
         else:
             self._init_open_clip(name, weights, offline)
         for p in self.parameters():
             p.requires_grad = False
         self.eval()
 
-    def _init_timm(self, name, weights, kwargs, offline) -> None:
+    def _init_timm(self, name, weights, kwargs) -> None:
         from timm.data import create_transform, resolve_data_config
 
-        self.model = _build_timm(name, weights, kwargs, offline)
+        self.model = _build_timm(name, weights, kwargs)
         if not hasattr(self.model, "patch_embed") or not hasattr(self.model, "num_prefix_tokens"):
             raise UserError("encoder %s is not a ViT with patch tokens (timm VisionTransformer expected)" % name)
         self.width = int(self.model.num_features)
@@ -210,6 +233,11 @@ class ImageEncoder(nn.Module):
         if not getattr(visual.transformer, "batch_first", True):
             x = x.permute(1, 0, 2)  # older open_clip runs the transformer as (N, B, width)
         return visual.ln_post(x)
+
+
+def download_encoder(spec: str = DEFAULT_ENCODER) -> None:
+    """Online: builds the encoder once so that its weights land in the hub cache that offline inference reads."""
+    ImageEncoder(spec, offline=False)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -489,6 +517,7 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
 
     meta = read_checkpoint_config(checkpoint)
     state = _read_tensors(checkpoint)
+    check_encoder_weights(encoder_spec or meta["encoder"], offline)  # fail before the slow builds
     try:
         cfg = Config.from_dict(dict(meta["decoder"], checkpoint=decoder_weights))
     except (TypeError, ValueError) as err:
@@ -507,5 +536,5 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
 
 
 __all__ = ["DEFAULT_ENCODER", "DECODE_DEFAULTS", "END_TOKEN", "Captioner", "ImageEncoder", "build_captioner",
-           "config_path", "decode_captions", "generate", "hub_offline", "load_captioner", "parse_encoder_spec",
-           "read_checkpoint_config", "save_checkpoint", "timm_weights_cached"]
+           "check_encoder_weights", "config_path", "decode_captions", "download_encoder", "generate", "hub_offline",
+           "load_captioner", "parse_encoder_spec", "read_checkpoint_config", "save_checkpoint", "timm_weights_cached"]

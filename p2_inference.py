@@ -1,0 +1,171 @@
+"""P2 inference: captions every image of a folder into {file name without extension: caption} (the course's JSON).
+
+    python3 p2_inference.py IMG_DIR OUT_JSON DECODER_WEIGHTS [--checkpoint CKPT] [--beam-size 3] ...
+
+Images are read by DataLoader workers, encoded in batches by the frozen ViT, and captioned by the batched beam search
+on the decoder's KV cache (captioner.generate). Offline by default: missing encoder weights fail at once and say
+to run `bash hw3_download.sh`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "--allow-download" not in sys.argv:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub import: a missing download fails fast, never retries
+
+import argparse
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+import captioner
+from common import UserError, list_images, load_rgb, progress, run_main, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "p2_best.pt")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("images", help="folder of test images")
+    parser.add_argument("output", help="output JSON {file name without extension: caption}")
+    parser.add_argument("decoder_weights", help="the course's GPT-2 decoder weights (decoder_model.bin)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                       help="trained tensors (.pt) with the model config (.json) beside it (default: %(default)s)")
+    model.add_argument("--encoder", default=None,
+                       help="override the checkpoint's encoder spec, e.g. to load its weights from a local file: "
+                            "timm:NAME@/path/weights.bin")
+    model.add_argument("--allow-download", action="store_true",
+                       help="let timm/open_clip download missing encoder weights (default: offline, fail fast)")
+    decode = parser.add_argument_group("decoding (defaults: the checkpoint's 'generation' settings, else %s)"
+                                       % ", ".join("%s=%s" % kv for kv in captioner.DECODE_DEFAULTS.items()))
+    decode.add_argument("--method", choices=("beam", "greedy"), default=None, help="search method")
+    decode.add_argument("--beam-size", type=int, default=None, help="beams per image")
+    decode.add_argument("--max-len", type=int, default=None, help="most tokens per caption, end token included")
+    decode.add_argument("--length-penalty", type=float, default=None,
+                        help="beam score = sum(log p) / length ** this (> 0 favours longer captions)")
+    decode.add_argument("--no-repeat-ngram", type=int, default=None, help="forbid repeating n-grams of this size (0 = off)")
+    run = parser.add_argument_group("runtime")
+    run.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    run.add_argument("--device", default="auto", help="cuda, cpu, cuda:1... (default: cuda if available)")
+    run.add_argument("--fp16", dest="fp16", action="store_true", default=True,
+                     help="fp16 autocast on CUDA (default; ignored on CPU)")
+    run.add_argument("--no-fp16", dest="fp16", action="store_false", help="full fp32 on CUDA")
+    run.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
+    return parser.parse_args(argv)
+
+
+def decode_settings(args: argparse.Namespace, meta: dict) -> Dict[str, object]:
+    """Command line, else the checkpoint's tuned settings, else the defaults."""
+    saved = meta.get("generation") if isinstance(meta.get("generation"), dict) else {}
+    settings = {}
+    for key, default in captioner.DECODE_DEFAULTS.items():
+        given = getattr(args, key)
+        settings[key] = given if given is not None else type(default)(saved.get(key, default))
+    for key in ("beam_size", "max_len"):
+        if settings[key] < 1:
+            raise UserError("--%s must be >= 1, got %s" % (key.replace("_", "-"), settings[key]))
+    if settings["no_repeat_ngram"] < 0:
+        raise UserError("--no-repeat-ngram must be >= 0, got %s" % settings["no_repeat_ngram"])
+    return settings
+
+
+def output_keys(folder: str) -> List[str]:
+    """Image file names, refusing two files that would give the same key (a.jpg and a.png)."""
+    names = list_images(folder)
+    seen: Dict[str, str] = {}
+    for name in names:
+        key = os.path.splitext(name)[0]
+        if key in seen:
+            raise UserError("%s and %s in %s would both be written as key %r" % (seen[key], name, folder, key))
+        seen[key] = name
+    return names
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, pixels, error): a bad image comes back as its error so the main process can name it in one line."""
+
+    def __init__(self, folder: str, names: List[str], transform):
+        self.folder, self.names, self.transform = folder, names, transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(load_rgb(os.path.join(self.folder, self.names[index]))), ""
+        except (UserError, OSError, ValueError) as err:
+            return index, None, "cannot read image %s: %s" % (os.path.join(self.folder, self.names[index]),
+                                                               str(err).replace("cannot read image ", "", 1))
+
+
+def collate(items):
+    errors = [error for _, _, error in items if error]
+    if errors:
+        return None, None, errors
+    return [i for i, _, _ in items], torch.stack([pixels for _, pixels, _ in items]), []
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError("--device %r is not a torch device (cpu, cuda, cuda:0...)" % name) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device %s asked for but CUDA is not available" % name)
+    return device
+
+
+def caption_folder(model: captioner.Captioner, folder: str, names: List[str], settings: Dict[str, object],
+                   batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> List[str]:
+    from tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer()
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(folder, names, model.encoder.transform), batch_size=batch_size, shuffle=False,
+        num_workers=min(num_workers, (len(names) + batch_size - 1) // batch_size), collate_fn=collate,
+        pin_memory=device.type == "cuda")
+    captions: List[Optional[str]] = [None] * len(names)
+    use_amp = fp16 and device.type == "cuda"
+    with progress(total=len(names), desc="captioning", unit="img") as bar:
+        for indices, pixels, errors in loader:
+            if errors:
+                raise UserError(errors[0] + (" (and %d more bad images)" % (len(errors) - 1) if len(errors) > 1 else ""))
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                ids = model.generate(pixels.to(device, non_blocking=True), **settings)
+            for index, caption in zip(indices, captioner.decode_captions(ids, tokenizer)):
+                captions[index] = caption
+            bar.update(len(indices))
+    return captions
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    captioner.hub_offline(not args.allow_download)
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
+    if os.path.isdir(args.output):
+        raise UserError("output %s is a directory; give a JSON file path" % args.output)
+    names = output_keys(args.images)
+    device = resolve_device(args.device)
+    start = time.time()
+    model, meta = captioner.load_captioner(args.checkpoint, args.decoder_weights, device=device,
+                                           encoder_spec=args.encoder)
+    settings = decode_settings(args, meta)
+    loaded = time.time()
+    captions = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,
+                              args.fp16)
+    write_json(args.output, {os.path.splitext(n)[0]: c for n, c in zip(names, captions)})
+    took = time.time() - loaded
+    print("captioned %d images in %.1f s (%.1f images/s; model loading %.1f s) -> %s" % (
+        len(names), took, len(names) / max(took, 1e-9), loaded - start, args.output), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

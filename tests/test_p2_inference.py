@@ -1,0 +1,155 @@
+"""p2_inference.py / hw3_2.sh end to end on synthetic images with a tiny checkpoint, and its errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import captioner
+import p2_inference
+from common import UserError, load_rgb
+from decoder import Config
+from test_captioner import TINY_ENCODER, randomize_trainable, save_course_format, tiny_gpt2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(method="beam", beam_size=3, max_len=16, length_penalty=1.0, no_repeat_ngram=2)
+
+
+def write_images(folder, count: int = 7) -> list:
+    """Images in the modes a test folder may hold: RGB/grayscale JPEG, RGBA/palette PNG, odd sizes."""
+    os.makedirs(str(folder), exist_ok=True)
+    rng = np.random.RandomState(0)
+    names = []
+    for i in range(count):
+        h, w = 20 + 7 * i, 48 - 3 * i
+        pixels = (rng.rand(h, w, 3) * 255 * (0.3 + 0.1 * i)).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        name, mode = [("%d_rgb.jpg", "RGB"), ("img%d.png", "RGBA"), ("gray_%d.jpg", "L"), ("pal%d.png", "P")][i % 4]
+        image = image.convert(mode)
+        image.save(os.path.join(str(folder), name % i))
+        names.append(name % i)
+    return sorted(names)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("p2")
+    weights = save_course_format(tiny_gpt2(), root / "decoder_model.bin")
+    model = captioner.build_captioner(TINY_ENCODER, Config(checkpoint=weights))
+    randomize_trainable(model.decoder)
+    checkpoint = str(root / "ckpt" / "p2_best.pt")
+    os.makedirs(os.path.dirname(checkpoint))
+    captioner.save_checkpoint(checkpoint, model, extra=dict(generation=SETTINGS))
+    names = write_images(root / "images")
+    (root / "images" / "notes.txt").write_text("not an image")
+    return dict(root=root, weights=weights, checkpoint=checkpoint, names=names, images=str(root / "images"))
+
+
+def reference_captions(setup, **settings) -> dict:
+    """One image at a time through the captioner, no DataLoader."""
+    model, _ = captioner.load_captioner(setup["checkpoint"], setup["weights"])
+    out = {}
+    for name in setup["names"]:
+        pixels = model.encoder.transform(load_rgb(os.path.join(setup["images"], name))).unsqueeze(0)
+        out[os.path.splitext(name)[0]] = captioner.decode_captions(model.generate(pixels, **settings))[0]
+    return out
+
+
+def run(setup, output, *extra) -> int:
+    return p2_inference.main([setup["images"], str(output), setup["weights"], "--checkpoint", setup["checkpoint"],
+                              "--num-workers", "0", "--device", "cpu"] + list(extra))
+
+
+def test_every_image_captioned_once_equal_to_one_by_one(setup, tmp_path):
+    out = tmp_path / "out" / "pred.json"
+    with pytest.warns(UserWarning, match="notes.txt"):
+        assert run(setup, out, "--batch-size", "3") == 0
+    text = out.read_text()
+    pred = json.loads(text)
+    assert list(pred) == [os.path.splitext(n)[0] for n in setup["names"]]
+    assert sum(text.count('"%s":' % key) for key in pred) == len(setup["names"])
+    assert pred == reference_captions(setup, **SETTINGS)  # the checkpoint's saved settings are the defaults
+    assert len(set(pred.values())) > 1 and all(isinstance(c, str) and c == c.strip() for c in pred.values())
+    assert [p.name for p in out.parent.iterdir()] == ["pred.json"]  # no temporary file left behind
+
+
+def test_command_line_settings_override_the_checkpoint(setup, tmp_path):
+    out = tmp_path / "greedy.json"
+    run(setup, out, "--method", "greedy", "--max-len", "6", "--no-repeat-ngram", "0", "--batch-size", "4")
+    assert json.loads(out.read_text()) == reference_captions(setup, method="greedy", max_len=6, no_repeat_ngram=0)
+
+
+def test_cli_with_workers_in_a_subprocess(setup, tmp_path):
+    out = tmp_path / "pred.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "p2_inference.py"), setup["images"], str(out),
+                           setup["weights"], "--checkpoint", setup["checkpoint"], "--num-workers", "2",
+                           "--batch-size", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "captioned 7 images" in proc.stderr
+    assert json.loads(out.read_text()) == reference_captions(setup, **SETTINGS)
+
+
+def test_hw3_2_sh_fails_cleanly_without_the_default_checkpoint(setup, tmp_path):
+    if os.path.isfile(p2_inference.DEFAULT_CHECKPOINT):
+        pytest.skip("a real checkpoint is installed; its encoder weights may be cached")
+    out = tmp_path / "pred.json"
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "hw3_2.sh"), setup["images"], str(out), setup["weights"]],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found")
+    assert not out.exists()
+
+
+def test_undecodable_image_is_named_and_nothing_is_written(setup, tmp_path):
+    folder = tmp_path / "images"
+    write_images(folder, 3)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    out = tmp_path / "pred.json"
+    out.write_text("previous results")
+    for workers in ("0", "2"):
+        with pytest.raises(UserError, match="broken.jpg"):
+            p2_inference.main([str(folder), str(out), setup["weights"], "--checkpoint", setup["checkpoint"],
+                               "--num-workers", workers])
+    assert out.read_text() == "previous results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "pred.json"]
+
+
+def test_input_errors(setup, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        run(dict(setup, images=str(empty)), tmp_path / "o.json")
+    with pytest.raises(UserError, match="not found or not a directory"):
+        run(dict(setup, images=str(tmp_path / "missing")), tmp_path / "o.json")
+    twins = tmp_path / "twins"
+    write_images(twins, 1)
+    Image.new("RGB", (8, 8)).save(str(twins / "0_rgb.png"))
+    with pytest.raises(UserError, match="0_rgb.jpg and 0_rgb.png"):
+        run(dict(setup, images=str(twins)), tmp_path / "o.json")
+    with pytest.raises(UserError, match="is a directory"):
+        run(setup, tmp_path)
+    with pytest.raises(UserError, match="no_decoder.bin"):
+        run(dict(setup, weights=str(tmp_path / "no_decoder.bin")), tmp_path / "o.json")
+    with pytest.raises(UserError, match="checkpoint not found"):
+        run(dict(setup, checkpoint=str(tmp_path / "none.pt")), tmp_path / "o.json")
+    with pytest.raises(UserError, match="beam-size"):
+        run(setup, tmp_path / "o.json", "--beam-size", "0")
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_mismatched_checkpoint_is_refused(setup, tmp_path):
+    state = torch.load(setup["checkpoint"])
+    state.pop(sorted(state)[0])
+    bad = str(tmp_path / "bad.pt")
+    torch.save(state, bad)
+    (tmp_path / "bad.json").write_text(open(captioner.config_path(setup["checkpoint"])).read())
+    with pytest.raises(UserError, match="bad.pt does not match its config"):
+        run(dict(setup, checkpoint=bad), tmp_path / "o.json")
