@@ -217,4 +217,4 @@ def test_tiny_gpt2_loads_through_decoder_and_matches_transformers():
         shuffled = torch.tensor([[caption[0]] + caption[1:-1][::-1] + [caption[-1]]])
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
         loss_shuffled = torch.nn.functional.cross_entropy(decoder(shuffled)[0, :-1], shuffled[0, 1:])
-    assert loss < 1.0 and loss_shuffled > loss + 2.0
+    assert loss < 0.25 * np.log(cfg.vocab_size) and loss_shuffled > loss + 2.0  # uniform guessing: log(vocab)
