@@ -393,6 +393,7 @@ _PLAIN_WORD = regex.compile(r"[A-Za-z]+(?=[ \n]|$)")
 _SPACES = _compile("{SPACES}")
 _PLAIN_RUN = regex.compile(_expand(r"(?:[A-Za-z]+ {SPACE}*)+"))  # plain words each followed by a space run
 _ASCII_WORD = regex.compile(r"[A-Za-z]+")
+_CHUNK = regex.compile(r"[^ \n]{1,40}[ \n]?|[ \n]")
 _ASTRAL = regex.compile("[\U00010000-\U0010FFFF]")
 _SURROGATE = regex.compile("[\ud800-\udfff]")
 _SPLIT_WORDS = frozenset(["cannot", "gonna", "gotta", "lemme", "gimme", "wanna"])
@@ -400,8 +401,16 @@ _SPLIT_WORDS = frozenset(["cannot", "gonna", "gotta", "lemme", "gimme", "wanna"]
 
 @functools.lru_cache(maxsize=None)
 def _rules_starting_with(char: str) -> List[_Rule]:
-    """The rules a match can start with `char` in (regex's partial matching), in order: most characters leave few."""
+    """The rules a match can start with `char` in (regex's partial matching), in order."""
     return [rule for rule in _LEXER if rule.full.match(char, partial=True)]
+
+
+@functools.lru_cache(maxsize=100000)
+def _rules_for_chunk(chunk: str, at_end: bool) -> List[_Rule]:
+    """The rules that can match at the start of `chunk` (the text up to and including the next space or line end):
+    those that match a prefix of it or could go on past its end (partial matching). At the end of the text
+    nothing follows, so only complete matches count. Captions repeat chunks like "table." a lot."""
+    return [rule for rule in _rules_starting_with(chunk[0]) if rule.full.match(chunk, partial=not at_end)]
 
 
 def _to_utf16_units(text: str) -> str:
@@ -450,7 +459,12 @@ def ptb_lex(text: str, fast: bool = True) -> List[str]:
                 pos = plain.end()
                 continue
         best, best_end = None, pos
-        for rule in _rules_starting_with(text[pos]) if fast else _LEXER:
+        if fast:
+            chunk = _CHUNK.match(text, pos).group()
+            rules = _rules_for_chunk(chunk, pos + len(chunk) == len(text))
+        else:
+            rules = _LEXER
+        for rule in rules:
             match = rule.full.match(text, pos)
             if match is not None and match.end() > best_end:
                 best, best_end = rule, match.end()
