@@ -81,7 +81,7 @@ def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict]
              clip: Optional[tuple] = None, clip_model: str = "ViT-B-32", clip_pretrained: Optional[str] = "openai",
              batch_size: int = 64, device: str = "cpu", java_tokenizer: bool = False,
              num_workers: int = 0) -> dict:
-    """{"CIDEr", "CLIPScore", "per_image": {key: {"caption", "CIDEr", "CLIPScore"}}} for predictions (a dict or a
+    """{"CIDEr", "CLIPScore", "per_image": {key: {"caption", "cider", "clipscore"}}} for predictions (a dict or a
     JSON path). `clip` = (model, preprocess, tokenizer) reuses a loaded CLIP; otherwise clip_model/clip_pretrained
     are loaded through clip_utils. Everything is checked before any model runs."""
     import metrics
@@ -106,7 +106,7 @@ def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict]
     model, preprocess, tokenizer = clip
     clip_mean, clip_scores = metrics.clip_score(paths, [predictions[k] for k in keys], model, preprocess, tokenizer,
                                                 batch_size=batch_size, device=device, num_workers=num_workers)
-    per_image = OrderedDict((k, {"caption": predictions[k], "CIDEr": cider_per_image[k], "CLIPScore": s})
+    per_image = OrderedDict((k, {"caption": predictions[k], "cider": cider_per_image[k], "clipscore": s})
                             for k, s in zip(keys, clip_scores))
     return {"CIDEr": cider, "CLIPScore": clip_mean, "per_image": per_image}
 
@@ -132,7 +132,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     other.add_argument("--java-tokenizer", action="store_true",
                        help="tokenise with pycocoevalcap's Java PTBTokenizer (needs java) instead of the equal Python one")
     other.add_argument("--per-image", metavar="OUT.json",
-                       help="also write each image's caption, CIDEr and CLIPScore (P3 picks the best and worst)")
+                       help="also write {image: {caption, cider, clipscore}} (p3_visualize.py --from-scores picks "
+                            "the best and worst)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
@@ -152,9 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = evaluate(args.pred_file, args.annotation_file, args.images_root, clip_model=args.clip_model,
                       clip_pretrained=pretrained, batch_size=args.batch_size, device=device,
                       java_tokenizer=args.java_tokenizer, num_workers=args.num_workers)
-    if args.per_image:
-        write_json(args.per_image, {"CIDEr": result["CIDEr"], "CLIPScore": result["CLIPScore"],
-                                    "per_image": result["per_image"]})
+    if args.per_image:  # {key: {"caption", "cider", "clipscore"}}: what p3_visualize.py --from-scores reads
+        write_json(args.per_image, result["per_image"])
     print("CIDEr: %s | CLIPScore: %s" % (result["CIDEr"], result["CLIPScore"]))
     sys.stdout.flush()
     return 0

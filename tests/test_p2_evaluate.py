@@ -79,10 +79,12 @@ def test_cli_end_to_end_with_tiny_clip(world, tmp_path):
     assert float(cider_text) == pytest.approx(cider, abs=1e-12)
     assert float(clip_text) == pytest.approx(clip_mean, abs=1e-5)
     saved = json.loads(per_image.read_text())
-    assert list(saved["per_image"]) == list(PREDICTIONS)
-    for (key, entry), c, s in zip(saved["per_image"].items(), clip_each, cider_each.values()):
+    assert list(saved) == list(PREDICTIONS)
+    for (key, entry), c, s in zip(saved.items(), clip_each, cider_each.values()):
         assert entry["caption"] == PREDICTIONS[key]
-        assert entry["CLIPScore"] == pytest.approx(c, abs=1e-5) and entry["CIDEr"] == pytest.approx(s, abs=1e-12)
+        assert entry["clipscore"] == pytest.approx(c, abs=1e-5) and entry["cider"] == pytest.approx(s, abs=1e-12)
+    assert cider == pytest.approx(sum(e["cider"] for e in saved.values()) / len(saved), abs=1e-12)
+    assert clip_mean == pytest.approx(sum(e["clipscore"] for e in saved.values()) / len(saved), abs=1e-6)
 
 
 def test_evaluate_reuses_a_loaded_clip(world):
