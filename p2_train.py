@@ -239,13 +239,16 @@ def _unmerged_lora(decoder) -> None:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def build_data(args, captioner, world: Dist):
-    from tokenizer import BPETokenizer
-
+def load_splits(args):
+    """The training and validation caption sets, checked before any model is built."""
     train = p2_data.load_captions(args.train_json, args.train_images, clean=not args.raw_captions)
     val = p2_data.load_captions(args.val_json, args.val_images, clean=not args.raw_captions)
-    if args.val_max_images:
-        val = val.subset(args.val_max_images)
+    return train, val.subset(args.val_max_images) if args.val_max_images else val
+
+
+def build_data(args, train, val, captioner, world: Dist):
+    from tokenizer import BPETokenizer
+
     tokenizer = BPETokenizer()
     block = captioner.decoder.cfg.block_size - captioner.decoder.cfg.prompt_len
     max_tokens = min(args.max_caption_tokens, block - 2)
@@ -270,7 +273,7 @@ def build_data(args, captioner, world: Dist):
     val_loader = DataLoader(val_visuals, batch_size=args.val_batch_size, num_workers=args.workers,
                             collate_fn=p2_data.collate_images)
     val_tokens = p2_data.tokenize_captions(val.captions, tokenizer, max_tokens)
-    return loader, sampler, val, val_loader, val_tokens
+    return loader, sampler, val_loader, val_tokens
 
 
 def image_tokens(captioner, visuals: torch.Tensor, device) -> torch.Tensor:
@@ -296,7 +299,11 @@ def load_clip(args, device):
     import clip_utils
 
     pretrained = None if (args.clip_pretrained or "none").lower() == "none" else args.clip_pretrained
-    return clip_utils.load_clip(args.clip_model, pretrained, str(device))
+    try:
+        return clip_utils.load_clip(args.clip_model, pretrained, str(device))
+    except UserError as err:
+        raise UserError("CLIPScore: %s (here: --clip-pretrained PATH, or --no-clipscore to validate with CIDEr only)"
+                        % err) from None
 
 
 @torch.no_grad()
@@ -453,6 +460,7 @@ def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
     if not args.resume and os.path.isfile(state_path):
         raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
                         "another --out" % args.out)
+    train, val = load_splits(args)
     torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -461,7 +469,7 @@ def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
     summary = check_budget(captioner.decoder)
     captioner.to(world.device)
     clip = load_clip(args, world.device) if world.main else None
-    loader, sampler, val, val_loader, val_tokens = build_data(args, captioner, world)
+    loader, sampler, val_loader, val_tokens = build_data(args, train, val, captioner, world)
 
     amp = world.device.type == "cuda" and not args.no_amp
     model = captioner.decoder

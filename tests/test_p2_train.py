@@ -242,6 +242,15 @@ def test_augment_and_cache_are_exclusive(world, tmp_path):
         p2_train.parse_args(cli(world, tmp_path, "--augment", "--feature-cache", str(tmp_path)))
 
 
+def test_augmented_training_runs_and_crops_mildly(world, tmp_path):
+    image = _image("grid.png").resize((64, 48))
+    torch.manual_seed(0)
+    crops = [p2_data.light_augmentation()(image) for _ in range(20)]
+    assert all(c.size[0] * c.size[1] >= 0.8 * 64 * 48 - 64 for c in crops)
+    assert len({c.tobytes() for c in crops}) > 1
+    assert p2_train.main(cli(world, tmp_path / "run", "--peft", "none", "--epochs", "1", "--augment")) == 0
+
+
 # ----------------------------------------------------------------------------------------------- DDP
 
 def _free_port() -> int:
