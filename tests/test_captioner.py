@@ -347,3 +347,22 @@ def test_encoder_width_mismatch_is_refused(world):
     decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=48))
     with pytest.raises(UserError, match="48"):
         Captioner(world["model"].encoder, decoder)
+
+
+def test_timm_loads_an_open_clip_checkpoint_file_like_open_clip(tmp_path):
+    """The real loading path offline: an open_clip CLIP checkpoint file read by timm (NAME@FILE) gives the same tokens
+    as the open_clip visual tower read from the same file."""
+    config = os.path.join(os.path.dirname(HERE), "miniworld", "models", "tiny_clip.json")
+    if not os.path.isfile(config):
+        pytest.skip("miniworld tiny CLIP config not present")
+    import clip_utils
+
+    clip, _, _ = clip_utils.load_clip(config, None)
+    weights = str(tmp_path / "open_clip_pytorch_model.bin")
+    torch.save(clip.state_dict(), weights)
+    by_open_clip = ImageEncoder("open_clip:%s@%s" % (config, weights))
+    by_timm = ImageEncoder("timm:vit_base_patch16_clip_224@%s?img_size=96&embed_dim=128&depth=4&num_heads=2" % weights)
+    assert (by_timm.width, by_timm.grid_size) == (by_open_clip.width, by_open_clip.grid_size)
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(by_timm(images), by_open_clip(images), atol=1e-4)
