@@ -37,6 +37,11 @@ SELECT_METRICS = {"cider": 1, "clipscore": 1, "val_loss": -1}  # +1: higher is b
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     from captioner import DECODE_DEFAULTS, DEFAULT_ENCODER
+    from decoder import Config, peft_config
+
+    def preset(method: str, field: str) -> str:
+        value = peft_config(method).get(field, getattr(Config(), field))
+        return ",".join(value) if isinstance(value, tuple) else str(value)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
@@ -56,16 +61,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (see captioner.py), default %(default)s")
     g.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (frozen GPT-2)")
     g.add_argument("--peft", choices=PEFT_METHODS, default="lora", help="PEFT method (none = cross-attention only)")
-    g.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (preset 64)")
-    g.add_argument("--adapter-places", help="comma list of self,cross,mlp (preset all three)")
-    g.add_argument("--prefix-len", type=int, help="prefix tuning: prefix length (preset 10)")
+    g.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (preset %s)" % preset("adapter", "adapter_dim"))
+    g.add_argument("--adapter-places", help="comma list of self,cross,mlp (preset %s)" % preset("adapter", "adapter_places"))
+    g.add_argument("--prefix-len", type=int, help="prefix tuning: prefix length (preset %s)" % preset("prefix", "prefix_len"))
     g.add_argument("--prefix-hidden", type=int, help="prefix tuning: reparameterisation MLP width, 0 = none "
-                   "(preset 128)")
-    g.add_argument("--prompt-len", type=int, help="prompt tuning: number of learned input embeddings (preset 10)")
-    g.add_argument("--lora-rank", type=int, help="LoRA rank (preset 16)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (preset 32)")
-    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (preset 0.05)")
-    g.add_argument("--lora-targets", help="comma list of attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (preset all)")
+                   "(preset %s)" % preset("prefix", "prefix_hidden"))
+    g.add_argument("--prompt-len", type=int, help="prompt tuning: number of learned input embeddings (preset %s)" % preset("prompt", "prompt_len"))
+    g.add_argument("--lora-rank", type=int, help="LoRA rank (preset %s)" % preset("lora", "lora_rank"))
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (preset %s)" % preset("lora", "lora_alpha"))
+    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (preset %s)" % preset("lora", "lora_dropout"))
+    g.add_argument("--lora-targets", help="comma list of attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (preset %s)" % preset("lora", "lora_targets"))
     g.add_argument("--cross-attn-layers", help="comma list of decoder blocks with cross-attention (default every)")
     g.add_argument("--image-proj", choices=("linear", "mlp"), default="linear", help="image token projection")
     g.add_argument("--no-cross-attn-gate", action="store_true", help="no tanh gate (at 0) on cross-attention")
