@@ -18,6 +18,7 @@ from decoder import Config
 from test_captioner import TINY_ENCODER, randomize_trainable, save_course_format, tiny_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.filterwarnings("ignore:skipping 1 non-image file")  # the fixture's notes.txt
 SETTINGS = dict(method="beam", beam_size=3, max_len=16, length_penalty=1.0, no_repeat_ngram=2)
 
 
