@@ -197,6 +197,11 @@ def _encoder_identity(encoder) -> dict:
     if weights and os.path.isfile(weights):
         info = os.stat(weights)
         stat = [os.path.abspath(weights), info.st_size, int(info.st_mtime)]
+    elif weights and weights.lower() == "none":  # random weights: the spec alone may not pin them down
+        digest = hashlib.sha1()
+        for tensor in encoder.state_dict().values():
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        stat = ["random", digest.hexdigest()]
     return dict(spec=encoder.spec, weights_file=stat, transform=repr(encoder.transform), width=int(encoder.width))
 
 

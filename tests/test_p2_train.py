@@ -225,6 +225,9 @@ def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monk
     monkeypatch.setattr(ImageEncoder, "forward", lambda *a: pytest.fail("the cache was not reused"))
     assert p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps) == path
     assert p2_data.cached_features(str(tmp_path), "val", encoder, caps.subset(2)) is None  # other image list
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)  # other (random) weights under the same spec
+    assert p2_data.cached_features(str(tmp_path), "val", encoder, caps) is None
 
 
 def test_training_from_the_cache_matches_images(world, tmp_path):
