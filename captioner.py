@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write, write_json
+from common import UserError, atomic_write, hub_offline, write_json
 
 END_TOKEN = 50256
 # CLIP ViT-H/14 trained on DFN-5B: the strongest CLIP image tower timm 0.9.10 knows below ViT-bigG (83.4% ImageNet
@@ -30,17 +29,8 @@ DOWNLOAD_HINT = ("run `bash hw3_download.sh` (online) first, or point the encode
                  "(p2_inference.py --encoder timm:NAME@/path/to/weights)")
 RANDOM_INIT_SEED = 0  # `@none` encoders are seeded, so a saved spec rebuilds the same random weights
 CHECKPOINT_FORMAT = "hw3-captioner/1"
+T = TypeVar("T")
 DECODE_DEFAULTS = dict(method="beam", beam_size=3, max_len=30, length_penalty=1.0, no_repeat_ngram=3)
-
-
-def hub_offline(offline: Optional[bool] = None) -> bool:
-    """Whether hub downloads are off (HF_HUB_OFFLINE); `offline` sets it, also in an already imported hub."""
-    if offline is not None:
-        os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
-        constants = sys.modules.get("huggingface_hub.constants")
-        if constants is not None and hasattr(constants, "HF_HUB_OFFLINE"):
-            constants.HF_HUB_OFFLINE = offline
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 # ----------------------------------------------------------------------------------------------- encoder specs
@@ -73,7 +63,8 @@ def parse_encoder_spec(spec: str) -> Tuple[str, str, Optional[str], Dict[str, ob
     return backend, name, weights or None, kwargs
 
 
-def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+def _seeded(build: Callable[[], T]) -> T:
+    """Runs build() under the fixed seed of random-weight encoders, leaving the caller's random state alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return build()
@@ -197,7 +188,10 @@ class ImageEncoder(nn.Module):
         import clip_utils
 
         hub_offline(offline)
-        clip, self.transform, _ = clip_utils.load_clip(name, None if weights == "none" else weights)
+        if weights == "none":  # seeded like timm's @none, so a saved spec rebuilds the same random tower
+            clip, self.transform, _ = _seeded(lambda: clip_utils.load_clip(name, None))
+        else:
+            clip, self.transform, _ = clip_utils.load_clip(name, weights)
         visual = clip.visual
         if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "transformer"):
             raise UserError("open_clip encoder %s: only plain ViT visual towers (no attention pooling, no timm trunk) "

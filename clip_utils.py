@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from typing import Callable, List, Optional, Tuple
 
-from common import UserError, read_json
+from common import UserError, hub_offline, read_json
 
 DOWNLOAD_HINT = "run `bash hw3_download.sh` (online) or pass --pretrained PATH to a local checkpoint file"
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
 
-def _force_hub_offline(offline: bool) -> None:
-    """Hub loads must never wait on a network that is not there: set the flag before and after huggingface_hub loads."""
-    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None and hasattr(constants, "HF_HUB_OFFLINE"):
-        constants.HF_HUB_OFFLINE = offline
-
-
 def _open_clip(offline: bool = True):
-    _force_hub_offline(offline)
+    hub_offline(offline)
     import open_clip
 
     return open_clip

@@ -101,6 +101,17 @@ def read_json(path: str, what: str = "JSON file"):
         raise UserError("%s is not valid JSON: %s (%s)" % (what, path, err)) from None
 
 
+def hub_offline(offline: Optional[bool] = None) -> bool:
+    """Whether model-hub downloads are off (HF_HUB_OFFLINE); `offline` sets it, also in an already imported hub, so a
+    missing weight file fails at once instead of waiting on a network that is not there."""
+    if offline is not None:
+        os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None and hasattr(constants, "HF_HUB_OFFLINE"):
+            constants.HF_HUB_OFFLINE = offline
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def progress(iterable=None, **kwargs):
     """The project's progress bar: tqdm on stderr, so stdout keeps only results."""
     from tqdm.auto import tqdm

@@ -366,3 +366,19 @@ def test_timm_loads_an_open_clip_checkpoint_file_like_open_clip(tmp_path):
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(by_timm(images), by_open_clip(images), atol=1e-4)
+
+
+def test_random_open_clip_encoder_rebuilds_the_same_weights(tmp_path):
+    """`open_clip:CONFIG@none` is seeded like `timm:...@none`: a saved spec rebuilds the same random tower."""
+    config = tmp_path / "tiny_clip.json"
+    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64,
+                                                                  "patch_size": 8},
+                                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                                               "layers": 1}}))
+    spec = "open_clip:%s@none" % config
+    torch.manual_seed(123)
+    first = captioner.ImageEncoder(spec)
+    torch.manual_seed(456)
+    second = captioner.ImageEncoder(spec)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
