@@ -240,19 +240,6 @@ def resolve_images(args) -> List[Tuple[str, Optional[float]]]:
     return out
 
 
-def generation_settings(meta: dict, args) -> dict:
-    """The decoding p2_inference.py uses for this checkpoint, with command-line overrides."""
-    from captioner import DECODE_DEFAULTS
-
-    settings = dict(DECODE_DEFAULTS)
-    settings.update(meta.get("generation", {}) or {})
-    for key in ("method", "beam_size", "max_len"):
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
-    return {k: settings[k] for k in DECODE_DEFAULTS}
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("inputs and outputs")
@@ -272,6 +259,8 @@ def parse_args(argv=None):
     dec.add_argument("--method", choices=("beam", "greedy"))
     dec.add_argument("--beam-size", type=int)
     dec.add_argument("--max-len", type=int)
+    dec.add_argument("--length-penalty", type=float)
+    dec.add_argument("--no-repeat-ngram", type=int)
     dec.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return parser.parse_args(argv)
 
@@ -279,12 +268,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from captioner import load_captioner
+    from p2_inference import decode_settings
     from tokenizer import BPETokenizer
 
     images = resolve_images(args)
     objects = read_json(args.objects, "--objects file") if args.objects else None
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=args.device)
-    settings = generation_settings(meta, args)
+    settings = decode_settings(args, meta)  # the same decoding as p2_inference.py
     encoder, tokenizer = captioner.encoder, BPETokenizer()
     entries, hits, trials = [], 0, 0
     for path, score in progress(images, desc="attention maps", unit="image"):
