@@ -185,22 +185,33 @@ def coordinate_mapper(image_size: Tuple[int, int], transform):
     return shown.size, to_original
 
 
+def _singular(word: str) -> Tuple[str, ...]:
+    return (word, word[:-1], word[:-2]) if word.endswith("s") else (word,)
+
+
 def pointing_game(labels: Sequence[str], maps: torch.Tensor, objects: Sequence[dict], image_size: Tuple[int, int],
                   transform=None) -> Tuple[int, int]:
     """(hits, trials): for each shape word preceded by a colour word naming an object of the scene, does the attention
-    peak of that shape word fall inside the object's box (original image pixels)? objects: dicts with color, shape,
-    box [x0, y0, x1, y1]; maps: (L, h, w) over what `transform` shows of an image of `image_size`."""
+    peak of that shape word fall inside the object's box (original image pixels)? objects: dicts with color, shape and
+    a COCO bbox [x, y, width, height]; maps: (L, h, w) over what `transform` shows of an image of `image_size`."""
     shown_size, to_original = coordinate_mapper(image_size, transform)
     hits = trials = 0
     words = [label.lstrip("#").lower() for label in labels]
     for k in range(1, len(words)):
-        matches = [o for o in objects if o["shape"] == words[k] and o["color"] == words[k - 1]]
+        matches = [o for o in objects if o["shape"] in _singular(words[k]) and o["color"] == words[k - 1]]
         if not matches:
             continue
         x, y = to_original(*peak_position(maps[k], shown_size))
         trials += 1
-        hits += any(o["box"][0] <= x <= o["box"][2] and o["box"][1] <= y <= o["box"][3] for o in matches)
+        hits += any(o["bbox"][0] <= x <= o["bbox"][0] + o["bbox"][2] and o["bbox"][1] <= y <= o["bbox"][1] + o["bbox"][3]
+                    for o in matches)
     return hits, trials
+
+
+def scene_objects(objects: dict, stem: str) -> Optional[List[dict]]:
+    """The objects of one image from an --objects file: {stem: [objects]} or {stem: {"objects": [objects]}}."""
+    scene = objects.get(stem)
+    return scene.get("objects") if isinstance(scene, dict) else scene
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -254,7 +265,8 @@ def parse_args(argv=None):
     view = parser.add_argument_group("what to draw")
     view.add_argument("--layer", default="last", help="'last' block with cross-attention, 'mean' of them, or an index")
     view.add_argument("--heads", default="mean", help="'mean', 'max' or a head index")
-    view.add_argument("--objects", help="JSON {image stem: [{color, shape, box}]} for the pointing game")
+    view.add_argument("--objects", help="JSON {image stem: [{color, shape, bbox}]} (COCO boxes; the miniature world's "
+                      "objects files) for the pointing game")
     dec = parser.add_argument_group("decoding (default: the checkpoint's, as p2_inference.py)")
     dec.add_argument("--method", choices=("beam", "greedy"))
     dec.add_argument("--beam-size", type=int)
@@ -292,8 +304,9 @@ def main(argv=None) -> int:
         figure = stem + ".png"
         draw_figure(shown, labels, maps, title, os.path.join(args.out, figure))
         entry = dict(image=os.path.basename(path), caption=caption, figure=figure, score=score)
-        if objects is not None and stem in objects:
-            h, t = pointing_game(labels, maps, objects[stem], image.size, encoder.transform)
+        scene = scene_objects(objects, stem) if objects is not None else None
+        if scene is not None:
+            h, t = pointing_game(labels, maps, scene, image.size, encoder.transform)
             hits, trials = hits + h, trials + t
             entry["pointing"] = [h, t]
         entries.append(entry)

@@ -125,10 +125,11 @@ def test_pointing_game_maps_back_through_resize_and_crop():
     # original 64x48: resized to 43x32, the crop keeps x in [5.5, 37.5) of the resized image
     maps = torch.zeros(2, 4, 4)
     maps[1, 1, 3] = 1.0  # peak at shown (28, 12) -> original x = (28 + 5.5) * 48/32 ~ 50, y = 12 * 1.5 = 18
-    objects = [dict(color="red", shape="circle", box=[44, 10, 60, 26]),
-               dict(color="blue", shape="square", box=[0, 0, 10, 10])]
+    objects = [dict(color="red", shape="circle", bbox=[44, 10, 16, 16]),
+               dict(color="blue", shape="square", bbox=[0, 0, 10, 10])]
     assert p3.pointing_game(["red", "circle"], maps, objects, (64, 48), transform) == (1, 1)
-    objects[0]["box"] = [0, 0, 30, 30]
+    assert p3.pointing_game(["red", "circles"], maps, objects, (64, 48), transform) == (1, 1)
+    objects[0]["bbox"] = [0, 0, 30, 30]
     assert p3.pointing_game(["red", "circle"], maps, objects, (64, 48), transform) == (0, 1)
     assert p3.pointing_game(["green", "circle"], maps, objects, (64, 48), transform) == (0, 0)
 
