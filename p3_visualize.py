@@ -265,6 +265,8 @@ def parse_args(argv=None):
     view = parser.add_argument_group("what to draw")
     view.add_argument("--layer", default="last", help="'last' block with cross-attention, 'mean' of them, or an index")
     view.add_argument("--heads", default="mean", help="'mean', 'max' or a head index")
+    view.add_argument("--no-figures", action="store_true",
+                      help="only the captions, the pointing game and attention.json (no PNGs), e.g. for a whole split")
     view.add_argument("--objects", help="JSON {image stem: [{color, shape, bbox}]} (COCO boxes; the miniature world's "
                       "objects files) for the pointing game")
     dec = parser.add_argument_group("decoding (default: the checkpoint's, as p2_inference.py)")
@@ -273,8 +275,31 @@ def parse_args(argv=None):
     dec.add_argument("--max-len", type=int)
     dec.add_argument("--length-penalty", type=float)
     dec.add_argument("--no-repeat-ngram", type=int)
+    dec.add_argument("--batch-size", type=int, default=16, help="images decoded together")
     dec.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return parser.parse_args(argv)
+
+
+def visualise_one(args, encoder, tokenizer, path: str, score: Optional[float], image, ids: List[int], per_block,
+                  objects: Optional[dict]) -> Tuple[dict, Tuple[int, int]]:
+    """Draws one image's figure (unless --no-figures) and scores its pointing game; returns (entry, (hits, trials))."""
+    attention = reduce_attention(per_block, args.layer, args.heads)  # (L, N)
+    ended = attention.shape[0] == len(ids) + 1
+    maps = patch_maps(attention, encoder.num_prefix_tokens, encoder.grid_size)
+    labels = token_labels(ids, tokenizer, ended)
+    caption = tokenizer.decode(ids).strip()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    figure = None if args.no_figures else stem + ".png"
+    if figure:
+        title = caption if score is None else "%s\nCLIPScore %.4f" % (caption, score)
+        draw_figure(full_resolution_view(image, encoder.transform), labels, maps, title, os.path.join(args.out, figure))
+    entry = dict(image=os.path.basename(path), caption=caption, figure=figure, score=score)
+    scene = scene_objects(objects, stem) if objects is not None else None
+    if scene is None:
+        return entry, (0, 0)
+    hits, trials = pointing_game(labels, maps, scene, image.size, encoder.transform)
+    entry["pointing"] = [hits, trials]
+    return entry, (hits, trials)
 
 
 def main(argv=None) -> int:
@@ -289,28 +314,20 @@ def main(argv=None) -> int:
     settings = decode_settings(args, meta)  # the same decoding as p2_inference.py
     encoder, tokenizer = captioner.encoder, BPETokenizer()
     entries, hits, trials = [], 0, 0
-    for path, score in progress(images, desc="attention maps", unit="image"):
-        image = load_rgb(path)
-        pixels = encoder.transform(image).unsqueeze(0).to(args.device)
-        (ids,), (per_block,) = captioner.generate(pixels, return_attention=True, **settings)
-        attention = reduce_attention(per_block, args.layer, args.heads)  # (L, N)
-        ended = attention.shape[0] == len(ids) + 1
-        maps = patch_maps(attention, encoder.num_prefix_tokens, encoder.grid_size)
-        labels = token_labels(ids, tokenizer, ended)
-        caption = tokenizer.decode(ids).strip()
-        stem = os.path.splitext(os.path.basename(path))[0]
-        shown = full_resolution_view(image, encoder.transform)
-        title = caption if score is None else "%s\nCLIPScore %.4f" % (caption, score)
-        figure = stem + ".png"
-        draw_figure(shown, labels, maps, title, os.path.join(args.out, figure))
-        entry = dict(image=os.path.basename(path), caption=caption, figure=figure, score=score)
-        scene = scene_objects(objects, stem) if objects is not None else None
-        if scene is not None:
-            h, t = pointing_game(labels, maps, scene, image.size, encoder.transform)
+    bar = progress(total=len(images), desc="attention maps", unit="image")
+    for start in range(0, len(images), args.batch_size):
+        batch = images[start:start + args.batch_size]
+        pictures = [load_rgb(path) for path, _ in batch]
+        pixels = torch.stack([encoder.transform(p) for p in pictures]).to(args.device)
+        all_ids, all_attention = captioner.generate(pixels, return_attention=True, **settings)
+        for (path, score), image, ids, per_block in zip(batch, pictures, all_ids, all_attention):
+            entry, (h, t) = visualise_one(args, encoder, tokenizer, path, score, image, ids, per_block, objects)
             hits, trials = hits + h, trials + t
-            entry["pointing"] = [h, t]
-        entries.append(entry)
-    write_index(args.out, entries)
+            entries.append(entry)
+            bar.update(1)
+    bar.close()
+    if not args.no_figures:
+        write_index(args.out, entries)
     summary: Dict[str, object] = dict(figures=entries)
     if objects is not None:
         summary["pointing_game"] = hits / trials if trials else None
@@ -318,7 +335,8 @@ def main(argv=None) -> int:
         print("pointing game: %s (%d of %d shape words)" % (
             "n/a" if not trials else "%.3f" % (hits / trials), hits, trials))
     write_json(os.path.join(args.out, "attention.json"), summary)
-    print("%d figures in %s (index.md, index.html)" % (len(entries), args.out))
+    print("%d images in %s (%s)" % (len(entries), args.out,
+                                   "attention.json" if args.no_figures else "PNGs, index.md, index.html"))
     return 0
 
 
