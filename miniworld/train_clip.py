@@ -30,14 +30,15 @@ OUT = os.path.join(HERE, "models", "tiny_clip.pt")
 
 # Settings: the defaults are the committed model's.
 SEED = 0
-STEPS = 800
+STEPS = 1500
 BATCH = 64
-LR = 1e-3
+LR = 5e-4
 WARMUP = 100
 WEIGHT_DECAY = 0.05
 POOL_SCENES = 10000           # pre-rendered training scenes, re-captioned every time they are drawn
-SCENE_OBJECT_PROBS = (0.5, 0.25, 0.25)  # P(1, 2, 3 objects) in a training scene
+SCENE_OBJECT_PROBS = (0.6, 0.2, 0.2)  # P(1, 2, 3 objects) in a training scene
 PARTIAL_CAPTION_PROB = 0.3    # single-object captions naming only the colour or only the shape
+HARD_BATCH_PROB = 0.5         # batches of single objects in two colours (see batch_indices)
 EVAL_PER_CLASS = 10
 EVAL_EVERY = 200
 
@@ -72,18 +73,37 @@ def render_pool(seed: int, count: int, pairs: Sequence[Tuple[str, str]], single_
     return images, scenes
 
 
-def training_caption(rng: np.random.Generator, objects: List[dict]) -> str:
-    """One caption for a scene: a prompt-style or world-style full caption, or for one object sometimes a partial one."""
+def training_caption(rng: np.random.Generator, objects: List[dict]) -> Tuple[str, str, object]:
+    """One caption for a scene and what it pins down: ("full", frozenset of pairs), ("color", c) or ("shape", s).
+    Prompt-style or world-style full captions; for one object sometimes only its colour or only its shape."""
+    pairs = frozenset((o["color"], o["shape"]) for o in objects)
     if len(objects) == 1:
         obj = objects[0]
         roll = rng.random()
         if roll < PARTIAL_CAPTION_PROB / 2:
-            return str(rng.choice(COLOR_ONLY)).format(obj["color"])
+            return str(rng.choice(COLOR_ONLY)).format(obj["color"]), "color", obj["color"]
         if roll < PARTIAL_CAPTION_PROB:
-            return str(rng.choice(SHAPE_ONLY)).format(obj["shape"])
+            return str(rng.choice(SHAPE_ONLY)).format(obj["shape"]), "shape", obj["shape"]
         if roll < 0.75:
-            return str(rng.choice(PROMPTS)).format("%s %s" % (obj["color"], obj["shape"]))
-    return world.scene_captions(rng, objects, 1)[0]
+            return str(rng.choice(PROMPTS)).format("%s %s" % (obj["color"], obj["shape"])), "full", pairs
+    return world.scene_captions(rng, objects, 1)[0], "full", pairs
+
+
+def matches(kind: str, value: object, objects: List[dict]) -> bool:
+    """Whether a caption of this kind and value is true of a scene: in-batch duplicates are positives, not negatives."""
+    if kind == "full":
+        return value == frozenset((o["color"], o["shape"]) for o in objects)
+    return len(objects) == 1 and objects[0][kind] == value
+
+
+def batch_indices(rng: np.random.Generator, scenes: List[List[dict]], by_color: Dict[str, np.ndarray], batch: int):
+    """Half the batches hold single objects of only two colours, so that telling shapes apart is what lowers the loss
+    (in a random batch, colour alone separates most pairs and shape is learnt slowly)."""
+    if rng.random() < HARD_BATCH_PROB:
+        colors = rng.choice(list(by_color), size=2, replace=False)
+        pool = np.concatenate([by_color[c] for c in colors])
+        return rng.choice(pool, size=batch, replace=len(pool) < batch)
+    return rng.choice(len(scenes), size=batch, replace=False)
 
 
 def used_tokens(tokenizer, seed: int, pairs: Sequence[Tuple[str, str]]) -> torch.Tensor:
@@ -93,7 +113,7 @@ def used_tokens(tokenizer, seed: int, pairs: Sequence[Tuple[str, str]]) -> torch
              + list(world.SHAPES)]
     for _ in range(4000):
         n = int(rng.integers(1, 4))
-        texts.append(training_caption(rng, world.sample_objects(rng, n, pairs)))
+        texts.append(training_caption(rng, world.sample_objects(rng, n, pairs))[0])
     return torch.unique(tokenizer(texts))
 
 
@@ -147,6 +167,14 @@ def build_model(config: str, seed: int):
     return model, open_clip.get_tokenizer(name)
 
 
+def save(model, out: str) -> None:
+    """fp16 state dict that open_clip loads into its fp32 model; written at every evaluation, so a stopped run
+    leaves its latest model."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    with atomic_write(out, "wb") as f:
+        torch.save(state, f)
+
+
 def train(config: str, out: str, seed: int, steps: int, batch: int) -> Dict[str, float]:
     model, tokenizer = build_model(config, seed)
     pairs = [(c, s) for c in world.COLOR_NAMES for s in world.SHAPES if (c, s) not in world.HELDOUT]
@@ -155,6 +183,8 @@ def train(config: str, out: str, seed: int, steps: int, batch: int) -> Dict[str,
         keep[used_tokens(tokenizer, seed, pairs)] = True
         model.token_embedding.weight[~keep] = 0.0
     images, scenes = render_pool(seed, POOL_SCENES, pairs)
+    singles = np.asarray([i for i, objs in enumerate(scenes) if len(objs) == 1])
+    by_color = {c: singles[[scenes[i][0]["color"] == c for i in singles]] for c in world.COLOR_NAMES}
     eval_images, eval_labels = eval_set(seed, EVAL_PER_CLASS)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -167,12 +197,15 @@ def train(config: str, out: str, seed: int, steps: int, batch: int) -> Dict[str,
     bar = progress(range(steps), desc="tiny CLIP", unit="step")
     for step in bar:
         model.train()
-        idx = rng.choice(len(images), size=batch, replace=False)
-        texts = tokenizer([training_caption(rng, scenes[i]) for i in idx])
-        image_feats, text_feats, logit_scale = model(normalise(images[idx]), texts)[:3]
-        logits = logit_scale * image_feats @ text_feats.t()  # (B, B)
-        target = torch.arange(batch)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        idx = batch_indices(rng, scenes, by_color, batch)
+        captions = [training_caption(rng, scenes[i]) for i in idx]
+        image_feats, text_feats, logit_scale = model(normalise(images[idx]), tokenizer([c[0] for c in captions]))[:3]
+        logits = logit_scale * image_feats @ text_feats.t()  # (B images, B captions)
+        positive = torch.tensor([[matches(kind, value, scenes[i]) for _, kind, value in captions] for i in idx])
+        assert bool(positive.diagonal().all())
+        target = positive.float()  # several true captions per image (and images per caption) share the target mass
+        loss = (F.cross_entropy(logits, target / target.sum(1, keepdim=True))
+                + F.cross_entropy(logits.t(), target.t() / target.t().sum(1, keepdim=True))) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,10 +217,9 @@ def train(config: str, out: str, seed: int, steps: int, batch: int) -> Dict[str,
             scores = zero_shot(model, tokenizer, eval_images, eval_labels, ["a photo of a {}."])
             log.append(dict(step=step + 1, loss=round(loss.item(), 4), **{k: round(v, 4) for k, v in scores.items()}))
             print(log[-1], file=sys.stderr)
+            save(model, out)
     assert bool((model.token_embedding.weight[~keep] == 0).all()), "unused token rows left zero"
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    with atomic_write(out, "wb") as f:
-        torch.save(state, f)
+    save(model, out)
     final = dict(log[-1], ensemble=zero_shot(model, tokenizer, eval_images, eval_labels, PROMPTS))
     write_json(os.path.splitext(out)[0] + ".log.json", dict(seed=seed, steps=steps, batch=batch, log=log, final=final))
     return final

@@ -22,7 +22,7 @@ COLORS = {
 }
 COLOR_NAMES = tuple(COLORS)
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
-SIZE_RANGE = {"small": (0.20, 0.27), "large": (0.33, 0.42)}  # object side as a fraction of the image side
+SIZE_RANGE = {"small": (0.28, 0.36), "large": (0.44, 0.56)}  # object side as a fraction of the image side
 IMAGE_SIZE = 96
 BACKGROUND = 232  # light grey; objects are saturated or dark, so none vanishes into it
 NOISE_STD = 7.0
@@ -81,26 +81,29 @@ def object_alpha(obj: Obj, size: int) -> np.ndarray:
 
 def sample_objects(rng: np.random.Generator, n_objects: int, pairs: Sequence[Tuple[str, str]],
                    size: int = IMAGE_SIZE) -> List[Obj]:
-    """1-3 objects with distinct colour-shape pairs from `pairs`, placed so their boxes keep a gap between them."""
-    chosen = rng.choice(len(pairs), size=n_objects, replace=False)
-    objects: List[Obj] = []
-    for index in chosen:
-        color, shape = pairs[int(index)]
-        for attempt in range(200):
-            size_name = "small" if (n_objects == 3 and attempt > 50) else str(rng.choice(["small", "large"]))
-            low, high = SIZE_RANGE[size_name]
-            side = float(rng.uniform(low, high)) * size
-            margin = side / 2 + 2
-            cx, cy = (float(v) for v in rng.uniform(margin, size - margin, size=2))
-            if all(max(abs(cx - o["cx"]), abs(cy - o["cy"])) > (side + float(o["side"])) / 2 + 3 for o in objects):
+    """1-3 objects with distinct colour-shape pairs from `pairs`, placed so their boxes keep a gap between them
+    (three objects are all small so that they fit; a scene that does not fit is laid out again)."""
+    chosen = [pairs[int(i)] for i in rng.choice(len(pairs), size=n_objects, replace=False)]
+    for _ in range(100):
+        objects: List[Obj] = []
+        for color, shape in chosen:
+            for _ in range(50):
+                size_name = "small" if n_objects == 3 else str(rng.choice(["small", "large"]))
+                low, high = SIZE_RANGE[size_name]
+                side = float(rng.uniform(low, high)) * size
+                margin = side / 2 + 2
+                cx, cy = (float(v) for v in rng.uniform(margin, size - margin, size=2))
+                if all(max(abs(cx - o["cx"]), abs(cy - o["cy"])) > (side + float(o["side"])) / 2 + 3 for o in objects):
+                    break
+            else:
                 break
-        else:
-            raise RuntimeError("could not place %d objects without overlap" % n_objects)
-        angle = 0.0 if shape == "circle" else float(rng.uniform(-0.3, 0.3))
-        jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
-        rgb = [int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[color], jitter)]
-        objects.append(dict(color=color, shape=shape, size=size_name, cx=cx, cy=cy, side=side, angle=angle, rgb=rgb))
-    return objects
+            angle = 0.0 if shape == "circle" else float(rng.uniform(-0.3, 0.3))
+            jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
+            rgb = [int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[color], jitter)]
+            objects.append(dict(color=color, shape=shape, size=size_name, cx=cx, cy=cy, side=side, angle=angle, rgb=rgb))
+        if len(objects) == n_objects:
+            return objects
+    raise RuntimeError("could not place %d objects without overlap" % n_objects)
 
 
 def render(rng: np.random.Generator, objects: List[Obj], size: int = IMAGE_SIZE) -> Tuple[np.ndarray, List[np.ndarray]]:

@@ -218,3 +218,25 @@ def test_tiny_gpt2_loads_through_decoder_and_matches_transformers():
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
         loss_shuffled = torch.nn.functional.cross_entropy(decoder(shuffled)[0, :-1], shuffled[0, 1:])
     assert loss < 0.25 * np.log(cfg.vocab_size) and loss_shuffled > loss + 2.0  # uniform guessing: log(vocab)
+
+
+@pytest.mark.skipif(not os.path.isfile(CLIP_WEIGHTS), reason="tiny CLIP not built (bash miniworld/build_models.sh)")
+def test_tiny_clip_visual_tower_is_a_captioning_encoder(small_world):
+    """The P2 encoder path: the tiny CLIP's ViT through captioner.ImageEncoder gives CLS + patch-grid tokens, and
+    its CLS token projected is exactly what CLIP itself embeds for the image."""
+    captioner = pytest.importorskip("captioner")
+    import clip_utils
+
+    encoder = captioner.ImageEncoder("open_clip:%s@%s" % (CLIP_CONFIG, CLIP_WEIGHTS), offline=True)
+    config = read(CLIP_CONFIG)["vision_cfg"]
+    grid = config["image_size"] // config["patch_size"]
+    assert encoder.grid_size == (grid, grid) and encoder.width == config["width"]
+    folder = os.path.join(small_world, "p2", "images", "val")
+    images = torch.stack([encoder.transform(Image.open(os.path.join(folder, f)).convert("RGB"))
+                          for f in sorted(os.listdir(folder))[:4]])
+    clip = clip_utils.load_clip(CLIP_CONFIG, CLIP_WEIGHTS, "cpu")[0]
+    with torch.no_grad():
+        tokens = encoder(images)
+        assert tokens.shape == (4, 1 + grid * grid, config["width"])
+        embedded = tokens[:, 0] @ clip.visual.proj  # tokens come after ln_post
+        torch.testing.assert_close(embedded, clip.encode_image(images), atol=1e-4, rtol=1e-4)
