@@ -1,0 +1,101 @@
+"""Trains the miniature world's converged captioners, one per PEFT method, with p2_train.py itself, and installs
+them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2_inference.py).
+
+The encoder is the tiny CLIP's visual tower (loaded the way a real open_clip tower is), the decoder the tiny GPT-2 in
+the course's format; the methods train side by side, one thread each.
+
+    python3 miniworld/train_captioners.py [--epochs 2] [--methods adapter,prefix,lora]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from common import UserError, read_json, run_main, write_json  # noqa: E402
+
+MODELS = os.path.join("miniworld", "models")
+ENCODER = "open_clip:%s@%s" % (os.path.join(MODELS, "tiny_clip.json"), os.path.join(MODELS, "tiny_clip.pt"))
+METHOD_SETTINGS = {  # on top of p2_train.py's defaults and decoder.peft_config's presets
+    "adapter": ["--adapter-dim", "32"],
+    "prefix": ["--prefix-len", "10", "--prefix-hidden", "128"],
+    "lora": ["--lora-rank", "8", "--lora-alpha", "16"],
+}
+
+
+def command(method: str, world: str, out: str, cache: str, args) -> list:
+    p2 = os.path.join(world, "p2")
+    return [sys.executable, os.path.join(ROOT, "p2_train.py"),
+            "--train-json", os.path.join(p2, "train.json"), "--train-images", os.path.join(p2, "images", "train"),
+            "--val-json", os.path.join(p2, "val.json"), "--val-images", os.path.join(p2, "images", "val"),
+            "--val-max-images", str(args.val_images), "--encoder", ENCODER,
+            "--decoder-weights", os.path.join(MODELS, "decoder_model.bin"), "--peft", method,
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--warmup-steps", "50", "--feature-cache", cache, "--workers", "0", "--device", "cpu",
+            "--clip-model", os.path.join(MODELS, "tiny_clip.json"), "--clip-pretrained",
+            os.path.join(MODELS, "tiny_clip.pt"), "--val-decode", "greedy", "--val-max-len", "24",
+            "--seed", str(args.seed), "--out", out] + METHOD_SETTINGS[method]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="adapter,prefix,lora", help="comma list of PEFT methods")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs over every (image, caption) pair")
+    parser.add_argument("--batch-size", type=int, default=32, help="captions per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--val-images", type=int, default=100, help="validation images scored after each epoch")
+    parser.add_argument("--seed", type=int, default=0, help="world and training seed")
+    parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "captioners"), help="runs, world and cache")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHOD_SETTINGS]
+    if unknown:
+        raise UserError("--methods: unknown %s (choose from %s)" % (unknown, ", ".join(METHOD_SETTINGS)))
+    os.chdir(ROOT)  # the encoder spec saved in each checkpoint names the tiny CLIP relative to the repository
+    from miniworld import generate
+
+    world = os.path.join(args.work, "world")
+    if not os.path.isfile(os.path.join(world, generate.MARKER)):
+        generate.generate(world, args.seed, False)
+    cache = os.path.join(args.work, "cache")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # the feature cache is filled once, by the first run, before the others start
+    runs, started = {}, time.time()
+    for i, method in enumerate(methods):
+        out = os.path.join(args.work, method)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        log = open(os.path.join(args.work, method + ".log"), "w")
+        runs[method] = (subprocess.Popen(command(method, world, out, cache, args), env=env, stdout=log,
+                                         stderr=subprocess.STDOUT), log, out)
+        if i == 0:
+            while runs[method][0].poll() is None and not os.path.isfile(os.path.join(out, "log.jsonl")):
+                time.sleep(2)
+    failed = []
+    for method, (process, log, out) in runs.items():
+        if process.wait() != 0:
+            failed.append(method)
+        log.close()
+    if failed:
+        raise UserError("training failed for %s: see %s" % (", ".join(failed), ", ".join(
+            os.path.join(args.work, m + ".log") for m in failed)))
+    for method, (_, _, out) in runs.items():
+        meta = read_json(os.path.join(out, "best.json"))
+        meta["trained_with"] = "python3 miniworld/train_captioners.py --epochs %d --batch-size %d --lr %g --seed %d" % (
+            args.epochs, args.batch_size, args.lr, args.seed)
+        shutil.copyfile(os.path.join(out, "best.pt"), os.path.join(MODELS, "p2_%s.pt" % method))
+        write_json(os.path.join(MODELS, "p2_%s.json" % method), meta)
+        print("%s: %s -> %s" % (method, meta.get("metrics"), os.path.join(MODELS, "p2_%s.pt" % method)))
+    print("trained %s in %.0f s" % (", ".join(methods), time.time() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
