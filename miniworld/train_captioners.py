@@ -22,7 +22,9 @@ sys.path.insert(0, ROOT)
 from common import UserError, read_json, run_main, write_json  # noqa: E402
 
 MODELS = os.path.join("miniworld", "models")
-ENCODER = "open_clip:%s@%s" % (os.path.join(MODELS, "tiny_clip.json"), os.path.join(MODELS, "tiny_clip.pt"))
+# The captioners' frozen encoder: a snapshot of a tiny CLIP (config + weights), kept apart from P1's tiny_clip.* so
+# that retraining P1's CLIP never invalidates the trained captioners.
+ENCODER = "open_clip:%s@%s" % (os.path.join(MODELS, "caption_encoder.json"), os.path.join(MODELS, "caption_encoder.pt"))
 METHOD_SETTINGS = {  # on top of p2_train.py's defaults and decoder.peft_config's presets
     "adapter": ["--adapter-dim", "32"],
     "prefix": ["--prefix-len", "10", "--prefix-hidden", "128"],
