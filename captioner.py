@@ -503,6 +503,20 @@ def _check_tensors(checkpoint: str, state: Dict[str, torch.Tensor], expected: Di
             checkpoint, config_path(checkpoint), "; ".join(problems)))
 
 
+def repo_relative(spec: str) -> str:
+    """A saved spec's relative file paths (config, weights) that don't exist from the working folder are read from
+    the repository's root instead, so committed checkpoints load from anywhere."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    backend, sep, rest = spec.partition(":")
+    parts = []
+    for part in rest.split("@"):
+        path, query_sep, query = part.partition("?")
+        if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(root, path)):
+            path = os.path.join(root, path)
+        parts.append(path + query_sep + query)
+    return backend + sep + "@".join(parts)
+
+
 def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline: Optional[bool] = None,
                    encoder_spec: Optional[str] = None) -> Tuple[Captioner, dict]:
     """Rebuilds the trained captioner: encoder from the saved spec (or `encoder_spec`, e.g. a local weight file),
@@ -511,7 +525,8 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
 
     meta = read_checkpoint_config(checkpoint)
     state = _read_tensors(checkpoint)
-    check_encoder_weights(encoder_spec or meta["encoder"], offline)  # fail before the slow builds
+    encoder_spec = encoder_spec or repo_relative(meta["encoder"])
+    check_encoder_weights(encoder_spec, offline)  # fail before the slow builds
     try:
         cfg = Config.from_dict(dict(meta["decoder"], checkpoint=decoder_weights))
     except (TypeError, ValueError) as err:
@@ -524,7 +539,7 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
         raise UserError("%s: bad decoder config: %s" % (config_path(checkpoint), err)) from None
     _check_tensors(checkpoint, state, {k: v for k, v in decoder.named_parameters() if v.requires_grad})
     decoder.load_trainable_state_dict(state)
-    encoder = ImageEncoder(encoder_spec or meta["encoder"], offline=offline)
+    encoder = ImageEncoder(encoder_spec, offline=offline)
     captioner = Captioner(encoder, decoder).to(device).eval()
     return captioner, meta
 

@@ -352,10 +352,13 @@ def test_encoder_width_mismatch_is_refused(world):
 def test_timm_loads_an_open_clip_checkpoint_file_like_open_clip(tmp_path):
     """The real loading path offline: an open_clip CLIP checkpoint file read by timm (NAME@FILE) gives the same tokens
     as the open_clip visual tower read from the same file."""
-    config = os.path.join(os.path.dirname(HERE), "miniworld", "models", "tiny_clip.json")
-    if not os.path.isfile(config):
-        pytest.skip("miniworld tiny CLIP config not present")
     import clip_utils
+
+    config = str(tmp_path / "tiny_clip.json")
+    with open(config, "w") as f:
+        json.dump({"embed_dim": 64, "vision_cfg": {"image_size": 96, "layers": 4, "width": 128, "head_width": 64,
+                                                   "patch_size": 16},
+                   "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}, f)
 
     clip, _, _ = clip_utils.load_clip(config, None)
     weights = str(tmp_path / "open_clip_pytorch_model.bin")
@@ -382,3 +385,14 @@ def test_random_open_clip_encoder_rebuilds_the_same_weights(tmp_path):
     second = captioner.ImageEncoder(spec)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_saved_relative_paths_resolve_from_the_repository(tmp_path, monkeypatch):
+    root = os.path.dirname(os.path.abspath(captioner.__file__))
+    spec = "open_clip:miniworld/models/caption_encoder.json@miniworld/models/caption_encoder.pt"
+    monkeypatch.chdir(tmp_path)
+    assert captioner.repo_relative(spec) == "open_clip:%s@%s" % (
+        os.path.join(root, "miniworld/models/caption_encoder.json"), os.path.join(root, "miniworld/models/caption_encoder.pt"))
+    assert captioner.repo_relative("timm:vit_tiny_patch16_224@none?img_size=32") == "timm:vit_tiny_patch16_224@none?img_size=32"
+    (tmp_path / "here.pt").write_bytes(b"")
+    assert captioner.repo_relative("timm:vit_x@here.pt") == "timm:vit_x@here.pt"  # the working folder wins
