@@ -4,7 +4,7 @@ them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2
 The encoder is the tiny CLIP's visual tower (loaded the way a real open_clip tower is), the decoder the tiny GPT-2 in
 the course's format; the methods train side by side, one thread each.
 
-    python3 miniworld/train_captioners.py [--epochs 2] [--methods adapter,prefix,lora]
+    python3 miniworld/train_captioners.py [--epochs 1] [--methods adapter,prefix,lora]
 """
 from __future__ import annotations
 
@@ -43,15 +43,19 @@ def command(method: str, world: str, out: str, cache: str, args) -> list:
             "--warmup-steps", "50", "--feature-cache", cache, "--workers", "0", "--device", "cpu",
             "--clip-model", os.path.join(MODELS, "tiny_clip.json"), "--clip-pretrained",
             os.path.join(MODELS, "tiny_clip.pt"), "--val-decode", "greedy", "--val-max-len", "24",
-            "--seed", str(args.seed), "--out", out] + METHOD_SETTINGS[method]
+            "--seed", str(args.seed), "--out", out] + ([] if args.gate else ["--no-cross-attn-gate"]) \
+        + METHOD_SETTINGS[method]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="adapter,prefix,lora", help="comma list of PEFT methods")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs over every (image, caption) pair")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs over every (image, caption) pair")
     parser.add_argument("--batch-size", type=int, default=32, help="captions per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--gate", action="store_true",
+                        help="keep the tanh gate on cross-attention (default off: in a short CPU run the words are "
+                             "grounded in the image sooner when cross-attention contributes from the first step)")
     parser.add_argument("--val-images", type=int, default=100, help="validation images scored after each epoch")
     parser.add_argument("--seed", type=int, default=0, help="world and training seed")
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "captioners"), help="runs, world and cache")
