@@ -30,7 +30,7 @@ OUT = os.path.join(HERE, "models", "tiny_clip.pt")
 
 # Settings: the defaults are the committed model's.
 SEED = 0
-STEPS = 1500
+STEPS = 2600
 BATCH = 64
 LR = 5e-4
 WARMUP = 100
