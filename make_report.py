@@ -105,6 +105,31 @@ def fmt(value, digits: int = 4) -> str:
     return "-" if value is None else ("%.*f" % (digits, value) if isinstance(value, float) else str(value))
 
 
+def prompt_analysis(prompts: Sequence[dict]) -> str:
+    """What the prompt table shows, in words that follow the numbers rather than a fixed story."""
+    acc = {p["templates"]: p["accuracy"] for p in prompts}
+    photo, negated, noise = (acc.get(t.format("{}")) for t in P1_TEMPLATES)
+    parts = []
+    if photo is not None and negated is not None:
+        gap = 100 * (negated - photo)
+        parts.append("The negated prompt changes accuracy by %+.1f points against 'This is a photo of {}'%s." % (
+            gap, ": CLIP's text encoder, trained on captions that rarely negate, reads 'not a photo of X' mostly as "
+                 "'X'" if abs(gap) < 3 else ""))
+    if photo is not None and noise is not None:
+        parts.append("'No {}, no score.' %s (%+.1f points)%s." % (
+            "costs accuracy" if noise < photo else "does not cost accuracy", 100 * (noise - photo),
+            ": its extra words carry meaning of their own that pulls every class embedding the same way"
+            if noise < photo else ""))
+    ensemble = [p for p in prompts if p["templates"].startswith("ensemble")]
+    singles = [p["accuracy"] for p in prompts if not p["templates"].startswith("ensemble")]
+    if ensemble and singles:
+        wins = ensemble[0]["accuracy"] > max(singles)
+        parts.append("The template ensemble %s the best single report template (%s vs %s)%s." % (
+            "beats" if wins else "does not beat", fmt(ensemble[0]["accuracy"]), fmt(max(singles)),
+            ": averaging embeddings over templates cancels the quirks of any one wording" if wins else ""))
+    return " ".join(parts)
+
+
 def p1_section(report: Report, results: dict, folder: str):
     report.heading("Problem 1: zero-shot image classification with CLIP")
     report.heading("1. Why CLIP classifies well without fine-tuning", 11)
@@ -113,15 +138,7 @@ def p1_section(report: Report, results: dict, folder: str):
     prompts = results.get("p1_prompts") or []
     if prompts:
         report.table(["templates", "accuracy"], [[p["templates"], fmt(p["accuracy"])] for p in prompts])
-        best = max(prompts, key=lambda p: p["accuracy"])
-        worst = min(prompts, key=lambda p: p["accuracy"])
-        report.paragraph(
-            "The best prompt here is '%s' (%s) and the worst '%s' (%s). A template close to how images are captioned "
-            "('a photo of ...') matches CLIP's training text; a negation ('not a photo of') is mostly ignored by a "
-            "bag-of-concepts text embedding, so it still scores near the positive prompt; a prompt whose extra words "
-            "carry their own meaning ('no score') pulls every class embedding towards the same unrelated concept and "
-            "loses the most. Averaging many templates smooths out the quirks of any single one." % (
-                best["templates"], fmt(best["accuracy"]), worst["templates"], fmt(worst["accuracy"])))
+        report.paragraph(prompt_analysis(prompts))
     report.paragraph("Accuracy over all classes: %s (prompt ensemble), %s (single prompt). Held-out colour-shape "
                      "combinations never seen in training captions: %s among the held-out classes, %s among all "
                      "classes." % (fmt(results.get("p1_accuracy")), fmt(results.get("p1_single_prompt_accuracy")),
@@ -177,6 +194,28 @@ def p3_section(report: Report, results: dict, folder: str):
         "named, as they carry no visual content of their own." % fmt(pointing, 3))
 
 
+def report_files(results_dir: str) -> List[str]:
+    """Every file of a results folder that the report reads (relative paths), for a committed copy of the folder."""
+    results = read_json(os.path.join(results_dir, "results.json"), "results file")
+    files = ["results.json", "results.md"] + list((results.get("files") or {}).values())
+    for index in ("p3/attention.json", "p3/best_worst/attention.json"):
+        if os.path.isfile(os.path.join(results_dir, index)):
+            folder = os.path.dirname(index)
+            files += [index, os.path.join(folder, "index.md")]
+            files += [os.path.join(folder, e["figure"]) for e in read_json(os.path.join(results_dir, index))["figures"]
+                      if e.get("figure")]
+    return sorted(set(f for f in files if os.path.isfile(os.path.join(results_dir, f))))
+
+
+def copy_results(results_dir: str, dest: str) -> str:
+    import shutil
+
+    for name in report_files(results_dir):
+        os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+        shutil.copyfile(os.path.join(results_dir, name), os.path.join(dest, name))
+    return dest
+
+
 def build(results_dir: str, out: str) -> str:
     results = read_json(os.path.join(results_dir, "results.json"), "results file")
     if not isinstance(results, dict):
@@ -198,8 +237,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=os.path.join("outputs", "demo"), help="results folder (results.json ...)")
     parser.add_argument("--out", default="report.pdf", help="the PDF to write")
+    parser.add_argument("--copy-to", metavar="DIR",
+                        help="first copy the files the report reads into DIR (e.g. results/miniworld, to commit) "
+                             "and build from there")
     args = parser.parse_args(argv)
-    print("wrote %s" % build(args.results, args.out))
+    results = copy_results(args.results, args.copy_to) if args.copy_to else args.results
+    print("wrote %s" % build(results, args.out))
     return 0
 
 
