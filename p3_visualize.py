@@ -129,9 +129,9 @@ def draw_figure(image, labels: Sequence[str], maps: torch.Tensor, title: str, pa
                              extent=(0, width, height, 0))
         ax.set_title(labels[k - 1], fontsize=10)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0, 0.93, 0.96))
+    fig.tight_layout(rect=(0, 0, 0.91, 0.96))
     if mappable is not None:
-        bar_axis = fig.add_axes((0.945, 0.1, 0.012, 0.78))
+        bar_axis = fig.add_axes((0.92, 0.1, 0.012, 0.78))
         fig.colorbar(mappable, cax=bar_axis).set_label("attention probability", fontsize=8)
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

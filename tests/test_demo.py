@@ -1,0 +1,47 @@
+"""The reduced demo (a small world) end to end with the committed miniature models: every stage runs through the
+real scripts and the results file holds every figure the demo promises."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from miniworld import demo
+
+KEYS = ("p1_accuracy", "p1_heldout_accuracy", "p1_heldout_accuracy_all_classes", "p1_single_prompt_accuracy",
+        "pointing_game")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert demo.main(["--small", "--out", str(out)]) == 0
+    with open(os.path.join(str(out), "results.json"), encoding="utf-8") as f:
+        return str(out), json.load(f)
+
+
+def test_results_hold_every_promised_figure(results):
+    out, r = results
+    for key in KEYS:
+        assert 0.0 <= r[key] <= 1.0, key
+    assert set(r["p2"]) == set(demo.METHODS)
+    for method, scores in r["p2"].items():
+        assert scores["cider"] >= 0 and 0 <= scores["clipscore"] <= 2.5 and 0 <= scores["object_f1"] <= 1
+        assert 0 < scores["trainable_params"] < 35_000_000
+    for name in ("results.md", "report.pdf", "p1/pred.csv", "p1/pred.top5.png", "p2/loss_curves.png",
+                 "p3/index.md", "p3/best_worst/index.md"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+def test_short_training_runs_lower_the_loss(results):
+    _, r = results
+    for method, (first, last) in r["p2_short_run_loss"].items():
+        assert last < first, method
+
+
+def test_committed_models_are_good_on_the_small_world(results):
+    """The small world is a few dozen images, so the bars here are looser than the full demo's."""
+    _, r = results
+    assert r["p1_accuracy"] >= 0.8
+    assert max(s["object_f1"] for s in r["p2"].values()) >= 0.8
