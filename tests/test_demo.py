@@ -40,8 +40,8 @@ def test_short_training_runs_lower_the_loss(results):
         assert last < first, method
 
 
-def test_committed_models_are_good_on_the_small_world(results):
-    """The small world is a few dozen images, so the bars here are looser than the full demo's."""
+def test_committed_models_work_on_the_small_world(results):
+    """The small world is a few dozen images, so the bars here are looser than the full demo's (see README)."""
     _, r = results
-    assert r["p1_accuracy"] >= 0.8
-    assert max(s["object_f1"] for s in r["p2"].values()) >= 0.8
+    assert r["p1_accuracy"] >= 0.8 and r["p1_heldout_accuracy"] >= 0.8
+    assert max(s["cider"] for s in r["p2"].values()) >= 0.5
