@@ -94,8 +94,9 @@ def main(argv=None) -> int:
             os.path.join(args.work, m + ".log") for m in failed)))
     for method, (_, _, out) in runs.items():
         meta = read_json(os.path.join(out, "best.json"))
-        meta["trained_with"] = "python3 miniworld/train_captioners.py --epochs %d --batch-size %d --lr %g --seed %d" % (
-            args.epochs, args.batch_size, args.lr, args.seed)
+        meta["trained_with"] = ("python3 miniworld/train_captioners.py --methods %s --epochs %d --batch-size %d --lr %g "
+                                "--seed %d%s" % (method, args.epochs, args.batch_size, args.lr, args.seed,
+                                                 " --gate" if args.gate else ""))
         shutil.copyfile(os.path.join(out, "best.pt"), os.path.join(MODELS, "p2_%s.pt" % method))
         write_json(os.path.join(MODELS, "p2_%s.json" % method), meta)
         print("%s: %s -> %s" % (method, meta.get("metrics"), os.path.join(MODELS, "p2_%s.pt" % method)))
