@@ -411,9 +411,11 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, image_tokens: Optional[torch.Tensor] = None,
                 memory: Optional[ImageMemory] = None, cache: Optional[KVCache] = None,
-                return_attention: bool = False):
+                return_attention: bool = False, positions: Optional[torch.Tensor] = None):
         """tokens (B, T) -> logits (B, T, vocab); with a cache, `tokens` are only the new ones.
-        return_attention=True also returns each block's cross-attention probabilities (B, H, T, N) or None."""
+        return_attention=True also returns each block's cross-attention probabilities (B, H, T, N) or None.
+        positions: a boolean (B, T) mask; logits (M, vocab) only where it is True (training skips the vocabulary
+        projection, the largest matrix product of a small decoder, on padding)."""
         if memory is None and image_tokens is not None:
             memory = self.image_memory(image_tokens)
         past = cache.length if cache is not None else 0
@@ -438,7 +440,10 @@ class Decoder(nn.Module):
             attentions.append(probs[:, :, n_prompt:] if probs is not None else None)
         if cache is not None:
             cache.length = end
-        logits = self.lm_head(self.transformer.ln_f(x[:, n_prompt:]))  # (B, T, vocab)
+        x = x[:, n_prompt:]
+        if positions is not None:
+            x = x[positions]  # (M, C)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab) or (M, vocab)
         return (logits, attentions) if return_attention else logits
 
     # ------------------------------------------------------------------------------------------- checkpoints

@@ -290,7 +290,10 @@ def image_tokens(captioner, visuals: torch.Tensor, device) -> torch.Tensor:
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the target positions (padding is -100)."""
+    """Mean cross-entropy over the target positions (padding is -100). logits (B, T, vocab) with targets (B, T), or
+    logits (M, vocab) already taken at the M target positions (decoder(..., positions=targets != -100))."""
+    if logits.dim() == 2:
+        targets = targets[targets != p2_data.IGNORE_INDEX]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=p2_data.IGNORE_INDEX, label_smoothing=label_smoothing)
 
@@ -328,9 +331,11 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
             rows = [(r, caption) for r, i in enumerate(index.tolist()) for caption in val_tokens[i]]
             inputs, targets = p2_data.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
-            logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat))
+            targets = targets.to(device)
+            logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat),
+                             positions=targets != p2_data.IGNORE_INDEX)
         n = int((targets != p2_data.IGNORE_INDEX).sum())
-        loss_sum += float(caption_loss(logits, targets.to(device))) * n
+        loss_sum += float(caption_loss(logits, targets)) * n
         count += n
         for i, caption in zip(index.tolist(), decode_captions(ids)):
             predictions[keys[i]] = caption
@@ -425,8 +430,10 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
         with sync:
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                 tokens = image_tokens(captioner, visuals, world.device)
-                logits = model(inputs.to(world.device), image_tokens=tokens)
-                loss = caption_loss(logits, targets.to(world.device), args.label_smoothing)
+                targets = targets.to(world.device)
+                logits = model(inputs.to(world.device), image_tokens=tokens,
+                               positions=targets != p2_data.IGNORE_INDEX)  # (M, vocab): no logits on padding
+                loss = caption_loss(logits, targets, args.label_smoothing)
             scaler.scale(loss / group_size).backward()
         running += float(loss.detach())
         seen += 1

@@ -167,6 +167,25 @@ def test_cached_decoding_equals_recomputation(tiny, extra):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
 
 
+def test_logits_at_positions_equal_full_logits(tiny):
+    """positions= (training's padding skip) returns exactly the full logits' rows at the chosen positions, prompt
+    tuning included, and the loss on them equals the loss that ignores padding."""
+    import p2_train
+
+    decoder = busy_decoder(tiny[1])
+    x, feats = tokens(length=9), image_tokens()
+    targets = x.clone()
+    targets[0, 6:] = -100
+    targets[1, 2:4] = -100
+    mask = targets != -100
+    with torch.no_grad():
+        full = decoder(x, image_tokens=feats)
+        some = decoder(x, image_tokens=feats, positions=mask)
+    assert some.shape == (int(mask.sum()), full.shape[-1])
+    assert (some - full[mask]).abs().max().item() < 1e-5
+    assert abs(float(p2_train.caption_loss(some, targets)) - float(p2_train.caption_loss(full, targets))) < 1e-5
+
+
 def test_cache_reorders_for_beams(tiny):
     decoder = busy_decoder(tiny[1])
     x, feats = tokens(length=6), image_tokens()
