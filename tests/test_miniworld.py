@@ -240,3 +240,82 @@ def test_tiny_clip_visual_tower_is_a_captioning_encoder(small_world):
         assert tokens.shape == (4, 1 + grid * grid, config["width"])
         embedded = tokens[:, 0] @ clip.visual.proj  # tokens come after ln_post
         torch.testing.assert_close(embedded, clip.encode_image(images), atol=1e-4, rtol=1e-4)
+
+
+VIT_WEIGHTS = os.path.join(ROOT, "miniworld", "models", "caption_vit.pt")
+
+
+def test_patch_targets_follow_the_masks():
+    """Dense targets of the captioning encoder: a patch inside an object carries its colour, shape, size and region;
+    a patch far from every object is background (0); and the labels agree with the object's own mask."""
+    from miniworld import train_vit
+
+    image, objects, alphas = train_vit.scene(0, 3)
+    grid = train_vit.ARCH["img_size"] // train_vit.ARCH["patch_size"]
+    targets = train_vit.patch_targets(objects, alphas, grid)
+    cell = world.IMAGE_SIZE // grid
+    assert set(targets) == {"color", "shape", "size", "region"}
+    for obj in objects:
+        row, col = int(obj["cy"] // cell), int(obj["cx"] // cell)
+        k = row * grid + col  # the patch holding the object's centre
+        assert targets["color"][k] == world.COLOR_NAMES.index(obj["color"]) + 1
+        assert targets["shape"][k] == world.SHAPES.index(obj["shape"]) + 1
+        assert targets["size"][k] == ("small", "large").index(obj["size"]) + 1
+        assert 1 <= targets["region"][k] <= 9
+    covered = np.stack(alphas).max(0)[:grid * cell, :grid * cell].reshape(grid, cell, grid, cell).mean((1, 3))
+    assert np.array_equal(targets["shape"] > 0, covered.reshape(-1) >= train_vit.MIN_COVERAGE)
+
+
+@pytest.mark.skipif(not os.path.isfile(CLIP_WEIGHTS), reason="tiny CLIP not built (bash miniworld/build_models.sh)")
+def test_tiny_vit_starts_as_the_tiny_clip_tower_and_trains(tmp_path):
+    """train_vit's timm tower, converted by timm from the tiny CLIP, gives the same tokens as the open_clip tower; two
+    training steps write a file that the captioner's timm spec loads (fp16 weights, same architecture)."""
+    captioner = pytest.importorskip("captioner")
+    from miniworld import train_vit
+
+    clip_tower = captioner.ImageEncoder("open_clip:%s@%s" % (CLIP_CONFIG, CLIP_WEIGHTS), offline=True)
+    vit = train_vit.initial_model(CLIP_WEIGHTS).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(x), clip_tower(x), atol=1e-4, rtol=1e-4)
+    out = str(tmp_path / "vit.pt")
+    final = train_vit.train(out, seed=0, steps=2, batch_size=4, init=CLIP_WEIGHTS)
+    assert final["step"] == 2 and os.path.isfile(out) and os.path.isfile(str(tmp_path / "vit.log.json"))
+    encoder = captioner.ImageEncoder(train_vit.spec(out), offline=True)
+    assert encoder.grid_size == (8, 8) and encoder.width == 128 and encoder.num_prefix_tokens == 1
+    with torch.no_grad():
+        moved = (encoder(x) - clip_tower(x)).abs().max().item()
+    assert 0 < moved < 10  # trained a little away from the start, still finite
+
+
+@pytest.mark.skipif(not os.path.isfile(VIT_WEIGHTS), reason="tiny ViT not built (bash miniworld/build_models.sh)")
+def test_committed_tiny_vit_tells_shapes_apart_on_its_patches():
+    """The committed captioning encoder has learnt what it was trained for: a linear read-out fitted on a few scenes'
+    patch tokens names the shape under held-out object patches far above chance (1/5)."""
+    captioner = pytest.importorskip("captioner")
+    from miniworld import train_vit
+
+    encoder = captioner.ImageEncoder(train_vit.spec(VIT_WEIGHTS), offline=True)
+    grid = encoder.grid_size[0]
+    feats, shapes = [], []
+    for index in range(120):
+        image, objects, alphas = train_vit.scene(99, index)  # a seed the training never used
+        with torch.no_grad():
+            tokens = encoder(encoder.transform(Image.fromarray(image)).unsqueeze(0))[0, 1:]
+        target = train_vit.patch_targets(objects, alphas, grid)["shape"]
+        feats.append(tokens[target > 0])
+        shapes.append(torch.from_numpy(target[target > 0]) - 1)
+    split = 80
+    x_fit, y_fit = torch.cat(feats[:split]), torch.cat(shapes[:split])
+    x_test, y_test = torch.cat(feats[split:]), torch.cat(shapes[split:])
+    probe = torch.nn.Linear(x_fit.shape[1], len(world.SHAPES))
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(x_fit), y_fit) + 1e-3 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    accuracy = (probe(x_test).argmax(1) == y_test).float().mean().item()
+    assert accuracy > 0.75, accuracy
