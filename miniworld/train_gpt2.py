@@ -5,6 +5,13 @@ The course file is a plain state dict of the GPT-2 trunk (`wte.weight`, `h.0.att
 computes the softmax exactly but cheaply: every unused token shares one learned embedding row, which enters the
 softmax once with weight log(number of unused tokens). The export writes that shared row into every unused slot, so
 the saved file is ordinary GPT-2 giving the same logits, and its repeated rows compress to almost nothing.
+
+Half the documents are one caption, as the course frames them; the other half are two or three captions of the same
+scene in a row, each closed by <|endoftext|> (as documents are packed in real pre-training). Within a lone caption the
+shapes are interchangeable, and a model trained only on those let its shape embeddings collapse (cosine 0.99 between
+" circle" and " star"): its tied head could then barely tell shapes apart, and captioners built on it named colours
+right but shapes at chance. In the later captions of a document the objects are known from the earlier ones, so the
+model learns to say which shape with confidence, as a real GPT-2 does with words its context pins down.
 """
 from __future__ import annotations
 
@@ -42,23 +49,32 @@ WEIGHT_DECAY = 0.01
 CORPUS_SCENES = 20000
 EVAL_SCENES = 500
 OBJECT_COUNT_PROBS = (0.3, 0.4, 0.3)
+MULTI_CAPTION_PROB = 0.5  # documents of 2-3 captions of one scene (see the module's docstring)
 # The trunk as the course file holds it, per block and around the blocks.
 BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
               "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
               "mlp.c_proj.bias")
 
 
-def caption_corpus(seed: int, scenes: int, tokenizer: BPETokenizer) -> List[List[int]]:
-    """Token ids of world captions framed as the course trains them: <|endoftext|> caption <|endoftext|>."""
+def caption_corpus(seed: int, scenes: int, tokenizer: BPETokenizer, multi: float = MULTI_CAPTION_PROB) -> List[List[int]]:
+    """Token ids of documents: <|endoftext|> caption <|endoftext|> as the course trains them, or with probability
+    `multi` 2-3 captions of one scene, each closed by <|endoftext|>, as long as they fit BLOCK_SIZE."""
     rng = np.random.default_rng([seed, 21])
     pairs = [(c, s) for c in world.COLOR_NAMES for s in world.SHAPES]
     corpus = []
     for _ in progress(range(scenes), desc="captions", unit="scene", leave=False):
         objects = world.sample_objects(rng, int(rng.choice([1, 2, 3], p=OBJECT_COUNT_PROBS)), pairs)
-        for caption in world.scene_captions(rng, objects, 2):
-            corpus.append([END_TOKEN] + tokenizer.encode(caption) + [END_TOKEN])
+        captions = [tokenizer.encode(c) + [END_TOKEN] for c in world.scene_captions(rng, objects, 3)]
+        if rng.random() < multi:
+            doc = [END_TOKEN] + captions[0]
+            for more in captions[1:int(rng.integers(2, 4))]:
+                if len(doc) + len(more) <= BLOCK_SIZE + 1:
+                    doc += more
+            corpus.append(doc)
+        else:
+            corpus += [[END_TOKEN] + c for c in captions[:2]]
     longest = max(len(ids) for ids in corpus)
-    assert longest <= BLOCK_SIZE, "a caption of %d tokens does not fit block_size %d" % (longest, BLOCK_SIZE)
+    assert longest <= BLOCK_SIZE + 1, "a document of %d tokens does not fit block_size %d" % (longest, BLOCK_SIZE)
     return corpus
 
 
@@ -114,10 +130,42 @@ class SharedTailLM(torch.nn.Module):
         return {k: (wte if k == "wte.weight" else state[k]).detach().half().contiguous() for k in keys}
 
 
+def shape_ids(tokenizer: BPETokenizer) -> List[int]:
+    ids = [tokenizer.encode(" " + shape) for shape in world.SHAPES]
+    assert all(len(i) == 1 for i in ids), "every shape word is one GPT-2 token"
+    return [i[0] for i in ids]
+
+
+def shape_cosine(wte: torch.Tensor, tokenizer: BPETokenizer) -> float:
+    """Mean cosine similarity between the shape words' embeddings (1.0: the head cannot tell them apart)."""
+    e = F.normalize(wte[shape_ids(tokenizer)], dim=-1)
+    n = e.shape[0]
+    return float(((e @ e.t()).sum() - n) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def later_shape_accuracy(model, docs: List[List[int]], tokenizer: BPETokenizer) -> float:
+    """How often the model's top token at a shape word of a document's second or later caption is that shape (the
+    shape is known from the earlier captions; chance among shapes is 1/5)."""
+    shapes = set(shape_ids(tokenizer))
+    hits = total = 0
+    for doc in docs:
+        ids = torch.tensor([model.position[t] for t in doc]).unsqueeze(0)
+        hidden = model.trunk(ids).last_hidden_state[0]
+        predicted = model.used[(hidden @ model.trunk.wte.weight.t()).argmax(-1)]
+        first_end = doc.index(END_TOKEN, 1)
+        for t in range(first_end + 1, len(doc)):
+            if doc[t] in shapes:
+                total += 1
+                hits += int(predicted[t - 1]) == doc[t]
+    return hits / max(total, 1)
+
+
 def train(out: str, seed: int, steps: int, batch: int) -> Dict[str, float]:
     tokenizer = BPETokenizer()
     corpus = caption_corpus(seed, CORPUS_SCENES, tokenizer)
-    held = caption_corpus(seed + 1000, EVAL_SCENES, tokenizer)
+    held = caption_corpus(seed + 1000, EVAL_SCENES, tokenizer, multi=0.0)
+    held_docs = [d for d in caption_corpus(seed + 2000, EVAL_SCENES, tokenizer, multi=1.0) if d.count(END_TOKEN) > 2]
     used = torch.tensor(sorted({t for ids in corpus for t in ids}))
     model = SharedTailLM(used, seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -141,10 +189,13 @@ def train(out: str, seed: int, steps: int, batch: int) -> Dict[str, float]:
     with torch.no_grad():
         eval_loss = float(np.mean([model(*batch_of(held, np.arange(i, min(i + 256, len(held))))).item()
                                    for i in range(0, len(held), 256)]))
+        shape_accuracy = later_shape_accuracy(model, held_docs, tokenizer)
     state = model.course_state_dict()
     with atomic_write(out, "wb") as f:
         torch.save(state, f)
-    result = dict(train_loss=round(loss.item(), 4), eval_loss=round(eval_loss, 4), used_tokens=len(used),
+    result = dict(train_loss=round(loss.item(), 4), eval_loss=round(eval_loss, 4),
+                  later_caption_shape_accuracy=round(shape_accuracy, 4),
+                  shape_embedding_cosine=round(shape_cosine(state["wte.weight"].float(), tokenizer), 4), used_tokens=len(used),
                   n_layer=N_LAYER, n_embd=N_EMBD, block_size=BLOCK_SIZE, seed=seed, steps=steps, batch=batch)
     write_json(os.path.splitext(out)[0] + ".log.json", result)
     return result

@@ -319,3 +319,27 @@ def test_committed_tiny_vit_tells_shapes_apart_on_its_patches():
     optimizer.step(closure)
     accuracy = (probe(x_test).argmax(1) == y_test).float().mean().item()
     assert accuracy > 0.75, accuracy
+
+
+@pytest.mark.skipif(not os.path.isfile(GPT2_WEIGHTS), reason="tiny GPT-2 not built (bash miniworld/build_models.sh)")
+def test_tiny_gpt2_says_which_shape_its_context_pins_down():
+    """The tiny GPT-2 can name a shape with confidence when its context decides it (a second caption of a scene after
+    the first), as a real GPT-2 names what its context pins down. A model trained on lone captions, where shapes are
+    interchangeable, let their embeddings collapse and named them at chance; captioners on it could not learn shapes."""
+    from decoder import Config, Decoder
+    from miniworld import train_gpt2
+    from tokenizer import END_TOKEN, BPETokenizer
+
+    decoder = Decoder(Config(checkpoint=GPT2_WEIGHTS)).eval()
+    tokenizer = BPETokenizer()
+    hits = 0
+    for color in world.COLOR_NAMES:
+        for shape in world.SHAPES:
+            ids = [END_TOKEN] + tokenizer.encode("a %s %s" % (color, shape)) + [END_TOKEN] \
+                + tokenizer.encode("there is a %s" % color)
+            with torch.no_grad():
+                top = int(decoder(torch.tensor([ids]))[0, -1].argmax())
+            hits += tokenizer.decode([top]).strip() == shape
+    assert hits >= 45, hits  # of 50; chance among the shapes is 10
+    wte = torch.load(GPT2_WEIGHTS, map_location="cpu")["wte.weight"].float()
+    assert train_gpt2.shape_cosine(wte, tokenizer) < 0.9
