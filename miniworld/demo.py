@@ -22,6 +22,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from common import UserError, atomic_write, read_json, run_main, write_json  # noqa: E402
+from miniworld.train_vit import spec as encoder_spec  # noqa: E402
 
 MODELS = os.path.join(HERE, "models")
 METHODS = ("adapter", "prefix", "lora")
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     results: Dict[str, object] = dict(source="miniature world, seed %d%s (tiny models trained from scratch here; "
                                              "not the homework's data)" % (args.seed, ", small" if args.small else ""))
     results.update(p1(world, out, args.clip_config, args.clip_weights))
-    encoder = "open_clip:%s@%s" % (rel(args.clip_config), rel(args.clip_weights))
+    encoder = encoder_spec()  # the converged captioners' encoder (the tiny CLIP's tower, fine-tuned densely)
     files = dict(p1_top5="p1/pred.top5.png", p3_index="p3/index.md", p3_best_worst="p3/best_worst/attention.json")
     if not args.skip_training:
         curves = short_training(world, out, encoder, args.decoder_weights, args.clip_config, args.clip_weights)

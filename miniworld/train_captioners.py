@@ -1,10 +1,10 @@
 """Trains the miniature world's converged captioners, one per PEFT method, with p2_train.py itself, and installs
 them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2_inference.py).
 
-The encoder is the tiny CLIP's visual tower (loaded the way a real open_clip tower is), the decoder the tiny GPT-2 in
-the course's format; the methods train side by side, one thread each.
+The encoder is the tiny timm ViT of miniworld/train_vit.py (loaded the way a real timm tower is), the decoder the tiny
+GPT-2 in the course's format; the methods train side by side, one thread each, with the same settings and epochs.
 
-    python3 miniworld/train_captioners.py [--epochs 1] [--methods adapter,prefix,lora]
+    python3 miniworld/train_captioners.py [--epochs 3] [--methods adapter,prefix,lora]
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from common import UserError, read_json, run_main, write_json  # noqa: E402
+from miniworld.train_vit import spec as encoder_spec  # noqa: E402
+
+ENCODER = encoder_spec()  # the captioners' frozen encoder, relative to the repository
 
 MODELS = os.path.join("miniworld", "models")
-# The captioners' frozen encoder: a snapshot of a tiny CLIP (config + weights), kept apart from P1's tiny_clip.* so
-# that retraining P1's CLIP never invalidates the trained captioners.
-ENCODER = "open_clip:%s@%s" % (os.path.join(MODELS, "caption_encoder.json"), os.path.join(MODELS, "caption_encoder.pt"))
 METHOD_SETTINGS = {  # on top of p2_train.py's defaults and decoder.peft_config's presets
     "adapter": ["--adapter-dim", "32"],
     "prefix": ["--prefix-len", "10", "--prefix-hidden", "128"],
@@ -40,6 +40,7 @@ def command(method: str, world: str, out: str, cache: str, args) -> list:
             "--val-max-images", str(args.val_images), "--encoder", ENCODER,
             "--decoder-weights", os.path.join(MODELS, "decoder_model.bin"), "--peft", method,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--label-smoothing", str(args.label_smoothing),
             "--warmup-steps", "50", "--feature-cache", cache, "--workers", "0", "--device", "cpu",
             "--clip-model", os.path.join(MODELS, "tiny_clip.json"), "--clip-pretrained",
             os.path.join(MODELS, "tiny_clip.pt"), "--val-decode", "greedy", "--val-max-len", "24",
@@ -50,13 +51,17 @@ def command(method: str, world: str, out: str, cache: str, args) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="adapter,prefix,lora", help="comma list of PEFT methods")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs over every (image, caption) pair")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs over every (image, caption) pair")
     parser.add_argument("--batch-size", type=int, default=32, help="captions per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="p2_train.py's label smoothing (default 0, the setting the committed captioners used)")
     parser.add_argument("--gate", action="store_true",
                         help="keep the tanh gate on cross-attention (default off: in a short CPU run the words are "
                              "grounded in the image sooner when cross-attention contributes from the first step)")
     parser.add_argument("--val-images", type=int, default=100, help="validation images scored after each epoch")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training run (default 1: the runs "
+                        "share the cores)")
     parser.add_argument("--seed", type=int, default=0, help="world and training seed")
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "captioners"), help="runs, world and cache")
     args = parser.parse_args(argv)
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(world, generate.MARKER)):
         generate.generate(world, args.seed, False)
     cache = os.path.join(args.work, "cache")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     # the feature cache is filled once, by the first run, before the others start
     runs, started = {}, time.time()
     for i, method in enumerate(methods):
@@ -95,8 +100,9 @@ def main(argv=None) -> int:
     for method, (_, _, out) in runs.items():
         meta = read_json(os.path.join(out, "best.json"))
         meta["trained_with"] = ("python3 miniworld/train_captioners.py --methods %s --epochs %d --batch-size %d --lr %g "
-                                "--seed %d%s" % (method, args.epochs, args.batch_size, args.lr, args.seed,
-                                                 " --gate" if args.gate else ""))
+                                "--label-smoothing %g --seed %d%s" % (method, args.epochs, args.batch_size, args.lr,
+                                                                      args.label_smoothing, args.seed,
+                                                                      " --gate" if args.gate else ""))
         shutil.copyfile(os.path.join(out, "best.pt"), os.path.join(MODELS, "p2_%s.pt" % method))
         write_json(os.path.join(MODELS, "p2_%s.json" % method), meta)
         print("%s: %s -> %s" % (method, meta.get("metrics"), os.path.join(MODELS, "p2_%s.pt" % method)))

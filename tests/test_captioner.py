@@ -389,10 +389,10 @@ def test_random_open_clip_encoder_rebuilds_the_same_weights(tmp_path):
 
 def test_saved_relative_paths_resolve_from_the_repository(tmp_path, monkeypatch):
     root = os.path.dirname(os.path.abspath(captioner.__file__))
-    spec = "open_clip:miniworld/models/caption_encoder.json@miniworld/models/caption_encoder.pt"
+    spec = "open_clip:miniworld/models/tiny_clip.json@miniworld/models/tiny_clip.pt"
     monkeypatch.chdir(tmp_path)
     assert captioner.repo_relative(spec) == "open_clip:%s@%s" % (
-        os.path.join(root, "miniworld/models/caption_encoder.json"), os.path.join(root, "miniworld/models/caption_encoder.pt"))
+        os.path.join(root, "miniworld/models/tiny_clip.json"), os.path.join(root, "miniworld/models/tiny_clip.pt"))
     assert captioner.repo_relative("timm:vit_tiny_patch16_224@none?img_size=32") == "timm:vit_tiny_patch16_224@none?img_size=32"
     (tmp_path / "here.pt").write_bytes(b"")
     assert captioner.repo_relative("timm:vit_x@here.pt") == "timm:vit_x@here.pt"  # the working folder wins
