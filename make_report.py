@@ -208,11 +208,27 @@ def report_files(results_dir: str) -> List[str]:
 
 
 def copy_results(results_dir: str, dest: str) -> str:
+    """Replaces `dest` (empty or an earlier copy: it must hold results.json) with the files the report reads, so no
+    figure of an earlier run is left behind; the copy is made beside it and renamed into place."""
     import shutil
+    import tempfile
 
-    for name in report_files(results_dir):
-        os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
-        shutil.copyfile(os.path.join(results_dir, name), os.path.join(dest, name))
+    if os.path.exists(dest) and not (os.path.isdir(dest) and (not os.listdir(dest) or
+                                                              os.path.isfile(os.path.join(dest, "results.json")))):
+        raise UserError("--copy-to %s exists and is not a results folder (no results.json); choose another folder" % dest)
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(dest)) + ".", dir=parent)
+    try:
+        for name in report_files(results_dir):
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            shutil.copyfile(os.path.join(results_dir, name), os.path.join(tmp, name))
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dest
 
 

@@ -45,3 +45,30 @@ def test_committed_models_work_on_the_small_world(results):
     _, r = results
     assert r["p1_accuracy"] >= 0.8 and r["p1_heldout_accuracy"] >= 0.8
     assert max(s["cider"] for s in r["p2"].values()) >= 0.5
+
+
+def test_report_copy_replaces_an_earlier_copy(results, tmp_path):
+    """make_report --copy-to leaves exactly the files the report reads (no figure of an earlier run) and refuses a
+    folder that is not a results folder."""
+    import subprocess
+    import sys
+
+    import make_report
+
+    out, _ = results
+    dest = tmp_path / "committed"
+    dest.mkdir()
+    (dest / "results.json").write_text("{}")
+    (dest / "stale.png").write_bytes(b"old figure")
+    pdf = tmp_path / "report.pdf"
+    assert make_report.main(["--results", out, "--out", str(pdf), "--copy-to", str(dest)]) == 0
+    copied = sorted(os.path.relpath(os.path.join(root, f), str(dest)) for root, _, files in os.walk(str(dest))
+                    for f in files)
+    assert copied == make_report.report_files(out) and pdf.stat().st_size > 10000
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, make_report.__file__, "--results", out, "--out", str(pdf), "--copy-to",
+                             str(foreign)], capture_output=True, text=True)
+    assert result.returncode == 2 and "not a results folder" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me"
