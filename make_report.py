@@ -189,9 +189,10 @@ def p3_section(report: Report, results: dict, folder: str):
     pointing = results.get("pointing_game")
     report.paragraph(
         "Pointing game: for each shape word whose colour-shape pair names an object of the scene, the peak of its "
-        "attention map falls inside that object's box in %s of the cases. Object words attend to their object; "
-        "function words ('a', 'to', 'of') and the end token spread their attention or rest on the first object "
-        "named, as they carry no visual content of their own." % fmt(pointing, 3))
+        "attention map falls inside that object's box in %s of the cases. The figures show what the other maps "
+        "are for: an article or comma that opens the next phrase can already look at the object it is about to "
+        "name (choosing 'an' over 'a' depends on that object's colour), while words with no visual content of "
+        "their own ('on', 'background', the end token) spread their attention thinly." % fmt(pointing, 3))
 
 
 def report_files(results_dir: str) -> List[str]:
