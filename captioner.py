@@ -144,13 +144,40 @@ def _build_timm(name: str, weights: Optional[str], kwargs: Dict[str, object]) ->
     kwargs = dict(kwargs, num_classes=0)
     if weights is not None and weights.lower() == "none":
         return _seeded(lambda: timm.create_model(name, pretrained=False, **kwargs))
-    if weights is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=weights)
     try:
+        if weights is not None:
+            return _timm_from_file(name, weights, kwargs)
         return timm.create_model(name, pretrained=True, **kwargs)
+    except UserError:
+        raise
     except Exception as err:  # hub, unpickling and shape errors alike: say which encoder and why, on one line
         raise UserError("cannot load encoder %s%s: %s" % (name, " from " + weights if weights else "",
                                                           " ".join(str(err).split())[:300])) from None
+
+
+def _timm_from_file(name: str, weights: str, kwargs: Dict[str, object]) -> nn.Module:
+    """A timm model from a local weight file (timm's own layout, or any layout its checkpoint filter converts, e.g. an
+    open_clip CLIP), strict about coverage: timm's pretrained loader turns strictness off when the classifier is
+    dropped, so a file missing whole blocks would otherwise load silently with those blocks left random."""
+    import sys
+
+    import timm
+    from timm.models import load_state_dict
+
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    state = load_state_dict(weights, use_ema=True)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    head = tuple(n + "." for n in (classifier if isinstance(classifier, (list, tuple)) else [classifier]))
+    state = {k: v for k, v in state.items() if not k.startswith(head)}  # num_classes=0: the classifier is not used
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError("encoder weights %s do not fit timm %s%s: missing %s, unexpected %s" % (
+            weights, name, " with %s" % kwargs if kwargs else "", missing[:4] + (["..."] if len(missing) > 4 else []),
+            unexpected[:4] + (["..."] if len(unexpected) > 4 else [])))
+    return model
 
 
 class ImageEncoder(nn.Module):

@@ -371,6 +371,21 @@ def test_timm_loads_an_open_clip_checkpoint_file_like_open_clip(tmp_path):
         assert torch.allclose(by_timm(images), by_open_clip(images), atol=1e-4)
 
 
+def test_timm_file_missing_tensors_is_refused(tmp_path):
+    """A local timm weight file that lacks tensors (here the last block) is refused with one error naming the file
+    and what is missing; timm's own pretrained loader would have left that block random without a word."""
+    spec = "timm:vit_base_patch16_clip_224@%s?img_size=32&patch_size=8&embed_dim=64&depth=2&num_heads=2"
+    model = ImageEncoder(spec % "none").model
+    whole, partial = str(tmp_path / "whole.pt"), str(tmp_path / "partial.pt")
+    torch.save(model.state_dict(), whole)
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}, partial)
+    loaded = ImageEncoder(spec % whole)
+    for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match=r"partial\.pt do not fit timm .*missing \['blocks\.1\."):
+        ImageEncoder(spec % partial)
+
+
 def test_random_open_clip_encoder_rebuilds_the_same_weights(tmp_path):
     """`open_clip:CONFIG@none` is seeded like `timm:...@none`: a saved spec rebuilds the same random tower."""
     config = tmp_path / "tiny_clip.json"
