@@ -4,7 +4,7 @@ them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2
 The encoder is the tiny timm ViT of miniworld/train_vit.py (loaded the way a real timm tower is), the decoder the tiny
 GPT-2 in the course's format; the methods train side by side, one thread each, with the same settings and epochs.
 
-    python3 miniworld/train_captioners.py [--epochs 3] [--methods adapter,prefix,lora]
+    python3 miniworld/train_captioners.py [--epochs 5] [--methods adapter,prefix,lora]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def command(method: str, world: str, out: str, cache: str, args) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="adapter,prefix,lora", help="comma list of PEFT methods")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs over every (image, caption) pair")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs over every (image, caption) pair")
     parser.add_argument("--batch-size", type=int, default=32, help="captions per step")
     parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
