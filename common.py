@@ -85,6 +85,29 @@ def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8", 
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str, marker: str, what: str) -> Iterator[str]:
+    """Builds a folder in a temporary sibling (yielded) and, if the block succeeds, swaps it in for `path`, so the
+    folder appears complete or not at all. An existing `path` is replaced only when it is empty or holds `marker`
+    (an earlier folder of the same kind); anything else is refused, so no one's files are deleted by mistake."""
+    import shutil
+
+    if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path)
+                                                              or os.path.isfile(os.path.join(path, marker)))):
+        raise UserError("%s exists and is not a %s folder (no %s); choose another folder" % (path, what, marker))
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(path)) + ".", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: str, obj, indent: Optional[int] = 2) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)

@@ -10,7 +10,7 @@ import os
 import textwrap
 from typing import List, Optional, Sequence
 
-from common import UserError, atomic_write, read_json, run_main
+from common import UserError, atomic_dir, atomic_write, read_json, run_main
 
 PAGE = (8.27, 11.69)  # A4 in inches
 MARGIN = 0.07
@@ -210,26 +210,13 @@ def report_files(results_dir: str) -> List[str]:
 
 def copy_results(results_dir: str, dest: str) -> str:
     """Replaces `dest` (empty or an earlier copy: it must hold results.json) with the files the report reads, so no
-    figure of an earlier run is left behind; the copy is made beside it and renamed into place."""
+    figure of an earlier run is left behind."""
     import shutil
-    import tempfile
 
-    if os.path.exists(dest) and not (os.path.isdir(dest) and (not os.listdir(dest) or
-                                                              os.path.isfile(os.path.join(dest, "results.json")))):
-        raise UserError("--copy-to %s exists and is not a results folder (no results.json); choose another folder" % dest)
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(dest)) + ".", dir=parent)
-    try:
+    with atomic_dir(dest, "results.json", "results") as tmp:
         for name in report_files(results_dir):
             os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
             shutil.copyfile(os.path.join(results_dir, name), os.path.join(tmp, name))
-        if os.path.isdir(dest):
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

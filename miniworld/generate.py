@@ -10,7 +10,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
+from common import UserError, atomic_dir, atomic_write, progress, run_main, write_json  # noqa: E402
 from miniworld import world  # noqa: E402
 
 SPLIT_P1, SPLIT_P2_TRAIN, SPLIT_P2_VAL, SPLIT_P3 = 1, 2, 3, 4
@@ -127,12 +126,10 @@ def write_p3(out: str, seed: int, count: int) -> None:
 
 
 def generate(out: str, seed: int, small: bool) -> dict:
-    """Builds the whole world in a temporary sibling folder, then renames it to `out`."""
+    """Builds the whole world in a temporary sibling folder, then renames it to `out` (which must be absent, empty or
+    an earlier world)."""
     sizes = SMALL if small else FULL
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out)) + ".", dir=parent)
-    try:
+    with atomic_dir(out, MARKER, "miniworld") as tmp:
         write_p1(tmp, seed, sizes["p1_per_class"])
         write_p2_split(tmp, seed, "train", sizes["p2_train"], sizes["captions"])
         val_scenes = write_p2_split(tmp, seed, "val", sizes["p2_val"], sizes["captions"])
@@ -142,12 +139,6 @@ def generate(out: str, seed: int, small: bool) -> dict:
                        heldout=[" ".join(p) for p in world.HELDOUT],
                        box_format="COCO [x, y, width, height] in pixels", mask_format="COCO RLE (pycocotools)")
         write_json(os.path.join(tmp, MARKER), summary)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -159,9 +150,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.seed < 0:
         raise UserError("--seed must be >= 0, got %d" % args.seed)
-    if os.path.exists(args.out) and (not os.path.isdir(args.out)
-                                     or (os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, MARKER)))):
-        raise UserError("--out %s exists and is not a miniworld folder (no %s); choose another folder" % (args.out, MARKER))
     summary = generate(args.out, args.seed, args.small)
     print("wrote miniworld (seed %d, %s) to %s" % (args.seed, "small" if args.small else "full", args.out))
     return 0 if summary else 1

@@ -7,11 +7,9 @@ caption uses start at zero and stay zero (no gradient reaches them), so the save
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
-import time
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
 from miniworld import world  # noqa: E402
+from miniworld.cli import run_training, training_parser  # noqa: E402
 from p1_templates import CIFAR_TEMPLATES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -226,23 +225,14 @@ def train(config: str, out: str, seed: int, steps: int, batch: int) -> Dict[str,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = training_parser(__doc__, OUT, "state-dict file to write (fp16)", SEED, "seed of the model, scenes and "
+                             "captions", STEPS, BATCH, "contrastive batch size")
     parser.add_argument("--config", default=CONFIG, help="open_clip model-config JSON (default: the tiny CLIP's)")
-    parser.add_argument("--out", default=OUT, help="state-dict file to write (fp16; default %(default)s)")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the model, scenes and captions")
-    parser.add_argument("--steps", type=int, default=STEPS, help="optimiser steps")
-    parser.add_argument("--batch", type=int, default=BATCH, help="contrastive batch size")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the cores are shared)")
     args = parser.parse_args()
     if not os.path.isfile(args.config):
         raise UserError("--config not found: %s" % args.config)
-    if args.steps < 1 or args.batch < 2:
-        raise UserError("--steps must be >= 1 and --batch >= 2")
-    torch.set_num_threads(args.threads)
-    start = time.time()
-    final = train(args.config, args.out, args.seed, args.steps, args.batch)
-    print("tiny CLIP written to %s in %.0f s: %s" % (args.out, time.time() - start, final))
-    return 0
+    return run_training(args, "tiny CLIP", lambda: train(args.config, args.out, args.seed, args.steps, args.batch),
+                        min_batch=2)
 
 
 if __name__ == "__main__":

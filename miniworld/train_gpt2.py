@@ -15,11 +15,9 @@ model learns to say which shape with confidence, as a real GPT-2 does with words
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
-import time
 from typing import Dict, List
 
 import numpy as np
@@ -28,8 +26,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
+from common import atomic_write, progress, run_main, write_json  # noqa: E402
 from miniworld import world  # noqa: E402
+from miniworld.cli import run_training, training_parser  # noqa: E402
 from tokenizer import END_TOKEN, BPETokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,7 +149,7 @@ def later_shape_accuracy(model, docs: List[List[int]], tokenizer: BPETokenizer) 
     shapes = set(shape_ids(tokenizer))
     hits = total = 0
     for doc in docs:
-        ids = torch.tensor([model.position[t] for t in doc]).unsqueeze(0)
+        ids = model.position[torch.tensor(doc)].unsqueeze(0)
         hidden = model.trunk(ids).last_hidden_state[0]
         predicted = model.used[(hidden @ model.trunk.wte.weight.t()).argmax(-1)]
         first_end = doc.index(END_TOKEN, 1)
@@ -202,20 +201,10 @@ def train(out: str, seed: int, steps: int, batch: int) -> Dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=OUT, help="course-format weight file to write (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the model and the caption corpus")
-    parser.add_argument("--steps", type=int, default=STEPS, help="optimiser steps")
-    parser.add_argument("--batch", type=int, default=BATCH, help="captions per step")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the cores are shared)")
+    parser = training_parser(__doc__, OUT, "course-format weight file to write", SEED, "seed of the model and the "
+                             "caption corpus", STEPS, BATCH, "captions per step")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch < 1:
-        raise UserError("--steps and --batch must be >= 1")
-    torch.set_num_threads(args.threads)
-    start = time.time()
-    result = train(args.out, args.seed, args.steps, args.batch)
-    print("tiny GPT-2 written to %s in %.0f s: %s" % (args.out, time.time() - start, result))
-    return 0
+    return run_training(args, "tiny GPT-2", lambda: train(args.out, args.seed, args.steps, args.batch))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ Scenes come from their own stream of seeds (never the P2 or P1 splits' images) a
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
-import time
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -33,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
 from miniworld import world  # noqa: E402
+from miniworld.cli import run_training, training_parser  # noqa: E402
 
 NAME = "vit_base_patch16_clip_224.laion2b"  # CLIP-style ViT (pre-norm, OpenAI mean/std, no crop at test time)
 ARCH = dict(img_size=96, patch_size=12, embed_dim=128, depth=4, num_heads=2)  # the tiny CLIP's image tower
@@ -120,10 +119,10 @@ def losses(model, heads: Heads, images, patch, present) -> Tuple[torch.Tensor, D
     tokens = model.forward_features(images)  # (B, 1 + grid*grid, width), final norm applied
     cls, patches = tokens[:, 0], tokens[:, model.num_prefix_tokens:]
     terms, correct = {}, {}
+    on_object = patch["shape"] > 0
     for key, head in heads.patch.items():
         logits = head(patches)  # (B, P, classes)
         terms[key] = F.cross_entropy(logits.flatten(0, 1), patch[key].flatten())
-        on_object = patch["shape"] > 0
         correct[key] = (logits.argmax(-1) == patch[key])[on_object].float().mean()
     scene_logits = heads.scene(cls)
     terms["scene"] = F.binary_cross_entropy_with_logits(scene_logits, present) * 10
@@ -196,22 +195,12 @@ def save(model, out: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=OUT, help="state-dict file to write (default %(default)s)")
+    parser = training_parser(__doc__, OUT, "state-dict file to write", SEED, "seed of the heads and scenes", STEPS,
+                             BATCH, "scenes per step")
     parser.add_argument("--init", default=INIT, help="open_clip CLIP state dict to start from, or none "
                         "(default: the tiny CLIP, %(default)s)")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the heads and scenes")
-    parser.add_argument("--steps", type=int, default=STEPS, help="optimiser steps")
-    parser.add_argument("--batch", type=int, default=BATCH, help="scenes per step")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the cores are shared)")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch < 1:
-        raise UserError("--steps and --batch must be >= 1")
-    torch.set_num_threads(args.threads)
-    start = time.time()
-    final = train(args.out, args.seed, args.steps, args.batch, args.init)
-    print("tiny ViT written to %s in %.0f s: %s" % (args.out, time.time() - start, final))
-    return 0
+    return run_training(args, "tiny ViT", lambda: train(args.out, args.seed, args.steps, args.batch, args.init))
 
 
 if __name__ == "__main__":
