@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv, checks Python 3.8 syntax with vermin, runs the test suite.
-# Extra arguments go to pytest (e.g. `bash test.sh -k tokenizer`).
+# The test command: both lanes, each in its own environment (set up on first use):
+#   modern: .venv (python3, requirements-dev.txt): Python 3.8 syntax check (vermin -t=3.8-), then the test suite;
+#   course: .venv-course (Python 3.8, torch 1.12.1, timm 0.9.10... requirements-course.txt), the same test suite.
+# `bash test.sh --lane modern|course` runs one lane; other arguments go to pytest (`bash test.sh -k tokenizer`).
 set -euo pipefail
-source "$(dirname "$0")/setup_env.sh"
-cd "$HW3_ROOT"
-echo "== vermin -t=3.8- (Python 3.8 compatibility)" >&2
-git ls-files -co --exclude-standard '*.py' | xargs "$HW3_VENV/bin/vermin" -t=3.8- --no-tips --violations --eval-annotations
-echo "== pytest" >&2
-exec "$HW3_PY" -m pytest -q tests "$@"
+root="$(cd "$(dirname "$0")" && pwd)"
+lanes="modern course"
+if [ "${1:-}" = "--lane" ]; then
+  lanes="${2:?--lane needs modern, course or all}"; shift 2
+  [ "$lanes" = all ] && lanes="modern course"
+fi
+for lane in $lanes; do
+  case "$lane" in modern|course) ;; *) echo "test.sh: unknown lane '$lane' (modern, course or all)" >&2; exit 2 ;; esac
+  echo "== lane: $lane" >&2
+  (
+    export HW3_LANE="$lane"
+    source "$root/setup_env.sh"
+    cd "$HW3_ROOT"
+    if [ "$lane" = modern ]; then
+      echo "== vermin -t=3.8- (Python 3.8 compatibility)" >&2
+      git ls-files -co --exclude-standard '*.py' | xargs "$HW3_VENV/bin/vermin" -t=3.8- --no-tips --violations --eval-annotations
+    fi
+    echo "== pytest ($("$HW3_PY" -c 'import sys, torch; print("Python %d.%d, torch %s" % (sys.version_info[:2] + (torch.__version__,)))'))" >&2
+    "$HW3_PY" -m pytest -q -p no:cacheprovider tests "$@"
+  )
+done

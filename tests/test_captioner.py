@@ -244,10 +244,20 @@ def test_batch_equals_one_by_one(world, method, beam_size):
     assert batched == single
 
 
+def _version(text: str):
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
 @pytest.mark.parametrize("beam_size,length_penalty,no_repeat_ngram,max_len",
                          [(1, 1.0, 0, 12), (3, 1.0, 0, 12), (4, 0.5, 2, 12), (3, 2.0, 3, 20), (5, 1.0, 0, 5)])
 def test_text_only_decoding_equals_hugging_face_generate(world, beam_size, length_penalty, no_repeat_ngram, max_len):
     """With closed gates the decoder is exactly GPT-2, so our search must pick what transformers' generate picks."""
+    import transformers
+
+    if beam_size > 1 and _version(transformers.__version__) < (4, 50):
+        pytest.skip("transformers %s predates its vectorised beam search (4.50, PR 35802), whose stopping rule ours "
+                    "follows; the older one also counts finished candidates in its best-possible score"
+                    % transformers.__version__)
     decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
     feats = world["feats"][:1]
     method = "greedy" if beam_size == 1 else "beam"
