@@ -30,7 +30,13 @@ DOWNLOAD_HINT = ("run `bash hw3_download.sh` (online) first, or point the encode
 RANDOM_INIT_SEED = 0  # `@none` encoders are seeded, so a saved spec rebuilds the same random weights
 CHECKPOINT_FORMAT = "hw3-captioner/1"
 T = TypeVar("T")
+# The decoding the README documents for hw3_2.sh; a checkpoint may recommend others (INFERENCE_KEY, below).
 DECODE_DEFAULTS = dict(method="beam", beam_size=3, max_len=30, length_penalty=1.0, no_repeat_ngram=3)
+# A checkpoint JSON's recommended inference decoding: {"method": ..., ..., "chosen_on": "what validation data and
+# measure picked them"}. Only settings tuned for inference on validation data belong here; training's validation
+# decoding is recorded elsewhere ("validation_decoding") and never used by inference.
+INFERENCE_KEY = "inference"
+BEAM_ONLY = ("beam_size", "length_penalty")  # flags that mean beam search: giving one alone asks for it
 
 
 # ----------------------------------------------------------------------------------------------- encoder specs
@@ -384,7 +390,8 @@ def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, length_pena
         vocab = logp.shape[-1]
         candidates = (logp + scores.view(-1, 1)).view(A, K * vocab)
         top_scores, top_index = candidates.topk(2 * K, dim=1)  # (A, 2K), best first
-        source = top_index // vocab + torch.arange(A, device=device).unsqueeze(1) * K  # (A, 2K) rows of seqs
+        beam = torch.div(top_index, vocab, rounding_mode="floor")  # (A, 2K); `//` warns on torch 1.12
+        source = beam + torch.arange(A, device=device).unsqueeze(1) * K  # (A, 2K) rows of seqs
         token = top_index % vocab
         ends = token == END_TOKEN
         last = step == max_len - 1
@@ -467,6 +474,69 @@ def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS[
         decoder.train(was_training)
 
 
+def _checked_settings(settings: Dict[str, object], where: str) -> Dict[str, object]:
+    out = {}
+    for key, default in DECODE_DEFAULTS.items():
+        value = settings[key]
+        if isinstance(default, str):
+            fits = isinstance(value, str)
+        else:  # a number; an integer setting takes only whole numbers
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                isinstance(default, float) or float(value).is_integer())
+        if not fits:
+            kind = {str: "text", int: "whole number", float: "number"}[type(default)]
+            raise UserError("%s: %s must be a %s, got %r" % (where, key, kind, value))
+        out[key] = type(default)(value)
+    if out["method"] not in ("beam", "greedy"):
+        raise UserError("%s: method must be beam or greedy, got %r" % (where, out["method"]))
+    for key, least in (("beam_size", 1), ("max_len", 1), ("no_repeat_ngram", 0)):
+        if out[key] < least:
+            raise UserError("%s: %s must be >= %d, got %s" % (where, key.replace("_", "-"), least, out[key]))
+    return out
+
+
+def add_decoding_arguments(parser) -> None:
+    """The decoding options of every script that captions (p2_inference.py, p3_visualize.py); all default to None,
+    so resolve_decoding can tell a given flag from an absent one."""
+    group = parser.add_argument_group(
+        "decoding", "each option given takes effect on its own (--beam-size or --length-penalty alone means beam "
+        "search); the rest come from the checkpoint's recommended inference settings if it has them, else: %s"
+        % ", ".join("%s=%s" % kv for kv in DECODE_DEFAULTS.items()))
+    group.add_argument("--method", choices=("beam", "greedy"), help="search method")
+    group.add_argument("--beam-size", type=int, help="beams per image")
+    group.add_argument("--max-len", type=int, help="most tokens per caption, end token included")
+    group.add_argument("--length-penalty", type=float,
+                       help="beam score = sum(log p) / length ** this (> 0 favours longer captions)")
+    group.add_argument("--no-repeat-ngram", type=int, help="forbid repeating n-grams of this size (0 = off)")
+
+
+def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
+                     checkpoint: str = "checkpoint") -> Tuple[Dict[str, object], str]:
+    """The decoding settings to use and a line saying where each came from. Each given (non-None) flag takes effect
+    on its own, over the checkpoint's recommended inference settings (meta[INFERENCE_KEY]), over DECODE_DEFAULTS; a
+    beam-only flag (--beam-size, --length-penalty) given without --method means beam search."""
+    saved = (meta or {}).get(INFERENCE_KEY)
+    where = "%s (%r)" % (config_path(checkpoint), INFERENCE_KEY)
+    if saved is not None and not (isinstance(saved, dict) and set(DECODE_DEFAULTS) <= set(saved)
+                                  and isinstance(saved.get("chosen_on"), str)):
+        raise UserError("%s must hold %s and 'chosen_on' (the validation data that chose them)"
+                        % (where, ", ".join(DECODE_DEFAULTS)))
+    base = _checked_settings(saved, where) if saved else dict(DECODE_DEFAULTS)
+    flags = {k: v for k, v in given.items() if k in DECODE_DEFAULTS and v is not None}
+    if flags.get("method") == "greedy" and (flags.get("beam_size", 1) > 1 or "length_penalty" in flags):
+        raise UserError("--method greedy contradicts %s, which only beam search uses" % " and ".join(
+            "--" + k.replace("_", "-") for k in BEAM_ONLY if k in flags and (k != "beam_size" or flags[k] > 1)))
+    if "method" not in flags and any(k in flags for k in BEAM_ONLY) and flags.get("beam_size", 2) > 1:
+        flags["method"] = "beam"
+    settings = _checked_settings(dict(base, **flags), "decoding option")
+    origin = "checkpoint %s (chosen on %s)" % (os.path.basename(config_path(checkpoint)), saved["chosen_on"]) \
+        if saved else "the README defaults"
+    said = ", ".join("%s=%s" % kv for kv in settings.items())
+    source = "from the command line: %s; the rest from %s" % (", ".join(sorted(flags)), origin) if flags \
+        else "all from %s" % origin
+    return settings, "decoding: %s (%s)" % (said, source)
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def config_path(checkpoint: str) -> str:
@@ -476,8 +546,8 @@ def config_path(checkpoint: str) -> str:
 
 def save_checkpoint(path: str, captioner: Captioner, extra: Optional[dict] = None) -> None:
     """Writes only the trainable tensors (a flat dict: the course counts parameters from this file) and, beside it,
-    the JSON that rebuilds the model. `extra` (epoch, scores, decoding settings under "generation"...) goes in the
-    JSON too."""
+    the JSON that rebuilds the model. `extra` (epoch, scores, recommended decoding under INFERENCE_KEY...) goes in
+    the JSON too."""
     state = {k: v.detach().cpu().contiguous() for k, v in captioner.trainable_state_dict().items()}
     decoder_config = captioner.decoder.cfg.to_dict()
     decoder_config.pop("checkpoint", None)  # the decoder weights are an inference argument, not part of the model
@@ -571,6 +641,6 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
     return captioner, meta
 
 
-__all__ = ["DEFAULT_ENCODER", "DECODE_DEFAULTS", "END_TOKEN", "Captioner", "ImageEncoder", "build_captioner",
-           "check_encoder_weights", "config_path", "decode_captions", "download_encoder", "generate", "hub_offline",
+__all__ = ["DEFAULT_ENCODER", "DECODE_DEFAULTS", "INFERENCE_KEY", "END_TOKEN", "Captioner", "ImageEncoder",
+           "add_decoding_arguments", "build_captioner", "check_encoder_weights", "resolve_decoding", "config_path", "decode_captions", "download_encoder", "generate", "hub_offline",
            "load_captioner", "parse_encoder_spec", "read_checkpoint_config", "save_checkpoint", "timm_weights_cached"]

@@ -40,14 +40,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                             "timm:NAME@/path/weights.bin")
     model.add_argument("--allow-download", action="store_true",
                        help="let timm/open_clip download missing encoder weights (default: offline, fail fast)")
-    decode = parser.add_argument_group("decoding (defaults: the checkpoint's 'generation' settings, else %s)"
-                                       % ", ".join("%s=%s" % kv for kv in captioner.DECODE_DEFAULTS.items()))
-    decode.add_argument("--method", choices=("beam", "greedy"), default=None, help="search method")
-    decode.add_argument("--beam-size", type=int, default=None, help="beams per image")
-    decode.add_argument("--max-len", type=int, default=None, help="most tokens per caption, end token included")
-    decode.add_argument("--length-penalty", type=float, default=None,
-                        help="beam score = sum(log p) / length ** this (> 0 favours longer captions)")
-    decode.add_argument("--no-repeat-ngram", type=int, default=None, help="forbid repeating n-grams of this size (0 = off)")
+    captioner.add_decoding_arguments(parser)
     run = parser.add_argument_group("runtime")
     run.add_argument("--batch-size", type=int, default=32, help="images per batch")
     run.add_argument("--device", default="auto", help="cuda, cpu, cuda:1... (default: cuda if available)")
@@ -56,21 +49,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     run.add_argument("--no-fp16", dest="fp16", action="store_false", help="full fp32 on CUDA")
     run.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     return parser.parse_args(argv)
-
-
-def decode_settings(args: argparse.Namespace, meta: dict) -> Dict[str, object]:
-    """Command line, else the checkpoint's tuned settings, else the defaults."""
-    saved = meta.get("generation") if isinstance(meta.get("generation"), dict) else {}
-    settings = {}
-    for key, default in captioner.DECODE_DEFAULTS.items():
-        given = getattr(args, key)
-        settings[key] = given if given is not None else type(default)(saved.get(key, default))
-    for key in ("beam_size", "max_len"):
-        if settings[key] < 1:
-            raise UserError("--%s must be >= 1, got %s" % (key.replace("_", "-"), settings[key]))
-    if settings["no_repeat_ngram"] < 0:
-        raise UserError("--no-repeat-ngram must be >= 0, got %s" % settings["no_repeat_ngram"])
-    return settings
 
 
 def output_keys(folder: str) -> List[str]:
@@ -156,7 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.time()
     model, meta = captioner.load_captioner(args.checkpoint, args.decoder_weights, device=device,
                                            encoder_spec=args.encoder)
-    settings = decode_settings(args, meta)
+    settings, said = captioner.resolve_decoding(vars(args), meta, args.checkpoint)
+    print(said, file=sys.stderr)
     loaded = time.time()
     captions = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,
                               args.fp16)

@@ -529,8 +529,8 @@ def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
                 save_checkpoint(os.path.join(args.out, "best.pt"), captioner,
                                 extra=dict(epoch=epoch + 1, metrics={k: record[k] for k in record if k not in (
                                     "kind", "epoch", "step", "train_seconds")},
-                                    generation=dict(method=args.val_decode, beam_size=args.val_beam_size,
-                                                    max_len=args.val_max_len)))  # inference decodes as validated
+                                    validation_decoding=dict(method=args.val_decode, beam_size=args.val_beam_size,
+                                                             max_len=args.val_max_len)))  # a record, not for inference
             record["best_epoch"] = best["epoch"]
             log_line(log_path, **record)
             print(json.dumps(record), file=sys.stderr)

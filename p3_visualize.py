@@ -10,6 +10,7 @@ import argparse
 import html
 import math
 import os
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -269,12 +270,10 @@ def parse_args(argv=None):
                       help="only the captions, the pointing game and attention.json (no PNGs), e.g. for a whole split")
     view.add_argument("--objects", help="JSON {image stem: [{color, shape, bbox}]} (COCO boxes; the miniature world's "
                       "objects files) for the pointing game")
-    dec = parser.add_argument_group("decoding (default: the checkpoint's, as p2_inference.py)")
-    dec.add_argument("--method", choices=("beam", "greedy"))
-    dec.add_argument("--beam-size", type=int)
-    dec.add_argument("--max-len", type=int)
-    dec.add_argument("--length-penalty", type=float)
-    dec.add_argument("--no-repeat-ngram", type=int)
+    from captioner import add_decoding_arguments
+
+    add_decoding_arguments(parser)
+    dec = parser.add_argument_group("runtime")
     dec.add_argument("--batch-size", type=int, default=16, help="images decoded together")
     dec.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return parser.parse_args(argv)
@@ -304,14 +303,14 @@ def visualise_one(args, encoder, tokenizer, path: str, score: Optional[float], i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from captioner import load_captioner
-    from p2_inference import decode_settings
+    from captioner import load_captioner, resolve_decoding
     from tokenizer import BPETokenizer
 
     images = resolve_images(args)
     objects = read_json(args.objects, "--objects file") if args.objects else None
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=args.device)
-    settings = decode_settings(args, meta)  # the same decoding as p2_inference.py
+    settings, said = resolve_decoding(vars(args), meta, args.checkpoint)  # the same decoding as p2_inference.py
+    print(said, file=sys.stderr)
     encoder, tokenizer = captioner.encoder, BPETokenizer()
     entries, hits, trials = [], 0, 0
     bar = progress(total=len(images), desc="attention maps", unit="image")

@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     randomize_trainable(model.decoder)
     checkpoint = str(root / "ckpt" / "p2_best.pt")
     os.makedirs(os.path.dirname(checkpoint))
-    captioner.save_checkpoint(checkpoint, model, extra=dict(generation=SETTINGS))
+    captioner.save_checkpoint(checkpoint, model, extra={captioner.INFERENCE_KEY: dict(SETTINGS, chosen_on="test")})
     names = write_images(root / "images")
     (root / "images" / "notes.txt").write_text("not an image")
     return dict(root=root, weights=weights, checkpoint=checkpoint, names=names, images=str(root / "images"))
@@ -84,6 +84,58 @@ def test_command_line_settings_override_the_checkpoint(setup, tmp_path):
     out = tmp_path / "greedy.json"
     run(setup, out, "--method", "greedy", "--max-len", "6", "--no-repeat-ngram", "0", "--batch-size", "4")
     assert json.loads(out.read_text()) == reference_captions(setup, method="greedy", max_len=6, no_repeat_ngram=0)
+
+
+def with_config(setup, tmp_path, name: str, **changes) -> dict:
+    """A copy of the fixture's checkpoint whose JSON has `changes` (None removes a key)."""
+    import shutil
+
+    checkpoint = str(tmp_path / (name + ".pt"))
+    shutil.copy(setup["checkpoint"], checkpoint)
+    meta = json.loads(open(captioner.config_path(setup["checkpoint"])).read())
+    for key, value in changes.items():
+        meta.pop(key, None) if value is None else meta.__setitem__(key, value)
+    (tmp_path / (name + ".json")).write_text(json.dumps(meta))
+    return dict(setup, checkpoint=checkpoint)
+
+
+def test_without_recommended_settings_it_decodes_with_the_readme_defaults(setup, tmp_path, capsys):
+    """Training's validation decoding (the old "generation" record) is not an inference setting: ignored."""
+    plain = with_config(setup, tmp_path, "plain", inference=None,
+                        generation=dict(method="greedy", beam_size=1, max_len=3))
+    out = tmp_path / "pred.json"
+    run(plain, out)
+    assert json.loads(out.read_text()) == reference_captions(plain, **captioner.DECODE_DEFAULTS)
+    said = capsys.readouterr().err
+    assert "decoding: method=beam, beam_size=3, max_len=30" in said and "all from the README defaults" in said
+
+
+def test_beam_size_alone_means_beam_search_with_that_many_beams(setup, tmp_path, capsys):
+    greedy = with_config(setup, tmp_path, "greedy", inference=dict(SETTINGS, method="greedy", chosen_on="test"))
+    alone, explicit = tmp_path / "alone.json", tmp_path / "explicit.json"
+    run(greedy, alone, "--beam-size", "5")
+    assert "method=beam, beam_size=5" in capsys.readouterr().err
+    run(greedy, explicit, "--method", "beam", "--beam-size", "5")
+    expected = reference_captions(greedy, **dict(SETTINGS, beam_size=5))
+    assert json.loads(alone.read_text()) == json.loads(explicit.read_text()) == expected
+    assert expected != reference_captions(greedy, **dict(SETTINGS, method="greedy"))  # the flag changed something
+    with pytest.raises(UserError, match="--method greedy contradicts --beam-size"):
+        run(greedy, tmp_path / "o.json", "--method", "greedy", "--beam-size", "5")
+
+
+@pytest.mark.parametrize("inference,message", [
+    (dict(SETTINGS, method="sample", chosen_on="x"), "method must be beam or greedy"),
+    (dict(SETTINGS, beam_size=2.5, chosen_on="x"), "beam_size must be a whole number"),
+    (dict(SETTINGS, max_len=0, chosen_on="x"), "max-len must be >= 1"),
+    (dict(SETTINGS), "chosen_on"),
+    ("beam", "must hold method"),
+])
+def test_bad_recommended_settings_are_refused_naming_the_file(setup, tmp_path, inference, message):
+    bad = with_config(setup, tmp_path, "bad", inference=inference)
+    with pytest.raises(UserError, match=message) as err:
+        run(bad, tmp_path / "o.json")
+    assert "bad.json" in str(err.value)
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_cli_with_workers_in_a_subprocess(setup, tmp_path):

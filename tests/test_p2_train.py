@@ -156,6 +156,8 @@ def test_tiny_model_overfits_and_reproduces_captions(world, tmp_path):
     ids = generate(captioner.decoder, captioner.encode(images), method="greedy", max_len=12)
     assert [BPETokenizer().decode(s).strip() for s in ids] == [c[0] for c in caps.captions]
     assert meta["metrics"]["cider"] > 5  # identical captions: CIDEr-D near its 10x maximum
+    # validation's decoding is recorded as such and never becomes the checkpoint's inference recommendation
+    assert meta["validation_decoding"]["method"] == "greedy" and "inference" not in meta and "generation" not in meta
 
 
 def test_resume_gives_identical_state(world, tmp_path):

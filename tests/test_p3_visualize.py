@@ -51,7 +51,8 @@ def trained(tmp_path_factory):
             if p.requires_grad:
                 p.normal_(0, 0.3 if "cross_gate" in name or ".up." in name else 0.05)
     checkpoint = str(folder / "p2.pt")
-    captioner.save_checkpoint(checkpoint, model, extra=dict(generation=dict(method="greedy", max_len=6)))
+    captioner.save_checkpoint(checkpoint, model, extra={captioner.INFERENCE_KEY: dict(
+        captioner.DECODE_DEFAULTS, method="greedy", max_len=6, chosen_on="test")})
     images = folder / "images"
     images.mkdir()
     for k, colour in enumerate(["red", "navy", "olive"]):
