@@ -13,8 +13,9 @@ import json
 import os
 import re
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -56,28 +57,48 @@ class CaptionSet:
         return CaptionSet(self.folder, self.annotation_file, self.names[:count], self.captions[:count])
 
 
-def load_captions(annotation_file: str, images_root: str, clean: bool = True) -> CaptionSet:
-    """Reads a COCO-style caption file with pycocotools; every listed image must exist in `images_root`."""
+def read_coco_captions(annotation: Union[str, dict]) -> "OrderedDict[str, List[str]]":
+    """{image file name: its captions as written, in annotation order}, in the file's image order, from a COCO-style
+    caption file (path or parsed dict), indexed by pycocotools; every problem is named with its place in the file."""
     from pycocotools.coco import COCO
 
-    read_json(annotation_file, "annotation file")  # clear errors for a missing or broken file first
+    what = "annotation file %s" % (annotation if isinstance(annotation, str) else "(in memory)")
+    data = read_json(annotation, "annotation file") if isinstance(annotation, str) else annotation
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations"), list):
+        raise UserError("%s must be COCO-style: {\"images\": [{\"file_name\", \"id\"}...], "
+                        "\"annotations\": [{\"image_id\", \"caption\"}...]}" % what)
+    for i, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "file_name" not in image or "id" not in image:
+            raise UserError("%s: images[%d] lacks \"file_name\" or \"id\"" % (what, i))
+    ids = {image["id"] for image in data["images"]}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
+            raise UserError("%s: annotations[%d] lacks \"image_id\" or a string \"caption\"" % (what, i))
+        if ann["image_id"] not in ids:
+            raise UserError("%s: annotations[%d] refers to image_id %r, which is not in \"images\""
+                            % (what, i, ann["image_id"]))
+    coco = COCO()
+    coco.dataset = dict(data, annotations=[dict(a, id=a.get("id", i)) for i, a in enumerate(data["annotations"])])
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
+        coco.createIndex()
+    out = OrderedDict()
+    for image_id, info in coco.imgs.items():
+        name = str(info["file_name"])
+        if name in out:
+            raise UserError("%s: two images share the file name %r" % (what, name))
+        out[name] = [a["caption"] for a in coco.imgToAnns.get(image_id, [])]
+    return out
+
+
+def load_captions(annotation_file: str, images_root: str, clean: bool = True) -> CaptionSet:
+    """A split for training: every captioned image of a COCO-style caption file (they must all exist in
+    `images_root`), sorted by file name, with its captions cleaned (clean_caption) unless `clean` is False."""
+    by_name = read_coco_captions(annotation_file)
     if not os.path.isdir(images_root):
         raise UserError("image folder not found: %s (for %s)" % (images_root, annotation_file))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
-            coco = COCO(annotation_file)
-    except (KeyError, TypeError, AssertionError) as err:
-        raise UserError("%s is not a COCO caption file (needs 'images' with 'id' and 'file_name', 'annotations' with "
-                        "'id', 'image_id' and 'caption'): %r" % (annotation_file, err)) from None
-    by_name = {}
-    for image_id, info in coco.imgs.items():
-        if "file_name" not in info:
-            raise UserError("%s: image %s has no 'file_name'" % (annotation_file, image_id))
-        captions = [a.get("caption") for a in coco.imgToAnns.get(image_id, [])]
-        if not all(isinstance(c, str) for c in captions):
-            raise UserError("%s: an annotation of image %s has no text 'caption'" % (annotation_file, image_id))
-        captions = [clean_caption(c) if clean else c.strip() for c in captions]
-        by_name[info["file_name"]] = [c for c in captions if c]
+    by_name = {n: [c for c in ((clean_caption(c) if clean else c.strip()) for c in caps) if c]
+               for n, caps in by_name.items()}
     names = sorted(n for n, caps in by_name.items() if caps)
     if not names:
         raise UserError("%s holds no captioned images" % annotation_file)

@@ -346,7 +346,6 @@ def score(predictions: dict, val, clip, device) -> Dict[str, float]:
     """CIDEr and CLIPScore through p2_evaluate (CIDEr only without CLIP); a validation subset is scored against the
     annotations of just those images."""
     import metrics
-    from p2_evaluate import evaluate, load_references
 
     annotations = read_json(val.annotation_file, "annotation file")
     if len(val.names) < len(annotations.get("images", [])):
@@ -356,8 +355,8 @@ def score(predictions: dict, val, clip, device) -> Dict[str, float]:
         annotations = dict(annotations, images=images,
                            annotations=[a for a in annotations["annotations"] if a.get("image_id") in ids])
     if clip is None:
-        return dict(cider=metrics.cider(predictions, load_references(annotations)[0])[0])
-    result = evaluate(predictions, annotations, val.folder, clip=clip, device=str(device))
+        return dict(cider=metrics.cider(predictions, metrics.load_references(annotations)[0])[0])
+    result = metrics.evaluate(predictions, annotations, val.folder, clip=clip, device=str(device))
     return dict(cider=float(result["CIDEr"]), clipscore=float(result["CLIPScore"]))
 
 

@@ -150,7 +150,7 @@ def plot_curves(curves: dict, path: str) -> None:
 
 def p2_scores(world: str, out: str, decoder: str, clip, captioners: str) -> dict:
     """Each converged checkpoint through p2_inference.py (hw3_2.sh's code), p2_evaluate.py and object F1."""
-    import p2_evaluate
+    import metrics
     import p2_inference
     from captioner import read_checkpoint_config
     from miniworld import world as world_lib
@@ -170,7 +170,7 @@ def p2_scores(world: str, out: str, decoder: str, clip, captioners: str) -> dict
         pred = os.path.join(folder, "pred.json")
         p2_inference.main([images, pred, decoder, "--checkpoint", checkpoint, "--device", "cpu", "--num-workers", "0"])
         predictions = read_json(pred)
-        scored = p2_evaluate.evaluate(predictions, annotations, images, clip=clip, device="cpu")
+        scored = metrics.evaluate(predictions, annotations, images, clip=clip, device="cpu")
         write_json(os.path.join(folder, "per_image.json"), scored["per_image"])
         f1 = world_lib.object_scores(predictions, scenes)
         meta = read_checkpoint_config(checkpoint)

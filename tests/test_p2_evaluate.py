@@ -88,7 +88,7 @@ def test_cli_end_to_end_with_tiny_clip(world, tmp_path):
 
 
 def test_evaluate_reuses_a_loaded_clip(world):
-    result = p2_evaluate.evaluate(dict(PREDICTIONS), world["ann"], world["images"], clip=world["clip"], batch_size=2)
+    result = metrics.evaluate(dict(PREDICTIONS), world["ann"], world["images"], clip=world["clip"], batch_size=2)
     cider, _, clip_mean, _ = expected_scores(world)
     assert result["CIDEr"] == pytest.approx(cider, abs=1e-12)
     assert result["CLIPScore"] == pytest.approx(clip_mean, abs=1e-6)
@@ -97,8 +97,8 @@ def test_evaluate_reuses_a_loaded_clip(world):
 
 def test_prediction_order_does_not_change_the_scores(world):
     reordered = dict(reversed(list(PREDICTIONS.items())))
-    a = p2_evaluate.evaluate(dict(PREDICTIONS), world["ann"], world["images"], clip=world["clip"])
-    b = p2_evaluate.evaluate(reordered, world["ann"], world["images"], clip=world["clip"])
+    a = metrics.evaluate(dict(PREDICTIONS), world["ann"], world["images"], clip=world["clip"])
+    b = metrics.evaluate(reordered, world["ann"], world["images"], clip=world["clip"])
     assert a["CIDEr"] == pytest.approx(b["CIDEr"], abs=1e-12)
     assert a["CLIPScore"] == pytest.approx(b["CLIPScore"], abs=1e-6)
 
@@ -109,7 +109,7 @@ def test_key_mismatch_names_missing_and_extra_keys(world):
     predictions["dog.png"] = "a dog"
     predictions["cat_3"] = "a cat"
     with pytest.raises(UserError) as err:
-        p2_evaluate.evaluate(predictions, world["ann"], world["images"], clip=world["clip"])
+        metrics.evaluate(predictions, world["ann"], world["images"], clip=world["clip"])
     message = str(err.value)
     assert "1 image(s) without a prediction: dog" in message
     assert "2 key(s) not in the annotations: cat_3, dog.png" in message
@@ -118,7 +118,7 @@ def test_key_mismatch_names_missing_and_extra_keys(world):
 def test_many_mismatched_keys_are_counted_and_shortened():
     references = {"k%03d" % i: ["a caption"] for i in range(40)}
     with pytest.raises(UserError) as err:
-        p2_evaluate.check_predictions({"x%03d" % i: "c" for i in range(30)}, references)
+        metrics.check_predictions({"x%03d" % i: "c" for i in range(30)}, references)
     message = str(err.value)
     assert "40 image(s) without a prediction: k000, k001, k002, k003, k004 ..." in message
     assert "30 key(s) not in the annotations" in message and "k039" not in message
@@ -130,21 +130,21 @@ def test_many_mismatched_keys_are_counted_and_shortened():
 ])
 def test_malformed_predictions_are_refused(world, bad, expected):
     with pytest.raises(UserError, match=expected):
-        p2_evaluate.evaluate(bad, world["ann"], world["images"], clip=world["clip"])
+        metrics.evaluate(bad, world["ann"], world["images"], clip=world["clip"])
 
 
 def test_malformed_annotations_and_missing_files_are_refused(world, tmp_path):
     with pytest.raises(UserError, match="annotation file not found"):
-        p2_evaluate.evaluate(dict(PREDICTIONS), str(tmp_path / "nope.json"), world["images"], clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "nope.json"), world["images"], clip=world["clip"])
     (tmp_path / "bad.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
     with pytest.raises(UserError, match=r"images\[0\] lacks"):
-        p2_evaluate.evaluate(dict(PREDICTIONS), str(tmp_path / "bad.json"), world["images"], clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "bad.json"), world["images"], clip=world["clip"])
     with pytest.raises(UserError, match="images root not found"):
-        p2_evaluate.evaluate(dict(PREDICTIONS), world["ann"], str(tmp_path / "none"), clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), world["ann"], str(tmp_path / "none"), clip=world["clip"])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="4 image.s. missing from"):
-        p2_evaluate.evaluate(dict(PREDICTIONS), world["ann"], str(empty), clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), world["ann"], str(empty), clip=world["clip"])
 
 
 def test_missing_clip_weights_fail_fast_offline(world):

@@ -193,7 +193,7 @@ def test_resume_refuses_changed_model(world, tmp_path):
 
 def test_validation_subset_with_clipscore(world, tmp_path):
     import metrics
-    from p2_evaluate import load_references
+    from metrics import load_references
 
     clip_config = tmp_path / "tiny-clip.json"
     clip_config.write_text(json.dumps({
