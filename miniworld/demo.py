@@ -5,7 +5,7 @@
 code) with the converged PEFT checkpoints in miniworld/models, scored by p2_evaluate.py and object F1,
 5. p3_visualize.py figures and the pointing game, 6. results.json / results.md and report.pdf.
 
-    python3 miniworld/demo.py --out outputs/demo [--small]
+    python3 -m miniworld.demo --out outputs/demo [--small]
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-from common import UserError, atomic_write, read_json, run_main, write_json  # noqa: E402
-from miniworld.train_vit import spec as encoder_spec  # noqa: E402
+from common import UserError, atomic_write, read_json, run_main, write_json
+from miniworld.train_vit import spec as encoder_spec
 
 MODELS = os.path.join(HERE, "models")
 METHODS = ("adapter", "prefix", "lora")
@@ -164,7 +163,7 @@ def p2_scores(world: str, out: str, decoder: str, clip, captioners: str) -> dict
     for method in METHODS:
         checkpoint = os.path.join(captioners, "p2_%s.pt" % method)
         if not os.path.isfile(checkpoint):
-            raise UserError("converged checkpoint %s is missing: run miniworld/train_captioners.py" % rel(checkpoint))
+            raise UserError("converged checkpoint %s is missing: run python3 -m miniworld.train_captioners" % rel(checkpoint))
         say("P2: %s checkpoint -> p2_inference.py -> p2_evaluate.py" % method)
         folder = os.path.join(out, "p2", method)
         pred = os.path.join(folder, "pred.json")

@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import UserError, atomic_dir, atomic_write, progress, run_main, write_json  # noqa: E402
-from miniworld import world  # noqa: E402
+from common import UserError, atomic_dir, atomic_write, progress, run_main, write_json
+from miniworld import world
 
 SPLIT_P1, SPLIT_P2_TRAIN, SPLIT_P2_VAL, SPLIT_P3 = 1, 2, 3, 4
 OBJECT_COUNT_PROBS = (0.3, 0.4, 0.3)  # P(1, 2, 3 objects) in P2/P3 scenes

@@ -4,7 +4,7 @@ them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2
 The encoder is the tiny timm ViT of miniworld/train_vit.py (loaded the way a real timm tower is), the decoder the tiny
 GPT-2 in the course's format; the methods train side by side, one thread each, with the same settings and epochs.
 
-    python3 miniworld/train_captioners.py [--epochs 5] [--methods adapter,prefix,lora]
+    python3 -m miniworld.train_captioners [--epochs 5] [--methods adapter,prefix,lora]
 """
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-from common import UserError, read_json, run_main, write_json  # noqa: E402
-from miniworld.train_vit import spec as encoder_spec  # noqa: E402
+from common import UserError, read_json, run_main, write_json
+from miniworld.train_vit import spec as encoder_spec
 
 ENCODER = encoder_spec()  # the captioners' frozen encoder, relative to the repository
 
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
             os.path.join(args.work, m + ".log") for m in failed)))
     for method, (_, _, out) in runs.items():
         meta = read_json(os.path.join(out, "best.json"))
-        meta["trained_with"] = ("python3 miniworld/train_captioners.py --methods %s --epochs %d --batch-size %d --lr %g "
+        meta["trained_with"] = ("python3 -m miniworld.train_captioners --methods %s --epochs %d --batch-size %d --lr %g "
                                 "--label-smoothing %g --seed %d%s" % (method, args.epochs, args.batch_size, args.lr,
                                                                       args.label_smoothing, args.seed,
                                                                       " --gate" if args.gate else ""))

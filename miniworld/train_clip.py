@@ -16,12 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
-from miniworld import world  # noqa: E402
-from miniworld.cli import run_training, training_parser  # noqa: E402
-from p1_templates import CIFAR_TEMPLATES  # noqa: E402
+from common import UserError, atomic_write, progress, run_main, write_json
+from miniworld import world
+from miniworld.cli import run_training, training_parser
+from p1_templates import CIFAR_TEMPLATES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "models", "tiny_clip.json")

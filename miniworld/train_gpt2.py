@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import atomic_write, progress, run_main, write_json  # noqa: E402
-from miniworld import world  # noqa: E402
-from miniworld.cli import run_training, training_parser  # noqa: E402
-from tokenizer import END_TOKEN, BPETokenizer  # noqa: E402
+from common import atomic_write, progress, run_main, write_json
+from miniworld import world
+from miniworld.cli import run_training, training_parser
+from tokenizer import END_TOKEN, BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "models", "decoder_model.bin")

@@ -11,7 +11,7 @@ shape on only half the object patches after 750 steps.)
 
 Scenes come from their own stream of seeds (never the P2 or P1 splits' images) and are rendered fresh every step.
 
-    python3 miniworld/train_vit.py [--steps 1500] [--threads 2]
+    python3 -m miniworld.train_vit [--steps 1500] [--threads 2]
 """
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
-from miniworld import world  # noqa: E402
-from miniworld.cli import run_training, training_parser  # noqa: E402
+from common import UserError, atomic_write, progress, run_main, write_json
+from miniworld import world
+from miniworld.cli import run_training, training_parser
 
 NAME = "vit_base_patch16_clip_224.laion2b"  # CLIP-style ViT (pre-norm, OpenAI mean/std, no crop at test time)
 ARCH = dict(img_size=96, patch_size=12, embed_dim=128, depth=4, num_heads=2)  # the tiny CLIP's image tower
@@ -138,7 +137,7 @@ def initial_model(init: str):
     model = timm.create_model(NAME.split(".")[0], pretrained=False, num_classes=0, **ARCH)
     if init != "none":
         if not os.path.isfile(init):
-            raise UserError("--init %s not found: run `python3 miniworld/train_clip.py` first" % init)
+            raise UserError("--init %s not found: run `python3 -m miniworld.train_clip` first" % init)
         state = {k: v.float() for k, v in torch.load(init, map_location="cpu").items()}
         converted = {k: v for k, v in checkpoint_filter_fn(state, model).items() if not k.startswith("head.")}
         model.load_state_dict(converted)

@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from miniworld import generate, world
 
-from miniworld import generate, world  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under numpy 2
 
@@ -165,7 +164,7 @@ def test_generate_refuses_a_foreign_folder(tmp_path):
     import subprocess
 
     (tmp_path / "mine.txt").write_text("keep me")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "miniworld", "generate.py"), "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "miniworld.generate", "--out", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "not a miniworld folder" in result.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
