@@ -1,4 +1,5 @@
-"""What every script shares: errors for people, the one image loader, the one atomic writer, progress bars."""
+"""What every script shares: errors for people, the one image loader and image Dataset, the one atomic writer,
+progress bars, the device choice."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -66,6 +67,58 @@ def load_rgb(path: str) -> Image.Image:
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageFiles:
+    """A Dataset of image files through a transform: (index, pixels, error). A file that cannot be read comes back as
+    its error message (pixels None), so the main process names it in one line instead of a worker's traceback."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(load_rgb(self.paths[index])), ""
+        except UserError as err:
+            return index, None, str(err)
+
+
+def collate_images(items):
+    """DataLoader collate for ImageFiles: (indices, pixels (B, ...) or None, error messages)."""
+    import torch
+
+    errors = [error for _, _, error in items if error]
+    if errors:
+        return [i for i, _, _ in items], None, errors
+    return [i for i, _, _ in items], torch.stack([pixels for _, pixels, _ in items]), []
+
+
+def image_batches(loader) -> Iterator:
+    """(indices, pixels) from a DataLoader over ImageFiles; the first batch holding an unreadable image stops the
+    run with one line naming it."""
+    for indices, pixels, errors in loader:
+        if errors:
+            raise UserError(errors[0] + (" (and %d more unreadable images)" % (len(errors) - 1) if len(errors) > 1
+                                         else ""))
+        yield indices, pixels
+
+
+def resolve_device(name: Optional[str] = None):
+    """The torch device for a --device option: None or "auto" = cuda if available, else cpu."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError("--device %r is not a torch device (cpu, cuda, cuda:0...)" % name) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device %s asked for, but torch sees no CUDA GPU here" % name)
+    return device
 
 
 @contextlib.contextmanager

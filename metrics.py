@@ -120,46 +120,28 @@ def cider(predictions: Dict[str, str], references: Dict[str, List[str]],
 # ---------------------------------------------------------------------------------------------------------------
 # CLIPScore
 # ---------------------------------------------------------------------------------------------------------------
-class _ImageCaptionPairs:
-    """Preprocessed (image, tokens) pairs for a DataLoader; images are loaded lazily from paths or taken as PIL."""
-
-    def __init__(self, images: Sequence, captions: Sequence[str], preprocess: Callable, tokenizer: Callable):
-        self.images, self.captions, self.preprocess, self.tokenizer = images, captions, preprocess, tokenizer
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        from common import load_rgb
-
-        image = self.images[i]
-        if isinstance(image, str):
-            image = load_rgb(image)
-        return self.preprocess(image), self.tokenizer([self.captions[i]])[0]
-
-
-def clip_score(images: Sequence, captions: Sequence[str], model, preprocess: Callable, tokenizer: Callable,
+def clip_score(paths: Sequence[str], captions: Sequence[str], model, preprocess: Callable, tokenizer: Callable,
                batch_size: int = 64, device: str = "cpu", num_workers: int = 0) -> Tuple[float, List[float]]:
     """CLIPScore = 2.5 * max(cos(image embedding, caption embedding), 0), as in the course's p2_evaluate.py (the
-    caption alone, no "A photo depicts" prefix): (mean, per pair). `images` are PIL images or file paths. Captions
+    caption alone, no "A photo depicts" prefix): (mean, per pair) for image files and their captions. Captions
     longer than the CLIP context are truncated by open_clip's tokenizer (the course's clip.tokenize would raise)."""
     import torch
     from torch.utils.data import DataLoader
 
-    from common import progress
+    from common import ImageFiles, collate_images, image_batches, progress
 
-    if len(images) != len(captions):
-        raise ValueError("%d images but %d captions" % (len(images), len(captions)))
-    if not len(images):
+    if len(paths) != len(captions):
+        raise ValueError("%d images but %d captions" % (len(paths), len(captions)))
+    if not len(paths):
         raise UserError("no images to score")
     dtype = next(model.parameters()).dtype
-    loader = DataLoader(_ImageCaptionPairs(images, captions, preprocess, tokenizer), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+    loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
+                        shuffle=False, collate_fn=collate_images)
     scores = []
     with torch.no_grad():
-        for pixels, tokens in progress(loader, desc="CLIPScore", unit="batch", leave=False):
+        for indices, pixels in image_batches(progress(loader, desc="CLIPScore", unit="batch", leave=False)):
             image_emb = model.encode_image(pixels.to(device=device, dtype=dtype)).float()
-            text_emb = model.encode_text(tokens.to(device)).float()
+            text_emb = model.encode_text(tokenizer([captions[i] for i in indices]).to(device)).float()
             cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
             scores.extend((CLIPSCORE_WEIGHT * cos.clamp(min=0)).tolist())
     return sum(scores) / len(scores), scores

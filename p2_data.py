@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common import UserError, load_rgb, progress, read_json, write_json
+from common import ImageFiles, UserError, collate_images, image_batches, load_rgb, progress, read_json, write_json
 from tokenizer import END_TOKEN
 
 IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
@@ -145,25 +145,27 @@ def light_augmentation() -> Callable:
     return augment
 
 
-class Images(Dataset):
-    """(index, image tensor) through the encoder's transform, optionally augmented first."""
+def images(caption_set: CaptionSet, transform: Callable, augment: Optional[Callable] = None) -> ImageFiles:
+    """The split's images as common.ImageFiles, (index, pixels, error), through the encoder's transform, optionally
+    augmented first."""
+    if augment is not None:
+        transform = _then(augment, transform)
+    return ImageFiles([caption_set.path(i) for i in range(len(caption_set.names))], transform)
 
-    def __init__(self, caption_set: CaptionSet, transform: Callable, augment: Optional[Callable] = None):
-        self.caption_set, self.transform, self.augment = caption_set, transform, augment
 
-    def __len__(self) -> int:
-        return len(self.caption_set.names)
+class _then:
+    """f then g, as an object so DataLoader workers can pickle it."""
 
-    def __getitem__(self, index: int):
-        image = load_rgb(self.caption_set.path(index))
-        if self.augment is not None:
-            image = self.augment(image)
-        return index, self.transform(image)
+    def __init__(self, f: Callable, g: Callable):
+        self.f, self.g = f, g
+
+    def __call__(self, x):
+        return self.g(self.f(x))
 
 
 class Features(Dataset):
-    """(index, cached image tokens (N, width) fp16) from a feature-cache file, opened lazily in each process so
-    DataLoader workers never pickle the memory map."""
+    """(index, cached image tokens (N, width) fp16, "") from a feature-cache file, shaped like ImageFiles' items and
+    opened lazily in each process so DataLoader workers never pickle the memory map."""
 
     def __init__(self, path: str):
         self.path = path
@@ -176,7 +178,7 @@ class Features(Dataset):
     def __getitem__(self, index: int):
         if self._rows is None:
             self._rows = np.load(self.path, mmap_mode="r")
-        return index, torch.from_numpy(np.array(self._rows[index]))
+        return index, torch.from_numpy(np.array(self._rows[index])), ""
 
 
 class CaptionPairs(Dataset):
@@ -192,7 +194,9 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int):
         image, caption = self.pairs[index]
-        _, visual = self.visuals[image]
+        _, visual, error = self.visuals[image]
+        if error:
+            raise UserError(error)
         return visual, self.tokens[image][caption]
 
 
@@ -201,10 +205,6 @@ def collate_pairs(batch):
     visuals = torch.stack([v for v, _ in batch])
     inputs, targets = caption_targets([t for _, t in batch])
     return visuals, inputs, targets
-
-
-def collate_images(batch):
-    return torch.tensor([i for i, _ in batch], dtype=torch.long), torch.stack([v for _, v in batch])
 
 
 # ----------------------------------------------------------------------------------------------- feature cache
@@ -253,12 +253,12 @@ def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch
                amp: bool, show: bool) -> None:
     from torch.utils.data import DataLoader, Subset
 
-    loader = DataLoader(Subset(Images(caption_set, encoder.transform), indices), batch_size=batch_size,
+    loader = DataLoader(Subset(images(caption_set, encoder.transform), indices), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_images)
-    for index, images in progress(loader, desc="encoding %d images" % len(indices), disable=not show):
+    for index, pixels in image_batches(progress(loader, desc="encoding %d images" % len(indices), disable=not show)):
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-            tokens = encoder(images.to(device))  # (B, N, width)
-        rows[index.numpy()] = tokens.float().cpu().numpy().astype(np.float16)
+            tokens = encoder(pixels.to(device))  # (B, N, width)
+        rows[np.array(index)] = tokens.float().cpu().numpy().astype(np.float16)
 
 
 def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: CaptionSet, batch_size: int = 64,

@@ -21,7 +21,8 @@ from typing import Dict, List, Optional
 import torch
 
 import captioner
-from common import UserError, list_images, load_rgb, progress, run_main, write_json
+from common import (ImageFiles, UserError, collate_images, image_batches, list_images, progress, resolve_device,
+                    run_main, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "p2_best.pt")
@@ -63,57 +64,19 @@ def output_keys(folder: str) -> List[str]:
     return names
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """(index, pixels, error): a bad image comes back as its error so the main process can name it in one line."""
-
-    def __init__(self, folder: str, names: List[str], transform):
-        self.folder, self.names, self.transform = folder, names, transform
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int):
-        try:
-            return index, self.transform(load_rgb(os.path.join(self.folder, self.names[index]))), ""
-        except (UserError, OSError, ValueError) as err:
-            return index, None, "cannot read image %s: %s" % (os.path.join(self.folder, self.names[index]),
-                                                               str(err).replace("cannot read image ", "", 1))
-
-
-def collate(items):
-    errors = [error for _, _, error in items if error]
-    if errors:
-        return None, None, errors
-    return [i for i, _, _ in items], torch.stack([pixels for _, pixels, _ in items]), []
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError("--device %r is not a torch device (cpu, cuda, cuda:0...)" % name) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device %s asked for but CUDA is not available" % name)
-    return device
-
-
 def caption_folder(model: captioner.Captioner, folder: str, names: List[str], settings: Dict[str, object],
                    batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> List[str]:
     from tokenizer import BPETokenizer
 
     tokenizer = BPETokenizer()
     loader = torch.utils.data.DataLoader(
-        ImageFiles(folder, names, model.encoder.transform), batch_size=batch_size, shuffle=False,
-        num_workers=min(num_workers, (len(names) + batch_size - 1) // batch_size), collate_fn=collate,
-        pin_memory=device.type == "cuda")
+        ImageFiles([os.path.join(folder, n) for n in names], model.encoder.transform), batch_size=batch_size,
+        shuffle=False, num_workers=min(num_workers, (len(names) + batch_size - 1) // batch_size),
+        collate_fn=collate_images, pin_memory=device.type == "cuda")
     captions: List[Optional[str]] = [None] * len(names)
     use_amp = fp16 and device.type == "cuda"
     with progress(total=len(names), desc="captioning", unit="img") as bar:
-        for indices, pixels, errors in loader:
-            if errors:
-                raise UserError(errors[0] + (" (and %d more bad images)" % (len(errors) - 1) if len(errors) > 1 else ""))
+        for indices, pixels in image_batches(loader):
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 ids = model.generate(pixels.to(device, non_blocking=True), **settings)
             for index, caption in zip(indices, captioner.decode_captions(ids, tokenizer)):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 import p2_data
-from common import UserError, atomic_write, progress, read_json, run_main, write_json
+from common import UserError, atomic_write, collate_images, image_batches, progress, read_json, run_main, write_json
 
 MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
 STATE_FORMAT = "hw3-p2-train-state/1"
@@ -269,14 +269,14 @@ def build_data(args, train, val, captioner, world: Dist):
         captioner.encoder.cpu()  # never run again: free the accelerator for the decoder
     else:
         augment = p2_data.light_augmentation() if args.augment else None
-        train_visuals = p2_data.Images(train, encoder.transform, augment)
-        val_visuals = p2_data.Images(val, encoder.transform)
+        train_visuals = p2_data.images(train, encoder.transform, augment)
+        val_visuals = p2_data.images(val, encoder.transform)
     pairs = p2_data.CaptionPairs(train_visuals, train_tokens)
     sampler = DistributedSampler(pairs, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(pairs, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=p2_data.collate_pairs, pin_memory=world.device.type == "cuda")
     val_loader = DataLoader(val_visuals, batch_size=args.val_batch_size, num_workers=args.workers,
-                            collate_fn=p2_data.collate_images)
+                            collate_fn=collate_images)
     val_tokens = p2_data.tokenize_captions(val.captions, tokenizer, max_tokens)
     return loader, sampler, val_loader, val_tokens
 
@@ -323,12 +323,12 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
     captioner.eval()
     predictions, loss_sum, count = {}, 0.0, 0
     keys = val.keys()
-    for index, visuals in progress(val_loader, desc="validation", leave=False):
+    for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
             tokens = image_tokens(captioner, visuals, device)  # (B, N, width)
             ids = generate(decoder, tokens, method=args.val_decode, beam_size=args.val_beam_size,
                            max_len=args.val_max_len)
-            rows = [(r, caption) for r, i in enumerate(index.tolist()) for caption in val_tokens[i]]
+            rows = [(r, caption) for r, i in enumerate(index) for caption in val_tokens[i]]
             inputs, targets = p2_data.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
             targets = targets.to(device)
@@ -337,7 +337,7 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
         n = int((targets != p2_data.IGNORE_INDEX).sum())
         loss_sum += float(caption_loss(logits, targets)) * n
         count += n
-        for i, caption in zip(index.tolist(), decode_captions(ids)):
+        for i, caption in zip(index, decode_captions(ids)):
             predictions[keys[i]] = caption
     return dict(predictions=predictions, val_loss=loss_sum / max(1, count))
 

@@ -90,7 +90,7 @@ def main() -> None:
         cached = loader(p2_data.Features(cache))
         timed_epoch(captioner.decoder, captioner, cached, args, world)  # warm-up: first-call allocations
         with_cache = timed_epoch(captioner.decoder, captioner, cached, args, world)
-        without_cache = timed_epoch(captioner.decoder, captioner, loader(p2_data.Images(caps, captioner.encoder.transform)),
+        without_cache = timed_epoch(captioner.decoder, captioner, loader(p2_data.images(caps, captioner.encoder.transform)),
                                     args, world)
         row_mb = np.load(cache, mmap_mode="r")[0].nbytes / 2 ** 20
     print("encoder %s, decoder GPT-2 small + %s (%s trainable), batch %d, %d steps, %d CPU threads" % (

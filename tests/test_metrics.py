@@ -77,23 +77,30 @@ def tiny_clip(tmp_path_factory):
     return clip_utils.load_clip(str(path), None, "cpu")
 
 
-def synthetic_images(n: int, seed: int = 0):
+def synthetic_images(folder, n: int, seed: int = 0):
+    """n image files of random sizes and colours; returns their paths."""
     from PIL import Image
 
     rng = random.Random(seed)
-    return [Image.new("RGB", (rng.randint(20, 60), rng.randint(20, 60)),
-                      (rng.randrange(256), rng.randrange(256), rng.randrange(256))) for _ in range(n)]
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / ("%d.png" % i)))
+        Image.new("RGB", (rng.randint(20, 60), rng.randint(20, 60)),
+                  (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(paths[-1])
+    return paths
 
 
-def test_clip_score_equals_formula(tiny_clip):
+def test_clip_score_equals_formula(tiny_clip, tmp_path):
+    from common import load_rgb
+
     model, preprocess, tokenizer = tiny_clip
-    images = synthetic_images(7)
+    images = synthetic_images(tmp_path, 7)
     captions = ["a red square", "A photo of a dog.", "", "two cats " * 20, "blue", "green sky", "x"]
     mean, per_image = metrics.clip_score(images, captions, model, preprocess, tokenizer, batch_size=3)
     expected = []
     with torch.no_grad():
         for image, caption in zip(images, captions):  # one at a time, as the course's getCLIPScore
-            a = model.encode_image(preprocess(image).unsqueeze(0))[0]
+            a = model.encode_image(preprocess(load_rgb(image)).unsqueeze(0))[0]
             b = model.encode_text(tokenizer([caption]))[0]
             cos = float(a @ b / (a.norm() * b.norm()))
             expected.append(2.5 * max(cos, 0.0))
@@ -102,7 +109,7 @@ def test_clip_score_equals_formula(tiny_clip):
     assert any(s > 0 for s in expected) and all(s >= 0 for s in per_image)
 
 
-def test_clip_score_clamps_negative_similarity():
+def test_clip_score_clamps_negative_similarity(tmp_path):
     class Opposite(torch.nn.Module):
         """Image and text embeddings point opposite ways: cos = -1, so CLIPScore = 0."""
 
@@ -116,6 +123,6 @@ def test_clip_score_clamps_negative_similarity():
         def encode_text(self, t):
             return -self.w.expand(t.shape[0], 4)
 
-    mean, per_image = metrics.clip_score(synthetic_images(2), ["a", "b"], Opposite(),
+    mean, per_image = metrics.clip_score(synthetic_images(tmp_path, 2), ["a", "b"], Opposite(),
                                          lambda im: torch.zeros(3, 4, 4), lambda caps: torch.zeros(len(caps), 5).long())
     assert per_image == [0.0, 0.0] and mean == 0.0
