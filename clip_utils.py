@@ -188,6 +188,12 @@ def download_clip(model: str, tag: str) -> str:
     return path
 
 
+def cached_clip(model: str, tag: str) -> Optional[str]:
+    """The local file of an open_clip model's tag, or None when it still has to be downloaded."""
+    open_clip = _open_clip(offline=None)
+    return cached_weights(_tag_config(open_clip, _resolve_name(open_clip, model), tag))
+
+
 def list_tags(model: str) -> List[str]:
     open_clip = _open_clip()
     return open_clip.list_pretrained_tags_by_model(_resolve_name(open_clip, model))
@@ -204,14 +210,19 @@ def _openai_clip():
     return module
 
 
-def openai_weights_path(model: str) -> str:
-    """Where OpenAI's clip downloads a model's released weights: its folder + the file name of the model's URL."""
+def openai_weights_url(model: str) -> str:
+    """The URL of an OpenAI model's released weights; its last folder is the file's SHA-256."""
     clip = _openai_clip()
     if model not in clip.available_models():
         close = difflib.get_close_matches(model, clip.available_models(), n=3)
         raise UserError("unknown OpenAI CLIP model %r (OpenAI's models: %s)"
                         % (model, ", ".join(close or clip.available_models())))
-    return os.path.join(os.path.expanduser(OPENAI_CACHE), os.path.basename(clip.clip._MODELS[model]))
+    return clip.clip._MODELS[model]
+
+
+def openai_weights_path(model: str) -> str:
+    """Where OpenAI's clip downloads a model's released weights: its folder + the file name of the model's URL."""
+    return os.path.join(os.path.expanduser(OPENAI_CACHE), os.path.basename(openai_weights_url(model)))
 
 
 def _read_state_dict_file(path: str) -> Dict[str, object]:
@@ -289,8 +300,7 @@ def load_openai_clip(model: str, pretrained: Optional[str], device: str = "cpu")
 def download_openai_clip(model: str) -> str:
     """Online: OpenAI's clip's own downloader (SHA-256 checked) into its cache; nothing is loaded."""
     clip = _openai_clip()
-    path = openai_weights_path(model)
-    url = clip.clip._MODELS[model]
+    path, url = openai_weights_path(model), openai_weights_url(model)
     try:
         return clip.clip._download(url, os.path.dirname(path))
     except Exception as err:  # network errors come in many types
@@ -310,11 +320,9 @@ def main() -> int:
     if args.action == "download":
         print(download_clip(args.model, args.tag))
         return 0
-    open_clip = _open_clip()
-    name = _resolve_name(open_clip, args.model)
-    path = cached_weights(_tag_config(open_clip, name, args.tag))
+    path = cached_clip(args.model, args.tag)
     if path is None:
-        raise UserError("weights %s/%s are not in the local cache: %s" % (name, args.tag, DOWNLOAD_HINT))
+        raise UserError("weights %s/%s are not in the local cache: %s" % (args.model, args.tag, DOWNLOAD_HINT))
     print(path)
     return 0
 
