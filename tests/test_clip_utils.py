@@ -57,7 +57,7 @@ def test_tiny_config_loads_random_and_reloads_from_file(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_missing_tag_fails_fast_offline_with_one_line():
+def test_missing_tag_fails_fast_offline_with_one_line(tmp_path):
     """In a fresh process (so the import cost is paid first), an uncached tag fails in well under a second."""
     code = (
         "import time, clip_utils, open_clip\n"
@@ -67,7 +67,7 @@ def test_missing_tag_fails_fast_offline_with_one_line():
         "except clip_utils.UserError as e:\n"
         "    print(repr(time.time() - t)); print(e)\n"
     )
-    env = dict(os.environ, HF_HOME=os.path.join(ROOT, ".no-such-hf-home"), XDG_CACHE_HOME="/nonexistent-cache")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME="/nonexistent-cache")  # the hub writes there
     env.pop("HF_HUB_OFFLINE", None)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
