@@ -1,22 +1,69 @@
-"""The project's one open_clip loader: a model name or a model-config JSON, weights from a tag (local cache only),
-a local checkpoint file, or none at all; a missing download fails at once with one line saying what to run."""
+"""The project's one CLIP loader: a model name or a model-config JSON, weights from a tag (local cache only),
+a local checkpoint file, or none at all; a missing download fails at once with one line saying what to run.
+
+Two backends: open_clip (any open_clip model), and OpenAI's `clip` package (its released models), which is what the
+course's environment has. OpenAI's files are loaded without running code from them: a TorchScript archive through
+torch.jit.load, a state-dict file through `_read_state_dict_file`, then clip.model.build_model."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
+import importlib
+import inspect
 import os
-from typing import Callable, List, Optional, Tuple
+import warnings
+import zipfile
+from typing import Callable, Dict, List, Optional, Tuple
 
 from common import UserError, hub_offline, read_json
 
 DOWNLOAD_HINT = "run `bash hw3_download.sh` (online) or pass --pretrained PATH to a local checkpoint file"
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+BACKEND_MODULES = {"open_clip": "open_clip", "openai": "clip"}
+BACKEND_PACKAGES = {"open_clip": "open_clip_torch", "openai": "OpenAI's clip (pip name openai-clip)"}
+OPENAI_TAG = "openai"  # the released weights of an OpenAI model name, in OpenAI clip's download folder
+OPENAI_CACHE = os.path.join("~", ".cache", "clip")  # where OpenAI's clip (and open_clip, for URLs) downloads to
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
-def _open_clip(offline: bool = True):
+def _open_clip(offline: Optional[bool] = True):
+    """open_clip with the hub set offline (True), online (False) or left as it is (None)."""
     hub_offline(offline)
     import open_clip
 
     return open_clip
+
+
+def _import_backend(backend: str):
+    """(module, None) or (None, why it does not import); OpenAI's clip warns that pkg_resources is deprecated."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            return importlib.import_module(BACKEND_MODULES[backend]), None
+    except ImportError as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if "pkg_resources" in reason:
+            reason += " (OpenAI's clip needs setuptools<81: pip install 'setuptools<81')"
+        return None, reason
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """'open_clip' or 'openai': the one asked for, or for 'auto' open_clip if it imports, else OpenAI's clip."""
+    names = ("open_clip", "openai") if backend == "auto" else (backend,)
+    reasons = []
+    for name in names:
+        if name not in BACKEND_MODULES:
+            raise UserError("--backend %r is none of auto, %s" % (backend, ", ".join(BACKEND_MODULES)))
+        module, reason = _import_backend(name)
+        if module is not None:
+            return name
+        reasons.append("%s: %s" % (BACKEND_PACKAGES[name], reason))
+    if backend == "auto":
+        raise UserError("CLIP needs open_clip_torch or OpenAI's clip (pip name openai-clip) and neither imports "
+                        "(%s)" % "; ".join(reasons))
+    raise UserError("--backend %s needs %s, which does not import (%s)"
+                    % (backend, BACKEND_PACKAGES[backend], reasons[0]))
 
 
 def resolve_model_name(model: str) -> str:
@@ -40,32 +87,35 @@ def _resolve_name(open_clip, model: str) -> str:
                     % (model, " (did you mean %s?)" % ", ".join(close) if close else ""))
 
 
-def _cached_hub_file(hf_hub: str) -> Optional[str]:
+@contextlib.contextmanager
+def _hub_offline_now():
+    """The hub offline for the block, whatever it was before: a cache look-up must never download."""
+    was = hub_offline()
+    hub_offline(True)
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    repo, filename = os.path.split(hf_hub)  # "org/repo/" means open_clip's default file name
-    filename = filename or "open_clip_pytorch_model.bin"
-    stem = os.path.splitext(filename)[0]
-    for name in (stem + ".safetensors", "open_clip_model.safetensors", filename):
-        path = try_to_load_from_cache(repo, name)
-        if isinstance(path, str) and os.path.isfile(path):
-            return path
-    return None
+        yield
+    finally:
+        hub_offline(was)
 
 
 def cached_weights(pretrained_cfg: dict) -> Optional[str]:
-    """The local file open_clip would load for a tag, or None when it still has to be downloaded."""
+    """The local file the installed open_clip would load for a tag, or None when it still has to be downloaded.
+    open_clip itself picks the hub file (its choice between .bin and .safetensors changed across versions), asked
+    with the hub offline so that it returns the cached path or fails at once; a URL tag is its download folder."""
     if pretrained_cfg.get("file"):
         return pretrained_cfg["file"] if os.path.isfile(pretrained_cfg["file"]) else None
-    if pretrained_cfg.get("hf_hub"):
-        path = _cached_hub_file(pretrained_cfg["hf_hub"])
-        if path:
-            return path
+    open_clip = _open_clip(offline=None)
+    has_hub = getattr(open_clip.pretrained, "has_hf_hub", lambda: True)()
+    if pretrained_cfg.get("hf_hub") and has_hub:  # open_clip prefers the hub when it has one (download_pretrained)
+        with _hub_offline_now():
+            try:
+                path = open_clip.download_pretrained(pretrained_cfg)
+            except Exception:  # offline misses raise FileNotFoundError, or the hub's own error types
+                return None
+        return path if path and os.path.isfile(path) else None
     url = pretrained_cfg.get("url")
     if url:
-        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        path = os.path.join(os.path.expanduser(OPENAI_CACHE), os.path.basename(url))
         if os.path.isfile(path):
             return path
     return None
@@ -91,13 +141,16 @@ def _explain_load_error(open_clip, pretrained: Optional[str], err: Exception) ->
     return "checkpoint %s does not fit this model config: %s" % (pretrained, first_line)
 
 
-def load_clip(model: str, pretrained: Optional[str], device: str = "cpu") -> Tuple[object, Callable, Callable]:
+def load_clip(model: str, pretrained: Optional[str], device: str = "cpu",
+              backend: str = "open_clip") -> Tuple[object, Callable, Callable]:
     """(model in eval mode on device, eval preprocess PIL -> tensor, tokenizer List[str] -> ids) from local files only."""
+    if backend == "openai":
+        return load_openai_clip(model, pretrained, device)
     open_clip = _open_clip()
     name = _resolve_name(open_clip, model)
     kwargs = {}
     if pretrained and not os.path.isfile(pretrained):
-        if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if os.path.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
             raise UserError("checkpoint file not found: %s" % pretrained)
         config = _tag_config(open_clip, name, pretrained)
         if cached_weights(config) is None:
@@ -135,9 +188,124 @@ def download_clip(model: str, tag: str) -> str:
     return path
 
 
+def cached_clip(model: str, tag: str) -> Optional[str]:
+    """The local file of an open_clip model's tag, or None when it still has to be downloaded."""
+    open_clip = _open_clip(offline=None)
+    return cached_weights(_tag_config(open_clip, _resolve_name(open_clip, model), tag))
+
+
 def list_tags(model: str) -> List[str]:
     open_clip = _open_clip()
     return open_clip.list_pretrained_tags_by_model(_resolve_name(open_clip, model))
+
+
+# ------------------------------------------------------------------------------------- OpenAI's clip package
+
+def _openai_clip():
+    module, reason = _import_backend("openai")
+    if module is None:
+        raise UserError("%s does not import (%s)" % (BACKEND_PACKAGES["openai"], reason))
+    import clip.model  # noqa: F401 (build_model)
+
+    return module
+
+
+def openai_weights_url(model: str) -> str:
+    """The URL of an OpenAI model's released weights; its last folder is the file's SHA-256."""
+    clip = _openai_clip()
+    if model not in clip.available_models():
+        close = difflib.get_close_matches(model, clip.available_models(), n=3)
+        raise UserError("unknown OpenAI CLIP model %r (OpenAI's models: %s)"
+                        % (model, ", ".join(close or clip.available_models())))
+    return clip.clip._MODELS[model]
+
+
+def openai_weights_path(model: str) -> str:
+    """Where OpenAI's clip downloads a model's released weights: its folder + the file name of the model's URL."""
+    return os.path.join(os.path.expanduser(OPENAI_CACHE), os.path.basename(openai_weights_url(model)))
+
+
+def _read_state_dict_file(path: str) -> Dict[str, object]:
+    """The one reader of plain state-dict files for OpenAI's clip: tensors only, no code run while unpickling."""
+    import torch
+
+    if "weights_only" in inspect.signature(torch.load).parameters:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # TODO(lead): restricted unpickler (torch < 1.13 has no weights_only)
+    return torch.load(path, map_location="cpu")
+
+
+def _is_torchscript(path: str) -> bool:
+    """TorchScript archives are zip files with the model's code in them; torch.save files hold only data."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def read_openai_weights(path: str) -> Dict[str, object]:
+    """The state dict of OpenAI's released TorchScript archives (their tensors, never their code) or of a plain
+    state-dict file."""
+    import torch
+
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():  # torch 2.x deprecates TorchScript; OpenAI's files still are TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        state_dict = _read_state_dict_file(path)
+    except Exception as err:  # zip, pickle and TorchScript errors alike: say which file
+        raise UserError("checkpoint %s is not a readable CLIP weight file (%s: %s)"
+                        % (path, type(err).__name__, " ".join(str(err).split())[:160])) from None
+    if not isinstance(state_dict, dict):
+        raise UserError("checkpoint %s holds a %s, not a state dict" % (path, type(state_dict).__name__))
+    return state_dict
+
+
+def _openai_weights_file(model: str, pretrained: Optional[str]) -> str:
+    if pretrained is None:
+        raise UserError("OpenAI's clip has no random weights: pass --pretrained %s or a weight file "
+                        "(random weights need the open_clip backend)" % OPENAI_TAG)
+    if os.path.isfile(pretrained):
+        return pretrained
+    if os.path.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        raise UserError("checkpoint file not found: %s" % pretrained)
+    if pretrained != OPENAI_TAG:
+        raise UserError("--pretrained %r is neither a file nor %r, the released weights of OpenAI's clip"
+                        % (pretrained, OPENAI_TAG))
+    path = openai_weights_path(model)
+    if not os.path.isfile(path):
+        raise UserError("weights of OpenAI CLIP %s are not in the local cache %s (loading never downloads): %s"
+                        % (model, path, DOWNLOAD_HINT))
+    return path
+
+
+def load_openai_clip(model: str, pretrained: Optional[str], device: str = "cpu") -> Tuple[object, Callable, Callable]:
+    """load_clip through OpenAI's clip: the architecture comes from the weights (clip.model.build_model); fp32, so
+    that the caller's autocast decides the GPU precision as with open_clip."""
+    clip = _openai_clip()
+    path = _openai_weights_file(model, pretrained)
+    state_dict = read_openai_weights(path)
+    try:
+        net = clip.model.build_model(state_dict)
+    except Exception as err:  # missing keys or shapes that do not fit: not an OpenAI CLIP state dict
+        raise UserError("checkpoint %s is not an OpenAI CLIP state dict (%s: %s)"
+                        % (path, type(err).__name__, " ".join(str(err).split())[:160])) from None
+    net = net.float().to(device).eval()  # build_model converts the weights to fp16
+    preprocess = clip.clip._transform(net.visual.input_resolution)
+    tokenizer = functools.partial(clip.tokenize, context_length=net.context_length, truncate=True)
+    return net, preprocess, tokenizer
+
+
+def download_openai_clip(model: str) -> str:
+    """Online: OpenAI's clip's own downloader (SHA-256 checked) into its cache; nothing is loaded."""
+    clip = _openai_clip()
+    path, url = openai_weights_path(model), openai_weights_url(model)
+    try:
+        return clip.clip._download(url, os.path.dirname(path))
+    except Exception as err:  # network errors come in many types
+        raise UserError("download of OpenAI CLIP %s from %s failed (is this machine online?): %s"
+                        % (model, url, " ".join(str(err).split())[:200])) from None
 
 
 def main() -> int:
@@ -152,11 +320,9 @@ def main() -> int:
     if args.action == "download":
         print(download_clip(args.model, args.tag))
         return 0
-    open_clip = _open_clip()
-    name = _resolve_name(open_clip, args.model)
-    path = cached_weights(_tag_config(open_clip, name, args.tag))
+    path = cached_clip(args.model, args.tag)
     if path is None:
-        raise UserError("weights %s/%s are not in the local cache: %s" % (name, args.tag, DOWNLOAD_HINT))
+        raise UserError("weights %s/%s are not in the local cache: %s" % (args.model, args.tag, DOWNLOAD_HINT))
     print(path)
     return 0
 

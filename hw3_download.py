@@ -1,10 +1,16 @@
 """Downloads, once, everything hw3_1.sh and hw3_2.sh need that is not in the repository.
 
-- P1's CLIP (open_clip name + tag) and P2's image encoder (timm name.tag) go into the caches those libraries read,
-  so inference loads them with the hub offline.
-- P2's trained checkpoint comes from RELEASE below (the one place that names it), is resumed if a previous try broke
-  off, and is checked against its size and SHA-256 before it is moved into place.
-Run again, it checks and skips what is already there.
+Parts, each tried whatever happened to the ones before; a summary line per part ends the run:
+- P1 CLIP: open_clip EVA02-L-14 / merged2b_s4b_b131k (about 0.86 GB) into the Hugging Face hub cache when open_clip
+  is installed, else OpenAI's ViT-L/14@336px (about 0.9 GB) into ~/.cache/clip through OpenAI clip's own
+  downloader (downloaded only: loading never runs code from the file).
+- P2 image encoder: timm vit_huge_patch14_clip_quickgelu_224.dfn5b (about 3.9 GB) into the hub cache.
+- CLIPScore CLIP, with --with-clipscore: open_clip ViT-B-32 / openai (about 0.6 GB), for p2_evaluate.py and training.
+- P2 trained checkpoint: from RELEASE below (the one place that names it), resumed if a previous try broke off, and
+  checked against its size and SHA-256 before it is moved into place. Until one is released this is a warning that
+  says what to do instead, not a failure.
+Run again, it checks and skips what is already there. Exit status 0 when every part it can fetch is in place, 1 when
+a part failed (2 for a wrong command line).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from typing import Callable, List, NamedTuple, Optional
 
 from common import UserError, progress, run_main
 
@@ -89,6 +96,121 @@ def check_online(host: str = HUB_HOST, timeout: float = 5.0) -> None:
                         "once it has run" % (host, err)) from None
 
 
+class NotReleased(Exception):
+    """A part that cannot be fetched yet; its message is the next step."""
+
+
+class Part(NamedTuple):
+    name: str
+    cached: Callable[[], Optional[str]]  # offline: the file already in place, or None
+    fetch: Callable[[], str]  # online: downloads and returns the file
+
+
+def _fails(err: Exception) -> Callable:
+    def raise_it():
+        raise err
+
+    return raise_it
+
+
+def p1_clip_part() -> Part:
+    """open_clip's EVA02-L-14 where open_clip imports (p1_clip_zeroshot's default), else OpenAI's ViT-L/14@336px."""
+    import clip_utils
+    import p1_clip_zeroshot
+
+    backend = clip_utils.resolve_backend("auto")
+    model, tag = p1_clip_zeroshot.DEFAULTS[backend]
+    if backend == "openai":
+        return openai_clip_part("P1 CLIP %s (OpenAI's clip)" % model, model)
+    return open_clip_part("P1 CLIP %s/%s (open_clip)" % (model, tag), model, tag)
+
+
+def open_clip_part(name: str, model: str, tag: str) -> Part:
+    import clip_utils
+
+    return Part(name, lambda: clip_utils.cached_clip(model, tag), lambda: clip_utils.download_clip(model, tag))
+
+
+def openai_clip_part(name: str, model: str) -> Part:
+    import clip_utils
+
+    def cached() -> Optional[str]:
+        path = clip_utils.openai_weights_path(model)
+        expected = clip_utils.openai_weights_url(model).split("/")[-2]  # OpenAI's URLs name the file's SHA-256
+        return path if os.path.isfile(path) and sha256_of(path) == expected else None
+
+    return Part(name, cached, lambda: clip_utils.download_openai_clip(model))
+
+
+def encoder_part() -> Part:
+    import captioner
+
+    def fetch() -> str:
+        captioner.download_encoder(captioner.DEFAULT_ENCODER)
+        return cached() or "the hub cache"
+
+    def cached() -> Optional[str]:
+        backend, name, _, _ = captioner.parse_encoder_spec(captioner.DEFAULT_ENCODER)
+        return captioner.timm_weights_cached(name) if backend == "timm" else None
+
+    return Part("P2 encoder %s" % captioner.DEFAULT_ENCODER, cached, fetch)
+
+
+def checkpoint_part() -> Part:
+    dest = os.path.join(HERE, RELEASE["path"])
+    config = os.path.splitext(dest)[0] + ".json"
+
+    def cached() -> Optional[str]:
+        if not RELEASE["url"]:
+            if os.path.isfile(dest) and os.path.isfile(config):
+                return dest  # put there by hand
+            raise NotReleased("train one with p2_train.py, then put its URL, SHA-256 and size in RELEASE in "
+                              "hw3_download.py, or copy OUT/best.pt and OUT/best.json to %s and %s"
+                              % (RELEASE["path"], os.path.relpath(config, HERE)))
+        if os.path.isfile(dest) and (not RELEASE["sha256"] or sha256_of(dest) == RELEASE["sha256"]):
+            return dest
+        return None
+
+    return Part("P2 checkpoint", cached, lambda: fetch(RELEASE["url"], dest, RELEASE["sha256"], RELEASE["bytes"]))
+
+
+def _built(name: str, make: Callable[[], Part]) -> Part:
+    """A part, or one that fails with the reason it could not be set up (e.g. a library that does not import)."""
+    try:
+        return make()
+    except Exception as err:  # reported in the summary like any other failure
+        return Part(name, _fails(err), _fails(err))
+
+
+def plan(args: argparse.Namespace) -> List[Part]:
+    parts = []
+    if not args.skip_p1:
+        parts.append(_built("P1 CLIP", p1_clip_part))
+    if not args.skip_p2:
+        parts.append(_built("P2 encoder", encoder_part))
+    if args.with_clipscore:
+        parts.append(_built("CLIPScore CLIP", lambda: open_clip_part(
+            "CLIPScore CLIP %s/%s (open_clip)" % CLIPSCORE_CLIP, *CLIPSCORE_CLIP)))
+    if not args.skip_p2:
+        parts.append(_built("P2 checkpoint", checkpoint_part))
+    return parts
+
+
+def one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, UserError) else "%s: %s" % (type(err).__name__, text[:300])
+
+
+def get(part: Part, offline_reason: Optional[str]) -> str:
+    """The part's outcome as one line; raises what went wrong."""
+    path = part.cached()
+    if path:
+        return "already there: %s" % path
+    if offline_reason:
+        raise UserError("not attempted, %s" % offline_reason)
+    return "ok (downloaded): %s" % part.fetch()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-p1", action="store_true", help="do not fetch P1's CLIP")
@@ -96,27 +218,24 @@ def main(argv=None) -> int:
     parser.add_argument("--with-clipscore", action="store_true",
                         help="also fetch CLIP ViT-B-32/openai, which p2_evaluate.py and training use for CLIPScore")
     args = parser.parse_args(argv)
-    check_online()
-    import p1_clip_zeroshot
-    from captioner import DEFAULT_ENCODER, download_encoder
-
-    if not args.skip_p1:
-        import clip_utils
-
-        path = clip_utils.download_clip(p1_clip_zeroshot.DEFAULT_MODEL, p1_clip_zeroshot.DEFAULT_PRETRAINED)
-        print("P1 CLIP %s/%s: %s" % (p1_clip_zeroshot.DEFAULT_MODEL, p1_clip_zeroshot.DEFAULT_PRETRAINED, path))
-    if args.with_clipscore:
-        import clip_utils
-
-        print("CLIPScore CLIP %s/%s: %s" % (CLIPSCORE_CLIP + (clip_utils.download_clip(*CLIPSCORE_CLIP),)))
-    if not args.skip_p2:
-        download_encoder(DEFAULT_ENCODER)
-        print("P2 encoder %s: in the hub cache" % DEFAULT_ENCODER)
-        if not RELEASE["url"]:
-            raise UserError("no trained P2 checkpoint has been released yet (RELEASE in hw3_download.py is empty): "
-                            "train one with p2_train.py and pass it to p2_inference.py --checkpoint")
-        fetch(RELEASE["url"], os.path.join(HERE, RELEASE["path"]), RELEASE["sha256"], RELEASE["bytes"])
-    return 0
+    try:
+        check_online()
+        offline_reason = None
+    except UserError as err:
+        offline_reason = str(err)
+        print("error: %s" % err, file=sys.stderr)
+    summary, failed = [], False
+    for part in plan(args):
+        print("== %s" % part.name, file=sys.stderr)
+        try:
+            outcome = get(part, offline_reason)
+        except NotReleased as err:
+            outcome = "WARNING: not released yet: %s" % err
+        except Exception as err:  # every part is tried whatever failed before; the summary names the failure
+            outcome, failed = "FAILED: %s" % one_line(err), True
+        summary.append("%s: %s" % (part.name, outcome))
+    print("\n".join(["hw3_download summary:"] + ["  " + line for line in summary]))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

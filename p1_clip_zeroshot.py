@@ -1,7 +1,8 @@
-"""P1: zero-shot classification with a pretrained open_clip CLIP, no fine-tuning.
+"""P1: zero-shot classification with a pretrained CLIP, no fine-tuning.
 
 Class embeddings are averaged over a template set (normalised before and after averaging, as open_clip's
 zero_shot_classifier does); each image goes to the class whose embedding is most similar to its own.
+The CLIP comes from open_clip when it is installed, else from OpenAI's clip package (the course's environment).
 
     python3 p1_clip_zeroshot.py IMG_DIR ID2LABEL_JSON OUT_CSV [--evaluate] [--compare-prompts] [--plot-top5 3]
 """
@@ -22,6 +23,9 @@ from common import UserError, list_images, load_rgb, progress, read_json, run_ma
 # 90.71 %, the best of the models whose weights fit an 11 GB card in fp16 and a 20-minute download (0.86 GB, fp16).
 DEFAULT_MODEL = "EVA02-L-14"
 DEFAULT_PRETRAINED = "merged2b_s4b_b131k"
+# Without open_clip: OpenAI's strongest released model, ViT-L/14@336px (CIFAR-100 74.36 % in the same table).
+OPENAI_MODEL = "ViT-L/14@336px"
+DEFAULTS = {"open_clip": (DEFAULT_MODEL, DEFAULT_PRETRAINED), "openai": (OPENAI_MODEL, "openai")}
 DEFAULT_TEMPLATES = "cifar"
 RANDOM_WEIGHTS = ("none", "random")
 CLASSES_PER_TEXT_BATCH = 10
@@ -150,16 +154,36 @@ def encode_images(model, dataset: ImageFiles, device: str, batch_size: int = 64,
     return torch.cat(features)
 
 
-def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: str):
+def build_zero_shot_weights(model, tokenizer, classnames: Sequence[str], fill_ins: Sequence[Callable[[str], str]],
+                            num_classes_per_batch: int, device: str):
+    """open_clip's build_zero_shot_classifier for OpenAI's models, whose encode_text has no `normalize`: (D, C) class
+    embeddings, each the mean of its normalised template embeddings, renormalised."""
+    import torch
+    import torch.nn.functional as F
+
+    columns = []
+    for start in range(0, len(classnames), num_classes_per_batch):
+        batch = classnames[start:start + num_classes_per_batch]
+        texts = [fill_in(name) for name in batch for fill_in in fill_ins]
+        embeddings = F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1)  # (classes * templates, D)
+        embeddings = embeddings.reshape(len(batch), len(fill_ins), -1).mean(dim=1)
+        columns.append(F.normalize(embeddings, dim=-1))  # (classes, D)
+    return torch.cat(columns).t()  # (D, C)
+
+
+def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: str,
+                     backend: str = "open_clip"):
     """(C, D) unit-norm class embeddings: per class, mean of the normalised template embeddings, renormalised."""
-    import open_clip
     import torch
 
+    if backend == "open_clip":
+        from open_clip import build_zero_shot_classifier
+    else:
+        build_zero_shot_classifier = build_zero_shot_weights
     fill_ins = [(lambda c, t=template: t.replace("{}", c)) for template in templates]
     with torch.no_grad(), autocast(device):
-        weights = open_clip.build_zero_shot_classifier(model, tokenizer, [clean_class_name(c) for c in classnames],
-                                                       fill_ins, num_classes_per_batch=CLASSES_PER_TEXT_BATCH,
-                                                       device=device)  # (D, C)
+        weights = build_zero_shot_classifier(model, tokenizer, [clean_class_name(c) for c in classnames], fill_ins,
+                                             num_classes_per_batch=CLASSES_PER_TEXT_BATCH, device=device)  # (D, C)
     return weights.float().t().cpu()
 
 
@@ -181,7 +205,8 @@ def evaluation(predictions, labels: Sequence[int], classnames: Sequence[str]) ->
             "per_class": per_class}
 
 
-def compare_prompts(model, tokenizer, features, labels, classnames, ensemble: Tuple[str, List[str]], device: str) -> str:
+def compare_prompts(model, tokenizer, features, labels, classnames, ensemble: Tuple[str, List[str]], device: str,
+                    backend: str = "open_clip") -> str:
     """Markdown table: accuracy of the report's three single templates and of our ensemble."""
     import p1_templates
 
@@ -189,7 +214,8 @@ def compare_prompts(model, tokenizer, features, labels, classnames, ensemble: Tu
     rows.append(("ensemble: %s (%d templates)" % (ensemble[0], len(ensemble[1])), ensemble[1]))
     lines = ["| prompt | accuracy |", "| --- | ---: |"]
     for title, templates in rows:
-        predictions = (features @ class_embeddings(model, tokenizer, classnames, templates, device).t()).argmax(dim=1)
+        text = class_embeddings(model, tokenizer, classnames, templates, device, backend)  # (C, D)
+        predictions = (features @ text.t()).argmax(dim=1)
         accuracy = sum(int(p) == t for p, t in zip(predictions.tolist(), labels)) / len(labels)
         lines.append("| %s | %.2f %% |" % (title.replace("{}", "{object}").replace("|", "\\|"), 100 * accuracy))
     return "\n".join(lines) + "\n"
@@ -237,11 +263,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     io.add_argument("id2label", help="JSON {\"0\": \"class name\", ...} with ids 0..N-1")
     io.add_argument("out_csv", help="output CSV 'filename,label' (its folder is created)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL,
-                       help="open_clip model name, or path of an open_clip model-config JSON (default %(default)s)")
+    model.add_argument("--backend", default="auto", choices=("auto", "open_clip", "openai"),
+                       help="CLIP library: open_clip_torch, or OpenAI's clip (pip name openai-clip); auto = open_clip "
+                            "if it imports, else OpenAI's clip (default %(default)s)")
+    model.add_argument("--model", default=None,
+                       help="open_clip: model name or open_clip model-config JSON (default %s); openai: OpenAI model "
+                            "name (default %s; with a weight file the architecture comes from the file)"
+                            % (DEFAULT_MODEL, OPENAI_MODEL))
     model.add_argument("--pretrained", default=None,
-                       help="open_clip tag (local cache only), a checkpoint file, or 'none' for random weights "
-                            "(default %s with the default model)" % DEFAULT_PRETRAINED)
+                       help="open_clip: tag (local cache only), checkpoint file, or 'none' for random weights "
+                            "(default %s); openai: 'openai' (the released weights, local cache only) or a weight "
+                            "file; default with the default model only" % DEFAULT_PRETRAINED)
     model.add_argument("--templates", default=DEFAULT_TEMPLATES,
                        help="named template set or a file, one template per line with {} (default %(default)s)")
     run = parser.add_argument_group("run")
@@ -260,11 +292,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.plot_top5 < 0:
         parser.error("--batch-size must be >= 1, --workers and --plot-top5 >= 0")
-    if args.pretrained is None:
-        if args.model != DEFAULT_MODEL:
-            parser.error("--pretrained is needed with --model %s (a tag, a checkpoint file, or 'none')" % args.model)
-        args.pretrained = DEFAULT_PRETRAINED
     return args
+
+
+def model_and_weights(backend: str, model: Optional[str], pretrained: Optional[str]) -> Tuple[str, Optional[str]]:
+    """The backend's default model and weights where none were given; 'none'/'random' -> None (random weights)."""
+    default_model, default_pretrained = DEFAULTS[backend]
+    model = model or default_model
+    if pretrained is None:
+        if model != default_model:
+            raise UserError("--pretrained is needed with --model %s (a tag, a checkpoint file, or 'none'; %s backend)"
+                            % (model, backend))
+        pretrained = default_pretrained
+    return model, None if pretrained.lower() in RANDOM_WEIGHTS else pretrained
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -298,9 +338,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import clip_utils
     import torch
 
-    pretrained = None if args.pretrained.lower() in RANDOM_WEIGHTS else args.pretrained
-    model, preprocess, tokenizer = clip_utils.load_clip(args.model, pretrained, device=device)
-    text = class_embeddings(model, tokenizer, classnames, templates, device)  # (C, D), once per run
+    backend = clip_utils.resolve_backend(args.backend)
+    model_name, pretrained = model_and_weights(backend, args.model, args.pretrained)
+    model, preprocess, tokenizer = clip_utils.load_clip(model_name, pretrained, device=device, backend=backend)
+    text = class_embeddings(model, tokenizer, classnames, templates, device, backend)  # (C, D), once per run
     features = encode_images(model, ImageFiles(args.image_dir, names, preprocess), device, args.batch_size, args.workers)
     similarities = features @ text.t()  # (N, C) cosine similarities
     predictions = similarities.argmax(dim=1).tolist()
@@ -309,12 +350,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.evaluate:
         result = evaluation(predictions, labels, classnames)
-        result.update(model=args.model, pretrained=args.pretrained, templates=args.templates,
+        result.update(backend=backend, model=model_name, pretrained=pretrained or "none", templates=args.templates,
                       n_templates=len(templates), seconds=round(time.time() - started, 2))
         write_json(sidecar(args.out_csv, ".eval.json"), result)
         print("accuracy %.4f (%d/%d)" % (result["accuracy"], result["n_correct"], result["n_images"]))
     if args.compare_prompts:
-        table = compare_prompts(model, tokenizer, features, labels, classnames, (args.templates, templates), device)
+        table = compare_prompts(model, tokenizer, features, labels, classnames, (args.templates, templates), device,
+                                backend)
         with atomic_write(sidecar(args.out_csv, ".prompts.md")) as f:
             f.write(table)
         print(table, end="")

@@ -57,7 +57,7 @@ def test_tiny_config_loads_random_and_reloads_from_file(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_missing_tag_fails_fast_offline_with_one_line():
+def test_missing_tag_fails_fast_offline_with_one_line(tmp_path):
     """In a fresh process (so the import cost is paid first), an uncached tag fails in well under a second."""
     code = (
         "import time, clip_utils, open_clip\n"
@@ -67,7 +67,7 @@ def test_missing_tag_fails_fast_offline_with_one_line():
         "except clip_utils.UserError as e:\n"
         "    print(repr(time.time() - t)); print(e)\n"
     )
-    env = dict(os.environ, HF_HOME=os.path.join(ROOT, ".no-such-hf-home"), XDG_CACHE_HOME="/nonexistent-cache")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME="/nonexistent-cache")  # the hub writes there
     env.pop("HF_HUB_OFFLINE", None)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
@@ -150,3 +150,160 @@ def test_download_goes_online_and_loading_goes_back_offline(tmp_path, monkeypatc
     with pytest.raises(UserError, match="hw3_download.sh"):
         clip_utils.load_clip("ViT-B-32", "laion2b_s34b_b79k")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+# ------------------------------------------------------------------------- open_clip's own choice of cached file
+
+HUB_REPO = "timm/eva02_large_patch14_clip_224.merged2b_s4b_b131k"
+
+
+def fake_hub_cache(root, repo, filenames):
+    """huggingface_hub's cache layout: models--org--name/refs/main -> snapshots/<commit>/<file>."""
+    folder = os.path.join(str(root), "models--" + repo.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "snapshots", commit), exist_ok=True)
+    with open(os.path.join(folder, "refs", "main"), "w") as f:
+        f.write(commit)
+    for name in filenames:
+        with open(os.path.join(folder, "snapshots", commit, name), "wb") as f:
+            f.write(b"weights")
+    return os.path.join(folder, "snapshots", commit)
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return cache
+
+
+@pytest.mark.parametrize("filename", ["open_clip_pytorch_model.bin", "open_clip_model.safetensors"])
+def test_cached_weights_is_the_file_open_clip_reads(hub_cache, filename):
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg("EVA02-L-14", "merged2b_s4b_b131k")
+    assert clip_utils.cached_weights(config) is None
+    snapshot = fake_hub_cache(hub_cache, HUB_REPO, [filename, "unrelated.bin"])
+    assert clip_utils.cached_weights(config) == os.path.join(snapshot, filename)
+
+
+def test_a_file_this_open_clip_cannot_read_is_rejected_with_our_line(hub_cache, monkeypatch):
+    """An open_clip without safetensors support reads only the .bin: a cache holding only the .safetensors is missing
+    weights for it, reported with our one line rather than the hub's wording."""
+    import open_clip
+
+    fake_hub_cache(hub_cache, HUB_REPO, ["open_clip_model.safetensors"])
+    monkeypatch.setattr(open_clip.pretrained, "_has_safetensors", False)
+    assert clip_utils.cached_weights(open_clip.get_pretrained_cfg("EVA02-L-14", "merged2b_s4b_b131k")) is None
+    with pytest.raises(UserError) as caught:
+        clip_utils.load_clip("EVA02-L-14", "merged2b_s4b_b131k")
+    assert str(caught.value).startswith("weights EVA02-L-14/merged2b_s4b_b131k are not in the local cache")
+    assert "hw3_download.sh" in str(caught.value)
+
+
+def test_a_url_file_does_not_count_when_open_clip_would_use_the_hub(hub_cache, tmp_path):
+    url = "https://example.org/clip/models/abc/ViT-X.pt"
+    os.makedirs(os.path.join(str(tmp_path), ".cache", "clip"))
+    open(os.path.join(str(tmp_path), ".cache", "clip", "ViT-X.pt"), "wb").close()
+    assert clip_utils.cached_weights({"url": url, "hf_hub": "org/vit-x/"}) is None
+    snapshot = fake_hub_cache(hub_cache, "org/vit-x", ["open_clip_pytorch_model.bin"])
+    assert clip_utils.cached_weights({"url": url, "hf_hub": "org/vit-x/"}) == os.path.join(
+        snapshot, "open_clip_pytorch_model.bin")
+
+
+def test_the_cache_look_up_leaves_the_hub_online_when_it_was(hub_cache, monkeypatch):
+    import open_clip
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert clip_utils.cached_weights(open_clip.get_pretrained_cfg("EVA02-L-14", "merged2b_s4b_b131k")) is None
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+# ------------------------------------------------------------------------------------- OpenAI's clip package
+
+def test_backend_choice(monkeypatch):
+    imports = {"open_clip": (object(), None), "openai": (object(), None)}
+    monkeypatch.setattr(clip_utils, "_import_backend", lambda backend: imports[backend])
+    assert clip_utils.resolve_backend("auto") == "open_clip"
+    assert clip_utils.resolve_backend("openai") == "openai"
+    imports["open_clip"] = (None, "No module named 'open_clip'")
+    assert clip_utils.resolve_backend("auto") == "openai"
+    with pytest.raises(UserError, match="--backend open_clip needs open_clip_torch"):
+        clip_utils.resolve_backend("open_clip")
+    imports["openai"] = (None, "No module named 'clip'")
+    with pytest.raises(UserError) as caught:
+        clip_utils.resolve_backend("auto")
+    assert "open_clip_torch" in str(caught.value) and "openai-clip" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def encode_openai(model, tokenizer, images):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokenizer(["a photo of a cat", "no dog, no score."]))
+
+
+@pytest.mark.parametrize("form", ["state_dict", "torchscript"])
+def test_openai_weight_files_rebuild_the_model(tmp_path, form):
+    from tiny_openai_clip import TINY, save_state_dict, save_torchscript, tiny_openai_clip
+
+    original = tiny_openai_clip()
+    save = save_state_dict if form == "state_dict" else save_torchscript
+    path = save(original, os.path.join(str(tmp_path), "tiny.pt"))
+    model, preprocess, tokenizer = clip_utils.load_clip("ViT-L/14@336px", path, backend="openai")
+    assert not model.training and model.dtype == torch.float32
+    assert tokenizer(["a photo of a cat " * 10]).shape == (1, TINY["context_length"])  # long prompts are cut
+
+    from PIL import Image
+
+    assert preprocess(Image.new("RGB", (50, 40), (200, 10, 10))).shape == (3, 32, 32)
+    images = torch.randn(3, 3, 32, 32)
+    for a, b in zip(encode_openai(original, tokenizer, images), encode_openai(model, tokenizer, images)):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_files_are_read_with_weights_only(tmp_path, monkeypatch):
+    import functools
+
+    seen = {}
+    real_load = torch.load
+
+    @functools.wraps(real_load)  # keeps torch.load's signature, which the reader inspects
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    path = os.path.join(str(tmp_path), "weights.pt")
+    torch.save({"x": torch.ones(2)}, path)
+    has_weights_only = "weights_only" in __import__("inspect").signature(torch.load).parameters
+    monkeypatch.setattr(torch, "load", spy)
+    assert torch.equal(clip_utils.read_openai_weights(path)["x"], torch.ones(2))
+    assert seen.get("weights_only", False) is has_weights_only and seen["map_location"] == "cpu"
+
+
+def test_openai_bad_weights_say_which_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError, match="not found.*absent.pt"):
+        clip_utils.load_clip("ViT-L/14@336px", os.path.join(str(tmp_path), "absent.pt"), backend="openai")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UserError, match="corrupt.pt is not a readable"):
+        clip_utils.load_clip("ViT-L/14@336px", str(corrupt), backend="openai")
+    other = str(tmp_path / "other.pt")
+    torch.save({"weight": torch.zeros(2)}, other)
+    with pytest.raises(UserError, match="other.pt is not an OpenAI CLIP state dict"):
+        clip_utils.load_clip("ViT-L/14@336px", other, backend="openai")
+    with pytest.raises(UserError, match="no random weights"):
+        clip_utils.load_clip("ViT-L/14@336px", None, backend="openai")
+    with pytest.raises(UserError, match="unknown OpenAI CLIP model 'ViT-L/14@337px'.*ViT-L/14@336px"):
+        clip_utils.load_clip("ViT-L/14@337px", "openai", backend="openai")
+    with pytest.raises(UserError, match="neither a file nor 'openai'"):
+        clip_utils.load_clip("ViT-L/14@336px", "laion2b", backend="openai")
+    with pytest.raises(UserError) as caught:
+        clip_utils.load_clip("ViT-L/14@336px", "openai", backend="openai")
+    assert os.path.join(str(tmp_path), ".cache", "clip", "ViT-L-14-336px.pt") in str(caught.value)
+    assert "hw3_download.sh" in str(caught.value)

@@ -1,6 +1,8 @@
-"""hw3_download.fetch against a local HTTP server with range requests: resume, checksum, idempotence."""
+"""hw3_download: fetch against a local HTTP server with range requests (resume, checksum, idempotence); every part
+tried whatever failed first, one summary line per part, and the exit status."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import http.server
 import os
@@ -72,3 +74,119 @@ def test_unreachable_host_fails_at_once(tmp_path):
         hw3_download.check_online("127.0.0.1", timeout=2.0)  # nothing listens on loopback port 443
     with pytest.raises(UserError, match="cannot reach"):
         hw3_download.fetch("http://127.0.0.1:9/none", str(tmp_path / "x.pt"), "", 0, timeout=2.0)
+
+
+# ------------------------------------------------------------------ every part is tried; one summary line per part
+
+def no_network_check(monkeypatch, reason=None):
+    def check(*args, **kwargs):
+        if reason:
+            raise UserError(reason)
+
+    monkeypatch.setattr(hw3_download, "check_online", check)
+
+
+def part(name, cached=None, fetched=None, error=None, calls=None):
+    def fetch():
+        calls.append(name)
+        if error:
+            raise error
+        return fetched
+
+    return hw3_download.Part(name, lambda: cached, fetch)
+
+
+def summary(capsys):
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "hw3_download summary:"
+    return [line.strip() for line in out[1:]]
+
+
+def test_a_failing_part_does_not_stop_the_others(monkeypatch, capsys):
+    calls = []
+    parts = [part("P1 CLIP", error=UserError("download of P1 failed"), calls=calls),
+             part("P2 encoder", error=RuntimeError("hub\nbroke"), calls=calls),
+             part("CLIPScore CLIP", fetched="/cache/b32.bin", calls=calls),
+             part("P2 checkpoint", cached="/repo/checkpoints/p2_best.pt", calls=calls)]
+    monkeypatch.setattr(hw3_download, "plan", lambda args: parts)
+    no_network_check(monkeypatch)
+    assert hw3_download.main([]) == 1
+    assert calls == ["P1 CLIP", "P2 encoder", "CLIPScore CLIP"]  # the cached checkpoint is not fetched again
+    assert summary(capsys) == ["P1 CLIP: FAILED: download of P1 failed", "P2 encoder: FAILED: RuntimeError: hub broke",
+                               "CLIPScore CLIP: ok (downloaded): /cache/b32.bin",
+                               "P2 checkpoint: already there: /repo/checkpoints/p2_best.pt"]
+
+
+def test_an_unreleased_checkpoint_is_a_warning_with_the_next_step(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(hw3_download, "HERE", str(tmp_path))
+    monkeypatch.setitem(hw3_download.RELEASE, "url", "")
+    parts = [part("P1 CLIP", cached="/cache/eva.bin"), hw3_download.checkpoint_part()]
+    monkeypatch.setattr(hw3_download, "plan", lambda args: parts)
+    no_network_check(monkeypatch)
+    assert hw3_download.main([]) == 0
+    lines = summary(capsys)
+    assert lines[0] == "P1 CLIP: already there: /cache/eva.bin"
+    assert lines[1].startswith("P2 checkpoint: WARNING: not released yet: train one with p2_train.py")
+    assert "RELEASE" in lines[1] and "checkpoints/p2_best.pt" in lines[1] and "checkpoints/p2_best.json" in lines[1]
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "p2_best.pt").write_bytes(b"tensors")
+    (tmp_path / "checkpoints" / "p2_best.json").write_text("{}")
+    assert hw3_download.main([]) == 0
+    assert summary(capsys)[1] == "P2 checkpoint: already there: %s" % (tmp_path / "checkpoints" / "p2_best.pt")
+
+
+def test_offline_reports_every_part_and_keeps_what_is_there(monkeypatch, capsys):
+    calls = []
+    parts = [part("P1 CLIP", cached="/cache/eva.bin", calls=calls), part("P2 encoder", fetched="/x", calls=calls)]
+    monkeypatch.setattr(hw3_download, "plan", lambda args: parts)
+    no_network_check(monkeypatch, "cannot reach huggingface.co (timed out): hw3_download.sh needs the internet")
+    assert hw3_download.main([]) == 1 and calls == []
+    assert summary(capsys) == ["P1 CLIP: already there: /cache/eva.bin",
+                               "P2 encoder: FAILED: not attempted, cannot reach huggingface.co (timed out): "
+                               "hw3_download.sh needs the internet"]
+    monkeypatch.setattr(hw3_download, "plan", lambda args: parts[:1])
+    assert hw3_download.main([]) == 0
+
+
+def test_a_released_checkpoint_is_fetched_as_a_part(server, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(hw3_download, "HERE", str(tmp_path))
+    monkeypatch.setattr(hw3_download, "RELEASE", dict(url=server, sha256=SHA, bytes=len(PAYLOAD),
+                                                      path=os.path.join("checkpoints", "p2_best.pt")))
+    monkeypatch.setattr(hw3_download, "plan", lambda args: [hw3_download.checkpoint_part()])
+    no_network_check(monkeypatch)
+    dest = str(tmp_path / "checkpoints" / "p2_best.pt")
+    assert hw3_download.main([]) == 0
+    assert summary(capsys) == ["P2 checkpoint: ok (downloaded): %s" % dest]
+    assert hw3_download.main([]) == 0
+    assert summary(capsys) == ["P2 checkpoint: already there: %s" % dest] and RangeHandler.requests == [None]
+
+
+def test_the_plan_names_the_p1_backend_and_honours_the_flags(monkeypatch):
+    import clip_utils
+
+    args = argparse.Namespace(skip_p1=False, skip_p2=False, with_clipscore=True)
+    names = [p.name for p in hw3_download.plan(args)]
+    assert names[0] == "P1 CLIP EVA02-L-14/merged2b_s4b_b131k (open_clip)" and names[2].startswith("CLIPScore CLIP")
+    assert names[1].startswith("P2 encoder timm:") and names[3] == "P2 checkpoint"
+    monkeypatch.setattr(clip_utils, "resolve_backend", lambda backend: "openai")
+    args.skip_p2, args.with_clipscore = True, False
+    assert [p.name for p in hw3_download.plan(args)] == ["P1 CLIP ViT-L/14@336px (OpenAI's clip)"]
+
+    def neither(backend):
+        raise UserError("CLIP needs open_clip_torch or OpenAI's clip (pip name openai-clip) and neither imports")
+
+    monkeypatch.setattr(clip_utils, "resolve_backend", neither)
+    only = hw3_download.plan(args)
+    assert [p.name for p in only] == ["P1 CLIP"]
+    with pytest.raises(UserError, match="neither imports"):
+        only[0].cached()
+
+
+def test_openai_weights_count_only_with_their_sha256(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    p1_part = hw3_download.openai_clip_part("P1 CLIP", "ViT-L/14@336px")
+    assert p1_part.cached() is None
+    (tmp_path / ".cache" / "clip").mkdir(parents=True)
+    (tmp_path / ".cache" / "clip" / "ViT-L-14-336px.pt").write_bytes(b"truncated download")
+    assert p1_part.cached() is None  # clip's own downloader replaces it when online

@@ -3,10 +3,12 @@ the CSV covers every file once with names untouched, and every bad input gives a
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -251,3 +253,126 @@ def test_hw3_1_sh_fails_fast_offline_without_weights(world, tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "hw3_download.sh" in last and "--pretrained PATH" in last
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------- without open_clip: OpenAI's clip package
+
+class NormalizingTextEncoder:
+    """An OpenAI model as open_clip's builder calls it: encode_text(texts, normalize=True)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode_text(self, texts, normalize=False):
+        embeddings = self.model.encode_text(texts)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+
+def test_our_class_weights_equal_open_clips_builder(world):
+    """The builder for OpenAI's models gives open_clip's build_zero_shot_classifier's class embeddings."""
+    import open_clip
+    from tiny_openai_clip import tiny_openai_clip
+
+    names = [p1.clean_class_name(c) for c in CLASSES]
+    fill_ins = [(lambda c, t=template: t.replace("{}", c)) for template in p1.load_templates("cifar")]
+    openai_model = tiny_openai_clip()
+    openai_tokenizer = functools.partial(clip_utils._openai_clip().tokenize, context_length=16)
+    open_clip_model, _, open_clip_tokenizer = clip_utils.load_clip(world["config"], world["weights"])
+    cases = ((openai_model, NormalizingTextEncoder(openai_model), openai_tokenizer),
+             (open_clip_model, open_clip_model, open_clip_tokenizer))
+    for model, as_open_clip_calls_it, tokenizer in cases:
+        with torch.no_grad():
+            ours = p1.build_zero_shot_weights(model, tokenizer, names, fill_ins, num_classes_per_batch=4, device="cpu")
+            theirs = open_clip.build_zero_shot_classifier(as_open_clip_calls_it, tokenizer, names, fill_ins,
+                                                          num_classes_per_batch=4, device="cpu", use_tqdm=False)
+        assert ours.shape == theirs.shape == (32, len(CLASSES))
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def openai_weights(tmp_path_factory):
+    """The tiny OpenAI-format CLIP as a state-dict file, where OpenAI's clip keeps ViT-L/14@336px in a fake HOME."""
+    from tiny_openai_clip import save_state_dict, tiny_openai_clip
+
+    home = tmp_path_factory.mktemp("home")
+    (home / ".cache" / "clip").mkdir(parents=True)
+    path = save_state_dict(tiny_openai_clip(), str(home / ".cache" / "clip" / "ViT-L-14-336px.pt"))
+    return {"home": str(home), "path": path}
+
+
+def openai_reference(names, folder):
+    """Plain loops over the tiny OpenAI model itself, as test_predictions_equal_reference does for open_clip."""
+    from tiny_openai_clip import tiny_openai_clip
+
+    clip = clip_utils._openai_clip()
+    model = tiny_openai_clip()
+    preprocess = clip.clip._transform(model.visual.input_resolution)
+    with torch.no_grad():
+        classes = []
+        for name in CLASSES:
+            prompts = [t.replace("{}", name.replace("_", " ")) for t in p1.load_templates("cifar")]
+            per_template = [F.normalize(model.encode_text(clip.tokenize([p], context_length=16))[0], dim=0)
+                            for p in prompts]
+            classes.append(F.normalize(torch.stack(per_template).mean(dim=0), dim=0))
+        text = torch.stack(classes)
+        rows = [text @ F.normalize(model.encode_image(preprocess(Image.open(os.path.join(folder, n)))[None])[0], dim=0)
+                for n in names]
+    return torch.stack(rows)
+
+
+def test_openai_backend_predictions_equal_the_model_run_directly(world, openai_weights, tmp_path):
+    out = tmp_path / "pred.csv"
+    assert p1.main([world["images"], world["id2label"], str(out), "--backend", "openai", "--pretrained",
+                    openai_weights["path"], "--workers", "0", "--device", "cpu", "--evaluate"]) == 0
+    with open(str(out), newline="", encoding="utf-8") as f:
+        predicted = {name: int(label) for name, label in list(csv.reader(f))[1:]}
+    names = sorted(os.listdir(world["images"]))
+    assert sorted(predicted) == names
+    assert_argmax_matches(predicted, openai_reference(names, world["images"]), names)
+    assert json.loads((tmp_path / "pred.eval.json").read_text())["backend"] == "openai"
+
+
+def hiding(folder, *modules):
+    """A PYTHONPATH folder whose modules shadow installed packages and fail to import, as if not installed."""
+    os.makedirs(str(folder), exist_ok=True)
+    for module in modules:
+        with open(os.path.join(str(folder), module + ".py"), "w") as f:
+            f.write("raise ModuleNotFoundError(\"No module named '%s'\", name=%r)\n" % (module, module))
+    return str(folder)
+
+
+def run_hw3_1(world, tmp_path, home, hidden):
+    env = dict(os.environ, HOME=home, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               PYTHONPATH=hiding(tmp_path / "hide", *hidden),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    out = tmp_path / "out" / "pred.csv"
+    started = time.time()
+    done = subprocess.run(["bash", os.path.join(ROOT, "hw3_1.sh"), world["images"], world["id2label"], str(out)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    return done, out, time.time() - started
+
+
+def test_hw3_1_sh_without_open_clip_uses_openais_clip(world, openai_weights, tmp_path):
+    done, out, _ = run_hw3_1(world, tmp_path, openai_weights["home"], ["open_clip"])
+    assert done.returncode == 0, done.stderr
+    with open(str(out), newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    names = sorted(os.listdir(world["images"]))
+    assert rows[0] == ["filename", "label"] and sorted(r[0] for r in rows[1:]) == names
+    assert_argmax_matches({r[0]: int(r[1]) for r in rows[1:]}, openai_reference(names, world["images"]), names)
+
+
+def test_hw3_1_sh_without_openai_weights_fails_fast_offline(world, tmp_path):
+    done, out, seconds = run_hw3_1(world, tmp_path, str(tmp_path), ["open_clip"])
+    assert done.returncode == 2 and not out.exists()
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "hw3_download.sh" in lines[0], done.stderr
+    assert "ViT-L-14-336px.pt" in lines[0] and seconds < 60
+
+
+def test_hw3_1_sh_without_either_package_says_so_in_one_line(world, tmp_path):
+    done, out, _ = run_hw3_1(world, tmp_path, str(tmp_path), ["open_clip", "clip"])
+    assert done.returncode == 2 and not out.exists()
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error:") and "open_clip_torch" in lines[0] and "openai-clip" in lines[0]
