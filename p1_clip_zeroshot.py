@@ -17,7 +17,8 @@ import re
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from common import UserError, list_images, load_rgb, progress, read_json, run_main, atomic_write, write_json
+from common import (ImageFiles, UserError, atomic_write, collate_images, image_batches, list_images, load_rgb, progress,
+                    read_json, resolve_device, run_main, write_json)
 
 # open_clip's published zero-shot CIFAR-100 accuracy (docs/openclip_results.csv): EVA02-L-14 merged2b_s4b_b131k
 # 90.71 %, the best of the models whose weights fit an 11 GB card in fp16 and a 20-minute download (0.86 GB, fp16).
@@ -103,29 +104,6 @@ def labels_or_none(names: Sequence[str], num_classes: int) -> Optional[List[int]
         return None
 
 
-class ImageFiles:
-    """Dataset of (preprocessed image) for DataLoader workers; a bad file becomes a UserError value, not a crash."""
-
-    def __init__(self, folder: str, names: Sequence[str], preprocess: Callable):
-        self.folder, self.names, self.preprocess = folder, list(names), preprocess
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.preprocess(load_rgb(os.path.join(self.folder, self.names[index])))
-        except UserError as err:
-            return err
-
-
-def stack_or_error(items):
-    import torch
-
-    errors = [item for item in items if isinstance(item, UserError)]
-    return errors[0] if errors else torch.stack(items)
-
-
 def autocast(device: str):
     """fp16 autocast on GPU (the 2080 Ti has no bf16); plain fp32 on CPU."""
     import torch
@@ -135,18 +113,18 @@ def autocast(device: str):
     return contextlib.nullcontext()
 
 
-def encode_images(model, dataset: ImageFiles, device: str, batch_size: int = 64, workers: int = 2):
+def encode_images(model, paths: Sequence[str], preprocess: Callable, device: str, batch_size: int = 64,
+                  workers: int = 2):
     """(N, D) unit-norm image embeddings in file order, decoded by DataLoader workers."""
     import torch
     import torch.nn.functional as F
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=stack_or_error, pin_memory=torch.device(device).type == "cuda")
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=collate_images,
+                                         pin_memory=torch.device(device).type == "cuda")
     features = []
-    with torch.no_grad(), progress(total=len(dataset), desc="images", unit="img") as bar:
-        for images in loader:
-            if isinstance(images, UserError):
-                raise images
+    with torch.no_grad(), progress(total=len(paths), desc="images", unit="img") as bar:
+        for _, images in image_batches(loader):
             with autocast(device):
                 embeddings = model.encode_image(images.to(device, non_blocking=True))  # (B, D)
             features.append(F.normalize(embeddings.float(), dim=-1).cpu())
@@ -307,20 +285,6 @@ def model_and_weights(backend: str, model: Optional[str], pretrained: Optional[s
     return model, None if pretrained.lower() in RANDOM_WEIGHTS else pretrained
 
 
-def resolve_device(device: Optional[str]) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise UserError("--device %r is not a torch device (cpu, cuda, cuda:0...)" % device) from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device %s asked for, but torch sees no CUDA GPU" % device)
-    return device
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     started = time.time()
@@ -333,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         labels = labels_from_names(names, len(classnames), "--evaluate/--compare-prompts")
     if os.path.isdir(args.out_csv):
         raise UserError("output CSV path %s is a directory" % args.out_csv)
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
 
     import clip_utils
     import torch
@@ -342,7 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_name, pretrained = model_and_weights(backend, args.model, args.pretrained)
     model, preprocess, tokenizer = clip_utils.load_clip(model_name, pretrained, device=device, backend=backend)
     text = class_embeddings(model, tokenizer, classnames, templates, device, backend)  # (C, D), once per run
-    features = encode_images(model, ImageFiles(args.image_dir, names, preprocess), device, args.batch_size, args.workers)
+    features = encode_images(model, [os.path.join(args.image_dir, n) for n in names], preprocess, device,
+                             args.batch_size, args.workers)
     similarities = features @ text.t()  # (N, C) cosine similarities
     predictions = similarities.argmax(dim=1).tolist()
     write_predictions(args.out_csv, names, predictions)

@@ -14,7 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 import metrics
-from common import run_main, write_json
+from common import resolve_device, run_main, write_json
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -50,11 +50,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))
     pretrained = None if (args.clip_pretrained or "").lower() in ("", "none") else args.clip_pretrained
     result = metrics.evaluate(args.pred_file, args.annotation_file, args.images_root, clip_model=args.clip_model,
                       clip_pretrained=pretrained, batch_size=args.batch_size, device=device,

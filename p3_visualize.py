@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from common import UserError, atomic_write, list_images, load_rgb, progress, read_json, run_main, write_json
+from common import (UserError, atomic_write, list_images, load_rgb, progress, read_json, resolve_device, run_main,
+                    write_json)
 
 END_TEXT = "<|endoftext|>"
 CONTINUATION_MARK = "##"  # a word piece that continues the previous token's word
@@ -275,7 +276,7 @@ def parse_args(argv=None):
     add_decoding_arguments(parser)
     dec = parser.add_argument_group("runtime")
     dec.add_argument("--batch-size", type=int, default=16, help="images decoded together")
-    dec.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    dec.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     return parser.parse_args(argv)
 
 
@@ -308,7 +309,8 @@ def main(argv=None) -> int:
 
     images = resolve_images(args)
     objects = read_json(args.objects, "--objects file") if args.objects else None
-    captioner, meta = load_captioner(args.checkpoint, args.decoder, device=args.device)
+    device = resolve_device(args.device)
+    captioner, meta = load_captioner(args.checkpoint, args.decoder, device=device)
     settings, said = resolve_decoding(vars(args), meta, args.checkpoint)  # the same decoding as p2_inference.py
     print(said, file=sys.stderr)
     encoder, tokenizer = captioner.encoder, BPETokenizer()
@@ -317,7 +319,7 @@ def main(argv=None) -> int:
     for start in range(0, len(images), args.batch_size):
         batch = images[start:start + args.batch_size]
         pictures = [load_rgb(path) for path, _ in batch]
-        pixels = torch.stack([encoder.transform(p) for p in pictures]).to(args.device)
+        pixels = torch.stack([encoder.transform(p) for p in pictures]).to(device)
         all_ids, all_attention = captioner.generate(pixels, return_attention=True, **settings)
         for (path, score), image, ids, per_block in zip(batch, pictures, all_ids, all_attention):
             entry, (h, t) = visualise_one(args, encoder, tokenizer, path, score, image, ids, per_block, objects)
