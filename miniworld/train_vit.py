@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import safe_load  # noqa: E402
 from common import UserError, atomic_write, progress, run_main, write_json  # noqa: E402
 from miniworld import world  # noqa: E402
 from miniworld.cli import run_training, training_parser  # noqa: E402
@@ -139,7 +140,7 @@ def initial_model(init: str):
     if init != "none":
         if not os.path.isfile(init):
             raise UserError("--init %s not found: run `python3 miniworld/train_clip.py` first" % init)
-        state = {k: v.float() for k, v in torch.load(init, map_location="cpu").items()}
+        state = {k: v.float() for k, v in safe_load.load_tensors(init, "--init CLIP weights").items()}
         converted = {k: v for k, v in checkpoint_filter_fn(state, model).items() if not k.startswith("head.")}
         model.load_state_dict(converted)
     return model

@@ -3,6 +3,7 @@ restricted unpickler torch 1.12 needs), in both file formats, and through every 
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 
 import safe_load
 from common import UserError
+
+TINY_VIT = "timm:vit_tiny_patch16_224%s?img_size=32&patch_size=8&depth=1"
+
 
 class MakesMarker:
     """Unpickling it calls os.mkdir(marker): the harmless stand-in for a shell command."""
@@ -194,3 +198,71 @@ def test_allowlist_mirrors_torchs_weights_only_rule():
     extra = sorted(k for k in set(theirs) - set(ours) if "Storage" not in k)
     assert extra == ["torch._utils._rebuild_device_tensor_from_numpy"] or set(extra) <= {
         "torch._utils._rebuild_device_tensor_from_numpy", "torch._utils._rebuild_xla_tensor"}, extra
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_file(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_gpt2
+
+    return tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "decoder_model.bin", n_layer=1, n_embd=32, n_head=1,
+                     n_positions=32)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_decoder_weights_with_code_are_refused(tmp_path, path_kind, zip_format):
+    from decoder import Config, Decoder, DecoderWeightsError
+
+    marker = str(tmp_path / "MARKER")
+    path = save({"wte.weight": torch.ones(4, 2), "payload": MakesMarker(marker)}, tmp_path / "decoder_model.bin",
+                zip_format)
+    with pytest.raises(DecoderWeightsError) as info:
+        Decoder(Config(checkpoint=path))
+    assert_one_line(str(info.value), path, "decoder weights", safe_load.REFUSED)
+    assert not os.path.exists(marker)
+
+
+def test_captioner_checkpoint_with_code_is_refused(tmp_path, path_kind, tiny_gpt2_file):
+    from captioner import CHECKPOINT_FORMAT, load_captioner
+
+    marker = str(tmp_path / "MARKER")
+    path = save({"decoder.cross_gate": torch.zeros(1), "payload": MakesMarker(marker)}, tmp_path / "p2_best.pt")
+    (tmp_path / "p2_best.json").write_text(json.dumps(dict(format=CHECKPOINT_FORMAT, encoder=TINY_VIT % "@none",
+                                                           decoder={})))
+    with pytest.raises(UserError) as info:
+        load_captioner(path, tiny_gpt2_file)
+    assert_one_line(str(info.value), path, "checkpoint", safe_load.REFUSED)
+    assert not os.path.exists(marker)
+
+
+def test_timm_weight_file_with_code_is_refused(tmp_path, path_kind):
+    from captioner import ImageEncoder
+
+    marker = str(tmp_path / "MARKER")
+    path = save({"cls_token": torch.zeros(1, 1, 192), "payload": MakesMarker(marker)}, tmp_path / "vit.pt")
+    with pytest.raises(UserError) as info:
+        ImageEncoder(TINY_VIT % ("@" + path))
+    assert_one_line(str(info.value), path, "encoder weights", safe_load.REFUSED)
+    assert not os.path.exists(marker)
+
+
+def test_timm_pretrained_loading_goes_through_the_safe_loader(tmp_path, path_kind):
+    """timm.create_model(pretrained=True) reads its weight file itself (here a local file named by the pretrained
+    config, as the hub cache would be): it too is refused, and a good one loads."""
+    from captioner import ImageEncoder
+
+    marker = str(tmp_path / "MARKER")
+    spec = TINY_VIT % "" + "&pretrained_cfg_overlay=" + json.dumps(
+        {"source": "", "hf_hub_id": "", "url": "", "custom_load": False, "file": "%s"})
+    evil = save({"payload": MakesMarker(marker)}, tmp_path / "hub.pt")
+    with pytest.raises(UserError) as info:
+        ImageEncoder(spec % evil, offline=False)
+    assert_one_line(str(info.value), evil, "encoder weights", safe_load.REFUSED)
+    assert not os.path.exists(marker)
+    reference = ImageEncoder(TINY_VIT % "@none").model
+    good = save(reference.state_dict(), tmp_path / "hub_good.pt")
+    loaded = ImageEncoder(spec % good, offline=False).model
+    for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
