@@ -6,11 +6,13 @@ import collections
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import safe_load
-from common import UserError
+from common import UserError, run_main
 
 TINY_VIT = "timm:vit_tiny_patch16_224%s?img_size=32&patch_size=8&depth=1"
 
@@ -266,3 +268,26 @@ def test_timm_pretrained_loading_goes_through_the_safe_loader(tmp_path, path_kin
     loaded = ImageEncoder(spec % good, offline=False).model
     for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_p2_train_resume_with_code_is_refused(tmp_path, path_kind, tiny_gpt2_file, capsys):
+    import p2_train
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(str(tmp_path / "images" / "a.png"))
+    coco = dict(images=[dict(id=1, file_name="a.png")], annotations=[dict(id=1, image_id=1, caption="A square.")])
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = str(tmp_path / "MARKER")
+    state = save(dict(format=p2_train.STATE_FORMAT, payload=MakesMarker(marker)), out / "last_state.pt")
+    argv = ["--train-json", str(tmp_path / "captions.json"), "--train-images", str(tmp_path / "images"),
+            "--val-json", str(tmp_path / "captions.json"), "--val-images", str(tmp_path / "images"),
+            "--decoder-weights", tiny_gpt2_file, "--encoder", TINY_VIT % "@none", "--out", str(out),
+            "--workers", "0", "--device", "cpu", "--no-clipscore", "--resume"]
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: p2_train.main(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: training state ") and safe_load.REFUSED in err and state in err, err
+    assert not os.path.exists(marker)
