@@ -91,10 +91,10 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
             raise Refused("global %s is not allowed" % key)
         return allowed_globals()[key]
 
-    def _call_admitted(self, func, args, kwargs=None):
+    def _call_admitted(self, func, args):
         if not _admitted(func):
             raise Refused("call of %r is not allowed" % (func,))
-        return func(*args, **(kwargs or {}))
+        return func(*args)
 
     def load_reduce(self):
         args = self.stack.pop()
