@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import safe_load
 from common import UserError, atomic_write, hub_offline, write_json
 
 END_TOKEN = 50256
@@ -27,6 +28,7 @@ END_TOKEN = 50256
 DEFAULT_ENCODER = "timm:vit_huge_patch14_clip_quickgelu_224.dfn5b"
 DOWNLOAD_HINT = ("run `bash hw3_download.sh` (online) first, or point the encoder at a local weight file "
                  "(p2_inference.py --encoder timm:NAME@/path/to/weights)")
+TIMM_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # what timm's load_state_dict unwraps
 RANDOM_INIT_SEED = 0  # `@none` encoders are seeded, so a saved spec rebuilds the same random weights
 CHECKPOINT_FORMAT = "hw3-captioner/1"
 T = TypeVar("T")
@@ -153,7 +155,8 @@ def _build_timm(name: str, weights: Optional[str], kwargs: Dict[str, object]) ->
     try:
         if weights is not None:
             return _timm_from_file(name, weights, kwargs)
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with safe_load.restricted_torch_load("encoder weights"):  # timm's hub loader calls torch.load itself
+            return timm.create_model(name, pretrained=True, **kwargs)
     except UserError:
         raise
     except Exception as err:  # hub, unpickling and shape errors alike: say which encoder and why, on one line
@@ -168,10 +171,10 @@ def _timm_from_file(name: str, weights: str, kwargs: Dict[str, object]) -> nn.Mo
     import sys
 
     import timm
-    from timm.models import load_state_dict
+    from timm.models import clean_state_dict
 
     model = timm.create_model(name, pretrained=False, **kwargs)
-    state = load_state_dict(weights, use_ema=True)
+    state = clean_state_dict(safe_load.load_tensors(weights, "encoder weights", unwrap=TIMM_CHECKPOINT_KEYS))
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
@@ -574,19 +577,6 @@ def read_checkpoint_config(checkpoint: str) -> dict:
     return meta
 
 
-def _read_tensors(checkpoint: str) -> Dict[str, torch.Tensor]:
-    try:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except TypeError:  # torch < 1.13 has no weights_only
-            state = torch.load(checkpoint, map_location="cpu")
-    except Exception as err:  # unpickling and zip errors alike: the file is not a checkpoint
-        raise UserError("cannot read checkpoint %s: %s" % (checkpoint, " ".join(str(err).split())[:200])) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise UserError("checkpoint %s is not a flat dict of tensors" % checkpoint)
-    return state
-
-
 def _check_tensors(checkpoint: str, state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> None:
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = ["%s %s (config gives %s)" % (k, tuple(state[k].shape), tuple(expected[k].shape))
@@ -621,7 +611,7 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
     from decoder import Config, Decoder, DecoderWeightsError
 
     meta = read_checkpoint_config(checkpoint)
-    state = _read_tensors(checkpoint)
+    state = safe_load.load_tensors(checkpoint, "checkpoint")
     encoder_spec = encoder_spec or repo_relative(meta["encoder"])
     check_encoder_weights(encoder_spec, offline)  # fail before the slow builds
     try:

@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import safe_load
+from common import UserError
+
 END_TOKEN = 50256
 HEAD_SIZE = 64  # every GPT-2 size uses 64-wide heads, so n_head = n_embd // 64 when a weight file doesn't say
 GPT2_SMALL = dict(n_layer=12, n_embd=768, vocab_size=50257, block_size=1024)
@@ -94,22 +97,9 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise DecoderWeightsError("decoder weights not found: %s (pass the course's decoder_model.bin)" % path)
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except TypeError:  # torch < 1.13 has no weights_only
-            state = torch.load(path, map_location="cpu")
-    except Exception as err:  # any unpickling or zip failure means the file is not a weight file
-        raise DecoderWeightsError("cannot read decoder weights %s: %s" % (path, err)) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise DecoderWeightsError("%s is not a state dict of tensors (expected GPT-2 weights such as "
-                                  "decoder_model.bin)" % path)
-    return state
+        return safe_load.load_tensors(path, "decoder weights", unwrap=("state_dict",))
+    except UserError as err:
+        raise DecoderWeightsError(str(err)) from None
 
 
 def load_gpt2_weights(path: str) -> Dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 import p2_data
+import safe_load
 from common import UserError, atomic_write, collate_images, image_batches, progress, read_json, run_main, write_json
 
 MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
@@ -190,13 +191,16 @@ class Dist:
 
 
 def rng_state() -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    """Every random stream, as tensors and plain values, so that safe_load reads it back."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -376,13 +380,7 @@ def save_state(path: str, **state) -> None:
 
 
 def load_state(path: str) -> dict:
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: optimizer and RNG states
-        except TypeError:  # torch < 1.13 has no weights_only
-            state = torch.load(path, map_location="cpu")
-    except Exception as err:
-        raise UserError("cannot read training state %s: %s" % (path, " ".join(str(err).split())[:200])) from None
+    state = safe_load.load(path, "training state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError("%s is not a p2_train.py training state" % path)
     return state

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+import safe_load
 from common import UserError, atomic_write, progress, run_main, write_json
 from miniworld import world
 from miniworld.cli import run_training, training_parser
@@ -138,7 +139,7 @@ def initial_model(init: str):
     if init != "none":
         if not os.path.isfile(init):
             raise UserError("--init %s not found: run `python3 -m miniworld.train_clip` first" % init)
-        state = {k: v.float() for k, v in torch.load(init, map_location="cpu").items()}
+        state = {k: v.float() for k, v in safe_load.load_tensors(init, "--init CLIP weights").items()}
         converted = {k: v for k, v in checkpoint_filter_fn(state, model).items() if not k.startswith("head.")}
         model.load_state_dict(converted)
     return model
