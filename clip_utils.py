@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import hashlib
 import importlib
-import inspect
 import os
 import warnings
 import zipfile
 from typing import Callable, Dict, List, Optional, Tuple
 
+import safe_load
 from common import UserError, hub_offline, read_json
 
 DOWNLOAD_HINT = "run `bash hw3_download.sh` (online) or pass --pretrained PATH to a local checkpoint file"
@@ -135,9 +136,9 @@ def _explain_load_error(open_clip, pretrained: Optional[str], err: Exception) ->
     if not (pretrained and os.path.isfile(pretrained)):
         return first_line
     try:
-        open_clip.factory.load_state_dict(pretrained)
-    except Exception as load_err:
-        return "checkpoint %s is not a readable state-dict file (%s)" % (pretrained, type(load_err).__name__)
+        safe_load.load(pretrained, "CLIP weight file")
+    except UserError as load_err:
+        return str(load_err)
     return "checkpoint %s does not fit this model config: %s" % (pretrained, first_line)
 
 
@@ -158,8 +159,9 @@ def load_clip(model: str, pretrained: Optional[str], device: str = "cpu",
                             % (name, pretrained, DOWNLOAD_HINT))
         kwargs["force_quick_gelu"] = bool(config.get("quick_gelu")) or pretrained == "openai"
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None,
-                                                                    device=device, **kwargs)
+        with safe_load.restricted_torch_load("CLIP weight file"):  # open_clip's torch.load, without code execution
+            clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None,
+                                                                        device=device, **kwargs)
     except Exception as err:  # open_clip raises RuntimeError/KeyError/pickle errors alike: say which file and why
         raise UserError("cannot load CLIP %s: %s" % (model, _explain_load_error(open_clip, pretrained, err))) from None
     try:
@@ -225,16 +227,6 @@ def openai_weights_path(model: str) -> str:
     return os.path.join(os.path.expanduser(OPENAI_CACHE), os.path.basename(openai_weights_url(model)))
 
 
-def _read_state_dict_file(path: str) -> Dict[str, object]:
-    """The one reader of plain state-dict files for OpenAI's clip: tensors only, no code run while unpickling."""
-    import torch
-
-    if "weights_only" in inspect.signature(torch.load).parameters:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    # TODO(lead): restricted unpickler (torch < 1.13 has no weights_only)
-    return torch.load(path, map_location="cpu")
-
-
 def _is_torchscript(path: str) -> bool:
     """TorchScript archives are zip files with the model's code in them; torch.save files hold only data."""
     if not zipfile.is_zipfile(path):
@@ -243,23 +235,39 @@ def _is_torchscript(path: str) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
+def _openai_release_sha256s() -> Dict[str, str]:
+    """SHA-256 -> model name of every file OpenAI released (the last folder of each URL in OpenAI clip's list)."""
+    clip = _openai_clip()
+    return {url.rstrip("/").split("/")[-2]: name for name, url in clip.clip._MODELS.items()}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_openai_weights(path: str) -> Dict[str, object]:
-    """The state dict of OpenAI's released TorchScript archives (their tensors, never their code) or of a plain
-    state-dict file."""
+    """The state dict of one of OpenAI's released TorchScript archives, or of a plain state-dict file read through
+    safe_load (tensors only). TorchScript can run code while it loads (CVE-2025-32434 came through it), so an archive
+    is loaded only when its SHA-256 is one OpenAI published; any other archive is refused."""
     import torch
 
+    if not _is_torchscript(path):
+        return safe_load.load_tensors(path, "CLIP weight file")
+    if _sha256(path) not in _openai_release_sha256s():
+        raise UserError("CLIP weight file %s is a TorchScript archive but not one of OpenAI's released files (their "
+                        "SHA-256s are in OpenAI clip's model list); TorchScript can run code, so only those are "
+                        "loaded: save the model's state_dict() with torch.save instead" % path)
     try:
-        if _is_torchscript(path):
-            with warnings.catch_warnings():  # torch 2.x deprecates TorchScript; OpenAI's files still are TorchScript
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(path, map_location="cpu").state_dict()
-        state_dict = _read_state_dict_file(path)
-    except Exception as err:  # zip, pickle and TorchScript errors alike: say which file
-        raise UserError("checkpoint %s is not a readable CLIP weight file (%s: %s)"
+        with warnings.catch_warnings():  # torch 2.x deprecates TorchScript; OpenAI's files still are TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as err:  # a damaged archive: say which file
+        raise UserError("CLIP weight file %s is not a readable TorchScript archive (%s: %s)"
                         % (path, type(err).__name__, " ".join(str(err).split())[:160])) from None
-    if not isinstance(state_dict, dict):
-        raise UserError("checkpoint %s holds a %s, not a state dict" % (path, type(state_dict).__name__))
-    return state_dict
 
 
 def _openai_weights_file(model: str, pretrained: Optional[str]) -> str:

@@ -1,9 +1,10 @@
 """The one way the project reads torch files: tensors, storages and plain containers, never other pickled objects.
 
 torch.load unpickles, and unpickling calls whatever functions a file names, so a crafted weight file or training state
-can run code (issue #13). torch >= 1.13 restricts this with weights_only=True; torch 1.12, the course's, has no such
-switch, so there the same rule is enforced by a restricted unpickler handed to torch.load as its pickle_module (torch
-subclasses its Unpickler for the main pickle and calls its load() for the legacy format's headers). A file either
+can run code (issue #13). torch >= 2.10 restricts this soundly with weights_only=True; torch 1.12, the course's, has no
+such switch and torch 1.13-2.9's had holes (TRUSTED_WEIGHTS_ONLY below), so there the same rule is enforced by a
+restricted unpickler handed to torch.load as its pickle_module (torch subclasses its Unpickler for the main pickle and
+calls its load() for the legacy format's headers). TorchScript archives are refused on every version. A file either
 loads under the rule or is refused with one line; nothing here ever retries with a full unpickle.
 """
 from __future__ import annotations
@@ -24,6 +25,9 @@ import torch
 from common import UserError
 
 HAS_WEIGHTS_ONLY = "weights_only" in inspect.signature(torch.load).parameters  # torch >= 1.13
+# torch's own weights_only loader let crafted files run code before 2.6 (CVE-2025-32434, through TorchScript archives)
+# and corrupt memory before 2.10 (CVE-2026-24747, unchecked opcodes): older torch gets the restricted unpickler.
+TRUSTED_WEIGHTS_ONLY = HAS_WEIGHTS_ONLY and tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 10)
 FORCE_RESTRICTED_UNPICKLER = False  # True: the torch-1.12 path on any torch (tests run both paths in both lanes)
 REFUSED = "holds objects other than tensors and plain containers, which could run code; refused"
 # torch's tensor rebuild functions (torch/_weights_only_unpickler.py keeps the same list); those a torch lacks are skipped
@@ -185,13 +189,13 @@ def load(f, what: str = "file", map_location="cpu"):
     if isinstance(f, (str, os.PathLike)) and not os.path.isfile(f):
         raise UserError("%s not found: %s" % (what, name))
     try:
-        if FORCE_RESTRICTED_UNPICKLER or not HAS_WEIGHTS_ONLY:
-            with open(f, "rb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as opened:
-                if _is_torchscript(opened):
-                    raise Refused("a TorchScript archive, which torch.load would run through torch.jit.load")
-                kwargs = dict(weights_only=False) if HAS_WEIGHTS_ONLY else {}  # the restriction is pickle_module
-                return _torch_load(opened, map_location=map_location, pickle_module=RESTRICTED_PICKLE, **kwargs)
-        return _torch_load(f, map_location=map_location, weights_only=True)
+        with open(f, "rb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as opened:
+            if _is_torchscript(opened):
+                raise Refused("a TorchScript archive, which torch.load would run through torch.jit.load")
+            if TRUSTED_WEIGHTS_ONLY and not FORCE_RESTRICTED_UNPICKLER:
+                return _torch_load(opened, map_location=map_location, weights_only=True)
+            kwargs = dict(weights_only=False) if HAS_WEIGHTS_ONLY else {}  # the restriction is pickle_module
+            return _torch_load(opened, map_location=map_location, pickle_module=RESTRICTED_PICKLE, **kwargs)
     except Exception as err:  # unpickling, zip and format errors alike; never retried without the restriction
         if _refused(err):
             raise UserError("%s %s %s (%s)" % (what, name, REFUSED, _one_line(err))) from None

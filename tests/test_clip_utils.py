@@ -108,7 +108,7 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     corrupt = os.path.join(str(tmp_path), "corrupt.pt")
     with open(corrupt, "wb") as f:
         f.write(b"this is not a checkpoint")
-    with pytest.raises(UserError, match="corrupt.pt is not a readable"):
+    with pytest.raises(UserError, match="cannot read CLIP weight file .*corrupt.pt"):
         clip_utils.load_clip(config, corrupt)
     with pytest.raises(UserError, match="not found.*absent.pt"):
         clip_utils.load_clip(config, os.path.join(str(tmp_path), "absent.pt"))
@@ -248,12 +248,15 @@ def encode_openai(model, tokenizer, images):
 
 
 @pytest.mark.parametrize("form", ["state_dict", "torchscript"])
-def test_openai_weight_files_rebuild_the_model(tmp_path, form):
+def test_openai_weight_files_rebuild_the_model(tmp_path, form, monkeypatch):
     from tiny_openai_clip import TINY, save_state_dict, save_torchscript, tiny_openai_clip
 
     original = tiny_openai_clip()
     save = save_state_dict if form == "state_dict" else save_torchscript
     path = save(original, os.path.join(str(tmp_path), "tiny.pt"))
+    if form == "torchscript":  # TorchScript archives load only when OpenAI released them: make this one "released"
+        released = dict(clip_utils._openai_release_sha256s(), **{clip_utils._sha256(path): "tiny"})
+        monkeypatch.setattr(clip_utils, "_openai_release_sha256s", lambda: released)
     model, preprocess, tokenizer = clip_utils.load_clip("ViT-L/14@336px", path, backend="openai")
     assert not model.training and model.dtype == torch.float32
     assert tokenizer(["a photo of a cat " * 10]).shape == (1, TINY["context_length"])  # long prompts are cut
@@ -266,23 +269,26 @@ def test_openai_weight_files_rebuild_the_model(tmp_path, form):
         assert torch.equal(a, b)
 
 
-def test_state_dict_files_are_read_with_weights_only(tmp_path, monkeypatch):
-    import functools
+def test_a_torchscript_archive_openai_did_not_release_is_refused(tmp_path, monkeypatch):
+    """TorchScript can run code while it loads, so only OpenAI's own archives (by SHA-256) are loaded."""
+    from tiny_openai_clip import save_torchscript, tiny_openai_clip
 
-    seen = {}
-    real_load = torch.load
+    path = save_torchscript(tiny_openai_clip(), os.path.join(str(tmp_path), "other.pt"))
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load ran on an unknown archive"))
+    with pytest.raises(UserError, match="other.pt is a TorchScript archive but not one of OpenAI's released files"):
+        clip_utils.load_clip("ViT-L/14@336px", path, backend="openai")
 
-    @functools.wraps(real_load)  # keeps torch.load's signature, which the reader inspects
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real_load(*args, **kwargs)
+
+def test_state_dict_files_are_read_through_safe_load(tmp_path, monkeypatch):
+    import safe_load
 
     path = os.path.join(str(tmp_path), "weights.pt")
     torch.save({"x": torch.ones(2)}, path)
-    has_weights_only = "weights_only" in __import__("inspect").signature(torch.load).parameters
-    monkeypatch.setattr(torch, "load", spy)
+    seen = []
+    real = safe_load.load
+    monkeypatch.setattr(safe_load, "load", lambda f, what="file", **kw: seen.append(f) or real(f, what, **kw))
     assert torch.equal(clip_utils.read_openai_weights(path)["x"], torch.ones(2))
-    assert seen.get("weights_only", False) is has_weights_only and seen["map_location"] == "cpu"
+    assert seen == [path]
 
 
 def test_openai_bad_weights_say_which_file(tmp_path, monkeypatch):
@@ -291,7 +297,7 @@ def test_openai_bad_weights_say_which_file(tmp_path, monkeypatch):
         clip_utils.load_clip("ViT-L/14@336px", os.path.join(str(tmp_path), "absent.pt"), backend="openai")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(UserError, match="corrupt.pt is not a readable"):
+    with pytest.raises(UserError, match="cannot read CLIP weight file .*corrupt.pt"):
         clip_utils.load_clip("ViT-L/14@336px", str(corrupt), backend="openai")
     other = str(tmp_path / "other.pt")
     torch.save({"weight": torch.zeros(2)}, other)

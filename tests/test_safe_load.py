@@ -38,8 +38,8 @@ class LegacyVariable:
 
 @pytest.fixture(params=["weights_only", "restricted_unpickler"])
 def path_kind(request, monkeypatch):
-    if request.param == "weights_only" and not safe_load.HAS_WEIGHTS_ONLY:
-        pytest.skip("torch %s has no weights_only" % torch.__version__)
+    if request.param == "weights_only" and not safe_load.TRUSTED_WEIGHTS_ONLY:
+        pytest.skip("torch %s has no sound weights_only loader (safe_load.TRUSTED_WEIGHTS_ONLY)" % torch.__version__)
     monkeypatch.setattr(safe_load, "FORCE_RESTRICTED_UNPICKLER", request.param == "restricted_unpickler")
     return request.param
 
