@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import safe_load
 from common import UserError
+from tokenizer import END_TOKEN  # noqa: F401 (the start and end token; re-exported)
 
-END_TOKEN = 50256
 HEAD_SIZE = 64  # every GPT-2 size uses 64-wide heads, so n_head = n_embd // 64 when a weight file doesn't say
 GPT2_SMALL = dict(n_layer=12, n_embd=768, vocab_size=50257, block_size=1024)
 # GPT-2 stores these as Conv1D, (in, out); nn.Linear wants (out, in).
@@ -132,7 +132,9 @@ def _linear(cfg: Config, name: str, n_in: int, n_out: int) -> nn.Linear:
     """nn.Linear, or its loralib version when LoRA targets this projection (c_attn: q and v only)."""
     if cfg.lora_rank <= 0 or name not in cfg.lora_targets:
         return nn.Linear(n_in, n_out)
-    kwargs = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, merge_weights=True)
+    # merge_weights=False: loralib would otherwise merge on eval() and un-merge on train(); merging happens once, in
+    # Decoder.merge_lora, where inference loads a model
+    kwargs = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, merge_weights=False)
     if name == "attn.c_attn":
         return lora.MergedLinear(n_in, n_out, enable_lora=[True, False, True], **kwargs)
     return lora.Linear(n_in, n_out, **kwargs)
@@ -244,22 +246,19 @@ class Block(nn.Module):
             self.ln_cross = nn.LayerNorm(cfg.n_embd)
             self.cross_gate = nn.Parameter(torch.zeros(1)) if cfg.cross_attn_gate else None
         places = cfg.adapter_places if cfg.adapter_dim > 0 else ()
-        self.adapters = nn.ModuleDict({
-            place: Adapter(cfg.n_embd, cfg.adapter_dim) for place in places
-            if place != "cross" or self.cross_attn is not None})
-
-    def _adapt(self, place: str, h):
-        return self.adapters[place](h) if place in self.adapters else h
+        self.adapters = nn.ModuleDict({  # an absent adapter is the identity (timm's way: no branches in forward)
+            place: Adapter(cfg.n_embd, cfg.adapter_dim) if place in places else nn.Identity()
+            for place in ADAPTER_PLACES})
 
     def forward(self, x, memory=None, past=None, prefix=None, return_attention: bool = False):
         h, present = self.attn(self.ln_1(x), past=past, prefix=prefix)
-        x = x + self._adapt("self", h)
+        x = x + self.adapters["self"](h)
         probs = None
         if self.cross_attn is not None and memory is not None:
             h, probs = self.cross_attn(self.ln_cross(x), memory, return_probs=return_attention)
-            h = self._adapt("cross", h)
+            h = self.adapters["cross"](h)
             x = x + (torch.tanh(self.cross_gate) * h if self.cross_gate is not None else h)
-        x = x + self._adapt("mlp", self.mlp(self.ln_2(x)))
+        x = x + self.adapters["mlp"](self.mlp(self.ln_2(x)))
         return x, present, probs
 
 
@@ -340,6 +339,7 @@ class Decoder(nn.Module):
             self.image_proj = nn.Sequential(*layers, nn.LayerNorm(cfg.n_embd))
         self.prefix = Prefix(cfg) if cfg.prefix_len > 0 else None
         self.prompt = nn.Parameter(torch.randn(cfg.prompt_len, cfg.n_embd) * 0.02) if cfg.prompt_len > 0 else None
+        self.lora_merged = False
         self._base_names = set(self._gpt2_names())
         if weights is not None:
             self._load_base(weights, cfg.checkpoint)
@@ -449,15 +449,30 @@ class Decoder(nn.Module):
         if missing or unexpected:
             raise ValueError("checkpoint does not fit this decoder config: missing %s, unexpected %s" % (
                 missing[:6], unexpected[:6]))
-        was_training = self.training
-        self.train()  # loralib un-merges LoRA weights in train mode; load only onto un-merged weights
+        if self.lora_merged:
+            raise ValueError("LoRA is merged into the frozen weights; load trained tensors before merge_lora()")
         with torch.no_grad():
             for name, value in state.items():
                 if params[name].shape != value.shape:
                     raise ValueError("checkpoint tensor %s has shape %s, the config gives %s" % (
                         name, tuple(value.shape), tuple(params[name].shape)))
                 params[name].copy_(value)
-        self.train(was_training)
+
+    def merge_lora(self) -> int:
+        """For inference: adds each LoRA update B @ A * scale into its frozen weight once (loralib's own merge), so
+        decoding runs plain linear layers. Training never merges. Returns the number of merged layers."""
+        layers = [m for m in self.modules() if isinstance(m, lora.LoRALayer) and not m.merged]
+        for layer in layers:
+            layer.merge_weights = True
+            layer.train(False)  # loralib merges on the switch to eval when merge_weights is set
+            layer.merge_weights = False  # and never un-merges on a later train()
+        self.lora_merged = self.lora_merged or bool(layers)
+        return len(layers)
+
+    @property
+    def max_text_len(self) -> int:
+        """Positions left for text (start token included) after the prompt-tuning slots."""
+        return self.cfg.block_size - self.cfg.prompt_len
 
     def parameter_summary(self) -> Dict[str, int]:
         """Trainable parameter counts per part (plus `frozen` and `trainable` totals)."""

@@ -23,12 +23,13 @@ import urllib.error
 import urllib.request
 from typing import Callable, List, NamedTuple, Optional
 
+import clip_utils
+import encoder
 from common import UserError, progress, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HUB_HOST = "huggingface.co"
 CHUNK = 1 << 20
-CLIPSCORE_CLIP = ("ViT-B-32", "openai")  # the course's CLIPScore model
 
 # The trained P2 checkpoint: its JSON config is committed beside where the tensors land; the tensors are downloaded.
 # Empty url: no trained release exists yet (see README, "What could not be verified here").
@@ -114,26 +115,19 @@ def _fails(err: Exception) -> Callable:
 
 
 def p1_clip_part() -> Part:
-    """open_clip's EVA02-L-14 where open_clip imports (p1_clip_zeroshot's default), else OpenAI's ViT-L/14@336px."""
-    import clip_utils
-    import p1_clip_zeroshot
-
+    """open_clip's EVA02-L-14 where open_clip imports (P1's default), else OpenAI's ViT-L/14@336px."""
     backend = clip_utils.resolve_backend("auto")
-    model, tag = p1_clip_zeroshot.DEFAULTS[backend]
+    model, tag = clip_utils.P1_MODELS[backend]
     if backend == "openai":
         return openai_clip_part("P1 CLIP %s (OpenAI's clip)" % model, model)
     return open_clip_part("P1 CLIP %s/%s (open_clip)" % (model, tag), model, tag)
 
 
 def open_clip_part(name: str, model: str, tag: str) -> Part:
-    import clip_utils
-
     return Part(name, lambda: clip_utils.cached_clip(model, tag), lambda: clip_utils.download_clip(model, tag))
 
 
 def openai_clip_part(name: str, model: str) -> Part:
-    import clip_utils
-
     def cached() -> Optional[str]:
         path = clip_utils.openai_weights_path(model)
         expected = clip_utils.openai_weights_url(model).split("/")[-2]  # OpenAI's URLs name the file's SHA-256
@@ -143,17 +137,14 @@ def openai_clip_part(name: str, model: str) -> Part:
 
 
 def encoder_part() -> Part:
-    import captioner
-
     def fetch() -> str:
-        captioner.download_encoder(captioner.DEFAULT_ENCODER)
+        encoder.download_encoder(encoder.DEFAULT_ENCODER)
         return cached() or "the hub cache"
 
     def cached() -> Optional[str]:
-        backend, name, _, _ = captioner.parse_encoder_spec(captioner.DEFAULT_ENCODER)
-        return captioner.timm_weights_cached(name) if backend == "timm" else None
+        return encoder.timm_weights_cached(encoder.EncoderSpec.parse(encoder.DEFAULT_ENCODER).name)
 
-    return Part("P2 encoder %s" % captioner.DEFAULT_ENCODER, cached, fetch)
+    return Part("P2 encoder %s" % encoder.DEFAULT_ENCODER, cached, fetch)
 
 
 def checkpoint_part() -> Part:
@@ -190,7 +181,7 @@ def plan(args: argparse.Namespace) -> List[Part]:
         parts.append(_built("P2 encoder", encoder_part))
     if args.with_clipscore:
         parts.append(_built("CLIPScore CLIP", lambda: open_clip_part(
-            "CLIPScore CLIP %s/%s (open_clip)" % CLIPSCORE_CLIP, *CLIPSCORE_CLIP)))
+            "CLIPScore CLIP %s/%s (open_clip)" % clip_utils.CLIPSCORE_CLIP, *clip_utils.CLIPSCORE_CLIP)))
     if not args.skip_p2:
         parts.append(_built("P2 checkpoint", checkpoint_part))
     return parts

@@ -11,11 +11,11 @@ import textwrap
 from typing import List, Optional, Sequence
 
 from common import UserError, atomic_dir, atomic_write, read_json, run_main
+from p1_templates import REPORT_TEMPLATES
 
 PAGE = (8.27, 11.69)  # A4 in inches
 MARGIN = 0.07
 WRAP = 100
-P1_TEMPLATES = ("This is a photo of {}", "This is not a photo of {}", "No {}, no score.")
 
 CLIP_WHY = (
     "CLIP learns one embedding space for images and text from hundreds of millions of image-caption pairs with a "
@@ -108,7 +108,7 @@ def fmt(value, digits: int = 4) -> str:
 def prompt_analysis(prompts: Sequence[dict]) -> str:
     """What the prompt table shows, in words that follow the numbers rather than a fixed story."""
     acc = {p["templates"]: p["accuracy"] for p in prompts}
-    photo, negated, noise = (acc.get(t.format("{}")) for t in P1_TEMPLATES)
+    photo, negated, noise = (acc.get(text) for _, text in REPORT_TEMPLATES)
     parts = []
     if photo is not None and negated is not None:
         gap = 100 * (negated - photo)
@@ -199,6 +199,9 @@ def report_files(results_dir: str) -> List[str]:
     """Every file of a results folder that the report reads (relative paths), for a committed copy of the folder."""
     results = read_json(os.path.join(results_dir, "results.json"), "results file")
     files = ["results.json", "results.md"] + list((results.get("files") or {}).values())
+    p2 = os.path.join(results_dir, "p2")
+    if os.path.isdir(p2):  # each method's captions of the val split: the reference the committed checkpoints must give
+        files += [os.path.join("p2", m, "pred.json") for m in sorted(os.listdir(p2))]
     for index in ("p3/attention.json", "p3/best_worst/attention.json"):
         if os.path.isfile(os.path.join(results_dir, index)):
             folder = os.path.dirname(index)

@@ -8,8 +8,10 @@ import os
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import clip_utils
 import ptb
-from common import UserError, read_json
+from common import ImageFiles, UserError, collate_images, image_batches, progress, read_json
+from p2_data import read_coco_captions
 
 CLIPSCORE_WEIGHT = 2.5
 SHOWN_KEYS = 5
@@ -21,8 +23,6 @@ SHOWN_KEYS = 5
 def load_references(annotation_file: Union[str, dict]) -> Tuple["OrderedDict[str, List[str]]", Dict[str, str]]:
     """({key: captions in annotation order}, {key: image file name}) from a COCO-style caption file; the key is the
     file name without extension, as the course's prediction files use."""
-    from p2_data import read_coco_captions
-
     where = annotation_file if isinstance(annotation_file, str) else "annotations"
     references, files = OrderedDict(), {}
     for name, captions in read_coco_captions(annotation_file).items():
@@ -82,8 +82,6 @@ def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict]
         raise UserError("%d image(s) missing from %s: %s" % (len(absent), images_root, _show(absent)))
 
     if clip is None:  # before CIDEr: a missing CLIP download fails at once
-        import clip_utils
-
         clip = clip_utils.load_clip(clip_model, clip_pretrained, device)
     cider_mean, cider_per_image = cider(predictions, references, "java" if java_tokenizer else "python")
     model, preprocess, tokenizer = clip
@@ -127,8 +125,6 @@ def clip_score(paths: Sequence[str], captions: Sequence[str], model, preprocess:
     longer than the CLIP context are truncated by open_clip's tokenizer (the course's clip.tokenize would raise)."""
     import torch
     from torch.utils.data import DataLoader
-
-    from common import ImageFiles, collate_images, image_batches, progress
 
     if len(paths) != len(captions):
         raise ValueError("%d images but %d captions" % (len(paths), len(captions)))

@@ -17,18 +17,12 @@ import re
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import clip_utils
+import p1_templates
 from common import (ImageFiles, UserError, atomic_write, collate_images, image_batches, list_images, load_rgb, progress,
                     read_json, resolve_device, run_main, write_json)
 
-# open_clip's published zero-shot CIFAR-100 accuracy (docs/openclip_results.csv): EVA02-L-14 merged2b_s4b_b131k
-# 90.71 %, the best of the models whose weights fit an 11 GB card in fp16 and a 20-minute download (0.86 GB, fp16).
-DEFAULT_MODEL = "EVA02-L-14"
-DEFAULT_PRETRAINED = "merged2b_s4b_b131k"
-# Without open_clip: OpenAI's strongest released model, ViT-L/14@336px (CIFAR-100 74.36 % in the same table).
-OPENAI_MODEL = "ViT-L/14@336px"
-DEFAULTS = {"open_clip": (DEFAULT_MODEL, DEFAULT_PRETRAINED), "openai": (OPENAI_MODEL, "openai")}
 DEFAULT_TEMPLATES = "cifar"
-RANDOM_WEIGHTS = ("none", "random")
 CLASSES_PER_TEXT_BATCH = 10
 TOP_K = 5
 
@@ -59,10 +53,8 @@ def clean_class_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
-def load_templates(spec: str) -> List[str]:
+def load_templates(spec: str) -> List[p1_templates.Template]:
     """A named set (p1_templates) or a file with one template per line; `{}` or `{object}` marks the class name."""
-    import p1_templates
-
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
             lines = [(number, line.strip()) for number, line in enumerate(f, 1)]
@@ -71,9 +63,9 @@ def load_templates(spec: str) -> List[str]:
             if not line or line.startswith("#"):
                 continue
             line = line.replace("{object}", "{}")
-            if line.count("{}") != 1:
-                raise UserError("templates file %s line %d: %r needs exactly one {} (or {object}) for the class name"
-                                % (spec, number, line))
+            if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.replace("{}", "").count("}"):
+                raise UserError("templates file %s line %d: %r needs exactly one {} (or {object}) for the class name "
+                                "and no other braces" % (spec, number, line))
             templates.append(line)
         if not templates:
             raise UserError("templates file %s has no templates (one per line, with {} for the class name)" % spec)
@@ -132,7 +124,7 @@ def encode_images(model, paths: Sequence[str], preprocess: Callable, device: str
     return torch.cat(features)
 
 
-def build_zero_shot_weights(model, tokenizer, classnames: Sequence[str], fill_ins: Sequence[Callable[[str], str]],
+def build_zero_shot_weights(model, tokenizer, classnames: Sequence[str], templates: Sequence[p1_templates.Template],
                             num_classes_per_batch: int, device: str):
     """open_clip's build_zero_shot_classifier for OpenAI's models, whose encode_text has no `normalize`: (D, C) class
     embeddings, each the mean of its normalised template embeddings, renormalised."""
@@ -142,25 +134,25 @@ def build_zero_shot_weights(model, tokenizer, classnames: Sequence[str], fill_in
     columns = []
     for start in range(0, len(classnames), num_classes_per_batch):
         batch = classnames[start:start + num_classes_per_batch]
-        texts = [fill_in(name) for name in batch for fill_in in fill_ins]
+        texts = [p1_templates.fill_in(template, name) for name in batch for template in templates]
         embeddings = F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1)  # (classes * templates, D)
-        embeddings = embeddings.reshape(len(batch), len(fill_ins), -1).mean(dim=1)
+        embeddings = embeddings.reshape(len(batch), len(templates), -1).mean(dim=1)
         columns.append(F.normalize(embeddings, dim=-1))  # (classes, D)
     return torch.cat(columns).t()  # (D, C)
 
 
-def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: str,
-                     backend: str = "open_clip"):
-    """(C, D) unit-norm class embeddings: per class, mean of the normalised template embeddings, renormalised."""
+def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[p1_templates.Template],
+                     device: str, backend: str = "open_clip"):
+    """(C, D) unit-norm class embeddings: per class, mean of the normalised template embeddings, renormalised
+    (open_clip's builder for open_clip models, which takes template strings and callables alike)."""
     import torch
 
     if backend == "open_clip":
         from open_clip import build_zero_shot_classifier
     else:
         build_zero_shot_classifier = build_zero_shot_weights
-    fill_ins = [(lambda c, t=template: t.replace("{}", c)) for template in templates]
     with torch.no_grad(), autocast(device):
-        weights = build_zero_shot_classifier(model, tokenizer, [clean_class_name(c) for c in classnames], fill_ins,
+        weights = build_zero_shot_classifier(model, tokenizer, [clean_class_name(c) for c in classnames], templates,
                                              num_classes_per_batch=CLASSES_PER_TEXT_BATCH, device=device)  # (D, C)
     return weights.float().t().cpu()
 
@@ -186,8 +178,6 @@ def evaluation(predictions, labels: Sequence[int], classnames: Sequence[str]) ->
 def compare_prompts(model, tokenizer, features, labels, classnames, ensemble: Tuple[str, List[str]], device: str,
                     backend: str = "open_clip") -> str:
     """Markdown table: accuracy of the report's three single templates and of our ensemble."""
-    import p1_templates
-
     rows = [(text, [text]) for _, text in p1_templates.REPORT_TEMPLATES]
     rows.append(("ensemble: %s (%d templates)" % (ensemble[0], len(ensemble[1])), ensemble[1]))
     lines = ["| prompt | accuracy |", "| --- | ---: |"]
@@ -247,11 +237,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--model", default=None,
                        help="open_clip: model name or open_clip model-config JSON (default %s); openai: OpenAI model "
                             "name (default %s; with a weight file the architecture comes from the file)"
-                            % (DEFAULT_MODEL, OPENAI_MODEL))
+                            % (clip_utils.P1_MODELS["open_clip"][0], clip_utils.P1_MODELS["openai"][0]))
     model.add_argument("--pretrained", default=None,
                        help="open_clip: tag (local cache only), checkpoint file, or 'none' for random weights "
                             "(default %s); openai: 'openai' (the released weights, local cache only) or a weight "
-                            "file; default with the default model only" % DEFAULT_PRETRAINED)
+                            "file; default with the default model only" % clip_utils.P1_MODELS["open_clip"][1])
     model.add_argument("--templates", default=DEFAULT_TEMPLATES,
                        help="named template set or a file, one template per line with {} (default %(default)s)")
     run = parser.add_argument_group("run")
@@ -275,14 +265,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def model_and_weights(backend: str, model: Optional[str], pretrained: Optional[str]) -> Tuple[str, Optional[str]]:
     """The backend's default model and weights where none were given; 'none'/'random' -> None (random weights)."""
-    default_model, default_pretrained = DEFAULTS[backend]
+    default_model, default_pretrained = clip_utils.P1_MODELS[backend]
     model = model or default_model
     if pretrained is None:
         if model != default_model:
             raise UserError("--pretrained is needed with --model %s (a tag, a checkpoint file, or 'none'; %s backend)"
                             % (model, backend))
         pretrained = default_pretrained
-    return model, None if pretrained.lower() in RANDOM_WEIGHTS else pretrained
+    return model, None if pretrained.lower() in clip_utils.RANDOM_WEIGHTS else pretrained
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -299,7 +289,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError("output CSV path %s is a directory" % args.out_csv)
     device = str(resolve_device(args.device))
 
-    import clip_utils
     import torch
 
     backend = clip_utils.resolve_backend(args.backend)

@@ -2,7 +2,7 @@
 the one clip_benchmark used for open_clip's published CIFAR-100 zero-shot figures, hence our default."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 CIFAR_TEMPLATES = (
     "a photo of a {}.",
@@ -36,25 +36,29 @@ SINGLE_TEMPLATES: Dict[str, Tuple[str, ...]] = dict((name, (text,)) for name, te
 SINGLE_TEMPLATES["single"] = ("a photo of a {}.",)
 
 
-def _open_clip_imagenet(name: str) -> Tuple[str, ...]:
-    """open_clip keeps the ImageNet sets as lambdas; calling them with "{}" turns them back into data."""
-    import open_clip
-
-    return tuple(template("{}") for template in getattr(open_clip, name))
+OPEN_CLIP_SETS = {"imagenet": "OPENAI_IMAGENET_TEMPLATES", "imagenet-simple": "SIMPLE_IMAGENET_TEMPLATES"}
+Template = Union[str, Callable[[str], str]]  # "a photo of a {}." or open_clip's lambda c: f"a photo of a {c}."
 
 
-def template_set(name: str) -> Tuple[str, ...]:
-    """A named template set, or KeyError."""
+def template_set(name: str) -> Sequence[Template]:
+    """A named template set, or KeyError. The ImageNet sets are open_clip's own (its zero_shot_metadata), passed on
+    as it keeps them: the classifier builders take strings and callables alike (fill_in)."""
     if name == "cifar":
         return CIFAR_TEMPLATES
     if name in SINGLE_TEMPLATES:
         return SINGLE_TEMPLATES[name]
-    if name == "imagenet":
-        return _open_clip_imagenet("OPENAI_IMAGENET_TEMPLATES")
-    if name == "imagenet-simple":
-        return _open_clip_imagenet("SIMPLE_IMAGENET_TEMPLATES")
+    if name in OPEN_CLIP_SETS:
+        try:
+            import open_clip
+        except ImportError:
+            raise KeyError("%s (open_clip's template set; open_clip_torch is not installed)" % name) from None
+        return tuple(getattr(open_clip, OPEN_CLIP_SETS[name]))
     raise KeyError(name)
 
 
+def fill_in(template: Template, class_name: str) -> str:
+    return template(class_name) if callable(template) else template.replace("{}", class_name)
+
+
 def set_names() -> List[str]:
-    return ["cifar", "imagenet", "imagenet-simple"] + list(SINGLE_TEMPLATES)
+    return ["cifar"] + list(OPEN_CLIP_SETS) + list(SINGLE_TEMPLATES)

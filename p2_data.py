@@ -211,19 +211,16 @@ def collate_pairs(batch):
 
 def _encoder_identity(encoder) -> dict:
     """What decides an encoder's output: its spec, the stat of a local weight file, and its transform."""
-    from captioner import parse_encoder_spec
-
-    _, _, weights, _ = parse_encoder_spec(encoder.spec)
-    stat = None
+    weights, stat = encoder.spec.weight_file, None
     if weights and os.path.isfile(weights):
         info = os.stat(weights)
         stat = [os.path.abspath(weights), info.st_size, int(info.st_mtime)]
-    elif weights and weights.lower() == "none":  # random weights: the spec alone may not pin them down
+    elif encoder.spec.random:  # random weights: the spec alone may not pin them down
         digest = hashlib.sha1()
         for tensor in encoder.state_dict().values():
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         stat = ["random", digest.hexdigest()]
-    return dict(spec=encoder.spec, weights_file=stat, transform=repr(encoder.transform), width=int(encoder.width))
+    return dict(spec=str(encoder.spec), weights_file=stat, transform=repr(encoder.transform), width=int(encoder.width))
 
 
 def cache_key(encoder, caption_set: CaptionSet) -> Tuple[str, dict]:

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import clip_utils
 import metrics
 from common import resolve_device, run_main, write_json
 
@@ -26,9 +27,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     course.add_argument("--annotation_file", default="hw3_data/p2_data/val.json",
                         help="COCO-style ground truth (images: file_name, id; annotations: image_id, caption)")
     clip = parser.add_argument_group("CLIPScore")
-    clip.add_argument("--clip-model", default="ViT-B-32",
+    clip.add_argument("--clip-model", default=clip_utils.CLIPSCORE_CLIP[0],
                       help="open_clip model name or model-config JSON path (the course uses ViT-B/32)")
-    clip.add_argument("--clip-pretrained", default="openai",
+    clip.add_argument("--clip-pretrained", default=clip_utils.CLIPSCORE_CLIP[1],
                       help="open_clip pretrained tag (from the local cache) or a local checkpoint file; 'none' = random")
     clip.add_argument("--batch-size", type=int, default=64, help="images per CLIP batch")
     clip.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -51,9 +52,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = str(resolve_device(args.device))
-    pretrained = None if (args.clip_pretrained or "").lower() in ("", "none") else args.clip_pretrained
     result = metrics.evaluate(args.pred_file, args.annotation_file, args.images_root, clip_model=args.clip_model,
-                      clip_pretrained=pretrained, batch_size=args.batch_size, device=device,
+                      clip_pretrained=args.clip_pretrained or None, batch_size=args.batch_size, device=device,
                       java_tokenizer=args.java_tokenizer, num_workers=args.num_workers)
     if args.per_image:  # {key: {"caption", "cider", "clipscore"}}: what p3_visualize.py --from-scores reads
         write_json(args.per_image, result["per_image"])

@@ -3,7 +3,7 @@
     python3 p2_inference.py IMG_DIR OUT_JSON DECODER_WEIGHTS [--checkpoint CKPT] [--beam-size 3] ...
 
 Images are read by DataLoader workers, encoded in batches by the frozen ViT, and captioned by the batched beam search
-on the decoder's KV cache (captioner.generate). Offline by default: missing encoder weights fail at once and say
+on the decoder's KV cache (search.py). Offline by default: missing encoder weights fail at once and say
 to run `bash hw3_download.sh`.
 """
 from __future__ import annotations
@@ -20,9 +20,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-import captioner
-from common import (ImageFiles, UserError, collate_images, image_batches, list_images, progress, resolve_device,
-                    run_main, write_json)
+import search
+from captioner import Captioner, config_path, load_captioner
+from common import (ImageFiles, UserError, collate_images, hub_offline, image_batches, list_images, progress,
+                    resolve_device, run_main, write_json)
+from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "p2_best.pt")
@@ -41,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                             "timm:NAME@/path/weights.bin")
     model.add_argument("--allow-download", action="store_true",
                        help="let timm/open_clip download missing encoder weights (default: offline, fail fast)")
-    captioner.add_decoding_arguments(parser)
+    search.add_decoding_arguments(parser)
     run = parser.add_argument_group("runtime")
     run.add_argument("--batch-size", type=int, default=32, help="images per batch")
     run.add_argument("--device", default="auto", help="cuda, cpu, cuda:1... (default: cuda if available)")
@@ -64,10 +66,8 @@ def output_keys(folder: str) -> List[str]:
     return names
 
 
-def caption_folder(model: captioner.Captioner, folder: str, names: List[str], settings: Dict[str, object],
+def caption_folder(model: Captioner, folder: str, names: List[str], settings: Dict[str, object],
                    batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> List[str]:
-    from tokenizer import BPETokenizer
-
     tokenizer = BPETokenizer()
     loader = torch.utils.data.DataLoader(
         ImageFiles([os.path.join(folder, n) for n in names], model.encoder.transform), batch_size=batch_size,
@@ -79,7 +79,7 @@ def caption_folder(model: captioner.Captioner, folder: str, names: List[str], se
         for indices, pixels in image_batches(loader):
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 ids = model.generate(pixels.to(device, non_blocking=True), **settings)
-            for index, caption in zip(indices, captioner.decode_captions(ids, tokenizer)):
+            for index, caption in zip(indices, search.decode_captions(ids, tokenizer)):
                 captions[index] = caption
             bar.update(len(indices))
     return captions
@@ -87,7 +87,7 @@ def caption_folder(model: captioner.Captioner, folder: str, names: List[str], se
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    captioner.hub_offline(not args.allow_download)
+    hub_offline(not args.allow_download)
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
     if os.path.isdir(args.output):
@@ -95,9 +95,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = output_keys(args.images)
     device = resolve_device(args.device)
     start = time.time()
-    model, meta = captioner.load_captioner(args.checkpoint, args.decoder_weights, device=device,
+    model, meta = load_captioner(args.checkpoint, args.decoder_weights, device=device,
                                            encoder_spec=args.encoder)
-    settings, said = captioner.resolve_decoding(vars(args), meta, args.checkpoint)
+    settings, said = search.resolve_decoding(vars(args), meta, config_path(args.checkpoint))
     print(said, file=sys.stderr)
     loaded = time.time()
     captions = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,

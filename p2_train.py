@@ -26,9 +26,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+import clip_utils
+import metrics
 import p2_data
 import safe_load
+from captioner import build_captioner, save_checkpoint
 from common import UserError, atomic_write, collate_images, image_batches, progress, read_json, run_main, write_json
+from decoder import Config, peft_config
+from encoder import DEFAULT_ENCODER
+from search import DECODE_DEFAULTS, decode_captions
+from tokenizer import BPETokenizer
 
 MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
 STATE_FORMAT = "hw3-p2-train-state/1"
@@ -37,9 +44,6 @@ SELECT_METRICS = {"cider": 1, "clipscore": 1, "val_loss": -1}  # +1: higher is b
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from captioner import DECODE_DEFAULTS, DEFAULT_ENCODER
-    from decoder import Config, peft_config
-
     def preset(method: str, field: str) -> str:
         value = peft_config(method).get(field, getattr(Config(), field))
         return ",".join(value) if isinstance(value, tuple) else str(value)
@@ -59,7 +63,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "mapped fp16 files in DIR and train from them (no ViT during training, no augmentation)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     g = p.add_argument_group("model")
-    g.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (see captioner.py), default %(default)s")
+    g.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (see encoder.py), default %(default)s")
     g.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (frozen GPT-2)")
     g.add_argument("--peft", choices=PEFT_METHODS, default="lora", help="PEFT method (none = cross-attention only)")
     g.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (preset %s)" % preset("adapter", "adapter_dim"))
@@ -101,8 +105,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--val-max-len", type=int, default=DECODE_DEFAULTS["max_len"], help="max caption tokens")
     g.add_argument("--val-batch-size", type=int, default=64, help="validation images per batch")
     g.add_argument("--encode-batch-size", type=int, default=64, help="images per batch when filling the cache")
-    g.add_argument("--clip-model", default="ViT-B-32", help="CLIP for CLIPScore (open_clip name or config JSON)")
-    g.add_argument("--clip-pretrained", default="openai", help="CLIP weights: tag, local file, or none")
+    g.add_argument("--clip-model", default=clip_utils.CLIPSCORE_CLIP[0], help="CLIP for CLIPScore (open_clip name or config JSON)")
+    g.add_argument("--clip-pretrained", default=clip_utils.CLIPSCORE_CLIP[1], help="CLIP weights: tag, local file, or none")
     g.add_argument("--no-clipscore", action="store_true", help="validate with CIDEr only (no CLIP needed)")
     g.add_argument("--log-every", type=int, default=50, help="log the training loss every N optimiser steps")
     args = p.parse_args(argv)
@@ -122,8 +126,6 @@ def _csv(text: Optional[str], cast=str):
 
 
 def decoder_config(args: argparse.Namespace):
-    from decoder import Config, peft_config
-
     peft = peft_config(args.peft, adapter_dim=args.adapter_dim, adapter_places=_csv(args.adapter_places),
                        prefix_len=args.prefix_len, prefix_hidden=args.prefix_hidden, prompt_len=args.prompt_len,
                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -238,14 +240,6 @@ def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def _unmerged_lora(decoder) -> None:
-    """Keeps LoRA un-merged when validation switches to eval(): loralib's merge/unmerge round trip would change the
-    frozen weights by rounding every epoch (and make a resumed run differ from an uninterrupted one)."""
-    for module in decoder.modules():
-        if hasattr(module, "merge_weights") and hasattr(module, "merged"):
-            module.merge_weights = False
-
-
 # ----------------------------------------------------------------------------------------------- data
 
 def load_splits(args):
@@ -256,11 +250,8 @@ def load_splits(args):
 
 
 def build_data(args, train, val, captioner, world: Dist):
-    from tokenizer import BPETokenizer
-
     tokenizer = BPETokenizer()
-    block = captioner.decoder.cfg.block_size - captioner.decoder.cfg.prompt_len
-    max_tokens = min(args.max_caption_tokens, block - 2)
+    max_tokens = min(args.max_caption_tokens, captioner.decoder.max_text_len - 2)  # start and end tokens
     train_tokens = p2_data.tokenize_captions(train.captions, tokenizer, max_tokens)
     encoder = captioner.encoder
     if args.feature_cache:
@@ -270,7 +261,7 @@ def build_data(args, train, val, captioner, world: Dist):
         train_visuals = p2_data.Features(p2_data.build_feature_cache(args.feature_cache, "train", encoder, train,
                                                                      **kwargs))
         val_visuals = p2_data.Features(p2_data.build_feature_cache(args.feature_cache, "val", encoder, val, **kwargs))
-        captioner.encoder.cpu()  # never run again: free the accelerator for the decoder
+        captioner.release_encoder()  # never run again: free the accelerator for the decoder
     else:
         augment = p2_data.light_augmentation() if args.augment else None
         train_visuals = p2_data.images(train, encoder.transform, augment)
@@ -283,14 +274,6 @@ def build_data(args, train, val, captioner, world: Dist):
                             collate_fn=collate_images)
     val_tokens = p2_data.tokenize_captions(val.captions, tokenizer, max_tokens)
     return loader, sampler, val_loader, val_tokens
-
-
-def image_tokens(captioner, visuals: torch.Tensor, device) -> torch.Tensor:
-    """Cached features (B, N, width) in fp16 -> fp32 on device; images (B, 3, H, W) -> the frozen encoder's tokens."""
-    visuals = visuals.to(device, non_blocking=True)
-    if visuals.dim() == 3:
-        return visuals.float()
-    return captioner.encode(visuals)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -308,11 +291,8 @@ def load_clip(args, device):
     """The CLIP triple for CLIPScore, loaded once before any training (None with --no-clipscore)."""
     if args.no_clipscore:
         return None
-    import clip_utils
-
-    pretrained = None if (args.clip_pretrained or "none").lower() == "none" else args.clip_pretrained
     try:
-        return clip_utils.load_clip(args.clip_model, pretrained, str(device))
+        return clip_utils.load_clip(args.clip_model, args.clip_pretrained, str(device))
     except UserError as err:
         raise UserError("CLIPScore: %s (here: --clip-pretrained PATH, or --no-clipscore to validate with CIDEr only)"
                         % err) from None
@@ -321,17 +301,15 @@ def load_clip(args, device):
 @torch.no_grad()
 def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) -> dict:
     """Validation captions through captioner's generate, teacher-forced loss on every reference caption."""
-    from captioner import decode_captions, generate
-
     decoder = captioner.decoder
     captioner.eval()
     predictions, loss_sum, count = {}, 0.0, 0
     keys = val.keys()
     for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-            tokens = image_tokens(captioner, visuals, device)  # (B, N, width)
-            ids = generate(decoder, tokens, method=args.val_decode, beam_size=args.val_beam_size,
-                           max_len=args.val_max_len)
+            tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
+            ids = captioner.generate(tokens, method=args.val_decode, beam_size=args.val_beam_size,
+                                     max_len=args.val_max_len)
             rows = [(r, caption) for r, i in enumerate(index) for caption in val_tokens[i]]
             inputs, targets = p2_data.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
@@ -349,8 +327,6 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
 def score(predictions: dict, val, clip, device) -> Dict[str, float]:
     """CIDEr and CLIPScore through p2_evaluate (CIDEr only without CLIP); a validation subset is scored against the
     annotations of just those images."""
-    import metrics
-
     annotations = read_json(val.annotation_file, "annotation file")
     if len(val.names) < len(annotations.get("images", [])):
         keep = set(val.names)
@@ -370,7 +346,7 @@ def model_settings(args, captioner) -> dict:
     """What must not change between a run and its --resume."""
     cfg = captioner.decoder.cfg.to_dict()
     cfg.pop("checkpoint", None)
-    return dict(encoder=captioner.encoder.spec, decoder=cfg, raw_captions=args.raw_captions,
+    return dict(encoder=str(captioner.encoder_spec), decoder=cfg, raw_captions=args.raw_captions,
                 max_caption_tokens=args.max_caption_tokens)
 
 
@@ -426,9 +402,8 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
         sync = model.no_sync() if world.world_size > 1 and not last else contextlib.nullcontext()
         with sync:
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                tokens = image_tokens(captioner, visuals, world.device)
                 targets = targets.to(world.device)
-                logits = model(inputs.to(world.device), image_tokens=tokens,
+                logits = model(visuals.to(world.device, non_blocking=True), inputs.to(world.device),
                                positions=targets != p2_data.IGNORE_INDEX)  # (M, vocab): no logits on padding
                 loss = caption_loss(logits, targets, args.label_smoothing)
             scaler.scale(loss / group_size).backward()
@@ -455,16 +430,14 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # missing weights fail at once (hw3_download.sh fetches them)
     args = parse_args(argv)
-    from captioner import build_captioner, save_checkpoint
-
     world = Dist(args.device)
     try:
-        return _run(args, world, build_captioner, save_checkpoint)
+        return _run(args, world)
     finally:
         world.close()
 
 
-def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
+def _run(args, world: Dist) -> int:
     state_path, log_path = os.path.join(args.out, "last_state.pt"), os.path.join(args.out, "log.jsonl")
     if not args.resume and os.path.isfile(state_path):
         raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
@@ -474,17 +447,16 @@ def _run(args, world: Dist, build_captioner, save_checkpoint) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     captioner = build_captioner(args.encoder, decoder_config(args))
-    _unmerged_lora(captioner.decoder)
     summary = check_budget(captioner.decoder)
     captioner.to(world.device)
     clip = load_clip(args, world.device) if world.main else None
     loader, sampler, val_loader, val_tokens = build_data(args, train, val, captioner, world)
 
     amp = world.device.type == "cuda" and not args.no_amp
-    model = captioner.decoder
+    model = captioner  # its forward is the training step's model call; under torchrun, DDP wraps it
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            captioner.decoder, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+            captioner, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     total_steps = args.epochs * math.ceil(len(loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(captioner.decoder, args, total_steps)
     scaler = grad_scaler(amp)

@@ -101,9 +101,6 @@ class BPETokenizer:
                 ids.extend(self._encode_word(word))
         return ids
 
-    def encode_batch(self, texts: Iterable[str]) -> List[List[int]]:
-        return [self.encode(t) for t in texts]
-
     def decode(self, ids: Iterable[int]) -> str:
         text = "".join(self.decoder[int(i)] for i in ids)
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")

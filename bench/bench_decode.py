@@ -2,7 +2,7 @@
 
 GPT-2 small (the course decoder's shape) with cross-attention to image tokens of the default encoder's shape
 (CLIP ViT-H/14 at 224 px: 257 tokens x 1280). Measured in one process, against baselines measured in the same run:
-  ours      captioner.generate: batched, image keys/values once per image, KV cache, beams as the batch dimension
+  ours      search.generate: batched, image keys/values once per image, KV cache, beams as the batch dimension
   (a)       one image at a time, no cache: the whole sequence and the image keys/values recomputed every step
             (what most course submissions ship)
   (b)       Hugging Face GPT2LMHeadModel.generate with its KV cache on the same GPT-2 weights, text only (no
@@ -10,7 +10,7 @@ GPT-2 small (the course decoder's shape) with cross-attention to image tokens of
 Every method runs exactly --steps decoding steps (random weights never emit the end token; checked). The encoder is
 the same for every method and is not timed here; its cost enters the GPU estimate at the end from its FLOPs.
 
-Run: .venv/bin/python bench/bench_decode.py [--batch-size 16] [--steps 20] [--beam-size 3] [--baseline-images 2]
+Run: .venv/bin/python -m bench.bench_decode [--batch-size 16] [--steps 20] [--beam-size 3] [--baseline-images 2]
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from captioner import END_TOKEN, generate  # noqa: E402
-from decoder import Config, Decoder  # noqa: E402
+from search import generate
+from tokenizer import END_TOKEN
+from decoder import Config, Decoder
 
 GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
 VIT_H14 = dict(tokens=257, width=1280, depth=32, mlp=5120)  # timm vit_huge_patch14_clip_quickgelu_224

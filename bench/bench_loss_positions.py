@@ -1,6 +1,6 @@
 """Training-step time with logits only at target positions (what p2_train does) against full (B, T, vocab) logits.
 
-    .venv/bin/python bench/bench_loss_positions.py [--decoder small|tiny] [--batch-size 32] [--steps 3]
+    .venv/bin/python -m bench.bench_loss_positions [--decoder small|tiny] [--batch-size 32] [--steps 3]
 
 Random weights on CPU. Caption lengths follow a COCO-like spread (8-24 tokens, padded to the longest in the batch);
 image tokens are a ViT-H/14's 257 x 1280 (small) or the miniature world's 65 x 128 (tiny). Both variants run the
@@ -10,17 +10,14 @@ the trainable parts (cross-attention, LoRA) get gradients, as in training.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decoder import Config, Decoder, peft_config  # noqa: E402
+from decoder import Config, Decoder, peft_config
 
 SHAPES = {"small": dict(encoder_dim=1280, tokens=257), "tiny": dict(encoder_dim=128, tokens=65, n_layer=3, n_embd=128,
                                                                       n_head=2, block_size=64)}

@@ -4,26 +4,24 @@ Ours (p1_clip_zeroshot: DataLoader workers, batched forward, one batched text pa
 measured in the same process (decode, preprocess and encode one image at a time; one prompt at a time), and the
 text-embedding cost extrapolated to the course's workload (50 classes x the template set, 2,500 images).
 
-Run: .venv/bin/python bench/bench_p1.py [--model EVA02-L-14] [--images 8] [--batch-size 4] [--classes 2]
+Run: .venv/bin/python -m bench.bench_p1 [--model EVA02-L-14] [--images 8] [--batch-size 4] [--classes 2]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-import clip_utils  # noqa: E402
-import p1_clip_zeroshot as p1  # noqa: E402
-from common import load_rgb  # noqa: E402
+import clip_utils
+import p1_clip_zeroshot as p1
+from common import load_rgb
 
 COURSE_IMAGES, COURSE_CLASSES = 2500, 50
 
@@ -60,7 +58,7 @@ def naive_text(model, tokenizer, classnames, templates):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=p1.DEFAULT_MODEL, help="open_clip architecture (random weights)")
+    parser.add_argument("--model", default=clip_utils.P1_MODELS["open_clip"][0], help="open_clip architecture (random weights)")
     parser.add_argument("--images", type=int, default=8, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)

@@ -1,17 +1,15 @@
 """Encoding speed of tokenizer.BPETokenizer on 10,000 captions, against transformers' GPT2Tokenizer in-process.
 
-Run: .venv/bin/python bench/bench_tokenizer.py
+Run: .venv/bin/python -m bench.bench_tokenizer
 """
 from __future__ import annotations
 
 import os
 import random
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenizer import BPETokenizer  # noqa: E402
+from tokenizer import BPETokenizer
 
 WORDS = ("a man woman dog cat two people riding skateboard surfboard wave kitchen sink food table plate pizza "
          "sitting standing next to on top of the in front with and of small large red blue green white black "

@@ -1,6 +1,6 @@
 """Training steps/s of p2_train.py's loop with and without the feature cache, real-size models, random weights, CPU.
 
-    .venv/bin/python bench/bench_train.py [--encoder SPEC] [--batch-size 4] [--steps 2]
+    .venv/bin/python -m bench.bench_train [--encoder SPEC] [--batch-size 4] [--steps 2]
 
 Both runs go through p2_train.train_epoch on the same synthetic COCO-like JPEGs (640x480, one 12-word caption each):
 without the cache every step decodes, transforms and encodes the images with the frozen ViT; with it, every step
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import p2_data  # noqa: E402
-import p2_train  # noqa: E402
-from captioner import DEFAULT_ENCODER, build_captioner  # noqa: E402
-from decoder import Config, peft_config  # noqa: E402
-from tokenizer import BPETokenizer  # noqa: E402
+import p2_data
+import p2_train
+from captioner import build_captioner
+from encoder import DEFAULT_ENCODER
+from decoder import Config, peft_config
+from tokenizer import BPETokenizer
 
 CAPTION = "a man riding a wave on top of a surfboard in the middle of the ocean"
 
@@ -66,7 +66,6 @@ def main() -> None:
     torch.manual_seed(0)
     print("building %s + GPT-2 small (random weights)..." % bench.encoder, file=sys.stderr)
     captioner = build_captioner(bench.encoder, Config(**peft_config(bench.peft)))
-    p2_train._unmerged_lora(captioner.decoder)
     trainable = captioner.decoder.parameter_summary()["trainable"]
     world = p2_train.Dist("cpu")
     with tempfile.TemporaryDirectory() as tmp:

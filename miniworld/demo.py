@@ -181,22 +181,22 @@ def p2_scores(world: str, out: str, decoder: str, clip, captioners: str) -> dict
 
 
 def p3(world: str, out: str, decoder: str, checkpoint: str, method: str) -> dict:
-    """Figures of the P3 images and of the best/worst validation captions, and the pointing game on the val split."""
+    """Figures of the P3 images and of the best/worst validation captions (p3_visualize.py), and the world-only
+    pointing game on the val split (miniworld.pointing, through the product's attention-map hook)."""
     import p3_visualize
+    from miniworld import pointing
 
     common = ["--checkpoint", checkpoint, "--decoder", decoder, "--device", "cpu"]
     say("P3: attention maps with %s" % rel(checkpoint))
-    p3_visualize.main(["--images", os.path.join(world, "p3", "images"), "--out", os.path.join(out, "p3"),
-                       "--objects", os.path.join(world, "p3", "objects.json")] + common)
+    p3_visualize.main(["--images", os.path.join(world, "p3", "images"), "--out", os.path.join(out, "p3")] + common)
     p3_visualize.main(["--images", os.path.join(world, "p2", "images", "val"), "--out",
                        os.path.join(out, "p3", "best_worst"), "--from-scores",
                        os.path.join(out, "p2", method, "per_image.json"), "--top", "1", "--bottom", "1"]
                       + common)
     say("P3: pointing game over the validation split")
-    pointing_dir = os.path.join(out, "p3", "pointing")
-    p3_visualize.main(["--images", os.path.join(world, "p2", "images", "val"), "--out", pointing_dir, "--no-figures",
-                       "--objects", os.path.join(world, "p2", "val_objects.json")] + common)
-    summary = read_json(os.path.join(pointing_dir, "attention.json"))
+    pointing.main(["--images", os.path.join(world, "p2", "images", "val"), "--out", os.path.join(out, "pointing.json"),
+                   "--objects", os.path.join(world, "p2", "val_objects.json")] + common)
+    summary = read_json(os.path.join(out, "pointing.json"))
     return dict(pointing_game=summary.get("pointing_game"), pointing_trials=summary.get("pointing_trials"))
 
 

@@ -4,9 +4,32 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models run 5-20x faster on one thread than on two contended ones; subprocesses inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/tiny_models.py
+
+
+@pytest.fixture(scope="module")
+def captioning_world(tmp_path_factory):
+    """A tiny captioner with trained-looking cross-attention over 6 distinct random images, the transformers GPT-2
+    it wraps and its weight file: the reference world of the search, captioner and inference tests."""
+    import torch
+
+    import captioner
+    from decoder import Config
+    from tiny_models import CAPTION_ENCODER, ending_gpt2, randomize_trainable, save_course_format
+
+    folder = tmp_path_factory.mktemp("captioning")
+    gpt2 = ending_gpt2()
+    weights = save_course_format(gpt2, folder / "decoder_model.bin")
+    model = captioner.build_captioner(CAPTION_ENCODER, Config(checkpoint=weights))
+    randomize_trainable(model.decoder)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(6, 3, 32, 32, generator=g) * 0.5 + torch.randn(6, 3, 1, 1, generator=g) * 2  # distinct
+    return dict(folder=folder, gpt2=gpt2, weights=weights, model=model.eval(), images=images,
+                feats=model.image_tokens(images))

@@ -219,17 +219,28 @@ def test_attention_probabilities(tiny):
     assert attentions[0] is None and attentions[1] is not None
 
 
-def test_lora_merge_for_inference_keeps_outputs(tiny):
+def test_lora_merges_only_when_asked_and_keeps_outputs(tiny):
     decoder = busy_decoder(tiny[1]).train()
     x, feats = tokens(), image_tokens()
+    lora_layers = [m for m in decoder.modules() if hasattr(m, "lora_A")]
+    assert lora_layers
     for module in decoder.modules():  # dropout-free comparison
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    frozen = [m.weight.detach().clone() for m in lora_layers]
     with torch.no_grad():
         unmerged = decoder(x, image_tokens=feats)
-        merged = decoder.eval()(x, image_tokens=feats)
-    assert any(getattr(m, "merged", False) for m in decoder.modules())
+        decoder.eval().train().eval()  # mode switches never merge or un-merge behind our back
+        assert not decoder.lora_merged and all(torch.equal(m.weight, w) for m, w in zip(lora_layers, frozen))
+        assert decoder.merge_lora() == len(lora_layers) and decoder.lora_merged
+        merged = decoder(x, image_tokens=feats)
+        assert not all(torch.equal(m.weight, w) for m, w in zip(lora_layers, frozen))
+        decoder.train().eval()  # still merged, exactly once
+        assert torch.equal(decoder(x, image_tokens=feats), merged)
+    assert decoder.merge_lora() == 0  # a second call does nothing
     assert (merged - unmerged).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="merged"):
+        decoder.load_trainable_state_dict(decoder.trainable_state_dict())
 
 
 def test_trainable_checkpoint_round_trip(tiny, tmp_path):

@@ -7,7 +7,12 @@ import os
 
 import pytest
 
-from miniworld import demo
+import p2_inference
+from common import read_json
+from miniworld import demo, generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED = os.path.join(ROOT, "results", "miniworld")
 
 KEYS = ("p1_accuracy", "p1_heldout_accuracy", "p1_heldout_accuracy_all_classes", "p1_single_prompt_accuracy",
         "pointing_game")
@@ -72,3 +77,26 @@ def test_report_copy_replaces_an_earlier_copy(results, tmp_path):
                              str(foreign)], capture_output=True, text=True)
     assert result.returncode == 2 and "not a results folder" in result.stderr
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def val_split(tmp_path_factory):
+    """The full world's validation split (seed 0), the 250 images the demo scores the captioners on."""
+    out = str(tmp_path_factory.mktemp("val"))
+    generate.write_p2_split(out, 0, "val", generate.FULL["p2_val"], generate.FULL["captions"])
+    return os.path.join(out, "p2", "images", "val")
+
+
+@pytest.mark.parametrize("method", demo.METHODS)
+def test_committed_checkpoints_give_the_committed_captions(val_split, method, tmp_path):
+    """The committed captioners, through p2_inference.py (hw3_2.sh's code) with its default decoding, caption the val
+    split exactly as the committed demo results say: in both test lanes, and across refactors of the code."""
+    out = str(tmp_path / "pred.json")
+    models = os.path.join(ROOT, "miniworld", "models")
+    p2_inference.main([val_split, out, os.path.join(models, "decoder_model.bin"), "--checkpoint",
+                       os.path.join(models, "p2_%s.pt" % method), "--device", "cpu", "--num-workers", "0",
+                       "--batch-size", "64"])
+    expected = read_json(os.path.join(COMMITTED, "p2", method, "pred.json"))
+    got = read_json(out)
+    assert len(expected) == generate.FULL["p2_val"]
+    assert got == expected, [k for k in expected if got.get(k) != expected[k]][:5]

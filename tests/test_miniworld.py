@@ -219,28 +219,6 @@ def test_tiny_gpt2_loads_through_decoder_and_matches_transformers():
     assert loss < 0.25 * np.log(cfg.vocab_size) and loss_shuffled > loss + 2.0  # uniform guessing: log(vocab)
 
 
-@pytest.mark.skipif(not os.path.isfile(CLIP_WEIGHTS), reason="tiny CLIP not built (bash miniworld/build_models.sh)")
-def test_tiny_clip_visual_tower_is_a_captioning_encoder(small_world):
-    """The P2 encoder path: the tiny CLIP's ViT through captioner.ImageEncoder gives CLS + patch-grid tokens, and
-    its CLS token projected is exactly what CLIP itself embeds for the image."""
-    captioner = pytest.importorskip("captioner")
-    import clip_utils
-
-    encoder = captioner.ImageEncoder("open_clip:%s@%s" % (CLIP_CONFIG, CLIP_WEIGHTS), offline=True)
-    config = read(CLIP_CONFIG)["vision_cfg"]
-    grid = config["image_size"] // config["patch_size"]
-    assert encoder.grid_size == (grid, grid) and encoder.width == config["width"]
-    folder = os.path.join(small_world, "p2", "images", "val")
-    images = torch.stack([encoder.transform(Image.open(os.path.join(folder, f)).convert("RGB"))
-                          for f in sorted(os.listdir(folder))[:4]])
-    clip = clip_utils.load_clip(CLIP_CONFIG, CLIP_WEIGHTS, "cpu")[0]
-    with torch.no_grad():
-        tokens = encoder(images)
-        assert tokens.shape == (4, 1 + grid * grid, config["width"])
-        embedded = tokens[:, 0] @ clip.visual.proj  # tokens come after ln_post
-        torch.testing.assert_close(embedded, clip.encode_image(images), atol=1e-4, rtol=1e-4)
-
-
 VIT_WEIGHTS = os.path.join(ROOT, "miniworld", "models", "caption_vit.pt")
 
 
@@ -269,21 +247,24 @@ def test_patch_targets_follow_the_masks():
 def test_tiny_vit_starts_as_the_tiny_clip_tower_and_trains(tmp_path):
     """train_vit's timm tower, converted by timm from the tiny CLIP, gives the same tokens as the open_clip tower; two
     training steps write a file that the captioner's timm spec loads (fp16 weights, same architecture)."""
-    captioner = pytest.importorskip("captioner")
+    import clip_utils
+    from encoder import ImageEncoder
     from miniworld import train_vit
+    from tiny_models import open_clip_tokens
 
-    clip_tower = captioner.ImageEncoder("open_clip:%s@%s" % (CLIP_CONFIG, CLIP_WEIGHTS), offline=True)
+    clip_visual = clip_utils.load_clip(CLIP_CONFIG, CLIP_WEIGHTS, "cpu")[0].visual
     vit = train_vit.initial_model(CLIP_WEIGHTS).eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        torch.testing.assert_close(vit.forward_features(x), clip_tower(x), atol=1e-4, rtol=1e-4)
+        clip_tower = open_clip_tokens(clip_visual, x)
+        torch.testing.assert_close(vit.forward_features(x), clip_tower, atol=1e-4, rtol=1e-4)
     out = str(tmp_path / "vit.pt")
     final = train_vit.train(out, seed=0, steps=2, batch_size=4, init=CLIP_WEIGHTS)
     assert final["step"] == 2 and os.path.isfile(out) and os.path.isfile(str(tmp_path / "vit.log.json"))
-    encoder = captioner.ImageEncoder(train_vit.spec(out), offline=True)
+    encoder = ImageEncoder(train_vit.spec(out), offline=True)
     assert encoder.grid_size == (8, 8) and encoder.width == 128 and encoder.num_prefix_tokens == 1
     with torch.no_grad():
-        moved = (encoder(x) - clip_tower(x)).abs().max().item()
+        moved = (encoder(x) - clip_tower).abs().max().item()
     assert 0 < moved < 10  # trained a little away from the start, still finite
 
 
@@ -291,10 +272,10 @@ def test_tiny_vit_starts_as_the_tiny_clip_tower_and_trains(tmp_path):
 def test_committed_tiny_vit_tells_shapes_apart_on_its_patches():
     """The committed captioning encoder has learnt what it was trained for: a linear read-out fitted on a few scenes'
     patch tokens names the shape under held-out object patches far above chance (1/5)."""
-    captioner = pytest.importorskip("captioner")
+    from encoder import ImageEncoder
     from miniworld import train_vit
 
-    encoder = captioner.ImageEncoder(train_vit.spec(VIT_WEIGHTS), offline=True)
+    encoder = ImageEncoder(train_vit.spec(VIT_WEIGHTS), offline=True)
     grid = encoder.grid_size[0]
     feats, shapes = [], []
     for index in range(120):
@@ -342,3 +323,20 @@ def test_tiny_gpt2_says_which_shape_its_context_pins_down():
     assert hits >= 45, hits  # of 50; chance among the shapes is 10
     wte = torch.load(GPT2_WEIGHTS, map_location="cpu")["wte.weight"].float()
     assert train_gpt2.shape_cosine(wte, tokenizer) < 0.9
+
+
+def test_pointing_game_maps_back_through_resize_and_crop():
+    from miniworld import pointing
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
+    # original 64x48: resized to 43x32, the crop keeps x in [5.5, 37.5) of the resized image
+    maps = torch.zeros(2, 4, 4)
+    maps[1, 1, 3] = 1.0  # peak at shown (28, 12) -> original x = (28 + 5.5) * 48/32 ~ 50, y = 12 * 1.5 = 18
+    objects = [dict(color="red", shape="circle", bbox=[44, 10, 16, 16]),
+               dict(color="blue", shape="square", bbox=[0, 0, 10, 10])]
+    assert pointing.pointing_game(["red", "circle"], maps, objects, (64, 48), transform) == (1, 1)
+    assert pointing.pointing_game(["red", "circles"], maps, objects, (64, 48), transform) == (1, 1)
+    objects[0]["bbox"] = [0, 0, 30, 30]
+    assert pointing.pointing_game(["red", "circle"], maps, objects, (64, 48), transform) == (0, 1)
+    assert pointing.pointing_game(["green", "circle"], maps, objects, (64, 48), transform) == (0, 0)

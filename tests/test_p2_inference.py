@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 import captioner
+import safe_load
+import search
 import p2_inference
 from common import UserError, load_rgb
 from decoder import Config
-from test_captioner import TINY_ENCODER, randomize_trainable, save_course_format, tiny_gpt2
+from tiny_models import CAPTION_ENCODER, ending_gpt2, randomize_trainable, save_course_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore:skipping 1 non-image file")  # the fixture's notes.txt
@@ -41,12 +43,12 @@ def write_images(folder, count: int = 7) -> list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("p2")
-    weights = save_course_format(tiny_gpt2(), root / "decoder_model.bin")
-    model = captioner.build_captioner(TINY_ENCODER, Config(checkpoint=weights))
+    weights = save_course_format(ending_gpt2(), root / "decoder_model.bin")
+    model = captioner.build_captioner(CAPTION_ENCODER, Config(checkpoint=weights))
     randomize_trainable(model.decoder)
     checkpoint = str(root / "ckpt" / "p2_best.pt")
     os.makedirs(os.path.dirname(checkpoint))
-    captioner.save_checkpoint(checkpoint, model, extra={captioner.INFERENCE_KEY: dict(SETTINGS, chosen_on="test")})
+    captioner.save_checkpoint(checkpoint, model, extra={search.INFERENCE_KEY: dict(SETTINGS, chosen_on="test")})
     names = write_images(root / "images")
     (root / "images" / "notes.txt").write_text("not an image")
     return dict(root=root, weights=weights, checkpoint=checkpoint, names=names, images=str(root / "images"))
@@ -58,7 +60,7 @@ def reference_captions(setup, **settings) -> dict:
     out = {}
     for name in setup["names"]:
         pixels = model.encoder.transform(load_rgb(os.path.join(setup["images"], name))).unsqueeze(0)
-        out[os.path.splitext(name)[0]] = captioner.decode_captions(model.generate(pixels, **settings))[0]
+        out[os.path.splitext(name)[0]] = search.decode_captions(model.generate(pixels, **settings))[0]
     return out
 
 
@@ -105,7 +107,7 @@ def test_without_recommended_settings_it_decodes_with_the_readme_defaults(setup,
                         generation=dict(method="greedy", beam_size=1, max_len=3))
     out = tmp_path / "pred.json"
     run(plain, out)
-    assert json.loads(out.read_text()) == reference_captions(plain, **captioner.DECODE_DEFAULTS)
+    assert json.loads(out.read_text()) == reference_captions(plain, **search.DECODE_DEFAULTS)
     said = capsys.readouterr().err
     assert "decoding: method=beam, beam_size=3, max_len=30" in said and "all from the README defaults" in said
 
@@ -199,7 +201,7 @@ def test_input_errors(setup, tmp_path):
 
 
 def test_mismatched_checkpoint_is_refused(setup, tmp_path):
-    state = torch.load(setup["checkpoint"])
+    state = safe_load.load_tensors(setup["checkpoint"])
     state.pop(sorted(state)[0])
     bad = str(tmp_path / "bad.pt")
     torch.save(state, bad)

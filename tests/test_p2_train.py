@@ -141,7 +141,8 @@ def test_budget_counts_what_the_checkpoint_holds(world):
 # ----------------------------------------------------------------------------------------------- training
 
 def test_tiny_model_overfits_and_reproduces_captions(world, tmp_path):
-    from captioner import generate, load_captioner
+    from captioner import load_captioner
+    from search import generate
     from tokenizer import BPETokenizer
 
     out = tmp_path / "run"
@@ -153,7 +154,7 @@ def test_tiny_model_overfits_and_reproduces_captions(world, tmp_path):
     caps = p2_data.load_captions(str(world / "val.json"), str(world / "images"))
     images = torch.stack([captioner.encoder.transform(Image.open(caps.path(i)).convert("RGB"))
                           for i in range(len(caps.names))])
-    ids = generate(captioner.decoder, captioner.encode(images), method="greedy", max_len=12)
+    ids = generate(captioner.decoder, captioner.image_tokens(images), method="greedy", max_len=12)
     assert [BPETokenizer().decode(s).strip() for s in ids] == [c[0] for c in caps.captions]
     assert meta["metrics"]["cider"] > 5  # identical captions: CIDEr-D near its 10x maximum
     # validation's decoding is recorded as such and never becomes the checkpoint's inference recommendation
@@ -213,7 +214,7 @@ def test_validation_subset_with_clipscore(world, tmp_path):
 # ----------------------------------------------------------------------------------------------- feature cache
 
 def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monkeypatch):
-    from captioner import ImageEncoder
+    from encoder import ImageEncoder
 
     encoder = ImageEncoder(TINY_ENCODER)
     caps = p2_data.load_captions(str(world / "val.json"), str(world / "images"))

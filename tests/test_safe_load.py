@@ -240,7 +240,7 @@ def test_captioner_checkpoint_with_code_is_refused(tmp_path, path_kind, tiny_gpt
 
 
 def test_timm_weight_file_with_code_is_refused(tmp_path, path_kind):
-    from captioner import ImageEncoder
+    from encoder import ImageEncoder
 
     marker = str(tmp_path / "MARKER")
     path = save({"cls_token": torch.zeros(1, 1, 192), "payload": MakesMarker(marker)}, tmp_path / "vit.pt")
@@ -253,7 +253,7 @@ def test_timm_weight_file_with_code_is_refused(tmp_path, path_kind):
 def test_timm_pretrained_loading_goes_through_the_safe_loader(tmp_path, path_kind):
     """timm.create_model(pretrained=True) reads its weight file itself (here a local file named by the pretrained
     config, as the hub cache would be): it too is refused, and a good one loads."""
-    from captioner import ImageEncoder
+    from encoder import ImageEncoder
 
     marker = str(tmp_path / "MARKER")
     spec = TINY_VIT % "" + "&pretrained_cfg_overlay=" + json.dumps(

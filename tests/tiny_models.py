@@ -1,10 +1,15 @@
-"""Tiny models for tests: a random GPT-2 in the course's decoder_model.bin format, and tiny encoder specs."""
+"""Tiny models for tests: random GPT-2s in the course's decoder_model.bin format, tiny encoder specs, and a
+trained-looking set of cross-attention weights (captioning tests use them through conftest's captioning_world)."""
 from __future__ import annotations
 
 import torch
 
 # A 1-block ViT on 32x32 images with 8x8 patches: a 4x4 grid plus CLS, 192 wide, random weights (seeded).
 TINY_ENCODER = "timm:vit_tiny_patch16_224@none?depth=1&img_size=32&patch_size=8"
+# The captioning tests' encoder: 2 blocks, 32 wide, the same 4x4 grid.
+CAPTION_ENCODER = "timm:vit_tiny_patch16_224@none?img_size=32&patch_size=8&depth=2&embed_dim=32&num_heads=2"
+CAPTION_GPT2 = dict(n_layer=2, n_embd=128, n_head=2, vocab_size=50257, n_positions=64)
+END_TOKEN = 50256
 
 
 def save_course_format(model, path) -> str:
@@ -25,3 +30,48 @@ def tiny_gpt2(path, n_layer: int = 2, n_embd: int = 64, n_head: int = 1, n_posit
     torch.manual_seed(seed)
     config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions)
     return save_course_format(transformers.GPT2LMHeadModel(config), path)
+
+
+def ending_gpt2(seed: int = 0, end_ramp: float = 0.3, **shape):
+    """A random transformers GPT-2 whose end-token logit grows with the position, so captions end after ~10 tokens."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**dict(CAPTION_GPT2, **shape), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        end = model.transformer.wte.weight[END_TOKEN]
+        positions = torch.arange(config.n_positions, dtype=torch.float32).unsqueeze(1)
+        model.transformer.wpe.weight.add_(end_ramp * (positions - 6) * end / end.norm())
+    return model
+
+
+def randomize_trainable(decoder, seed: int = 0, end_push: float = 2.0) -> None:
+    """Trained-looking cross-attention: open gates, weights large enough that each image changes its caption, and
+    an image-dependent push along the end token's embedding so that captions end at different steps."""
+    g = torch.Generator().manual_seed(seed)
+    end = decoder.transformer.wte.weight[END_TOKEN].detach()
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.endswith("cross_gate"):
+                p.fill_(2.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() == 1 else 0.2))
+        for block in decoder.transformer.h:
+            direction = torch.randn(decoder.cfg.n_embd, generator=g)
+            block.cross_attn.c_proj.weight.add_(end_push * torch.outer(end / end.norm(), direction / direction.norm()))
+
+
+def open_clip_tokens(visual, images) -> torch.Tensor:
+    """The reference: every token of an open_clip visual tower after ln_post, caught by a hook on its transformer
+    (open_clip's own output_tokens drops the CLS token)."""
+    caught = []
+    handle = visual.transformer.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        visual(images)
+    finally:
+        handle.remove()
+    x = caught[0] if getattr(visual.transformer, "batch_first", True) else caught[0].permute(1, 0, 2)
+    return visual.ln_post(x)
