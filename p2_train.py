@@ -31,7 +31,8 @@ import metrics
 import p2_data
 import safe_load
 from captioner import build_captioner, save_checkpoint
-from common import UserError, atomic_write, collate_images, image_batches, progress, read_json, run_main, write_json
+from common import (UserError, atomic_write, collate_images, image_batches, progress, read_json, resolve_device,
+                    run_main, write_json)
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
 from search import DECODE_DEFAULTS, decode_captions
@@ -158,22 +159,13 @@ class Dist:
     def __init__(self, device_arg: str):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_arg.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device %s but CUDA is not available here (use --device cpu)" % device_arg)
-        cuda = torch.cuda.is_available() and device_arg != "cpu"
-        if self.world_size > 1:
+        self.device = resolve_device(device_arg)
+        if self.world_size > 1:  # torchrun: this process's GPU is its local rank's
+            cuda = self.device.type == "cuda"
             if cuda:
-                torch.cuda.set_device(local_rank)
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if cuda else "gloo")
-            self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        elif device_arg == "auto":
-            self.device = torch.device("cuda" if cuda else "cpu")
-        else:
-            try:
-                self.device = torch.device(device_arg)
-            except RuntimeError:
-                raise UserError("--device must be auto, cpu, cuda or cuda:N, got %r" % device_arg) from None
         self.main = self.rank == 0
 
     def barrier(self) -> None:
