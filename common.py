@@ -48,12 +48,16 @@ def list_images(folder: str, what: str = "image folder") -> List[str]:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Opens any image mode (grayscale, 16-bit, palette, RGBA, CMYK...) as 8-bit RGB; transparency goes on white."""
+    """Opens any image mode (grayscale, 16-bit, palette, RGBA, CMYK...) as 8-bit RGB; transparency goes on white.
+    A file that is no image, is damaged, or claims more pixels than PIL's decompression-bomb limit is a UserError."""
     try:
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise UserError("cannot read image %s: %s" % (path, err)) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a header claiming ~90M+ pixels
+            with Image.open(path) as image:
+                image.load()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise UserError("cannot read image %s: %s" % (path, " ".join(str(err).split())[:200])) from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda v: v / 256.0).convert("L")  # 16-bit to 8-bit keeps the full range
     elif image.mode == "F":
@@ -121,20 +125,82 @@ def resolve_device(name: Optional[str] = None):
     return device
 
 
+def _output_target(path: str, what: str = "output") -> str:
+    """The file a write to `path` replaces: a symlink's target (written through, the link kept); refuses anything
+    but a regular file or nothing."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        kind = "a directory" if os.path.isdir(target) else "not a regular file (a device, FIFO or socket)"
+        raise UserError("%s %s is %s; give a file path" % (what, path, kind))
+    return target
+
+
+def check_output_file(path: str, what: str = "output") -> None:
+    """Before any work: `path` must be a regular file or absent (a symlink counts as its target), and its folder must
+    take a new file."""
+    target = _output_target(path, what)
+    check_writable_dir(os.path.dirname(target), "the folder of %s %s" % (what, path))
+
+
+def check_writable_dir(folder: str, what: str = "output folder") -> None:
+    """Creates `folder` if needed and writes a small probe file there, so a read-only, full or non-folder output
+    location fails now, in one line, rather than after the work."""
+    folder = folder or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        raise UserError("cannot write to %s %s: %s" % (what, folder, err.strerror or err)) from None
+
+
+def check_output_dir(path: str, marker: str, what: str) -> None:
+    """Before any work: a folder atomic_dir(path, marker, what) may replace (absent, empty, or holding `marker`), in a
+    parent that takes new files."""
+    if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path)
+                                                              or os.path.isfile(os.path.join(path, marker)))):
+        raise UserError("%s exists and is not a %s folder (no %s); choose another folder" % (path, what, marker))
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), "the parent of %s folder %s" % (what, path))
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _plain_open_mode(target: str) -> int:
+    """The mode open(target, "w") would leave: an existing file keeps its own, a new one gets 0o666 less the umask."""
+    if os.path.isfile(target):
+        return os.stat(target).st_mode & 0o7777
+    return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8", newline: Optional[str] = None) -> Iterator:
-    """Writes `path` through a temporary file in the same folder, renamed into place only on success."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    """Writes `path` through a temporary file in the same folder, renamed into place only on success, so a failed
+    run never leaves a half-written output nor destroys an earlier one. The file gets the mode a plain open() would
+    give; a symlink is written through (its target is replaced, not the link); a folder, device or FIFO is refused."""
+    target = _output_target(path)
+    folder = os.path.dirname(target)
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise UserError("cannot write %s: %s" % (path, err.strerror or err)) from None
+    try:
+        os.chmod(tmp, _plain_open_mode(target))
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding,
                        newline=None if "b" in mode else newline) as f:
             yield f
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, target)
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            raise UserError("cannot write %s: %s" % (path, err.strerror or err)) from None
         raise
 
 
@@ -145,12 +211,14 @@ def atomic_dir(path: str, marker: str, what: str) -> Iterator[str]:
     (an earlier folder of the same kind); anything else is refused, so no one's files are deleted by mistake."""
     import shutil
 
-    if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path)
-                                                              or os.path.isfile(os.path.join(path, marker)))):
-        raise UserError("%s exists and is not a %s folder (no %s); choose another folder" % (path, what, marker))
+    check_output_dir(path, marker, what)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(path)) + ".", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(path)) + ".", dir=parent)
+        os.chmod(tmp, 0o777 & ~_umask())  # what a plain mkdir gives, not mkdtemp's 0o700
+    except OSError as err:
+        raise UserError("cannot create %s folder %s: %s" % (what, path, err.strerror or err)) from None
     try:
         yield tmp
         if os.path.isdir(path):

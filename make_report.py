@@ -10,7 +10,7 @@ import os
 import textwrap
 from typing import List, Optional, Sequence
 
-from common import UserError, atomic_dir, atomic_write, read_json, run_main
+from common import UserError, atomic_dir, atomic_write, check_output_file, read_json, run_main
 from p1_templates import REPORT_TEMPLATES
 
 PAGE = (8.27, 11.69)  # A4 in inches
@@ -248,6 +248,7 @@ def main(argv=None) -> int:
                         help="first copy the files the report reads into DIR (e.g. results/miniworld, to commit) "
                              "and build from there")
     args = parser.parse_args(argv)
+    check_output_file(args.out, "report")
     results = copy_results(args.results, args.copy_to) if args.copy_to else args.results
     print("wrote %s" % build(results, args.out))
     return 0

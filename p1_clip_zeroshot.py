@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import clip_utils
 import p1_templates
-from common import (ImageFiles, UserError, atomic_write, collate_images, image_batches, list_images, load_rgb, progress,
-                    read_json, resolve_device, run_main, write_json)
+from common import (ImageFiles, UserError, atomic_write, check_output_file, collate_images, image_batches, list_images,
+                    load_rgb, progress, read_json, resolve_device, run_main, write_json)
 
 DEFAULT_TEMPLATES = "cifar"
 CLASSES_PER_TEXT_BATCH = 10
@@ -45,6 +45,13 @@ def read_id2label(path: str) -> List[str]:
     if gaps:
         raise UserError("id2label file %s: ids must run 0..%d without gaps; missing %s"
                         % (path, len(by_id) - 1, ", ".join(str(g) for g in gaps[:10])))
+    first: Dict[str, int] = {}
+    for i in range(len(by_id)):  # two ids of one name (after cleaning) would split its votes: refused
+        name = clean_class_name(by_id[i]).lower()
+        if name in first:
+            raise UserError("id2label file %s: ids %d and %d share the class name %r"
+                            % (path, first[name], i, clean_class_name(by_id[i])))
+        first[name] = i
     return [by_id[i] for i in range(len(by_id))]
 
 
@@ -285,8 +292,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     labels = None
     if args.evaluate or args.compare_prompts:
         labels = labels_from_names(names, len(classnames), "--evaluate/--compare-prompts")
-    if os.path.isdir(args.out_csv):
-        raise UserError("output CSV path %s is a directory" % args.out_csv)
+    check_output_file(args.out_csv, "output CSV")
+    for wanted, suffix in ((args.evaluate, ".eval.json"), (args.compare_prompts, ".prompts.md"),
+                           (args.plot_top5, ".top5.png")):
+        if wanted:
+            check_output_file(sidecar(args.out_csv, suffix), "output")
     device = str(resolve_device(args.device))
 
     import torch

@@ -25,7 +25,7 @@ from common import ImageFiles, UserError, collate_images, image_batches, load_rg
 from tokenizer import END_TOKEN
 
 IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each image's content hash is recorded and checked
 
 
 # ----------------------------------------------------------------------------------------------- annotations
@@ -235,14 +235,18 @@ def cache_paths(cache_dir: str, split: str, digest: str) -> Tuple[str, str]:
     return stem + ".npy", stem + ".json"
 
 
-def cached_features(cache_dir: str, split: str, encoder, caption_set: CaptionSet) -> Optional[str]:
-    """The finished cache file for this encoder and image list, or None."""
-    digest, identity = cache_key(encoder, caption_set)
-    path, meta_path = cache_paths(cache_dir, split, digest)
-    if not (os.path.isfile(path) and os.path.isfile(meta_path)):
-        return None
-    meta = read_json(meta_path, "feature-cache description")
-    return path if meta.get("identity") == identity and meta.get("complete") else None
+def content_hashes(caption_set: CaptionSet, show: bool = True) -> List[str]:
+    """SHA-1 of every image file's bytes: what the cache is keyed by, so an image replaced under the same name is
+    encoded again."""
+    out = []
+    for index in progress(range(len(caption_set.names)), desc="hashing images", unit="img", disable=not show,
+                          leave=False):
+        digest = hashlib.sha1()
+        with open(caption_set.path(index), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out.append(digest.hexdigest())
+    return out
 
 
 @torch.no_grad()
@@ -261,30 +265,43 @@ def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch
 def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: CaptionSet, batch_size: int = 64,
                         device="cpu", num_workers: int = 0, amp: bool = False, rank: int = 0, world_size: int = 1,
                         barrier: Callable[[], None] = lambda: None) -> str:
-    """Path of the split's cache, computing it when missing. Under DDP every rank encodes its share of the images
-    into the same file (rank 0 creates it, `barrier` waits for all); the description JSON marks it complete."""
-    path = cached_features(cache_dir, split, encoder, caption_set)
-    if path is not None:
-        return path
+    """Path of the split's cache, computing what is missing. The cache of an encoder and image list records each
+    image's content hash: images whose content changed since are encoded again (and stderr says how many), the rest
+    are reused. Under DDP every rank encodes its share into the same file (rank 0 creates it, `barrier` waits for
+    all); the description JSON marks it complete."""
     digest, identity = cache_key(encoder, caption_set)
     path, meta_path = cache_paths(cache_dir, split, digest)
-    partial = path[:-len(".npy")] + ".partial.npy"
+    hashes = content_hashes(caption_set, show=rank == 0)
+    meta = read_json(meta_path, "feature-cache description") if os.path.isfile(meta_path) else {}
+    reusable = (os.path.isfile(path) and meta.get("identity") == identity and meta.get("complete")
+                and len(meta.get("contents") or []) == len(hashes))
+    todo = [i for i, h in enumerate(hashes) if not reusable or meta["contents"][i] != h]
+    if not todo:
+        return path
+    target = path if reusable else path[:-len(".npy")] + ".partial.npy"
     if rank == 0:
         os.makedirs(cache_dir, exist_ok=True)
-        with torch.no_grad():
-            probe = encoder(encoder.transform(load_rgb(caption_set.path(0))).unsqueeze(0).to(device))
-        shape = (len(caption_set.names),) + tuple(probe.shape[1:])
-        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
+        if reusable:  # rows are rewritten in place: incomplete until they are all done
+            write_json(meta_path, dict(meta, complete=False))
+        else:
+            with torch.no_grad():
+                probe = encoder(encoder.transform(load_rgb(caption_set.path(0))).unsqueeze(0).to(device))
+            shape = (len(caption_set.names),) + tuple(probe.shape[1:])
+            np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=shape).flush()
     barrier()
-    rows = np.load(partial, mmap_mode="r+")
-    _fill_rows(rows, encoder, caption_set, list(range(rank, len(caption_set.names), world_size)), batch_size,
-               device, num_workers, amp, show=rank == 0)
+    rows = np.load(target, mmap_mode="r+")
+    _fill_rows(rows, encoder, caption_set, todo[rank::world_size], batch_size, device, num_workers, amp,
+               show=rank == 0)
     rows.flush()
     del rows
     barrier()
     if rank == 0:
-        os.replace(partial, path)
-        write_json(meta_path, dict(identity=identity, complete=True, shape=list(np.load(path, mmap_mode="r").shape)))
-        print("feature cache: %s" % path, file=sys.stderr)
+        if not reusable:
+            os.replace(target, path)
+        write_json(meta_path, dict(identity=identity, complete=True, contents=hashes,
+                                   shape=list(np.load(path, mmap_mode="r").shape)))
+        print("feature cache: %s (%s)" % (path, "encoded %d images" % len(todo) if not reusable else
+                                          "re-encoded %d of %d images whose content changed" % (len(todo), len(hashes))),
+              file=sys.stderr)
     barrier()
     return path

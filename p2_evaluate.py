@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import clip_utils
 import metrics
-from common import resolve_device, run_main, write_json
+from common import check_output_file, resolve_device, run_main, write_json
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -51,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.per_image:
+        check_output_file(args.per_image, "--per-image file")
     device = str(resolve_device(args.device))
     result = metrics.evaluate(args.pred_file, args.annotation_file, args.images_root, clip_model=args.clip_model,
                       clip_pretrained=args.clip_pretrained or None, batch_size=args.batch_size, device=device,

@@ -22,8 +22,8 @@ import torch
 
 import search
 from captioner import Captioner, config_path, load_captioner
-from common import (ImageFiles, UserError, collate_images, hub_offline, image_batches, list_images, progress,
-                    resolve_device, run_main, write_json)
+from common import (ImageFiles, UserError, check_output_file, collate_images, hub_offline, image_batches, list_images,
+                    progress, resolve_device, run_main, write_json)
 from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,8 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     hub_offline(not args.allow_download)
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
-    if os.path.isdir(args.output):
-        raise UserError("output %s is a directory; give a JSON file path" % args.output)
+    check_output_file(args.output, "output JSON")
     names = output_keys(args.images)
     device = resolve_device(args.device)
     start = time.time()

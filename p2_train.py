@@ -31,8 +31,8 @@ import metrics
 import p2_data
 import safe_load
 from captioner import build_captioner, save_checkpoint
-from common import (UserError, atomic_write, collate_images, image_batches, progress, read_json, resolve_device,
-                    run_main, write_json)
+from common import (UserError, atomic_write, check_writable_dir, collate_images, image_batches, progress, read_json,
+                    resolve_device, run_main, write_json)
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
 from search import DECODE_DEFAULTS, decode_captions
@@ -114,7 +114,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "grad_accum", "max_caption_tokens", "val_batch_size", "encode_batch_size",
                  "log_every", "val_beam_size", "val_max_len"):
         if getattr(args, name) < 1:
-            raise UserError("--%s must be at least 1" % name.replace("_", "-"))
+            raise UserError("--%s must be at least 1, got %s" % (name.replace("_", "-"), getattr(args, name)))
+    for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "stop_after", "val_max_images", "workers"):
+        if getattr(args, name) < 0:
+            raise UserError("--%s must be 0 or more, got %s" % (name.replace("_", "-"), getattr(args, name)))
+    if not args.lr > 0:
+        raise UserError("--lr must be above 0, got %s" % args.lr)
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError("--label-smoothing must be in [0, 1), got %s" % args.label_smoothing)
     if args.augment and args.feature_cache:
         raise UserError("--augment needs the encoder at every step, so it cannot be used with --feature-cache")
     if args.no_clipscore and args.select == "clipscore":
@@ -126,6 +133,30 @@ def _csv(text: Optional[str], cast=str):
     return None if text is None else tuple(cast(t.strip()) for t in text.split(",") if t.strip())
 
 
+# Each PEFT method's own options: given with another --peft, they would be silently ignored, so they are refused.
+PEFT_OPTIONS = {"adapter": ("adapter_dim", "adapter_places"), "prefix": ("prefix_len", "prefix_hidden"),
+                "prompt": ("prompt_len",), "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+PEFT_SIZES = {"adapter_dim": 1, "prefix_len": 1, "prompt_len": 1, "lora_rank": 1, "prefix_hidden": 0}  # least value
+
+
+def _check_peft(args: argparse.Namespace, cfg: Config) -> None:
+    for method, options in PEFT_OPTIONS.items():
+        given = ["--" + o.replace("_", "-") for o in options if getattr(args, o) is not None]
+        if given and method != args.peft:
+            raise UserError("%s belong%s to --peft %s, not --peft %s" % (
+                " and ".join(given), "s" if len(given) == 1 else "", method, args.peft))
+    for option, least in PEFT_SIZES.items():
+        if option in PEFT_OPTIONS.get(args.peft, ()) and getattr(cfg, option) < least:
+            raise UserError("--%s must be at least %d for --peft %s, got %s" % (
+                option.replace("_", "-"), least, args.peft, getattr(cfg, option)))
+    if args.peft == "lora" and not (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1):
+        raise UserError("--lora-alpha must be above 0 and --lora-dropout in [0, 1), got %s and %s"
+                        % (cfg.lora_alpha, cfg.lora_dropout))
+    for option in PEFT_OPTIONS.get(args.peft, ()):
+        if option in ("adapter_places", "lora_targets") and not getattr(cfg, option):
+            raise UserError("--%s lists nothing" % option.replace("_", "-"))
+
+
 def decoder_config(args: argparse.Namespace):
     peft = peft_config(args.peft, adapter_dim=args.adapter_dim, adapter_places=_csv(args.adapter_places),
                        prefix_len=args.prefix_len, prefix_hidden=args.prefix_hidden, prompt_len=args.prompt_len,
@@ -135,8 +166,10 @@ def decoder_config(args: argparse.Namespace):
         layers = _csv(args.cross_attn_layers, int)
     except ValueError:
         raise UserError("--cross-attn-layers must be a comma list of block numbers, got %r" % args.cross_attn_layers)
-    return Config(checkpoint=args.decoder_weights, cross_attn_layers=layers, image_proj=args.image_proj,
-                  cross_attn_gate=not args.no_cross_attn_gate, **peft)
+    cfg = Config(checkpoint=args.decoder_weights, cross_attn_layers=layers, image_proj=args.image_proj,
+                 cross_attn_gate=not args.no_cross_attn_gate, **peft)
+    _check_peft(args, cfg)
+    return cfg
 
 
 def check_budget(decoder) -> Dict[str, int]:
@@ -334,12 +367,17 @@ def score(predictions: dict, val, clip, device) -> Dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------- state
 
+# The options a run's trajectory depends on: --resume refuses to continue a run under others.
+TRAJECTORY_OPTIONS = ("raw_captions", "max_caption_tokens", "augment", "val_max_images", "epochs", "batch_size",
+                      "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "label_smoothing",
+                      "no_amp", "seed", "select")
+
+
 def model_settings(args, captioner) -> dict:
-    """What must not change between a run and its --resume."""
+    """What must not change between a run and its --resume: the model and the options of TRAJECTORY_OPTIONS."""
     cfg = captioner.decoder.cfg.to_dict()
     cfg.pop("checkpoint", None)
-    return dict(encoder=str(captioner.encoder_spec), decoder=cfg, raw_captions=args.raw_captions,
-                max_caption_tokens=args.max_caption_tokens)
+    return dict({k: getattr(args, k) for k in TRAJECTORY_OPTIONS}, encoder=str(captioner.encoder_spec), decoder=cfg)
 
 
 def save_state(path: str, **state) -> None:
@@ -357,10 +395,12 @@ def load_state(path: str) -> dict:
 def resume(path: str, settings: dict, captioner, optimizer, scheduler, scaler, world: Dist) -> dict:
     state = load_state(path)
     if state["settings"] != settings:
-        changed = sorted(k for k in set(state["settings"]) | set(settings)
-                         if state["settings"].get(k) != settings.get(k))
-        raise UserError("cannot --resume %s: the model settings changed (%s); use the original arguments or a new "
-                        "--out" % (path, ", ".join(changed)))
+        old = state["settings"]
+        changed = ["%s %r -> %r" % (k if k in ("encoder", "decoder") else "--" + k.replace("_", "-"), old.get(k),
+                                    settings.get(k)) if k not in ("decoder",) else "the decoder config"
+                   for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        raise UserError("cannot --resume %s: its settings changed (%s); rerun with the original arguments, or train "
+                        "anew into another --out" % (path, "; ".join(changed)))
     if state["world_size"] != world.world_size:
         raise UserError("cannot --resume %s: it was trained by %d process(es), this run has %d"
                         % (path, state["world_size"], world.world_size))
@@ -434,11 +474,17 @@ def _run(args, world: Dist) -> int:
     if not args.resume and os.path.isfile(state_path):
         raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
                         "another --out" % args.out)
+    cfg = decoder_config(args)  # option errors first, then the output folders, then the data
+    for folder, what in ((args.out, "--out"), (args.feature_cache, "--feature-cache")):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError("%s %s is not a folder" % (what, folder))
+        if folder and world.main:
+            check_writable_dir(folder, what + " folder")
     train, val = load_splits(args)
     torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)
-    captioner = build_captioner(args.encoder, decoder_config(args))
+    captioner = build_captioner(args.encoder, cfg)
     summary = check_budget(captioner.decoder)
     captioner.to(world.device)
     clip = load_clip(args, world.device) if world.main else None

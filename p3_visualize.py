@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import search
 from captioner import config_path, load_captioner
-from common import (UserError, atomic_dir, atomic_write, list_images, load_rgb, progress, read_json, resolve_device,
-                    run_main, write_json)
+from common import (UserError, atomic_dir, atomic_write, check_output_dir, list_images, load_rgb, progress, read_json,
+                    resolve_device, run_main, write_json)
 from encoder import coordinate_mapper
 from tokenizer import BPETokenizer
 
@@ -212,6 +212,7 @@ def visualise_one(args, captioner, tokenizer, path: str, score: Optional[float],
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.out, "attention.json", "P3 figures")
     images = resolve_images(args)
     device = resolve_device(args.device)
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=device)

@@ -203,8 +203,8 @@ def load(f, what: str = "file", map_location="cpu"):
 
 
 def load_tensors(path: str, what: str = "weight file", unwrap: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
-    """A flat {name: tensor} dict from a torch file or a .safetensors file. `unwrap`: keys of a wrapping dict (e.g.
-    "state_dict") whose value is taken instead, the first one present."""
+    """A flat {name: tensor} dict of finite tensors from a torch file or a .safetensors file. `unwrap`: keys of a
+    wrapping dict (e.g. "state_dict") whose value is taken instead, the first one present."""
     if str(path).endswith(".safetensors"):
         if not os.path.isfile(path):
             raise UserError("%s not found: %s" % (what, path))
@@ -221,6 +221,10 @@ def load_tensors(path: str, what: str = "weight file", unwrap: Sequence[str] = (
         state = state[key] if key is not None else state
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise UserError("%s %s is not a flat dict of named tensors (a state dict)" % (what, path))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # NaN or inf weights give garbage without an error downstream (a caption of punctuation)
+        raise UserError("%s %s holds NaN or infinite values in %d tensor(s): %s%s" % (
+            what, path, len(broken), ", ".join(broken[:3]), " ..." if len(broken) > 3 else ""))
     return dict(state)
 
 

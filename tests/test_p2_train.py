@@ -225,12 +225,38 @@ def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monk
                                          for i in range(len(caps.names))]))
     assert rows.dtype == np.float16 and rows.shape == tuple(reference.shape)
     assert np.allclose(rows.astype(np.float32), reference.numpy(), rtol=1e-3, atol=1e-3)
+    real_forward = ImageEncoder.forward
     monkeypatch.setattr(ImageEncoder, "forward", lambda *a: pytest.fail("the cache was not reused"))
     assert p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps) == path
-    assert p2_data.cached_features(str(tmp_path), "val", encoder, caps.subset(2)) is None  # other image list
+    monkeypatch.setattr(ImageEncoder, "forward", real_forward)
+    assert p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps.subset(2)) != path  # other image list
     with torch.no_grad():
         next(encoder.parameters()).add_(1.0)  # other (random) weights under the same spec
-    assert p2_data.cached_features(str(tmp_path), "val", encoder, caps) is None
+    assert p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps) != path
+
+
+def test_feature_cache_re_encodes_images_whose_content_changed(world, tmp_path, capsys):
+    """The cache is keyed by what the images contain: an image replaced under the same name is encoded again (and
+    only it), and stderr says so."""
+    import shutil
+
+    from encoder import ImageEncoder
+
+    folder = tmp_path / "images"
+    shutil.copytree(str(world / "images"), str(folder))
+    encoder = ImageEncoder(TINY_ENCODER)
+    caps = p2_data.load_captions(str(world / "val.json"), str(folder))
+    path = p2_data.build_feature_cache(str(tmp_path / "cache"), "val", encoder, caps)
+    before = np.array(np.load(path))
+    Image.new("RGB", (32, 32), (250, 250, 0)).save(caps.path(1))  # new content, same name
+    capsys.readouterr()
+    assert p2_data.build_feature_cache(str(tmp_path / "cache"), "val", encoder, caps) == path
+    assert "re-encoded 1 of %d images whose content changed" % len(caps.names) in capsys.readouterr().err
+    after = np.load(path)
+    with torch.no_grad():
+        fresh = encoder(encoder.transform(Image.open(caps.path(1)).convert("RGB")).unsqueeze(0))[0].numpy()
+    assert np.allclose(after[1].astype(np.float32), fresh, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(after[1], before[1]) and np.array_equal(np.delete(after, 1, 0), np.delete(before, 1, 0))
 
 
 def test_training_from_the_cache_matches_images(world, tmp_path):
