@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main command on the embedded default: sets up .venv, then runs the whole bundle offline on the miniature
-# world (python3 -m miniworld.demo): P1 with a tiny CLIP, short P2 training runs, inference with the converged PEFT
-# checkpoints, evaluation, P3 attention maps, results.json / results.md / report.pdf in outputs/demo/.
-# Options go to miniworld.demo (--out DIR, --small, --skip-training, --seed N).
+# The main command on the embedded default: sets up .venv, then runs the student's one command (run_all.py) offline
+# on the miniature world (python3 -m miniworld.demo): the world in the course's layout, P1 with a tiny CLIP, short
+# P2 training runs, the converged PEFT checkpoints scored, decoding tuned, P3 attention maps, the world-only measures,
+# results.json / results.md / report.pdf in outputs/demo/. Rerunning skips the finished stages.
+# Options go to miniworld.demo (--out DIR, --small, --seed N; run_all.py options after --, e.g. -- --force p2).
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 cd "$HW3_ROOT"

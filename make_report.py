@@ -164,9 +164,19 @@ def p2_section(report: Report, results: dict, folder: str):
     rows = [[m, fmt(v.get("cider")), fmt(v.get("clipscore")), fmt(v.get("object_f1")), fmt(v.get("exact_object_set")),
              "{:,}".format(v.get("trainable_params") or 0)] for m, v in sorted(methods.items())]
     report.table(["method", "CIDEr", "CLIPScore", "object F1", "exact set", "trainable params"], rows)
+    decoding = results.get("p2_decoding") or []
+    if decoding:
+        report.heading("Decoding of the best attempt on val", 11)
+        report.table(["method", "beam size", "length penalty", "CIDEr", "CLIPScore"],
+                     [[d["method"], str(d["beam_size"]) if d["method"] == "beam" else "-",
+                       fmt(d["length_penalty"], 1) if d["method"] == "beam" else "-", fmt(d.get("cider")),
+                       fmt(d.get("clipscore"))] for d in decoding])
+        chosen = results.get("p2_inference") or {}
+        report.paragraph("Shipped with %s (%s)." % (", ".join("%s=%s" % (k, chosen[k]) for k in sorted(chosen)
+                                                               if k != "chosen_on"), chosen.get("chosen_on")))
     curves = results.get("files", {}).get("p2_loss_curves")
     if curves:
-        report.image(os.path.join(folder, curves), height=0.25, caption="Training loss of the short p2_train.py runs.")
+        report.image(os.path.join(folder, curves), height=0.25, caption="Training loss of the p2_train.py runs.")
 
 
 def p3_section(report: Report, results: dict, folder: str):

@@ -41,7 +41,7 @@ def test_results_hold_every_promised_figure(results):
 
 def test_short_training_runs_lower_the_loss(results):
     _, r = results
-    for method, (first, last) in r["p2_short_run_loss"].items():
+    for method, (first, last) in r["p2_train_loss"].items():
         assert last < first, method
 
 
