@@ -87,9 +87,9 @@ def main() -> None:
                                             batch_size=bench.batch_size)
         fill_seconds = time.perf_counter() - started
         cached = loader(p2_data.Features(cache))
-        timed_epoch(captioner.decoder, captioner, cached, args, world)  # warm-up: first-call allocations
-        with_cache = timed_epoch(captioner.decoder, captioner, cached, args, world)
-        without_cache = timed_epoch(captioner.decoder, captioner, loader(p2_data.images(caps, captioner.encoder.transform)),
+        timed_epoch(captioner, captioner, cached, args, world)  # warm-up: first-call allocations
+        with_cache = timed_epoch(captioner, captioner, cached, args, world)
+        without_cache = timed_epoch(captioner, captioner, loader(p2_data.images(caps, captioner.encoder.transform)),
                                     args, world)
         row_mb = np.load(cache, mmap_mode="r")[0].nbytes / 2 ** 20
     print("encoder %s, decoder GPT-2 small + %s (%s trainable), batch %d, %d steps, %d CPU threads" % (
