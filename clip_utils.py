@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import hashlib
 import importlib
 import os
 import warnings
@@ -17,7 +16,7 @@ import zipfile
 from typing import Callable, Dict, Optional, Tuple
 
 import safe_load
-from common import UserError, hub_offline, read_json, run_main
+from common import UserError, file_sha256, hub_offline, read_json, run_main
 
 # P1's default CLIP for each backend. open_clip's published zero-shot CIFAR-100 accuracy (docs/openclip_results.csv):
 # EVA02-L-14 merged2b_s4b_b131k 90.71 %, the best of the models whose weights fit an 11 GB card in fp16 and a
@@ -240,14 +239,6 @@ def _openai_release_sha256s() -> Dict[str, str]:
     return {url.rstrip("/").split("/")[-2]: name for name, url in clip.clip._MODELS.items()}
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_openai_weights(path: str) -> Dict[str, object]:
     """The state dict of one of OpenAI's released TorchScript archives, or of a plain state-dict file read through
     safe_load (tensors only). TorchScript can run code while it loads (CVE-2025-32434 came through it), so an archive
@@ -256,7 +247,7 @@ def read_openai_weights(path: str) -> Dict[str, object]:
 
     if not _is_torchscript(path):
         return safe_load.load_tensors(path, "CLIP weight file")
-    if _sha256(path) not in _openai_release_sha256s():
+    if file_sha256(path) not in _openai_release_sha256s():
         raise UserError("CLIP weight file %s is a TorchScript archive but not one of OpenAI's released files (their "
                         "SHA-256s are in OpenAI clip's model list); TorchScript can run code, so only those are "
                         "loaded: save the model's state_dict() with torch.save instead" % path)

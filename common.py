@@ -229,6 +229,17 @@ def atomic_dir(path: str, marker: str, what: str) -> Iterator[str]:
         raise
 
 
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json(path: str, obj, indent: Optional[int] = 2) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)

@@ -15,7 +15,6 @@ a part failed (2 for a wrong command line).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import socket
 import sys
@@ -25,7 +24,7 @@ from typing import Callable, List, NamedTuple, Optional
 
 import clip_utils
 import encoder
-from common import UserError, progress, run_main
+from common import UserError, file_sha256, progress, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HUB_HOST = "huggingface.co"
@@ -41,18 +40,10 @@ RELEASE = dict(
 )
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(url: str, dest: str, sha256: str, size: int, timeout: float = 30.0) -> str:
     """Downloads url to dest through dest + '.part', resuming a partial file with an HTTP range request; the file is
     renamed into place only when its size and SHA-256 match."""
-    if os.path.isfile(dest) and (not sha256 or sha256_of(dest) == sha256):
+    if os.path.isfile(dest) and (not sha256 or file_sha256(dest) == sha256):
         print("ok (already here): %s" % dest, file=sys.stderr)
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -80,7 +71,7 @@ def fetch(url: str, dest: str, sha256: str, size: int, timeout: float = 30.0) ->
     got = os.path.getsize(part)
     if size and got != size:
         raise UserError("%s: got %d bytes, expected %d; run hw3_download.sh again to resume" % (part, got, size))
-    if sha256 and sha256_of(part) != sha256:
+    if sha256 and file_sha256(part) != sha256:
         os.unlink(part)
         raise UserError("%s failed its SHA-256 check (expected %s); the broken download was removed, run again"
                         % (dest, sha256))
@@ -131,7 +122,7 @@ def openai_clip_part(name: str, model: str) -> Part:
     def cached() -> Optional[str]:
         path = clip_utils.openai_weights_path(model)
         expected = clip_utils.openai_weights_url(model).split("/")[-2]  # OpenAI's URLs name the file's SHA-256
-        return path if os.path.isfile(path) and sha256_of(path) == expected else None
+        return path if os.path.isfile(path) and file_sha256(path) == expected else None
 
     return Part(name, cached, lambda: clip_utils.download_openai_clip(model))
 
@@ -158,7 +149,7 @@ def checkpoint_part() -> Part:
             raise NotReleased("train one with p2_train.py, then put its URL, SHA-256 and size in RELEASE in "
                               "hw3_download.py, or copy OUT/best.pt and OUT/best.json to %s and %s"
                               % (RELEASE["path"], os.path.relpath(config, HERE)))
-        if os.path.isfile(dest) and (not RELEASE["sha256"] or sha256_of(dest) == RELEASE["sha256"]):
+        if os.path.isfile(dest) and (not RELEASE["sha256"] or file_sha256(dest) == RELEASE["sha256"]):
             return dest
         return None
 

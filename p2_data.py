@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common import ImageFiles, UserError, collate_images, image_batches, load_rgb, progress, read_json, write_json
+from common import (ImageFiles, UserError, collate_images, file_sha256, image_batches, load_rgb, progress, read_json,
+                    write_json)
 from tokenizer import END_TOKEN
 
 IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
@@ -236,17 +237,10 @@ def cache_paths(cache_dir: str, split: str, digest: str) -> Tuple[str, str]:
 
 
 def content_hashes(caption_set: CaptionSet, show: bool = True) -> List[str]:
-    """SHA-1 of every image file's bytes: what the cache is keyed by, so an image replaced under the same name is
+    """SHA-256 of every image file's bytes: what the cache is keyed by, so an image replaced under the same name is
     encoded again."""
-    out = []
-    for index in progress(range(len(caption_set.names)), desc="hashing images", unit="img", disable=not show,
-                          leave=False):
-        digest = hashlib.sha1()
-        with open(caption_set.path(index), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        out.append(digest.hexdigest())
-    return out
+    return [file_sha256(caption_set.path(i)) for i in progress(range(len(caption_set.names)), desc="hashing images",
+                                                               unit="img", disable=not show, leave=False)]
 
 
 @torch.no_grad()

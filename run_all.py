@@ -46,7 +46,8 @@ import p2_train
 import p3_visualize
 import search
 from captioner import config_path, read_checkpoint_config
-from common import UserError, atomic_write, list_images, progress, read_json, resolve_device, run_main, write_json
+from common import (UserError, atomic_write, file_sha256, list_images, progress, read_json, resolve_device, run_main,
+                    write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
@@ -74,14 +75,6 @@ SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the re
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
-def file_sha256(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def merge(into: dict, fragment: dict) -> dict:

@@ -254,7 +254,7 @@ def test_openai_weight_files_rebuild_the_model(tmp_path, form, monkeypatch):
     save = save_state_dict if form == "state_dict" else save_torchscript
     path = save(original, os.path.join(str(tmp_path), "tiny.pt"))
     if form == "torchscript":  # TorchScript archives load only when OpenAI released them: make this one "released"
-        released = dict(clip_utils._openai_release_sha256s(), **{clip_utils._sha256(path): "tiny"})
+        released = dict(clip_utils._openai_release_sha256s(), **{clip_utils.file_sha256(path): "tiny"})
         monkeypatch.setattr(clip_utils, "_openai_release_sha256s", lambda: released)
     model, preprocess, tokenizer = clip_utils.load_clip("ViT-L/14@336px", path, backend="openai")
     assert not model.training and model.dtype == torch.float32
