@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Dict, List
 
+import p1_clip_zeroshot
 import run_all
 from common import UserError, read_json, run_main, write_json
 from miniworld import generate, pointing
@@ -65,8 +66,6 @@ def heldout_among_all(heldout_json: str, pred_csv: str) -> float:
 
 def world_stage(ctx) -> Dict[str, object]:
     """world-only measures: P1 among the held-out classes, object F1 of each attempt, the pointing game"""
-    import p1_clip_zeroshot
-
     data, folders = ctx.args.data, generate.LAYOUTS["course"]
     info = read_json(os.path.join(data, generate.MARKER), "world summary")
     heldout = os.path.join(data, folders["p1_heldout"])

@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 
+from common import UserError, read_json, run_main, write_json
+from miniworld import generate
+from miniworld.train_vit import spec as encoder_spec
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-from common import UserError, read_json, run_main, write_json
-from miniworld.train_vit import spec as encoder_spec
 
 ENCODER = encoder_spec()  # the captioners' frozen encoder, relative to the repository
 
@@ -69,8 +70,6 @@ def main(argv=None) -> int:
     if unknown:
         raise UserError("--methods: unknown %s (choose from %s)" % (unknown, ", ".join(METHOD_SETTINGS)))
     os.chdir(ROOT)  # the encoder spec saved in each checkpoint names the tiny CLIP relative to the repository
-    from miniworld import generate
-
     world = os.path.join(args.work, "world")
     if not os.path.isfile(os.path.join(world, generate.MARKER)):
         generate.generate(world, args.seed, False)

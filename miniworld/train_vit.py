@@ -25,13 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
 import safe_load
 from common import UserError, atomic_write, progress, run_main, write_json
 from miniworld import world
 from miniworld.cli import run_training, training_parser
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 NAME = "vit_base_patch16_clip_224.laion2b"  # CLIP-style ViT (pre-norm, OpenAI mean/std, no crop at test time)
 ARCH = dict(img_size=96, patch_size=12, embed_dim=128, depth=4, num_heads=2)  # the tiny CLIP's image tower
