@@ -72,6 +72,32 @@ def load_rgb(path: str) -> Image.Image:
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# How a complete file of a format ends (PNG's IEND chunk with its CRC, JPEG's end-of-image marker, GIF's trailer):
+# checking the last bytes finds a truncated file without decoding it.
+IMAGE_ENDINGS = {"PNG": (b"IEND\xaeB`\x82",), "JPEG": (b"\xff\xd9",), "GIF": (b"\x3b",)}
+ENDING_WINDOW = 64  # some writers pad a few bytes after the end marker
+
+
+def check_image_file(path: str) -> None:
+    """A cheap check before hours of work: the header parses (not empty, an image, size within PIL's bomb limit) and,
+    for PNG, JPEG and GIF, the file ends as a complete file of its format. Decoding is load_rgb's job."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                kind = image.format
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise UserError("cannot read image %s: %s" % (path, " ".join(str(err).split())[:200])) from None
+    endings = IMAGE_ENDINGS.get(kind)
+    if endings:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - ENDING_WINDOW))
+            tail = f.read()
+        if not any(marker in tail for marker in endings):
+            raise UserError("image %s is truncated (a %s file ends with %s; this one does not)"
+                            % (path, kind, " or ".join(repr(m) for m in endings)))
+
 
 class ImageFiles:
     """A Dataset of image files through a transform: (index, pixels, error). A file that cannot be read comes back as

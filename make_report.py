@@ -233,7 +233,7 @@ def copy_results(results_dir: str, dest: str) -> str:
     return dest
 
 
-def build(results_dir: str, out: str) -> str:
+def build(results_dir: str, out: str, student_id=None) -> str:
     results = read_json(os.path.join(results_dir, "results.json"), "results file")
     if not isinstance(results, dict):
         raise UserError("%s/results.json must be a JSON object" % results_dir)

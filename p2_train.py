@@ -515,7 +515,8 @@ def _run(args, world: Dist) -> int:
         with atomic_write(log_path):
             pass
         write_json(os.path.join(args.out, "args.json"), vars(args))
-        log_line(log_path, kind="start", parameters=summary, settings=settings, steps=total_steps)
+        log_line(log_path, kind="start", parameters=summary, settings=settings, steps=total_steps,
+                 time=round(time.time(), 1))  # after the one-off work (weights, feature cache): run_all's estimate
 
     end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
     for epoch in range(start_epoch, end_epoch):

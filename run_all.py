@@ -12,28 +12,36 @@ p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
           (CIDEr, CLIPScore, trainable parameters, time), pick the best by CIDEr, tune its decoding on val, write
           the shippable checkpoint OUT/p2/p2_best.{pt,json} with the chosen decoding under "inference"
   p3      attention figures of p3_data/images, and of the best and worst validation captions by CLIPScore
-  report  results.json (with the command), results.md, report.pdf (make_report.py)
+  report  results.json (with the command and its source), results.md, report.pdf (make_report.py)
 
-Each finished stage leaves a marker with its settings in OUT/stages/; the same command run again skips it (saying
-so); --force STAGE reruns one, --only runs some. Progress goes to stderr, one log (JSONL) to OUT/run_all.log.
+Everything is checked before any work (options, the training config, OUT, the data down to each image's header).
+One run at a time per OUT (a lock). A finished stage is skipped only while it is still true: its record in
+OUT/stages/ holds its settings and fingerprints of its inputs and outputs (pipeline.py), and the line that skips or
+reruns it says why. --force STAGE redoes one from its start (a training included), keeping the old result until the
+new one is complete; --only runs some. A new training is built beside the finished one and swapped in when it ends,
+so a failed or killed run never loses finished work. Progress goes to stderr, one log (JSONL) to OUT/run_all.log.
 
-This file is the pipeline, not a module: it calls the scripts' main() functions in this process (p1_clip_zeroshot,
-p2_train, p2_inference, p3_visualize) and make_report.build, so every number comes from the code a student would
-run by hand. No module imports it; the offline demo (miniworld/demo.py) runs it and adds the world-only measures
-with --extra-stage.
+This file is the pipeline's stages, not a module: it calls the scripts' main() functions in this process
+(p1_clip_zeroshot, p2_train, p2_inference, p3_visualize) and make_report.build, so every number comes from the code
+a student would run by hand. No module imports it; the offline demo (miniworld/demo.py) runs it and adds the
+world-only measures with --extra-stage.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import importlib
+import io
 import json
 import os
+import platform
+import re
 import shlex
 import shutil
+import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import clip_utils
 import make_report
@@ -44,10 +52,11 @@ import p2_data
 import p2_inference
 import p2_train
 import p3_visualize
+import pipeline
 import search
 from captioner import config_path, read_checkpoint_config
-from common import (UserError, atomic_write, file_sha256, list_images, progress, read_json, resolve_device, run_main,
-                    write_json)
+from common import (UserError, atomic_write, check_image_file, file_sha256, list_images, progress, read_json,
+                    resolve_device, run_main, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
@@ -57,25 +66,26 @@ DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_ima
             decoder="p2_data/decoder_model.bin", p3_images="p3_data/images")
 STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
                   p3=("p3_images", "val_images", "decoder"), report=())
+IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
              p2="train %s, score each on val (CIDEr, CLIPScore, parameters, time), tune the best one's decoding, "
                 "write OUT/p2/p2_best.{pt,json}",
              p3="attention figures of p3_data/images and of the best/worst val captions by CLIPScore",
-             report="results.json, results.md, report.pdf")
+             report="results.json, results.md, the report PDF")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
 DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
                  dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
                  dict(method="beam", beam_size=5, length_penalty=1.4))
 TOP5_IMAGES = 3
-STAGE_DIR = "stages"
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
+# p2_train.py options that run_all sets itself, so a --train-config entry may not.
+RUN_ALL_OPTIONS = ("train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out", "resume",
+                   "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
+TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
+STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
 
 # ----------------------------------------------------------------------------------------------- context
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
 
 def merge(into: dict, fragment: dict) -> dict:
     """Nested dicts merged key by key (a later stage adds measures to an earlier stage's rows)."""
@@ -97,12 +107,56 @@ class Context:
         self.device = str(resolve_device(args.device))
         self.results: Dict[str, object] = {}
         self.log_path = os.path.join(self.out, "run_all.log")
+        self.train_options: Dict[str, argparse.Namespace] = {}  # p2_train.py's parsed options per method
+        self._fingerprints: Dict[str, Optional[str]] = {}
 
     def data(self, key: str) -> str:
         return os.path.join(self.args.data, DATA[key])
 
+    def _places(self):
+        """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
+        places = [(self.args.data.rstrip(os.sep) or os.sep, "<DATA>"), (self.out.rstrip(os.sep) or os.sep, "<OUT>")]
+        return sorted(places, key=lambda p: -len(p[0]))
+
+    def portable(self, obj):
+        """Paths in the data and output folders written as <DATA>/... and <OUT>/..., so stage and training records
+        hold no local path and stay true when a folder is moved or spelled differently."""
+        if isinstance(obj, str):
+            for prefix, name in self._places():
+                if obj == prefix or obj.startswith(prefix + os.sep):
+                    return name + obj[len(prefix):]
+            return obj
+        if isinstance(obj, dict):
+            return {self.portable(k): self.portable(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.portable(v) for v in obj]
+        return obj
+
+    def local(self, obj):
+        """portable() undone: <DATA> and <OUT> back to this run's folders."""
+        if isinstance(obj, str):
+            for prefix, name in self._places():
+                if obj == name or obj.startswith(name + os.sep):
+                    return prefix + obj[len(name):]
+            return obj
+        if isinstance(obj, dict):
+            return {self.local(k): self.local(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.local(v) for v in obj]
+        return obj
+
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
+
+    def forced(self, stage: str) -> bool:
+        return stage in self.args.force
+
+    def inputs(self, paths: List[str]) -> Dict[str, Optional[str]]:
+        """Fingerprints of input files and folders, each computed once per run."""
+        for path in paths:
+            if path not in self._fingerprints:
+                self._fingerprints[path] = pipeline.fingerprint(path)
+        return {p: self._fingerprints[p] for p in paths}
 
     def log(self, **record) -> None:
         if self.rank == 0:
@@ -123,14 +177,77 @@ class Context:
             flags += ["--pretrained", self.args.p1_pretrained]
         return flags
 
+    def model_files(self) -> List[str]:
+        """Local model files named on the command line (tiny CLIPs, captioners to score): inputs like the data."""
+        a = self.args
+        names = [a.p1_model, a.p1_pretrained, a.clip_model, a.clip_pretrained]
+        return [n for n in names if n and os.path.isfile(n)]
+
 
 def steps(total: int, stage: str):
     return progress(total=total, desc="stage %s" % stage, unit="step", position=None)
 
 
-# ----------------------------------------------------------------------------------------------- data check
+def source_block(ctx: Context) -> dict:
+    """Where every number of the report comes from: data, command, date, machine, library versions, commit."""
+    import torch
 
-def check_data(ctx: Context, stages: List[str]) -> None:
+    versions = dict(python=platform.python_version(), torch=torch.__version__)
+    for name, module in (("timm", "timm"), ("open_clip", "open_clip")):
+        try:
+            versions[name] = getattr(importlib.import_module(module), "__version__", "installed")
+        except ImportError:
+            versions[name] = None
+    gpu = torch.cuda.get_device_name(0) if ctx.device.startswith("cuda") else None
+    try:
+        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = commit and subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"],
+                                          capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, False
+    return dict(data=ctx.args.data, command=command(ctx), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                device=ctx.device, gpu=gpu, versions=versions,
+                git_commit=(commit + (" (with uncommitted changes)" if dirty else "")) if commit else None)
+
+
+# ----------------------------------------------------------------------------------------------- checks first
+
+def check_train_options(ctx: Context) -> None:
+    """Every --train-config entry through p2_train.py's own checks (argparse types, ranges, PEFT options), so a
+    typo fails now, in one line, not after P1."""
+    config = train_config(ctx)
+    for method in ctx.args.methods:
+        options = config.get(method, {})
+        taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
+        if taken:
+            raise UserError("--train-config %s: %s: %s set by run_all.py itself (use run_all's own options)"
+                            % (ctx.args.train_config, method, ", ".join(taken)))
+        argv = train_argv(ctx, method, ctx.data("train_json")) + ["--out", run_folder(ctx, method, "new")]
+        where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else "p2_train.py --peft " + method
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            try:
+                parsed = p2_train.parse_args(argv)
+                p2_train.decoder_config(parsed)
+            except SystemExit:  # argparse's error: its last line says which option and why
+                lines = [line for line in said.getvalue().splitlines() if line.strip()]
+                raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))
+            except UserError as err:
+                raise UserError("%s: %s" % (where, err)) from None
+        ctx.train_options[method] = parsed
+
+
+def check_images(ctx: Context, stages: List[str]) -> int:
+    """Each image's header (and, for PNG/JPEG/GIF, its end) in every folder the chosen stages read: a 0-byte or
+    truncated file is named now rather than after an epoch. Returns the number checked."""
+    keys = sorted({k for s in stages for k in STAGE_DATA.get(s, ()) if k in IMAGE_FOLDERS})
+    paths = [os.path.join(ctx.data(k), n) for k in keys for n in list_images(ctx.data(k), DATA[k])]
+    for path in progress(paths, desc="checking images", unit="image", disable=len(paths) < 200):
+        check_image_file(path)
+    return len(paths)
+
+
+def check_inputs(ctx: Context, stages: List[str]) -> None:
     """Every input the chosen stages read, checked before any work: one line naming what is wrong."""
     for stage in stages:
         for key in STAGE_DATA.get(stage, ()):
@@ -144,6 +261,7 @@ def check_data(ctx: Context, stages: List[str]) -> None:
         p1_clip_zeroshot.labels_from_names(names, len(classes), "%s against %s" % (ctx.data("p1_images"),
                                                                                    ctx.data("id2label")))
     if "p2" in stages:
+        check_train_options(ctx)
         for split in ("train", "val"):
             p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"))
         if ctx.args.score_checkpoints:
@@ -151,6 +269,7 @@ def check_data(ctx: Context, stages: List[str]) -> None:
                 scored_checkpoint(ctx, method)
     if "p3" in stages:
         list_images(ctx.data("p3_images"), "P3 image folder")
+    check_images(ctx, stages)
 
 
 # ----------------------------------------------------------------------------------------------- P1
@@ -174,7 +293,8 @@ def stage_p1(ctx: Context) -> dict:
         single = run("single", ["--templates", "single"])
     return dict(p1_accuracy=ensemble["accuracy"], p1_single_prompt_accuracy=single["accuracy"], p1_prompts=prompts,
                 p1_model="%s / %s" % (ensemble["model"], ensemble["pretrained"]),
-                files=dict(p1_top5="p1/pred.top5.png", p1_prompts="p1/pred.prompts.md"))
+                files=dict(p1_top5="p1/pred.top5.png", p1_prompts="p1/pred.prompts.md"),
+                outputs=["p1/pred.csv", "p1/pred.eval.json"])
 
 
 # ----------------------------------------------------------------------------------------------- P2
@@ -219,9 +339,10 @@ def train_split(ctx: Context) -> str:
 
 
 def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
+    """p2_train.py's arguments for one attempt, without --out (the folder it trains in is run_all's choice)."""
     argv = ["--train-json", train_json, "--train-images", ctx.data("train_images"), "--val-json", ctx.data("val_json"),
             "--val-images", ctx.data("val_images"), "--decoder-weights", ctx.data("decoder"), "--peft", method,
-            "--workers", str(ctx.args.workers), "--device", ctx.args.device, "--out", ctx.path("p2", method, "train")]
+            "--workers", str(ctx.args.workers), "--device", ctx.args.device]
     if ctx.args.encoder:
         argv += ["--encoder", ctx.args.encoder]
     if ctx.args.clip_model:
@@ -231,39 +352,122 @@ def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
     return argv + option_flags(train_config(ctx).get(method, {}))
 
 
-def train_method(ctx: Context, method: str, train_json: str) -> float:
-    """One p2_train.py run: skipped when finished with the same arguments, resumed (--resume) when interrupted,
-    started afresh when the arguments changed. Returns its seconds (as measured then, when skipped)."""
+def run_folder(ctx: Context, method: str, which: str = "done") -> str:
+    """OUT/p2/METHOD/train (the finished training, the one scored) or train.new (one in progress, swapped in when
+    it ends) or train.old (the finished one for the moment of the swap)."""
+    return ctx.path("p2", method, "train" if which == "done" else "train." + which)
+
+
+def restore_interrupted_swap(ctx: Context, method: str) -> None:
+    """A kill between the two renames of a swap leaves train.old without train: put it back."""
+    done, old = run_folder(ctx, method), run_folder(ctx, method, "old")
+    if os.path.isdir(old):
+        if os.path.isdir(done):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, done)
+
+
+def swap_in(ctx: Context, method: str) -> None:
+    """train.new -> train; the earlier finished training is removed only once the new one is in place."""
+    done, new, old = run_folder(ctx, method), run_folder(ctx, method, "new"), run_folder(ctx, method, "old")
+    if os.path.isdir(done):
+        os.replace(done, old)
+    os.replace(new, done)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+
+
+def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
+    return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
+
+
+def finished_training(ctx: Context, method: str, argv: List[str]) -> Optional[dict]:
+    """The finished training's record when it was made with these arguments from these data and its checkpoint is
+    there; else None."""
+    folder = run_folder(ctx, method)
+    record_file = os.path.join(folder, TRAIN_DONE)
+    if not (os.path.isfile(record_file) and os.path.isfile(os.path.join(folder, "best.pt"))):
+        return None
+    record = read_json(record_file, "training record")
+    return record if record.get("argv") == argv and record.get("inputs") == train_inputs(ctx) else None
+
+
+def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, bool]:
+    """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
+    same arguments and data (unless forced), resumed (--resume) when an interrupted one did, else started afresh.
+    Returns its seconds (as measured then, when skipped) and whether it trained now."""
     argv = train_argv(ctx, method, train_json)
-    run_dir = ctx.path("p2", method, "train")
-    started_with, finished = ctx.path("p2", method, "train_args.json"), ctx.path("p2", method, "train_done.json")
-    if os.path.isfile(finished) and read_json(finished).get("argv") == argv:
-        ctx.say("p2: %s training finished earlier with these settings, skipping" % method)
-        return float(read_json(finished).get("seconds", 0.0))
-    resume = os.path.isfile(started_with) and read_json(started_with) == argv and \
-        os.path.isfile(os.path.join(run_dir, "last_state.pt"))
+    record_argv = ctx.portable(argv)
+    new = run_folder(ctx, method, "new")
+    if ctx.rank == 0:
+        restore_interrupted_swap(ctx, method)
+    finished = finished_training(ctx, method, record_argv)
+    if finished and not ctx.forced("p2"):
+        ctx.say("p2: %s training finished earlier with these settings and data, skipping" % method)
+        return float(finished.get("seconds", 0.0)), False
+    started_file = os.path.join(new, "started.json")
+    resume = (not ctx.forced("p2") and os.path.isfile(started_file)
+              and read_json(started_file, "training start record") == dict(argv=record_argv,
+                                                                                       inputs=train_inputs(ctx)))
     if resume:
         ctx.say("p2: %s training was interrupted: resuming it (p2_train.py --resume)" % method)
     else:
-        if os.path.isdir(run_dir) and ctx.rank == 0:
-            ctx.say("p2: %s: an earlier training with other settings is replaced" % method)
-            shutil.rmtree(run_dir)
+        if os.path.isdir(new) and ctx.rank == 0:
+            ctx.say("p2: %s: the unfinished training in %s (%s) is discarded" % (
+                method, new, "forced" if ctx.forced("p2") else "other settings or data"))
+            shutil.rmtree(new)
+        if os.path.isdir(run_folder(ctx, method)):
+            ctx.say("p2: %s: the finished training in %s is kept until the new one ends" % (
+                method, run_folder(ctx, method)))
         if ctx.rank == 0:
-            write_json(started_with, argv)
+            write_json(started_file, dict(argv=record_argv, inputs=train_inputs(ctx)))
         ctx.say("p2: training %s (p2_train.py %s)" % (method, " ".join(shlex.quote(a) for a in argv)))
     started = time.time()
-    p2_train.main(argv + (["--resume"] if resume else []))
+    p2_train.main(argv + ["--out", new] + (["--resume"] if resume else []))
     seconds = time.time() - started
     if ctx.rank == 0:
-        write_json(finished, dict(argv=argv, seconds=round(seconds, 1)))
-    return seconds
+        write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=train_inputs(ctx),
+                                                      seconds=round(seconds, 1),
+                                                      repeatable_seconds=repeatable_seconds(new, seconds, resume)))
+        os.remove(started_file)
+        swap_in(ctx, method)
+    return seconds, True
+
+
+def repeatable_seconds(folder: str, seconds: float, resumed: bool) -> Optional[float]:
+    """The part of a training that another attempt repeats: from p2_train's "start" line (written after the one-off
+    work: loading weights, filling the feature cache) to the end. None when unknown (resumed, or an older log)."""
+    if resumed:
+        return None
+    for line in loss_log(folder):
+        if line.get("kind") == "start" and "time" in line:
+            return round(max(0.0, time.time() - float(line["time"])), 1)
+    return None
+
+
+def loss_log(folder: str) -> List[dict]:
+    log = os.path.join(folder, "log.jsonl")
+    if not os.path.isfile(log):
+        return []
+    with open(log, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) -> str:
+    """'about N s more for the other attempts', from the repeatable part of the first one, scaled by epochs."""
+    record = read_json(os.path.join(run_folder(ctx, method), TRAIN_DONE), "training record")
+    repeatable = record.get("repeatable_seconds")
+    per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].epochs)
+    more = sum(per_epoch * ctx.train_options[m].epochs for m in rest)
+    return "p2: %s took %.0f s (%s): about %.0f s more for the other %d attempt(s)" % (
+        method, seconds, "%.0f s of it per-attempt work, the rest one-off: weights, feature cache" % repeatable
+        if repeatable is not None else "no one-off part measured", more, len(rest))
 
 
 def loss_curve(ctx: Context, method: str) -> List[List[float]]:
-    log = ctx.path("p2", method, "train", "log.jsonl")
-    with open(log, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return [[line["step"], line["loss"]] for line in lines if "loss" in line and "step" in line]
+    return [[line["step"], line["loss"]] for line in loss_log(run_folder(ctx, method))
+            if "loss" in line and "step" in line]
 
 
 def plot_curves(curves: dict, path: str) -> None:
@@ -289,7 +493,7 @@ def plot_curves(curves: dict, path: str) -> None:
 def scored_checkpoint(ctx: Context, method: str) -> str:
     """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt."""
     if not ctx.args.score_checkpoints:
-        return ctx.path("p2", method, "train", "best.pt")
+        return os.path.join(run_folder(ctx, method), "best.pt")
     path = os.path.join(ctx.args.score_checkpoints, "p2_%s.pt" % method)
     if not os.path.isfile(path) or not os.path.isfile(config_path(path)):
         raise UserError("--score-checkpoints %s has no p2_%s.pt with its .json" % (ctx.args.score_checkpoints, method))
@@ -321,18 +525,32 @@ def setting_name(settings: dict) -> str:
     return "beam%d_lp%g" % (settings["beam_size"], settings["length_penalty"])
 
 
+def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> dict:
+    """What the report's "best setting" lists: the method's own PEFT options (as the checkpoint was built), and the
+    training's learning rate, epochs and batch size when this run trained the scored checkpoint."""
+    row = dict(peft={k: meta["decoder"].get(k) for k in p2_train.PEFT_OPTIONS.get(method, ())})
+    args_file = os.path.join(os.path.dirname(checkpoint), "args.json")
+    if not ctx.args.score_checkpoints and os.path.isfile(args_file):
+        trained = read_json(args_file, "training arguments")
+        row["training"] = {k: trained.get(k) for k in ("lr", "epochs", "batch_size", "grad_accum")}
+        if "epoch" in meta:
+            row["training"]["best_epoch"] = meta["epoch"]
+    return row
+
+
 def stage_p2(ctx: Context) -> dict:
     methods = ctx.args.methods
     grid = [dict(search.DECODE_DEFAULTS, **g) for g in DECODING_GRID]
     with steps(3 * len(methods) + len(grid) - 1, "p2") as bar:
         train_json = train_split(ctx)
-        train_seconds = {}
+        train_seconds, estimated = {}, False
         for n, method in enumerate(methods):
-            train_seconds[method] = round(train_method(ctx, method, train_json), 1)
+            seconds, trained = train_method(ctx, method, train_json)
+            train_seconds[method] = round(seconds, 1)
             bar.update(2)
-            if n == 0 and len(methods) > 1:
-                ctx.say("p2: %s took %.0f s: about %.0f s more for the other %d attempt(s)"
-                        % (method, train_seconds[method], train_seconds[method] * (len(methods) - 1), len(methods) - 1))
+            if trained and n < len(methods) - 1 and not estimated:
+                ctx.say(estimate_rest(ctx, method, seconds, methods[n + 1:]))
+                estimated = True
         curves = {m: loss_curve(ctx, m) for m in methods}
         plot_curves(curves, ctx.path("p2", "loss_curves.png"))
         clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
@@ -347,8 +565,7 @@ def stage_p2(ctx: Context) -> dict:
             meta = read_checkpoint_config(checkpoint)
             rows[method] = dict(cider=scored["CIDEr"], clipscore=scored["CLIPScore"],
                                 trainable_params=meta["trainable_parameters"], checkpoint=checkpoint,
-                                settings=meta.get("settings") or {k: v for k, v in meta["decoder"].items()
-                                                                  if v not in (0, None, False)})
+                                **active_settings(ctx, method, checkpoint, meta))
             eval_seconds[method] = round(time.time() - started, 1)
             bar.update(1)
         best = max(methods, key=lambda m: rows[m]["cider"])
@@ -356,15 +573,20 @@ def stage_p2(ctx: Context) -> dict:
         table, chosen = tune_decoding(ctx, best, rows[best], grid, clip, bar)
         decoding_seconds = round(time.time() - started, 1)
         shipping = ship(ctx, rows[best]["checkpoint"], chosen)
+    outputs = ["p2/loss_curves.png", "p2/p2_best.pt", "p2/p2_best.json", "p2/p2_best.per_image.json"]
+    outputs += [os.path.join("p2", m, name) for m in methods for name in ("pred.json", "per_image.json")]
+    outputs += [os.path.relpath(os.path.join(run_folder(ctx, m), name), ctx.out) for m in methods
+                for name in ("best.pt", TRAIN_DONE)]
     return dict(p2=rows, p2_best=best, p2_train_loss={m: [c[0][1], c[-1][1]] if c else None for m, c in curves.items()},
                 p2_decoding=table, p2_inference=chosen, p2_shipping=shipping,
                 timings=dict(p2_train=train_seconds, p2_evaluate=eval_seconds, p2_decoding=decoding_seconds),
-                files=dict(p2_loss_curves="p2/loss_curves.png"))
+                files=dict(p2_loss_curves="p2/loss_curves.png"), outputs=outputs)
 
 
 def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, bar):
     """Each decoding setting of the grid on val with the best attempt; the highest CIDEr wins (ties keep the
-    earlier, the README default first). Returns the table and the chosen settings with "chosen_on"."""
+    earlier, the README default first). Returns the table and the chosen settings with "chosen_on" (the split named
+    by its place in the data folder: the file is committed, so it holds no local path)."""
     table, per_image = [], {}
     for n, settings in enumerate(grid):
         name = setting_name(settings)
@@ -380,8 +602,8 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
         table.append(dict(settings, cider=scores["CIDEr"], clipscore=scores["CLIPScore"]))
     best = max(range(len(table)), key=lambda i: (table[i]["cider"], -i))
     chosen = {k: table[best][k] for k in search.DECODE_DEFAULTS}
-    chosen["chosen_on"] = "highest CIDEr on %s (%d images) among %d settings (run_all.py)" % (
-        ctx.data("val_json"), len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
+    chosen["chosen_on"] = "highest CIDEr on the val split (%s, %d images) among %d settings (run_all.py)" % (
+        DATA["val_json"], len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
     scores = per_image[setting_name(chosen)]
     if scores is None:
         scores = read_json(ctx.path("p2", method, "per_image.json"))
@@ -415,7 +637,7 @@ def stage_p3(ctx: Context) -> dict:
         bar.update(1)
     figures = read_json(ctx.path("p3", "best_worst", "attention.json"))["figures"]
     return dict(p3_best_worst=[dict(image=e["image"], caption=e["caption"], clipscore=e["score"]) for e in figures],
-                files=dict(p3_index="p3/index.md", p3_best_worst="p3/best_worst/attention.json"))
+                files=dict(p3_index="p3/index.md", p3_best_worst="p3/best_worst/attention.json"), outputs=["p3"])
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -451,28 +673,36 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_name(ctx: Context) -> str:
+    """hw3_<ID>.pdf as the course asks when --student-id is given, else report.pdf."""
+    return "hw3_%s.pdf" % ctx.args.student_id if ctx.args.student_id else "report.pdf"
+
+
 def stage_report(ctx: Context) -> dict:
     results = dict(ctx.results, command=command(ctx))
+    note = results.get("source")  # an extra stage's words on the data (the demo's world)
+    results["source"] = dict(source_block(ctx), **({"note": note} if isinstance(note, str) else note or {}))
     results["seconds"] = round(sum(((results.get("timings") or {}).get("stages") or {}).values()), 1)
     with steps(1, "report") as bar:
         write_json(ctx.path("results.json"), results)
         table = results_table(results)
         with atomic_write(ctx.path("results.md")) as f:
             f.write(table)
-        make_report.build(ctx.out, ctx.path("report.pdf"))
+        make_report.build(ctx.out, ctx.path(report_name(ctx)), student_id=ctx.args.student_id)
         bar.update(1)
     print(table)
-    return {}
+    return dict(outputs=["results.json", "results.md", report_name(ctx)])
 
 
 def command(ctx: Context) -> str:
-    return "python3 run_all.py " + shlex.join(ctx.argv)
+    return "python3 run_all.py " + " ".join(shlex.quote(a) for a in ctx.argv)
 
 
 # ----------------------------------------------------------------------------------------------- stages
 
 def extra_stage(spec: str) -> Callable[[Context], dict]:
-    """--extra-stage module:function -> the function (called with the Context; returns results to merge)."""
+    """--extra-stage module:function -> the function (called with the Context; returns results to merge, and may
+    name the files it wrote under "outputs", relative to OUT)."""
     module, _, name = spec.partition(":")
     try:
         function = getattr(importlib.import_module(module), name)
@@ -482,18 +712,33 @@ def extra_stage(spec: str) -> Callable[[Context], dict]:
 
 
 def stage_settings(ctx: Context, stage: str) -> dict:
-    """What a stage's results depend on: a finished stage whose settings are unchanged is skipped."""
+    """What a stage's results depend on besides its input files: a finished stage whose settings, inputs and
+    outputs are unchanged is skipped."""
     a = ctx.args
     if stage == "p1":
-        return dict(data=[ctx.data(k) for k in STAGE_DATA["p1"]], flags=ctx.p1_flags())
+        return dict(flags=ctx.p1_flags())
     if stage == "p2":
         return dict(train=[train_argv(ctx, m, "") for m in a.methods], train_max_images=a.train_max_images,
                     score_checkpoints=a.score_checkpoints, grid=DECODING_GRID)
     if stage == "p3":
-        return dict(data=[ctx.data(k) for k in STAGE_DATA["p3"]], shipped=ctx.results.get("p2_shipping"),
-                    inference=ctx.results.get("p2_inference"))
+        return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
     upstream = {k: v for k, v in ctx.results.items() if k not in ("timings",)}  # the report and extra stages
-    return dict(upstream=digest(upstream), stage=stage)
+    return dict(upstream=pipeline.digest(ctx.portable(upstream)), stage=stage,
+                student_id=a.student_id if stage == "report" else None)
+
+
+def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
+    """Fingerprints of what the stage reads: data named by their place in --data (<DATA>/p2_data/val.json), model
+    files as given."""
+    paths = [ctx.data(k) for k in STAGE_DATA.get(stage, ())]
+    if stage in ("p1", "p2"):
+        paths += ctx.model_files()
+    if stage == "p2" and ctx.args.score_checkpoints:
+        paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
+                                                         config_path(scored_checkpoint(ctx, m)))]
+    if stage not in STAGES:  # an extra stage reads the data folder its own way
+        paths.append(ctx.args.data)
+    return ctx.portable(ctx.inputs(paths))
 
 
 def stage_list(ctx: Context) -> List[tuple]:
@@ -506,32 +751,32 @@ def stage_list(ctx: Context) -> List[tuple]:
     return stages + [("report", stage_report, ABOUT["report"])]
 
 
-def marker_path(ctx: Context, stage: str) -> str:
-    return ctx.path(STAGE_DIR, stage.replace(":", "-").replace("/", "-") + ".json")
-
-
 def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
-    marker = marker_path(ctx, name)
-    done = read_json(marker, "stage marker") if os.path.isfile(marker) else None
+    record = pipeline.read_record(ctx.out, name)
+    settings = json.loads(json.dumps(ctx.portable(stage_settings(ctx, name))))
+    inputs = stage_inputs(ctx, name)
+    why = pipeline.why_rerun(record, ctx.out, settings, inputs)
     if not selected:
-        if done:
-            merge(ctx.results, done["results"])
+        if record and why is None:
+            merge(ctx.results, ctx.local(record["results"]))
+        elif record:
+            ctx.say("%s: not selected; its earlier results are left out (%s)" % (name, why), stage=name)
         return
-    settings = json.loads(json.dumps(stage_settings(ctx, name)))
-    if done and done.get("settings") == settings and name not in ctx.args.force:
-        ctx.say("%s: done earlier (%.0f s), skipping" % (name, done.get("seconds", 0)), stage=name, skipped=True)
-        merge(ctx.results, done["results"])
+    if why is None and not ctx.forced(name):
+        ctx.say("%s: %s, skipping" % (name, pipeline.skip_line(record)), stage=name, skipped=True)
+        merge(ctx.results, ctx.local(record["results"]))
         return
-    if done:
-        ctx.say("%s: %s, running it again" % (name, "forced" if name in ctx.args.force else "settings changed"))
-        os.remove(marker)
-    ctx.say("%s: %s" % (name, "starting"), stage=name)
+    if ctx.forced(name):
+        why = "forced (--force %s): redone from its start%s" % (
+            name, "; the earlier outputs stay until the new ones are written" if record else "")
+    ctx.say("%s: %s" % (name, "starting" if record is None else "running again: " + why), stage=name)
     started = time.time()
     fragment = function(ctx) or {}
     seconds = round(time.time() - started, 1)
+    outputs = list(fragment.pop("outputs", [])) + list((fragment.get("files") or {}).values())
     merge(fragment, dict(timings=dict(stages={name: seconds})))
     merge(ctx.results, fragment)
-    write_json(marker, dict(stage=name, settings=settings, seconds=seconds, results=fragment))
+    pipeline.write_record(ctx.out, name, settings, inputs, sorted(set(outputs)), seconds, ctx.portable(fragment))
     ctx.log(event="stage done", stage=name, seconds=seconds)
     ctx.say("%s: done in %.0f s" % (name, seconds))
 
@@ -549,9 +794,8 @@ def gpu_line() -> str:
 def print_plan(ctx: Context, stages: List[tuple], selected: List[str]) -> None:
     lines = ["plan (%s -> %s):" % (ctx.args.data, ctx.out)]
     for name, _, about in stages:
-        marker = marker_path(ctx, name)
-        state = "not selected" if name not in selected else (
-            "finished earlier: skipped if its settings are unchanged" if os.path.isfile(marker) else "to run")
+        state = "not selected" if name not in selected else ("forced: redone" if ctx.forced(name) else (
+            "finished earlier: skipped if still true" if pipeline.read_record(ctx.out, name) else "to run"))
         lines.append("  %-8s %s [%s]" % (name, about, state))
     lines.append("  %s; log: %s" % (gpu_line(), ctx.log_path))
     lines.append("  time: each stage's is measured and printed; P2's remaining training is estimated after the "
@@ -564,6 +808,9 @@ def install(ctx: Context) -> None:
     shipping = ctx.results.get("p2_shipping")
     if not shipping:
         raise UserError("--install needs P2's results in %s: run the p2 stage first" % ctx.out)
+    for path in (shipping["checkpoint"], shipping["config"]):
+        if not os.path.isfile(path):
+            raise UserError("--install: %s is missing; run the p2 stage again (drop --only, or add p2 to it)" % path)
     dest = os.path.join(HERE, *SHIP)
     for src, dst in ((shipping["checkpoint"], dest), (shipping["config"], config_path(dest))):
         with atomic_write(dst, "wb") as f, open(src, "rb") as s:
@@ -585,13 +832,16 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--data", required=True, help="the course's hw3_data folder (p1_data, p2_data, p3_data)")
-    g.add_argument("--out", required=True, help="output folder (results, figures, checkpoints, stage markers)")
+    g.add_argument("--out", required=True, help="output folder (results, figures, checkpoints, stage records)")
     g.add_argument("--only", help="comma list of stages to run (%s, or an --extra-stage); the others' earlier "
-                   "results are kept" % ", ".join(STAGES))
-    g.add_argument("--force", action="append", default=[], help="rerun this stage even if finished (repeatable)")
+                   "results are kept while still true" % ", ".join(STAGES))
+    g.add_argument("--force", action="append", default=[], help="redo this stage from its start, a training "
+                   "included, even if finished (repeatable; comma lists too)")
     g.add_argument("--install", action="store_true", help="copy the best captioner to checkpoints/p2_best.{pt,json}")
     g.add_argument("--extra-stage", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a stage of your own, run before the report: FUNCTION(context) returns results to merge")
+    g.add_argument("--student-id", help="your student ID: the report is written as OUT/hw3_<ID>.pdf with the ID on "
+                   "its title page, as the course asks")
     g = p.add_argument_group("P2 training")
     g.add_argument("--methods", default=",".join(METHODS), help="PEFT attempts (p2_train.py --peft), default "
                    "%(default)s")
@@ -619,13 +869,32 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if bad or not args.methods:
         raise UserError("--methods: %s is not a PEFT method (%s)" % (",".join(bad) or "(none)",
                                                                     ", ".join(p2_train.PEFT_METHODS)))
+    if len(set(args.methods)) != len(args.methods):
+        raise UserError("--methods names a method twice: %s" % ",".join(args.methods))
     if bool(args.clip_model) != bool(args.clip_pretrained):
         raise UserError("--clip-model and --clip-pretrained go together")
     if not os.path.isdir(args.data):
         raise UserError("--data %s is not a folder (the course's hw3_data)" % args.data)
     if args.workers < 0 or args.train_max_images < 0:
         raise UserError("--workers and --train-max-images must be 0 or more")
+    if args.student_id is not None and not STUDENT_ID.match(args.student_id):
+        raise UserError("--student-id %r: letters and digits only (e.g. r12345678)" % args.student_id)
+    args.force = [s.strip() for f in args.force for s in f.split(",") if s.strip()]
     return args
+
+
+def choose_stages(ctx: Context, names: List[str]) -> List[str]:
+    """The stages to run: --only's (all by default); --force of a stage not run is refused, not ignored."""
+    args = ctx.args
+    selected = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(names)
+    for name in selected + args.force:
+        if name not in names:
+            raise UserError("no stage %r (the stages: %s)" % (name, ", ".join(names)))
+    left_out = [s for s in args.force if s not in selected]
+    if left_out:
+        raise UserError("--force %s: not among the stages to run (--only %s); add it to --only"
+                        % (",".join(left_out), args.only))
+    return selected
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -633,30 +902,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     ctx = Context(args, argv)
-    names = [s[0] for s in stage_list(ctx)]
-    args.force = [s for f in args.force for s in f.split(",") if s]
-    selected = [s.strip() for s in args.only.split(",")] if args.only else names
-    for name in selected + args.force:
-        if name not in names:
-            raise UserError("no stage %r (the stages: %s)" % (name, ", ".join(names)))
+    stages = stage_list(ctx)
+    selected = choose_stages(ctx, [s[0] for s in stages])
     if ctx.rank != 0:  # under torchrun: the other ranks join each training and leave the rest to rank 0
         if "p2" in selected:
+            check_train_options(ctx)
             train_json = train_split(ctx)
             for method in args.methods:
                 train_method(ctx, method, train_json)
         return 0
-    stages = stage_list(ctx)
-    check_data(ctx, selected)
-    print_plan(ctx, stages, selected)
-    started = time.time()
-    for name, function, _ in stages:
-        if name == "p3" and "p3" in selected and "p2_shipping" not in ctx.results:
-            raise UserError("p3 draws P2's best captioner, but %s has no finished p2 stage: add p2 to --only" % ctx.out)
-        run_stage(ctx, name, function, name in selected)
-    if ctx.results.get("p2_shipping"):
-        print(shipping_note(ctx.results["p2_shipping"]))
-    if args.install:
-        install(ctx)
+    pipeline.check_out_folder(ctx.out)
+    check_inputs(ctx, selected)
+    with pipeline.RunLock(ctx.out, command(ctx)):
+        removed = pipeline.remove_temporaries(ctx.out)
+        if removed:
+            ctx.say("removed %d temporary file(s) of an interrupted run: %s" % (len(removed), ", ".join(removed[:5])))
+        print_plan(ctx, stages, selected)
+        started = time.time()
+        for name, function, _ in stages:
+            if name == "p3" and "p3" in selected and "p2_shipping" not in ctx.results:
+                raise UserError("p3 draws P2's best captioner, but %s has no finished p2 stage that is still true: "
+                                "add p2 to --only" % ctx.out)
+            run_stage(ctx, name, function, name in selected)
+        if ctx.results.get("p2_shipping"):
+            print(shipping_note(ctx.results["p2_shipping"]))
+        if args.install:
+            install(ctx)
     print("run_all: %s in %.0f s (results in %s)" % (", ".join(selected), time.time() - started, ctx.out))
     return 0
 

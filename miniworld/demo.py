@@ -89,7 +89,8 @@ def world_stage(ctx) -> Dict[str, object]:
                    ctx.results["p2"][ctx.results["p2_best"]]["checkpoint"], "--decoder", ctx.data("decoder"),
                    "--device", ctx.args.device])
     summary = read_json(ctx.path("pointing.json"))
-    results.update(pointing_game=summary.get("pointing_game"), pointing_trials=summary.get("pointing_trials"))
+    results.update(pointing_game=summary.get("pointing_game"), pointing_trials=summary.get("pointing_trials"),
+                   outputs=["p1/heldout.csv", "p1/heldout.eval.json", "pointing.json"])
     return results
 
 
