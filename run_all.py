@@ -378,6 +378,18 @@ def swap_in(ctx: Context, method: str) -> None:
         shutil.rmtree(old)
 
 
+def discard_unfinished_trainings(ctx: Context) -> None:
+    """With P2 done and still true, a train.new folder is a forced or abandoned training that was killed; a rerun
+    of it would start from its beginning, so it is removed."""
+    for method in ctx.args.methods:
+        restore_interrupted_swap(ctx, method)
+        new = run_folder(ctx, method, "new")
+        if os.path.isdir(new):
+            ctx.say("p2: %s: removing the unfinished training in %s (P2 is done and still true without it)"
+                    % (method, new))
+            shutil.rmtree(new)
+
+
 def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
     return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
 
@@ -765,6 +777,8 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
     if why is None and not ctx.forced(name):
         ctx.say("%s: %s, skipping" % (name, pipeline.skip_line(record)), stage=name, skipped=True)
         merge(ctx.results, ctx.local(record["results"]))
+        if name == "p2":
+            discard_unfinished_trainings(ctx)
         return
     if ctx.forced(name):
         why = "forced (--force %s): redone from its start%s" % (
