@@ -286,7 +286,7 @@ def concentration_paragraph(entries: Sequence[dict], table) -> str:
                                                    peak[0]["entropy"], flat[0]["label"], flat[1],
                                                    flat[0]["top10_share"], flat[0]["entropy"]))
     parts.append("These measures say how peaked a map is, not whether its peak lies on the object the word names; "
-                 "that needs a person looking at the figures (below).")
+                 "that needs a person looking at the figures above.")
     return " ".join(parts)
 
 
