@@ -28,6 +28,7 @@ from captioner import config_path, load_captioner
 from common import (UserError, atomic_dir, atomic_write, check_output_dir, list_images, load_rgb, progress, read_json,
                     resolve_device, run_main, write_json)
 from encoder import coordinate_mapper
+from report_layout import drawable, readable
 from tokenizer import BPETokenizer
 
 END_TEXT = "<|endoftext|>"
@@ -160,7 +161,7 @@ def make_figure(image, labels: Sequence[str], maps: torch.Tensor, title: str):
     panels_width = PANEL_INCHES * cols
     axis_width = panels_width / (cols + PANEL_GAP * (cols - 1))
     axis_height = axis_width * height / width  # the image fills its panel: the layout is computed, not guessed
-    title = wrap_title(title, panels_width)
+    title = drawable(wrap_title(readable(title), panels_width))  # escapes first: they are what takes the width
     title_inches = (title.count("\n") + 1) * TITLE_POINTS * 1.3 / 72 + MARGIN_INCHES
     fig_width = MARGIN_INCHES + panels_width + BAR_INCHES
     fig_height = title_inches + rows * (LABEL_INCHES + axis_height) + MARGIN_INCHES
@@ -175,11 +176,11 @@ def make_figure(image, labels: Sequence[str], maps: torch.Tensor, title: str):
             continue
         ax.imshow(image)
         if k == 0:
-            ax.set_title(END_TEXT, fontsize=10)
+            ax.set_title(drawable(END_TEXT), fontsize=10)
             continue
         mappable = ax.imshow(overlays[k - 1], cmap=COLORMAP, alpha=OVERLAY_ALPHA, vmin=0.0, vmax=vmax,
                              extent=(0, width, height, 0))
-        ax.set_title(labels[k - 1], fontsize=10)
+        ax.set_title(drawable(labels[k - 1]), fontsize=10)
     fig.suptitle(title, fontsize=TITLE_POINTS, x=(MARGIN_INCHES + panels_width / 2) / fig_width,
                  y=1 - MARGIN_INCHES / 2 / fig_height, va="top")
     if mappable is not None:

@@ -3,6 +3,7 @@ written with its PDF backend; every text item is also kept as a line, so what a 
 without a PDF reader."""
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 from typing import List, Optional, Sequence
@@ -29,7 +30,6 @@ class Report:
         self.plt = plt
         self.pages: List = []
         self.lines: List[str] = []
-        self._glyphs = font_charmap()
         self.new_page()
 
     def new_page(self):
@@ -42,15 +42,10 @@ class Report:
         if self.y - height < MARGIN:
             self.new_page()
 
-    def _readable(self, text: str) -> str:
-        """The characters the font lacks as escapes (no missing-glyph boxes, no warnings)."""
-        return "".join(c if ord(c) in self._glyphs else escape_char(c) for c in str(text))
-
     def _text(self, text: str) -> str:
-        """Records the readable text as a line of the report; returns it as drawn ('$' not starting mathtext)."""
-        readable = self._readable(text)
-        self.lines.append(readable)
-        return readable.replace("$", r"\$")
+        """Records the readable text as a line of the report; returns it as matplotlib is to draw it."""
+        self.lines.append(readable(text))
+        return drawable(text)
 
     def heading(self, text: str, size: int = 14):
         self.keep(0.06)
@@ -69,9 +64,9 @@ class Report:
         self.keep(height + 0.01)
         ax = self.figure.add_axes((MARGIN, self.y - height, 1 - 2 * MARGIN, height))
         ax.axis("off")
-        cells = [[self._readable(c) for c in row] for row in [header] + list(rows)]
-        self.lines += [" | ".join(row) for row in cells]
-        cells = [[c.replace("$", r"\$") for c in row] for row in cells]
+        cells = [list(header)] + [list(row) for row in rows]
+        self.lines += [" | ".join(readable(c) for c in row) for row in cells]
+        cells = [[drawable(c) for c in row] for row in cells]
         table = ax.table(cellText=cells[1:], colLabels=cells[0], colWidths=widths,
                          loc="upper left", cellLoc="left", bbox=(0, 0, 1, 1))
         table.auto_set_font_size(False)
@@ -117,8 +112,21 @@ class Report:
             self.plt.close(page)
 
 
+def readable(text) -> str:
+    """The text with each character the font lacks as an escape (\\u5b78), so no missing-glyph box or warning; a
+    line break stays one."""
+    glyphs = font_charmap()
+    return "".join(c if ord(c) in glyphs or c == "\n" else escape_char(c) for c in str(text))
+
+
+def drawable(text) -> str:
+    """readable(text) as a matplotlib Text is given it: a '$' is a dollar sign, not the start of mathtext."""
+    return readable(text).replace("$", r"\$")
+
+
+@functools.lru_cache(maxsize=None)
 def font_charmap() -> frozenset:
-    """The code points the report's font can draw (matplotlib's DejaVu Sans has no CJK, for one)."""
+    """The code points the default font can draw (matplotlib's DejaVu Sans has no CJK, for one)."""
     from matplotlib import font_manager, ft2font, rcParams
 
     path = font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"]))

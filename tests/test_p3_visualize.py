@@ -261,3 +261,22 @@ def test_long_titles_wrap_inside_the_figure(words):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_titles_and_labels_draw_every_character_without_warnings():
+    """A caption with characters the font lacks (GPT-2 can emit CJK) and dollar signs (mathtext otherwise)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    labels = ["a", "\u5c71", "$5", p3.END_TEXT]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = p3.make_figure(Image.new("RGB", (32, 32), "gray"), labels, torch.rand(4, 2, 2), "a \u5c71 for $5 and $6")
+        try:
+            fig.canvas.draw()
+            titles = [ax.get_title() for ax in fig.axes[:5]]
+            assert fig._suptitle.get_text() == "a \\u5c71 for \\$5 and \\$6"
+        finally:
+            plt.close(fig)
+    assert titles == [p3.END_TEXT, "a", "\\u5c71", "\\$5", p3.END_TEXT]
