@@ -64,12 +64,16 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def setting(value) -> str:
-    """A setting as a person writes it: 0.0005 -> 5e-04 stays readable as %g, lists without quotes."""
+    """A setting as a person writes it: floats short (0.0005, 5e-05, 16), lists without quotes."""
     if isinstance(value, float):
         return "%g" % value
     if isinstance(value, (list, tuple)):
         return "[%s]" % ", ".join(setting(v) for v in value)
     return str(value)
+
+
+def count(value) -> str:
+    return UNKNOWN if value is None else "{:,}".format(value)
 
 
 def settings_text(settings: Dict[str, object]) -> str:
@@ -160,7 +164,9 @@ def p1_section(report: Report, results: dict, folder: str):
                                                             fmt(results.get("p1_heldout_accuracy_all_classes"))))
     report.keep(0.42)  # the question with its figure
     report.heading(QUESTIONS["p1_top5"], 11)
-    report.image(os.path.join(folder, results.get("files", {}).get("p1_top5", "p1/pred.top5.png")), height=0.35)
+    report.image(os.path.join(folder, results.get("files", {}).get("p1_top5", "p1/pred.top5.png")), height=0.35,
+                 caption="Three validation images, each with the probabilities of its five most similar classes "
+                         "(p1_clip_zeroshot.py --plot-top5 3).")
 
 
 # ----------------------------------------------------------------------------------------------- P2
@@ -201,7 +207,7 @@ def p2_section(report: Report, results: dict, folder: str):
     world = "".join(", %s %s" % (label, fmt(row[key])) for key, label in world_columns({best: row}))
     report.paragraph("The best attempt by CIDEr on the validation split is %s: CIDEr %s, CLIPScore %s%s, with %s "
                      "trainable parameters." % (best, fmt(row.get("cider")), fmt(row.get("clipscore")), world,
-                                                "{:,}".format(row.get("trainable_params") or 0)))
+                                                count(row.get("trainable_params"))))
     if row.get("encoder"):
         report.paragraph("Image encoder: %s." % row["encoder"], indent="    ")
     report.paragraph("PEFT, %s: %s." % (best, peft_text(row)), indent="    ")
@@ -216,7 +222,7 @@ def p2_section(report: Report, results: dict, folder: str):
     extra = world_columns(methods)
     report.table(["method", "CIDEr", "CLIPScore"] + [label for _, label in extra] + ["trainable params"],
                  [[m + (" (best)" if m == best else ""), fmt(v.get("cider")), fmt(v.get("clipscore"))]
-                  + [fmt(v[key]) for key, _ in extra] + ["{:,}".format(v.get("trainable_params") or 0)]
+                  + [fmt(v[key]) for key, _ in extra] + [count(v.get("trainable_params"))]
                   for m, v in sorted(methods.items())])
     for method, v in sorted(methods.items()):
         report.paragraph("%s: %s; %s." % (method, peft_text(v), training_text(v)), indent="    ")
@@ -319,6 +325,8 @@ def p3_section(report: Report, results: dict, folder: str):
         report.image(os.path.join(test_dir, entry["figure"]), height=0.28,
                      caption="%s: %s" % (entry["image"], entry["caption"]))
     report.heading(QUESTIONS["p3_best_worst"], 11)
+    if not pair:
+        report.paragraph("The results hold no top-1/last-1 figures (the p3 stage did not run).")
     for rank, entry in zip(("top-1", "last-1"), pair):
         report.image(os.path.join(pair_dir, entry["figure"]), height=0.28,
                      caption="%s: %s, CLIPScore %s: %s" % (rank, entry["image"], fmt(entry.get("score")),
