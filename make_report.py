@@ -1,21 +1,52 @@
-"""Builds report.pdf from a results folder (the demo's, or one with the same layout from real data), answering each
-question of the homework's report with the numbers and figures found there and saying where every number comes from.
+"""Builds the homework's report from a results folder (run_all.py's, or the demo's): each report question of the
+homework, numbered as the homework numbers it, answered from that folder's own numbers and figures.
 
+A measure the results do not hold is not mentioned (the miniature world's held-out classes, object F1 and pointing
+game appear only in the demo's report); a judgement only a person can make ("is the caption reasonable?") is said
+to be one, with blank room left for it, rather than invented.
+
+    python3 make_report.py --results outputs/hw3 --student-id r12345678     # writes hw3_r12345678.pdf
     python3 make_report.py --results outputs/demo --out report.pdf
 """
 from __future__ import annotations
 
 import argparse
 import os
-import textwrap
-from typing import List, Optional, Sequence
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from common import UserError, atomic_dir, atomic_write, check_output_file, read_json, run_main
 from p1_templates import REPORT_TEMPLATES
+from report_layout import Report
 
-PAGE = (8.27, 11.69)  # A4 in inches
-MARGIN = 0.07
-WRAP = 100
+STUDENT_ID = re.compile(r"[A-Za-z0-9]+\Z")
+UNKNOWN = "unknown"
+
+# The homework's report questions, in its numbering (P3 is problem 2's visualisation part).
+QUESTIONS = dict(
+    p1_methods="1. Methods analysis: why CLIP achieves competitive zero-shot performance",
+    p1_prompts="2. Prompt-text analysis of the three templates",
+    p1_top5="3. Quantitative analysis: top-5 similarity probabilities of three validation images",
+    p2_best="1. Best setting and its CIDEr and CLIPScore on the validation data",
+    p2_attempts="2. Three PEFT attempts and their CIDEr and CLIPScore",
+    p3_test="1. Predicted captions and attention maps of the five test images",
+    p3_best_worst="2. Top-1 and last-1 image-caption pairs by CLIPScore on the validation data",
+    p3_analysis="3. Analysis: is the caption reasonable? Does the attended region reflect the word?",
+)
+
+# English function words (articles, prepositions, conjunctions, pronouns, auxiliaries, a few particles): the
+# "function words" row of the attention table. Punctuation and the end token are rows of their own.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every no another
+of in on at by for with from to into onto over under above below near next beside behind between among through
+across along around about against during before after up down out off than like as upon toward towards while
+and or but nor so yet if because although though whether then
+i me my mine we us our ours you your yours he him his she her hers it its they them their theirs itself
+themselves himself herself who whom whose which what there here
+is are was were be been being am do does did has have had having will would shall should can could may might
+must 's 're 't not
+""".split())
+CATEGORIES = ("content words", "function words", "punctuation", "end token")
 
 CLIP_WHY = (
     "CLIP learns one embedding space for images and text from hundreds of millions of image-caption pairs with a "
@@ -28,82 +59,60 @@ CLIP_WHY = (
     "CLIP was trained on.")
 
 
-class Report:
-    """A4 pages of wrapped text, tables and images, written with matplotlib's PDF backend."""
-
-    def __init__(self):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        self.plt = plt
-        self.pages: List = []
-        self._new_page()
-
-    def _new_page(self):
-        self.figure = self.plt.figure(figsize=PAGE)
-        self.pages.append(self.figure)
-        self.y = 1 - MARGIN
-
-    def _room(self, height: float):
-        if self.y - height < MARGIN:
-            self._new_page()
-
-    def heading(self, text: str, size: int = 14):
-        self._room(0.05)
-        self.figure.text(MARGIN, self.y, text, fontsize=size, weight="bold", va="top")
-        self.y -= 0.035 if size >= 14 else 0.028
-
-    def paragraph(self, text: str, size: int = 9):
-        for line in textwrap.wrap(text, WRAP) or [""]:
-            self._room(0.018)
-            self.figure.text(MARGIN, self.y, line, fontsize=size, va="top")
-            self.y -= 0.016
-        self.y -= 0.008
-
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]):
-        height = 0.025 * (len(rows) + 1)
-        self._room(height + 0.01)
-        ax = self.figure.add_axes((MARGIN, self.y - height, 1 - 2 * MARGIN, height))
-        ax.axis("off")
-        table = ax.table(cellText=[list(r) for r in rows], colLabels=list(header), loc="upper left", cellLoc="left")
-        table.auto_set_font_size(False)
-        table.set_fontsize(8)
-        self.y -= height + 0.015
-
-    def image(self, path: str, height: float = 0.3, caption: Optional[str] = None):
-        import matplotlib.image as mpimg
-
-        if not os.path.isfile(path):
-            self.paragraph("(figure missing: %s)" % path)
-            return
-        picture = mpimg.imread(path)
-        aspect = picture.shape[1] / picture.shape[0] * PAGE[1] / PAGE[0]
-        width = min(1 - 2 * MARGIN, height * aspect)
-        height = width / aspect
-        self._room(height + 0.03)
-        ax = self.figure.add_axes((MARGIN, self.y - height, width, height))
-        ax.imshow(picture)
-        ax.axis("off")
-        self.y -= height + 0.01
-        if caption:
-            self.paragraph(caption, size=8)
-
-    def save(self, path: str):
-        from matplotlib.backends.backend_pdf import PdfPages
-
-        with atomic_write(path, "wb") as f:
-            with PdfPages(f) as pdf:
-                for page in self.pages:
-                    pdf.savefig(page)
-        for page in self.pages:
-            self.plt.close(page)
-
-
 def fmt(value, digits: int = 4) -> str:
     return "-" if value is None else ("%.*f" % (digits, value) if isinstance(value, float) else str(value))
 
+
+def setting(value) -> str:
+    """A setting as a person writes it: floats short (0.0005, 5e-05, 16), lists without quotes."""
+    if isinstance(value, float):
+        return "%g" % value
+    if isinstance(value, (list, tuple)):
+        return "[%s]" % ", ".join(setting(v) for v in value)
+    return str(value)
+
+
+def count(value) -> str:
+    return UNKNOWN if value is None else "{:,}".format(value)
+
+
+def settings_text(settings: Dict[str, object]) -> str:
+    return ", ".join("%s=%s" % (k, setting(v)) for k, v in settings.items())
+
+
+# ----------------------------------------------------------------------------------------------- title page
+
+def source_lines(results: dict) -> List[str]:
+    """The source block: a dict written by run_all.py (missing keys: unknown), or an older results file's string."""
+    source = results.get("source")
+    if not isinstance(source, dict):
+        return ["source: %s" % (source or UNKNOWN), "command: %s" % results.get("command", UNKNOWN)]
+    versions = source.get("versions") if isinstance(source.get("versions"), dict) else {}
+    gpu = source.get("gpu", UNKNOWN)
+    lines = ["data: %s" % source.get("data", UNKNOWN), "command: %s" % source.get("command", UNKNOWN),
+             "date: %s" % source.get("date", UNKNOWN),
+             "device: %s, GPU: %s" % (source.get("device", UNKNOWN), "none" if gpu is None else gpu),
+             "versions: " + ", ".join("%s %s" % (name, "not installed" if versions.get(name, UNKNOWN) is None
+                                                 else versions.get(name, UNKNOWN))
+                                      for name in ("python", "torch", "timm", "open_clip")),
+             "git commit: %s" % (source.get("git_commit") or UNKNOWN)]
+    if source.get("note"):
+        lines.append("note: %s" % source["note"])
+    return lines
+
+
+def title_page(report: Report, results: dict, results_dir: str, student_id: Optional[str]):
+    report.heading("DLCV HW3 report", 16)
+    if student_id:
+        report.paragraph("Student ID: %s" % student_id, size=11)
+    report.heading("Source of every number and figure", 11)
+    for line in source_lines(results):
+        report.paragraph(line, indent="    ")
+    report.paragraph("Results folder: %s (results.json and the figures beside it)." % (
+        os.path.basename(os.path.abspath(results_dir)) if os.path.isabs(results_dir) else results_dir))
+
+
+# ----------------------------------------------------------------------------------------------- P1
 
 def prompt_analysis(prompts: Sequence[dict]) -> str:
     """What the prompt table shows, in words that follow the numbers rather than a fixed story."""
@@ -132,78 +141,225 @@ def prompt_analysis(prompts: Sequence[dict]) -> str:
 
 def p1_section(report: Report, results: dict, folder: str):
     report.heading("Problem 1: zero-shot image classification with CLIP")
-    report.heading("1. Why CLIP classifies well without fine-tuning", 11)
+    if results.get("p1_model"):
+        report.paragraph("CLIP model: %s." % results["p1_model"])
+    report.heading(QUESTIONS["p1_methods"], 11)
     report.paragraph(CLIP_WHY)
-    report.heading("2. Prompt templates", 11)
+    report.heading(QUESTIONS["p1_prompts"], 11)
     prompts = results.get("p1_prompts") or []
     if prompts:
-        report.table(["templates", "accuracy"], [[p["templates"], fmt(p["accuracy"])] for p in prompts])
+        report.table(["templates", "accuracy on p1_data/val"], [[p["templates"], fmt(p["accuracy"])] for p in prompts],
+                     widths=(0.7, 0.3))
         report.paragraph(prompt_analysis(prompts))
-    report.paragraph("Accuracy over all classes: %s (prompt ensemble), %s (single prompt). Held-out colour-shape "
-                     "combinations never seen in training captions: %s among the held-out classes, %s among all "
-                     "classes." % (fmt(results.get("p1_accuracy")), fmt(results.get("p1_single_prompt_accuracy")),
-                                    fmt(results.get("p1_heldout_accuracy")),
-                                    fmt(results.get("p1_heldout_accuracy_all_classes"))))
-    report.heading("3. Top-5 probabilities of three sampled images", 11)
-    report.image(os.path.join(folder, results.get("files", {}).get("p1_top5", "p1/pred.top5.png")), height=0.35)
+    else:
+        report.paragraph("The results hold no prompt comparison (the p1 stage did not run).")
+    overall = [(results.get(key), what) for key, what in (("p1_accuracy", "prompt ensemble"),
+                                                          ("p1_single_prompt_accuracy", "single prompt"))]
+    overall = ["%s (%s)" % (fmt(value), what) for value, what in overall if value is not None]
+    if overall:
+        report.paragraph("Accuracy over all validation images: %s." % ", ".join(overall))
+    if results.get("p1_heldout_accuracy") is not None:  # miniature world only
+        report.paragraph("Held-out colour-shape combinations never seen in training captions: %s among the held-out "
+                         "classes, %s among all classes." % (fmt(results.get("p1_heldout_accuracy")),
+                                                            fmt(results.get("p1_heldout_accuracy_all_classes"))))
+    report.keep(0.42)  # the question with its figure
+    report.heading(QUESTIONS["p1_top5"], 11)
+    report.image(os.path.join(folder, results.get("files", {}).get("p1_top5", "p1/pred.top5.png")), height=0.35,
+                 caption="Three validation images, each with the probabilities of its five most similar classes "
+                         "(p1_clip_zeroshot.py --plot-top5 3).")
+
+
+# ----------------------------------------------------------------------------------------------- P2
+
+def active_decoding(inference: dict) -> Dict[str, object]:
+    """The shipped decoding without the settings its method ignores (greedy has no beam width or length penalty)."""
+    inactive = () if inference.get("method") == "beam" else ("beam_size", "length_penalty")
+    return {k: v for k, v in inference.items() if k != "chosen_on" and k not in inactive}
+
+
+def training_text(row: dict) -> str:
+    training = row.get("training")
+    if not training:
+        return "training settings not recorded in results.json"
+    names = (("lr", "learning rate"), ("epochs", "epochs"), ("batch_size", "batch size"))
+    return ", ".join("%s %s" % (label, setting(training.get(key, UNKNOWN))) for key, label in names)
+
+
+def peft_text(row: dict) -> str:
+    return settings_text(row["peft"]) if row.get("peft") else "PEFT settings not recorded in results.json"
+
+
+def world_columns(methods: Dict[str, dict]) -> List[Tuple[str, str]]:
+    """Object F1 and exact set, when every row holds them (the miniature world's captions name known objects)."""
+    return [(key, label) for key, label in (("object_f1", "object F1"), ("exact_object_set", "exact set"))
+            if all(row.get(key) is not None for row in methods.values())]
 
 
 def p2_section(report: Report, results: dict, folder: str):
-    report.heading("Problem 2: PEFT for image captioning")
+    report.heading("Problem 2: PEFT for image captioning (evaluation metrics)")
     methods = results.get("p2") or {}
     if not methods:
-        report.paragraph("No P2 results in %s." % folder)
+        report.paragraph("The results hold no P2 scores (the p2 stage did not run).")
         return
     best = results.get("p2_best") or max(methods, key=lambda m: methods[m].get("cider") or 0)
-    b = methods[best]
-    report.heading("1. Best setting", 11)
-    report.paragraph("Best: %s, CIDEr %s, CLIPScore %s (object F1 %s) with %s trainable parameters. Settings: %s" % (
-        best, fmt(b.get("cider")), fmt(b.get("clipscore")), fmt(b.get("object_f1")), b.get("trainable_params"),
-        ", ".join("%s=%s" % kv for kv in sorted((b.get("settings") or {}).items()))))
-    report.heading("2. Three PEFT attempts", 11)
-    rows = [[m, fmt(v.get("cider")), fmt(v.get("clipscore")), fmt(v.get("object_f1")), fmt(v.get("exact_object_set")),
-             "{:,}".format(v.get("trainable_params") or 0)] for m, v in sorted(methods.items())]
-    report.table(["method", "CIDEr", "CLIPScore", "object F1", "exact set", "trainable params"], rows)
+    row = methods[best]
+    report.heading(QUESTIONS["p2_best"], 11)
+    world = "".join(", %s %s" % (label, fmt(row[key])) for key, label in world_columns({best: row}))
+    report.paragraph("The best attempt by CIDEr on the validation split is %s: CIDEr %s, CLIPScore %s%s, with %s "
+                     "trainable parameters." % (best, fmt(row.get("cider")), fmt(row.get("clipscore")), world,
+                                                count(row.get("trainable_params"))))
+    if row.get("encoder"):
+        report.paragraph("Image encoder: %s." % row["encoder"], indent="    ")
+    report.paragraph("PEFT, %s: %s." % (best, peft_text(row)), indent="    ")
+    report.paragraph("Training: %s." % training_text(row), indent="    ")
+    inference = results.get("p2_inference") or {}
+    if inference:
+        report.paragraph("Decoding, shipped with the checkpoint (p2_best.json): %s; chosen by %s." % (
+            settings_text(active_decoding(inference)), inference.get("chosen_on", UNKNOWN)), indent="    ")
+    else:
+        report.paragraph("Decoding: not recorded (the decoding stage did not run).", indent="    ")
+    report.heading(QUESTIONS["p2_attempts"], 11)
+    extra = world_columns(methods)
+    report.table(["method", "CIDEr", "CLIPScore"] + [label for _, label in extra] + ["trainable params"],
+                 [[m + (" (best)" if m == best else ""), fmt(v.get("cider")), fmt(v.get("clipscore"))]
+                  + [fmt(v[key]) for key, _ in extra] + [count(v.get("trainable_params"))]
+                  for m, v in sorted(methods.items())])
+    for method, v in sorted(methods.items()):
+        report.paragraph("%s: %s; %s." % (method, peft_text(v), training_text(v)), indent="    ")
     decoding = results.get("p2_decoding") or []
     if decoding:
-        report.heading("Decoding of the best attempt on val", 11)
+        report.heading("Decoding of the best attempt on the validation data", 11)
         report.table(["method", "beam size", "length penalty", "CIDEr", "CLIPScore"],
                      [[d["method"], str(d["beam_size"]) if d["method"] == "beam" else "-",
                        fmt(d["length_penalty"], 1) if d["method"] == "beam" else "-", fmt(d.get("cider")),
                        fmt(d.get("clipscore"))] for d in decoding])
-        chosen = results.get("p2_inference") or {}
-        report.paragraph("Shipped with %s (%s)." % (", ".join("%s=%s" % (k, chosen[k]) for k in sorted(chosen)
-                                                               if k != "chosen_on"), chosen.get("chosen_on")))
     curves = results.get("files", {}).get("p2_loss_curves")
     if curves:
         report.image(os.path.join(folder, curves), height=0.25, caption="Training loss of the p2_train.py runs.")
 
 
-def p3_section(report: Report, results: dict, folder: str):
-    report.heading("Problem 3: attention visualisation")
-    files = results.get("files", {})
-    index = os.path.join(folder, files.get("p3_index", "p3/index.md"))
-    attention = os.path.join(os.path.dirname(index), "attention.json")
-    report.heading("1. Attention maps of the test images (last cross-attention block, mean over heads)", 11)
-    if os.path.isfile(attention):
-        for entry in read_json(attention).get("figures", []):
-            report.image(os.path.join(os.path.dirname(index), entry["figure"]), height=0.28,
-                         caption="%s: %s" % (entry["image"], entry["caption"]))
-    report.heading("2. Best and worst caption by CLIPScore", 11)
-    best_worst = os.path.join(folder, files.get("p3_best_worst", "p3/best_worst/attention.json"))
-    if os.path.isfile(best_worst):
-        for entry in read_json(best_worst).get("figures", []):
-            report.image(os.path.join(os.path.dirname(best_worst), entry["figure"]), height=0.28,
-                         caption="%s (CLIPScore %s): %s" % (entry["image"], fmt(entry.get("score")), entry["caption"]))
-    report.heading("3. Analysis", 11)
-    pointing = results.get("pointing_game")
-    report.paragraph(
-        "Pointing game: for each shape word whose colour-shape pair names an object of the scene, the peak of its "
-        "attention map falls inside that object's box in %s of the cases. The figures show what the other maps "
-        "are for: an article or comma that opens the next phrase can already look at the object it is about to "
-        "name (choosing 'an' over 'a' depends on that object's colour), while words with no visual content of "
-        "their own ('on', 'background', the end token) spread their attention thinly." % fmt(pointing, 3))
+# ----------------------------------------------------------------------------------------------- P3
 
+def word_category(word: Optional[str]) -> str:
+    if word is None:
+        return "end token"
+    word = word.strip().lower()
+    if not any(c.isalnum() for c in word):
+        return "punctuation"
+    return "function words" if word in FUNCTION_WORDS else "content words"
+
+
+def category_name(category: str) -> str:
+    return "the end token" if category == "end token" else category
+
+
+def category_table(entries: Sequence[dict]) -> List[Tuple[str, int, float, float]]:
+    """(category, tokens, mean top-10% share, mean normalised entropy) over every token of the entries."""
+    pooled: Dict[str, List[dict]] = {c: [] for c in CATEGORIES}
+    for entry in entries:
+        for token in entry.get("tokens") or []:
+            pooled[word_category(token.get("word"))].append(token)
+    return [(c, len(ts), sum(t["top10_share"] for t in ts) / len(ts), sum(t["entropy"] for t in ts) / len(ts))
+            for c, ts in pooled.items() if ts]
+
+
+def compare(name_a: str, a: Tuple, name_b: str, b: Tuple, tolerance: float = 0.01) -> str:
+    """Which of two categories' attention is more concentrated, by both measures, or that they disagree."""
+    share, entropy = a[2] - b[2], b[3] - a[3]  # positive: a more concentrated
+    if abs(share) < tolerance and abs(entropy) < tolerance:
+        return "%s and %s are about equally concentrated (differences below %g)" % (name_a, name_b, tolerance)
+    if share > 0 and entropy > 0:
+        return "%s are more concentrated than %s by both measures" % (name_a, name_b)
+    if share < 0 and entropy < 0:
+        return "%s are less concentrated than %s by both measures" % (name_a, name_b)
+    return "the two measures disagree on whether %s are more concentrated than %s" % (name_a, name_b)
+
+
+def concentration_paragraph(entries: Sequence[dict], table) -> str:
+    rows = {row[0]: row for row in table}
+    tokens = [(t, e["image"]) for e in entries for t in e.get("tokens") or []]
+    parts = ["Over %d generated tokens of %d captions, the mean share of attention on the top 10%% of patches (a "
+             "uniform map gives about 0.1, one patch 1) is %s; the mean normalised entropy (1 uniform, 0 one patch) is "
+             "%s." % (len(tokens), len(entries), ", ".join("%.3f for %s" % (r[2], category_name(r[0])) for r in table),
+                      ", ".join("%.3f for %s" % (r[3], category_name(r[0])) for r in table))]
+    if "content words" in rows and "function words" in rows:
+        parts.append("So %s." % compare("content words", rows["content words"], "function words",
+                                        rows["function words"]))
+    peak = max(tokens, key=lambda ti: ti[0]["top10_share"])
+    flat = min(tokens, key=lambda ti: ti[0]["top10_share"])
+    parts.append("The most concentrated token is '%s' in %s (share %.3f, entropy %.3f); the least, '%s' in %s "
+                 "(share %.3f, entropy %.3f)." % (peak[0]["label"], peak[1], peak[0]["top10_share"],
+                                                   peak[0]["entropy"], flat[0]["label"], flat[1],
+                                                   flat[0]["top10_share"], flat[0]["entropy"]))
+    parts.append("These measures say how peaked a map is, not whether its peak lies on the object the word names; "
+                 "that needs a person looking at the figures above.")
+    return " ".join(parts)
+
+
+def attention_kind(layer: str, heads: str) -> str:
+    """p3_visualize's --layer and --heads in words."""
+    blocks = dict(last="the last decoder block with cross-attention", mean="the mean over the blocks with "
+                  "cross-attention").get(layer, "decoder block %s" % layer)
+    return "%s, %s" % (blocks, dict(mean="mean over heads", max="maximum over heads").get(heads, "head %s" % heads))
+
+
+def attention_entries(folder: str, files: dict) -> Tuple[List[dict], List[dict], str, str, dict]:
+    index = os.path.join(folder, files.get("p3_index", "p3/index.md"))
+    test_json = os.path.join(os.path.dirname(index), "attention.json")
+    pair_json = os.path.join(folder, files.get("p3_best_worst", "p3/best_worst/attention.json"))
+    test = read_json(test_json, "P3 attention file") if os.path.isfile(test_json) else {}
+    pair = read_json(pair_json, "P3 attention file") if os.path.isfile(pair_json) else {}
+    return (test.get("figures") or [], pair.get("figures") or [], os.path.dirname(test_json),
+            os.path.dirname(pair_json), test)
+
+
+def p3_section(report: Report, results: dict, folder: str):
+    report.heading("Problem 2: visualisation of attention in image captioning (P3)")
+    test, pair, test_dir, pair_dir, meta = attention_entries(folder, results.get("files", {}))
+    report.heading(QUESTIONS["p3_test"], 11)
+    report.paragraph("Cross-attention of each generated token over the image patches (%s; the start-token panel "
+                     "shows the image)." % attention_kind(meta.get("layer", "last"), meta.get("heads", "mean")))
+    if not test:
+        report.paragraph("The results hold no P3 figures (the p3 stage did not run).")
+    for entry in test:
+        report.image(os.path.join(test_dir, entry["figure"]), height=0.28,
+                     caption="%s: %s" % (entry["image"], entry["caption"]))
+    report.heading(QUESTIONS["p3_best_worst"], 11)
+    if not pair:
+        report.paragraph("The results hold no top-1/last-1 figures (the p3 stage did not run).")
+    for rank, entry in zip(("top-1", "last-1"), pair):
+        report.image(os.path.join(pair_dir, entry["figure"]), height=0.28,
+                     caption="%s: %s, CLIPScore %s: %s" % (rank, entry["image"], fmt(entry.get("score")),
+                                                          entry["caption"]))
+    report.heading(QUESTIONS["p3_analysis"], 11)
+    entries = test + pair
+    table = category_table(entries)
+    if table:
+        report.paragraph("How concentrated each token's attention map is, measured without labels: the share of the "
+                         "map on its top 10% of patches, and its entropy over log(number of patches).")
+        report.table(["tokens of", "count", "mean top-10% share", "mean normalised entropy"],
+                     [[c, str(n), "%.3f" % share, "%.3f" % entropy] for c, n, share, entropy in table])
+        report.paragraph(concentration_paragraph(entries, table))
+    elif entries:
+        report.paragraph("attention.json holds no per-token measures (written by an older p3_visualize.py); rerun "
+                         "the p3 stage (run_all.py --force p3) to measure them.")
+    if results.get("pointing_game") is not None:  # miniature world only
+        report.paragraph("Pointing game (miniature world, where every object's box is known): for each shape word "
+                         "whose colour-shape pair names an object of the scene, the peak of its attention map falls "
+                         "inside that object's box in %s of %s cases." % (fmt(results["pointing_game"], 3),
+                                                                          results.get("pointing_trials", UNKNOWN)))
+    report.paragraph("Whether a caption is reasonable, and whether each attended region reflects its word, is a "
+                     "judgement for a person looking at the figures above; this report does not make it. Room for "
+                     "it, per caption:")
+    for entry in entries:
+        words = sorted((t for t in entry.get("tokens") or [] if word_category(t.get("word")) == "content words"),
+                       key=lambda t: -t["top10_share"])[:3]
+        hint = "; most concentrated content tokens: %s" % ", ".join(
+            "'%s' %.2f" % (t["label"], t["top10_share"]) for t in words) if words else ""
+        report.blank("%s: \"%s\"%s" % (entry["image"], entry["caption"], hint))
+
+
+# ----------------------------------------------------------------------------------------------- files
 
 def report_files(results_dir: str) -> List[str]:
     """Every file of a results folder that the report reads (relative paths), for a committed copy of the folder."""
@@ -233,34 +389,56 @@ def copy_results(results_dir: str, dest: str) -> str:
     return dest
 
 
-def build(results_dir: str, out: str, student_id=None) -> str:
+def check_student_id(student_id: Optional[str]) -> Optional[str]:
+    if student_id is not None and not STUDENT_ID.match(student_id):
+        raise UserError("--student-id %r: letters and digits only, as in r12345678" % student_id)
+    return student_id
+
+
+def compose(results_dir: str, student_id: Optional[str] = None) -> Report:
+    """The report's pages, not yet written."""
+    check_student_id(student_id)
     results = read_json(os.path.join(results_dir, "results.json"), "results file")
     if not isinstance(results, dict):
         raise UserError("%s/results.json must be a JSON object" % results_dir)
     report = Report()
-    report.heading("DLCV HW3 report (hw3)", 16)
-    report.paragraph("Source of every number and figure: %s (results folder %s). Each figure is reproduced by the "
-                     "command named in the README." % (results.get("source", "unknown"), results_dir))
+    title_page(report, results, results_dir, student_id)
     p1_section(report, results, results_dir)
-    report._new_page()
+    report.new_page()
     p2_section(report, results, results_dir)
-    report._new_page()
+    report.new_page()
     p3_section(report, results, results_dir)
+    return report
+
+
+def build(results_dir: str, out: str, student_id: Optional[str] = None, text_out: Optional[str] = None) -> str:
+    """Writes the PDF to `out` (and the report's text, one drawn item a line, to `text_out`); returns `out`."""
+    report = compose(results_dir, student_id)
     report.save(out)
+    if text_out:
+        with atomic_write(text_out) as f:
+            f.write("\n".join(report.lines) + "\n")
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=os.path.join("outputs", "demo"), help="results folder (results.json ...)")
-    parser.add_argument("--out", default="report.pdf", help="the PDF to write")
+    parser.add_argument("--student-id", help="your student ID (letters and digits): on the title page, and the PDF "
+                        "is named hw3_<ID>.pdf as the course asks unless --out is given")
+    parser.add_argument("--out", help="the PDF to write (default: hw3_<ID>.pdf with --student-id, else report.pdf)")
+    parser.add_argument("--text", metavar="FILE", help="also write the report's text, one drawn item a line")
     parser.add_argument("--copy-to", metavar="DIR",
                         help="first copy the files the report reads into DIR (e.g. results/miniworld, to commit) "
                              "and build from there")
     args = parser.parse_args(argv)
-    check_output_file(args.out, "report")
+    check_student_id(args.student_id)
+    out = args.out or ("hw3_%s.pdf" % args.student_id if args.student_id else "report.pdf")
+    check_output_file(out, "report")
+    if args.text:
+        check_output_file(args.text, "report text")
     results = copy_results(args.results, args.copy_to) if args.copy_to else args.results
-    print("wrote %s" % build(results, args.out))
+    print("wrote %s" % build(results, out, args.student_id, args.text))
     return 0
 
 

@@ -3,6 +3,12 @@
 For each image: the caption from the same decoding as p2_inference.py, then a grid whose first panel is the image
 under the start token and whose other panels overlay one token's attention map (patch grid upsampled to the image)
 on it, ending with the end token. One PNG per image, plus index.md / index.html for the report.
+
+attention.json also says, per generated token (the panels' tokens, end token included), how concentrated its map is,
+measures that need no labels: "top10_share", the share of the map's mass on its ceil(10% of N) strongest of N
+patches (a uniform map gives ceil(N/10)/N, 0.1 when N is a multiple of 10; a one-hot map 1), and "entropy", the
+map's entropy over log(N) (1 uniform, 0 one patch). Each map is first normalised over the patches, as it is drawn
+(the CLS/register tokens' share left out). "word" is the whole word a piece belongs to, null for the end token.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import html
 import math
 import os
 import sys
+import textwrap
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +28,7 @@ from captioner import config_path, load_captioner
 from common import (UserError, atomic_dir, atomic_write, check_output_dir, list_images, load_rgb, progress, read_json,
                     resolve_device, run_main, write_json)
 from encoder import coordinate_mapper
+from report_layout import drawable, readable
 from tokenizer import BPETokenizer
 
 END_TEXT = "<|endoftext|>"
@@ -29,6 +37,13 @@ PANEL_INCHES = 2.3
 MAX_COLUMNS = 6
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.5
+PANEL_GAP = 0.05  # between panels, as a share of a panel's width
+LABEL_INCHES = 0.3  # above each row of panels: the token labels
+BAR_INCHES = 0.9  # right of the panels: the colour bar, its ticks and its label
+MARGIN_INCHES = 0.15
+TITLE_POINTS = 12
+TITLE_CHAR_WIDTH = 0.62  # a DejaVu Sans character is at most about this many font sizes wide on average (lower case)
+TOP_PERCENT = 10  # "top10_share": the mass on the strongest 10% of patches
 
 
 # ----------------------------------------------------------------------------------------------- panels
@@ -58,10 +73,80 @@ def upsample(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
+# ----------------------------------------------------------------------------------------------- concentration
+
+def patch_distributions(maps: torch.Tensor) -> torch.Tensor:
+    """(L, h, w) -> (L, N) rows summing to 1, in float64 so the measures of a near-one-hot map stay exact."""
+    flat = maps.flatten(1).double()
+    return flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def top_share(maps: torch.Tensor, percent: int = TOP_PERCENT) -> torch.Tensor:
+    """(L, h, w) -> (L,): the share of each map on its ceil(percent% of N) strongest patches (at least one). Integer
+    arithmetic for the count, since ceil(0.1 * 30) is 4 in floating point."""
+    flat = patch_distributions(maps)
+    k = max(1, -(-flat.shape[-1] * percent // 100))
+    return flat.topk(k, dim=-1).values.sum(-1)
+
+
+def normalised_entropy(maps: torch.Tensor) -> torch.Tensor:
+    """(L, h, w) -> (L,): entropy over log(N), so grids of any size compare: 1 uniform, 0 one patch (0 log 0 = 0)."""
+    flat = patch_distributions(maps)
+    if flat.shape[-1] < 2:
+        return torch.zeros(flat.shape[0], dtype=flat.dtype)
+    entropy = -(flat * flat.clamp_min(torch.finfo(torch.float64).tiny).log()).sum(-1)
+    return (entropy / math.log(flat.shape[-1])).clamp(0.0, 1.0)
+
+
+def whole_words(labels: Sequence[str], ended: bool) -> List[Optional[str]]:
+    """The word each panel's token belongs to ('##' pieces joined to the piece they continue); None for the end
+    token, which is no word."""
+    pieces = list(labels[:-1] if ended else labels)
+    groups: List[List[int]] = []  # indices of one word's pieces
+    for i, label in enumerate(pieces):
+        if label.startswith(CONTINUATION_MARK) and groups:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    words: List[Optional[str]] = [None] * len(pieces)
+    for group in groups:
+        word = "".join(pieces[i][len(CONTINUATION_MARK):] if pieces[i].startswith(CONTINUATION_MARK) else pieces[i]
+                       for i in group)
+        for i in group:
+            words[i] = word
+    return words + ([None] if ended else [])
+
+
+def token_stats(labels: Sequence[str], maps: torch.Tensor, ended: bool) -> List[dict]:
+    """attention.json's "tokens": per panel token, its word and how concentrated its map is."""
+    assert maps.shape[0] == len(labels), (maps.shape, len(labels))
+    shares, entropies = top_share(maps), normalised_entropy(maps)
+    return [dict(label=label, word=word, top10_share=round(float(share), 6), entropy=round(float(entropy), 6))
+            for label, word, share, entropy in zip(labels, whole_words(labels, ended), shares, entropies)]
+
+
 # ----------------------------------------------------------------------------------------------- drawing
 
+def wrap_title(title: str, width_inches: float, points: int = TITLE_POINTS) -> str:
+    """Each line of the title wrapped to what fits the figure's width, so a long caption is never clipped."""
+    chars = max(10, int(width_inches * 72 / (points * TITLE_CHAR_WIDTH)))
+    return "\n".join("\n".join(textwrap.wrap(line, chars, break_long_words=True) or [""])
+                     for line in title.split("\n"))
+
+
 def draw_figure(image, labels: Sequence[str], maps: torch.Tensor, title: str, path: str) -> None:
-    """Start-token panel with the bare image, then one overlay per token; one colour scale and colour bar."""
+    """The figure of make_figure, written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(image, labels, maps, title)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def make_figure(image, labels: Sequence[str], maps: torch.Tensor, title: str):
+    """Start-token panel with the bare image, then one overlay per token; one colour scale and colour bar; the title
+    wrapped to the panels' width, with room above them for its lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,8 +158,17 @@ def draw_figure(image, labels: Sequence[str], maps: torch.Tensor, title: str, pa
     panels = 1 + len(labels)
     cols = min(MAX_COLUMNS, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_INCHES * cols, PANEL_INCHES * rows * height / width + 0.8),
-                             squeeze=False)
+    panels_width = PANEL_INCHES * cols
+    axis_width = panels_width / (cols + PANEL_GAP * (cols - 1))
+    axis_height = axis_width * height / width  # the image fills its panel: the layout is computed, not guessed
+    title = drawable(wrap_title(readable(title), panels_width))  # escapes first: they are what takes the width
+    title_inches = (title.count("\n") + 1) * TITLE_POINTS * 1.3 / 72 + MARGIN_INCHES
+    fig_width = MARGIN_INCHES + panels_width + BAR_INCHES
+    fig_height = title_inches + rows * (LABEL_INCHES + axis_height) + MARGIN_INCHES
+    top, bottom = 1 - (title_inches + LABEL_INCHES) / fig_height, MARGIN_INCHES / fig_height
+    fig, axes = plt.subplots(rows, cols, figsize=(fig_width, fig_height), squeeze=False, gridspec_kw=dict(
+        left=MARGIN_INCHES / fig_width, right=(MARGIN_INCHES + panels_width) / fig_width, top=top, bottom=bottom,
+        wspace=PANEL_GAP, hspace=LABEL_INCHES / axis_height))
     mappable = None
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -82,19 +176,18 @@ def draw_figure(image, labels: Sequence[str], maps: torch.Tensor, title: str, pa
             continue
         ax.imshow(image)
         if k == 0:
-            ax.set_title(END_TEXT, fontsize=10)
+            ax.set_title(drawable(END_TEXT), fontsize=10)
             continue
         mappable = ax.imshow(overlays[k - 1], cmap=COLORMAP, alpha=OVERLAY_ALPHA, vmin=0.0, vmax=vmax,
                              extent=(0, width, height, 0))
-        ax.set_title(labels[k - 1], fontsize=10)
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0, 0.91, 0.96))
+        ax.set_title(drawable(labels[k - 1]), fontsize=10)
+    fig.suptitle(title, fontsize=TITLE_POINTS, x=(MARGIN_INCHES + panels_width / 2) / fig_width,
+                 y=1 - MARGIN_INCHES / 2 / fig_height, va="top")
     if mappable is not None:
-        bar_axis = fig.add_axes((0.92, 0.1, 0.012, 0.78))
+        bar_axis = fig.add_axes(((MARGIN_INCHES + panels_width + 0.15) / fig_width, bottom, 0.12 / fig_width,
+                                 top - bottom))
         fig.colorbar(mappable, cax=bar_axis).set_label("attention probability", fontsize=8)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def write_index(out_dir: str, entries: List[dict]) -> None:
@@ -201,13 +294,15 @@ def visualise_one(args, captioner, tokenizer, path: str, score: Optional[float],
                   out: str) -> dict:
     """Draws one image's figure into `out`; returns its index entry."""
     maps = captioner.attention_maps(per_block, args.layer, args.heads)  # (L, h, w)
-    labels = token_labels(ids, tokenizer, ended=maps.shape[0] == len(ids) + 1)
+    ended = maps.shape[0] == len(ids) + 1
+    labels = token_labels(ids, tokenizer, ended=ended)
     caption = tokenizer.decode(ids).strip()
     figure = os.path.splitext(os.path.basename(path))[0] + ".png"
     title = caption if score is None else "%s\nCLIPScore %.4f" % (caption, score)
     draw_figure(full_resolution_view(image, captioner.encoder.transform), labels, maps, title,
                 os.path.join(out, figure))
-    return dict(image=os.path.basename(path), caption=caption, figure=figure, score=score)
+    return dict(image=os.path.basename(path), caption=caption, figure=figure, score=score,
+                tokens=token_stats(labels, maps, ended))
 
 
 def main(argv=None) -> int:
@@ -231,7 +326,7 @@ def main(argv=None) -> int:
                 entries.append(visualise_one(args, captioner, tokenizer, path, score, image, ids, per_block, out))
                 bar.update(1)
         write_index(out, entries)
-        write_json(os.path.join(out, "attention.json"), dict(figures=entries))
+        write_json(os.path.join(out, "attention.json"), dict(figures=entries, layer=args.layer, heads=args.heads))
     print("%d images in %s (PNGs, index.md, index.html, attention.json)" % (len(entries), args.out))
     return 0
 

@@ -3,6 +3,7 @@ on the right patch grid; the output folder is complete or absent."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -141,6 +142,12 @@ def test_cli_draws_every_image_and_the_index(trained, tmp_path):
     assert index.count("![") == 3 and (out / "index.html").is_file()
     summary = json.loads((out / "attention.json").read_text())
     assert [e["image"] for e in summary["figures"]] == ["img 0.png", "img 1.png", "img 2.png"]
+    assert (summary["layer"], summary["heads"]) == ("last", "mean")
+    for entry in summary["figures"]:  # one record per panel token (max_len 6), the end token last when it ended
+        tokens = entry["tokens"]
+        assert 1 <= len(tokens) <= 7
+        assert [t["word"] is None for t in tokens] == [t["label"] == p3.END_TEXT for t in tokens]
+        assert all(0 < t["top10_share"] <= 1 and 0 <= t["entropy"] <= 1 for t in tokens)
     assert sorted(os.listdir(str(tmp_path))) == ["figures"]  # no temporary folder left beside it
 
 
@@ -194,3 +201,82 @@ def test_cli_best_and_worst_from_scores(trained, tmp_path):
     with pytest.raises(UserError, match="ghost"):
         p3.main(["--images", str(trained["images"]), "--checkpoint", trained["checkpoint"], "--decoder",
                  trained["weights"], "--out", str(out), "--from-scores", str(scores)])
+
+
+@pytest.mark.parametrize("grid, top", [((14, 14), 20 / 196), ((4, 5), 0.1), ((5, 6), 0.1), ((1, 3), 1 / 3)])
+def test_concentration_of_uniform_and_one_hot_maps(grid, top):
+    """Uniform: the top ceil(N/10) patches hold ceil(N/10)/N (3 of 30, not 4 as ceil(0.1 * 30) gives in floating
+    point), entropy 1; one patch: share 1, entropy 0. The scale of a map does not matter (maps are renormalised)."""
+    n = grid[0] * grid[1]
+    uniform = torch.full((1,) + grid, 0.7 / n)
+    one_hot = torch.zeros((1,) + grid)
+    one_hot[0, -1, -1] = 0.3
+    maps = torch.cat([uniform, one_hot])
+    assert torch.allclose(p3.top_share(maps), torch.tensor([top, 1.0], dtype=torch.float64))
+    assert torch.allclose(p3.normalised_entropy(maps), torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_concentration_between_the_extremes():
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, :2] = 0.5  # two patches of 100: all of it in the top 10, entropy log 2 / log 100
+    maps[1] = torch.arange(100, dtype=torch.float).view(10, 10)  # mass grows with the patch index
+    share, entropy = p3.top_share(maps), p3.normalised_entropy(maps)
+    assert share[0] == pytest.approx(1.0) and entropy[0] == pytest.approx(math.log(2) / math.log(100))
+    assert share[1] == pytest.approx(sum(range(90, 100)) / sum(range(100)))
+    assert p3.normalised_entropy(torch.ones(1, 1, 1)).tolist() == [0.0]  # a single patch: nothing to spread over
+
+
+def test_whole_words_join_pieces_and_leave_the_end_token_out():
+    labels = ["a", "sk", "##ate", "##boarder", ",", "un", "##real", p3.END_TEXT]
+    assert p3.whole_words(labels, ended=True) == ["a", "skateboarder", "skateboarder", "skateboarder", ",", "unreal",
+                                                  "unreal", None]
+    assert p3.whole_words(labels[:3], ended=False) == ["a", "skate", "skate"]
+    stats = p3.token_stats(labels, torch.rand(len(labels), 2, 2), ended=True)
+    assert [s["label"] for s in stats] == labels and stats[-1]["word"] is None
+    assert all(0 < s["top10_share"] <= 1 and 0 <= s["entropy"] <= 1 for s in stats)
+
+
+@pytest.mark.parametrize("words", [2, 12, 40])
+def test_long_titles_wrap_inside_the_figure(words):
+    """A 200-character caption (plus the score line) is wrapped so every rendered line fits the figure's width,
+    whatever the number of panels."""
+    caption = ("a man in a bright orange safety vest is standing next to a large yellow construction vehicle "
+               "while two other workers in white helmets look at a map spread out on the hood of a dusty old red pickup truck")
+    assert len(caption) >= 200
+    labels = caption.split()[:words]
+    fig = p3.make_figure(Image.new("RGB", (64, 48), "gray"), labels, torch.rand(len(labels), 4, 4),
+                         caption + "\nCLIPScore 0.7812")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        title = fig._suptitle
+        lines = title.get_text().split("\n")
+        assert len(lines) >= 2 and lines[-1] == "CLIPScore 0.7812"
+        assert " ".join(lines[:-1]) == caption  # nothing dropped by the wrapping
+        box, bar = title.get_window_extent(renderer), fig.axes[-1].get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= bar.x0 and box.y1 <= fig.bbox.height  # clear of the edges and colour bar
+        for ax in fig.axes[:-1]:  # the panels and their labels start below the title
+            assert ax.get_tightbbox(renderer).y1 <= box.y0 + 1
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_titles_and_labels_draw_every_character_without_warnings():
+    """A caption with characters the font lacks (GPT-2 can emit CJK) and dollar signs (mathtext otherwise)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    labels = ["a", "\u5c71", "$5", p3.END_TEXT]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = p3.make_figure(Image.new("RGB", (32, 32), "gray"), labels, torch.rand(4, 2, 2), "a \u5c71 for $5 and $6")
+        try:
+            fig.canvas.draw()
+            titles = [ax.get_title() for ax in fig.axes[:5]]
+            assert fig._suptitle.get_text() == "a \\u5c71 for \\$5 and \\$6"
+        finally:
+            plt.close(fig)
+    assert titles == [p3.END_TEXT, "a", "\\u5c71", "\\$5", p3.END_TEXT]
