@@ -9,7 +9,6 @@ The CLIP comes from open_clip when it is installed, else from OpenAI's clip pack
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import random
@@ -19,8 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import clip_utils
 import p1_templates
-from common import (ImageFiles, UserError, atomic_write, check_output_file, collate_images, image_batches, list_images,
-                    load_rgb, progress, read_json, resolve_device, run_main, write_json)
+from common import (ImageFiles, UserError, atomic_write, autocast, check_output_file, collate_images, image_batches,
+                    list_images, load_rgb, progress, read_json, resolve_device, run_main, write_json)
 
 DEFAULT_TEMPLATES = "cifar"
 CLASSES_PER_TEXT_BATCH = 10
@@ -101,15 +100,6 @@ def labels_or_none(names: Sequence[str], num_classes: int) -> Optional[List[int]
         return labels_from_names(names, num_classes, "labels")
     except UserError:
         return None
-
-
-def autocast(device: str):
-    """fp16 autocast on GPU (the 2080 Ti has no bf16); plain fp32 on CPU."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def encode_images(model, paths: Sequence[str], preprocess: Callable, device: str, batch_size: int = 64,
