@@ -1,5 +1,5 @@
 """What every script shares: errors for people, the one image loader and image Dataset, the one atomic writer,
-progress bars, the device choice."""
+progress bars, the device choice and where autocast applies."""
 from __future__ import annotations
 
 import contextlib
@@ -149,6 +149,16 @@ def resolve_device(name: Optional[str] = None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device %s asked for, but torch sees no CUDA GPU here" % name)
     return device
+
+
+def autocast(device, enabled: bool = True):
+    """fp16 autocast where it applies, on CUDA when enabled (the 2080 Ti has no bf16); no context otherwise: torch 1.12
+    warns at every torch.autocast("cuda") on a machine without CUDA, even a disabled one."""
+    import torch
+
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def _output_target(path: str, what: str = "output") -> str:

@@ -3,13 +3,14 @@
 Class embeddings are averaged over a template set (normalised before and after averaging, as open_clip's
 zero_shot_classifier does); each image goes to the class whose embedding is most similar to its own.
 The CLIP comes from open_clip when it is installed, else from OpenAI's clip package (the course's environment).
+One run loads the CLIP once and encodes the images once; --compare-prompts classifies those same image embeddings with
+the report's templates too, each template set's class embeddings built once.
 
     python3 p1_clip_zeroshot.py IMG_DIR ID2LABEL_JSON OUT_CSV [--evaluate] [--compare-prompts] [--plot-top5 3]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import random
@@ -19,12 +20,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import clip_utils
 import p1_templates
-from common import (ImageFiles, UserError, atomic_write, check_output_file, collate_images, image_batches, list_images,
-                    load_rgb, progress, read_json, resolve_device, run_main, write_json)
+from common import (ImageFiles, UserError, atomic_write, autocast, check_output_file, collate_images, image_batches,
+                    list_images, load_rgb, progress, read_json, resolve_device, run_main, write_json)
 
 DEFAULT_TEMPLATES = "cifar"
 CLASSES_PER_TEXT_BATCH = 10
 TOP_K = 5
+# --compare-prompts: the report's three single templates, and CLIP's single prompt the ensemble is measured against.
+COMPARED_SETS = tuple(key for key, _ in p1_templates.REPORT_TEMPLATES) + ("single",)
 
 
 def read_id2label(path: str) -> List[str]:
@@ -103,15 +106,6 @@ def labels_or_none(names: Sequence[str], num_classes: int) -> Optional[List[int]
         return None
 
 
-def autocast(device: str):
-    """fp16 autocast on GPU (the 2080 Ti has no bf16); plain fp32 on CPU."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 def encode_images(model, paths: Sequence[str], preprocess: Callable, device: str, batch_size: int = 64,
                   workers: int = 2):
     """(N, D) unit-norm image embeddings in file order, decoded by DataLoader workers."""
@@ -182,18 +176,47 @@ def evaluation(predictions, labels: Sequence[int], classnames: Sequence[str]) ->
             "per_class": per_class}
 
 
-def compare_prompts(model, tokenizer, features, labels, classnames, ensemble: Tuple[str, List[str]], device: str,
-                    backend: str = "open_clip") -> str:
-    """Markdown table: accuracy of the report's three single templates and of our ensemble."""
-    rows = [(text, [text]) for _, text in p1_templates.REPORT_TEMPLATES]
-    rows.append(("ensemble: %s (%d templates)" % (ensemble[0], len(ensemble[1])), ensemble[1]))
+class ClassEmbeddings:
+    """Each template set's (C, D) class embeddings, built once per run however often it is asked for: the ensemble
+    of the predictions and of the prompt table is one text pass, and so is a --templates set that --compare-prompts
+    also compares."""
+
+    def __init__(self, model, tokenizer, classnames: Sequence[str], device: str, backend: str):
+        self.model, self.tokenizer, self.classnames, self.device, self.backend = (model, tokenizer, classnames,
+                                                                                  device, backend)
+        self.built: Dict[Tuple[p1_templates.Template, ...], object] = {}
+
+    def __call__(self, templates: Sequence[p1_templates.Template]):
+        key = tuple(templates)
+        if key not in self.built:
+            self.built[key] = class_embeddings(self.model, self.tokenizer, self.classnames, templates, self.device,
+                                               self.backend)
+        return self.built[key]
+
+
+def prompt_table(rows: Sequence[Tuple[str, float]]) -> str:
+    """Markdown table of (templates, accuracy) rows."""
     lines = ["| prompt | accuracy |", "| --- | ---: |"]
-    for title, templates in rows:
-        text = class_embeddings(model, tokenizer, classnames, templates, device, backend)  # (C, D)
-        predictions = (features @ text.t()).argmax(dim=1)
-        accuracy = sum(int(p) == t for p, t in zip(predictions.tolist(), labels)) / len(labels)
+    for title, accuracy in rows:
         lines.append("| %s | %.2f %% |" % (title.replace("{}", "{object}").replace("|", "\\|"), 100 * accuracy))
     return "\n".join(lines) + "\n"
+
+
+def compare_prompts(out_csv: str, features, text: ClassEmbeddings, names: Sequence[str], labels: Sequence[int],
+                    about: dict) -> List[Tuple[str, float]]:
+    """Each of COMPARED_SETS classifies the already encoded images: OUT.prompt_<set>.csv and .eval.json, as a run
+    with --templates <set> --evaluate writes them. Returns the report's three templates' (text, accuracy) rows."""
+    report, rows = dict(p1_templates.REPORT_TEMPLATES), []
+    for key in COMPARED_SETS:
+        templates = p1_templates.template_set(key)
+        predictions = (features @ text(templates).t()).argmax(dim=1).tolist()
+        write_predictions(compared_path(out_csv, key), names, predictions)
+        result = dict(evaluation(predictions, labels, text.classnames), **about, templates=key,
+                      n_templates=len(templates))
+        write_json(compared_path(out_csv, key, ".eval.json"), result)
+        if key in report:
+            rows.append((report[key], result["accuracy"]))
+    return rows
 
 
 def plot_top5(path: str, folder: str, names: Sequence[str], probabilities, classnames: Sequence[str],
@@ -231,6 +254,24 @@ def sidecar(out_csv: str, suffix: str) -> str:
     return os.path.splitext(out_csv)[0] + suffix
 
 
+def compared_path(out_csv: str, key: str, suffix: str = ".csv") -> str:
+    """--compare-prompts' files of one template set: pred.csv -> pred.prompt_photo.csv, pred.prompt_photo.eval.json."""
+    return sidecar(out_csv, ".prompt_%s%s" % (key, suffix))
+
+
+def report_files(args: argparse.Namespace) -> List[str]:
+    """Every file the run writes beside OUT_CSV."""
+    files = []
+    for wanted, suffix in ((args.evaluate, ".eval.json"), (args.compare_prompts, ".prompts.md"),
+                           (args.plot_top5, ".top5.png")):
+        if wanted:
+            files.append(sidecar(args.out_csv, suffix))
+    if args.compare_prompts:
+        files += [compared_path(args.out_csv, key, suffix) for key in COMPARED_SETS
+                  for suffix in (".csv", ".eval.json")]
+    return files
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("input and output")
@@ -260,7 +301,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     report.add_argument("--evaluate", action="store_true",
                         help="accuracy from the '{label}_' file-name prefix, printed and written to OUT.eval.json")
     report.add_argument("--compare-prompts", action="store_true",
-                        help="Markdown table of the report's three templates and the ensemble -> OUT.prompts.md")
+                        help="classify the same image embeddings with each of %s too (predictions and accuracy -> "
+                             "OUT.prompt_<set>.csv, OUT.prompt_<set>.eval.json), and a Markdown table of the report's "
+                             "three templates and the --templates ensemble -> OUT.prompts.md"
+                             % ", ".join(COMPARED_SETS))
     report.add_argument("--plot-top5", type=int, default=0, metavar="N",
                         help="plot the top-5 class probabilities of N sampled images -> OUT.top5.png")
     report.add_argument("--seed", type=int, default=0, help="seed for the --plot-top5 sample (default %(default)s)")
@@ -293,10 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.evaluate or args.compare_prompts:
         labels = labels_from_names(names, len(classnames), "--evaluate/--compare-prompts")
     check_output_file(args.out_csv, "output CSV")
-    for wanted, suffix in ((args.evaluate, ".eval.json"), (args.compare_prompts, ".prompts.md"),
-                           (args.plot_top5, ".top5.png")):
-        if wanted:
-            check_output_file(sidecar(args.out_csv, suffix), "output")
+    for path in report_files(args):
+        check_output_file(path, "output")
     device = str(resolve_device(args.device))
 
     import torch
@@ -304,26 +346,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backend = clip_utils.resolve_backend(args.backend)
     model_name, pretrained = model_and_weights(backend, args.model, args.pretrained)
     model, preprocess, tokenizer = clip_utils.load_clip(model_name, pretrained, device=device, backend=backend)
-    text = class_embeddings(model, tokenizer, classnames, templates, device, backend)  # (C, D), once per run
+    # Image embeddings do not depend on the templates: encoded once, whatever the run compares.
     features = encode_images(model, [os.path.join(args.image_dir, n) for n in names], preprocess, device,
-                             args.batch_size, args.workers)
-    similarities = features @ text.t()  # (N, C) cosine similarities
+                             args.batch_size, args.workers)  # (N, D)
+    text = ClassEmbeddings(model, tokenizer, classnames, device, backend)
+    similarities = features @ text(templates).t()  # (N, C) cosine similarities
     predictions = similarities.argmax(dim=1).tolist()
     write_predictions(args.out_csv, names, predictions)
     print("wrote %d predictions to %s (%.1f s)" % (len(names), args.out_csv, time.time() - started))
 
+    about = dict(backend=backend, model=model_name, pretrained=pretrained or "none")
+    if args.evaluate or args.compare_prompts:
+        result = dict(evaluation(predictions, labels, classnames), **about, templates=args.templates,
+                      n_templates=len(templates))
     if args.evaluate:
-        result = evaluation(predictions, labels, classnames)
-        result.update(backend=backend, model=model_name, pretrained=pretrained or "none", templates=args.templates,
-                      n_templates=len(templates), seconds=round(time.time() - started, 2))
-        write_json(sidecar(args.out_csv, ".eval.json"), result)
+        write_json(sidecar(args.out_csv, ".eval.json"), dict(result, seconds=round(time.time() - started, 2)))
         print("accuracy %.4f (%d/%d)" % (result["accuracy"], result["n_correct"], result["n_images"]))
     if args.compare_prompts:
-        table = compare_prompts(model, tokenizer, features, labels, classnames, (args.templates, templates), device,
-                                backend)
+        rows = compare_prompts(args.out_csv, features, text, names, labels, about)
+        rows.append(("ensemble: %s (%d templates)" % (args.templates, len(templates)), result["accuracy"]))
+        table = prompt_table(rows)
         with atomic_write(sidecar(args.out_csv, ".prompts.md")) as f:
             f.write(table)
         print(table, end="")
+        print("predictions and accuracy of %s -> %s" % (", ".join(COMPARED_SETS),
+                                                         compared_path(args.out_csv, "*", ".{csv,eval.json}")))
     if args.plot_top5:
         scale = float(model.logit_scale.detach().exp().clamp(max=100)) if hasattr(model, "logit_scale") else 100.0
         probabilities = torch.softmax(scale * similarities, dim=1)

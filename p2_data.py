@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common import (ImageFiles, UserError, collate_images, file_sha256, image_batches, load_rgb, progress, read_json,
-                    write_json)
+from common import (ImageFiles, UserError, autocast, collate_images, file_sha256, image_batches, load_rgb, progress,
+                    read_json, write_json)
 from tokenizer import END_TOKEN
 
 IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
@@ -251,7 +251,7 @@ def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch
     loader = DataLoader(Subset(images(caption_set, encoder.transform), indices), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_images)
     for index, pixels in image_batches(progress(loader, desc="encoding %d images" % len(indices), disable=not show)):
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+        with autocast(device, amp):
             tokens = encoder(pixels.to(device))  # (B, N, width)
         rows[np.array(index)] = tokens.float().cpu().numpy().astype(np.float16)
 

@@ -22,8 +22,8 @@ import torch
 
 import search
 from captioner import Captioner, config_path, load_captioner
-from common import (ImageFiles, UserError, check_output_file, collate_images, hub_offline, image_batches, list_images,
-                    progress, resolve_device, run_main, write_json)
+from common import (ImageFiles, UserError, autocast, check_output_file, collate_images, hub_offline, image_batches,
+                    list_images, progress, resolve_device, run_main, write_json)
 from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,10 +74,9 @@ def caption_folder(model: Captioner, folder: str, names: List[str], settings: Di
         shuffle=False, num_workers=min(num_workers, (len(names) + batch_size - 1) // batch_size),
         collate_fn=collate_images, pin_memory=device.type == "cuda")
     captions: List[Optional[str]] = [None] * len(names)
-    use_amp = fp16 and device.type == "cuda"
     with progress(total=len(names), desc="captioning", unit="img") as bar:
         for indices, pixels in image_batches(loader):
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            with torch.no_grad(), autocast(device, fp16):
                 ids = model.generate(pixels.to(device, non_blocking=True), **settings)
             for index, caption in zip(indices, search.decode_captions(ids, tokenizer)):
                 captions[index] = caption

@@ -31,8 +31,8 @@ import metrics
 import p2_data
 import safe_load
 from captioner import build_captioner, save_checkpoint
-from common import (UserError, atomic_write, check_writable_dir, collate_images, image_batches, progress, read_json,
-                    resolve_device, run_main, write_json)
+from common import (UserError, atomic_write, autocast, check_writable_dir, collate_images, image_batches, progress,
+                    read_json, resolve_device, run_main, write_json)
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
 from search import DECODE_DEFAULTS, decode_captions
@@ -331,7 +331,7 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
     predictions, loss_sum, count = {}, 0.0, 0
     keys = val.keys()
     for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+        with autocast(device, amp):
             tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
             ids = captioner.generate(tokens, method=args.val_decode, beam_size=args.val_beam_size,
                                      max_len=args.val_max_len)
@@ -433,7 +433,7 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
         last = micro == group_start + group_size - 1
         sync = model.no_sync() if world.world_size > 1 and not last else contextlib.nullcontext()
         with sync:
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+            with autocast(world.device, amp):
                 targets = targets.to(world.device)
                 logits = model(visuals.to(world.device, non_blocking=True), inputs.to(world.device),
                                positions=targets != p2_data.IGNORE_INDEX)  # (M, vocab): no logits on padding

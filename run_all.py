@@ -275,23 +275,20 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
 # ----------------------------------------------------------------------------------------------- P1
 
 def stage_p1(ctx: Context) -> dict:
-    folder = ctx.path("p1")
-    images, id2label = ctx.data("p1_images"), ctx.data("id2label")
+    """One p1_clip_zeroshot.py run (one CLIP load, one image pass): the ensemble's p1/pred.{csv,eval.json}, the
+    top-5 figure, and with --compare-prompts p1/pred.prompt_<set>.{csv,eval.json} for the report's three templates
+    and the single prompt, and the table p1/pred.prompts.md."""
+    csv_path = ctx.path("p1", "pred.csv")
+    p1_clip_zeroshot.main([ctx.data("p1_images"), ctx.data("id2label"), csv_path, "--evaluate", "--compare-prompts",
+                           "--plot-top5", str(TOP5_IMAGES)] + ctx.p1_flags())
+    ensemble = read_json(p1_clip_zeroshot.sidecar(csv_path, ".eval.json"))
 
-    def run(name: str, extra: List[str]) -> dict:
-        csv_path = os.path.join(folder, name + ".csv")
-        p1_clip_zeroshot.main([images, id2label, csv_path, "--evaluate"] + ctx.p1_flags() + extra)
-        bar.update(1)
-        return read_json(os.path.join(folder, name + ".eval.json"))
+    def accuracy(key: str) -> float:
+        return read_json(p1_clip_zeroshot.compared_path(csv_path, key, ".eval.json"))["accuracy"]
 
-    with steps(2 + len(p1_templates.REPORT_TEMPLATES), "p1") as bar:
-        ensemble = run("pred", ["--plot-top5", str(TOP5_IMAGES), "--compare-prompts"])
-        prompts = [dict(templates=text, accuracy=run("prompt_" + key, ["--templates", key])["accuracy"])
-                   for key, text in p1_templates.REPORT_TEMPLATES]
-        prompts.append(dict(templates="ensemble (%d templates)" % ensemble["n_templates"],
-                            accuracy=ensemble["accuracy"]))
-        single = run("single", ["--templates", "single"])
-    return dict(p1_accuracy=ensemble["accuracy"], p1_single_prompt_accuracy=single["accuracy"], p1_prompts=prompts,
+    prompts = [dict(templates=text, accuracy=accuracy(key)) for key, text in p1_templates.REPORT_TEMPLATES]
+    prompts.append(dict(templates="ensemble (%d templates)" % ensemble["n_templates"], accuracy=ensemble["accuracy"]))
+    return dict(p1_accuracy=ensemble["accuracy"], p1_single_prompt_accuracy=accuracy("single"), p1_prompts=prompts,
                 p1_model="%s / %s" % (ensemble["model"], ensemble["pretrained"]),
                 files=dict(p1_top5="p1/pred.top5.png", p1_prompts="p1/pred.prompts.md"),
                 outputs=["p1/pred.csv", "p1/pred.eval.json"])

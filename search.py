@@ -1,6 +1,6 @@
 """Caption search on the decoder's KV cache: the README's default decoding and how flags and a checkpoint's
-recommended settings combine into the settings used; greedy and beam search, batched, with the n-gram ban; and the
-replay that gives the cross-attention behind each generated token (P3).
+recommended settings combine into the settings used; greedy and beam search, batched, with the n-gram ban and the
+minimum length; and the replay that gives the cross-attention behind each generated token (P3).
 
 Image keys/values are computed once per image (decoder.image_memory); each step feeds only the new token through the
 KV cache; beams are batch rows, and images whose search is over leave the batch.
@@ -17,11 +17,13 @@ from common import UserError
 from tokenizer import END_TOKEN, BPETokenizer
 
 # The decoding the README documents for hw3_2.sh; a checkpoint may recommend others (INFERENCE_KEY, below).
-DECODE_DEFAULTS = dict(method="beam", beam_size=3, max_len=30, length_penalty=1.0, no_repeat_ngram=3)
+DECODE_DEFAULTS = dict(method="beam", beam_size=3, max_len=30, min_len=1, length_penalty=1.0, no_repeat_ngram=3)
 # A checkpoint JSON's recommended inference decoding: {"method": ..., ..., "chosen_on": "what validation data and
 # measure picked them"}. Only settings tuned for inference on validation data belong here; training's validation
 # decoding is recorded elsewhere ("validation_decoding") and never used by inference.
 INFERENCE_KEY = "inference"
+# Settings added after checkpoints were shipped: a recommendation without them takes their default.
+LATER_SETTINGS = ("min_len",)
 BEAM_ONLY = ("beam_size", "length_penalty")  # flags that mean beam search: giving one alone asks for it
 
 
@@ -42,9 +44,11 @@ def _checked_settings(settings: Dict[str, object], where: str) -> Dict[str, obje
         out[key] = type(default)(value)
     if out["method"] not in ("beam", "greedy"):
         raise UserError("%s: method must be beam or greedy, got %r" % (where, out["method"]))
-    for key, least in (("beam_size", 1), ("max_len", 1), ("no_repeat_ngram", 0)):
+    for key, least in (("beam_size", 1), ("max_len", 1), ("min_len", 0), ("no_repeat_ngram", 0)):
         if out[key] < least:
             raise UserError("%s: %s must be >= %d, got %s" % (where, key.replace("_", "-"), least, out[key]))
+    if out["min_len"] > out["max_len"]:
+        raise UserError("%s: min-len %d exceeds max-len %d" % (where, out["min_len"], out["max_len"]))
     return out
 
 
@@ -58,6 +62,9 @@ def add_decoding_arguments(parser) -> None:
     group.add_argument("--method", choices=("beam", "greedy"), help="search method")
     group.add_argument("--beam-size", type=int, help="beams per image")
     group.add_argument("--max-len", type=int, help="most tokens per caption, end token included")
+    group.add_argument("--min-len", type=int,
+                       help="fewest tokens before the end token may come (1: never an empty caption; 0: no minimum, "
+                            "as Hugging Face's generate)")
     group.add_argument("--length-penalty", type=float,
                        help="beam score = sum(log p) / length ** this (> 0 favours longer captions)")
     group.add_argument("--no-repeat-ngram", type=int, help="forbid repeating n-grams of this size (0 = off)")
@@ -73,12 +80,14 @@ def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
     origin = "%s (chosen on %s)" % (os.path.basename(where), saved.get("chosen_on")) if isinstance(saved, dict) \
         else "the README defaults"
     where = "%s (%r)" % (where, INFERENCE_KEY)
-    if saved is not None and not (isinstance(saved, dict) and set(DECODE_DEFAULTS) <= set(saved)
+    required = [k for k in DECODE_DEFAULTS if k not in LATER_SETTINGS]
+    if saved is not None and not (isinstance(saved, dict) and set(required) <= set(saved)
                                   and isinstance(saved.get("chosen_on"), str)):
         raise UserError("%s must hold %s and 'chosen_on' (the validation data that chose them)"
-                        % (where, ", ".join(DECODE_DEFAULTS)))
-    base = _checked_settings(saved, where) if saved else dict(DECODE_DEFAULTS)
+                        % (where, ", ".join(required)))
+    base = _checked_settings(dict(DECODE_DEFAULTS, **saved), where) if saved else dict(DECODE_DEFAULTS)
     flags = {k: v for k, v in given.items() if k in DECODE_DEFAULTS and v is not None}
+    unsaved = [k for k in LATER_SETTINGS if saved and k not in saved and k not in flags]
     if flags.get("method") == "greedy" and (flags.get("beam_size", 1) > 1 or "length_penalty" in flags):
         raise UserError("--method greedy contradicts %s, which only beam search uses" % " and ".join(
             "--" + k.replace("_", "-") for k in BEAM_ONLY if k in flags and (k != "beam_size" or flags[k] > 1)))
@@ -86,9 +95,11 @@ def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
         flags["method"] = "beam"
     settings = _checked_settings(dict(base, **flags), "decoding option")
     said = ", ".join("%s=%s" % kv for kv in settings.items())
-    source = "from the command line: %s; the rest from %s" % (", ".join(sorted(flags)), origin) if flags \
-        else "all from %s" % origin
-    return settings, "decoding: %s (%s)" % (said, source)
+    parts = ["from the command line: %s" % ", ".join(sorted(flags))] if flags else []
+    if unsaved:
+        parts.append("%s: the README default (the checkpoint predates it)" % ", ".join(unsaved))
+    parts.append(("the rest from %s" if parts else "all from %s") % origin)
+    return settings, "decoding: %s (%s)" % (said, "; ".join(parts))
 
 
 def decode_captions(ids: List[List[int]], tokenizer: Optional[BPETokenizer] = None) -> List[str]:
@@ -113,19 +124,23 @@ def _ban_repeated_ngrams(logp: torch.Tensor, seqs: torch.Tensor, n: int) -> torc
     return logp
 
 
-def _step_log_probs(decoder, tokens, memory, cache, seqs, no_repeat_ngram) -> torch.Tensor:
+def _step_log_probs(decoder, tokens, memory, cache, seqs, no_repeat_ngram: int, end_allowed: bool) -> torch.Tensor:
     logits = decoder(tokens, memory=memory, cache=cache)[:, -1]  # (R, V)
-    return _ban_repeated_ngrams(F.log_softmax(logits.float(), dim=-1), seqs, no_repeat_ngram)
+    logp = _ban_repeated_ngrams(F.log_softmax(logits.float(), dim=-1), seqs, no_repeat_ngram)
+    if not end_allowed:  # min_len: after the softmax, as Hugging Face's MinNewTokensLengthLogitsProcessor
+        logp[:, END_TOKEN] = float("-inf")
+    return logp
 
 
-def _greedy(decoder, memory, batch: int, max_len: int, no_repeat_ngram: int, device) -> List[Tuple[List[int], bool]]:
+def _greedy(decoder, memory, batch: int, max_len: int, min_len: int, no_repeat_ngram: int,
+            device) -> List[Tuple[List[int], bool]]:
     """Argmax decoding; finished captions leave the batch, so later steps only compute the ones still running."""
     results: List[Optional[Tuple[List[int], bool]]] = [None] * batch
     alive = torch.arange(batch, device=device)  # original index of each running row
     seqs = torch.full((batch, 1), END_TOKEN, dtype=torch.long, device=device)  # (R, 1 + steps)
     cache = decoder.new_cache()
-    for _ in range(max_len):
-        logp = _step_log_probs(decoder, seqs[:, -1:], memory, cache, seqs, no_repeat_ngram)
+    for step in range(max_len):
+        logp = _step_log_probs(decoder, seqs[:, -1:], memory, cache, seqs, no_repeat_ngram, step >= min_len)
         seqs = torch.cat([seqs, logp.argmax(-1, keepdim=True)], dim=1)
         ended = seqs[:, -1] == END_TOKEN
         if ended.any():
@@ -141,7 +156,7 @@ def _greedy(decoder, memory, batch: int, max_len: int, no_repeat_ngram: int, dev
     return results
 
 
-def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, length_penalty: float,
+def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, min_len: int, length_penalty: float,
           no_repeat_ngram: int, device) -> List[Tuple[List[int], bool]]:
     """Beam search with Hugging Face's rules (2K candidates per step, a hypothesis ends at the end token with score
     sum(log p) / length ** length_penalty, stop when K are done and no running beam can beat them), batched with
@@ -156,7 +171,8 @@ def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, length_pena
     cache = decoder.new_cache()
     for step in range(max_len):
         A = len(alive)
-        logp = _step_log_probs(decoder, seqs[:, -1:], memory, cache, seqs, no_repeat_ngram)  # (A * K, V)
+        logp = _step_log_probs(decoder, seqs[:, -1:], memory, cache, seqs, no_repeat_ngram,
+                               step >= min_len)  # (A * K, V)
         vocab = logp.shape[-1]
         candidates = (logp + scores.view(-1, 1)).view(A, K * vocab)
         top_scores, top_index = candidates.topk(2 * K, dim=1)  # (A, 2K), best first
@@ -214,9 +230,10 @@ def _replay_attention(decoder, image_tokens: torch.Tensor, results: List[Tuple[L
 @torch.no_grad()
 def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS["method"],
              beam_size: int = DECODE_DEFAULTS["beam_size"], max_len: int = DECODE_DEFAULTS["max_len"],
-             length_penalty: float = DECODE_DEFAULTS["length_penalty"],
+             min_len: int = DECODE_DEFAULTS["min_len"], length_penalty: float = DECODE_DEFAULTS["length_penalty"],
              no_repeat_ngram: int = DECODE_DEFAULTS["no_repeat_ngram"], return_attention: bool = False):
-    """Captions as token ids (end token stripped) for a batch of image tokens (B, N, encoder_dim).
+    """Captions as token ids (end token stripped) for a batch of image tokens (B, N, encoder_dim); the end token is
+    banned until min_len tokens were generated (1: never an empty caption).
 
     Image keys/values are computed once per image (decoder.image_memory); each step feeds only the new token through
     the KV cache. return_attention=True also returns, per image, a list over decoder blocks (None where a block has
@@ -224,8 +241,9 @@ def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS[
     step that produced the end token when the caption ended."""
     if method not in ("beam", "greedy"):
         raise ValueError("method must be 'beam' or 'greedy', got %r" % method)
-    if beam_size < 1 or max_len < 1:
-        raise ValueError("beam_size and max_len must be >= 1, got %d and %d" % (beam_size, max_len))
+    if beam_size < 1 or max_len < 1 or min_len < 0:
+        raise ValueError("beam_size and max_len must be >= 1 and min_len >= 0, got %d, %d and %d"
+                         % (beam_size, max_len, min_len))
     max_len = min(max_len, decoder.max_text_len - 1)  # the start token takes a position too
     was_training = decoder.training
     decoder.eval()
@@ -233,9 +251,10 @@ def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS[
         memory = decoder.image_memory(image_tokens)
         batch, device = image_tokens.shape[0], image_tokens.device
         if method == "greedy":
-            results = _greedy(decoder, memory, batch, max_len, no_repeat_ngram, device)
+            results = _greedy(decoder, memory, batch, max_len, min_len, no_repeat_ngram, device)
         else:
-            results = _beam(decoder, memory, batch, beam_size, max_len, length_penalty, no_repeat_ngram, device)
+            results = _beam(decoder, memory, batch, beam_size, max_len, min_len, length_penalty, no_repeat_ngram,
+                            device)
         ids = [seq for seq, _ in results]
         if not return_attention:
             return ids

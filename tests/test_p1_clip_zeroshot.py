@@ -18,6 +18,7 @@ from PIL import Image
 
 import clip_utils
 import p1_clip_zeroshot as p1
+import p1_templates
 from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,18 +152,66 @@ def test_evaluate_writes_accuracy_json(world, tmp_path):
     assert result["per_class"]["1"]["accuracy"] == pytest.approx(sum(predicted[n] == 1 for n in fish) / len(fish))
 
 
-def test_compare_prompts_matches_single_runs(world, tmp_path, capsys):
-    run(world, tmp_path / "pred.csv", "--compare-prompts", "--evaluate")
-    table = (tmp_path / "pred.prompts.md").read_text(encoding="utf-8")
+def read_eval(path):
+    """An eval JSON without its timing."""
+    result = json.loads(path.read_text(encoding="utf-8"))
+    result.pop("seconds", None)
+    return result
+
+
+def test_compare_prompts_equals_separate_runs(world, tmp_path, capsys):
+    """One run with --compare-prompts writes, for each compared template set, the CSV and the accuracy that a run of
+    its own with --templates SET --evaluate writes, and the table holds the same accuracies."""
+    one, separate = tmp_path / "one", tmp_path / "separate"
+    run(world, one / "pred.csv", "--compare-prompts", "--evaluate", "--plot-top5", "2")
+    table = (one / "pred.prompts.md").read_text(encoding="utf-8")
     assert table in capsys.readouterr().out
+    run(world, separate / "pred.csv", "--evaluate")
+    assert (one / "pred.csv").read_bytes() == (separate / "pred.csv").read_bytes()
+    assert read_eval(one / "pred.eval.json") == read_eval(separate / "pred.eval.json")
+    assert p1.COMPARED_SETS == ("photo", "not-photo", "no-score", "single")
+    accuracies = {}
+    for key in p1.COMPARED_SETS:
+        run(world, separate / (key + ".csv"), "--templates", key, "--evaluate")
+        assert (one / ("pred.prompt_%s.csv" % key)).read_bytes() == (separate / (key + ".csv")).read_bytes(), key
+        result = read_eval(one / ("pred.prompt_%s.eval.json" % key))
+        assert result == read_eval(separate / (key + ".eval.json")), key
+        accuracies[key] = result["accuracy"]
+    assert len(set(accuracies.values())) > 1, "the template sets should not all agree on this world"
     rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
-    assert [r[0].strip() for r in rows[:3]] == ["This is a photo of {object}", "This is not a photo of {object}",
-                                               "No {object}, no score."]
-    ensemble = json.loads((tmp_path / "pred.eval.json").read_text())["accuracy"]
-    assert float(rows[3][1].strip(" %")) == pytest.approx(100 * ensemble, abs=0.006)
-    run(world, tmp_path / "photo.csv", "--templates", "not-photo", "--evaluate")
-    single = json.loads((tmp_path / "photo.eval.json").read_text())["accuracy"]
-    assert float(rows[1][1].strip(" %")) == pytest.approx(100 * single, abs=0.006)
+    assert [r[0].strip() for r in rows] == ["This is a photo of {object}", "This is not a photo of {object}",
+                                            "No {object}, no score.", "ensemble: cifar (18 templates)"]
+    expected = [accuracies[key] for key, _ in p1_templates.REPORT_TEMPLATES]
+    expected.append(read_eval(one / "pred.eval.json")["accuracy"])
+    assert [float(r[1].strip(" %")) for r in rows] == pytest.approx([100 * a for a in expected], abs=0.006)
+
+
+@pytest.mark.parametrize("templates", ["cifar", "photo"])
+def test_one_clip_load_one_image_pass_and_one_text_pass_per_template_set(world, tmp_path, monkeypatch, templates):
+    loads, image_passes, text_sets, prompts = [], [], [], []
+    load_clip, encode_images, class_embeddings = clip_utils.load_clip, p1.encode_images, p1.class_embeddings
+
+    def counting_load_clip(*args, **kwargs):
+        model, preprocess, tokenizer = load_clip(*args, **kwargs)
+        loads.append(args[0])
+        return model, preprocess, lambda texts, *a, **k: (prompts.extend(texts), tokenizer(texts, *a, **k))[1]
+
+    def counting_encode_images(*args, **kwargs):
+        image_passes.append(1)
+        return encode_images(*args, **kwargs)
+
+    def counting_class_embeddings(model, tokenizer, classnames, template_set, *args, **kwargs):
+        text_sets.append(tuple(template_set))
+        return class_embeddings(model, tokenizer, classnames, template_set, *args, **kwargs)
+
+    monkeypatch.setattr(clip_utils, "load_clip", counting_load_clip)
+    monkeypatch.setattr(p1, "encode_images", counting_encode_images)
+    monkeypatch.setattr(p1, "class_embeddings", counting_class_embeddings)
+    run(world, tmp_path / "pred.csv", "--templates", templates, "--evaluate", "--compare-prompts", "--plot-top5", "2")
+    assert len(loads) == 1 and len(image_passes) == 1
+    wanted = {tuple(p1.load_templates(templates))} | {tuple(p1_templates.template_set(k)) for k in p1.COMPARED_SETS}
+    assert sorted(text_sets) == sorted(wanted)  # each template set once
+    assert len(prompts) == len(CLASSES) * sum(len(t) for t in wanted)
 
 
 def test_plot_top5_writes_a_png(world, tmp_path):

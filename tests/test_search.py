@@ -1,5 +1,6 @@
 """search: cached, batched greedy and beam search equal full recomputation one image at a time and, on text-only
-GPT-2, Hugging Face's generate; the attention replay follows the generation steps."""
+GPT-2, Hugging Face's generate (min_len as its min_new_tokens); the minimum length keeps captions from being empty; the
+attention replay follows the generation steps."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from decoder import Config, Decoder
-from search import decode_captions, generate
+from common import UserError
+from search import DECODE_DEFAULTS, decode_captions, generate, resolve_decoding
+from tiny_models import ending_gpt2, save_course_format
 from tokenizer import END_TOKEN
 
 transformers = pytest.importorskip("transformers")
@@ -28,14 +31,17 @@ def ban_repeats(logp: torch.Tensor, seq, n: int) -> torch.Tensor:
     return logp
 
 
-def reference_greedy(decoder, feats, max_len: int, no_repeat_ngram: int):
+def reference_greedy(decoder, feats, max_len: int, no_repeat_ngram: int, min_len: int):
     """One image at a time, the whole sequence recomputed at every step (no cache, no memory)."""
     out = []
     for i in range(feats.shape[0]):
         seq = [END_TOKEN]
-        for _ in range(max_len):
+        for step in range(max_len):
             logits = decoder(torch.tensor([seq]), image_tokens=feats[i:i + 1])[0, -1]
-            token = int(ban_repeats(F.log_softmax(logits.float(), -1), seq, no_repeat_ngram).argmax())
+            logp = ban_repeats(F.log_softmax(logits.float(), -1), seq, no_repeat_ngram)
+            if step < min_len:
+                logp[END_TOKEN] = float("-inf")
+            token = int(logp.argmax())
             if token == END_TOKEN:
                 break
             seq.append(token)
@@ -77,32 +83,33 @@ class Uncached:
         return self.decoder(cache.tokens, image_tokens=memory.tokens)[:, -tokens.shape[1]:]
 
 
-@pytest.mark.parametrize("no_repeat_ngram", [0, 2])
-def test_cached_greedy_equals_uncached_one_by_one(world, no_repeat_ngram):
+@pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 0), (2, 5)])
+def test_cached_greedy_equals_uncached_one_by_one(world, no_repeat_ngram, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
-    ours = generate(decoder, feats, method="greedy", max_len=16, no_repeat_ngram=no_repeat_ngram)
+    ours = generate(decoder, feats, method="greedy", max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram)
     with torch.no_grad():
-        assert ours == reference_greedy(decoder, feats, 16, no_repeat_ngram)
+        assert ours == reference_greedy(decoder, feats, 16, no_repeat_ngram, min_len)
     assert len({tuple(c) for c in ours}) > 1, "captions should depend on the image"
     assert len({len(c) for c in ours}) > 1, "captions should end at different steps (exercises dropping rows)"
 
 
-@pytest.mark.parametrize("beam_size,length_penalty,no_repeat_ngram", [(3, 1.0, 0), (4, 0.6, 2), (2, 2.0, 3)])
-def test_cached_beam_equals_uncached(world, beam_size, length_penalty, no_repeat_ngram):
+@pytest.mark.parametrize("beam_size,length_penalty,no_repeat_ngram,min_len",
+                         [(3, 1.0, 0, 1), (4, 0.6, 2, 0), (2, 2.0, 3, 6)])
+def test_cached_beam_equals_uncached(world, beam_size, length_penalty, no_repeat_ngram, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
-    settings = dict(method="beam", beam_size=beam_size, max_len=16, length_penalty=length_penalty,
+    settings = dict(method="beam", beam_size=beam_size, max_len=16, min_len=min_len, length_penalty=length_penalty,
                     no_repeat_ngram=no_repeat_ngram)
     with torch.no_grad():
         assert generate(decoder, feats, **settings) == generate(Uncached(decoder), feats, **settings)
 
 
-@pytest.mark.parametrize("no_repeat_ngram", [0, 2])
-def test_beam_size_one_equals_greedy(world, no_repeat_ngram):
+@pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 0), (2, 3)])
+def test_beam_size_one_equals_greedy(world, no_repeat_ngram, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
     for max_len in (4, 16):
-        greedy = generate(decoder, feats, method="greedy", max_len=max_len, no_repeat_ngram=no_repeat_ngram)
-        beam = generate(decoder, feats, method="beam", beam_size=1, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
-        assert beam == greedy
+        settings = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram)
+        assert generate(decoder, feats, method="beam", beam_size=1, **settings) == \
+            generate(decoder, feats, method="greedy", **settings)
 
 
 @pytest.mark.parametrize("method,beam_size", [("greedy", 1), ("beam", 3)])
@@ -118,30 +125,94 @@ def _version(text: str):
     return tuple(int(part) for part in text.split(".")[:2])
 
 
-@pytest.mark.parametrize("beam_size,length_penalty,no_repeat_ngram,max_len",
-                         [(1, 1.0, 0, 12), (3, 1.0, 0, 12), (4, 0.5, 2, 12), (3, 2.0, 3, 20), (5, 1.0, 0, 5)])
-def test_text_only_decoding_equals_hugging_face_generate(world, beam_size, length_penalty, no_repeat_ngram, max_len):
-    """With closed gates the decoder is exactly GPT-2, so our search must pick what transformers' generate picks."""
+def skip_old_hf_beam(beam_size: int) -> None:
     import transformers
 
     if beam_size > 1 and _version(transformers.__version__) < (4, 50):
         pytest.skip("transformers %s predates its vectorised beam search (4.50, PR 35802), whose stopping rule ours "
                     "follows; the older one also counts finished candidates in its best-possible score"
                     % transformers.__version__)
-    decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
-    feats = world["feats"][:1]
-    method = "greedy" if beam_size == 1 else "beam"
-    ours = generate(decoder, feats, method=method, beam_size=beam_size, max_len=max_len,
-                    length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)[0]
+
+
+def hugging_face_generate(gpt2, beam_size: int, max_len: int, min_len: int, length_penalty: float = 1.0,
+                          no_repeat_ngram: int = 0):
+    """transformers' generate from the start token; min_len is its min_new_tokens (0: no minimum, not passed)."""
+    minimum = dict(min_new_tokens=min_len) if min_len else {}
     with torch.no_grad():
-        hf = world["gpt2"].generate(torch.tensor([[END_TOKEN]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
-                                    do_sample=False, num_beams=beam_size, max_new_tokens=max_len,
-                                    length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram,
-                                    early_stopping=False, eos_token_id=END_TOKEN, pad_token_id=END_TOKEN)[0, 1:]
+        hf = gpt2.generate(torch.tensor([[END_TOKEN]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
+                           do_sample=False, num_beams=beam_size, max_new_tokens=max_len, length_penalty=length_penalty,
+                           no_repeat_ngram_size=no_repeat_ngram, early_stopping=False, eos_token_id=END_TOKEN,
+                           pad_token_id=END_TOKEN, **minimum)[0, 1:]
     hf = hf.tolist()
     while hf and hf[-1] == END_TOKEN:
         hf.pop()
-    assert ours == hf
+    return hf
+
+
+@pytest.mark.parametrize("beam_size,length_penalty,no_repeat_ngram,max_len,min_len",
+                         [(1, 1.0, 0, 12, 0), (1, 1.0, 2, 12, 4), (3, 1.0, 0, 12, 0), (3, 1.0, 0, 12, 1),
+                          (4, 0.5, 2, 12, 0), (3, 2.0, 3, 20, 4), (5, 1.0, 0, 5, 0)])
+def test_text_only_decoding_equals_hugging_face_generate(world, beam_size, length_penalty, no_repeat_ngram, max_len,
+                                                         min_len):
+    """With closed gates the decoder is exactly GPT-2, so our search must pick what transformers' generate picks."""
+    skip_old_hf_beam(beam_size)
+    decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
+    method = "greedy" if beam_size == 1 else "beam"
+    ours = generate(decoder, world["feats"][:1], method=method, beam_size=beam_size, max_len=max_len, min_len=min_len,
+                    length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)[0]
+    assert ours == hugging_face_generate(world["gpt2"], beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
+
+
+@pytest.fixture(scope="module")
+def eager_end(tmp_path_factory):
+    """A GPT-2 whose end token is the top choice at every position (a push along its embedding in every position
+    embedding), as an untrained captioner can be: min_len is all that keeps its captions from being empty."""
+    gpt2 = ending_gpt2(end_ramp=0.0)
+    with torch.no_grad():
+        end = gpt2.transformer.wte.weight[END_TOKEN]
+        gpt2.transformer.wpe.weight.add_(3.0 * end / end.norm())
+    weights = save_course_format(gpt2, tmp_path_factory.mktemp("eager_end") / "decoder_model.bin")
+    return gpt2, Decoder(Config(checkpoint=weights, encoder_dim=32)).eval()
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_min_len_keeps_captions_from_being_empty(world, eager_end, method):
+    gpt2, decoder = eager_end
+    with torch.no_grad():
+        assert int(gpt2(torch.full((1, 8), END_TOKEN)).logits[0].argmax(-1).eq(END_TOKEN).sum()) == 8
+    feats = world["feats"]
+    assert generate(decoder, feats, method=method, max_len=8, min_len=0) == [[]] * len(feats)
+    assert all(len(ids) == 1 for ids in generate(decoder, feats, method=method, max_len=8))  # the default, 1
+    assert all(len(ids) == 3 for ids in generate(decoder, feats, method=method, max_len=8, min_len=3))
+    assert all(len(ids) == 8 for ids in generate(decoder, feats, method=method, max_len=8, min_len=8))
+
+
+@pytest.mark.parametrize("beam_size,min_len", [(1, 0), (1, 1), (1, 3), (3, 0), (3, 1), (3, 3)])
+def test_min_len_equals_hugging_face_min_new_tokens(world, eager_end, beam_size, min_len):
+    skip_old_hf_beam(beam_size)
+    gpt2, decoder = eager_end
+    method = "greedy" if beam_size == 1 else "beam"
+    ours = generate(decoder, world["feats"][:1], method=method, beam_size=beam_size, max_len=8, min_len=min_len,
+                    no_repeat_ngram=0)[0]
+    assert ours == hugging_face_generate(gpt2, beam_size, 8, min_len)
+
+
+def test_checkpoints_from_before_min_len_take_its_default():
+    """Every checkpoint shipped before min_len existed still loads, and decodes with min_len 1."""
+    before = dict(method="greedy", beam_size=1, max_len=20, length_penalty=1.0, no_repeat_ngram=2)
+    old = dict(before, chosen_on="val")
+    settings, said = resolve_decoding({}, {"inference": old}, "ckpt/p2_best.json")
+    assert settings == dict(before, min_len=1) and DECODE_DEFAULTS["min_len"] == 1
+    assert "min_len=1" in said and "min_len: the README default (the checkpoint predates it)" in said
+    assert "the rest from p2_best.json (chosen on val)" in said
+    settings, said = resolve_decoding({"min_len": 0}, {"inference": old}, "ckpt/p2_best.json")
+    assert settings["min_len"] == 0 and "from the command line: min_len" in said and "predates" not in said
+    settings, said = resolve_decoding({}, {"inference": dict(old, min_len=3)}, "ckpt/p2_best.json")
+    assert settings["min_len"] == 3 and "all from p2_best.json" in said
+    with pytest.raises(UserError, match="min-len 21 exceeds max-len 20"):
+        resolve_decoding({"min_len": 21}, {"inference": old}, "ckpt/p2_best.json")
+    with pytest.raises(UserError, match="p2_best.json.*min-len must be >= 0"):
+        resolve_decoding({}, {"inference": dict(old, min_len=-1)}, "ckpt/p2_best.json")
 
 
 def test_return_attention_follows_the_generation_steps(world):
