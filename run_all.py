@@ -291,7 +291,10 @@ def stage_p1(ctx: Context) -> dict:
     return dict(p1_accuracy=ensemble["accuracy"], p1_single_prompt_accuracy=accuracy("single"), p1_prompts=prompts,
                 p1_model="%s / %s" % (ensemble["model"], ensemble["pretrained"]),
                 files=dict(p1_top5="p1/pred.top5.png", p1_prompts="p1/pred.prompts.md"),
-                outputs=["p1/pred.csv", "p1/pred.eval.json"])
+                outputs=["p1/pred.csv", "p1/pred.eval.json"] + [
+                    os.path.relpath(p1_clip_zeroshot.compared_path(csv_path, key, suffix), ctx.out)
+                    for key in [k for k, _ in p1_templates.REPORT_TEMPLATES] + ["single"]
+                    for suffix in (".csv", ".eval.json")])
 
 
 # ----------------------------------------------------------------------------------------------- P2
@@ -512,8 +515,8 @@ def scored_checkpoint(ctx: Context, method: str) -> str:
 def decoding_flags(settings: dict) -> List[str]:
     """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
     flags."""
-    flags = ["--method", settings["method"], "--max-len", str(settings["max_len"]), "--no-repeat-ngram",
-             str(settings["no_repeat_ngram"])]
+    flags = ["--method", settings["method"], "--max-len", str(settings["max_len"]), "--min-len",
+             str(settings["min_len"]), "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
     if settings["method"] == "beam":
         flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
     return flags
