@@ -70,7 +70,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "splits that the val split takes (by file-name hash: the same on every machine)")
     g.add_argument("--val-max-images", type=int, default=0, help="validate on the first N images only (0 = all)")
     g.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut to this many GPT-2 "
-                   "tokens, and stderr says how many were (COCO's fit in 40; DeepFashion paragraphs need 128)")
+                   "tokens, and stderr says how many were (COCO's fit in 40; DeepFashion paragraphs need 160)")
     g.add_argument("--raw-captions", action="store_true", help="train on captions as written (default: lower case, "
                    "single spaces, no trailing full stop)")
     g.add_argument("--augment", action="store_true", help="light crop and colour jitter (not with --feature-cache)")
