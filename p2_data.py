@@ -238,8 +238,8 @@ def split_names(caption_file: CaptionFile, split: Optional[str], val_fraction: f
     train = [n for n in names if not in_val_fraction(n, val_fraction)]
     chosen = val if split == "val" else train
     if not chosen:
-        raise UserError("%s: --val-fraction %s leaves no %s images of %d; choose another fraction"
-                        % (what, val_fraction, split, len(names)))
+        raise UserError("%s: --val-fraction %s leaves no %s images of %d; choose another fraction, or %s all "
+                        "for the whole file" % (what, val_fraction, split, len(names), option))
     if show:
         print("%s: no splits in the file, divided by file-name hash (--val-fraction %s): %d train, %d val; %s "
               "takes %s" % (what, val_fraction, len(train), len(val), option, split), file=sys.stderr)
