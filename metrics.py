@@ -1,36 +1,81 @@
-"""Captioning metrics as the course computes them: CIDEr-D (PTB tokenisation, then pycocoevalcap's Cider) and
-CLIPScore (2.5 * max(cos, 0) with CLIP ViT-B/32), and `evaluate`, which checks a prediction file against a COCO
-caption file first, as the course's p2_evaluate.py asserts. The Java-free PTB tokeniser is in ptb.py.
+"""Captioning metrics, scored as pycocoevalcap scores them: PTB tokenisation (ptb.py, Java-free), then its own
+scorer classes on the tokenised corpus -- Bleu (closest reference length), METEOR 1.5 (the jar its wheel ships;
+needs Java), Rouge (ROUGE-L, beta 1.2), Cider (CIDEr-D) -- and CLIPScore (2.5 * max(cos, 0) with CLIP ViT-B/32, as
+the course) and RefCLIPScore (Hessel et al.: the harmonic mean of CLIPScore and the best reference text cosine).
+`evaluate` checks a prediction file against the references first, as the course's p2_evaluate.py asserts.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
+import sys
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import clip_utils
 import ptb
 from common import ImageFiles, UserError, collate_images, image_batches, progress, read_json
-from p2_data import read_coco_captions
+from p2_data import VAL_FRACTION, image_key, read_captions, resolve_split, split_names
 
 CLIPSCORE_WEIGHT = 2.5
 SHOWN_KEYS = 5
+# --metrics names and the result keys each gives, in the order results are printed
+METRIC_KEYS = OrderedDict([("bleu", ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")), ("meteor", ("METEOR",)),
+                           ("rouge", ("ROUGE-L",)), ("cider", ("CIDEr",)), ("clipscore", ("CLIPScore",)),
+                           ("refclipscore", ("RefCLIPScore",))])
+DEFAULT_METRICS = ("cider", "clipscore")  # the course's line: CIDEr: x | CLIPScore: y
+CLIP_METRICS = ("clipscore", "refclipscore")
+MEAN_OF = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")  # "mean": what seed 004 picks its checkpoint by
+JAVA_HINT = "install Java (Debian/Ubuntu: apt-get install default-jre-headless)"
+
+
+def parse_metrics(text: str, option: str = "--metrics") -> Tuple[str, ...]:
+    """A comma list of metric names (or "all") -> the names in METRIC_KEYS order."""
+    asked = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in asked if t != "all" and t not in METRIC_KEYS]
+    if unknown or not asked:
+        raise UserError("%s %r: choose from %s, or all" % (option, text, ", ".join(METRIC_KEYS)))
+    return tuple(m for m in METRIC_KEYS if m in asked or "all" in asked)
+
+
+def result_keys(names: Sequence[str]) -> List[str]:
+    """The result keys (BLEU-1... RefCLIPScore) of metric names, in print order."""
+    return [key for name in METRIC_KEYS if name in names for key in METRIC_KEYS[name]]
+
+
+class MetricSkipped(Exception):
+    """A metric that cannot run here (METEOR without Java): reported in one line, the other metrics still scored."""
+
+
+def meteor_unavailable() -> Optional[str]:
+    """Why METEOR cannot run here, or None: its jar needs a `java` on PATH."""
+    if shutil.which("java") is None:
+        return "METEOR skipped: pycocoevalcap's meteor-1.5.jar needs Java, and there is no `java` on PATH; %s" \
+            % JAVA_HINT
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # References and predictions
 # ---------------------------------------------------------------------------------------------------------------
-def load_references(annotation_file: Union[str, dict]) -> Tuple["OrderedDict[str, List[str]]", Dict[str, str]]:
-    """({key: captions in annotation order}, {key: image file name}) from a COCO-style caption file; the key is the
-    file name without extension, as the course's prediction files use."""
+def load_references(annotation_file: Union[str, dict], split: Optional[str] = None,
+                    default_split: Optional[str] = None, val_fraction: float = VAL_FRACTION
+                    ) -> Tuple["OrderedDict[str, List[str]]", Dict[str, str]]:
+    """({key: captions as written}, {key: image file name}) of a split of a caption file in any format
+    (p2_data.read_captions); the key is the file name without folder or extension, as the course's prediction
+    files use. `split` None takes `default_split` from a file with splits and the whole of a file without."""
     where = annotation_file if isinstance(annotation_file, str) else "annotations"
+    caption_file = read_captions(annotation_file, "annotation file")
+    names, _ = split_names(caption_file, resolve_split(caption_file, split, default_split), val_fraction)
     references, files = OrderedDict(), {}
-    for name, captions in read_coco_captions(annotation_file).items():
-        key = os.path.splitext(os.path.basename(name))[0]
+    for name in names:
+        key = image_key(name)
         if key in references:
             raise UserError("annotation file %s: two images share the key %r (file names without extension must be "
                             "unique)" % (where, key))
-        references[key], files[key] = captions, name
+        references[key], files[key] = caption_file.captions[name], name
     empty = [k for k, caps in references.items() if not caps]
     if empty:
         raise UserError("annotation file %s: %d image(s) have no caption: %s" % (where, len(empty), _show(empty)))
@@ -64,45 +109,75 @@ def check_predictions(predictions, references: Dict[str, List[str]], where: str 
 
 def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict], images_root: str,
              clip: Optional[tuple] = None, clip_model: str = "ViT-B-32", clip_pretrained: Optional[str] = "openai",
-             batch_size: int = 64, device: str = "cpu", java_tokenizer: bool = False,
-             num_workers: int = 0) -> dict:
-    """{"CIDEr", "CLIPScore", "per_image": {key: {"caption", "cider", "clipscore"}}} for predictions (a dict or a
-    JSON path). `clip` = (model, preprocess, tokenizer) reuses a loaded CLIP; otherwise clip_model/clip_pretrained
-    are loaded through clip_utils. Everything is checked before any model runs."""
+             batch_size: int = 64, device: str = "cpu", java_tokenizer: bool = False, num_workers: int = 0,
+             metrics: Sequence[str] = DEFAULT_METRICS, split: Optional[str] = None,
+             val_fraction: float = VAL_FRACTION) -> dict:
+    """{result key: score for the metrics asked, "per_image": {key: {"caption", metric: score...}}, "skipped":
+    {result key: why}} for predictions (a dict or a JSON path) against a split of a caption file (`split` None:
+    val of a file with splits, the whole of one without). `clip` = (model, preprocess, tokenizer) reuses a loaded
+    CLIP; otherwise clip_model/clip_pretrained are loaded through clip_utils when a CLIP metric is asked.
+    Everything is checked before any model runs."""
     where = pred if isinstance(pred, str) else "predictions"
     predictions = read_json(pred, "prediction file") if isinstance(pred, str) else pred
-    references, files = load_references(annotation_file)
+    references, files = load_references(annotation_file, split, "val", val_fraction)
     check_predictions(predictions, references, where)
     if not os.path.isdir(images_root):
         raise UserError("images root not found or not a directory: %s" % images_root)
-    keys = list(predictions)
-    paths = [os.path.join(images_root, files[k]) for k in keys]
-    absent = [files[k] for k, p in zip(keys, paths) if not os.path.isfile(p)]
+    paths = OrderedDict((k, os.path.join(images_root, files[k])) for k in predictions)
+    absent = [files[k] for k, p in paths.items() if not os.path.isfile(p)]
     if absent:
         raise UserError("%d image(s) missing from %s: %s" % (len(absent), images_root, _show(absent)))
-
-    if clip is None:  # before CIDEr: a missing CLIP download fails at once
+    if clip is None and any(m in CLIP_METRICS for m in metrics):  # before the text metrics: a missing CLIP fails
         clip = clip_utils.load_clip(clip_model, clip_pretrained, device)
-    cider_mean, cider_per_image = cider(predictions, references, "java" if java_tokenizer else "python")
-    model, preprocess, tokenizer = clip
-    clip_mean, clip_scores = clip_score(paths, [predictions[k] for k in keys], model, preprocess, tokenizer,
-                                        batch_size=batch_size, device=device, num_workers=num_workers)
-    per_image = OrderedDict((k, {"caption": predictions[k], "cider": cider_per_image[k], "clipscore": s})
-                            for k, s in zip(keys, clip_scores))
-    return {"CIDEr": cider_mean, "CLIPScore": clip_mean, "per_image": per_image}
+    return score_captions(predictions, references, metrics, paths=paths, clip=clip, batch_size=batch_size,
+                          device=device, tokenizer="java" if java_tokenizer else "python", num_workers=num_workers)
+
+
+def score_captions(predictions: Dict[str, str], references: Dict[str, List[str]], metrics: Sequence[str],
+                   paths: Optional[Dict[str, str]] = None, clip: Optional[tuple] = None, batch_size: int = 64,
+                   device: str = "cpu", tokenizer: str = "python", num_workers: int = 0) -> dict:
+    """The metrics asked of predictions {key: caption} against references {key: captions} (and, for the CLIP
+    metrics, image paths {key: path} and a loaded CLIP): as `evaluate` returns them. A METEOR that cannot run is
+    skipped with one line on stderr saying why; the others are still scored."""
+    keys = list(predictions)
+    result: dict = {"per_image": OrderedDict((k, {"caption": predictions[k]}) for k in keys), "skipped": {}}
+    text = [m for m in metrics if m not in CLIP_METRICS]
+    if text:
+        means, per_image, skipped = text_scores(predictions, references, text, tokenizer)
+        result.update(means)
+        result["skipped"].update(skipped)
+        for key, scores in per_image.items():
+            result["per_image"][key].update(scores)
+    if any(m in CLIP_METRICS for m in metrics):
+        if clip is None or paths is None:
+            raise ValueError("CLIPScore and RefCLIPScore need the images' paths and a loaded CLIP")
+        model, preprocess, clip_tokenizer = clip
+        captions = [predictions[k] for k in keys]
+        clip_mean, clip_each = clip_score([paths[k] for k in keys], captions, model, preprocess, clip_tokenizer,
+                                          batch_size=batch_size, device=device, num_workers=num_workers)
+        if "clipscore" in metrics:
+            result["CLIPScore"] = clip_mean
+            for k, s in zip(keys, clip_each):
+                result["per_image"][k]["clipscore"] = s
+        if "refclipscore" in metrics:
+            similarity = reference_similarity(captions, [references[k] for k in keys], model, clip_tokenizer,
+                                              batch_size=batch_size, device=device)
+            ref_each = [ref_clip_score(c, s) for c, s in zip(clip_each, similarity)]
+            result["RefCLIPScore"] = sum(ref_each) / len(ref_each)
+            for k, s in zip(keys, ref_each):
+                result["per_image"][k]["refclipscore"] = s
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CIDEr-D
+# BLEU, METEOR, ROUGE-L, CIDEr-D: pycocoevalcap's scorers on the PTB-tokenised corpus
 # ---------------------------------------------------------------------------------------------------------------
-def cider(predictions: Dict[str, str], references: Dict[str, List[str]],
-          tokenizer: str = "python") -> Tuple[float, Dict[str, float]]:
-    """CIDEr-D as the course computes it (PTBTokenizer, then pycocoevalcap's Cider): (corpus score, per image).
-
-    Order matters only through tokenisation context, so predictions are scored in their own key order, each image's
-    references in the given order, as the course's p2_evaluate.py does."""
-    from pycocoevalcap.cider.cider import Cider
-
+def text_scores(predictions: Dict[str, str], references: Dict[str, List[str]], metrics: Sequence[str],
+                tokenizer: str = "python") -> Tuple[Dict[str, float], Dict[str, Dict[str, float]], Dict[str, str]]:
+    """({result key: corpus score}, {key: {metric: score}}, {result key: why skipped}) of the text metrics asked
+    (bleu, meteor, rouge, cider), all on one PTB tokenisation of predictions and references, as pycocoevalcap's
+    COCOEvalCap does. Predictions are tokenised in their own key order, each image's references in the given
+    order (order matters only through tokenisation context)."""
     if not predictions:
         raise UserError("no predictions to score")
     keys = list(predictions)
@@ -111,8 +186,70 @@ def cider(predictions: Dict[str, str], references: Dict[str, List[str]],
         raise UserError("no reference captions for %d prediction(s): %s" % (len(missing), ", ".join(missing[:5])))
     gts = ptb.tokenize({k: list(references[k]) for k in keys}, tokenizer)
     res = ptb.tokenize({k: [predictions[k]] for k in keys}, tokenizer)
-    score, scores = Cider().compute_score(gts, res)
-    return float(score), {k: float(s) for k, s in zip(gts.keys(), scores)}
+    means: Dict[str, float] = {}
+    per_image: Dict[str, Dict[str, float]] = OrderedDict((k, {}) for k in keys)
+    skipped: Dict[str, str] = {}
+    for name in (m for m in METRIC_KEYS if m in metrics):
+        try:
+            corpus, each = SCORERS[name](gts, res)
+        except MetricSkipped as err:
+            skipped.update((key, str(err)) for key in METRIC_KEYS[name])
+            print(err, file=sys.stderr)
+            continue
+        for result_key, value, values in zip(METRIC_KEYS[name], corpus, each):
+            means[result_key] = float(value)
+            for k, v in zip(keys, values):
+                per_image[k][result_key.lower()] = float(v)
+    return means, per_image, skipped
+
+
+def _bleu(gts, res):
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its scorer prints its n-gram counts
+        corpus, each = Bleu(4).compute_score(gts, res, verbose=0)
+    return corpus, each
+
+
+def _meteor(gts, res):
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    reason = meteor_unavailable()
+    if reason:
+        raise MetricSkipped(reason)
+    scorer = Meteor()
+    try:
+        corpus, each = scorer.compute_score(gts, res)
+    except (OSError, ValueError) as err:
+        raise MetricSkipped("METEOR skipped: pycocoevalcap's meteor-1.5.jar did not answer (%s); check that "
+                            "`java -Xmx2G -jar` runs here" % (" ".join(str(err).split())[:100] or type(err).__name__))
+    finally:
+        del scorer  # its __del__ ends the Java process
+    return [corpus], [each]
+
+
+def _rouge(gts, res):
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    corpus, each = Rouge().compute_score(gts, res)
+    return [corpus], [each]
+
+
+def _cider(gts, res):
+    from pycocoevalcap.cider.cider import Cider
+
+    corpus, each = Cider().compute_score(gts, res)
+    return [corpus], [each]
+
+
+SCORERS = {"bleu": _bleu, "meteor": _meteor, "rouge": _rouge, "cider": _cider}
+
+
+def cider(predictions: Dict[str, str], references: Dict[str, List[str]],
+          tokenizer: str = "python") -> Tuple[float, Dict[str, float]]:
+    """CIDEr-D as the course computes it (PTBTokenizer, then pycocoevalcap's Cider): (corpus score, per image)."""
+    means, per_image, _ = text_scores(predictions, references, ("cider",), tokenizer)
+    return means["CIDEr"], {k: s["cider"] for k, s in per_image.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,3 +278,33 @@ def clip_score(paths: Sequence[str], captions: Sequence[str], model, preprocess:
             cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
             scores.extend((CLIPSCORE_WEIGHT * cos.clamp(min=0)).tolist())
     return sum(scores) / len(scores), scores
+
+
+def reference_similarity(captions: Sequence[str], references: Sequence[Sequence[str]], model, tokenizer: Callable,
+                         batch_size: int = 64, device: str = "cpu") -> List[float]:
+    """For each caption, the largest cosine between its CLIP text embedding and its references' (the text side of
+    RefCLIPScore), with the same text encoding as clip_score (no prefix)."""
+    import torch
+
+    flat = [r for refs in references for r in refs]
+    embeddings = []
+    with torch.no_grad():
+        for texts in (list(captions), flat):
+            out = []
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start:start + batch_size]).to(device)
+                out.append(torch.nn.functional.normalize(model.encode_text(batch).float(), dim=-1))
+            embeddings.append(torch.cat(out))
+    candidates, refs = embeddings  # (N, D), (R, D)
+    similarity, start = [], 0
+    for i, group in enumerate(references):
+        similarity.append(float((refs[start:start + len(group)] @ candidates[i]).max()))
+        start += len(group)
+    return similarity
+
+
+def ref_clip_score(clip_score_value: float, similarity: float) -> float:
+    """RefCLIP-S = H-Mean(CLIP-S, max(max_r cos(c, r), 0)) (Hessel et al. 2021, eq. 2); 0 when both are 0."""
+    text = max(similarity, 0.0)
+    total = clip_score_value + text
+    return 2 * clip_score_value * text / total if total > 0 else 0.0

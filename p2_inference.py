@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+import p2_data
 import search
 from captioner import Captioner, config_path, load_captioner
 from common import (ImageFiles, UserError, autocast, check_output_file, collate_images, hub_offline, image_batches,
@@ -43,6 +44,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                             "timm:NAME@/path/weights.bin")
     model.add_argument("--allow-download", action="store_true",
                        help="let timm/open_clip download missing encoder weights (default: offline, fail fast)")
+    data = parser.add_argument_group("which images (default: every image of the folder)")
+    data.add_argument("--captions", metavar="FILE", help="caption only the images of a caption file's split (any "
+                      "format p2_data reads), so the keys match p2_evaluate.py with the same --split")
+    data.add_argument("--split", choices=p2_data.SPLITS, default=None, help="with --captions: the split (default: "
+                      "val of a file with splits, the whole of a file without; train/val of a file without splits "
+                      "divide it by file-name hash)")
+    data.add_argument("--val-fraction", type=float, default=p2_data.VAL_FRACTION,
+                      help="with --captions: share of a file without splits that --split val takes")
     search.add_decoding_arguments(parser)
     run = parser.add_argument_group("runtime")
     run.add_argument("--batch-size", type=int, default=32, help="images per batch")
@@ -90,7 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
     check_output_file(args.output, "output JSON")
-    names = output_keys(args.images)
+    if args.captions:
+        names = p2_data.load_captions(args.captions, args.images, split=args.split, default_split="val",
+                                      val_fraction=args.val_fraction).names
+    elif args.split:
+        raise UserError("--split %s needs --captions FILE (the caption file whose split it is)" % args.split)
+    else:
+        names = output_keys(args.images)
     device = resolve_device(args.device)
     start = time.time()
     model, meta = load_captioner(args.checkpoint, args.decoder_weights, device=device,
@@ -100,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     loaded = time.time()
     captions = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,
                               args.fp16)
-    write_json(args.output, {os.path.splitext(n)[0]: c for n, c in zip(names, captions)})
+    write_json(args.output, {p2_data.image_key(n): c for n, c in zip(names, captions)})
     took = time.time() - loaded
     print("captioned %d images in %.1f s (%.1f images/s; model loading %.1f s) -> %s" % (
         len(names), took, len(names) / max(took, 1e-9), loaded - start, args.output), file=sys.stderr)

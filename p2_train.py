@@ -32,7 +32,7 @@ import p2_data
 import safe_load
 from captioner import build_captioner, save_checkpoint
 from common import (UserError, atomic_write, autocast, check_writable_dir, collate_images, image_batches, progress,
-                    read_json, resolve_device, run_main, write_json)
+                    resolve_device, run_main, write_json)
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
 from search import DECODE_DEFAULTS, decode_captions
@@ -41,7 +41,9 @@ from tokenizer import BPETokenizer
 MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
 STATE_FORMAT = "hw3-p2-train-state/1"
 PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
-SELECT_METRICS = {"cider": 1, "clipscore": 1, "val_loss": -1}  # +1: higher is better
+# What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
+# seed 004 picks), and the validation loss.
+SELECT_METRICS = dict([(k.lower(), 1) for k in metrics.result_keys(metrics.METRIC_KEYS)], mean=1, val_loss=-1)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -51,12 +53,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--train-json", required=True, help="COCO-style captions of the training images")
+    g.add_argument("--train-json", required=True, help="captions of the training images: COCO-style (the "
+                   "course's), Karpathy split JSON, DeepFashion-MultiModal captions.json or {file name: caption or "
+                   "[captions]}")
     g.add_argument("--train-images", required=True, help="folder of the training images")
-    g.add_argument("--val-json", required=True, help="COCO-style captions of the validation images")
+    g.add_argument("--val-json", required=True, help="captions of the validation images (any of those formats; "
+                   "may be the --train-json file)")
     g.add_argument("--val-images", required=True, help="folder of the validation images")
+    g.add_argument("--train-split", choices=p2_data.SPLITS, default=None, help="split of --train-json trained on "
+                   "(default: train of a file with splits, restval included; the whole of a file without, or its "
+                   "train share by file-name hash when it is also --val-json)")
+    g.add_argument("--val-split", choices=p2_data.SPLITS, default=None, help="split of --val-json validated on "
+                   "(default: val of a file with splits; the whole of a file without, or its val share when it is "
+                   "also --train-json)")
+    g.add_argument("--val-fraction", type=float, default=p2_data.VAL_FRACTION, help="share of a file without "
+                   "splits that the val split takes (by file-name hash: the same on every machine)")
     g.add_argument("--val-max-images", type=int, default=0, help="validate on the first N images only (0 = all)")
-    g.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut to this many tokens")
+    g.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut to this many GPT-2 "
+                   "tokens, and stderr says how many were (COCO's fit in 40; DeepFashion paragraphs need 160)")
     g.add_argument("--raw-captions", action="store_true", help="train on captions as written (default: lower case, "
                    "single spaces, no trailing full stop)")
     g.add_argument("--augment", action="store_true", help="light crop and colour jitter (not with --feature-cache)")
@@ -99,7 +113,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt if it exists")
     g.add_argument("--stop-after", type=int, default=0, help="end this run after N epochs (0 = run to --epochs); "
                    "continue later with --resume")
-    g.add_argument("--select", choices=tuple(SELECT_METRICS), default="cider", help="metric that picks best.pt")
+    g.add_argument("--select-on", "--select", dest="select", choices=tuple(SELECT_METRICS), default="cider",
+                   help="what picks best.pt: a validation metric (it must be in --val-metrics), mean (of BLEU-4, "
+                   "METEOR, ROUGE-L, CIDEr) or val_loss")
+    g.add_argument("--val-metrics", default=None, help="comma list of %s, or all, scored at every validation "
+                   "(default: cider,clipscore; cider with --no-clipscore)" % ", ".join(metrics.METRIC_KEYS))
     g.add_argument("--val-decode", choices=("greedy", "beam"), default="greedy", help="decoding of validation "
                    "captions (greedy is fastest)")
     g.add_argument("--val-beam-size", type=int, default=DECODE_DEFAULTS["beam_size"], help="beam size with beam")
@@ -108,7 +126,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--encode-batch-size", type=int, default=64, help="images per batch when filling the cache")
     g.add_argument("--clip-model", default=clip_utils.CLIPSCORE_CLIP[0], help="CLIP for CLIPScore (open_clip name or config JSON)")
     g.add_argument("--clip-pretrained", default=clip_utils.CLIPSCORE_CLIP[1], help="CLIP weights: tag, local file, or none")
-    g.add_argument("--no-clipscore", action="store_true", help="validate with CIDEr only (no CLIP needed)")
+    g.add_argument("--no-clipscore", action="store_true", help="no CLIP metrics at validation (no CLIP needed)")
     g.add_argument("--log-every", type=int, default=50, help="log the training loss every N optimiser steps")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum", "max_caption_tokens", "val_batch_size", "encode_batch_size",
@@ -124,9 +142,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise UserError("--label-smoothing must be in [0, 1), got %s" % args.label_smoothing)
     if args.augment and args.feature_cache:
         raise UserError("--augment needs the encoder at every step, so it cannot be used with --feature-cache")
-    if args.no_clipscore and args.select == "clipscore":
-        raise UserError("--select clipscore needs CLIPScore: drop --no-clipscore")
+    if args.no_clipscore and args.select in metrics.CLIP_METRICS:
+        raise UserError("--select %s needs CLIP: drop --no-clipscore" % args.select)
+    args.val_metrics = validation_metrics(args)
     return args
+
+
+def validation_metrics(args: argparse.Namespace) -> tuple:
+    """The metric names --val-metrics asks for, checked against --no-clipscore and --select-on before any work."""
+    if args.val_metrics is None:
+        names = tuple(m for m in metrics.DEFAULT_METRICS if not (args.no_clipscore and m in metrics.CLIP_METRICS))
+    else:
+        names = metrics.parse_metrics(args.val_metrics, "--val-metrics")
+        clip_asked = [m for m in names if m in metrics.CLIP_METRICS]
+        if args.no_clipscore and clip_asked:
+            raise UserError("--val-metrics %s needs CLIP: drop --no-clipscore" % ",".join(clip_asked))
+    fields = [k.lower() for k in metrics.result_keys(names)]
+    needed = [k.lower() for k in metrics.MEAN_OF] if args.select == "mean" else [args.select]
+    lacking = [k for k in needed if k != "val_loss" and k not in fields]
+    if lacking:
+        raise UserError("--select-on %s needs %s at validation: add %s to --val-metrics (it asks for %s)" % (
+            args.select, ", ".join(lacking), ",".join(sorted({_metric_of(k) for k in lacking})), ",".join(names)))
+    if any(k in ("meteor",) for k in needed) and metrics.meteor_unavailable():
+        raise UserError("--select-on %s needs METEOR: %s" % (args.select, metrics.meteor_unavailable()))
+    return names
+
+
+def _metric_of(field: str) -> str:
+    return next(name for name, keys in metrics.METRIC_KEYS.items() if field in (k.lower() for k in keys))
 
 
 def _csv(text: Optional[str], cast=str):
@@ -268,16 +311,36 @@ def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
 # ----------------------------------------------------------------------------------------------- data
 
 def load_splits(args):
-    """The training and validation caption sets, checked before any model is built."""
-    train = p2_data.load_captions(args.train_json, args.train_images, clean=not args.raw_captions)
-    val = p2_data.load_captions(args.val_json, args.val_images, clean=not args.raw_captions)
+    """The training and validation caption sets, checked before any model is built. One file given as both
+    --train-json and --val-json is split (a file without splits by file-name hash), so train and val share no image
+    unless overlapping splits are asked for (then stderr says so)."""
+    same_file = os.path.abspath(args.train_json) == os.path.abspath(args.val_json)
+    train_split = args.train_split or ("train" if same_file else None)
+    val_split = args.val_split or ("val" if same_file else None)
+    train = p2_data.load_captions(args.train_json, args.train_images, clean=not args.raw_captions, split=train_split,
+                                  default_split="train", val_fraction=args.val_fraction, option="--train-split")
+    val = p2_data.load_captions(args.val_json, args.val_images, clean=not args.raw_captions, split=val_split,
+                                default_split="val", val_fraction=args.val_fraction, option="--val-split")
+    if same_file and os.path.abspath(args.train_images) == os.path.abspath(args.val_images):
+        shared = set(train.names) & set(val.names)
+        if shared:  # only splits asked for explicitly can overlap
+            print("note: --train-split %s and --val-split %s of %s share %d image(s)" % (
+                train.split, val.split, args.train_json, len(shared)), file=sys.stderr)
     return train, val.subset(args.val_max_images) if args.val_max_images else val
 
 
 def build_data(args, train, val, captioner, world: Dist):
     tokenizer = BPETokenizer()
     max_tokens = min(args.max_caption_tokens, captioner.decoder.max_text_len - 2)  # start and end tokens
-    train_tokens = p2_data.tokenize_captions(train.captions, tokenizer, max_tokens)
+    train_tokens, cut, longest = p2_data.tokenize_captions(train.captions, tokenizer, max_tokens)
+    val_tokens, val_cut, val_longest = p2_data.tokenize_captions(val.captions, tokenizer, max_tokens)
+    if world.main and (cut or val_cut):
+        limit = ("--max-caption-tokens %d" % max_tokens if max_tokens == args.max_caption_tokens else
+                 "%d tokens (the decoder's %d positions less start and end)" % (max_tokens,
+                                                                                 captioner.decoder.max_text_len))
+        print("captions cut to %s: %d of %d training (longest %d tokens), %d of %d validation (longest %d)"
+              % (limit, cut, sum(map(len, train_tokens)), longest, val_cut, sum(map(len, val_tokens)), val_longest),
+              file=sys.stderr)
     encoder = captioner.encoder
     if args.feature_cache:
         kwargs = dict(batch_size=args.encode_batch_size, device=world.device, num_workers=args.workers,
@@ -297,7 +360,6 @@ def build_data(args, train, val, captioner, world: Dist):
                         collate_fn=p2_data.collate_pairs, pin_memory=world.device.type == "cuda")
     val_loader = DataLoader(val_visuals, batch_size=args.val_batch_size, num_workers=args.workers,
                             collate_fn=collate_images)
-    val_tokens = p2_data.tokenize_captions(val.captions, tokenizer, max_tokens)
     return loader, sampler, val_loader, val_tokens
 
 
@@ -313,8 +375,8 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
 # ----------------------------------------------------------------------------------------------- validation
 
 def load_clip(args, device):
-    """The CLIP triple for CLIPScore, loaded once before any training (None with --no-clipscore)."""
-    if args.no_clipscore:
+    """The CLIP triple for CLIPScore, loaded once before any training (None when no CLIP metric is asked)."""
+    if not any(m in metrics.CLIP_METRICS for m in args.val_metrics):
         return None
     try:
         return clip_utils.load_clip(args.clip_model, args.clip_pretrained, str(device))
@@ -349,20 +411,16 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
     return dict(predictions=predictions, val_loss=loss_sum / max(1, count))
 
 
-def score(predictions: dict, val, clip, device) -> Dict[str, float]:
-    """CIDEr and CLIPScore through p2_evaluate (CIDEr only without CLIP); a validation subset is scored against the
-    annotations of just those images."""
-    annotations = read_json(val.annotation_file, "annotation file")
-    if len(val.names) < len(annotations.get("images", [])):
-        keep = set(val.names)
-        images = [im for im in annotations["images"] if im.get("file_name") in keep]
-        ids = {im["id"] for im in images}
-        annotations = dict(annotations, images=images,
-                           annotations=[a for a in annotations["annotations"] if a.get("image_id") in ids])
-    if clip is None:
-        return dict(cider=metrics.cider(predictions, metrics.load_references(annotations)[0])[0])
-    result = metrics.evaluate(predictions, annotations, val.folder, clip=clip, device=str(device))
-    return dict(cider=float(result["CIDEr"]), clipscore=float(result["CLIPScore"]))
+def score(predictions: dict, val, names, clip, device) -> Dict[str, Optional[float]]:
+    """The --val-metrics of the validation captions against the references as written, through metrics (as
+    p2_evaluate scores), as {field: score} (a skipped metric is None), plus "mean" when its four are there."""
+    keys = val.keys()
+    result = metrics.score_captions(predictions, dict(zip(keys, val.references)), names,
+                                    paths={k: val.path(i) for i, k in enumerate(keys)}, clip=clip, device=str(device))
+    out = {k.lower(): (float(result[k]) if k in result else None) for k in metrics.result_keys(names)}
+    if all(out.get(k.lower()) is not None for k in metrics.MEAN_OF):
+        out["mean"] = sum(out[k.lower()] for k in metrics.MEAN_OF) / len(metrics.MEAN_OF)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -373,11 +431,17 @@ TRAJECTORY_OPTIONS = ("raw_captions", "max_caption_tokens", "augment", "val_max_
                       "no_amp", "seed", "select")
 
 
+# Trajectory options added later: recorded only away from their defaults, so earlier runs still resume.
+LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=p2_data.VAL_FRACTION)
+
+
 def model_settings(args, captioner) -> dict:
     """What must not change between a run and its --resume: the model and the options of TRAJECTORY_OPTIONS."""
     cfg = captioner.decoder.cfg.to_dict()
     cfg.pop("checkpoint", None)
-    return dict({k: getattr(args, k) for k in TRAJECTORY_OPTIONS}, encoder=str(captioner.encoder_spec), decoder=cfg)
+    later = {k: getattr(args, k) for k, default in LATER_TRAJECTORY_OPTIONS.items() if getattr(args, k) != default}
+    return dict({k: getattr(args, k) for k in TRAJECTORY_OPTIONS}, encoder=str(captioner.encoder_spec), decoder=cfg,
+                **later)
 
 
 def save_state(path: str, **state) -> None:
@@ -528,7 +592,8 @@ def _run(args, world: Dist) -> int:
         if world.main:
             result = validate(captioner, val_loader, val, val_tokens, args, world.device, amp)
             write_json(os.path.join(args.out, "val_predictions.json"), result["predictions"])
-            record.update(score(result["predictions"], val, clip, world.device), val_loss=result["val_loss"])
+            record.update(score(result["predictions"], val, args.val_metrics, clip, world.device),
+                          val_loss=result["val_loss"])
             value = record.get(args.select)
             if value is None:
                 raise UserError("the evaluation gave no %s (it gave %s)" % (args.select, ", ".join(record)))

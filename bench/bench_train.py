@@ -75,7 +75,7 @@ def main() -> None:
                   "--batch-size", str(bench.batch_size), "--epochs", "1", "--log-every", "1000000"]
         args = p2_train.parse_args(common)
         caps = p2_data.load_captions(annotation, os.path.join(tmp, "images"))
-        tokens = p2_data.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)
+        tokens, _, _ = p2_data.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)
 
         def loader(visuals):
             pairs = p2_data.CaptionPairs(visuals, tokens)

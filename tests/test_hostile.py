@@ -213,7 +213,9 @@ def infer(*extra, out="{tmp}/out.json", decoder="{decoder}", checkpoint="{checkp
 
 
 def train_args(lab, tmp, images, *extra):
+    # one file as both: the whole of it on both sides (without the splits it would be divided by file-name hash)
     base = ["--train-json", "{train}", "--train-images", images, "--val-json", "{train}", "--val-images", images,
+            "--train-split", "all", "--val-split", "all",
             "--decoder-weights", "{decoder}", "--encoder", TINY_ENCODER, "--workers", "0", "--device", "cpu",
             "--no-clipscore", "--batch-size", "4", "--val-max-len", "4", "--warmup-steps", "1", "--out", "{tmp}/run"]
     return fill(base + list(extra), lab, tmp)

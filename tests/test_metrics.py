@@ -126,3 +126,97 @@ def test_clip_score_clamps_negative_similarity(tmp_path):
     mean, per_image = metrics.clip_score(synthetic_images(tmp_path, 2), ["a", "b"], Opposite(),
                                          lambda im: torch.zeros(3, 4, 4), lambda caps: torch.zeros(len(caps), 5).long())
     assert per_image == [0.0, 0.0] and mean == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The suite: each metric equals pycocoevalcap's own scorer class on the same tokenised corpus
+# ---------------------------------------------------------------------------------------------------------------
+def tokenised(preds, refs):
+    import ptb
+
+    return (ptb.tokenize({k: list(refs[k]) for k in preds}), ptb.tokenize({k: [preds[k]] for k in preds}))
+
+
+def test_bleu_rouge_cider_equal_pycocoevalcap_scorers():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    preds, refs = corpus(2)
+    gts, res = tokenised(preds, refs)
+    means, per_image, skipped = metrics.text_scores(preds, refs, ("bleu", "rouge", "cider"))
+    assert not skipped and list(means) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        assert means["BLEU-%d" % (n + 1)] == pytest.approx(bleu[n], abs=1e-9)
+        assert [per_image[k]["bleu-%d" % (n + 1)] for k in preds] == pytest.approx(bleu_each[n], abs=1e-9)
+    for name, scorer in (("ROUGE-L", Rouge()), ("CIDEr", Cider())):
+        corpus_score, each = scorer.compute_score(gts, res)
+        assert means[name] == pytest.approx(float(corpus_score), abs=1e-9)
+        assert [per_image[k][name.lower()] for k in preds] == pytest.approx([float(s) for s in each], abs=1e-9)
+    assert 0 < means["BLEU-4"] < means["BLEU-1"] and means["ROUGE-L"] > 0
+
+
+METEOR_SKIP = metrics.meteor_unavailable()
+
+
+@pytest.mark.skipif(METEOR_SKIP is not None, reason=METEOR_SKIP or "")
+def test_meteor_equals_pycocoevalcap_exactly():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    preds, refs = corpus(3)
+    gts, res = tokenised(preds, refs)
+    means, per_image, skipped = metrics.text_scores(preds, refs, ("meteor",))
+    scorer = Meteor()
+    expected, expected_each = scorer.compute_score(gts, res)
+    del scorer
+    assert not skipped and means["METEOR"] == expected and 0 < expected < 1
+    assert [per_image[k]["meteor"] for k in preds] == expected_each
+
+
+def test_meteor_without_java_is_skipped_in_one_line(monkeypatch, capsys):
+    preds, refs = corpus(4)
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    means, per_image, skipped = metrics.text_scores(preds, refs, ("bleu", "meteor", "cider"))
+    assert "METEOR" not in means and "BLEU-4" in means and "CIDEr" in means
+    line = capsys.readouterr().err.strip()
+    assert skipped == {"METEOR": line} and "\n" not in line
+    assert "needs Java" in line and "apt-get install default-jre-headless" in line
+
+
+def test_metric_names():
+    assert metrics.parse_metrics("cider,clipscore") == ("cider", "clipscore")
+    assert metrics.parse_metrics(" CIDEr , bleu") == ("bleu", "cider")  # print order, whatever the asked order
+    assert metrics.parse_metrics("all") == tuple(metrics.METRIC_KEYS)
+    assert metrics.result_keys(metrics.parse_metrics("all")) == [
+        "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore"]
+    with pytest.raises(UserError, match="--metrics 'cider,spice': choose from bleu, meteor"):
+        metrics.parse_metrics("cider,spice")
+
+
+def test_ref_clip_score_follows_hessel_et_al(tiny_clip, tmp_path):
+    """RefCLIP-S = H-Mean(CLIP-S, max(max_r cos(c, r), 0)), each cosine computed here one caption at a time."""
+    model, preprocess, tokenizer = tiny_clip
+    images = synthetic_images(tmp_path, 4)
+    keys = ["a", "b", "c", "d"]
+    predictions = dict(zip(keys, ["a red square", "a dog", "", "two cats on a bed"]))
+    references = dict(zip(keys, [["a red box", "red square"], ["a dog runs"], ["something"],
+                                 ["cats", "two cats", "a bed with two cats on it"]]))
+    result = metrics.score_captions(predictions, references, ("clipscore", "refclipscore"),
+                                    paths=dict(zip(keys, images)), clip=tiny_clip, batch_size=3)
+
+    def text(caption):
+        with torch.no_grad():
+            e = model.encode_text(tokenizer([caption]))[0]
+        return e / e.norm()
+
+    expected = []
+    for k in keys:
+        clip_s = result["per_image"][k]["clipscore"]
+        best = max(float(text(predictions[k]) @ text(r)) for r in references[k])
+        best = max(best, 0.0)
+        expected.append(2 * clip_s * best / (clip_s + best) if clip_s + best > 0 else 0.0)
+    assert [result["per_image"][k]["refclipscore"] for k in keys] == pytest.approx(expected, abs=1e-5)
+    assert result["RefCLIPScore"] == pytest.approx(sum(expected) / 4, abs=1e-6)
+    assert metrics.ref_clip_score(0.0, 0.0) == 0.0 and metrics.ref_clip_score(1.0, -0.5) == 0.0
+    assert metrics.ref_clip_score(2.5, 1.0) == pytest.approx(2 * 2.5 / 3.5)

@@ -162,3 +162,81 @@ def test_missing_clip_weights_fail_fast_offline(world):
                           "--annotation_file", world["ann"], "--device", "cpu"])
     assert time.time() - start < 5
     assert "hw3_download.sh" in str(err.value) and "\n" not in str(err.value)
+
+
+def run_cli(world, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "p2_evaluate.py"), "--pred_file", world["pred"],
+           "--images_root", world["images"], "--annotation_file", world["ann"], "--clip-model", world["config"],
+           "--clip-pretrained", world["weights"], "--device", "cpu", "--num-workers", "0"] + list(extra)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_metrics_all_with_json_equals_pycocoevalcap(world, tmp_path):
+    """--metrics all --json: exactly the nine keys, each equal to pycocoevalcap's scorer on the PTB-tokenised
+    corpus (METEOR null with its reason on stderr where Java is missing), the line in the same order."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    import ptb
+
+    out = tmp_path / "scores.json"
+    run = run_cli(world, "--metrics", "all", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    saved = json.loads(out.read_text())
+    assert list(saved) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore",
+                           "RefCLIPScore"]
+    gts = ptb.tokenize({k: CAPTIONS[k] for k in PREDICTIONS})
+    res = ptb.tokenize({k: [v] for k, v in PREDICTIONS.items()})
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    assert [saved["BLEU-%d" % n] for n in (1, 2, 3, 4)] == pytest.approx(bleu, abs=1e-9)
+    assert saved["ROUGE-L"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-9)
+    assert saved["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
+    if metrics.meteor_unavailable():
+        assert saved["METEOR"] is None and "METEOR skipped" in run.stderr
+    else:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        assert saved["METEOR"] == Meteor().compute_score(gts, res)[0]
+    clip_mean = expected_scores(world)[2]
+    assert saved["CLIPScore"] == pytest.approx(clip_mean, abs=1e-5) and 0 <= saved["RefCLIPScore"] <= 2.5
+    line = run.stdout.strip()
+    shown = [k for k, v in saved.items() if v is not None]
+    assert [part.split(": ")[0] for part in line.split(" | ")] == shown
+    assert float(line.split("CIDEr: ")[1].split(" |")[0]) == saved["CIDEr"]
+
+
+def test_json_holds_only_the_metrics_asked(world, tmp_path):
+    out, per_image = tmp_path / "scores.json", tmp_path / "per_image.json"
+    run = run_cli(world, "--metrics", "bleu,rouge", "--json", str(out), "--per-image", str(per_image))
+    assert run.returncode == 0, run.stderr
+    assert list(json.loads(out.read_text())) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"]
+    assert run.stdout.startswith("BLEU-1: ") and "CIDEr" not in run.stdout
+    entry = json.loads(per_image.read_text())["dog"]
+    assert sorted(entry) == ["bleu-1", "bleu-2", "bleu-3", "bleu-4", "caption", "rouge-l"]
+    bad = run_cli(world, "--metrics", "spice")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --metrics 'spice'")
+
+
+def test_references_in_karpathy_and_deepfashion_formats(world, tmp_path):
+    """The same references as the COCO file, in the other formats: the same scores; --split picks the images."""
+    files = {os.path.splitext(n)[0]: n for n in os.listdir(world["images"])}
+    keys = list(CAPTIONS)
+    data = {"images": [{"filename": files[k], "split": "val" if i < 3 else "train",
+                        "sentences": [{"raw": c} for c in CAPTIONS[k]]} for i, k in enumerate(keys)]}
+    (tmp_path / "karpathy.json").write_text(json.dumps(data))
+    val = {k: PREDICTIONS[k] for k in keys[:3]}
+    result = metrics.evaluate(val, str(tmp_path / "karpathy.json"), world["images"], clip=world["clip"])
+    assert set(result["per_image"]) == set(val)  # the default split of a file with splits is val
+    assert result["CIDEr"] == pytest.approx(metrics.cider(val, CAPTIONS)[0], abs=1e-12)
+    every = metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "karpathy.json"), world["images"], clip=world["clip"],
+                             split="all", metrics=("cider",))
+    assert every["CIDEr"] == pytest.approx(metrics.cider(PREDICTIONS, CAPTIONS)[0], abs=1e-12)
+    assert "CLIPScore" not in every
+    plain = {files[k]: CAPTIONS[k] for k in keys}
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    same = metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "plain.json"), world["images"], clip=world["clip"])
+    assert same["CIDEr"] == pytest.approx(expected_scores(world)[0], abs=1e-12)
+    with pytest.raises(UserError, match="keys do not match"):
+        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "plain.json"), world["images"], clip=world["clip"],
+                         split="val", val_fraction=0.5)

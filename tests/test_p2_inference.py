@@ -208,3 +208,24 @@ def test_mismatched_checkpoint_is_refused(setup, tmp_path):
     (tmp_path / "bad.json").write_text(open(captioner.config_path(setup["checkpoint"])).read())
     with pytest.raises(UserError, match="bad.pt does not match its config"):
         run(dict(setup, checkpoint=bad), tmp_path / "o.json")
+
+
+def test_captions_file_split_captions_only_that_split(setup, tmp_path):
+    """--captions FILE --split val: only the val images of the folder, keyed as p2_evaluate.py --split val scores."""
+    import metrics
+    import p2_data
+
+    captions = tmp_path / "captions.json"  # DeepFashion-style: {file name: paragraph}, no splits
+    captions.write_text(json.dumps({n: "A picture. It is small." for n in setup["names"]}))
+    references = metrics.load_references(str(captions), split="val", val_fraction=0.5)[0]
+    assert 0 < len(references) < len(setup["names"])
+    out = tmp_path / "pred.json"
+    assert run(setup, out, "--captions", str(captions), "--split", "val", "--val-fraction", "0.5") == 0
+    pred = json.loads(out.read_text())
+    assert sorted(pred) == sorted(references)
+    everything = reference_captions(setup, **SETTINGS)
+    assert pred == {k: everything[k] for k in pred}
+    whole = p2_data.load_captions(str(captions), setup["images"]).names  # no --split: the whole file
+    assert run(setup, out, "--captions", str(captions)) == 0 and len(json.loads(out.read_text())) == len(whole)
+    with pytest.raises(UserError, match="--split val needs --captions FILE"):
+        run(setup, out, "--split", "val")

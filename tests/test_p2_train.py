@@ -312,3 +312,109 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     cache = np.load(str(next((tmp_path / "cache").glob("train-*.npy"))))
     assert np.isfinite(cache).all() and (np.abs(cache).sum(axis=(1, 2)) > 0).all()  # both ranks filled their rows
+
+
+# ----------------------------------------------------------------------------------------------- other formats
+
+def other_format_cli(world, out, captions, images, *extra):
+    """cli() with one caption file as both --train-json and --val-json, and one image folder."""
+    args = cli(world, out, *extra)
+    for option, value in (("--train-json", captions), ("--val-json", captions), ("--train-images", images),
+                          ("--val-images", images)):
+        args[args.index(option) + 1] = str(value)
+    return args
+
+
+@pytest.fixture(scope="module")
+def fashion_world(world, tmp_path_factory):
+    """The world's images under DeepFashion-style names, with a paragraph each, in both the DeepFashion
+    captions.json format and a Karpathy split file of the same images."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("fashion")
+    (root / "images").mkdir()
+    paragraphs, splits = {}, {}
+    for i in range(12):
+        source = sorted(CAPTIONS)[i % 4]
+        name = "WOMEN-Dresses-id_%08d-01_%d_front.png" % (i, i % 7)
+        shutil.copy(str(world / "images" / source), str(root / "images" / name))
+        paragraphs[name] = "%s. The picture is plain." % CAPTIONS[source].capitalize()
+        splits[name] = ("train", "restval", "val", "test")[i % 4]
+    (root / "captions.json").write_text(json.dumps(paragraphs))
+    karpathy = {"images": [{"filename": n, "split": splits[n], "sentences": [{"raw": c}]}
+                           for n, c in paragraphs.items()]}
+    (root / "karpathy.json").write_text(json.dumps(karpathy))
+    return root
+
+
+@pytest.mark.parametrize("captions", ["captions.json", "karpathy.json"])
+def test_one_epoch_from_other_formats_validates_the_suite(world, fashion_world, tmp_path, captions, capsys):
+    """One epoch from a DeepFashion-style captions.json (divided by file-name hash) and from a Karpathy file (its
+    train + restval, validated on val), with the metric suite at validation and best.pt chosen by its mean."""
+    meteor = metrics_module().meteor_unavailable() is None
+    suite = "bleu,meteor,rouge,cider" if meteor else "bleu,rouge,cider"
+    out = tmp_path / "run"
+    args = other_format_cli(world, out, fashion_world / captions, fashion_world / "images", "--peft", "none",
+                            "--epochs", "1", "--val-metrics", suite, "--select-on", "mean" if meteor else "bleu-4",
+                            "--val-fraction", "0.4")
+    assert p2_train.main(args) == 0
+    err = capsys.readouterr().err
+    record = [r for r in log_records(out) if r["kind"] == "epoch"][0]
+    assert {"bleu-1", "bleu-4", "rouge-l", "cider"} <= set(record) and "clipscore" not in record
+    assert ("meteor" in record and "mean" in record) == meteor
+    predictions = json.loads((out / "val_predictions.json").read_text())
+    names = json.loads((fashion_world / captions).read_text())
+    if captions == "karpathy.json":
+        assert "train split, 6 of 12 images (train 6, val 3, test 3)" in err
+        expected_val = sorted(os.path.splitext(i["filename"])[0] for i in names["images"] if i["split"] == "val")
+    else:
+        val = [n for n in names if p2_data.in_val_fraction(n, 0.4)]
+        assert "%d train, %d val" % (12 - len(val), len(val)) in err
+        expected_val = sorted(os.path.splitext(n)[0] for n in val)
+    assert sorted(predictions) == expected_val
+    assert json.loads((out / "best.json").read_text())["metrics"]["bleu-4"] == record["bleu-4"]
+
+
+def metrics_module():
+    import metrics
+
+    return metrics
+
+
+def test_cut_captions_are_counted(world, tmp_path, capsys):
+    from tokenizer import BPETokenizer
+
+    assert p2_train.main(cli(world, tmp_path / "run", "--peft", "none", "--epochs", "1",
+                             "--max-caption-tokens", "3")) == 0
+    err = capsys.readouterr().err
+    tokenizer = BPETokenizer()
+    longer = [c for c in CAPTIONS.values() if len(tokenizer.encode(c)) > 3]  # train.json has each caption 4 times
+    longest = max(len(tokenizer.encode(c)) for c in CAPTIONS.values())
+    assert 0 < len(longer) < 4
+    assert ("captions cut to --max-caption-tokens 3: %d of 16 training (longest %d tokens), %d of 4 validation "
+            "(longest %d)" % (4 * len(longer), longest, len(longer), longest)) in err
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--select-on", "bleu-4"), "--select-on bleu-4 needs bleu-4 at validation: add bleu to --val-metrics"),
+    (("--select-on", "mean", "--val-metrics", "bleu,cider"), "needs meteor, rouge-l at validation"),
+    (("--val-metrics", "cider,refclipscore"), "--val-metrics refclipscore needs CLIP: drop --no-clipscore"),
+    (("--val-metrics", "cider,spice"), "--val-metrics 'cider,spice': choose from"),
+])
+def test_validation_metric_options_are_checked_first(world, tmp_path, extra, expected):
+    with pytest.raises(UserError) as err:
+        p2_train.parse_args(cli(world, tmp_path, *extra))
+    assert expected in str(err.value)
+
+
+def test_runs_from_before_the_split_options_still_resume(world, tmp_path):
+    """Split options at their defaults are left out of the resume settings, as they were before they existed;
+    changed, --resume refuses them."""
+    out = tmp_path / "run"
+    common = ("--peft", "none", "--epochs", "2")
+    assert p2_train.main(cli(world, out, *common, "--stop-after", "1")) == 0
+    state = p2_train.load_state(str(out / "last_state.pt"))
+    assert not set(p2_train.LATER_TRAJECTORY_OPTIONS) & set(state["settings"])
+    with pytest.raises(UserError, match="--val-fraction"):
+        p2_train.main(cli(world, out, *common, "--resume", "--val-fraction", "0.3"))
+    assert p2_train.main(cli(world, out, *common, "--resume")) == 0

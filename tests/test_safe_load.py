@@ -283,6 +283,7 @@ def test_p2_train_resume_with_code_is_refused(tmp_path, path_kind, tiny_gpt2_fil
     state = save(dict(format=p2_train.STATE_FORMAT, payload=MakesMarker(marker)), out / "last_state.pt")
     argv = ["--train-json", str(tmp_path / "captions.json"), "--train-images", str(tmp_path / "images"),
             "--val-json", str(tmp_path / "captions.json"), "--val-images", str(tmp_path / "images"),
+            "--train-split", "all", "--val-split", "all",  # one file as both, whole on both sides
             "--decoder-weights", tiny_gpt2_file, "--encoder", TINY_VIT % "@none", "--out", str(out),
             "--workers", "0", "--device", "cpu", "--no-clipscore", "--resume"]
     with pytest.raises(SystemExit) as info:
