@@ -326,13 +326,20 @@ def option_flags(options: dict) -> List[str]:
 
 
 def train_split(ctx: Context) -> str:
-    """train.json, or its first --train-max-images images (a smoke run) written into OUT."""
+    """train.json, or its first --train-max-images training images (a smoke run) written into OUT: a COCO file
+    as COCO, any other caption format as {file name: [captions]} of its train split."""
     if not ctx.args.train_max_images:
         return ctx.data("train_json")
     data = read_json(ctx.data("train_json"), "annotation file")
-    keep = {img["id"] for img in data["images"][:ctx.args.train_max_images]}
-    data = dict(data, images=[i for i in data["images"] if i["id"] in keep],
-                annotations=[a for a in data["annotations"] if a["image_id"] in keep])
+    caption_file = p2_data.read_captions(data, "annotation file")
+    if caption_file.format == "coco":
+        keep = {img["id"] for img in data["images"][:ctx.args.train_max_images]}
+        data = dict(data, images=[i for i in data["images"] if i["id"] in keep],
+                    annotations=[a for a in data["annotations"] if a["image_id"] in keep])
+    else:
+        split = p2_data.resolve_split(caption_file, None, "train")
+        names, _ = p2_data.split_names(caption_file, split, show=False)
+        data = {n: caption_file.captions[n] for n in names[:ctx.args.train_max_images]}
     path = ctx.path("p2", "train_subset.json")
     write_json(path, data, indent=None)
     return path
