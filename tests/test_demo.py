@@ -100,3 +100,45 @@ def test_committed_checkpoints_give_the_committed_captions(val_split, method, tm
     got = read_json(out)
     assert len(expected) == generate.FULL["p2_val"]
     assert got == expected, [k for k in expected if got.get(k) != expected[k]][:5]
+
+
+# Fields that say when, where and how fast a run was, not what it found.
+VOLATILE = ("seconds", "timings", "command")
+
+
+def comparable(results: dict) -> dict:
+    """results.json without the run's circumstances: the source block keeps its note (what the data are), the
+    shipped checkpoint its content (SHA-256, size) rather than the folder it was written to."""
+    kept = {k: v for k, v in results.items() if k not in VOLATILE}
+    source = kept.pop("source", None)
+    kept["source_note"] = source.get("note") if isinstance(source, dict) else source
+    kept["p2_shipping"] = {k: results["p2_shipping"][k] for k in ("sha256", "bytes")}
+    return kept
+
+
+def assert_same(got, want, where="results"):
+    """Equal, floats to a relative 1e-6 (CPU kernels of another torch build may round the last bits differently)."""
+    if isinstance(want, float) and isinstance(got, (int, float)):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), (where, sorted(got), sorted(want))
+        for key in want:
+            assert_same(got[key], want[key], "%s.%s" % (where, key))
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for n, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, "%s[%d]" % (where, n))
+    else:
+        assert got == want, where
+
+
+def test_the_full_demo_reproduces_the_committed_results(tmp_path_factory):
+    """`bash demo.sh` on the full world gives the committed results/miniworld/results.json: every figure, the
+    decoding table, the shipped checkpoint and the P3 captions, whatever the refactor since it was committed."""
+    out = str(tmp_path_factory.mktemp("full_demo"))
+    assert demo.main(["--out", out]) == 0
+    got = read_json(os.path.join(out, "results.json"))
+    assert_same(comparable(got), comparable(read_json(os.path.join(COMMITTED, "results.json"))))
+    for method in demo.METHODS:
+        assert read_json(os.path.join(out, "p2", method, "pred.json")) == read_json(
+            os.path.join(COMMITTED, "p2", method, "pred.json")), method
