@@ -438,3 +438,19 @@ def test_a_killed_runs_lock_is_taken_over(finished, tmp_path, capsys):
     first.wait()
     code, err = run(argv, capsys)
     assert code == 0 and "another run_all.py" not in err
+
+
+def test_a_cjk_path_prints_no_missing_glyphs(finished, tmp_path, capsys):
+    """The source block names the data and output folders as given; characters the report's font lacks are
+    escaped, never drawn as empty boxes (matplotlib warns for each missing glyph)."""
+    import warnings
+
+    out, argv = finished
+    copy = str(tmp_path / "作業三" / "out")
+    shutil.copytree(out, copy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = run(argv_for(argv, out, copy) + ["--force", "report"], capsys)
+    assert code == 0, err[-3000:]
+    assert not [w for w in caught if "missing from" in str(w.message) or "Glyph" in str(w.message)]
+    assert "作業三" in read_json(os.path.join(copy, "results.json"))["source"]["command"]
