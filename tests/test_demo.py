@@ -116,18 +116,31 @@ def comparable(results: dict) -> dict:
     return kept
 
 
-def assert_same(got, want, where="results"):
-    """Equal, floats to a relative 1e-6 (CPU kernels of another torch build may round the last bits differently)."""
+# On another torch build (the course lane's 1.12 against the committing stack) CPU kernels round differently: the
+# captions stay identical (tested above), so CIDEr and object F1 do too, but a near tie in P1 may flip one image
+# in a thousand, CLIP similarities move in the fifth decimal, and three-step training losses drift by hundredths.
+OTHER_STACK = (("p2_train_loss", 0.1), ("accuracy", 0.002), ("clipscore", 1e-4), ("pointing_game", 0.005))
+
+
+def tolerance(where: str, same_stack: bool) -> float:
+    if same_stack:
+        return 1e-6
+    return next((tol for part, tol in OTHER_STACK if part in where.lower()), 1e-6)
+
+
+def assert_same(got, want, same_stack: bool, where="results"):
+    """Equal, floats to a relative 1e-6 on the stack that committed the results, within OTHER_STACK elsewhere."""
     if isinstance(want, float) and isinstance(got, (int, float)):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+        tol = tolerance(where, same_stack)
+        assert got == pytest.approx(want, rel=tol, abs=tol if tol > 1e-6 else 1e-9), where
     elif isinstance(want, dict):
         assert isinstance(got, dict) and sorted(got) == sorted(want), (where, sorted(got), sorted(want))
         for key in want:
-            assert_same(got[key], want[key], "%s.%s" % (where, key))
+            assert_same(got[key], want[key], same_stack, "%s.%s" % (where, key))
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), where
         for n, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, "%s[%d]" % (where, n))
+            assert_same(g, w, same_stack, "%s[%d]" % (where, n))
     else:
         assert got == want, where
 
@@ -137,8 +150,9 @@ def test_the_full_demo_reproduces_the_committed_results(tmp_path_factory):
     decoding table, the shipped checkpoint and the P3 captions, whatever the refactor since it was committed."""
     out = str(tmp_path_factory.mktemp("full_demo"))
     assert demo.main(["--out", out]) == 0
-    got = read_json(os.path.join(out, "results.json"))
-    assert_same(comparable(got), comparable(read_json(os.path.join(COMMITTED, "results.json"))))
+    got, want = read_json(os.path.join(out, "results.json")), read_json(os.path.join(COMMITTED, "results.json"))
+    same_stack = got["source"]["versions"] == want["source"]["versions"]
+    assert_same(comparable(got), comparable(want), same_stack)
     for method in demo.METHODS:
         assert read_json(os.path.join(out, "p2", method, "pred.json")) == read_json(
             os.path.join(COMMITTED, "p2", method, "pred.json")), method
