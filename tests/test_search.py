@@ -203,10 +203,10 @@ def test_checkpoints_from_before_min_len_take_its_default():
     old = dict(before, chosen_on="val")
     settings, said = resolve_decoding({}, {"inference": old}, "ckpt/p2_best.json")
     assert settings == dict(before, min_len=1) and DECODE_DEFAULTS["min_len"] == 1
-    assert "min_len=1" in said and "min_len: the README default (the checkpoint predates it)" in said
+    assert "min_len=1" in said and "min_len: the README default (not in the checkpoint)" in said
     assert "the rest from p2_best.json (chosen on val)" in said
     settings, said = resolve_decoding({"min_len": 0}, {"inference": old}, "ckpt/p2_best.json")
-    assert settings["min_len"] == 0 and "from the command line: min_len" in said and "predates" not in said
+    assert settings["min_len"] == 0 and "from the command line: min_len" in said and "not in the" not in said
     settings, said = resolve_decoding({}, {"inference": dict(old, min_len=3)}, "ckpt/p2_best.json")
     assert settings["min_len"] == 3 and "all from p2_best.json" in said
     with pytest.raises(UserError, match="min-len 21 exceeds max-len 20"):
