@@ -191,6 +191,18 @@ def read_coco_captions(annotation: Union[str, dict], what: Optional[str] = None)
     return out
 
 
+def coco_captions(names: Sequence[str], captions: Sequence[Sequence[str]], info: Optional[dict] = None) -> dict:
+    """A COCO caption file (what read_coco_captions reads, so p2_train.py --train-json takes it): image `names` as
+    the image folder holds them, each with its captions in order; image and annotation ids count from 1."""
+    if len(names) != len(captions):
+        raise ValueError("%d images but %d caption lists" % (len(names), len(captions)))
+    images = [dict(id=n + 1, file_name=name) for n, name in enumerate(names)]
+    annotations = [dict(image_id=n + 1, caption=caption) for n, texts in enumerate(captions) for caption in texts]
+    for n, annotation in enumerate(annotations):
+        annotation["id"] = n + 1
+    return dict(info=info or {}, images=images, annotations=annotations)
+
+
 # ----------------------------------------------------------------------------------------------- splits
 
 def in_val_fraction(name: str, val_fraction: float) -> bool:

@@ -1,6 +1,11 @@
 """P2 inference: captions every image of a folder into {file name without extension: caption} (the course's JSON).
 
     python3 p2_inference.py IMG_DIR OUT_JSON DECODER_WEIGHTS [--checkpoint CKPT] [--beam-size 3] ...
+    python3 p2_inference.py IMG_DIR captions.json DECODER_WEIGHTS --format coco --method sample --captions-per-image 5
+
+`--format coco` writes a COCO caption file instead (N captions per image with --captions-per-image N), which
+p2_train.py reads as --train-json: a teacher's captions for a student. The course's format holds one caption per key,
+so it refuses N > 1.
 
 Images are read by DataLoader workers, encoded in batches by the frozen ViT, and captioned by the batched beam search
 on the decoder's KV cache (search.py). Offline by default: missing encoder weights fail at once and say
@@ -22,19 +27,20 @@ import torch
 
 import p2_data
 import search
-from captioner import Captioner, config_path, load_captioner
+from captioner import Captioner, config_path, load_captioner, read_checkpoint_config
 from common import (ImageFiles, UserError, autocast, check_output_file, collate_images, hub_offline, image_batches,
                     list_images, progress, resolve_device, run_main, write_json)
 from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "p2_best.pt")
+OUTPUT_FORMATS = ("course", "coco")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("images", help="folder of test images")
-    parser.add_argument("output", help="output JSON {file name without extension: caption}")
+    parser.add_argument("output", help="output JSON: {file name without extension: caption}, or COCO with --format")
     parser.add_argument("decoder_weights", help="the course's GPT-2 decoder weights (decoder_model.bin)")
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
@@ -53,6 +59,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     data.add_argument("--val-fraction", type=float, default=p2_data.VAL_FRACTION,
                       help="with --captions: share of a file without splits that --split val takes")
     search.add_decoding_arguments(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--format", choices=OUTPUT_FORMATS, default="course",
+                        help="course: {file name without extension: caption} (hw3_2.sh's); coco: {\"images\": [{id, "
+                             "file_name}], \"annotations\": [{image_id, caption}]}, readable by p2_train.py "
+                             "--train-json (default: %(default)s)")
+    output.add_argument("--captions-per-image", type=int, default=1,
+                        help="captions per image, with --format coco: N draws of --method sample, or the N best "
+                             "beams of beam search (N <= --beam-size) (default: %(default)s)")
     run = parser.add_argument_group("runtime")
     run.add_argument("--batch-size", type=int, default=32, help="images per batch")
     run.add_argument("--device", default="auto", help="cuda, cpu, cuda:1... (default: cuda if available)")
@@ -77,18 +91,23 @@ def output_keys(folder: str) -> List[str]:
 
 def caption_folder(model: Captioner, folder: str, names: List[str], settings: Dict[str, object],
                    batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> List[str]:
+    """The captions of `names`, image-major (settings' captions_per_image per image); sampling is seeded by each
+    image's key, so the captions do not depend on the batch size."""
     tokenizer = BPETokenizer()
+    count = int(settings.get("captions_per_image", 1))
     loader = torch.utils.data.DataLoader(
         ImageFiles([os.path.join(folder, n) for n in names], model.encoder.transform), batch_size=batch_size,
         shuffle=False, num_workers=min(num_workers, (len(names) + batch_size - 1) // batch_size),
         collate_fn=collate_images, pin_memory=device.type == "cuda")
-    captions: List[Optional[str]] = [None] * len(names)
+    captions: List[Optional[str]] = [None] * (len(names) * count)
     with progress(total=len(names), desc="captioning", unit="img") as bar:
         for indices, pixels in image_batches(loader):
             with torch.no_grad(), autocast(device, fp16):
-                ids = model.generate(pixels.to(device, non_blocking=True), **settings)
-            for index, caption in zip(indices, search.decode_captions(ids, tokenizer)):
-                captions[index] = caption
+                ids = model.generate(pixels.to(device, non_blocking=True),
+                                     image_keys=[p2_data.image_key(names[i]) for i in indices], **settings)
+            texts = search.decode_captions(ids, tokenizer)
+            for n, index in enumerate(indices):
+                captions[index * count:(index + 1) * count] = texts[n * count:(n + 1) * count]
             bar.update(len(indices))
     return captions
 
@@ -98,6 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     hub_offline(not args.allow_download)
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
+    if args.format == "course" and args.captions_per_image != 1:
+        raise UserError("--captions-per-image %d needs --format coco: the course's JSON holds one caption per image"
+                        % args.captions_per_image)
     check_output_file(args.output, "output JSON")
     if args.captions:
         names = p2_data.load_captions(args.captions, args.images, split=args.split, default_split="val",
@@ -106,19 +128,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UserError("--split %s needs --captions FILE (the caption file whose split it is)" % args.split)
     else:
         names = output_keys(args.images)
+    settings, said = search.resolve_decoding(vars(args), read_checkpoint_config(args.checkpoint),
+                                             config_path(args.checkpoint))  # before the slow loading
     device = resolve_device(args.device)
     start = time.time()
-    model, meta = load_captioner(args.checkpoint, args.decoder_weights, device=device,
-                                           encoder_spec=args.encoder)
-    settings, said = search.resolve_decoding(vars(args), meta, config_path(args.checkpoint))
+    model, _ = load_captioner(args.checkpoint, args.decoder_weights, device=device, encoder_spec=args.encoder)
     print(said, file=sys.stderr)
     loaded = time.time()
     captions = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,
                               args.fp16)
-    write_json(args.output, {p2_data.image_key(n): c for n, c in zip(names, captions)})
+    if args.format == "coco":
+        count = args.captions_per_image
+        info = dict(description="p2_inference.py captions of %s" % os.path.basename(os.path.normpath(args.images)),
+                    checkpoint=os.path.basename(args.checkpoint), decoding=settings)
+        write_json(args.output, p2_data.coco_captions(
+            names, [captions[n * count:(n + 1) * count] for n in range(len(names))], info))
+    else:
+        write_json(args.output, {p2_data.image_key(n): c for n, c in zip(names, captions)})
     took = time.time() - loaded
-    print("captioned %d images in %.1f s (%.1f images/s; model loading %.1f s) -> %s" % (
-        len(names), took, len(names) / max(took, 1e-9), loaded - start, args.output), file=sys.stderr)
+    print("captioned %d images (%d captions) in %.1f s (%.1f images/s; model loading %.1f s) -> %s" % (
+        len(names), len(captions), took, len(names) / max(took, 1e-9), loaded - start, args.output),
+        file=sys.stderr)
     return 0
 
 

@@ -1,14 +1,19 @@
 """Caption search on the decoder's KV cache: the README's default decoding and how flags and a checkpoint's
-recommended settings combine into the settings used; greedy and beam search, batched, with the n-gram ban and the
-minimum length; and the replay that gives the cross-attention behind each generated token (P3).
+recommended settings combine into the settings used; greedy, sampling and beam search, batched, with the n-gram ban
+and the minimum length; and the replay that gives the cross-attention behind each generated token (P3).
 
 Image keys/values are computed once per image (decoder.image_memory); each step feeds only the new token through the
-KV cache; beams are batch rows, and images whose search is over leave the batch.
+KV cache; beams and sampled captions are batch rows, and rows whose search is over leave the batch.
+
+Sampling is reproducible whatever the batch: each caption draws from its own stream of uniforms, seeded by SHA-256 of
+(seed, image key, draw number), and takes at step t the token where the cumulative distribution passes its t-th
+uniform. The image key is the prediction key (p2_inference) or, by default, the image's place in the call.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +27,22 @@ DECODE_DEFAULTS = dict(method="beam", beam_size=3, max_len=30, min_len=1, length
 # measure picked them"}. Only settings tuned for inference on validation data belong here; training's validation
 # decoding is recorded elsewhere ("validation_decoding") and never used by inference.
 INFERENCE_KEY = "inference"
+# Sampling's settings (--method sample): softmax(log p / temperature) over the top_k most likely tokens (0: all) and
+# the smallest set holding top_p of the mass (1.0: all); seed fixes the draws.
+SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, seed=0)
+METHODS = ("beam", "greedy", "sample")
 # Settings added after checkpoints were shipped: a recommendation without them takes their default.
-LATER_SETTINGS = ("min_len",)
+LATER_SETTINGS = ("min_len",) + tuple(SAMPLING_DEFAULTS)
 BEAM_ONLY = ("beam_size", "length_penalty")  # flags that mean beam search: giving one alone asks for it
+SAMPLING_ONLY = tuple(SAMPLING_DEFAULTS)  # flags that mean sampling: giving one alone asks for it
+_ALL_DEFAULTS = dict(DECODE_DEFAULTS, **SAMPLING_DEFAULTS)
 
 
 # ----------------------------------------------------------------------------------------------- settings
 
-def _checked_settings(settings: Dict[str, object], where: str) -> Dict[str, object]:
+def _checked_settings(settings: Dict[str, object], where: str, prefix: str = "") -> Dict[str, object]:
     out = {}
-    for key, default in DECODE_DEFAULTS.items():
+    for key, default in _ALL_DEFAULTS.items():
         value = settings[key]
         if isinstance(default, str):
             fits = isinstance(value, str)
@@ -42,11 +53,17 @@ def _checked_settings(settings: Dict[str, object], where: str) -> Dict[str, obje
             kind = {str: "text", int: "whole number", float: "number"}[type(default)]
             raise UserError("%s: %s must be a %s, got %r" % (where, key, kind, value))
         out[key] = type(default)(value)
-    if out["method"] not in ("beam", "greedy"):
-        raise UserError("%s: method must be beam or greedy, got %r" % (where, out["method"]))
-    for key, least in (("beam_size", 1), ("max_len", 1), ("min_len", 0), ("no_repeat_ngram", 0)):
+    if out["method"] not in METHODS:
+        raise UserError("%s: method must be %s or %s, got %r" % (where, ", ".join(METHODS[:-1]), METHODS[-1],
+                                                                 out["method"]))
+    for key, least in (("beam_size", 1), ("max_len", 1), ("min_len", 0), ("no_repeat_ngram", 0), ("top_k", 0)):
         if out[key] < least:
-            raise UserError("%s: %s must be >= %d, got %s" % (where, key.replace("_", "-"), least, out[key]))
+            raise UserError("%s: %s%s must be >= %d, got %s" % (where, prefix, key.replace("_", "-"), least,
+                                                                 out[key]))
+    if not out["temperature"] > 0:
+        raise UserError("%s: %stemperature must be > 0, got %s" % (where, prefix, out["temperature"]))
+    if not 0 < out["top_p"] <= 1:
+        raise UserError("%s: %stop-p must be in (0, 1], got %s" % (where, prefix, out["top_p"]))
     if out["min_len"] > out["max_len"]:
         raise UserError("%s: min-len %d exceeds max-len %d" % (where, out["min_len"], out["max_len"]))
     return out
@@ -57,9 +74,10 @@ def add_decoding_arguments(parser) -> None:
     so resolve_decoding can tell a given flag from an absent one."""
     group = parser.add_argument_group(
         "decoding", "each option given takes effect on its own (--beam-size or --length-penalty alone means beam "
-        "search); the rest come from the checkpoint's recommended inference settings if it has them, else: %s"
-        % ", ".join("%s=%s" % kv for kv in DECODE_DEFAULTS.items()))
-    group.add_argument("--method", choices=("beam", "greedy"), help="search method")
+        "search, --temperature, --top-k, --top-p or --seed alone means sampling); the rest come from the "
+        "checkpoint's recommended inference settings if it has them, else: %s"
+        % ", ".join("%s=%s" % kv for kv in _ALL_DEFAULTS.items()))
+    group.add_argument("--method", choices=METHODS, help="search method")
     group.add_argument("--beam-size", type=int, help="beams per image")
     group.add_argument("--max-len", type=int, help="most tokens per caption, end token included")
     group.add_argument("--min-len", type=int,
@@ -68,14 +86,61 @@ def add_decoding_arguments(parser) -> None:
     group.add_argument("--length-penalty", type=float,
                        help="beam score = sum(log p) / length ** this (> 0 favours longer captions)")
     group.add_argument("--no-repeat-ngram", type=int, help="forbid repeating n-grams of this size (0 = off)")
+    group.add_argument("--temperature", type=float, help="sampling: draw from softmax(log p / this), > 0")
+    group.add_argument("--top-k", type=int, help="sampling: only the k most likely tokens (0 = all)")
+    group.add_argument("--top-p", type=float,
+                       help="sampling: only the smallest set of most likely tokens holding this much probability, "
+                            "in (0, 1] (1 = all)")
+    group.add_argument("--seed", type=int, help="sampling: the seed; a caption depends only on it, the image's key "
+                                                "and its draw number, never on the batch")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _implied_method(flags: Dict[str, object]) -> Dict[str, object]:
+    """Refuses flags that contradict the method; a beam-only or sampling-only flag alone asks for its method."""
+    beam = [k for k in BEAM_ONLY if k in flags and (k != "beam_size" or flags[k] > 1)]
+    sampling = [k for k in SAMPLING_ONLY if k in flags]
+    method = flags.get("method")
+    if method in ("greedy", "sample") and beam:
+        raise UserError("--method %s contradicts %s, which only beam search uses"
+                        % (method, " and ".join(map(_flag, beam))))
+    if method in ("greedy", "beam") and sampling:
+        raise UserError("--method %s contradicts %s, which only sampling uses"
+                        % (method, " and ".join(map(_flag, sampling))))
+    if method is None and beam and sampling:
+        raise UserError("%s (beam search) contradicts %s (sampling): give --method"
+                        % (" and ".join(map(_flag, beam)), " and ".join(map(_flag, sampling))))
+    if method is None and any(k in flags for k in BEAM_ONLY) and flags.get("beam_size", 2) > 1:
+        return dict(flags, method="beam")
+    if method is None and sampling:
+        return dict(flags, method="sample")
+    return flags
+
+
+def _checked_count(settings: Dict[str, object], count: int) -> int:
+    """--captions-per-image: N draws when sampling, the N best beams of beam search, one greedy caption."""
+    if count < 1:
+        raise UserError("--captions-per-image must be >= 1, got %d" % count)
+    if settings["method"] == "greedy" and count > 1:
+        raise UserError("--captions-per-image %d: greedy search gives one caption per image (use --method sample, "
+                        "or beam search with --beam-size >= %d)" % (count, count))
+    if settings["method"] == "beam" and count > settings["beam_size"]:
+        raise UserError("--captions-per-image %d exceeds --beam-size %d (beam search returns its best beams)"
+                        % (count, settings["beam_size"]))
+    return count
 
 
 def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
                      where: str = "the checkpoint config") -> Tuple[Dict[str, object], str]:
     """The decoding settings to use and a line saying where each came from. Each given (non-None) flag takes effect
-    on its own, over the checkpoint's recommended inference settings (meta[INFERENCE_KEY]), over DECODE_DEFAULTS; a
-    beam-only flag (--beam-size, --length-penalty) given without --method means beam search. `where` names the
-    checkpoint's JSON in messages."""
+    on its own, over the checkpoint's recommended inference settings (meta[INFERENCE_KEY]), over DECODE_DEFAULTS and
+    SAMPLING_DEFAULTS; a beam-only flag (--beam-size, --length-penalty) given without --method means beam search, a
+    sampling-only one (--temperature, --top-k, --top-p, --seed) sampling. The settings hold only what the method
+    uses (sampling's when sampling, beam_size and length_penalty when not), plus captions_per_image when `given`
+    has it. `where` names the checkpoint's JSON in messages."""
     saved = (meta or {}).get(INFERENCE_KEY)
     origin = "%s (chosen on %s)" % (os.path.basename(where), saved.get("chosen_on")) if isinstance(saved, dict) \
         else "the README defaults"
@@ -85,19 +150,18 @@ def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
                                   and isinstance(saved.get("chosen_on"), str)):
         raise UserError("%s must hold %s and 'chosen_on' (the validation data that chose them)"
                         % (where, ", ".join(required)))
-    base = _checked_settings(dict(DECODE_DEFAULTS, **saved), where) if saved else dict(DECODE_DEFAULTS)
-    flags = {k: v for k, v in given.items() if k in DECODE_DEFAULTS and v is not None}
-    unsaved = [k for k in LATER_SETTINGS if saved and k not in saved and k not in flags]
-    if flags.get("method") == "greedy" and (flags.get("beam_size", 1) > 1 or "length_penalty" in flags):
-        raise UserError("--method greedy contradicts %s, which only beam search uses" % " and ".join(
-            "--" + k.replace("_", "-") for k in BEAM_ONLY if k in flags and (k != "beam_size" or flags[k] > 1)))
-    if "method" not in flags and any(k in flags for k in BEAM_ONLY) and flags.get("beam_size", 2) > 1:
-        flags["method"] = "beam"
-    settings = _checked_settings(dict(base, **flags), "decoding option")
+    base = _checked_settings(dict(_ALL_DEFAULTS, **saved), where) if saved else dict(_ALL_DEFAULTS)
+    flags = _implied_method({k: v for k, v in given.items() if k in _ALL_DEFAULTS and v is not None})
+    settings = _checked_settings(dict(base, **flags), "decoding option", "--")
+    unused = BEAM_ONLY if settings["method"] == "sample" else SAMPLING_ONLY
+    settings = {k: v for k, v in settings.items() if k not in unused}
+    if given.get("captions_per_image") is not None:
+        settings["captions_per_image"] = _checked_count(settings, given["captions_per_image"])
+    unsaved = [k for k in LATER_SETTINGS if saved and k in settings and k not in saved and k not in flags]
     said = ", ".join("%s=%s" % kv for kv in settings.items())
     parts = ["from the command line: %s" % ", ".join(sorted(flags))] if flags else []
     if unsaved:
-        parts.append("%s: the README default (the checkpoint predates it)" % ", ".join(unsaved))
+        parts.append("%s: the README default (not in the checkpoint)" % ", ".join(unsaved))
     parts.append(("the rest from %s" if parts else "all from %s") % origin)
     return settings, "decoding: %s (%s)" % (said, "; ".join(parts))
 
@@ -132,16 +196,54 @@ def _step_log_probs(decoder, tokens, memory, cache, seqs, no_repeat_ngram: int, 
     return logp
 
 
-def _greedy(decoder, memory, batch: int, max_len: int, min_len: int, no_repeat_ngram: int,
-            device) -> List[Tuple[List[int], bool]]:
-    """Argmax decoding; finished captions leave the batch, so later steps only compute the ones still running."""
-    results: List[Optional[Tuple[List[int], bool]]] = [None] * batch
-    alive = torch.arange(batch, device=device)  # original index of each running row
-    seqs = torch.full((batch, 1), END_TOKEN, dtype=torch.long, device=device)  # (R, 1 + steps)
+def draw_uniforms(seed: int, keys: Sequence[str], captions_per_image: int, steps: int) -> torch.Tensor:
+    """(len(keys) * captions_per_image, steps) uniforms in [0, 1), image-major: draw d of image `key` takes the
+    stream of a generator seeded by SHA-256 of (seed, key, d), so its caption never depends on the batch."""
+    rows = []
+    for key in keys:
+        for draw in range(captions_per_image):
+            digest = hashlib.sha256(("%d\0%s\0%d" % (seed, key, draw)).encode("utf-8")).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+            rows.append(torch.rand(steps, generator=generator, dtype=torch.float64))
+    return torch.stack(rows)
+
+
+def sample_next_word(logp: torch.Tensor, uniform: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The next token of each row of log-probs (R, V): the argmax without `uniform` (greedy), else a draw from
+    softmax(logp / temperature) restricted to the top_k most likely tokens, then to the smallest set of most likely
+    ones holding top_p of the mass (Hugging Face's warpers, in its order), taken where the row's cumulative
+    distribution passes its uniform (R,) (ruotianluo's sample_next_word, with the randomness supplied per row)."""
+    if uniform is None:
+        return logp.argmax(-1)
+    scaled = (logp - logp.max(-1, keepdim=True).values) / temperature  # the best token stays at 0, whatever T
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (R, 1); ties with the k-th stay, as in Hugging Face
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled.double(), dim=-1)  # (R, V); float64 so the CDF of 50k tokens keeps small ones
+    if top_p < 1.0:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        before = ordered.cumsum(-1) - ordered  # mass of the more likely tokens; the most likely always stays
+        probs = probs.scatter(-1, order, ordered.masked_fill(before >= top_p, 0.0))
+    cdf = probs.cumsum(-1)  # (R, V)
+    total = cdf[:, -1:]  # (R, 1): the kept mass; the point stays below it, so a token of positive probability is hit
+    point = torch.minimum(uniform.to(cdf.device).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(1)  # the first token whose cdf exceeds the point
+
+
+def _sample(decoder, memory, rows: int, max_len: int, min_len: int, no_repeat_ngram: int, device,
+            uniforms: Optional[torch.Tensor] = None, **warp) -> List[Tuple[List[int], bool]]:
+    """One caption per row, token by token: the argmax (greedy) or, with `uniforms` (rows, max_len), a draw per
+    step (sample_next_word with `warp`: temperature, top_k, top_p). Finished captions leave the batch, so later
+    steps only compute the ones still running."""
+    results: List[Optional[Tuple[List[int], bool]]] = [None] * rows
+    alive = torch.arange(rows, device=device)  # original index of each running row
+    seqs = torch.full((rows, 1), END_TOKEN, dtype=torch.long, device=device)  # (R, 1 + steps)
     cache = decoder.new_cache()
     for step in range(max_len):
         logp = _step_log_probs(decoder, seqs[:, -1:], memory, cache, seqs, no_repeat_ngram, step >= min_len)
-        seqs = torch.cat([seqs, logp.argmax(-1, keepdim=True)], dim=1)
+        uniform = None if uniforms is None else uniforms[alive.cpu(), step]
+        seqs = torch.cat([seqs, sample_next_word(logp, uniform, **warp).unsqueeze(1)], dim=1)
         ended = seqs[:, -1] == END_TOKEN
         if ended.any():
             for row in ended.nonzero(as_tuple=True)[0].tolist():
@@ -157,10 +259,11 @@ def _greedy(decoder, memory, batch: int, max_len: int, min_len: int, no_repeat_n
 
 
 def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, min_len: int, length_penalty: float,
-          no_repeat_ngram: int, device) -> List[Tuple[List[int], bool]]:
+          no_repeat_ngram: int, device, count: int = 1) -> List[Tuple[List[int], bool]]:
     """Beam search with Hugging Face's rules (2K candidates per step, a hypothesis ends at the end token with score
     sum(log p) / length ** length_penalty, stop when K are done and no running beam can beat them), batched with
-    beams as the batch dimension; images whose search is over leave the batch."""
+    beams as the batch dimension; images whose search is over leave the batch. Returns the best `count` finished
+    hypotheses of each image, best first (Hugging Face's num_return_sequences)."""
     K = beam_size
     finished: List[List[Tuple[float, List[int], bool]]] = [[] for _ in range(batch)]
     alive = torch.arange(batch, device=device)  # original index of each running image
@@ -211,7 +314,7 @@ def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, min_len: in
             memory = memory.index_select(kept_rows)
         seqs = torch.cat([seqs.index_select(0, rows), next_tokens], dim=1)
         cache = cache.index_select(rows)
-    return [(hyps[0][1], hyps[0][2]) for hyps in finished]
+    return [(ids, ended) for hyps in finished for _, ids, ended in hyps[:count]]
 
 
 def _replay_attention(decoder, image_tokens: torch.Tensor, results: List[Tuple[List[int], bool]]):
@@ -231,33 +334,59 @@ def _replay_attention(decoder, image_tokens: torch.Tensor, results: List[Tuple[L
 def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS["method"],
              beam_size: int = DECODE_DEFAULTS["beam_size"], max_len: int = DECODE_DEFAULTS["max_len"],
              min_len: int = DECODE_DEFAULTS["min_len"], length_penalty: float = DECODE_DEFAULTS["length_penalty"],
-             no_repeat_ngram: int = DECODE_DEFAULTS["no_repeat_ngram"], return_attention: bool = False):
+             no_repeat_ngram: int = DECODE_DEFAULTS["no_repeat_ngram"],
+             temperature: float = SAMPLING_DEFAULTS["temperature"], top_k: int = SAMPLING_DEFAULTS["top_k"],
+             top_p: float = SAMPLING_DEFAULTS["top_p"], seed: int = SAMPLING_DEFAULTS["seed"],
+             captions_per_image: int = 1, image_keys: Optional[Sequence[str]] = None, return_attention: bool = False):
     """Captions as token ids (end token stripped) for a batch of image tokens (B, N, encoder_dim); the end token is
-    banned until min_len tokens were generated (1: never an empty caption).
+    banned until min_len tokens were generated (1: never an empty caption). With captions_per_image C > 1 the list
+    holds B * C captions, image-major: C draws of sampling, or the C best beams (C <= beam_size).
+
+    Sampling's draws for an image depend on (seed, its key in `image_keys`, the draw number) only; without keys an
+    image's key is its place in this batch, so pass keys for captions that do not depend on the batching.
 
     Image keys/values are computed once per image (decoder.image_memory); each step feeds only the new token through
-    the KV cache. return_attention=True also returns, per image, a list over decoder blocks (None where a block has
-    no cross-attention) of (n_head, L, N) probabilities: row j is the step that produced token j, and a last row the
-    step that produced the end token when the caption ended."""
-    if method not in ("beam", "greedy"):
-        raise ValueError("method must be 'beam' or 'greedy', got %r" % method)
+    the KV cache. return_attention=True also returns, per caption, a list over decoder blocks (None where a block
+    has no cross-attention) of (n_head, L, N) probabilities: row j is the step that produced token j, and a last row
+    the step that produced the end token when the caption ended."""
+    if method not in METHODS:
+        raise ValueError("method must be one of %s, got %r" % (METHODS, method))
     if beam_size < 1 or max_len < 1 or min_len < 0:
         raise ValueError("beam_size and max_len must be >= 1 and min_len >= 0, got %d, %d and %d"
                          % (beam_size, max_len, min_len))
+    if captions_per_image < 1 or (method == "greedy" and captions_per_image > 1) or (
+            method == "beam" and captions_per_image > beam_size):
+        raise ValueError("captions_per_image %d: greedy gives 1, beam search at most beam_size (%d)"
+                         % (captions_per_image, beam_size))
+    if not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1):
+        raise ValueError("sampling needs temperature > 0, top_k >= 0 and top_p in (0, 1], got %s, %s and %s"
+                         % (temperature, top_k, top_p))
+    batch, device = image_tokens.shape[0], image_tokens.device
+    keys = [str(i) for i in range(batch)] if image_keys is None else [str(k) for k in image_keys]
+    if len(keys) != batch:
+        raise ValueError("%d image keys for %d images" % (len(keys), batch))
     max_len = min(max_len, decoder.max_text_len - 1)  # the start token takes a position too
     was_training = decoder.training
     decoder.eval()
     try:
         memory = decoder.image_memory(image_tokens)
-        batch, device = image_tokens.shape[0], image_tokens.device
-        if method == "greedy":
-            results = _greedy(decoder, memory, batch, max_len, min_len, no_repeat_ngram, device)
-        else:
+        if method == "beam":
             results = _beam(decoder, memory, batch, beam_size, max_len, min_len, length_penalty, no_repeat_ngram,
-                            device)
+                            device, captions_per_image)
+        elif method == "greedy":
+            results = _sample(decoder, memory, batch, max_len, min_len, no_repeat_ngram, device)
+        else:
+            rows = batch * captions_per_image
+            if captions_per_image > 1:
+                memory = memory.repeat_interleave(captions_per_image)
+            results = _sample(decoder, memory, rows, max_len, min_len, no_repeat_ngram, device,
+                              draw_uniforms(seed, keys, captions_per_image, max_len), temperature=temperature,
+                              top_k=top_k, top_p=top_p)
         ids = [seq for seq, _ in results]
         if not return_attention:
             return ids
+        if captions_per_image > 1:
+            image_tokens = image_tokens.repeat_interleave(captions_per_image, dim=0)
         return ids, _replay_attention(decoder, image_tokens, results)
     finally:
         decoder.train(was_training)

@@ -55,12 +55,15 @@ def setup(tmp_path_factory):
 
 
 def reference_captions(setup, **settings) -> dict:
-    """One image at a time through the captioner, no DataLoader."""
+    """One image at a time through the captioner, no DataLoader; {key: caption}, or {key: [captions]} when
+    settings ask for captions_per_image."""
     model, _ = captioner.load_captioner(setup["checkpoint"], setup["weights"])
     out = {}
     for name in setup["names"]:
         pixels = model.encoder.transform(load_rgb(os.path.join(setup["images"], name))).unsqueeze(0)
-        out[os.path.splitext(name)[0]] = search.decode_captions(model.generate(pixels, **settings))[0]
+        key = os.path.splitext(name)[0]
+        captions = search.decode_captions(model.generate(pixels, image_keys=[key], **settings))
+        out[key] = captions if "captions_per_image" in settings else captions[0]
     return out
 
 
@@ -126,7 +129,8 @@ def test_beam_size_alone_means_beam_search_with_that_many_beams(setup, tmp_path,
 
 
 @pytest.mark.parametrize("inference,message", [
-    (dict(SETTINGS, method="sample", chosen_on="x"), "method must be beam or greedy"),
+    (dict(SETTINGS, method="nucleus", chosen_on="x"), "method must be beam, greedy or sample"),
+    (dict(SETTINGS, method="sample", temperature=0, chosen_on="x"), "temperature must be > 0"),
     (dict(SETTINGS, beam_size=2.5, chosen_on="x"), "beam_size must be a whole number"),
     (dict(SETTINGS, max_len=0, chosen_on="x"), "max-len must be >= 1"),
     (dict(SETTINGS), "chosen_on"),
@@ -229,3 +233,77 @@ def test_captions_file_split_captions_only_that_split(setup, tmp_path):
     assert run(setup, out, "--captions", str(captions)) == 0 and len(json.loads(out.read_text())) == len(whole)
     with pytest.raises(UserError, match="--split val needs --captions FILE"):
         run(setup, out, "--split", "val")
+
+
+SAMPLING = ["--method", "sample", "--temperature", "1.5", "--top-k", "40", "--top-p", "0.95", "--seed", "7",
+            "--max-len", "12"]
+
+
+def test_sampled_captions_are_the_same_for_any_batch_size(setup, tmp_path, capsys):
+    outputs = []
+    for size in ("1", "2", "5"):
+        out = tmp_path / ("pred%s.json" % size)
+        assert run(setup, out, "--batch-size", size, *SAMPLING) == 0
+        outputs.append(json.loads(out.read_text()))
+    assert outputs[0] == outputs[1] == outputs[2]
+    said = capsys.readouterr().err
+    assert "decoding: method=sample, max_len=12, min_len=1, no_repeat_ngram=2, temperature=1.5, top_k=40, " \
+           "top_p=0.95, seed=7, captions_per_image=1 (from the command line: max_len, method, seed, temperature, " \
+           "top_k, top_p; min_len: the README default (not in the checkpoint); the rest from p2_best.json (chosen " \
+           "on test))" in said
+    settings = dict(method="sample", temperature=1.5, top_k=40, top_p=0.95, seed=7, max_len=12, no_repeat_ngram=2)
+    assert outputs[0] == reference_captions(setup, **settings)
+    assert len(set(outputs[0].values())) == len(outputs[0])
+    out = tmp_path / "seed8.json"
+    run(setup, out, *(SAMPLING[:-4] + ["--seed", "8", "--max-len", "12"]))
+    assert json.loads(out.read_text()) != outputs[0]
+
+
+def test_coco_output_is_a_training_file(setup, tmp_path):
+    """--format coco --captions-per-image 3: every image with its 3 draws, read back by p2_data and p2_train."""
+    import p2_data
+    import p2_train
+
+    out = tmp_path / "teacher.json"
+    assert run(setup, out, "--format", "coco", "--captions-per-image", "3", "--batch-size", "4", *SAMPLING) == 0
+    data = json.loads(out.read_text())
+    assert [i["file_name"] for i in data["images"]] == setup["names"]
+    assert data["info"]["decoding"]["captions_per_image"] == 3 and data["info"]["decoding"]["seed"] == 7
+    written = p2_data.read_captions(str(out))
+    assert written.format == "coco"
+    settings = dict(method="sample", temperature=1.5, top_k=40, top_p=0.95, seed=7, max_len=12, no_repeat_ngram=2,
+                    captions_per_image=3)
+    expected = reference_captions(setup, **settings)
+    assert dict(written.captions) == {n: expected[os.path.splitext(n)[0]] for n in setup["names"]}
+    loaded = p2_data.load_captions(str(out), setup["images"], clean=False)
+    assert loaded.names == setup["names"] and all(len(c) == 3 for c in loaded.captions)
+    args = p2_train.parse_args(["--train-json", str(out), "--train-images", setup["images"], "--val-json", str(out),
+                                "--val-images", setup["images"], "--val-fraction", "0.5",
+                                "--decoder-weights", setup["weights"], "--out", str(tmp_path / "train")])
+    train, val = p2_train.load_splits(args)
+    assert sorted(train.names + val.names) == setup["names"] and all(len(c) == 3 for c in train.captions)
+    one = tmp_path / "one.json"  # the first draw of three is the single caption of the same seed
+    assert run(setup, one, *SAMPLING) == 0
+    assert json.loads(one.read_text()) == {k: v[0] for k, v in expected.items()}
+    beams = tmp_path / "beams.json"
+    assert run(setup, beams, "--format", "coco", "--captions-per-image", "2", "--beam-size", "3") == 0
+    best = reference_captions(setup, **dict(SETTINGS, captions_per_image=2))
+    assert dict(p2_data.read_captions(str(beams)).captions) == {n: best[os.path.splitext(n)[0]]
+                                                                for n in setup["names"]}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--captions-per-image", "2", "--method", "sample"], "--captions-per-image 2 needs --format coco"),
+    (["--format", "coco", "--captions-per-image", "2", "--method", "greedy"], "greedy search gives one caption"),
+    (["--format", "coco", "--captions-per-image", "4"], "--captions-per-image 4 exceeds --beam-size 3"),
+    (["--format", "coco", "--captions-per-image", "0", "--method", "sample"], "--captions-per-image must be >= 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--method", "beam", "--top-k", "5"], "--method beam contradicts --top-k"),
+])
+def test_sampling_and_output_errors_are_one_line_before_any_work(setup, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message) as err:
+        run(setup, tmp_path / "o.json", *extra)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "o.json").exists()

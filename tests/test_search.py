@@ -203,10 +203,10 @@ def test_checkpoints_from_before_min_len_take_its_default():
     old = dict(before, chosen_on="val")
     settings, said = resolve_decoding({}, {"inference": old}, "ckpt/p2_best.json")
     assert settings == dict(before, min_len=1) and DECODE_DEFAULTS["min_len"] == 1
-    assert "min_len=1" in said and "min_len: the README default (the checkpoint predates it)" in said
+    assert "min_len=1" in said and "min_len: the README default (not in the checkpoint)" in said
     assert "the rest from p2_best.json (chosen on val)" in said
     settings, said = resolve_decoding({"min_len": 0}, {"inference": old}, "ckpt/p2_best.json")
-    assert settings["min_len"] == 0 and "from the command line: min_len" in said and "predates" not in said
+    assert settings["min_len"] == 0 and "from the command line: min_len" in said and "not in the" not in said
     settings, said = resolve_decoding({}, {"inference": dict(old, min_len=3)}, "ckpt/p2_best.json")
     assert settings["min_len"] == 3 and "all from p2_best.json" in said
     with pytest.raises(UserError, match="min-len 21 exceeds max-len 20"):
@@ -245,3 +245,192 @@ def test_decode_captions_strips():
 
     tok = BPETokenizer()
     assert decode_captions([tok.encode(" a dog on grass ")], tok) == ["a dog on grass"]
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+KEYS = ["img%d" % i for i in range(6)]
+
+
+@pytest.mark.parametrize("warp", [dict(top_k=1), dict(temperature=1e-6), dict(top_p=1e-6),
+                                  dict(temperature=1e-30, top_k=5, top_p=0.5)])
+@pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 3)])
+def test_sampling_that_keeps_only_the_best_token_equals_greedy(world, warp, no_repeat_ngram, min_len):
+    decoder, feats = world["model"].decoder, world["feats"]
+    settings = dict(max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram)
+    greedy = generate(decoder, feats, method="greedy", **settings)
+    for seed in (0, 1):
+        assert generate(decoder, feats, method="sample", seed=seed, **dict(settings, **warp)) == greedy
+
+
+SAMPLED = dict(method="sample", max_len=16, no_repeat_ngram=2, temperature=1.5, top_k=10, top_p=0.95)
+
+
+def test_same_seed_same_captions_whatever_the_batch_size(world):
+    decoder, feats = world["model"].decoder, world["feats"]
+    whole = generate(decoder, feats, image_keys=KEYS, **SAMPLED)
+    assert len({tuple(c) for c in whole}) == len(whole) and len({len(c) for c in whole}) > 1
+    for size in (1, 2, 5):
+        chunks = [generate(decoder, feats[i:i + size], image_keys=KEYS[i:i + size], **SAMPLED)
+                  for i in range(0, len(KEYS), size)]
+        assert [ids for chunk in chunks for ids in chunk] == whole, size
+    reordered = generate(decoder, feats.flip(0), image_keys=KEYS[::-1], **SAMPLED)
+    assert reordered[::-1] == whole  # the key, not the place, seeds an image's draws
+
+
+def test_different_seeds_give_different_captions(world):
+    decoder, feats = world["model"].decoder, world["feats"]
+    first = generate(decoder, feats, image_keys=KEYS, **SAMPLED)
+    assert generate(decoder, feats, image_keys=KEYS, **SAMPLED) == first
+    for seed in (1, 2):
+        other = generate(decoder, feats, image_keys=KEYS, **dict(SAMPLED, seed=seed))
+        assert sum(a != b for a, b in zip(first, other)) >= len(KEYS) - 1, seed
+
+
+@pytest.mark.parametrize("warp,min_len", [(dict(), 1), (dict(temperature=0.7, top_k=20), 0),
+                                          (dict(top_p=0.9), 4)])
+def test_cached_sampling_equals_uncached(world, warp, min_len):
+    decoder, feats = world["model"].decoder, world["feats"]
+    settings = dict(SAMPLED, min_len=min_len, captions_per_image=2, **warp)
+    with torch.no_grad():
+        assert generate(decoder, feats, **settings) == generate(Uncached(decoder), feats, **settings)
+
+
+def test_several_captions_per_image(world):
+    """N draws per image, image-major; draw 0 is the single caption of the same seed. Beam search gives its N best
+    beams, the first of them its single caption."""
+    decoder, feats = world["model"].decoder, world["feats"]
+    one = generate(decoder, feats, image_keys=KEYS, **SAMPLED)
+    three = generate(decoder, feats, image_keys=KEYS, captions_per_image=3, **SAMPLED)
+    assert len(three) == 3 * len(KEYS) and three[::3] == one
+    assert all(len({tuple(c) for c in three[3 * i:3 * i + 3]}) == 3 for i in range(len(KEYS)))
+    beam = dict(method="beam", beam_size=4, max_len=16, no_repeat_ngram=2)
+    best = generate(decoder, feats, **beam)
+    top = generate(decoder, feats, captions_per_image=3, **beam)
+    assert len(top) == 3 * len(KEYS) and top[::3] == best
+    assert all(len({tuple(c) for c in top[3 * i:3 * i + 3]}) == 3 for i in range(len(KEYS)))
+    ids, attentions = generate(decoder, feats[:2], captions_per_image=2, return_attention=True, **SAMPLED)
+    assert len(ids) == len(attentions) == 4
+    assert [blocks[0].shape[1] for blocks in attentions] == [len(c) + (len(c) < 16) for c in ids]
+    for bad in (dict(method="greedy", captions_per_image=2), dict(beam, captions_per_image=5)):
+        with pytest.raises(ValueError, match="captions_per_image"):
+            generate(decoder, feats, **bad)
+
+
+def test_beam_captions_per_image_equal_hugging_face_num_return_sequences(world):
+    skip_old_hf_beam(3)
+    decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
+    ours = generate(decoder, world["feats"][:1], method="beam", beam_size=4, max_len=12, min_len=0,
+                    no_repeat_ngram=2, captions_per_image=3)
+    with torch.no_grad():
+        hf = world["gpt2"].generate(torch.tensor([[END_TOKEN]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
+                                    do_sample=False, num_beams=4, num_return_sequences=3, max_new_tokens=12,
+                                    no_repeat_ngram_size=2, early_stopping=False, eos_token_id=END_TOKEN,
+                                    pad_token_id=END_TOKEN)[:, 1:].tolist()
+    for row in hf:
+        while row and row[-1] == END_TOKEN:
+            row.pop()
+    assert ours == hf
+
+
+def test_min_len_holds_under_sampling(world, eager_end):
+    _, decoder = eager_end
+    feats = world["feats"]
+    for min_len in (0, 1, 3):
+        ids = generate(decoder, feats, method="sample", max_len=8, min_len=min_len, no_repeat_ngram=0,
+                       captions_per_image=4, top_k=5)
+        assert all(len(c) >= min_len for c in ids)
+        assert min(len(c) for c in ids) == min_len  # the end token is likely: it comes as soon as it may
+
+
+def reference_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """softmax(logits / T) restricted to the top k, then to the smallest most-likely set holding top_p, renormalised:
+    written from the definitions, one token at a time."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    kept = order[:top_k] if top_k else order
+    mass = sum(float(probs[i]) for i in kept)
+    nucleus, held = [], 0.0
+    for i in kept:
+        if held >= top_p:
+            break
+        nucleus.append(i)
+        held += float(probs[i]) / mass
+    out = torch.zeros_like(probs)
+    out[nucleus] = probs[nucleus]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 4, 1.0), (1.0, 0, 0.7),
+                                                     (1.3, 5, 0.8), (0.8, 2, 0.99)])
+def test_draw_frequencies_follow_the_warped_distribution(temperature, top_k, top_p):
+    """200,000 draws of a fixed distribution over 8 tokens (a fixed seed: the test cannot flake); every token's
+    frequency is within 0.006 of its probability (> 5 standard deviations), and dropped tokens never come."""
+    from search import sample_next_word
+
+    logits = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0])
+    logp = F.log_softmax(logits, -1)
+    draws = 200_000
+    uniform = torch.rand(draws, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens = sample_next_word(logp.expand(draws, -1), uniform, temperature, top_k, top_p)
+    frequencies = torch.bincount(tokens, minlength=len(logits)).double() / draws
+    expected = reference_distribution(logits, temperature, top_k, top_p)
+    assert (frequencies - expected).abs().max() < 0.006, (frequencies, expected)
+    assert bool((frequencies[expected == 0] == 0).all())
+
+
+def test_banned_tokens_are_never_drawn():
+    from search import sample_next_word
+
+    logp = F.log_softmax(torch.zeros(4, 6), -1)
+    logp[:, :5] = float("-inf")  # as the n-gram ban and min_len leave a row: only token 5 is possible
+    for uniform in (0.0, 0.5, 1 - 1e-16):
+        assert sample_next_word(logp, torch.full((4,), uniform, dtype=torch.float64)).tolist() == [5] * 4
+
+
+def test_draw_streams_depend_on_seed_key_and_draw():
+    from search import draw_uniforms
+
+    streams = draw_uniforms(0, ["a", "b"], 2, 5)
+    assert streams.shape == (4, 5) and len({tuple(r.tolist()) for r in streams}) == 4
+    assert torch.equal(draw_uniforms(0, ["b"], 1, 5)[0], streams[2])
+    assert not torch.equal(draw_uniforms(1, ["a"], 1, 5)[0], streams[0])
+
+
+def test_sampling_settings_are_resolved_validated_and_named():
+    settings, said = resolve_decoding({"temperature": 0.9})  # a sampling flag alone means sampling
+    assert settings == dict(method="sample", max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9, top_k=0,
+                            top_p=1.0, seed=0)
+    assert said.startswith("decoding: method=sample, max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9, "
+                           "top_k=0, top_p=1.0, seed=0 (from the command line: method, temperature;")
+    assert resolve_decoding({})[0] == DECODE_DEFAULTS  # the course's defaults: beam 3, no sampling settings
+    assert resolve_decoding({"method": "sample", "captions_per_image": 5})[0]["captions_per_image"] == 5
+    old = dict(DECODE_DEFAULTS, chosen_on="val")  # a checkpoint from before sampling
+    settings, said = resolve_decoding({"method": "sample", "seed": 3}, {"inference": old}, "p2_best.json")
+    assert settings["seed"] == 3 and settings["top_p"] == 1.0
+    assert "temperature, top_k, top_p: the README default (not in the checkpoint)" in said
+    saved = dict(old, method="sample", temperature=0.7, top_k=40)  # a checkpoint may recommend sampling
+    settings, said = resolve_decoding({}, {"inference": saved}, "p2_best.json")
+    assert (settings["method"], settings["temperature"], settings["top_k"]) == ("sample", 0.7, 40)
+    assert resolve_decoding({"beam_size": 5}, {"inference": saved})[0] == dict(DECODE_DEFAULTS, beam_size=5)
+    for given, message in [
+        ({"temperature": 0.0}, "--temperature must be > 0, got 0.0"),
+        ({"temperature": -1.0}, "--temperature must be > 0"),
+        ({"top_p": 0.0}, r"--top-p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
+        ({"top_k": -1}, "--top-k must be >= 0, got -1"),
+        ({"method": "greedy", "top_k": 5}, "--method greedy contradicts --top-k, which only sampling uses"),
+        ({"method": "beam", "temperature": 0.9, "seed": 1},
+         "--method beam contradicts --temperature and --seed, which only sampling uses"),
+        ({"method": "sample", "beam_size": 5}, "--method sample contradicts --beam-size, which only beam search"),
+        ({"beam_size": 5, "top_p": 0.9}, r"--beam-size \(beam search\) contradicts --top-p \(sampling\)"),
+        ({"method": "greedy", "captions_per_image": 2}, "--captions-per-image 2: greedy search gives one"),
+        ({"beam_size": 2, "captions_per_image": 3}, "--captions-per-image 3 exceeds --beam-size 2"),
+        ({"method": "sample", "captions_per_image": 0}, "--captions-per-image must be >= 1"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            resolve_decoding(given)
+    with pytest.raises(UserError, match=r"p2_best.json \('inference'\): top-p must be in"):
+        resolve_decoding({}, {"inference": dict(saved, top_p=2.0)}, "p2_best.json")
+    with pytest.raises(UserError, match="method must be beam, greedy or sample, got 'nucleus'"):
+        resolve_decoding({}, {"inference": dict(saved, method="nucleus")}, "p2_best.json")
