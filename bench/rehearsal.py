@@ -1,8 +1,8 @@
 """The student's GPU day rehearsed on CPU at real size: run_all.py at its real defaults on a tiny course-layout data
 set, with random weights of the real models saved where a download puts them.
 
-    python3 -m bench.rehearsal --out /work/rehearsal           # about 12 minutes, 8.5 GB of disk
-    python3 -m bench.rehearsal --out /work/rehearsal --small   # development aid: small real architectures
+    python3 -m bench.rehearsal --out DIR           # 20-25 minutes on 2 busy cores, 7-9 GB of disk, 8.3 GB of RAM
+    python3 -m bench.rehearsal --out DIR --small   # development aid: small real architectures
 
 In DIR: cache/ (a private hub cache: HF_HOME, HF_HUB_CACHE, TORCH_HOME and XDG_CACHE_HOME point inside it, the hub
 offline), data/ (the course's hw3_data layout, a handful of images), out/ (run_all.py's OUT), ship/ (a copy of the
@@ -15,9 +15,10 @@ Steps, each a child process whose wall time and peak RSS are measured:
   rerun     the same command again: every stage must be skipped
   hw3_2     bash ship/hw3_2.sh on the val images: the captions must equal the run's own val captions of the best
             attempt under the shipped decoding (empty captions included)
-It prints stage times (OUT/results.json "timings"), peak RSS, disk used, and what it noticed (warnings, empty
-captions, absolute paths in p2_best.json); DIR/rehearsal.json keeps the figures. Exit 1 with one line when a check
-fails. Not a test (too slow for CI): run it before a release and after changes to loading, training or the pipeline.
+It prints stage times (run_all.py's stage markers and "timings"), peak RSS, disk used, and what it noticed (warnings,
+empty captions, absolute paths in p2_best.json); DIR/rehearsal.json keeps the figures. A failed check or step ends it
+with one line (`error: ...`, exit status 2). Not a test (too slow for CI): run it before a release and after changes
+to loading, training or the pipeline.
 Reusing DIR reuses the weights and the data; out/ and ship/ start afresh.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ HUB_FILE = "pytorch_model.bin"  # timm's (and the hub's) default file name when 
 COMMIT = "0" * 40  # the snapshot every file of the private cache sits in (refs/main points at it)
 STAGE_ORDER = ("p1", "p2", "p3", "report")  # run_all.py's STAGES
 SHIPPED_FILES = (".py", ".sh", ".json", ".bpe")  # the repository's top-level files hw3_2.sh may need
-WARNING = re.compile(r"\b\w*(Warning|warning)\b:?(.*)")
+WARNING = re.compile(r"\b\w*(Warning|warning|WARNING)\b:?(.*)")
 CLASS_NAMES = ("apple", "bicycle", "castle", "dolphin", "forest", "guitar", "lighthouse", "mountain", "rocket",
                "tulip", "whale", "zebra")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -508,6 +509,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     paths = Paths(args.out)
     if args.prepare_only:
+        if os.environ.get("HF_HUB_CACHE") != cache_env(paths)["HF_HUB_CACHE"]:  # never random weights in a real cache
+            raise UserError("--prepare-only runs in the rehearsal's own child process, whose caches point into %s; "
+                            "run without it" % paths.root)
         prepare(paths, args.small)
         return 0
     started = time.time()
