@@ -534,6 +534,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args, world: Dist) -> int:
+    started = time.time()
     state_path, log_path = os.path.join(args.out, "last_state.pt"), os.path.join(args.out, "log.jsonl")
     if not args.resume and os.path.isfile(state_path):
         raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
@@ -552,6 +553,7 @@ def _run(args, world: Dist) -> int:
     summary = check_budget(captioner.decoder)
     captioner.to(world.device)
     clip = load_clip(args, world.device) if world.main else None
+    setup_seconds = time.time() - started  # repeated by every run, unlike filling the feature cache
     loader, sampler, val_loader, val_tokens = build_data(args, train, val, captioner, world)
 
     amp = world.device.type == "cuda" and not args.no_amp
@@ -580,7 +582,7 @@ def _run(args, world: Dist) -> int:
             pass
         write_json(os.path.join(args.out, "args.json"), vars(args))
         log_line(log_path, kind="start", parameters=summary, settings=settings, steps=total_steps,
-                 time=round(time.time(), 1))  # after the one-off work (weights, feature cache): run_all's estimate
+                 time=round(time.time(), 1), setup_seconds=round(setup_seconds, 1))  # run_all's time estimate
 
     end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
     for epoch in range(start_epoch, end_epoch):

@@ -455,13 +455,14 @@ def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, boo
 
 
 def repeatable_seconds(folder: str, seconds: float, resumed: bool) -> Optional[float]:
-    """The part of a training that another attempt repeats: from p2_train's "start" line (written after the one-off
-    work: loading weights, filling the feature cache) to the end. None when unknown (resumed, or an older log)."""
+    """The part of a training that another attempt repeats: loading the models (p2_train's "setup_seconds") and
+    everything after its "start" line, which is written once the data are ready; what lies between, filling the
+    feature cache, is done once for all attempts. None when unknown (resumed, or an older log)."""
     if resumed:
         return None
     for line in loss_log(folder):
         if line.get("kind") == "start" and "time" in line:
-            return round(max(0.0, time.time() - float(line["time"])), 1)
+            return round(max(0.0, time.time() - float(line["time"])) + float(line.get("setup_seconds", 0.0)), 1)
     return None
 
 
@@ -480,7 +481,7 @@ def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) ->
     per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].epochs)
     more = sum(per_epoch * ctx.train_options[m].epochs for m in rest)
     return "p2: %s took %.0f s (%s): about %.0f s more for the other %d attempt(s)" % (
-        method, seconds, "%.0f s of it per-attempt work, the rest one-off: weights, feature cache" % repeatable
+        method, seconds, "%.0f s of it repeated by every attempt, the rest filling the feature cache" % repeatable
         if repeatable is not None else "no one-off part measured", more, len(rest))
 
 
