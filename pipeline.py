@@ -18,7 +18,7 @@ import socket
 import time
 from typing import Dict, Iterable, List, Optional
 
-from common import UserError, read_json, write_json
+from common import UserError, check_writable_dir, read_json, write_json
 
 RECORD_FORMAT = "hw3-stage/2"
 LOCK_NAME = ".run_all.lock"
@@ -168,8 +168,6 @@ def remove_temporaries(out: str) -> List[str]:
 
 def check_out_folder(out: str) -> None:
     """OUT must be a folder or absent, in a place that takes files: checked before any work."""
-    from common import check_writable_dir
-
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError("--out %s is a file, not a folder; give a folder path" % out)
     check_writable_dir(out, "--out folder")
