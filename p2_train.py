@@ -11,35 +11,30 @@ last_state.pt (everything --resume needs, rewritten atomically at each epoch end
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 import clip_utils
 import metrics
 import p2_data
-import safe_load
 from captioner import build_captioner, save_checkpoint
-from common import (UserError, atomic_write, autocast, check_writable_dir, collate_images, image_batches, progress,
-                    resolve_device, run_main, write_json)
+from common import UserError, atomic_write, check_writable_dir, collate_images, run_main, write_json
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
-from search import DECODE_DEFAULTS, decode_captions
+from search import DECODE_DEFAULTS
+from training import (Dist, check_budget, grad_scaler, log_line, make_optimizer, resume, rng_state, save_state,
+                      score, train_epoch, validate)
 from tokenizer import BPETokenizer
 
-MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
-STATE_FORMAT = "hw3-p2-train-state/1"
 PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
 # What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
 # seed 004 picks), and the validation loss.
@@ -215,99 +210,6 @@ def decoder_config(args: argparse.Namespace):
     return cfg
 
 
-def check_budget(decoder) -> Dict[str, int]:
-    """The trainable parameter count per part; refuses to train a model the course would not grade."""
-    summary = decoder.parameter_summary()
-    parts = ", ".join("%s %s" % (k, format(v, ",")) for k, v in summary.items())
-    print("parameters: %s" % parts, file=sys.stderr)
-    if summary["trainable"] >= MAX_TRAINABLE:
-        raise UserError("%s trainable parameters is over the course's limit of %s (%s): choose a smaller PEFT "
-                        "setting or fewer cross-attention layers" % (format(summary["trainable"], ","),
-                                                                    format(MAX_TRAINABLE, ","), parts))
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------- processes
-
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    def __init__(self, device_arg: str):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = resolve_device(device_arg)
-        if self.world_size > 1:  # torchrun: this process's GPU is its local rank's
-            cuda = self.device.type == "cuda"
-            if cuda:
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if cuda else "gloo")
-        self.main = self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def gather(self, obj) -> list:
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.world_size > 1:
-            dist.destroy_process_group()
-
-
-def rng_state() -> dict:
-    """Every random stream, as tensors and plain values, so that safe_load reads it back."""
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def grad_scaler(enabled: bool):
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
-
-
-# ----------------------------------------------------------------------------------------------- optimisation
-
-class WarmupCosine:
-    """LambdaLR factor: linear warmup to 1, then cosine down to min_lr / lr (an object, so it pickles)."""
-
-    def __init__(self, warmup: int, total: int, floor: float):
-        self.warmup, self.total, self.floor = warmup, total, floor
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        progress_ = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress_))
-
-
-def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
-    """AdamW with weight decay on matrices only (nanoGPT's rule), warmup + cosine per optimiser step."""
-    params = [p for p in decoder.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
-    warmup = min(args.warmup_steps, total_steps // 10)
-    schedule = WarmupCosine(warmup, total_steps, min(1.0, args.min_lr / args.lr))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
 # ----------------------------------------------------------------------------------------------- data
 
 def load_splits(args):
@@ -363,15 +265,6 @@ def build_data(args, train, val, captioner, world: Dist):
     return loader, sampler, val_loader, val_tokens
 
 
-def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the target positions (padding is -100). logits (B, T, vocab) with targets (B, T), or
-    logits (M, vocab) already taken at the M target positions (decoder(..., positions=targets != -100))."""
-    if logits.dim() == 2:
-        targets = targets[targets != p2_data.IGNORE_INDEX]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=p2_data.IGNORE_INDEX, label_smoothing=label_smoothing)
-
-
 # ----------------------------------------------------------------------------------------------- validation
 
 def load_clip(args, device):
@@ -383,44 +276,6 @@ def load_clip(args, device):
     except UserError as err:
         raise UserError("CLIPScore: %s (here: --clip-pretrained PATH, or --no-clipscore to validate with CIDEr only)"
                         % err) from None
-
-
-@torch.no_grad()
-def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) -> dict:
-    """Validation captions through captioner's generate, teacher-forced loss on every reference caption."""
-    decoder = captioner.decoder
-    captioner.eval()
-    predictions, loss_sum, count = {}, 0.0, 0
-    keys = val.keys()
-    for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
-        with autocast(device, amp):
-            tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
-            ids = captioner.generate(tokens, method=args.val_decode, beam_size=args.val_beam_size,
-                                     max_len=args.val_max_len)
-            rows = [(r, caption) for r, i in enumerate(index) for caption in val_tokens[i]]
-            inputs, targets = p2_data.caption_targets([c for _, c in rows])
-            repeat = torch.tensor([r for r, _ in rows], device=device)
-            targets = targets.to(device)
-            logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat),
-                             positions=targets != p2_data.IGNORE_INDEX)
-        n = int((targets != p2_data.IGNORE_INDEX).sum())
-        loss_sum += float(caption_loss(logits, targets)) * n
-        count += n
-        for i, caption in zip(index, decode_captions(ids)):
-            predictions[keys[i]] = caption
-    return dict(predictions=predictions, val_loss=loss_sum / max(1, count))
-
-
-def score(predictions: dict, val, names, clip, device) -> Dict[str, Optional[float]]:
-    """The --val-metrics of the validation captions against the references as written, through metrics (as
-    p2_evaluate scores), as {field: score} (a skipped metric is None), plus "mean" when its four are there."""
-    keys = val.keys()
-    result = metrics.score_captions(predictions, dict(zip(keys, val.references)), names,
-                                    paths={k: val.path(i) for i, k in enumerate(keys)}, clip=clip, device=str(device))
-    out = {k.lower(): (float(result[k]) if k in result else None) for k in metrics.result_keys(names)}
-    if all(out.get(k.lower()) is not None for k in metrics.MEAN_OF):
-        out["mean"] = sum(out[k.lower()] for k in metrics.MEAN_OF) / len(metrics.MEAN_OF)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -444,84 +299,7 @@ def model_settings(args, captioner) -> dict:
                 **later)
 
 
-def save_state(path: str, **state) -> None:
-    with atomic_write(path, "wb") as f:
-        torch.save(dict(state, format=STATE_FORMAT), f)
-
-
-def load_state(path: str) -> dict:
-    state = safe_load.load(path, "training state")
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError("%s is not a p2_train.py training state" % path)
-    return state
-
-
-def resume(path: str, settings: dict, captioner, optimizer, scheduler, scaler, world: Dist) -> dict:
-    state = load_state(path)
-    if state["settings"] != settings:
-        old = state["settings"]
-        changed = ["%s %r -> %r" % (k if k in ("encoder", "decoder") else "--" + k.replace("_", "-"), old.get(k),
-                                    settings.get(k)) if k not in ("decoder",) else "the decoder config"
-                   for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-        raise UserError("cannot --resume %s: its settings changed (%s); rerun with the original arguments, or train "
-                        "anew into another --out" % (path, "; ".join(changed)))
-    if state["world_size"] != world.world_size:
-        raise UserError("cannot --resume %s: it was trained by %d process(es), this run has %d"
-                        % (path, state["world_size"], world.world_size))
-    captioner.decoder.load_trainable_state_dict(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler.is_enabled() and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][world.rank])
-    return state
-
-
-def log_line(path: str, **record) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------- main
-
-def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scaler, args, world: Dist, amp: bool,
-                log_path: str, step: int) -> int:
-    """One pass over the training pairs; returns the optimiser step count."""
-    n_micro = len(loader)
-    captioner.train()
-    running, seen, started = 0.0, 0, time.time()
-    bar = progress(loader, desc="epoch %d/%d" % (epoch + 1, args.epochs), disable=not world.main)
-    for micro, (visuals, inputs, targets) in enumerate(bar):
-        group_start = micro - micro % args.grad_accum
-        group_size = min(args.grad_accum, n_micro - group_start)
-        last = micro == group_start + group_size - 1
-        sync = model.no_sync() if world.world_size > 1 and not last else contextlib.nullcontext()
-        with sync:
-            with autocast(world.device, amp):
-                targets = targets.to(world.device)
-                logits = model(visuals.to(world.device, non_blocking=True), inputs.to(world.device),
-                               positions=targets != p2_data.IGNORE_INDEX)  # (M, vocab): no logits on padding
-                loss = caption_loss(logits, targets, args.label_smoothing)
-            scaler.scale(loss / group_size).backward()
-        running += float(loss.detach())
-        seen += 1
-        if not last:
-            continue
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        if world.main and step % args.log_every == 0:
-            bar.set_postfix(loss="%.3f" % (running / seen))
-            log_line(log_path, kind="step", epoch=epoch + 1, step=step, loss=running / seen,
-                     lr=scheduler.get_last_lr()[0], seconds=round(time.time() - started, 2))
-            running, seen = 0.0, 0
-    return step
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # missing weights fail at once (hw3_download.sh fetches them)

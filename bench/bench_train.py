@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_train [--encoder SPEC] [--batch-size 4] [--steps 2]
 
-Both runs go through p2_train.train_epoch on the same synthetic COCO-like JPEGs (640x480, one 12-word caption each):
+Both runs go through training.train_epoch on the same synthetic COCO-like JPEGs (640x480, one 12-word caption each):
 without the cache every step decodes, transforms and encodes the images with the frozen ViT; with it, every step
 reads fp16 rows from the memory-mapped cache. The ratio is measured in this process; the cache's one-off fill
 time is printed too (it is one encoder pass over the images, paid once for all later epochs and runs).
@@ -23,6 +23,7 @@ from PIL import Image
 
 import p2_data
 import p2_train
+import training
 from captioner import build_captioner
 from encoder import DEFAULT_ENCODER
 from decoder import Config, peft_config
@@ -48,9 +49,9 @@ def synthetic_coco(folder: str, count: int) -> str:
 
 
 def timed_epoch(model, captioner, loader, args, world) -> float:
-    optimizer, scheduler = p2_train.make_optimizer(captioner.decoder, args, total_steps=len(loader))
+    optimizer, scheduler = training.make_optimizer(captioner.decoder, args, total_steps=len(loader))
     started = time.perf_counter()
-    p2_train.train_epoch(0, model, captioner, loader, optimizer, scheduler, p2_train.grad_scaler(False), args, world,
+    training.train_epoch(0, model, captioner, loader, optimizer, scheduler, training.grad_scaler(False), args, world,
                          amp=False, log_path=os.devnull, step=0)
     return len(loader) / (time.perf_counter() - started)
 
@@ -67,7 +68,7 @@ def main() -> None:
     print("building %s + GPT-2 small (random weights)..." % bench.encoder, file=sys.stderr)
     captioner = build_captioner(bench.encoder, Config(**peft_config(bench.peft)))
     trainable = captioner.decoder.parameter_summary()["trainable"]
-    world = p2_train.Dist("cpu")
+    world = training.Dist("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         annotation = synthetic_coco(tmp, bench.batch_size * bench.steps)
         common = ["--train-json", annotation, "--train-images", os.path.join(tmp, "images"), "--val-json",

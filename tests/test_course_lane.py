@@ -42,10 +42,10 @@ def test_attention_takes_the_explicit_softmax_path():
 
 
 def test_grad_scaler_is_the_torch_1_12_one():
-    import p2_train
+    import training
 
     assert not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler")
-    assert isinstance(p2_train.grad_scaler(False), torch.cuda.amp.GradScaler)
+    assert isinstance(training.grad_scaler(False), torch.cuda.amp.GradScaler)
 
 
 def test_torch_load_has_no_weights_only():

@@ -170,7 +170,7 @@ def test_cached_decoding_equals_recomputation(tiny, extra):
 def test_logits_at_positions_equal_full_logits(tiny):
     """positions= (training's padding skip) returns exactly the full logits' rows at the chosen positions, prompt
     tuning included, and the loss on them equals the loss that ignores padding."""
-    import p2_train
+    import training
 
     decoder = busy_decoder(tiny[1])
     x, feats = tokens(length=9), image_tokens()
@@ -183,7 +183,7 @@ def test_logits_at_positions_equal_full_logits(tiny):
         some = decoder(x, image_tokens=feats, positions=mask)
     assert some.shape == (int(mask.sum()), full.shape[-1])
     assert (some - full[mask]).abs().max().item() < 1e-5
-    assert abs(float(p2_train.caption_loss(some, targets)) - float(p2_train.caption_loss(full, targets))) < 1e-5
+    assert abs(float(training.caption_loss(some, targets)) - float(training.caption_loss(full, targets))) < 1e-5
 
 
 def test_cache_reorders_for_beams(tiny):

@@ -14,6 +14,7 @@ from PIL import Image
 
 import p2_data
 import p2_train
+import training
 from common import UserError
 from tiny_models import TINY_ENCODER, tiny_gpt2
 
@@ -133,7 +134,7 @@ def test_budget_counts_what_the_checkpoint_holds(world):
 
     args = p2_train.parse_args(cli(world, "unused", "--peft", "adapter", "--adapter-dim", "8"))
     captioner = build_captioner(args.encoder, p2_train.decoder_config(args))
-    summary = p2_train.check_budget(captioner.decoder)
+    summary = training.check_budget(captioner.decoder)
     assert summary["trainable"] == sum(v.numel() for v in captioner.decoder.trainable_state_dict().values())
     assert summary["adapter"] > 0 and summary["cross_attn"] > 0
 
@@ -166,11 +167,11 @@ def test_resume_gives_identical_state(world, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert p2_train.main(cli(world, straight, *common)) == 0
     assert p2_train.main(cli(world, split, *common, "--stop-after", "1")) == 0
-    first = p2_train.load_state(str(split / "last_state.pt"))
+    first = training.load_state(str(split / "last_state.pt"))
     assert first["epoch"] == 1
     torch.manual_seed(12345)  # a resumed run must not depend on the RNG it starts with
     assert p2_train.main(cli(world, split, *common, "--resume")) == 0
-    a, b = (p2_train.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    a, b = (training.load_state(str(d / "last_state.pt")) for d in (straight, split))
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     assert set(a["trainable"]) == set(b["trainable"])
     for name in a["trainable"]:
@@ -308,7 +309,7 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == 2 * 1  # 16 pairs / (2 processes x 8) = 1 step per epoch
     captioner, meta = load_captioner(str(out / "best.pt"), str(world / "decoder_model.bin"))
-    state = p2_train.load_state(str(out / "last_state.pt"))
+    state = training.load_state(str(out / "last_state.pt"))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     cache = np.load(str(next((tmp_path / "cache").glob("train-*.npy"))))
     assert np.isfinite(cache).all() and (np.abs(cache).sum(axis=(1, 2)) > 0).all()  # both ranks filled their rows
@@ -413,7 +414,7 @@ def test_runs_from_before_the_split_options_still_resume(world, tmp_path):
     out = tmp_path / "run"
     common = ("--peft", "none", "--epochs", "2")
     assert p2_train.main(cli(world, out, *common, "--stop-after", "1")) == 0
-    state = p2_train.load_state(str(out / "last_state.pt"))
+    state = training.load_state(str(out / "last_state.pt"))
     assert not set(p2_train.LATER_TRAJECTORY_OPTIONS) & set(state["settings"])
     with pytest.raises(UserError, match="--val-fraction"):
         p2_train.main(cli(world, out, *common, "--resume", "--val-fraction", "0.3"))
