@@ -32,7 +32,7 @@ class OutputVocab(nn.Module):
         super().__init__()
         self.compact = output_ids is not None
         if not self.compact:
-            self.size, self.input_rows = vocab_size, vocab_size
+            self.size, self.input_rows, self.end_index = vocab_size, vocab_size, END_TOKEN
             return
         ids = torch.tensor(list(output_ids), dtype=torch.long)
         if ids.numel() == 0 or END_TOKEN not in ids.tolist() or not bool((ids[1:] > ids[:-1]).all()) \
@@ -41,6 +41,7 @@ class OutputVocab(nn.Module):
                              % (vocab_size, END_TOKEN))
         self.size = ids.numel()
         self.input_rows = self.size + 1  # the last input row embeds every id outside the set
+        self.end_index = ids.tolist().index(END_TOKEN)  # the end (and start) token's output index
         index = torch.full((vocab_size,), self.size, dtype=torch.long)
         index[ids] = torch.arange(self.size)
         # rebuilt from the config, never saved: a checkpoint holds only trained tensors

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import safe_load
 from common import UserError
+from compact_vocab import OutputVocab
 from tokenizer import END_TOKEN  # noqa: F401 (the start and end token; re-exported)
 
 HEAD_SIZE = 64  # every GPT-2 size uses 64-wide heads, so n_head = n_embd // 64 when a weight file doesn't say
@@ -331,6 +332,7 @@ class Decoder(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
+        self.vocab = OutputVocab(None, cfg.vocab_size)  # GPT-2 predicts every id: the identity map
         self.image_proj = None
         if cfg.encoder_dim > 0:
             layers = [nn.Linear(cfg.encoder_dim, cfg.n_embd)]

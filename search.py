@@ -188,11 +188,13 @@ def _ban_repeated_ngrams(logp: torch.Tensor, seqs: torch.Tensor, n: int) -> torc
     return logp
 
 
-def _step_log_probs(decoder, tokens, memory, cache, seqs, no_repeat_ngram: int, end_allowed: bool) -> torch.Tensor:
-    logits = decoder(tokens, memory=memory, cache=cache)[:, -1]  # (R, V)
+def _step_log_probs(decoder, seqs, memory, cache, no_repeat_ngram: int, end: int, end_allowed: bool) -> torch.Tensor:
+    """Log-probs (R, V) over the decoder's outputs after feeding each row's last token. seqs (R, t) holds output
+    indices (search works in the decoder's output space; GPT-2 ids go in and come out)."""
+    logits = decoder(decoder.vocab.ids(seqs[:, -1:]), memory=memory, cache=cache)[:, -1]  # (R, V)
     logp = _ban_repeated_ngrams(F.log_softmax(logits.float(), dim=-1), seqs, no_repeat_ngram)
     if not end_allowed:  # min_len: after the softmax, as Hugging Face's MinNewTokensLengthLogitsProcessor
-        logp[:, END_TOKEN] = float("-inf")
+        logp[:, end] = float("-inf")
     return logp
 
 
@@ -238,23 +240,24 @@ def _sample(decoder, memory, rows: int, max_len: int, min_len: int, no_repeat_ng
     steps only compute the ones still running."""
     results: List[Optional[Tuple[List[int], bool]]] = [None] * rows
     alive = torch.arange(rows, device=device)  # original index of each running row
-    seqs = torch.full((rows, 1), END_TOKEN, dtype=torch.long, device=device)  # (R, 1 + steps)
+    end = decoder.vocab.end_index
+    seqs = torch.full((rows, 1), end, dtype=torch.long, device=device)  # (R, 1 + steps) output indices
     cache = decoder.new_cache()
     for step in range(max_len):
-        logp = _step_log_probs(decoder, seqs[:, -1:], memory, cache, seqs, no_repeat_ngram, step >= min_len)
+        logp = _step_log_probs(decoder, seqs, memory, cache, no_repeat_ngram, end, step >= min_len)
         uniform = None if uniforms is None else uniforms[alive.cpu(), step]
         seqs = torch.cat([seqs, sample_next_word(logp, uniform, **warp).unsqueeze(1)], dim=1)
-        ended = seqs[:, -1] == END_TOKEN
+        ended = seqs[:, -1] == end
         if ended.any():
             for row in ended.nonzero(as_tuple=True)[0].tolist():
-                results[int(alive[row])] = (seqs[row, 1:-1].tolist(), True)
+                results[int(alive[row])] = (decoder.vocab.ids(seqs[row, 1:-1]).tolist(), True)
             keep = (~ended).nonzero(as_tuple=True)[0]
             alive, seqs = alive[keep], seqs[keep]
             if not len(alive):
                 break
             memory, cache = memory.index_select(keep), cache.index_select(keep)
     for row, index in enumerate(alive.tolist()):
-        results[index] = (seqs[row, 1:].tolist(), False)
+        results[index] = (decoder.vocab.ids(seqs[row, 1:]).tolist(), False)
     return results
 
 
@@ -268,21 +271,21 @@ def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, min_len: in
     finished: List[List[Tuple[float, List[int], bool]]] = [[] for _ in range(batch)]
     alive = torch.arange(batch, device=device)  # original index of each running image
     memory = memory.repeat_interleave(K)
-    seqs = torch.full((batch * K, 1), END_TOKEN, dtype=torch.long, device=device)  # (A * K, 1 + steps)
+    end = decoder.vocab.end_index
+    seqs = torch.full((batch * K, 1), end, dtype=torch.long, device=device)  # (A * K, 1 + steps) output indices
     scores = torch.zeros(batch, K, device=device)  # (A, K) running sum of log-probs
     scores[:, 1:] = -1e9  # all beams start equal: only the first may expand
     cache = decoder.new_cache()
     for step in range(max_len):
         A = len(alive)
-        logp = _step_log_probs(decoder, seqs[:, -1:], memory, cache, seqs, no_repeat_ngram,
-                               step >= min_len)  # (A * K, V)
+        logp = _step_log_probs(decoder, seqs, memory, cache, no_repeat_ngram, end, step >= min_len)  # (A * K, V)
         vocab = logp.shape[-1]
         candidates = (logp + scores.view(-1, 1)).view(A, K * vocab)
         top_scores, top_index = candidates.topk(2 * K, dim=1)  # (A, 2K), best first
         beam = torch.div(top_index, vocab, rounding_mode="floor")  # (A, 2K); `//` warns on torch 1.12
         source = beam + torch.arange(A, device=device).unsqueeze(1) * K  # (A, 2K) rows of seqs
         token = top_index % vocab
-        ends = token == END_TOKEN
+        ends = token == end
         last = step == max_len - 1
         length = step + 1  # generated tokens, the end token included
         # Only the first K candidates may finish (the rest exist so that K beams can keep running).
@@ -290,7 +293,8 @@ def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, min_len: in
         for a, c in zip(done_a.tolist(), done_c.tolist()):
             hyps = finished[alive[a]]
             ended = bool(ends[a, c])
-            ids = seqs[source[a, c], 1:].tolist() + ([] if ended else [int(token[a, c])])
+            ids = decoder.vocab.ids(seqs[source[a, c], 1:]).tolist() + (
+                [] if ended else [int(decoder.vocab.ids(token[a, c]))])
             hyps.append((float(top_scores[a, c]) / length ** length_penalty, ids, ended))
             hyps.sort(key=lambda h: -h[0])
             del hyps[K:]

@@ -64,7 +64,7 @@ class Uncached:
             return Uncached.Tokens(self.tokens.repeat_interleave(k, dim=0))
 
     def __init__(self, decoder):
-        self.decoder, self.max_text_len, self.training = decoder, decoder.max_text_len, False
+        self.decoder, self.max_text_len, self.training, self.vocab = decoder, decoder.max_text_len, False, decoder.vocab
 
     def eval(self):
         return self
