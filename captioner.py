@@ -2,8 +2,12 @@
 plus the checkpoints that rebuild it.
 
 Training calls `Captioner.forward`; inference, validation and P3 call `Captioner.generate` (search.py). A checkpoint
-is NAME.pt, only the trained tensors (the course counts parameters from this file), and NAME.json, the encoder spec
-and decoder config that rebuild exactly the model that was trained.
+is NAME.pt, only the trained tensors (the course counts parameters from this file), and NAME.json, the encoder spec,
+the architecture and the decoder config that rebuild exactly the model that was trained.
+
+The decoder is one of ARCHITECTURES (`p2_train.py --arch`), all behind the step interface of docs/DECODERS.md:
+`gpt2`, the course's frozen GPT-2 with PEFT (decoder.py), or a decoder trained from scratch: `gru`, `attention-gru`
+(rnn_decoder.py), `transformer` (transformer_decoder.py).
 """
 from __future__ import annotations
 
@@ -19,8 +23,26 @@ import search
 from common import UserError, atomic_write, read_json, write_json
 from decoder import Config, Decoder, DecoderWeightsError
 from encoder import EncoderSpec, ImageEncoder, as_spec, check_encoder_weights
+from rnn_decoder import RNNConfig, build_rnn_decoder
+from transformer_decoder import TransformerConfig, TransformerDecoder
 
 CHECKPOINT_FORMAT = "hw3-captioner/1"
+# --arch name -> (config class, decoder class); a checkpoint JSON without "arch" is gpt2 (saved before the others).
+ARCHITECTURES = {"gpt2": (Config, Decoder), "gru": (RNNConfig, build_rnn_decoder),
+                 "attention-gru": (RNNConfig, build_rnn_decoder), "transformer": (TransformerConfig, TransformerDecoder)}
+FROM_SCRATCH = ("gru", "attention-gru", "transformer")  # trained whole: no GPT-2 weights, a compact output layer
+
+
+def arch_of(cfg) -> str:
+    """The --arch name of a decoder config."""
+    if isinstance(cfg, RNNConfig):
+        return cfg.arch
+    return next(name for name, (config_class, _) in ARCHITECTURES.items() if isinstance(cfg, config_class))
+
+
+def decoder_from_config(cfg):
+    """The decoder a config describes (GPT-2 loads its frozen weights from cfg.checkpoint)."""
+    return ARCHITECTURES[arch_of(cfg)][1](cfg)
 
 
 class Captioner(nn.Module):
@@ -55,11 +77,17 @@ class Captioner(nn.Module):
             raise RuntimeError("the encoder was released (feature-cache training) but images were given")
         return self.encoder(visual)
 
-    def forward(self, visual: torch.Tensor, tokens: torch.Tensor,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @property
+    def arch(self) -> str:
+        return arch_of(self.decoder.cfg)
+
+    def forward(self, visual: torch.Tensor, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                return_attention: bool = False):
         """(images or cached image tokens, tokens (B, T)) -> logits (B, T, vocab), or (M, vocab) at the True entries
-        of `positions` (B, T): training skips the vocabulary projection on padding."""
-        return self.decoder(tokens, image_tokens=self.image_tokens(visual), positions=positions)
+        of `positions` (B, T): training skips the vocabulary projection on padding. return_attention=True also
+        returns the per-block attention (attention-gru's doubly stochastic term needs it)."""
+        return self.decoder(tokens, image_tokens=self.image_tokens(visual), positions=positions,
+                            return_attention=return_attention)
 
     def generate(self, visual: torch.Tensor, **settings):
         """Caption ids for images or image tokens; settings as search.generate (return_attention=True for P3)."""
@@ -74,7 +102,7 @@ class Captioner(nn.Module):
         heads: "mean", "max" or a head index."""
         blocks = [(i, a) for i, a in enumerate(per_block) if a is not None]
         if not blocks:
-            raise UserError("the decoder has no cross-attention, so there is no attention over the image to draw")
+            raise UserError(no_attention_reason(self.arch))
         if layer == "last":
             chosen = blocks[-1][1]
         elif layer == "mean":
@@ -105,12 +133,20 @@ class Captioner(nn.Module):
         return self.decoder.trainable_state_dict()
 
 
-def build_captioner(encoder_spec, decoder_config: Config, offline: Optional[bool] = None) -> Captioner:
-    """A fresh captioner; the decoder config's encoder_dim is set from the encoder."""
+def no_attention_reason(arch: str) -> str:
+    """Why a decoder has no attention map over the image (P3 and the pointing game refuse it in this line)."""
+    if arch == "gru":
+        return ("--arch gru has no attention map: it sees one global image vector (the mean of the image tokens), not "
+                "the patches; use an attention-gru, transformer or gpt2 checkpoint")
+    return "the decoder has no cross-attention, so there is no attention over the image to draw"
+
+
+def build_captioner(encoder_spec, decoder_config, offline: Optional[bool] = None) -> Captioner:
+    """A fresh captioner of the config's architecture; the config's encoder_dim is set from the encoder."""
     encoder = ImageEncoder(encoder_spec, offline=offline)
     cfg = dataclasses.replace(decoder_config, encoder_dim=encoder.width)
     try:
-        decoder = Decoder(cfg)
+        decoder = decoder_from_config(cfg)
     except (DecoderWeightsError, ValueError) as err:
         raise UserError(str(err)) from None
     return Captioner(encoder, decoder)
@@ -129,7 +165,8 @@ def save_checkpoint(path: str, captioner: Captioner, extra: Optional[dict] = Non
     state = {k: v.detach().cpu().contiguous() for k, v in captioner.trainable_state_dict().items()}
     decoder_config = captioner.decoder.cfg.to_dict()
     decoder_config.pop("checkpoint", None)  # the decoder weights are an inference argument, not part of the model
-    meta = dict(format=CHECKPOINT_FORMAT, encoder=captioner.encoder_spec.to_json(), decoder=decoder_config,
+    meta = dict(format=CHECKPOINT_FORMAT, encoder=captioner.encoder_spec.to_json(), arch=captioner.arch,
+                decoder=decoder_config,
                 trainable_parameters=sum(v.numel() for v in state.values()),
                 tensors={k: list(v.shape) for k, v in state.items()})
     meta.update(extra or {})
@@ -147,6 +184,8 @@ def read_checkpoint_config(checkpoint: str) -> dict:
             meta.get("decoder"), dict) or not isinstance(meta.get("encoder"), (str, dict)):
         raise UserError("%s is not a captioner config (expected format %r with 'encoder' and 'decoder')" % (
             path, CHECKPOINT_FORMAT))
+    if meta.setdefault("arch", "gpt2") not in ARCHITECTURES:
+        raise UserError("%s: unknown arch %r (this code knows %s)" % (path, meta["arch"], ", ".join(ARCHITECTURES)))
     return meta
 
 
@@ -166,18 +205,25 @@ def _check_tensors(checkpoint: str, state: Dict[str, torch.Tensor], expected: Di
 def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline: Optional[bool] = None,
                    encoder_spec=None) -> Tuple[Captioner, dict]:
     """The trained captioner, ready for inference: encoder from the saved spec (or `encoder_spec`, e.g. a local
-    weight file), frozen GPT-2 from `decoder_weights`, trained tensors from `checkpoint`, LoRA merged into the frozen
-    weights (decoder.merge_lora). Returns (captioner in eval mode, its config)."""
+    weight file), frozen GPT-2 from `decoder_weights` (a from-scratch decoder needs none and ignores it), trained
+    tensors from `checkpoint`, LoRA merged into the frozen weights (decoder.merge_lora). Returns (captioner in eval
+    mode, its config)."""
     meta = read_checkpoint_config(checkpoint)
     state = safe_load.load_tensors(checkpoint, "checkpoint")
     spec = as_spec(encoder_spec) if encoder_spec else EncoderSpec.from_json(meta["encoder"]).from_repo_root()
     check_encoder_weights(spec, offline)  # fail before the slow builds
+    config_class = ARCHITECTURES[meta["arch"]][0]
+    fields = dict(meta["decoder"], checkpoint=decoder_weights) if meta["arch"] == "gpt2" else meta["decoder"]
     try:
-        cfg = Config.from_dict(dict(meta["decoder"], checkpoint=decoder_weights))
+        cfg = config_class.from_dict(fields)
+        if meta["arch"] in FROM_SCRATCH:
+            cfg.validate()
     except (TypeError, ValueError) as err:
         raise UserError("%s: bad decoder config: %s" % (config_path(checkpoint), err)) from None
+    if isinstance(cfg, RNNConfig) and cfg.arch != meta["arch"]:
+        raise UserError("%s: arch %r but its decoder config says %r" % (config_path(checkpoint), meta["arch"], cfg.arch))
     try:
-        decoder = Decoder(cfg)
+        decoder = decoder_from_config(cfg)
     except DecoderWeightsError as err:
         raise UserError("decoder weights %s: %s" % (decoder_weights, err)) from None
     except ValueError as err:
@@ -189,5 +235,5 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
     return captioner, meta
 
 
-__all__ = ["CHECKPOINT_FORMAT", "Captioner", "build_captioner", "config_path", "load_captioner",
-           "read_checkpoint_config", "save_checkpoint"]
+__all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "FROM_SCRATCH", "Captioner", "arch_of", "build_captioner",
+           "config_path", "load_captioner", "no_attention_reason", "read_checkpoint_config", "save_checkpoint"]

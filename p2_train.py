@@ -1,4 +1,5 @@
-"""Trains the P2 captioner: frozen ViT -> frozen GPT-2 with trained cross-attention and PEFT, one loop.
+"""Trains the P2 captioner: frozen ViT -> frozen GPT-2 with trained cross-attention and PEFT, one loop; or, with
+--arch gru|attention-gru|transformer, a classic decoder trained from scratch over the same frozen encoder's tokens.
 
     python p2_train.py --train-json hw3_data/p2_data/train.json --train-images hw3_data/p2_data/images/train \\
         --val-json hw3_data/p2_data/val.json --val-images hw3_data/p2_data/images/val \\
@@ -26,14 +27,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 import clip_utils
 import metrics
 import p2_data
-from captioner import build_captioner, save_checkpoint
+from captioner import ARCHITECTURES, FROM_SCRATCH, build_captioner, save_checkpoint
 from common import UserError, atomic_write, check_writable_dir, collate_images, run_main, write_json
+from compact_vocab import collect_output_ids
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
+from rnn_decoder import RNNConfig
 from search import DECODE_DEFAULTS
+from tokenizer import BPETokenizer
+from transformer_decoder import TransformerConfig
 from training import (Dist, check_budget, grad_scaler, log_line, make_optimizer, resume, rng_state, save_state,
                       score, train_epoch, validate)
-from tokenizer import BPETokenizer
 
 PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
 # What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
@@ -74,8 +78,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (see encoder.py), default %(default)s")
-    g.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (frozen GPT-2)")
-    g.add_argument("--peft", choices=PEFT_METHODS, default="lora", help="PEFT method (none = cross-attention only)")
+    g.add_argument("--arch", choices=tuple(ARCHITECTURES), default="gpt2", help="decoder: gpt2 (the course's frozen "
+                   "GPT-2 with PEFT, default), or trained from scratch: gru (a global image vector), attention-gru "
+                   "(Show-Attend-Tell over the image tokens), transformer")
+    g.add_argument("--decoder-weights", help="the course's decoder_model.bin (frozen GPT-2; --arch gpt2 only, needed)")
+    g.add_argument("--peft", choices=PEFT_METHODS, help="PEFT method (none = cross-attention only; default lora)")
     g.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (preset %s)" % preset("adapter", "adapter_dim"))
     g.add_argument("--adapter-places", help="comma list of self,cross,mlp (preset %s)" % preset("adapter", "adapter_places"))
     g.add_argument("--prefix-len", type=int, help="prefix tuning: prefix length (preset %s)" % preset("prefix", "prefix_len"))
@@ -87,8 +94,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--lora-dropout", type=float, help="LoRA dropout (preset %s)" % preset("lora", "lora_dropout"))
     g.add_argument("--lora-targets", help="comma list of attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (preset %s)" % preset("lora", "lora_targets"))
     g.add_argument("--cross-attn-layers", help="comma list of decoder blocks with cross-attention (default every)")
-    g.add_argument("--image-proj", choices=("linear", "mlp"), default="linear", help="image token projection")
+    g.add_argument("--image-proj", choices=("linear", "mlp"), help="image token projection (gpt2 and transformer; "
+                   "default linear)")
     g.add_argument("--no-cross-attn-gate", action="store_true", help="no tanh gate (at 0) on cross-attention")
+    g = p.add_argument_group("from-scratch decoders (--arch gru, attention-gru, transformer); the caption length is "
+                             "--max-caption-tokens, the output layer the GPT-2 ids of the training captions")
+    g.add_argument("--embed-dim", type=int, help="gru, attention-gru: word embedding width (default %d)"
+                   % RNNConfig.embed_dim)
+    g.add_argument("--hidden-dim", type=int, help="gru, attention-gru: hidden state width (default %d)"
+                   % RNNConfig.hidden_dim)
+    g.add_argument("--attention-dim", type=int, help="attention-gru: additive attention width (default %d)"
+                   % RNNConfig.attention_dim)
+    g.add_argument("--attention-reg", type=float, help="attention-gru: weight of the doubly stochastic attention "
+                   "term (1 - sum_t alpha)^2, Show-Attend-Tell's alpha_c (default %s; 0 = off)"
+                   % RNNConfig.attention_reg)
+    g.add_argument("--n-layer", type=int, help="transformer: blocks (default %d)" % TransformerConfig.n_layer)
+    g.add_argument("--n-head", type=int, help="transformer: attention heads (default %d)" % TransformerConfig.n_head)
+    g.add_argument("--n-embd", type=int, help="transformer: width (default %d)" % TransformerConfig.n_embd)
+    g.add_argument("--dropout", type=float, help="gru, attention-gru (default %s), transformer (default %s): dropout"
+                   % (RNNConfig.dropout, TransformerConfig.dropout))
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="training epochs (every caption once per epoch)")
     g.add_argument("--batch-size", type=int, default=32, help="captions per step per process")
@@ -195,7 +219,34 @@ def _check_peft(args: argparse.Namespace, cfg: Config) -> None:
             raise UserError("--%s lists nothing" % option.replace("_", "-"))
 
 
-def decoder_config(args: argparse.Namespace):
+# Each architecture's own options (None when not given): with another --arch they would be ignored, so they are refused.
+ARCH_OPTIONS = {
+    "gpt2": ("decoder_weights", "peft", "cross_attn_layers", "no_cross_attn_gate", "image_proj")
+    + tuple(o for options in PEFT_OPTIONS.values() for o in options),
+    "gru": ("embed_dim", "hidden_dim", "dropout"),
+    "attention-gru": ("embed_dim", "hidden_dim", "attention_dim", "attention_reg", "dropout"),
+    "transformer": ("n_layer", "n_head", "n_embd", "dropout", "image_proj"),
+}
+
+
+def _check_arch_options(args: argparse.Namespace) -> None:
+    given = [o for options in ARCH_OPTIONS.values() for o in options if getattr(args, o) not in (None, False)]
+    foreign = sorted({o for o in given if o not in ARCH_OPTIONS[args.arch]})
+    if foreign:
+        owners = ", ".join("--%s (%s)" % (o.replace("_", "-"), " or ".join(a for a, opts in ARCH_OPTIONS.items()
+                                                                          if o in opts)) for o in foreign)
+        raise UserError("--arch %s does not use %s" % (args.arch, owners))
+    if args.arch == "gpt2" and not args.decoder_weights:
+        raise UserError("--arch gpt2 needs --decoder-weights (the course's decoder_model.bin)")
+
+
+def decoder_config(args: argparse.Namespace, output_ids=None):
+    """The decoder config of --arch and its options (output_ids: the compact output layer of a from-scratch decoder,
+    known once the training captions are read; None while only the options are checked)."""
+    _check_arch_options(args)
+    if args.arch != "gpt2":
+        return _scratch_config(args, output_ids)
+    args.peft = args.peft or "lora"
     peft = peft_config(args.peft, adapter_dim=args.adapter_dim, adapter_places=_csv(args.adapter_places),
                        prefix_len=args.prefix_len, prefix_hidden=args.prefix_hidden, prompt_len=args.prompt_len,
                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -204,9 +255,23 @@ def decoder_config(args: argparse.Namespace):
         layers = _csv(args.cross_attn_layers, int)
     except ValueError:
         raise UserError("--cross-attn-layers must be a comma list of block numbers, got %r" % args.cross_attn_layers)
-    cfg = Config(checkpoint=args.decoder_weights, cross_attn_layers=layers, image_proj=args.image_proj,
+    cfg = Config(checkpoint=args.decoder_weights, cross_attn_layers=layers, image_proj=args.image_proj or "linear",
                  cross_attn_gate=not args.no_cross_attn_gate, **peft)
     _check_peft(args, cfg)
+    return cfg
+
+
+def _scratch_config(args: argparse.Namespace, output_ids):
+    given = {o: getattr(args, o) for o in ARCH_OPTIONS[args.arch] if getattr(args, o) is not None}
+    common = dict(output_ids=output_ids, block_size=args.max_caption_tokens + 2)  # + the start and end tokens
+    if args.arch == "transformer":
+        cfg = TransformerConfig(**common, **given)
+    else:
+        cfg = RNNConfig(arch=args.arch, **common, **given)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UserError("--arch %s: %s" % (args.arch, err)) from None
     return cfg
 
 
@@ -295,6 +360,8 @@ def model_settings(args, captioner) -> dict:
     cfg = captioner.decoder.cfg.to_dict()
     cfg.pop("checkpoint", None)
     later = {k: getattr(args, k) for k, default in LATER_TRAJECTORY_OPTIONS.items() if getattr(args, k) != default}
+    if captioner.arch != "gpt2":  # recorded only for the later architectures, so earlier runs still resume
+        later["arch"] = captioner.arch
     return dict({k: getattr(args, k) for k in TRAJECTORY_OPTIONS}, encoder=str(captioner.encoder_spec), decoder=cfg,
                 **later)
 
@@ -324,6 +391,9 @@ def _run(args, world: Dist) -> int:
         if folder and world.main:
             check_writable_dir(folder, what + " folder")
     train, val = load_splits(args)
+    if args.arch in FROM_SCRATCH:  # the compact output layer: the GPT-2 ids of the training captions
+        tokens, _, _ = p2_data.tokenize_captions(train.captions, BPETokenizer(), args.max_caption_tokens)
+        cfg = decoder_config(args, collect_output_ids(ids for image in tokens for ids in image))
     torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)

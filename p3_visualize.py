@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import search
-from captioner import config_path, load_captioner
+from captioner import config_path, load_captioner, no_attention_reason, read_checkpoint_config
 from common import (UserError, atomic_dir, atomic_write, check_output_dir, list_images, load_rgb, progress, read_json,
                     resolve_device, run_main, write_json)
 from encoder import coordinate_mapper
@@ -310,6 +310,9 @@ def main(argv=None) -> int:
     check_output_dir(args.out, "attention.json", "P3 figures")
     images = resolve_images(args)
     device = resolve_device(args.device)
+    arch = read_checkpoint_config(args.checkpoint)["arch"]
+    if arch == "gru":  # before any model is built: it has nothing to draw
+        raise UserError("%s: %s" % (args.checkpoint, no_attention_reason(arch)))
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=device)
     settings, said = search.resolve_decoding(vars(args), meta, config_path(args.checkpoint))  # as p2_inference.py
     print(said, file=sys.stderr)

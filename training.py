@@ -42,7 +42,7 @@ def check_budget(decoder) -> Dict[str, int]:
     print("parameters: %s" % parts, file=sys.stderr)
     if summary["trainable"] >= MAX_TRAINABLE:
         raise UserError("%s trainable parameters is over the course's limit of %s (%s): choose a smaller PEFT "
-                        "setting or fewer cross-attention layers" % (format(summary["trainable"], ","),
+                        "setting, fewer cross-attention layers or a narrower from-scratch decoder" % (format(summary["trainable"], ","),
                                                                     format(MAX_TRAINABLE, ","), parts))
     return summary
 
@@ -133,8 +133,9 @@ def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the target positions (padding is -100). logits (B, T, vocab) with targets (B, T), or
-    logits (M, vocab) already taken at the M target positions (decoder(..., positions=targets != -100))."""
-    if logits.dim() == 2:
+    logits (M, vocab) already taken at the M target positions (decoder(..., positions=targets != -100)) with the
+    targets (B, T) or already taken there (M,)."""
+    if logits.dim() == 2 and targets.dim() == 2:
         targets = targets[targets != p2_data.IGNORE_INDEX]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=p2_data.IGNORE_INDEX, label_smoothing=label_smoothing)
@@ -157,8 +158,9 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
             inputs, targets = p2_data.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
             targets = targets.to(device)
-            logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat),
-                             positions=targets != p2_data.IGNORE_INDEX)
+            positions = targets != p2_data.IGNORE_INDEX
+            logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat), positions=positions)
+            targets = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
         n = int((targets != p2_data.IGNORE_INDEX).sum())
         loss_sum += float(caption_loss(logits, targets)) * n
         count += n
@@ -227,6 +229,8 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
                 log_path: str, step: int) -> int:
     """One pass over the training pairs; returns the optimiser step count."""
     n_micro = len(loader)
+    decoder = captioner.decoder
+    penalised = getattr(decoder.cfg, "attention_reg", 0) > 0 and hasattr(decoder, "attention_penalty")
     captioner.train()
     running, seen, started = 0.0, 0, time.time()
     bar = progress(loader, desc="epoch %d/%d" % (epoch + 1, args.epochs), disable=not world.main)
@@ -238,9 +242,13 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
         with sync:
             with autocast(world.device, amp):
                 targets = targets.to(world.device)
-                logits = model(visuals.to(world.device, non_blocking=True), inputs.to(world.device),
-                               positions=targets != p2_data.IGNORE_INDEX)  # (M, vocab): no logits on padding
-                loss = caption_loss(logits, targets, args.label_smoothing)
+                positions = targets != p2_data.IGNORE_INDEX
+                out = model(visuals.to(world.device, non_blocking=True), inputs.to(world.device),
+                            positions=positions, return_attention=penalised)  # (M, vocab): no logits on padding
+                logits, attentions = out if penalised else (out, None)
+                loss = caption_loss(logits, decoder.vocab.targets(targets)[positions], args.label_smoothing)
+                if penalised:
+                    loss = loss + decoder.attention_penalty(attentions, positions)
             scaler.scale(loss / group_size).backward()
         running += float(loss.detach())
         seen += 1
