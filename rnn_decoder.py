@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compact_vocab import OutputVocab
-from tokenizer import END_TOKEN  # noqa: F401 (the start and end token; re-exported)
 
 ARCHS = ("gru", "attention-gru")
 EMBEDDING_INIT = 0.1  # embedding and output weights start uniform in (-0.1, 0.1), as the tutorial and the seed
@@ -253,8 +252,9 @@ class AdditiveAttention(nn.Module):
 
 
 class AttentionGRUDecoder(RNNDecoder):
-    """`attention-gru`: at step t, attention from h_{t-1} gives the context z_t, gated by beta = sigmoid(f_beta(h_{t-1}));
-    h_t = GRUCell([embed(y_t), beta * z_t], h_{t-1}) (seed §3.2.2, Show-Attend-Tell with a GRU cell)."""
+    """`attention-gru`: at step t, attention from h_{t-1} gives the context z_t, gated by
+    beta = sigmoid(f_beta(h_{t-1})); h_t = GRUCell([embed(y_t), beta * z_t], h_{t-1}) (seed §3.2.2, Show-Attend-Tell
+    with a GRU cell). Row t of the attention is the alpha of the step whose output predicts token t + 1."""
 
     arch = "attention-gru"
 
