@@ -12,6 +12,7 @@ last_state.pt (everything --resume needs, rewritten atomically at each epoch end
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -269,7 +270,7 @@ def _scratch_config(args: argparse.Namespace, output_ids):
     else:
         cfg = RNNConfig(arch=args.arch, **common, **given)
     try:
-        cfg.validate()
+        dataclasses.replace(cfg, encoder_dim=1).validate()  # the encoder's width is set when the model is built
     except ValueError as err:
         raise UserError("--arch %s: %s" % (args.arch, err)) from None
     return cfg
