@@ -231,7 +231,8 @@ ARCH_OPTIONS = {
 
 
 def _check_arch_options(args: argparse.Namespace) -> None:
-    given = [o for options in ARCH_OPTIONS.values() for o in options if getattr(args, o) not in (None, False)]
+    given = [o for options in ARCH_OPTIONS.values() for o in options
+             if getattr(args, o) is not None and getattr(args, o) is not False]  # 0 is given, False (a flag) not
     foreign = sorted({o for o in given if o not in ARCH_OPTIONS[args.arch]})
     if foreign:
         owners = ", ".join("--%s (%s)" % (o.replace("_", "-"), " or ".join(a for a, opts in ARCH_OPTIONS.items()

@@ -75,3 +75,37 @@ def open_clip_tokens(visual, images) -> torch.Tensor:
         handle.remove()
     x = caught[0] if getattr(visual.transformer, "batch_first", True) else caught[0].permute(1, 0, 2)
     return visual.ln_post(x)
+
+
+class Uncached:
+    """The decoder's cache interface with full recomputation: the 'cache' holds the tokens so far, the 'memory' the
+    raw image tokens, and every call runs the whole sequence again."""
+
+    class Tokens:
+        def __init__(self, tokens=None):
+            self.tokens = tokens
+
+        def index_select(self, index):
+            return Uncached.Tokens(None if self.tokens is None else self.tokens.index_select(0, index))
+
+        def repeat_interleave(self, k):
+            return Uncached.Tokens(self.tokens.repeat_interleave(k, dim=0))
+
+    def __init__(self, decoder):
+        self.decoder, self.max_text_len, self.training, self.vocab = decoder, decoder.max_text_len, False, decoder.vocab
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def image_memory(self, feats):
+        return Uncached.Tokens(feats)
+
+    def new_cache(self):
+        return Uncached.Tokens()
+
+    def __call__(self, tokens, memory, cache):
+        cache.tokens = tokens if cache.tokens is None else torch.cat([cache.tokens, tokens], dim=1)
+        return self.decoder(cache.tokens, image_tokens=memory.tokens)[:, -tokens.shape[1]:]
