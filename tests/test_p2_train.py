@@ -419,3 +419,49 @@ def test_runs_from_before_the_split_options_still_resume(world, tmp_path):
     with pytest.raises(UserError, match="--val-fraction"):
         p2_train.main(cli(world, out, *common, "--resume", "--val-fraction", "0.3"))
     assert p2_train.main(cli(world, out, *common, "--resume")) == 0
+
+
+# ----------------------------------------------------------------------------------------------- architectures
+
+SCRATCH = {"gru": ("--embed-dim", "32", "--hidden-dim", "32"),
+           "attention-gru": ("--embed-dim", "32", "--hidden-dim", "32", "--attention-dim", "16"),
+           "transformer": ("--n-layer", "2", "--n-head", "2", "--n-embd", "32")}
+
+
+def scratch_cli(world, out, arch, *extra):
+    argv = cli(world, out, "--arch", arch, *SCRATCH[arch], *extra)
+    at = argv.index("--decoder-weights")
+    return argv[:at] + argv[at + 2:]  # trained from scratch: no GPT-2
+
+
+@pytest.mark.parametrize("arch", sorted(SCRATCH))
+def test_from_scratch_archs_learn_the_captions(world, tmp_path, arch):
+    from captioner import load_captioner
+
+    out = tmp_path / arch
+    assert p2_train.main(scratch_cli(world, out, arch, "--epochs", "30", "--lr", "1e-2", "--label-smoothing", "0",
+                                     "--batch-size", "4", "--dropout", "0", "--select", "val_loss")) == 0
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["arch"] == arch and meta["metrics"]["cider"] > 5  # every validation caption right
+    ids = meta["decoder"]["output_ids"]
+    assert 50256 in ids and len(ids) < 40  # the compact output layer: the training captions' ids only
+    start = log_records(out)[0]
+    assert start["parameters"]["trainable"] == meta["trainable_parameters"] and start["parameters"]["frozen"] == 0
+    captioner, _ = load_captioner(str(out / "best.pt"), "")
+    assert captioner.arch == arch
+
+
+@pytest.mark.parametrize("arch", sorted(SCRATCH))
+def test_from_scratch_resume_gives_identical_state(world, tmp_path, arch):
+    common = ("--epochs", "2", "--lr", "1e-3", "--dropout", "0.3")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert p2_train.main(scratch_cli(world, straight, arch, *common)) == 0
+    assert p2_train.main(scratch_cli(world, split, arch, *common, "--stop-after", "1")) == 0
+    torch.manual_seed(12345)
+    assert p2_train.main(scratch_cli(world, split, arch, *common, "--resume")) == 0
+    a, b = (training.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    assert a["settings"]["arch"] == arch and a["epoch"] == b["epoch"] == 2
+    for name in a["trainable"]:
+        assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+    with pytest.raises(UserError, match="settings changed"):  # another architecture never continues this run
+        p2_train.main(scratch_cli(world, split, "gru" if arch != "gru" else "attention-gru", *common, "--resume"))
