@@ -109,7 +109,7 @@ def profile(data: str, out: str, args) -> List[str]:
             "--clip-model", rel(args.clip_config), "--clip-pretrained", rel(args.clip_weights),
             "--encoder", encoder_spec(), "--score-checkpoints", rel(args.captioners),
             "--device", "cpu", "--workers", "0", "--extra-stage", "miniworld.demo:world_stage",
-            "--with", "distill", "--score-students", rel(args.captioners)]
+            "--with", "distill"]
 
 
 def parse_args(argv=None):
