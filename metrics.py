@@ -6,6 +6,7 @@ the course) and RefCLIPScore (Hessel et al.: the harmonic mean of CLIPScore and 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -211,20 +212,24 @@ def _bleu(gts, res):
     return corpus, each
 
 
+_METEOR: list = []  # one METEOR Java process, kept for every later scoring: its start takes 10-20 s
+
+
 def _meteor(gts, res):
     from pycocoevalcap.meteor.meteor import Meteor
 
     reason = meteor_unavailable()
     if reason:
         raise MetricSkipped(reason)
-    scorer = Meteor()
+    if not _METEOR:
+        _METEOR.append(Meteor())
+        atexit.register(_METEOR.clear)  # the scorer's __del__ ends the Java process
     try:
-        corpus, each = scorer.compute_score(gts, res)
+        corpus, each = _METEOR[0].compute_score(gts, res)
     except (OSError, ValueError) as err:
+        _METEOR.clear()
         raise MetricSkipped("METEOR skipped: pycocoevalcap's meteor-1.5.jar did not answer (%s); check that "
                             "`java -Xmx2G -jar` runs here" % (" ".join(str(err).split())[:100] or type(err).__name__))
-    finally:
-        del scorer  # its __del__ ends the Java process
     return [corpus], [each]
 
 

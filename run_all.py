@@ -54,24 +54,28 @@ import p2_train
 import p3_visualize
 import pipeline
 import search
-from captioner import config_path, read_checkpoint_config
+from captioner import ARCHITECTURES, config_path, read_checkpoint_config
 from common import (UserError, atomic_write, check_image_file, file_sha256, list_images, progress, read_json,
                     resolve_device, run_main, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
+OPTIONAL_STAGES = ("distill",)  # run only when named in --with: hours of GPU time on the course's data
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
             decoder="p2_data/decoder_model.bin", p3_images="p3_data/images")
 STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
-                  p3=("p3_images", "val_images", "decoder"), report=())
+                  p3=("p3_images", "val_images", "decoder"), report=(),
+                  distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
 IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
              p2="train %s, score each on val (CIDEr, CLIPScore, parameters, time), tune the best one's decoding, "
                 "write OUT/p2/p2_best.{pt,json}",
              p3="attention figures of p3_data/images and of the best/worst val captions by CLIPScore",
-             report="results.json, results.md, the report PDF")
+             report="results.json, results.md, the report PDF",
+             distill="p2_best captions the training images (precise, creative); a %s student trains on the human, "
+                     "precise and creative captions, each scored on val")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
 DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
                  dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
@@ -219,22 +223,26 @@ def check_train_options(ctx: Context) -> None:
     config = train_config(ctx)
     for method in ctx.args.methods:
         options = config.get(method, {})
-        taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
-        if taken:
-            raise UserError("--train-config %s: %s: %s set by run_all.py itself (use run_all's own options)"
-                            % (ctx.args.train_config, method, ", ".join(taken)))
         argv = train_argv(ctx, method, ctx.data("train_json")) + ["--out", run_folder(ctx, method, "new")]
         where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else "p2_train.py --peft " + method
-        with contextlib.redirect_stderr(io.StringIO()) as said:
-            try:
-                parsed = p2_train.parse_args(argv)
-                p2_train.decoder_config(parsed)
-            except SystemExit:  # argparse's error: its last line says which option and why
-                lines = [line for line in said.getvalue().splitlines() if line.strip()]
-                raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))
-            except UserError as err:
-                raise UserError("%s: %s" % (where, err)) from None
-        ctx.train_options[method] = parsed
+        ctx.train_options[method] = checked_training(ctx, argv, options, where)
+
+
+def checked_training(ctx: Context, argv: List[str], options: dict, where: str) -> argparse.Namespace:
+    """p2_train.py's arguments parsed and its decoder config built (nothing loaded); one line naming `where` if not."""
+    taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
+    if taken:
+        raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        try:
+            parsed = p2_train.parse_args(argv)
+            p2_train.decoder_config(parsed)
+        except SystemExit:  # argparse's error: its last line says which option and why
+            lines = [line for line in said.getvalue().splitlines() if line.strip()]
+            raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))
+        except UserError as err:
+            raise UserError("%s: %s" % (where, err)) from None
+    return parsed
 
 
 def check_images(ctx: Context, stages: List[str]) -> int:
@@ -269,6 +277,8 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
                 scored_checkpoint(ctx, method)
     if "p3" in stages:
         list_images(ctx.data("p3_images"), "P3 image folder")
+    if "distill" in stages:
+        check_distill(ctx)
     check_images(ctx, stages)
 
 
@@ -307,10 +317,11 @@ def train_config(ctx: Context) -> Dict[str, dict]:
     if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
         raise UserError("training config %s must be {method: {p2_train.py option: value}}, e.g. "
                         "{\"lora\": {\"lr\": 0.0005, \"epochs\": 8}}" % ctx.args.train_config)
-    unknown = sorted(set(config) - set(ctx.args.methods))
+    unknown = sorted(set(config) - set(ctx.args.methods) - set(OPTIONAL_STAGES))
     if unknown:
-        raise UserError("training config %s names %s, not among --methods %s"
-                        % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods)))
+        raise UserError("training config %s names %s, not among --methods %s (nor the stages %s)"
+                        % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
+                           ", ".join(OPTIONAL_STAGES)))
     return config
 
 
@@ -347,27 +358,34 @@ def train_split(ctx: Context) -> str:
 
 def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
     """p2_train.py's arguments for one attempt, without --out (the folder it trains in is run_all's choice)."""
+    model = ["--decoder-weights", ctx.data("decoder"), "--peft", method]
+    return trainer_argv(ctx, train_json, model, train_config(ctx).get(method, {}))
+
+
+def trainer_argv(ctx: Context, train_json: str, model: List[str], options: dict) -> List[str]:
+    """p2_train.py's arguments on the data folder: its captions (or `train_json`'s), the model flags, run_all's
+    runtime and the shared feature cache, then the --train-config entry's options."""
     argv = ["--train-json", train_json, "--train-images", ctx.data("train_images"), "--val-json", ctx.data("val_json"),
-            "--val-images", ctx.data("val_images"), "--decoder-weights", ctx.data("decoder"), "--peft", method,
-            "--workers", str(ctx.args.workers), "--device", ctx.args.device]
+            "--val-images", ctx.data("val_images")] + model + ["--workers", str(ctx.args.workers), "--device",
+                                                               ctx.args.device]
     if ctx.args.encoder:
         argv += ["--encoder", ctx.args.encoder]
     if ctx.args.clip_model:
         argv += ["--clip-model", ctx.args.clip_model, "--clip-pretrained", ctx.args.clip_pretrained]
     if not ctx.args.no_feature_cache:
         argv += ["--feature-cache", ctx.path("p2", "feature_cache")]
-    return argv + option_flags(train_config(ctx).get(method, {}))
+    return argv + option_flags(options)
 
 
-def run_folder(ctx: Context, method: str, which: str = "done") -> str:
-    """OUT/p2/METHOD/train (the finished training, the one scored) or train.new (one in progress, swapped in when
-    it ends) or train.old (the finished one for the moment of the swap)."""
-    return ctx.path("p2", method, "train" if which == "done" else "train." + which)
+def run_folder(ctx: Context, method: str, which: str = "done", stage: str = "p2") -> str:
+    """OUT/STAGE/NAME/train (the finished training, the one scored) or train.new (one in progress, swapped in when
+    it ends) or train.old (the finished one for the moment of the swap); NAME is a PEFT method in p2."""
+    return ctx.path(stage, method, "train" if which == "done" else "train." + which)
 
 
-def restore_interrupted_swap(ctx: Context, method: str) -> None:
+def restore_interrupted_swap(ctx: Context, method: str, stage: str = "p2") -> None:
     """A kill between the two renames of a swap leaves train.old without train: put it back."""
-    done, old = run_folder(ctx, method), run_folder(ctx, method, "old")
+    done, old = run_folder(ctx, method, stage=stage), run_folder(ctx, method, "old", stage)
     if os.path.isdir(old):
         if os.path.isdir(done):
             shutil.rmtree(old)
@@ -375,9 +393,9 @@ def restore_interrupted_swap(ctx: Context, method: str) -> None:
             os.replace(old, done)
 
 
-def swap_in(ctx: Context, method: str) -> None:
+def swap_in(ctx: Context, method: str, stage: str = "p2") -> None:
     """train.new -> train; the earlier finished training is removed only once the new one is in place."""
-    done, new, old = run_folder(ctx, method), run_folder(ctx, method, "new"), run_folder(ctx, method, "old")
+    done, new, old = (run_folder(ctx, method, which, stage) for which in ("done", "new", "old"))
     if os.path.isdir(done):
         os.replace(done, old)
     os.replace(new, done)
@@ -385,15 +403,15 @@ def swap_in(ctx: Context, method: str) -> None:
         shutil.rmtree(old)
 
 
-def discard_unfinished_trainings(ctx: Context) -> None:
-    """With P2 done and still true, a train.new folder is a forced or abandoned training that was killed; a rerun
-    of it would start from its beginning, so it is removed."""
-    for method in ctx.args.methods:
-        restore_interrupted_swap(ctx, method)
-        new = run_folder(ctx, method, "new")
+def discard_unfinished_trainings(ctx: Context, stage: str = "p2", names: Optional[List[str]] = None) -> None:
+    """With the stage done and still true, a train.new folder is a forced or abandoned training that was killed; a
+    rerun of it would start from its beginning, so it is removed."""
+    for method in ctx.args.methods if names is None else names:
+        restore_interrupted_swap(ctx, method, stage)
+        new = run_folder(ctx, method, "new", stage)
         if os.path.isdir(new):
-            ctx.say("p2: %s: removing the unfinished training in %s (P2 is done and still true without it)"
-                    % (method, new))
+            ctx.say("%s: %s: removing the unfinished training in %s (%s is done and still true without it)"
+                    % (stage, method, new, stage))
             shutil.rmtree(new)
 
 
@@ -401,56 +419,58 @@ def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
     return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
 
 
-def finished_training(ctx: Context, method: str, argv: List[str]) -> Optional[dict]:
-    """The finished training's record when it was made with these arguments from these data and its checkpoint is
+def finished_training(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Optional[dict]:
+    """The finished training's record when it was made with these arguments from these inputs and its checkpoint is
     there; else None."""
-    folder = run_folder(ctx, method)
+    folder = run_folder(ctx, method, stage=stage)
     record_file = os.path.join(folder, TRAIN_DONE)
     if not (os.path.isfile(record_file) and os.path.isfile(os.path.join(folder, "best.pt"))):
         return None
     record = read_json(record_file, "training record")
-    return record if record.get("argv") == argv and record.get("inputs") == train_inputs(ctx) else None
+    return record if record.get("argv") == argv and record.get("inputs") == inputs else None
 
 
 def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, bool]:
+    """One PEFT attempt of the p2 stage (train_run)."""
+    return train_run(ctx, method, train_argv(ctx, method, train_json), train_inputs(ctx))
+
+
+def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Tuple[float, bool]:
     """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
-    same arguments and data (unless forced), resumed (--resume) when an interrupted one did, else started afresh.
-    Returns its seconds (as measured then, when skipped) and whether it trained now."""
-    argv = train_argv(ctx, method, train_json)
+    same arguments and inputs (unless the stage is forced), resumed (--resume) when an interrupted one did, else
+    started afresh. Returns its seconds (as measured then, when skipped) and whether it trained now."""
     record_argv = ctx.portable(argv)
-    new = run_folder(ctx, method, "new")
+    new = run_folder(ctx, method, "new", stage)
     if ctx.rank == 0:
-        restore_interrupted_swap(ctx, method)
-    finished = finished_training(ctx, method, record_argv)
-    if finished and not ctx.forced("p2"):
-        ctx.say("p2: %s training finished earlier with these settings and data, skipping" % method)
+        restore_interrupted_swap(ctx, method, stage)
+    finished = finished_training(ctx, method, record_argv, inputs, stage)
+    if finished and not ctx.forced(stage):
+        ctx.say("%s: %s training finished earlier with these settings and data, skipping" % (stage, method))
         return float(finished.get("seconds", 0.0)), False
     started_file = os.path.join(new, "started.json")
-    resume = (not ctx.forced("p2") and os.path.isfile(started_file)
-              and read_json(started_file, "training start record") == dict(argv=record_argv,
-                                                                                       inputs=train_inputs(ctx)))
+    resume = (not ctx.forced(stage) and os.path.isfile(started_file)
+              and read_json(started_file, "training start record") == dict(argv=record_argv, inputs=inputs))
     if resume:
-        ctx.say("p2: %s training was interrupted: resuming it (p2_train.py --resume)" % method)
+        ctx.say("%s: %s training was interrupted: resuming it (p2_train.py --resume)" % (stage, method))
     else:
         if os.path.isdir(new) and ctx.rank == 0:
-            ctx.say("p2: %s: the unfinished training in %s (%s) is discarded" % (
-                method, new, "forced" if ctx.forced("p2") else "other settings or data"))
+            ctx.say("%s: %s: the unfinished training in %s (%s) is discarded" % (
+                stage, method, new, "forced" if ctx.forced(stage) else "other settings or data"))
             shutil.rmtree(new)
-        if os.path.isdir(run_folder(ctx, method)):
-            ctx.say("p2: %s: the finished training in %s is kept until the new one ends" % (
-                method, run_folder(ctx, method)))
+        if os.path.isdir(run_folder(ctx, method, stage=stage)):
+            ctx.say("%s: %s: the finished training in %s is kept until the new one ends" % (
+                stage, method, run_folder(ctx, method, stage=stage)))
         if ctx.rank == 0:
-            write_json(started_file, dict(argv=record_argv, inputs=train_inputs(ctx)))
-        ctx.say("p2: training %s (p2_train.py %s)" % (method, " ".join(shlex.quote(a) for a in argv)))
+            write_json(started_file, dict(argv=record_argv, inputs=inputs))
+        ctx.say("%s: training %s (p2_train.py %s)" % (stage, method, " ".join(shlex.quote(a) for a in argv)))
     started = time.time()
     p2_train.main(argv + ["--out", new] + (["--resume"] if resume else []))
     seconds = time.time() - started
     if ctx.rank == 0:
-        write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=train_inputs(ctx),
-                                                      seconds=round(seconds, 1),
+        write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=inputs, seconds=round(seconds, 1),
                                                       repeatable_seconds=repeatable_seconds(new, seconds, resume)))
         os.remove(started_file)
-        swap_in(ctx, method)
+        swap_in(ctx, method, stage)
     return seconds, True
 
 
@@ -510,38 +530,47 @@ def plot_curves(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def scored_checkpoint(ctx: Context, method: str) -> str:
-    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt."""
-    if not ctx.args.score_checkpoints:
-        return os.path.join(run_folder(ctx, method), "best.pt")
-    path = os.path.join(ctx.args.score_checkpoints, "p2_%s.pt" % method)
+def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
+    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt
+    (--score-students DIR/distill_SET.pt)."""
+    option, folder = ("--score-checkpoints", ctx.args.score_checkpoints) if stage == "p2" else (
+        "--score-students", ctx.args.score_students)
+    if not folder:
+        return os.path.join(run_folder(ctx, method, stage=stage), "best.pt")
+    path = os.path.join(folder, "%s_%s.pt" % (stage, method))
     if not os.path.isfile(path) or not os.path.isfile(config_path(path)):
-        raise UserError("--score-checkpoints %s has no p2_%s.pt with its .json" % (ctx.args.score_checkpoints, method))
+        raise UserError("%s %s has no %s_%s.pt with its .json" % (option, folder, stage, method))
     return path
 
 
 def decoding_flags(settings: dict) -> List[str]:
     """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
-    flags."""
+    flags, sampling its own."""
     flags = ["--method", settings["method"], "--max-len", str(settings["max_len"]), "--min-len",
              str(settings["min_len"]), "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
     if settings["method"] == "beam":
         flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
+    if settings["method"] == "sample":
+        flags += [f for key in search.SAMPLING_DEFAULTS
+                  for f in ("--" + key.replace("_", "-"), str(settings.get(key, search.SAMPLING_DEFAULTS[key])))]
     return flags
 
 
-def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip) -> dict:
+def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
+                      names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
-    scoring) with the CLIP loaded once."""
+    scoring of `names`) with the CLIP loaded once."""
     p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
                        ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
     return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device)
+                            device=ctx.device, metrics=names)
 
 
 def setting_name(settings: dict) -> str:
     if settings["method"] == "greedy":
         return "greedy"
+    if settings["method"] == "sample":
+        return "sample_t%g" % settings["temperature"]
     return "beam%d_lp%g" % (settings["beam_size"], settings["length_penalty"])
 
 
@@ -660,6 +689,98 @@ def stage_p3(ctx: Context) -> dict:
                 files=dict(p3_index="p3/index.md", p3_best_worst="p3/best_worst/attention.json"), outputs=["p3"])
 
 
+# ----------------------------------------------------------------------------------------------- distill
+
+CAPTION_SETS = ("human", "precise", "creative")  # what each distill student trains on
+CREATIVE = dict(method="sample", temperature=0.9, top_k=0, top_p=1.0, seed=0)  # seed 004 section 4's "creative"
+SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # what each distill row is scored with (metrics.py names)
+ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
+
+
+def student_argv(ctx: Context, train_json: str) -> List[str]:
+    """One distill student's p2_train.py arguments: only the captions (`train_json`) differ between the three."""
+    model = ["--arch", ctx.args.student_arch] + (["--decoder-weights", ctx.data("decoder")]
+                                                if ctx.args.student_arch == "gpt2" else [])
+    return trainer_argv(ctx, train_json, model, train_config(ctx).get("distill", {}))
+
+
+def check_distill(ctx: Context) -> None:
+    """The student's options through p2_train.py's checks, and the committed students when they are scored."""
+    options = train_config(ctx).get("distill", {})
+    where = "--train-config %s: distill" % ctx.args.train_config if options else "--student-arch"
+    checked_training(ctx, student_argv(ctx, ctx.data("train_json")) + ["--out", ctx.path("distill")], options, where)
+    if ctx.args.score_students:
+        for name in CAPTION_SETS:
+            scored_checkpoint(ctx, name, "distill")
+
+
+def teacher_decodings(ctx: Context) -> Dict[str, dict]:
+    """precise: the shipped decoding (hw3_2.sh's with p2_best); creative: sampling at 0.9 with its lengths."""
+    shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
+    lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
+    return dict(precise=dict(shipped, captions_per_image=ctx.args.teacher_captions),
+                creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
+
+
+def teacher_captions(ctx: Context, settings: dict, human: str, path: str) -> str:
+    """p2_best's captions of the training images `human` names, as a COCO file p2_train.py reads (--format coco)."""
+    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint",
+                       ctx.results["p2_shipping"]["checkpoint"], "--captions", human, "--split", "all", "--format",
+                       "coco", "--captions-per-image", str(settings["captions_per_image"]), "--device",
+                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+    return path
+
+
+def shipped_predictions(ctx: Context) -> str:
+    """p2_best's val captions with its shipped decoding, as the p2 stage wrote them."""
+    chosen, best = ctx.results["p2_inference"], ctx.results["p2_best"]
+    if setting_name(chosen) == setting_name(dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])):
+        return ctx.path("p2", best, "pred.json")
+    return ctx.path("p2", "decoding", setting_name(chosen) + ".json")
+
+
+def distill_row(scores: dict, captions_per_image: float, predictions: str) -> dict:
+    """object_f1 is the miniature world's (its extra stage fills it in); None on other data."""
+    return dict({k: scores.get(k) for k in ROW_KEYS}, object_f1=None, captions_per_image=captions_per_image,
+                predictions=predictions)
+
+
+def stage_distill(ctx: Context) -> dict:
+    """Seed 004 section 4 on this data: p2_best's precise and creative captions of the training images, and one
+    student trained on each caption set and on the human captions, alike but for --train-json."""
+    human = train_split(ctx)
+    decodings = teacher_decodings(ctx)
+    human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
+    per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
+                     precise=ctx.args.teacher_captions, creative=ctx.args.teacher_captions)
+    with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
+        captions = dict(human=human)
+        for name in ("precise", "creative"):
+            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name))
+            bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        teacher_pred = shipped_predictions(ctx)
+        rows = dict(teacher=dict(distill_row(metrics.evaluate(
+            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
+            ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
+            decoding=decodings))
+        seconds = {}
+        for name in CAPTION_SETS:
+            inputs = dict(train_inputs(ctx), captions=pipeline.fingerprint(captions[name]))
+            seconds[name] = round(train_run(ctx, name, student_argv(ctx, captions[name]), inputs, "distill")[0], 1)
+            bar.update(1)
+            checkpoint, pred = scored_checkpoint(ctx, name, "distill"), ctx.path("distill", name, "pred.json")
+            scores = caption_and_score(ctx, checkpoint, search.DECODE_DEFAULTS, pred, clip, SUITE)
+            rows[name] = dict(distill_row(scores, per_image[name], pred), checkpoint=checkpoint,
+                              arch=ctx.args.student_arch)
+            bar.update(1)
+    outputs = ["distill/teacher_precise.json", "distill/teacher_creative.json"]
+    outputs += ["distill/%s/%s" % (n, f) for n in CAPTION_SETS
+                for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
+    return dict(distill=rows, timings=dict(distill_train=seconds), outputs=outputs)
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 def results_table(results: dict) -> str:
@@ -686,11 +807,24 @@ def results_table(results: dict) -> str:
         lines += ["", "chosen: %s (%s)" % (setting_name(results["p2_inference"]), results["p2_inference"]["chosen_on"])]
     for e in results.get("p3_best_worst", []):
         lines += ["", "P3 %s: CLIPScore %.4f, \"%s\"" % (e["image"], e["clipscore"], e["caption"])]
+    if results.get("distill"):
+        lines += ["", distill_table(results["distill"])]
     if "pointing_game" in results:
         lines += ["", "attention pointing game: %s over %s shape words" % (
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
             results.get("pointing_trials"))]
     return "\n".join(lines) + "\n"
+
+
+def distill_table(rows: dict) -> str:
+    """The distill stage's table: the teacher and the three students, each scored on val's human references."""
+    keys = ROW_KEYS + ("object_f1", "captions_per_image")
+    lines = ["| distill: trained on | %s |" % " | ".join(k.replace("_", " ") for k in keys), "| --- " * (1 + len(keys))
+             + "|"]
+    for name, row in rows.items():
+        label = "(the teacher, %s)" % setting_name(row["decoding"]["precise"]) if name == "teacher" else name
+        lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
+    return "\n".join(lines)
 
 
 def report_name(ctx: Context) -> str:
@@ -742,6 +876,11 @@ def stage_settings(ctx: Context, stage: str) -> dict:
                     score_checkpoints=a.score_checkpoints, grid=DECODING_GRID)
     if stage == "p3":
         return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
+    if stage == "distill":
+        return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
+                    inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
+                    teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
+                    score_students=a.score_students)
     upstream = {k: v for k, v in ctx.results.items() if k not in ("timings",)}  # the report and extra stages
     return dict(upstream=pipeline.digest(ctx.portable(upstream)), stage=stage,
                 student_id=a.student_id if stage == "report" else None)
@@ -751,20 +890,26 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     """Fingerprints of what the stage reads: data named by their place in --data (<DATA>/p2_data/val.json), model
     files as given."""
     paths = [ctx.data(k) for k in STAGE_DATA.get(stage, ())]
-    if stage in ("p1", "p2"):
+    if stage in ("p1", "p2", "distill"):
         paths += ctx.model_files()
     if stage == "p2" and ctx.args.score_checkpoints:
         paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
                                                          config_path(scored_checkpoint(ctx, m)))]
-    if stage not in STAGES:  # an extra stage reads the data folder its own way
+    if stage == "distill" and ctx.args.score_students:
+        paths += [p for n in CAPTION_SETS for p in (scored_checkpoint(ctx, n, "distill"),
+                                                    config_path(scored_checkpoint(ctx, n, "distill")))]
+    if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
         paths.append(ctx.args.data)
     return ctx.portable(ctx.inputs(paths))
 
 
 def stage_list(ctx: Context) -> List[tuple]:
-    """(name, function, description) in running order; the extra stages before the report."""
+    """(name, function, description) in running order; the opted-in stages (--with), then the extra stages, before
+    the report."""
     stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
               ("p3", stage_p3, ABOUT["p3"])]
+    optional = dict(distill=(stage_distill, ABOUT["distill"] % ctx.args.student_arch))
+    stages += [(name,) + optional[name] for name in OPTIONAL_STAGES if name in ctx.args.with_stages]
     for spec in ctx.args.extra_stage:
         function = extra_stage(spec)
         stages.append((spec, function, (function.__doc__ or "").strip().split("\n")[0]))
@@ -787,6 +932,8 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
         merge(ctx.results, ctx.local(record["results"]))
         if name == "p2":
             discard_unfinished_trainings(ctx)
+        if name == "distill":
+            discard_unfinished_trainings(ctx, name, list(CAPTION_SETS))
         return
     if ctx.forced(name):
         why = "forced (--force %s): redone from its start%s" % (
@@ -860,6 +1007,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     g.add_argument("--force", action="append", default=[], help="redo this stage from its start, a training "
                    "included, even if finished (repeatable; comma lists too)")
     g.add_argument("--install", action="store_true", help="copy the best captioner to checkpoints/p2_best.{pt,json}")
+    g.add_argument("--with", dest="with_stages", default="", metavar="STAGE,...", help="opt-in stages to run too "
+                   "(%s); each costs GPU hours on the course's data (README)" % ", ".join(OPTIONAL_STAGES))
     g.add_argument("--extra-stage", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a stage of your own, run before the report: FUNCTION(context) returns results to merge")
     g.add_argument("--student-id", help="your student ID: the report is written as OUT/hw3_<ID>.pdf with the ID on "
@@ -876,6 +1025,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    "instead of once into OUT/p2/feature_cache (0.63 MB per image with ViT-H/14)")
     g.add_argument("--score-checkpoints", metavar="DIR", help="score DIR/p2_METHOD.pt instead of the trainings' "
                    "best.pt (the demo scores its converged captioners; the trainings still run)")
+    g = p.add_argument_group("distill (--with distill): seed 004 section 4, p2_best as the teacher")
+    g.add_argument("--student-arch", default="gru", choices=tuple(ARCHITECTURES), help="the student's p2_train.py "
+                   "--arch (default %(default)s, the smallest); its training options: --train-config's \"distill\" "
+                   "entry")
+    g.add_argument("--teacher-captions", type=int, default=1, help="teacher captions per training image (default "
+                   "%(default)s; precise ones are the best beams, so at most its beam size)")
+    g.add_argument("--score-students", metavar="DIR", help="score DIR/distill_{human,precise,creative}.pt instead of "
+                   "the students' best.pt (the demo scores its converged students; the trainings still run)")
     g = p.add_argument_group("models (defaults: the scripts' own)")
     g.add_argument("--p1-model", help="P1's CLIP (p1_clip_zeroshot.py --model)")
     g.add_argument("--p1-pretrained", help="P1's CLIP weights (p1_clip_zeroshot.py --pretrained)")
@@ -902,6 +1059,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.student_id is not None and not STUDENT_ID.match(args.student_id):
         raise UserError("--student-id %r: letters and digits only (e.g. r12345678)" % args.student_id)
     args.force = [s.strip() for f in args.force for s in f.split(",") if s.strip()]
+    args.with_stages = [s.strip() for s in args.with_stages.split(",") if s.strip()]
+    unknown = [s for s in args.with_stages if s not in OPTIONAL_STAGES]
+    if unknown:
+        raise UserError("--with %s: not an opt-in stage (%s)" % (",".join(unknown), ", ".join(OPTIONAL_STAGES)))
+    if args.with_stages and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--with %s trains on one process: run it without torchrun" % ",".join(args.with_stages))
+    if args.teacher_captions < 1:
+        raise UserError("--teacher-captions must be 1 or more, got %d" % args.teacher_captions)
     return args
 
 
@@ -910,6 +1075,8 @@ def choose_stages(ctx: Context, names: List[str]) -> List[str]:
     args = ctx.args
     selected = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(names)
     for name in selected + args.force:
+        if name in OPTIONAL_STAGES and name not in names:
+            raise UserError("stage %s is opt-in: add --with %s" % (name, name))
         if name not in names:
             raise UserError("no stage %r (the stages: %s)" % (name, ", ".join(names)))
     left_out = [s for s in args.force if s not in selected]
@@ -942,9 +1109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_plan(ctx, stages, selected)
         started = time.time()
         for name, function, _ in stages:
-            if name == "p3" and "p3" in selected and "p2_shipping" not in ctx.results:
-                raise UserError("p3 draws P2's best captioner, but %s has no finished p2 stage that is still true: "
-                                "add p2 to --only" % ctx.out)
+            if name in ("p3", "distill") and name in selected and "p2_shipping" not in ctx.results:
+                raise UserError("%s uses P2's best captioner, but %s has no finished p2 stage that is still true: "
+                                "add p2 to --only" % (name, ctx.out))
             run_stage(ctx, name, function, name in selected)
         if ctx.results.get("p2_shipping"):
             print(shipping_note(ctx.results["p2_shipping"]))

@@ -19,6 +19,7 @@ from collections import namedtuple
 
 import pytest
 
+import p2_data
 import p2_train
 import pipeline
 import run_all
@@ -48,9 +49,10 @@ def world(tmp_path_factory):
 
 
 def command(data: str, out: str):
-    """The demo's profile with the shared feature cache on (the product's default)."""
+    """The demo's profile with the shared feature cache on (the product's default), without the opt-in stages."""
     argv = demo.profile(data, out, demo.parse_args([]))
     argv.remove("--no-feature-cache")
+    del argv[argv.index("--with"):argv.index("--with") + 2]
     return argv
 
 
@@ -465,3 +467,70 @@ def test_the_remaining_time_leaves_out_filling_the_cache(tmp_path):
     (folder / "log.jsonl").write_text(json.dumps(start) + "\n")
     assert run_all.repeatable_seconds(str(folder), 100.0, resumed=False) == pytest.approx(40.0, abs=1.0)
     assert run_all.repeatable_seconds(str(folder), 100.0, resumed=True) is None
+
+
+# ----------------------------------------------------------------------------------------------- distill (opt-in)
+
+@pytest.fixture(scope="module")
+def distilled(finished, tmp_path_factory):
+    """The finished run's copy with --with distill: the stage alone (P2's results still true), then the world's
+    measures and the report; the students are the demo's short runs, scored as trained."""
+    out, argv = finished
+    copy = copy_run(out, tmp_path_factory.mktemp("distill"))
+    argv = argv_for(argv, out, copy) + ["--with", "distill"]
+    assert run_all.main(argv + ["--only", "distill,miniworld.demo:world_stage,report"]) == 0
+    return copy, argv
+
+
+def test_distill_is_opt_in(finished, capsys):
+    out, argv = finished
+    assert "distill" not in read_json(os.path.join(out, "results.json"))
+    assert not os.path.exists(os.path.join(out, "distill"))
+    code, err = run(argv + ["--only", "distill"], capsys)
+    assert code != 0 and "opt-in: add --with distill" in err
+
+
+def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
+    out, _ = distilled
+    train_names = {i["file_name"] for i in read_json(os.path.join(out, "p2", "train_subset.json"))["images"]}
+    for name in ("precise", "creative"):
+        path = os.path.join(out, "distill", "teacher_%s.json" % name)
+        captions = p2_data.read_captions(path)
+        assert captions.format == "coco" and set(captions.captions) == train_names
+        assert all(len(c) == 1 and c[0] for c in captions.captions.values())
+        trained = read_json(os.path.join(out, "distill", name, "train", "args.json"))
+        assert os.path.abspath(trained["train_json"]) == os.path.abspath(path)
+
+
+def test_distill_students_differ_only_in_their_captions(distilled):
+    out, _ = distilled
+    argvs = {n: read_json(os.path.join(out, "distill", n, "train", run_all.TRAIN_DONE))["argv"]
+             for n in run_all.CAPTION_SETS}
+    at = argvs["human"].index("--train-json") + 1
+    assert len({a[at] for a in argvs.values()}) == 3
+    assert all(a[:at] + a[at + 1:] == argvs["human"][:at] + argvs["human"][at + 1:] for a in argvs.values())
+    assert argvs["human"][argvs["human"].index("--arch") + 1] == "gru"
+
+
+def test_distill_results_hold_every_measure(distilled):
+    out, _ = distilled
+    rows = read_json(os.path.join(out, "results.json"))["distill"]
+    assert list(rows) == ["teacher", "human", "precise", "creative"]
+    for name, row in rows.items():
+        for key in run_all.ROW_KEYS + ("object_f1", "captions_per_image"):
+            assert row.get(key) is not None or key == "METEOR", (name, key)
+    assert rows["teacher"]["decoding"]["creative"]["temperature"] == 0.9
+    assert rows["human"]["captions_per_image"] == 5 and rows["precise"]["captions_per_image"] == 1
+    assert "distill: trained on" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
+
+
+def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path):
+    out, argv = distilled
+    ctx = run_all.Context(run_all.parse_args(argv), argv)
+    ctx.results = read_json(os.path.join(out, "results.json"))
+    creative = run_all.teacher_decodings(ctx)["creative"]
+    human = os.path.join(out, "p2", "train_subset.json")
+    again = run_all.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
+    assert open(again, "rb").read() == open(os.path.join(out, "distill", "teacher_creative.json"), "rb").read()
+    other = run_all.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
+    assert read_json(other)["annotations"] != read_json(again)["annotations"]
