@@ -196,3 +196,21 @@ def test_from_scratch_config_follows_the_caption_length():
                                            "--attention-reg", "0"), output_ids=OUTPUT_IDS)
     assert cfg.block_size == 162 and cfg.attention_reg == 0 and cfg.output_ids == OUTPUT_IDS
     assert p2_train.decoder_config(_options("--decoder-weights", "d.bin")).lora_rank > 0  # gpt2 + LoRA by default
+
+
+def test_cnn_grid_tokens_feed_the_attention_gru_and_its_maps(tmp_path):
+    """A timm CNN (random weights) gives grid tokens without a class token; attention-gru attends over its grid and
+    the maps come out on that grid."""
+    cnn = "timm:resnet10t@none"
+    model = captioner_lib.build_captioner(cnn, dataclasses.replace(CONFIGS["attention-gru"]))
+    assert model.encoder.num_prefix_tokens == 0
+    h, w = model.encoder.grid_size
+    images = torch.randn(2, 3, *model.encoder.input_size)
+    ids, attention = model.generate(images, method="beam", beam_size=2, max_len=6, return_attention=True)
+    maps = model.attention_maps(attention[0])
+    assert maps.shape[1:] == (h, w) and torch.allclose(maps.flatten(1).sum(1), torch.ones(len(maps)), atol=1e-5)
+    path = str(tmp_path / "cnn.pt")
+    captioner_lib.save_checkpoint(path, model)
+    loaded, meta = captioner_lib.load_captioner(path, "")
+    assert meta["encoder"]["name"] == "resnet10t" and loaded.generate(images, max_len=6) == model.generate(
+        images, max_len=6)
