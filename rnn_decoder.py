@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compact_vocab import OutputVocab
+from compact_vocab import FromScratchDecoder, OutputVocab
 
 ARCHS = ("gru", "attention-gru")
 EMBEDDING_INIT = 0.1  # embedding and output weights start uniform in (-0.1, 0.1), as the tutorial and the seed
@@ -103,7 +103,7 @@ class RNNState:
 
 # ----------------------------------------------------------------------------------------------- the decoders
 
-class RNNDecoder(nn.Module):
+class RNNDecoder(FromScratchDecoder):
     """What both archs share: the compact vocabulary, the word embedding, h0 = tanh(init_h(mean image token)), the
     output layer, the step interface and the checkpoints. Subclasses give `_memory` and `_run`."""
 
@@ -171,35 +171,6 @@ class RNNDecoder(nn.Module):
 
     def _run(self, embeds: torch.Tensor, memory: RNNMemory, hidden: torch.Tensor):
         raise NotImplementedError
-
-    @property
-    def max_text_len(self) -> int:
-        return self.cfg.block_size
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Every parameter (all are trained), detached copies; the vocabulary's buffers come from the config."""
-        return {name: p.detach().clone() for name, p in self.named_parameters()}
-
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Loads every parameter, strictly: the same names and shapes as this config gives, or nothing is loaded."""
-        params = dict(self.named_parameters())
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError("checkpoint does not fit this %s decoder config: missing %s, unexpected %s" % (
-                self.cfg.arch, missing[:6], unexpected[:6]))
-        wrong = ["%s %s (the config gives %s)" % (name, tuple(value.shape), tuple(params[name].shape))
-                 for name, value in state.items() if value.shape != params[name].shape]
-        if wrong:
-            raise ValueError("checkpoint tensors have other shapes than this %s decoder config: %s" % (
-                self.cfg.arch, "; ".join(wrong[:6])))
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
-
-    def merge_lora(self) -> int:
-        return 0  # no LoRA
 
     def parameter_summary(self) -> Dict[str, int]:
         """Parameter counts per part (all trainable), plus `trainable` and `frozen` (0)."""

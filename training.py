@@ -120,6 +120,17 @@ class WarmupCosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress_))
 
 
+def optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float) -> None:
+    """One optimiser step on the accumulated gradients: clipped (after unscaling), skipped by the scaler on inf."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
     """AdamW with weight decay on matrices only (nanoGPT's rule), warmup + cosine per optimiser step over the
     cross-entropy epochs' total_steps, then --scst-lr, constant, for the self-critical epochs."""
@@ -259,13 +270,7 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
         seen += 1
         if not last:
             continue
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        optimizer_step(model, optimizer, scheduler, scaler, args.grad_clip)
         step += 1
         if world.main and step % args.log_every == 0:
             bar.set_postfix(loss="%.3f" % (running / seen))
@@ -329,13 +334,7 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
                 1, decoder.vocab.targets(targets)[positions].unsqueeze(1)).squeeze(1)  # (M,)
             loss = -(logp * advantage).sum() / max(1, int(positions.sum()))
         scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        optimizer_step(model, optimizer, scheduler, scaler, args.grad_clip)
         step += 1
         totals["reward"] += float(rewards.sum())
         totals["baseline"] += float(base.expand_as(rewards).sum())
