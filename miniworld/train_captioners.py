@@ -4,7 +4,7 @@ classic decoders trained from scratch over the same encoder (p2_train.py --arch)
 
 The encoder is the tiny timm ViT of miniworld/train_vit.py (loaded the way a real timm tower is), the decoder the tiny
 GPT-2 in the course's format; the methods train side by side, one thread each, with the same settings and epochs.
-The from-scratch runs take their recipe from ARCH_TRAINING (epochs, batch, lr) and ARCH_SETTINGS (sizes).
+The from-scratch runs take their recipe from ARCH_TRAINING (batch, lr) and ARCH_SETTINGS (sizes, epochs).
 
     python3 -m miniworld.train_captioners [--epochs 5] [--methods adapter,prefix,lora]
     python3 -m miniworld.train_captioners --archs gru,attention-gru,transformer,attention-gru_reg0 --parallel 2
@@ -35,14 +35,15 @@ METHOD_SETTINGS = {  # on top of p2_train.py's defaults and decoder.peft_config'
 }
 # from-scratch runs (no GPT-2 weights, every parameter trained): run name -> p2_train.py --arch and its own recipe
 ARCH_SETTINGS = {
-    "gru": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "256", "--dropout", "0.3"],
+    "gru": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "512", "--dropout", "0.3", "--epochs", "8"],
     "attention-gru": ["--arch", "attention-gru", "--embed-dim", "256", "--hidden-dim", "256", "--attention-dim", "256",
-                      "--dropout", "0.3", "--attention-reg", "1"],
+                      "--dropout", "0.3", "--attention-reg", "1", "--epochs", "4"],
     "attention-gru_reg0": ["--arch", "attention-gru", "--embed-dim", "256", "--hidden-dim", "256",
-                           "--attention-dim", "256", "--dropout", "0.3", "--attention-reg", "0"],  # the ablation
-    "transformer": ["--arch", "transformer", "--n-layer", "3", "--n-head", "4", "--n-embd", "128", "--dropout", "0.1"],
+                           "--attention-dim", "256", "--dropout", "0.3", "--attention-reg", "0", "--epochs", "4"],
+    "transformer": ["--arch", "transformer", "--n-layer", "3", "--n-head", "4", "--n-embd", "128", "--dropout", "0.1",
+                    "--epochs", "4"],
 }
-ARCH_TRAINING = ["--epochs", "4", "--batch-size", "64", "--lr", "4e-3"]  # every from-scratch run: a short CPU run
+ARCH_TRAINING = ["--batch-size", "64", "--lr", "4e-3"]  # every from-scratch run (a short CPU run)
 
 
 def common_options(world: str, args) -> list:
