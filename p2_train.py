@@ -35,7 +35,7 @@ from common import UserError, atomic_write, check_writable_dir, collate_images, 
 from compact_vocab import collect_output_ids
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
-from rnn_decoder import RNNConfig
+from rnn_decoder import GLOBAL_POOLS, RNNConfig
 from search import DECODE_DEFAULTS
 from tokenizer import BPETokenizer
 from transformer_decoder import TransformerConfig
@@ -111,6 +111,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--attention-reg", type=float, help="attention-gru: weight of the doubly stochastic attention "
                    "term (1 - sum_t alpha)^2, Show-Attend-Tell's alpha_c (default %s; 0 = off)"
                    % RNNConfig.attention_reg)
+    g.add_argument("--global-pool", choices=GLOBAL_POOLS, help="gru, attention-gru: the image's global vector (the "
+                   "gru's input, both's first hidden state): mean of the tokens (default), or cls, a ViT's class "
+                   "token")
     g.add_argument("--n-layer", type=int, help="transformer: blocks (default %d)" % TransformerConfig.n_layer)
     g.add_argument("--n-head", type=int, help="transformer: attention heads (default %d)" % TransformerConfig.n_head)
     g.add_argument("--n-embd", type=int, help="transformer: width (default %d)" % TransformerConfig.n_embd)
@@ -252,8 +255,8 @@ def _check_peft(args: argparse.Namespace, cfg: Config) -> None:
 ARCH_OPTIONS = {
     "gpt2": ("decoder_weights", "peft", "cross_attn_layers", "no_cross_attn_gate", "image_proj")
     + tuple(o for options in PEFT_OPTIONS.values() for o in options),
-    "gru": ("embed_dim", "hidden_dim", "dropout"),
-    "attention-gru": ("embed_dim", "hidden_dim", "attention_dim", "attention_reg", "dropout"),
+    "gru": ("embed_dim", "hidden_dim", "dropout", "global_pool"),
+    "attention-gru": ("embed_dim", "hidden_dim", "attention_dim", "attention_reg", "dropout", "global_pool"),
     "transformer": ("n_layer", "n_head", "n_embd", "dropout", "image_proj"),
 }
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from compact_vocab import FromScratchDecoder, OutputVocab
 
 ARCHS = ("gru", "attention-gru")
+GLOBAL_POOLS = ("mean", "cls")
 EMBEDDING_INIT = 0.1  # embedding and output weights start uniform in (-0.1, 0.1), as the tutorial and the seed
 # Top-level module name -> parameter_summary part.
 PARTS = dict(embedding="embedding", image_proj="image_proj", init_h="init_hidden", attention="attention",
@@ -37,6 +38,7 @@ class RNNConfig:
     attention_dim: int = 512  # only attention-gru
     dropout: float = 0.5  # before the output layer
     attention_reg: float = 1.0  # the tutorial's alpha_c, weight of the doubly stochastic term; only attention-gru
+    global_pool: str = "mean"  # the image's global vector: "mean" of its tokens, or "cls": a ViT's class token
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,6 +64,8 @@ class RNNConfig:
                              % (self.block_size,))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1), got %r" % (self.dropout,))
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError("global_pool must be one of %s, got %r" % (", ".join(GLOBAL_POOLS), self.global_pool))
         if not self.attention_reg >= 0.0:
             raise ValueError("attention_reg must be >= 0, got %r" % (self.attention_reg,))
         if self.output_ids is not None:
@@ -130,9 +134,14 @@ class RNNDecoder(FromScratchDecoder):
         """Image tokens (B, N, encoder_dim) -> the per-image memory; computed once per image."""
         assert image_tokens.dim() == 3 and image_tokens.shape[-1] == self.cfg.encoder_dim, \
             "image tokens must be (B, N, %d), got %s" % (self.cfg.encoder_dim, tuple(image_tokens.shape))
-        initial_hidden = torch.tanh(self.init_h(image_tokens.mean(dim=1)))  # (B, H)
+        initial_hidden = torch.tanh(self.init_h(self.global_vector(image_tokens)))  # (B, H)
         features, keys = self._memory(image_tokens)
         return RNNMemory(initial_hidden, features, keys)
+
+    def global_vector(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, D): the mean of the tokens (a CNN's grid: its average pool), or the first token (a ViT's
+        class token, its pooled feature) with global_pool "cls"."""
+        return image_tokens[:, 0] if self.cfg.global_pool == "cls" else image_tokens.mean(dim=1)
 
     def new_cache(self) -> RNNState:
         return RNNState()
@@ -184,7 +193,7 @@ class RNNDecoder(FromScratchDecoder):
 
 
 class GRUDecoder(RNNDecoder):
-    """`gru`: input at step t = [embed(y_t), image_proj(mean image token)]; no attention (seed §3.2.1)."""
+    """`gru`: input at step t = [embed(y_t), image_proj(global vector)]; no attention (seed §3.2.1)."""
 
     arch = "gru"
 
@@ -194,7 +203,7 @@ class GRUDecoder(RNNDecoder):
         self.rnn = nn.GRU(2 * cfg.embed_dim, cfg.hidden_dim, batch_first=True)
 
     def _memory(self, image_tokens):
-        return self.image_proj(image_tokens.mean(dim=1)), None  # (B, embed_dim)
+        return self.image_proj(self.global_vector(image_tokens)), None  # (B, embed_dim)
 
     def _run(self, embeds, memory, hidden):
         image = memory.features.unsqueeze(1).expand(-1, embeds.shape[1], -1)  # (B, T, embed_dim)
