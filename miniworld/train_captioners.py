@@ -35,9 +35,11 @@ METHOD_SETTINGS = {  # on top of p2_train.py's defaults and decoder.peft_config'
 }
 # from-scratch runs (no GPT-2 weights, every parameter trained): run name -> p2_train.py --arch and its own recipe
 ARCH_SETTINGS = {
-    "gru": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "512", "--dropout", "0.3", "--epochs", "8"],
-    "gru_cls": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "512", "--dropout", "0.3", "--epochs", "8",
-                "--global-pool", "cls"],
+    # gru's global vector is the ViT's class token: the mean of the tokens loses which colour goes with which shape
+    "gru": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "512", "--dropout", "0.3", "--epochs", "8",
+            "--global-pool", "cls"],
+    "gru_mean": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "512", "--dropout", "0.3", "--epochs", "8",
+                 "--global-pool", "mean"],
     "attention-gru": ["--arch", "attention-gru", "--embed-dim", "256", "--hidden-dim", "256", "--attention-dim", "256",
                       "--dropout", "0.3", "--attention-reg", "1", "--epochs", "4"],
     "attention-gru_reg0": ["--arch", "attention-gru", "--embed-dim", "256", "--hidden-dim", "256",
