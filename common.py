@@ -3,6 +3,7 @@ progress bars, the device choice and where autocast applies."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -311,3 +312,14 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.5)
     return tqdm(iterable, **kwargs)
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """A model config dataclass from its JSON (a checkpoint's): unknown fields refused with a ValueError naming them
+    and the known ones; lists become tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError("unknown %s config fields: %s (known: %s)"
+                         % (what, ", ".join(unknown), ", ".join(sorted(names))))
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import safe_load
-from common import UserError
+from common import UserError, config_from_dict
 from compact_vocab import OutputVocab
 from tokenizer import END_TOKEN  # noqa: F401 (the start and end token; re-exported)
 
@@ -65,12 +65,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError("unknown decoder config fields: %s" % ", ".join(unknown))
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
+        return config_from_dict(cls, d, "decoder")
 
     def validate(self) -> None:
         if self.image_proj not in ("linear", "mlp"):

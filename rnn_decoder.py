@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import config_from_dict
 from compact_vocab import FromScratchDecoder, OutputVocab
 
 ARCHS = ("gru", "attention-gru")
@@ -45,12 +46,7 @@ class RNNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RNNConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError("unknown RNN decoder config fields: %s (known: %s)" % (", ".join(unknown),
-                                                                                   ", ".join(sorted(names))))
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d, "RNN decoder")
 
     def validate(self) -> None:
         if self.arch not in ARCHS:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import decoder
+from common import config_from_dict
 from compact_vocab import FromScratchDecoder, OutputVocab
 
 INIT_STD = 0.02  # nanoGPT / GPT-2: every Linear and Embedding weight ~ N(0, 0.02), biases 0
@@ -48,13 +49,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError("unknown transformer decoder config fields: %s (known: %s)"
-                             % (", ".join(unknown), ", ".join(sorted(names))))
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
+        return config_from_dict(cls, d, "transformer decoder")
 
     def validate(self) -> None:
         """ValueError naming the field; encoder_dim 0 (not set yet) passes, the decoder itself refuses it."""
