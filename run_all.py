@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import clip_utils
 import make_report
@@ -60,18 +60,25 @@ from common import (UserError, atomic_write, check_image_file, file_sha256, list
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
+# Stages run only when asked (--with NAME, or named in --only): each costs hours of GPU on the course's data. They
+# run after p2, in this order; a finished one that is not asked for still lends its results to the report while true.
+OPTIONAL_STAGES = ("compare",)
+TRAINING_STAGES = ("p2", "compare")  # stages that train with p2_train.py (class Training)
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
             decoder="p2_data/decoder_model.bin", p3_images="p3_data/images")
 STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
                   p3=("p3_images", "val_images", "decoder"), report=())
+STAGE_DATA["compare"] = STAGE_DATA["p2"]  # the same data and feature cache
 IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
              p2="train %s, score each on val (CIDEr, CLIPScore, parameters, time), tune the best one's decoding, "
                 "write OUT/p2/p2_best.{pt,json}",
              p3="attention figures of p3_data/images and of the best/worst val captions by CLIPScore",
-             report="results.json, results.md, the report PDF")
+             report="results.json, results.md, the report PDF",
+             compare="train the classic captioners %s on P2's data and feature cache, score them beside the best "
+                     "PEFT (CIDEr, BLEU-4, METEOR, ROUGE-L, CLIPScore), the attention-reg ablation")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
 DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
                  dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
@@ -79,7 +86,20 @@ DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(meth
 TOP5_IMAGES = 3
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
 # p2_train.py options that run_all sets itself, so a --train-config entry may not.
-RUN_ALL_OPTIONS = ("train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out", "resume",
+# The compare stage's runs (issue 20): each is p2_train.py --arch with these options, which --train-config may not
+# change; --train-config's "gru", "attention-gru"... entries set the rest, over COMPARE_TRAINING.
+COMPARE_RUNS = {"gru": dict(arch="gru"), "attention-gru": dict(arch="attention-gru", attention_reg="1"),
+                "transformer": dict(arch="transformer"),
+                "attention-gru_reg0": dict(arch="attention-gru", attention_reg="0")}
+COMPARE_ARCHS = ("gru", "attention-gru", "transformer")  # results.json "compare" rows, with "gpt2" (the best PEFT)
+ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term on (1) and off (0)
+# From-scratch decoders learn their words too, so they want more epochs and a higher rate than PEFT (p2_train.py's
+# defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
+COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
+COMPARE_METRICS = ("bleu", "meteor", "rouge", "cider", "clipscore")
+COMPARE_SCORES = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
+WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
+RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out", "resume",
                    "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
@@ -213,18 +233,20 @@ def source_block(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------------------------- checks first
 
-def check_train_options(ctx: Context) -> None:
+def check_train_options(ctx: Context, trainings: List["Training"]) -> None:
     """Every --train-config entry through p2_train.py's own checks (argparse types, ranges, PEFT options), so a
     typo fails now, in one line, not after P1."""
     config = train_config(ctx)
-    for method in ctx.args.methods:
+    for training in trainings:
+        method = training.name
         options = config.get(method, {})
-        taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
+        taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS + tuple(training.fixed))
         if taken:
             raise UserError("--train-config %s: %s: %s set by run_all.py itself (use run_all's own options)"
                             % (ctx.args.train_config, method, ", ".join(taken)))
-        argv = train_argv(ctx, method, ctx.data("train_json")) + ["--out", run_folder(ctx, method, "new")]
-        where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else "p2_train.py --peft " + method
+        argv = train_argv(ctx, training, ctx.data("train_json")) + ["--out", run_folder(ctx, training, "new")]
+        where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else \
+            "p2_train.py " + " ".join(option_flags(training.fixed))
         with contextlib.redirect_stderr(io.StringIO()) as said:
             try:
                 parsed = p2_train.parse_args(argv)
@@ -261,12 +283,17 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         p1_clip_zeroshot.labels_from_names(names, len(classes), "%s against %s" % (ctx.data("p1_images"),
                                                                                    ctx.data("id2label")))
     if "p2" in stages:
-        check_train_options(ctx)
+        check_train_options(ctx, peft_trainings(ctx))
         for split in ("train", "val"):
             p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"))
         if ctx.args.score_checkpoints:
-            for method in ctx.args.methods:
-                scored_checkpoint(ctx, method)
+            for training in peft_trainings(ctx):
+                scored_checkpoint(ctx, training)
+    if "compare" in stages:
+        check_train_options(ctx, compare_trainings(ctx))
+        if ctx.args.score_checkpoints:
+            for training in compare_trainings(ctx):
+                scored_checkpoint(ctx, training)
     if "p3" in stages:
         list_images(ctx.data("p3_images"), "P3 image folder")
     check_images(ctx, stages)
@@ -307,10 +334,11 @@ def train_config(ctx: Context) -> Dict[str, dict]:
     if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
         raise UserError("training config %s must be {method: {p2_train.py option: value}}, e.g. "
                         "{\"lora\": {\"lr\": 0.0005, \"epochs\": 8}}" % ctx.args.train_config)
-    unknown = sorted(set(config) - set(ctx.args.methods))
+    unknown = sorted(set(config) - set(ctx.args.methods) - set(COMPARE_RUNS))
     if unknown:
-        raise UserError("training config %s names %s, not among --methods %s"
-                        % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods)))
+        raise UserError("training config %s names %s, not among --methods %s nor the compare runs %s"
+                        % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
+                           ", ".join(COMPARE_RUNS)))
     return config
 
 
@@ -345,10 +373,34 @@ def train_split(ctx: Context) -> str:
     return path
 
 
-def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
-    """p2_train.py's arguments for one attempt, without --out (the folder it trains in is run_all's choice)."""
+class Training(NamedTuple):
+    """One p2_train.py run of a stage: trained in OUT/<stage>/<name>/train, redone by --force <stage>."""
+    stage: str  # "p2" (a PEFT attempt) or "compare" (a classic architecture)
+    name: str  # the method or run name: its folder, its --train-config key, its --score-checkpoints file
+    fixed: dict  # the p2_train.py options that make it this run (--peft lora; --arch gru), set by run_all only
+    options: dict  # the rest: the run's defaults, overridden by its --train-config entry
+
+
+def peft_trainings(ctx: Context) -> List[Training]:
+    config = train_config(ctx)
+    return [Training("p2", m, dict(decoder_weights=ctx.data("decoder"), peft=m), config.get(m, {}))
+            for m in ctx.args.methods]
+
+
+def compare_trainings(ctx: Context) -> List[Training]:
+    config = train_config(ctx)
+    return [Training("compare", run, fixed, dict(COMPARE_TRAINING, **config.get(run, {})))
+            for run, fixed in COMPARE_RUNS.items()]
+
+
+def stage_trainings(ctx: Context, stage: str) -> List[Training]:
+    return dict(p2=peft_trainings, compare=compare_trainings)[stage](ctx) if stage in TRAINING_STAGES else []
+
+
+def train_argv(ctx: Context, training: Training, train_json: str) -> List[str]:
+    """p2_train.py's arguments for one run, without --out (the folder it trains in is run_all's choice)."""
     argv = ["--train-json", train_json, "--train-images", ctx.data("train_images"), "--val-json", ctx.data("val_json"),
-            "--val-images", ctx.data("val_images"), "--decoder-weights", ctx.data("decoder"), "--peft", method,
+            "--val-images", ctx.data("val_images")] + option_flags(training.fixed) + [
             "--workers", str(ctx.args.workers), "--device", ctx.args.device]
     if ctx.args.encoder:
         argv += ["--encoder", ctx.args.encoder]
@@ -356,18 +408,18 @@ def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
         argv += ["--clip-model", ctx.args.clip_model, "--clip-pretrained", ctx.args.clip_pretrained]
     if not ctx.args.no_feature_cache:
         argv += ["--feature-cache", ctx.path("p2", "feature_cache")]
-    return argv + option_flags(train_config(ctx).get(method, {}))
+    return argv + option_flags(training.options)
 
 
-def run_folder(ctx: Context, method: str, which: str = "done") -> str:
-    """OUT/p2/METHOD/train (the finished training, the one scored) or train.new (one in progress, swapped in when
-    it ends) or train.old (the finished one for the moment of the swap)."""
-    return ctx.path("p2", method, "train" if which == "done" else "train." + which)
+def run_folder(ctx: Context, training: Training, which: str = "done") -> str:
+    """OUT/<stage>/<name>/train (the finished training, the one scored) or train.new (one in progress, swapped in
+    when it ends) or train.old (the finished one for the moment of the swap)."""
+    return ctx.path(training.stage, training.name, "train" if which == "done" else "train." + which)
 
 
-def restore_interrupted_swap(ctx: Context, method: str) -> None:
+def restore_interrupted_swap(ctx: Context, training: Training) -> None:
     """A kill between the two renames of a swap leaves train.old without train: put it back."""
-    done, old = run_folder(ctx, method), run_folder(ctx, method, "old")
+    done, old = run_folder(ctx, training), run_folder(ctx, training, "old")
     if os.path.isdir(old):
         if os.path.isdir(done):
             shutil.rmtree(old)
@@ -375,9 +427,9 @@ def restore_interrupted_swap(ctx: Context, method: str) -> None:
             os.replace(old, done)
 
 
-def swap_in(ctx: Context, method: str) -> None:
+def swap_in(ctx: Context, training: Training) -> None:
     """train.new -> train; the earlier finished training is removed only once the new one is in place."""
-    done, new, old = run_folder(ctx, method), run_folder(ctx, method, "new"), run_folder(ctx, method, "old")
+    done, new, old = (run_folder(ctx, training, w) for w in ("done", "new", "old"))
     if os.path.isdir(done):
         os.replace(done, old)
     os.replace(new, done)
@@ -385,15 +437,15 @@ def swap_in(ctx: Context, method: str) -> None:
         shutil.rmtree(old)
 
 
-def discard_unfinished_trainings(ctx: Context) -> None:
-    """With P2 done and still true, a train.new folder is a forced or abandoned training that was killed; a rerun
-    of it would start from its beginning, so it is removed."""
-    for method in ctx.args.methods:
-        restore_interrupted_swap(ctx, method)
-        new = run_folder(ctx, method, "new")
+def discard_unfinished_trainings(ctx: Context, trainings: List[Training]) -> None:
+    """With the stage done and still true, a train.new folder is a forced or abandoned training that was killed; a
+    rerun of it would start from its beginning, so it is removed."""
+    for training in trainings:
+        restore_interrupted_swap(ctx, training)
+        new = run_folder(ctx, training, "new")
         if os.path.isdir(new):
-            ctx.say("p2: %s: removing the unfinished training in %s (P2 is done and still true without it)"
-                    % (method, new))
+            ctx.say("%s: %s: removing the unfinished training in %s (%s is done and still true without it)"
+                    % (training.stage, training.name, new, training.stage))
             shutil.rmtree(new)
 
 
@@ -401,10 +453,10 @@ def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
     return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
 
 
-def finished_training(ctx: Context, method: str, argv: List[str]) -> Optional[dict]:
+def finished_training(ctx: Context, training: Training, argv: List[str]) -> Optional[dict]:
     """The finished training's record when it was made with these arguments from these data and its checkpoint is
     there; else None."""
-    folder = run_folder(ctx, method)
+    folder = run_folder(ctx, training)
     record_file = os.path.join(folder, TRAIN_DONE)
     if not (os.path.isfile(record_file) and os.path.isfile(os.path.join(folder, "best.pt"))):
         return None
@@ -412,36 +464,38 @@ def finished_training(ctx: Context, method: str, argv: List[str]) -> Optional[di
     return record if record.get("argv") == argv and record.get("inputs") == train_inputs(ctx) else None
 
 
-def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, bool]:
+def train_run(ctx: Context, training: Training, train_json: str) -> Tuple[float, bool]:
     """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
-    same arguments and data (unless forced), resumed (--resume) when an interrupted one did, else started afresh.
-    Returns its seconds (as measured then, when skipped) and whether it trained now."""
-    argv = train_argv(ctx, method, train_json)
+    same arguments and data (unless its stage is forced), resumed (--resume) when an interrupted one did, else
+    started afresh. Returns its seconds (as measured then, when skipped) and whether it trained now."""
+    stage, name = training.stage, training.name
+    forced = ctx.forced(stage)
+    argv = train_argv(ctx, training, train_json)
     record_argv = ctx.portable(argv)
-    new = run_folder(ctx, method, "new")
+    new = run_folder(ctx, training, "new")
     if ctx.rank == 0:
-        restore_interrupted_swap(ctx, method)
-    finished = finished_training(ctx, method, record_argv)
-    if finished and not ctx.forced("p2"):
-        ctx.say("p2: %s training finished earlier with these settings and data, skipping" % method)
+        restore_interrupted_swap(ctx, training)
+    finished = finished_training(ctx, training, record_argv)
+    if finished and not forced:
+        ctx.say("%s: %s training finished earlier with these settings and data, skipping" % (stage, name))
         return float(finished.get("seconds", 0.0)), False
     started_file = os.path.join(new, "started.json")
-    resume = (not ctx.forced("p2") and os.path.isfile(started_file)
+    resume = (not forced and os.path.isfile(started_file)
               and read_json(started_file, "training start record") == dict(argv=record_argv,
                                                                                        inputs=train_inputs(ctx)))
     if resume:
-        ctx.say("p2: %s training was interrupted: resuming it (p2_train.py --resume)" % method)
+        ctx.say("%s: %s training was interrupted: resuming it (p2_train.py --resume)" % (stage, name))
     else:
         if os.path.isdir(new) and ctx.rank == 0:
-            ctx.say("p2: %s: the unfinished training in %s (%s) is discarded" % (
-                method, new, "forced" if ctx.forced("p2") else "other settings or data"))
+            ctx.say("%s: %s: the unfinished training in %s (%s) is discarded" % (
+                stage, name, new, "forced" if forced else "other settings or data"))
             shutil.rmtree(new)
-        if os.path.isdir(run_folder(ctx, method)):
-            ctx.say("p2: %s: the finished training in %s is kept until the new one ends" % (
-                method, run_folder(ctx, method)))
+        if os.path.isdir(run_folder(ctx, training)):
+            ctx.say("%s: %s: the finished training in %s is kept until the new one ends" % (
+                stage, name, run_folder(ctx, training)))
         if ctx.rank == 0:
             write_json(started_file, dict(argv=record_argv, inputs=train_inputs(ctx)))
-        ctx.say("p2: training %s (p2_train.py %s)" % (method, " ".join(shlex.quote(a) for a in argv)))
+        ctx.say("%s: training %s (p2_train.py %s)" % (stage, name, " ".join(shlex.quote(a) for a in argv)))
     started = time.time()
     p2_train.main(argv + ["--out", new] + (["--resume"] if resume else []))
     seconds = time.time() - started
@@ -450,7 +504,7 @@ def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, boo
                                                       seconds=round(seconds, 1),
                                                       repeatable_seconds=repeatable_seconds(new, seconds, resume)))
         os.remove(started_file)
-        swap_in(ctx, method)
+        swap_in(ctx, training)
     return seconds, True
 
 
@@ -474,9 +528,10 @@ def loss_log(folder: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) -> str:
+def estimate_rest(ctx: Context, training: Training, seconds: float, rest: List[str]) -> str:
     """'about N s more for the other attempts', from the repeatable part of the first one, scaled by epochs."""
-    record = read_json(os.path.join(run_folder(ctx, method), TRAIN_DONE), "training record")
+    method = training.name
+    record = read_json(os.path.join(run_folder(ctx, training), TRAIN_DONE), "training record")
     repeatable = record.get("repeatable_seconds")
     per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].epochs)
     more = sum(per_epoch * ctx.train_options[m].epochs for m in rest)
@@ -485,8 +540,8 @@ def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) ->
         if repeatable is not None else "no one-off part measured", more, len(rest))
 
 
-def loss_curve(ctx: Context, method: str) -> List[List[float]]:
-    return [[line["step"], line["loss"]] for line in loss_log(run_folder(ctx, method))
+def loss_curve(ctx: Context, training: Training) -> List[List[float]]:
+    return [[line["step"], line["loss"]] for line in loss_log(run_folder(ctx, training))
             if "loss" in line and "step" in line]
 
 
@@ -510,13 +565,19 @@ def plot_curves(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def scored_checkpoint(ctx: Context, method: str) -> str:
-    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt."""
+def scored_path(ctx: Context, training: Training) -> str:
+    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_NAME.pt."""
     if not ctx.args.score_checkpoints:
-        return os.path.join(run_folder(ctx, method), "best.pt")
-    path = os.path.join(ctx.args.score_checkpoints, "p2_%s.pt" % method)
-    if not os.path.isfile(path) or not os.path.isfile(config_path(path)):
-        raise UserError("--score-checkpoints %s has no p2_%s.pt with its .json" % (ctx.args.score_checkpoints, method))
+        return os.path.join(run_folder(ctx, training), "best.pt")
+    return os.path.join(ctx.args.score_checkpoints, "p2_%s.pt" % training.name)
+
+
+def scored_checkpoint(ctx: Context, training: Training) -> str:
+    """scored_path, refused at once when --score-checkpoints lacks it."""
+    path = scored_path(ctx, training)
+    if ctx.args.score_checkpoints and not (os.path.isfile(path) and os.path.isfile(config_path(path))):
+        raise UserError("--score-checkpoints %s has no p2_%s.pt with its .json" % (ctx.args.score_checkpoints,
+                                                                                  training.name))
     return path
 
 
@@ -530,13 +591,18 @@ def decoding_flags(settings: dict) -> List[str]:
     return flags
 
 
-def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip) -> dict:
+def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
+                      names=metrics.DEFAULT_METRICS) -> dict:
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
     scoring) with the CLIP loaded once."""
     p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
                        ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+    return score_file(ctx, pred, clip, names)
+
+
+def score_file(ctx: Context, pred: str, clip, names=metrics.DEFAULT_METRICS) -> dict:
     return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device)
+                            device=ctx.device, metrics=names)
 
 
 def setting_name(settings: dict) -> str:
@@ -559,26 +625,26 @@ def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> d
 
 
 def stage_p2(ctx: Context) -> dict:
-    methods = ctx.args.methods
+    methods, trainings = ctx.args.methods, dict((t.name, t) for t in peft_trainings(ctx))
     grid = [dict(search.DECODE_DEFAULTS, **g) for g in DECODING_GRID]
     with steps(3 * len(methods) + len(grid) - 1, "p2") as bar:
         train_json = train_split(ctx)
         train_seconds, estimated = {}, False
         for n, method in enumerate(methods):
-            seconds, trained = train_method(ctx, method, train_json)
+            seconds, trained = train_run(ctx, trainings[method], train_json)
             train_seconds[method] = round(seconds, 1)
             bar.update(2)
             if trained and n < len(methods) - 1 and not estimated:
-                ctx.say(estimate_rest(ctx, method, seconds, methods[n + 1:]))
+                ctx.say(estimate_rest(ctx, trainings[method], seconds, methods[n + 1:]))
                 estimated = True
-        curves = {m: loss_curve(ctx, m) for m in methods}
+        curves = {m: loss_curve(ctx, trainings[m]) for m in methods}
         plot_curves(curves, ctx.path("p2", "loss_curves.png"))
         clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
                                     ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
         rows, eval_seconds = {}, {}
         for method in methods:
             started = time.time()
-            checkpoint = scored_checkpoint(ctx, method)
+            checkpoint = scored_checkpoint(ctx, trainings[method])
             ctx.say("p2: scoring %s (%s) on val" % (method, checkpoint))
             scored = caption_and_score(ctx, checkpoint, grid[0], ctx.path("p2", method, "pred.json"), clip)
             write_json(ctx.path("p2", method, "per_image.json"), scored["per_image"])
@@ -595,7 +661,7 @@ def stage_p2(ctx: Context) -> dict:
         shipping = ship(ctx, rows[best]["checkpoint"], chosen)
     outputs = ["p2/loss_curves.png", "p2/p2_best.pt", "p2/p2_best.json", "p2/p2_best.per_image.json"]
     outputs += [os.path.join("p2", m, name) for m in methods for name in ("pred.json", "per_image.json")]
-    outputs += [os.path.relpath(os.path.join(run_folder(ctx, m), name), ctx.out) for m in methods
+    outputs += [os.path.relpath(os.path.join(run_folder(ctx, t), name), ctx.out) for t in trainings.values()
                 for name in ("best.pt", TRAIN_DONE)]
     return dict(p2=rows, p2_best=best, p2_train_loss={m: [c[0][1], c[-1][1]] if c else None for m, c in curves.items()},
                 p2_decoding=table, p2_inference=chosen, p2_shipping=shipping,
@@ -641,6 +707,58 @@ def ship(ctx: Context, checkpoint: str, chosen: dict) -> dict:
     search.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
     write_json(config_path(dest), meta)
     return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+def stage_compare(ctx: Context) -> dict:
+    """Each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap), its val
+    captions with the README default decoding scored with the whole metric suite, beside P2's best attempt."""
+    trainings = compare_trainings(ctx)
+    default = dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])
+    with steps(2 * len(trainings) + 1, "compare") as bar:
+        train_json = train_split(ctx)
+        seconds = {}
+        for training in trainings:
+            seconds[training.name] = round(train_run(ctx, training, train_json)[0], 1)
+            bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        rows = {}
+        for training in trainings:
+            checkpoint = scored_checkpoint(ctx, training)
+            ctx.say("compare: scoring %s (%s) on val" % (training.name, checkpoint))
+            scored = caption_and_score(ctx, checkpoint, default, ctx.path("compare", training.name, "pred.json"),
+                                       clip, COMPARE_METRICS)
+            meta = read_checkpoint_config(checkpoint)
+            rows[training.name] = compare_row(scored, meta["trainable_parameters"], seconds[training.name],
+                                              checkpoint=checkpoint, arch=meta["arch"],
+                                              attention_reg=meta["decoder"].get("attention_reg"))
+            bar.update(1)
+        best = ctx.results["p2_best"]
+        ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
+        p2_row = ctx.results["p2"][best]
+        gpt2 = compare_row(score_file(ctx, ctx.path("p2", best, "pred.json"), clip, COMPARE_METRICS),
+                           p2_row["trainable_params"], (ctx.results["timings"]["p2_train"] or {}).get(best),
+                           checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
+        bar.update(1)
+    compare = {name: rows[name] for name in COMPARE_ARCHS}
+    compare["gpt2"] = gpt2
+    ablation = {name: dict(attention_reg=rows[name]["attention_reg"], CIDEr=rows[name]["CIDEr"],
+                           pointing_game=None) for name in ABLATION}
+    outputs = [os.path.join("compare", t.name, "pred.json") for t in trainings]
+    outputs += [os.path.relpath(os.path.join(run_folder(ctx, t), name), ctx.out) for t in trainings
+                for name in ("best.pt", TRAIN_DONE)]
+    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+
+
+def compare_row(scored: dict, trainable_params: int, train_seconds: Optional[float], **about) -> dict:
+    """One row of results.json "compare": the metric suite (METEOR None where Java is missing), the world-only
+    measures as None (the demo's world stage fills them), parameters and training time, then what it is."""
+    row = {key: scored.get(key) for key in COMPARE_SCORES}
+    row.update({key: None for key in WORLD_SCORES})
+    row.update(trainable_params=trainable_params, train_seconds=train_seconds, **about)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------- P3
@@ -690,7 +808,39 @@ def results_table(results: dict) -> str:
         lines += ["", "attention pointing game: %s over %s shape words" % (
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
             results.get("pointing_trials"))]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + compare_table(results)) + "\n"
+
+
+def compare_table(results: dict) -> List[str]:
+    """results.md's lines for the compare stage (none without it): one row per architecture, then the ablation."""
+    rows, ablation = results.get("compare") or {}, results.get("ablation") or {}
+    if not rows:
+        return []
+    columns = COMPARE_SCORES + WORLD_SCORES
+
+    def number(value) -> str:
+        return "-" if value is None else "%.4f" % value
+
+    lines = ["", "| architecture | %s | trainable params | training s |" % " | ".join(columns),
+             "| --- " * (len(columns) + 3) + "|"]
+    for arch, r in rows.items():
+        lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
+                                                " | ".join(number(r.get(k)) for k in columns),
+                                                "{:,}".format(r["trainable_params"]), r.get("train_seconds", "-")))
+    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |" % make_report.SEED_CITATION,
+              "| --- | --- | --- | --- |"]
+    lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
+              for model, arch, cider in make_report.SEED_TABLE]
+    if ablation:
+        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
+        for name, a in ablation.items():
+            lines.append("| %s (%s) | %s | %s |" % (setting_number(a.get("attention_reg")), name, number(a.get("CIDEr")),
+                                                     number(a.get("pointing_game"))))
+    return lines
+
+
+def setting_number(value) -> str:
+    return "-" if value is None else "%g" % value
 
 
 def report_name(ctx: Context) -> str:
@@ -738,10 +888,15 @@ def stage_settings(ctx: Context, stage: str) -> dict:
     if stage == "p1":
         return dict(flags=ctx.p1_flags())
     if stage == "p2":
-        return dict(train=[train_argv(ctx, m, "") for m in a.methods], train_max_images=a.train_max_images,
+        return dict(train=[train_argv(ctx, t, "") for t in peft_trainings(ctx)], train_max_images=a.train_max_images,
                     score_checkpoints=a.score_checkpoints, grid=DECODING_GRID)
     if stage == "p3":
         return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
+    if stage == "compare":  # and P2's best attempt, whose row it copies
+        best = ctx.results.get("p2_best")
+        return dict(train=[train_argv(ctx, t, "") for t in compare_trainings(ctx)], train_max_images=a.train_max_images,
+                    score_checkpoints=a.score_checkpoints, decoding=DECODING_GRID[0], metrics=COMPARE_METRICS,
+                    p2_best=best, p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
     upstream = {k: v for k, v in ctx.results.items() if k not in ("timings",)}  # the report and extra stages
     return dict(upstream=pipeline.digest(ctx.portable(upstream)), stage=stage,
                 student_id=a.student_id if stage == "report" else None)
@@ -751,20 +906,25 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     """Fingerprints of what the stage reads: data named by their place in --data (<DATA>/p2_data/val.json), model
     files as given."""
     paths = [ctx.data(k) for k in STAGE_DATA.get(stage, ())]
-    if stage in ("p1", "p2"):
+    if stage in ("p1", "p2", "compare"):
         paths += ctx.model_files()
     if stage == "p2" and ctx.args.score_checkpoints:
-        paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
-                                                         config_path(scored_checkpoint(ctx, m)))]
-    if stage not in STAGES:  # an extra stage reads the data folder its own way
+        paths += [p for t in peft_trainings(ctx) for p in (scored_checkpoint(ctx, t), config_path(scored_checkpoint(ctx, t)))]
+    if stage == "compare" and ctx.args.score_checkpoints:  # absent ones are refused by check_inputs when it runs
+        paths += [p for t in compare_trainings(ctx) for p in (scored_path(ctx, t), config_path(scored_path(ctx, t)))]
+    if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
         paths.append(ctx.args.data)
     return ctx.portable(ctx.inputs(paths))
 
 
 def stage_list(ctx: Context) -> List[tuple]:
-    """(name, function, description) in running order; the extra stages before the report."""
-    stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
-              ("p3", stage_p3, ABOUT["p3"])]
+    """(name, function, description) in running order; the optional stages after p2 (when asked for, or finished
+    earlier), the extra stages before the report."""
+    stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods))]
+    optional = dict(compare=(stage_compare, ABOUT["compare"] % ", ".join(COMPARE_RUNS)))
+    stages += [(name,) + optional[name] for name in OPTIONAL_STAGES
+               if name in ctx.args.with_stages or name in ctx.args.only_stages or pipeline.read_record(ctx.out, name)]
+    stages.append(("p3", stage_p3, ABOUT["p3"]))
     for spec in ctx.args.extra_stage:
         function = extra_stage(spec)
         stages.append((spec, function, (function.__doc__ or "").strip().split("\n")[0]))
@@ -785,8 +945,7 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
     if why is None and not ctx.forced(name):
         ctx.say("%s: %s, skipping" % (name, pipeline.skip_line(record)), stage=name, skipped=True)
         merge(ctx.results, ctx.local(record["results"]))
-        if name == "p2":
-            discard_unfinished_trainings(ctx)
+        discard_unfinished_trainings(ctx, stage_trainings(ctx, name))
         return
     if ctx.forced(name):
         why = "forced (--force %s): redone from its start%s" % (
@@ -856,7 +1015,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     g.add_argument("--data", required=True, help="the course's hw3_data folder (p1_data, p2_data, p3_data)")
     g.add_argument("--out", required=True, help="output folder (results, figures, checkpoints, stage records)")
     g.add_argument("--only", help="comma list of stages to run (%s, or an --extra-stage); the others' earlier "
-                   "results are kept while still true" % ", ".join(STAGES))
+                   "results are kept while still true" % ", ".join(STAGES + OPTIONAL_STAGES))
+    g.add_argument("--with", dest="with_stages", action="append", default=[], metavar="STAGE",
+                   help="also run an optional stage (%s; repeatable, comma lists too): it costs GPU time on the "
+                   "course's data, so it runs only when asked" % ", ".join(OPTIONAL_STAGES))
     g.add_argument("--force", action="append", default=[], help="redo this stage from its start, a training "
                    "included, even if finished (repeatable; comma lists too)")
     g.add_argument("--install", action="store_true", help="copy the best captioner to checkpoints/p2_best.{pt,json}")
@@ -902,13 +1064,20 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.student_id is not None and not STUDENT_ID.match(args.student_id):
         raise UserError("--student-id %r: letters and digits only (e.g. r12345678)" % args.student_id)
     args.force = [s.strip() for f in args.force for s in f.split(",") if s.strip()]
+    args.with_stages = [s.strip() for w in args.with_stages for s in w.split(",") if s.strip()]
+    args.only_stages = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else []
+    unknown = [s for s in args.with_stages if s not in OPTIONAL_STAGES]
+    if unknown:
+        raise UserError("--with %s: not an optional stage (they are: %s)" % (",".join(unknown),
+                                                                             ", ".join(OPTIONAL_STAGES)))
     return args
 
 
 def choose_stages(ctx: Context, names: List[str]) -> List[str]:
-    """The stages to run: --only's (all by default); --force of a stage not run is refused, not ignored."""
+    """The stages to run: --only's (by default all but the optional stages not asked for with --with); --force of
+    a stage not run is refused, not ignored."""
     args = ctx.args
-    selected = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(names)
+    selected = args.only_stages or [n for n in names if n not in OPTIONAL_STAGES or n in args.with_stages]
     for name in selected + args.force:
         if name not in names:
             raise UserError("no stage %r (the stages: %s)" % (name, ", ".join(names)))
@@ -927,11 +1096,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     stages = stage_list(ctx)
     selected = choose_stages(ctx, [s[0] for s in stages])
     if ctx.rank != 0:  # under torchrun: the other ranks join each training and leave the rest to rank 0
-        if "p2" in selected:
-            check_train_options(ctx)
+        for stage in (s for s in TRAINING_STAGES if s in selected):
+            check_train_options(ctx, stage_trainings(ctx, stage))
             train_json = train_split(ctx)
-            for method in args.methods:
-                train_method(ctx, method, train_json)
+            for training in stage_trainings(ctx, stage):
+                train_run(ctx, training, train_json)
         return 0
     pipeline.check_out_folder(ctx.out)
     check_inputs(ctx, selected)
@@ -942,9 +1111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_plan(ctx, stages, selected)
         started = time.time()
         for name, function, _ in stages:
-            if name == "p3" and "p3" in selected and "p2_shipping" not in ctx.results:
-                raise UserError("p3 draws P2's best captioner, but %s has no finished p2 stage that is still true: "
-                                "add p2 to --only" % ctx.out)
+            if name in ("p3", "compare") and name in selected and "p2_shipping" not in ctx.results:
+                raise UserError("%s needs P2's best captioner, but %s has no finished p2 stage that is still true: "
+                                "add p2 to --only" % (name, ctx.out))
             run_stage(ctx, name, function, name in selected)
         if ctx.results.get("p2_shipping"):
             print(shipping_note(ctx.results["p2_shipping"]))
