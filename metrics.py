@@ -6,6 +6,7 @@ the course) and RefCLIPScore (Hessel et al.: the harmonic mean of CLIPScore and 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -211,20 +212,26 @@ def _bleu(gts, res):
     return corpus, each
 
 
+# The METEOR jar's process, started on first use and kept for the next scoring (its start, loading the paraphrase
+# tables, takes most of a METEOR score's time); ended when Python exits or when it fails.
+_METEOR_PROCESS: list = []
+
+
 def _meteor(gts, res):
     from pycocoevalcap.meteor.meteor import Meteor
 
     reason = meteor_unavailable()
     if reason:
         raise MetricSkipped(reason)
-    scorer = Meteor()
+    if not _METEOR_PROCESS:
+        _METEOR_PROCESS.append(Meteor())
+        atexit.register(_METEOR_PROCESS.clear)  # its __del__ ends the Java process, while the modules still exist
     try:
-        corpus, each = scorer.compute_score(gts, res)
+        corpus, each = _METEOR_PROCESS[0].compute_score(gts, res)
     except (OSError, ValueError) as err:
+        _METEOR_PROCESS.clear()
         raise MetricSkipped("METEOR skipped: pycocoevalcap's meteor-1.5.jar did not answer (%s); check that "
                             "`java -Xmx2G -jar` runs here" % (" ".join(str(err).split())[:100] or type(err).__name__))
-    finally:
-        del scorer  # its __del__ ends the Java process
     return [corpus], [each]
 
 

@@ -744,8 +744,8 @@ def stage_compare(ctx: Context) -> dict:
         bar.update(1)
     compare = {name: rows[name] for name in COMPARE_ARCHS}
     compare["gpt2"] = gpt2
-    ablation = {name: dict(attention_reg=rows[name]["attention_reg"], CIDEr=rows[name]["CIDEr"],
-                           pointing_game=None) for name in ABLATION}
+    ablation = {name: dict(attention_reg=rows[name]["attention_reg"], CIDEr=rows[name]["CIDEr"], pointing_game=None,
+                           arch=rows[name]["arch"], checkpoint=rows[name]["checkpoint"]) for name in ABLATION}
     outputs = [os.path.join("compare", t.name, "pred.json") for t in trainings]
     outputs += [os.path.relpath(os.path.join(run_folder(ctx, t), name), ctx.out) for t in trainings
                 for name in ("best.pt", TRAIN_DONE)]

@@ -75,3 +75,38 @@ def open_clip_tokens(visual, images) -> torch.Tensor:
         handle.remove()
     x = caught[0] if getattr(visual.transformer, "batch_first", True) else caught[0].permute(1, 0, 2)
     return visual.ln_post(x)
+
+
+# Tiny configs of the compare stage's runs (run_all.COMPARE_RUNS): a short run takes seconds on one thread.
+TINY_COMPARE = {"gru": dict(embed_dim=32, hidden_dim=64), "attention-gru": dict(embed_dim=32, hidden_dim=64,
+                                                                                 attention_dim=32),
+                "attention-gru_reg0": dict(embed_dim=32, hidden_dim=64, attention_dim=32),
+                "transformer": dict(n_layer=1, n_head=2, n_embd=64)}
+
+
+def compare_captioners(data: str, folder: str, peft_folder: str) -> str:
+    """A --score-checkpoints folder for a world in the course's layout (data): the PEFT checkpoints of peft_folder
+    (copied) and a tiny checkpoint p2_<run>.{pt,json} of each compare run, trained for one epoch here (stand-ins for
+    the committed miniworld/models ones, so the tests do not depend on them)."""
+    import os
+    import shutil
+
+    import p2_train
+    import run_all
+    from miniworld.train_vit import spec as encoder_spec
+
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(peft_folder):
+        if name.startswith("p2_") and name[3:].split(".")[0] in run_all.METHODS:
+            shutil.copyfile(os.path.join(peft_folder, name), os.path.join(folder, name))
+    p2 = os.path.join(data, "p2_data")
+    for run, fixed in run_all.COMPARE_RUNS.items():
+        out = os.path.join(folder, "runs", run)
+        p2_train.main(["--train-json", os.path.join(p2, "train.json"), "--train-images", os.path.join(p2, "images",
+                       "train"), "--val-json", os.path.join(p2, "val.json"), "--val-images", os.path.join(p2, "images",
+                       "val"), "--encoder", encoder_spec(), "--epochs", "1", "--batch-size", "16", "--lr", "3e-3",
+                       "--warmup-steps", "2", "--val-max-images", "4", "--no-clipscore", "--workers", "0", "--device",
+                       "cpu", "--out", out] + run_all.option_flags(dict(fixed, **TINY_COMPARE[run])))
+        for suffix in (".pt", ".json"):
+            shutil.copyfile(os.path.join(out, "best" + suffix), os.path.join(folder, "p2_%s%s" % (run, suffix)))
+    return folder
