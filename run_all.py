@@ -13,6 +13,9 @@ p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
           the shippable checkpoint OUT/p2/p2_best.{pt,json} with the chosen decoding under "inference"
   p3      attention figures of p3_data/images, and of the best and worst validation captions by CLIPScore
   report  results.json (with the command and its source), results.md, report.pdf (make_report.py)
+  compare (opt-in, --with compare: hours of GPU) the classic captioners (p2_train.py --arch gru, attention-gru,
+          transformer, and attention-gru with --attention-reg 0) trained as the PEFT attempts are, on the same data and
+          feature cache, scored with the whole metric suite beside P2's best attempt ("compare" and "ablation")
 
 Everything is checked before any work (options, the training config, OUT, the data down to each image's header).
 One run at a time per OUT (a lock). A finished stage is skipped only while it is still true: its record in
@@ -131,7 +134,15 @@ class Context:
         self._fingerprints: Dict[str, Optional[str]] = {}
 
     def data(self, key: str) -> str:
+        if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
+            return dict(train_json=self.args.captions, val_json=self.args.captions, train_images=self.args.images,
+                        val_images=self.args.images, decoder=self.args.decoder_weights or "")[key]
         return os.path.join(self.args.data, DATA[key])
+
+    def split_flags(self) -> List[str]:
+        """p2_inference.py's flags that caption only the val split of a --captions file (the one p2_train.py
+        validated on); none for the course's val folder."""
+        return ["--captions", self.args.captions, "--split", "val"] if self.args.captions else []
 
     def _places(self):
         """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
@@ -271,7 +282,7 @@ def check_images(ctx: Context, stages: List[str]) -> int:
 
 def check_inputs(ctx: Context, stages: List[str]) -> None:
     """Every input the chosen stages read, checked before any work: one line naming what is wrong."""
-    for stage in stages:
+    for stage in stages if not ctx.args.captions else ():  # --captions and --images: checked by parse_args
         for key in STAGE_DATA.get(stage, ()):
             path = ctx.data(key)
             if not os.path.exists(path):
@@ -284,11 +295,13 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
                                                                                    ctx.data("id2label")))
     if "p2" in stages:
         check_train_options(ctx, peft_trainings(ctx))
-        for split in ("train", "val"):
-            p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"))
         if ctx.args.score_checkpoints:
             for training in peft_trainings(ctx):
                 scored_checkpoint(ctx, training)
+    if "p2" in stages or "compare" in stages:
+        for split in ("train", "val"):
+            p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"),
+                                  split=split if ctx.args.captions else None)
     if "compare" in stages:
         check_train_options(ctx, compare_trainings(ctx))
         if ctx.args.score_checkpoints:
@@ -596,13 +609,14 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
     scoring) with the CLIP loaded once."""
     p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
+                      + decoding_flags(settings))
     return score_file(ctx, pred, clip, names)
 
 
 def score_file(ctx: Context, pred: str, clip, names=metrics.DEFAULT_METRICS) -> dict:
     return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device, metrics=names)
+                            device=ctx.device, metrics=names, split="val" if ctx.args.captions else None)
 
 
 def setting_name(settings: dict) -> str:
@@ -689,7 +703,7 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
     best = max(range(len(table)), key=lambda i: (table[i]["cider"], -i))
     chosen = {k: table[best][k] for k in search.DECODE_DEFAULTS}
     chosen["chosen_on"] = "highest CIDEr on the val split (%s, %d images) among %d settings (run_all.py)" % (
-        DATA["val_json"], len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
+        "%s, its val split" % os.path.basename(ctx.args.captions) if ctx.args.captions else DATA["val_json"], len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
     scores = per_image[setting_name(chosen)]
     if scores is None:
         scores = read_json(ctx.path("p2", method, "per_image.json"))
@@ -735,15 +749,17 @@ def stage_compare(ctx: Context) -> dict:
                                               checkpoint=checkpoint, arch=meta["arch"],
                                               attention_reg=meta["decoder"].get("attention_reg"))
             bar.update(1)
-        best = ctx.results["p2_best"]
-        ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
-        p2_row = ctx.results["p2"][best]
-        gpt2 = compare_row(score_file(ctx, ctx.path("p2", best, "pred.json"), clip, COMPARE_METRICS),
-                           p2_row["trainable_params"], (ctx.results["timings"]["p2_train"] or {}).get(best),
-                           checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
+        compare = {name: rows[name] for name in COMPARE_ARCHS}
+        best = ctx.results.get("p2_best")
+        if best:
+            ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
+            p2_row = ctx.results["p2"][best]
+            compare["gpt2"] = compare_row(score_file(ctx, ctx.path("p2", best, "pred.json"), clip, COMPARE_METRICS),
+                                          p2_row["trainable_params"], ctx.results["timings"]["p2_train"].get(best),
+                                          checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
+        else:
+            ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
         bar.update(1)
-    compare = {name: rows[name] for name in COMPARE_ARCHS}
-    compare["gpt2"] = gpt2
     ablation = {name: dict(attention_reg=rows[name]["attention_reg"], CIDEr=rows[name]["CIDEr"], pointing_game=None,
                            arch=rows[name]["arch"], checkpoint=rows[name]["checkpoint"]) for name in ABLATION}
     outputs = [os.path.join("compare", t.name, "pred.json") for t in trainings]
@@ -925,6 +941,8 @@ def stage_list(ctx: Context) -> List[tuple]:
     stages += [(name,) + optional[name] for name in OPTIONAL_STAGES
                if name in ctx.args.with_stages or name in ctx.args.only_stages or pipeline.read_record(ctx.out, name)]
     stages.append(("p3", stage_p3, ABOUT["p3"]))
+    if ctx.args.captions:  # another dataset: no P1 or P3 data; P2 needs the GPT-2 weights
+        stages = [s for s in stages if s[0] not in ("p1", "p3") and (s[0] != "p2" or ctx.args.decoder_weights)]
     for spec in ctx.args.extra_stage:
         function = extra_stage(spec)
         stages.append((spec, function, (function.__doc__ or "").strip().split("\n")[0]))
@@ -1012,7 +1030,7 @@ def shipping_note(shipping: dict) -> str:
 def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
-    g.add_argument("--data", required=True, help="the course's hw3_data folder (p1_data, p2_data, p3_data)")
+    g.add_argument("--data", help="the course's hw3_data folder (p1_data, p2_data, p3_data)")
     g.add_argument("--out", required=True, help="output folder (results, figures, checkpoints, stage records)")
     g.add_argument("--only", help="comma list of stages to run (%s, or an --extra-stage); the others' earlier "
                    "results are kept while still true" % ", ".join(STAGES + OPTIONAL_STAGES))
@@ -1026,6 +1044,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    help="a stage of your own, run before the report: FUNCTION(context) returns results to merge")
     g.add_argument("--student-id", help="your student ID: the report is written as OUT/hw3_<ID>.pdf with the ID on "
                    "its title page, as the course asks")
+    g = p.add_argument_group("another dataset instead of --data (the P2, compare and report stages)")
+    g.add_argument("--captions", metavar="FILE", help="one caption file of any format p2_data reads (COCO, Karpathy "
+                   "split JSON, DeepFashion-MultiModal captions.json, {file name: captions}): trained on its train "
+                   "split, scored on its val split (a file without splits: divided by file-name hash, %g to val, as "
+                   "p2_train.py does)" % p2_data.VAL_FRACTION)
+    g.add_argument("--images", metavar="DIR", help="the folder of --captions' images")
+    g.add_argument("--decoder-weights", metavar="FILE", help="the course's decoder_model.bin, for the P2 (GPT-2 "
+                   "PEFT) stage; without it only the compare stage's from-scratch decoders are trained")
     g = p.add_argument_group("P2 training")
     g.add_argument("--methods", default=",".join(METHODS), help="PEFT attempts (p2_train.py --peft), default "
                    "%(default)s")
@@ -1057,8 +1083,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UserError("--methods names a method twice: %s" % ",".join(args.methods))
     if bool(args.clip_model) != bool(args.clip_pretrained):
         raise UserError("--clip-model and --clip-pretrained go together")
-    if not os.path.isdir(args.data):
-        raise UserError("--data %s is not a folder (the course's hw3_data)" % args.data)
+    check_data_options(args)
     if args.workers < 0 or args.train_max_images < 0:
         raise UserError("--workers and --train-max-images must be 0 or more")
     if args.student_id is not None and not STUDENT_ID.match(args.student_id):
@@ -1071,6 +1096,28 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UserError("--with %s: not an optional stage (they are: %s)" % (",".join(unknown),
                                                                              ", ".join(OPTIONAL_STAGES)))
     return args
+
+
+def check_data_options(args: argparse.Namespace) -> None:
+    """--data, or --captions with --images (then the compare stage runs with P2 when --decoder-weights is given)."""
+    if args.captions or args.images:
+        if args.data or not (args.captions and args.images):
+            raise UserError("give --data (the course's hw3_data), or --captions FILE with --images DIR (another "
+                            "dataset), not both")
+        for path, what in ((args.captions, "--captions"), (args.decoder_weights, "--decoder-weights")):
+            if path and not os.path.isfile(path):
+                raise UserError("%s %s is not a file" % (what, path))
+        if not os.path.isdir(args.images):
+            raise UserError("--images %s is not a folder" % args.images)
+        if args.train_max_images:
+            raise UserError("--train-max-images works with --data only (a --captions file is split by p2_data)")
+        args.data = args.images  # <DATA> in records: the image folder
+        args.with_stages = sorted(set(args.with_stages) | {"compare"})
+        return
+    if args.decoder_weights:
+        raise UserError("--decoder-weights goes with --captions (--data has p2_data/decoder_model.bin)")
+    if not args.data or not os.path.isdir(args.data):
+        raise UserError("--data %s is not a folder (the course's hw3_data)" % args.data)
 
 
 def choose_stages(ctx: Context, names: List[str]) -> List[str]:
@@ -1111,7 +1158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_plan(ctx, stages, selected)
         started = time.time()
         for name, function, _ in stages:
-            if name in ("p3", "compare") and name in selected and "p2_shipping" not in ctx.results:
+            if name in ("p3", "compare") and name in selected and "p2_shipping" not in ctx.results and \
+                    "p2" in [s[0] for s in stages]:
                 raise UserError("%s needs P2's best captioner, but %s has no finished p2 stage that is still true: "
                                 "add p2 to --only" % (name, ctx.out))
             run_stage(ctx, name, function, name in selected)
