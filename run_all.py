@@ -102,8 +102,8 @@ COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
 COMPARE_METRICS = ("bleu", "meteor", "rouge", "cider", "clipscore")
 COMPARE_SCORES = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
 WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
-RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out", "resume",
-                   "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
+RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
+                   "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -703,7 +703,8 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
     best = max(range(len(table)), key=lambda i: (table[i]["cider"], -i))
     chosen = {k: table[best][k] for k in search.DECODE_DEFAULTS}
     chosen["chosen_on"] = "highest CIDEr on the val split (%s, %d images) among %d settings (run_all.py)" % (
-        "%s, its val split" % os.path.basename(ctx.args.captions) if ctx.args.captions else DATA["val_json"], len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
+        "%s, its val split" % os.path.basename(ctx.args.captions) if ctx.args.captions else DATA["val_json"],
+        len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
     scores = per_image[setting_name(chosen)]
     if scores is None:
         scores = read_json(ctx.path("p2", method, "per_image.json"))
@@ -850,8 +851,8 @@ def compare_table(results: dict) -> List[str]:
     if ablation:
         lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
         for name, a in ablation.items():
-            lines.append("| %s (%s) | %s | %s |" % (setting_number(a.get("attention_reg")), name, number(a.get("CIDEr")),
-                                                     number(a.get("pointing_game"))))
+            lines.append("| %s (%s) | %s | %s |" % (setting_number(a.get("attention_reg")), name,
+                                                     number(a.get("CIDEr")), number(a.get("pointing_game"))))
     return lines
 
 
@@ -925,7 +926,8 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     if stage in ("p1", "p2", "compare"):
         paths += ctx.model_files()
     if stage == "p2" and ctx.args.score_checkpoints:
-        paths += [p for t in peft_trainings(ctx) for p in (scored_checkpoint(ctx, t), config_path(scored_checkpoint(ctx, t)))]
+        paths += [p for t in peft_trainings(ctx) for p in (scored_checkpoint(ctx, t),
+                                                           config_path(scored_checkpoint(ctx, t)))]
     if stage == "compare" and ctx.args.score_checkpoints:  # absent ones are refused by check_inputs when it runs
         paths += [p for t in compare_trainings(ctx) for p in (scored_path(ctx, t), config_path(scored_path(ctx, t)))]
     if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
