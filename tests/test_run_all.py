@@ -482,7 +482,10 @@ def test_the_remaining_time_leaves_out_filling_the_cache(tmp_path):
 def report_text(out: str) -> str:
     import make_report
 
-    return "\n".join(make_report.compose(out).lines)
+    report = make_report.compose(out)
+    for page in report.pages:  # drawn, never saved
+        report.plt.close(page)
+    return "\n".join(report.lines)
 
 
 def test_compare_is_opt_in(finished):
