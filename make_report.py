@@ -263,9 +263,11 @@ def compare_section(report: Report, results: dict):
                      "tokens, one feature cache) and its validation captions decoded with the README default and "
                      "scored with the same metrics (run_all.py, the compare stage). gpt2 is P2's best PEFT attempt.")
     columns = [(key, label) for key, label in COMPARE_COLUMNS if any(r.get(key) is not None for r in rows.values())]
-    report.table(["architecture"] + [label for _, label in columns] + ["trainable params", "training s"],
+    share = 0.62 / max(1, len(columns))  # the scores share what the name and the two counts leave
+    report.table(["architecture"] + [label for _, label in columns] + ["trained params", "train s"],
                  [[arch + (" (%s)" % r["peft"] if r.get("peft") else "")] + [fmt(r.get(key), 3) for key, _ in columns]
-                  + [count(r.get("trainable_params")), fmt(r.get("train_seconds"), 0)] for arch, r in rows.items()])
+                  + [count(r.get("trainable_params")), fmt(r.get("train_seconds"), 0)] for arch, r in rows.items()],
+                 widths=[0.18] + [share] * len(columns) + [0.12, 0.08])
     missing = [label for key, label in COMPARE_COLUMNS[:5] if all(r.get(key) is None for r in rows.values())]
     if missing:
         report.paragraph("Not measured here: %s (METEOR needs Java)." % ", ".join(missing))
@@ -276,8 +278,8 @@ def compare_section(report: Report, results: dict):
                   for model, arch, cider in SEED_TABLE], widths=(0.36, 0.2, 0.24, 0.2))
     ours = ranking(rows, [arch for _, arch, _ in SEED_TABLE])
     seed = " < ".join(arch for _, arch, _ in sorted(SEED_TABLE, key=lambda s: s[2]))
-    report.paragraph("Source of the left half: %s, CIDEr on its test split. The ranking by CIDEr there is %s; here it "
-                     "is %s%s. The datasets, encoders and training budgets differ, so only the ranking is comparable, "
+    report.paragraph("Source of the left half: %s, CIDEr as the seed reports it. The ranking by CIDEr there is %s; "
+                     "here it is %s%s. The datasets, encoders and training budgets differ, so only the ranking is comparable, "
                      "not the numbers." % (SEED_CITATION, seed, ours or "not measured",
                                           "" if ours == seed else " (it differs)"))
     ablation = results.get("ablation") or {}

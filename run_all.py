@@ -748,7 +748,8 @@ def stage_compare(ctx: Context) -> dict:
             meta = read_checkpoint_config(checkpoint)
             rows[training.name] = compare_row(scored, meta["trainable_parameters"], seconds[training.name],
                                               checkpoint=checkpoint, arch=meta["arch"],
-                                              attention_reg=meta["decoder"].get("attention_reg"))
+                                              attention_reg=meta["decoder"].get("attention_reg")
+                                              if meta["arch"] == "attention-gru" else None)
             bar.update(1)
         compare = {name: rows[name] for name in COMPARE_ARCHS}
         best = ctx.results.get("p2_best")
