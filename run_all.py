@@ -3,6 +3,9 @@
     python3 run_all.py --data hw3_data --out outputs/hw3            # P1, P2 (three PEFT attempts), P3, the report
     python3 run_all.py --data hw3_data --out outputs/hw3 --install  # ... and copy the best captioner to checkpoints/
     torchrun --nproc_per_node 2 run_all.py --data hw3_data --out outputs/hw3   # training on two GPUs (DDP)
+    python3 run_all.py --data hw3_data --out outputs/hw3 --with compare  # ... and the classic architectures (GPU hours)
+    python3 run_all.py --captions captions.json --images images/ --out outputs/fashion  # another dataset: compare,
+                                                                   # report (and P2 with --decoder-weights FILE)
 
 DATA holds p1_data/val/{label}_{id}.png + p1_data/id2label.json, p2_data/images/{train,val}/ + p2_data/train.json +
 p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
@@ -1093,6 +1096,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UserError("--student-id %r: letters and digits only (e.g. r12345678)" % args.student_id)
     args.force = [s.strip() for f in args.force for s in f.split(",") if s.strip()]
     args.with_stages = [s.strip() for w in args.with_stages for s in w.split(",") if s.strip()]
+    args.with_stages += [s for s in args.force if s in OPTIONAL_STAGES and s not in args.with_stages]  # asked too
     args.only_stages = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else []
     unknown = [s for s in args.with_stages if s not in OPTIONAL_STAGES]
     if unknown:
