@@ -131,6 +131,9 @@ def comparable(results: dict) -> dict:
     source = kept.pop("source", None)
     kept["source_note"] = source.get("note") if isinstance(source, dict) else source
     kept["p2_shipping"] = {k: results["p2_shipping"][k] for k in ("sha256", "bytes")}
+    if "compare" in kept:  # each row's training time is the short run's, measured now
+        kept["compare"] = {arch: {k: v for k, v in row.items() if k != "train_seconds"}
+                           for arch, row in kept["compare"].items()}
     return kept
 
 
@@ -166,6 +169,9 @@ def assert_same(got, want, same_stack: bool, where="results"):
 def test_the_full_demo_reproduces_the_committed_results(tmp_path_factory):
     """`bash demo.sh` on the full world gives the committed results/miniworld/results.json: every figure, the
     decoding table, the shipped checkpoint and the P3 captions, whatever the refactor since it was committed."""
+    if not committed_compare_checkpoints():
+        pytest.skip("miniworld/models has no compare checkpoints yet (p2_gru.pt...: branch arch-world); the full demo "
+                    "scores them, and results/miniworld is then rebuilt with its compare section")
     out = str(tmp_path_factory.mktemp("full_demo"))
     assert demo.main(["--out", out]) == 0
     got, want = read_json(os.path.join(out, "results.json")), read_json(os.path.join(COMMITTED, "results.json"))
