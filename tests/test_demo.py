@@ -9,7 +9,6 @@ import pytest
 
 import p2_inference
 import run_all
-import tiny_models
 from common import read_json
 from miniworld import demo, generate
 
@@ -26,13 +25,11 @@ def committed_compare_checkpoints() -> bool:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("demo")
     captioners = []
-    if not committed_compare_checkpoints():  # until miniworld/models has them: tiny stand-ins trained here
-        data = demo.make_world(os.path.join(str(out), "data"), 0, True)
-        captioners = ["--captioners", tiny_models.compare_captioners(data, str(tmp_path_factory.mktemp("models")),
-                                                                      demo.MODELS)]
+    if not committed_compare_checkpoints():  # until miniworld/models has them: the session's tiny stand-ins
+        captioners = ["--captioners", request.getfixturevalue("compare_captioners")]
     assert demo.main(["--small", "--out", str(out)] + captioners) == 0
     with open(os.path.join(str(out), "results.json"), encoding="utf-8") as f:
         return str(out), json.load(f)

@@ -49,9 +49,9 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def captioners(world, tmp_path_factory):
+def captioners(compare_captioners):
     """The demo's PEFT checkpoints and tiny stand-ins of the compare runs' (the tests do not need miniworld/models')."""
-    return tiny_models.compare_captioners(world, str(tmp_path_factory.mktemp("captioners")), demo.MODELS)
+    return compare_captioners
 
 
 def command(data: str, out: str, captioners: str):
