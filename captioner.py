@@ -144,6 +144,8 @@ def no_attention_reason(arch: str) -> str:
 def build_captioner(encoder_spec, decoder_config, offline: Optional[bool] = None) -> Captioner:
     """A fresh captioner of the config's architecture; the config's encoder_dim is set from the encoder."""
     encoder = ImageEncoder(encoder_spec, offline=offline)
+    if getattr(decoder_config, "global_pool", None) == "cls" and not encoder.num_prefix_tokens:
+        raise UserError("--global-pool cls takes a ViT's class token, but encoder %s has none (use mean)" % encoder.spec)
     cfg = dataclasses.replace(decoder_config, encoder_dim=encoder.width)
     try:
         decoder = decoder_from_config(cfg)

@@ -6,7 +6,7 @@ embedded as one shared unknown row (it can appear in validation captions, never 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,4 +65,37 @@ class OutputVocab(nn.Module):
         return self.output_ids[index] if self.compact else index
 
 
-__all__ = ["GPT2_VOCAB", "IGNORE_INDEX", "OutputVocab", "collect_output_ids"]
+class FromScratchDecoder(nn.Module):
+    """What the decoders trained from scratch share (rnn_decoder, transformer_decoder): every parameter is trained and
+    saved, strictly reloaded, no LoRA to merge, and `block_size` positions of text."""
+
+    cfg: object
+    arch = "decoder"  # the --arch name in messages
+
+    @property
+    def max_text_len(self) -> int:
+        return self.cfg.block_size
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Every parameter, detached copies; the vocabulary's buffers come from the config."""
+        return {name: p.detach().clone() for name, p in self.named_parameters()}
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Strict: the same names and shapes as this config gives, or a ValueError naming the misfits and nothing
+        loaded."""
+        params = dict(self.named_parameters())
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        wrong = sorted("%s %s (the config gives %s)" % (name, tuple(state[name].shape), tuple(p.shape))
+                       for name, p in params.items() if name in state and state[name].shape != p.shape)
+        if missing or unexpected or wrong:
+            raise ValueError("checkpoint does not fit this %s decoder config: missing %s, unexpected %s, wrong shapes "
+                             "%s" % (self.arch, missing[:6], unexpected[:6], "; ".join(wrong[:6]) or "none"))
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def merge_lora(self) -> int:
+        return 0  # no LoRA
+
+
+__all__ = ["GPT2_VOCAB", "IGNORE_INDEX", "FromScratchDecoder", "OutputVocab", "collect_output_ids"]

@@ -1,5 +1,6 @@
-"""The frozen image encoder: a timm ViT named by a small spec, the checks that its weights can be had, and the view
-of an image it takes (which original pixels its input pixels come from).
+"""The frozen image encoder: a timm ViT (its tokens) or CNN (its feature map as grid tokens) named by a small spec, the
+checks that its weights can be had, and the view of an image it takes (which original pixels its input pixels come
+from).
 
 A spec is written `timm:NAME[.TAG][@WEIGHTS][?key=value&...]` on command lines and saved as JSON in checkpoints:
     NAME.TAG   a timm model and pretrained tag (weights from timm's hub cache, never downloaded at load time)
@@ -24,7 +25,9 @@ from common import UserError, hub_offline
 # CLIP ViT-H/14 trained on DFN-5B: the strongest CLIP image tower timm 0.9.10 knows below ViT-bigG (83.4% ImageNet
 # zero-shot vs 78.0% for LAION-2B ViT-H/14); 1280 wide, 16x16 patches + CLS at 224 px; a 3.9 GB download.
 DEFAULT_ENCODER = "timm:vit_huge_patch14_clip_quickgelu_224.dfn5b"
-DOWNLOAD_HINT = ("run `bash hw3_download.sh` (online) first, or point the encoder at a local weight file "
+# torchvision's default ResNet-101 weights (IMAGENET1K_V2, the same file), the classic captioners' CNN; 0.18 GB.
+DEFAULT_CNN_ENCODER = "timm:resnet101.tv2_in1k"
+DOWNLOAD_HINT = ("run `%s` (online) first, or point the encoder at a local weight file "
                  "(p2_inference.py --encoder timm:NAME@/path/to/weights)")
 TIMM_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # what timm's load_state_dict unwraps
 RANDOM_INIT_SEED = 0  # `@none` encoders are seeded, so a saved spec rebuilds the same random weights
@@ -161,7 +164,15 @@ def check_encoder_weights(spec, offline: Optional[bool] = None) -> None:
             spec.name, ", ".join(timm.list_pretrained(spec.name.split(".")[0] + ".*")[:8]) or "none"))
     if offline and timm_weights_cached(spec.name) is None:
         raise UserError("encoder weights %s are not downloaded and this machine is offline: %s"
-                        % (spec.name, DOWNLOAD_HINT))
+                        % (spec.name, DOWNLOAD_HINT % download_command(spec)))
+
+
+def download_command(spec) -> str:
+    """What fetches the spec's hub weights: hw3_download.sh alone for the default encoder, with --cnn for any other."""
+    name = as_spec(spec).name
+    if name == EncoderSpec.parse(DEFAULT_ENCODER).name:
+        return "bash hw3_download.sh"
+    return "bash hw3_download.sh --cnn %s" % name
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -209,8 +220,30 @@ def _timm_from_file(name: str, weights: str, kwargs: Dict[str, object]) -> nn.Mo
     return model
 
 
+def _feature_map_shape(model: nn.Module, spec: EncoderSpec, input_size: Tuple[int, ...]) -> Tuple[int, int, int]:
+    """(C, h, w) of a CNN's feature map at its input size, from one forward of a blank image: exact whatever the
+    padding and strides, where timm's feature_info reduction is only a ratio (176 px give ResNet 6x6, not 5.5x5.5).
+    C must be the model's num_features or its last stage's channels (MobileNetV3's and VGG's num_features count a
+    head layer outside forward_features); anything else is refused (Swin's (B, h, w, C), a Mixer's (B, N, C))."""
+    probe = torch.zeros((1,) + tuple(int(s) for s in input_size))  # (1, 3, H, W)
+    try:
+        with torch.no_grad():
+            features = model.forward_features(probe)
+    except Exception as err:  # e.g. a model fixed to another input size
+        raise UserError("encoder %s fails on its own input size %s: %s"
+                        % (spec, tuple(probe.shape[1:]), " ".join(str(err).split())[:300])) from None
+    shape = tuple(getattr(features, "shape", ()))
+    stages = getattr(model, "feature_info", None) or [{}]
+    if len(shape) != 4 or shape[1] not in (model.num_features, stages[-1].get("num_chs")):
+        raise UserError("encoder %s is neither a ViT with patch tokens nor a CNN with a (B, C, h, w) feature map: its "
+                        "forward_features gives %s" % (spec, shape or type(features).__name__))
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
 class ImageEncoder(nn.Module):
-    """A frozen ViT returning ALL its output tokens (B, N, width): prefix tokens (CLS/registers) then the patch grid."""
+    """A frozen image encoder returning ALL its output tokens (B, N, width). A ViT's are its prefix tokens (CLS,
+    registers) then its patch grid; a CNN's are its last feature map, one token per cell, row-major, no prefix.
+    The global vector of a grid is the mean of its tokens (a CNN's own pooling); the decoders take it themselves."""
 
     def __init__(self, spec=DEFAULT_ENCODER, offline: Optional[bool] = None):
         super().__init__()
@@ -218,15 +251,19 @@ class ImageEncoder(nn.Module):
 
         self.spec = as_spec(spec)
         check_encoder_weights(self.spec, offline)
-        self.model = _build(self.spec)
-        if not hasattr(self.model, "patch_embed") or not hasattr(self.model, "num_prefix_tokens"):
-            raise UserError("encoder %s is not a ViT with patch tokens (timm VisionTransformer expected)"
-                            % self.spec.name)
-        self.width = int(self.model.num_features)
-        self.num_prefix_tokens = int(self.model.num_prefix_tokens)
-        self.grid_size = tuple(int(g) for g in self.model.patch_embed.grid_size)
-        data_config = resolve_data_config({}, model=self.model)
-        data_config["input_size"] = (3,) + tuple(int(s) for s in self.model.patch_embed.img_size)
+        self.model = _build(self.spec).eval()  # eval before the probe forward: batch norm keeps its statistics
+        self.is_cnn = not (hasattr(self.model, "patch_embed") and hasattr(self.model, "num_prefix_tokens"))
+        if self.is_cnn:
+            data_config = resolve_data_config({}, model=self.model, use_test_size=True)  # as timm's validate.py
+            width, h, w = _feature_map_shape(self.model, self.spec, data_config["input_size"])
+            self.width, self.num_prefix_tokens, self.grid_size = width, 0, (h, w)
+        else:
+            data_config = resolve_data_config({}, model=self.model)
+            data_config["input_size"] = (3,) + tuple(int(s) for s in self.model.patch_embed.img_size)
+            self.width = int(self.model.num_features)
+            self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+            self.grid_size = tuple(int(g) for g in self.model.patch_embed.grid_size)
+        self.input_size = tuple(int(s) for s in data_config["input_size"][1:])  # (H, W) that `transform` gives
         self.transform = create_transform(**data_config, is_training=False)
         for p in self.parameters():
             p.requires_grad = False
@@ -238,6 +275,9 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) normalised by `transform` -> tokens (B, num_prefix_tokens + h * w, width)."""
         tokens = self.model.forward_features(images)
+        if self.is_cnn:
+            assert tokens.dim() == 4 and tokens.shape[1] == self.width, tuple(tokens.shape)
+            tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # (B, C, h, w) -> (B, h * w, C)
         assert tokens.dim() == 3 and tokens.shape[-1] == self.width, tuple(tokens.shape)
         return tokens
 
@@ -260,8 +300,8 @@ def display_image(image, transform):
 
 def coordinate_mapper(image_size: Tuple[int, int], transform) -> Tuple[Tuple[int, int], Callable]:
     """(size of the shown image, f) where f maps a pixel of the shown (resized, cropped) image back to the original
-    image, whatever the transform's geometry: the same steps are applied to ramps that encode x and y in two channels,
-    and read back."""
+    image, whatever the transform's geometry (a ViT's or a CNN's: only the transform counts): the same steps are applied
+    to ramps that encode x and y in two channels, and read back."""
     import numpy as np
     from PIL import Image
 
@@ -280,5 +320,5 @@ def coordinate_mapper(image_size: Tuple[int, int], transform) -> Tuple[Tuple[int
     return shown.size, to_original
 
 
-__all__ = ["DEFAULT_ENCODER", "EncoderSpec", "ImageEncoder", "as_spec", "check_encoder_weights", "coordinate_mapper",
-           "display_image", "download_encoder", "timm_weights_cached"]
+__all__ = ["DEFAULT_CNN_ENCODER", "DEFAULT_ENCODER", "EncoderSpec", "ImageEncoder", "as_spec", "check_encoder_weights",
+           "coordinate_mapper", "display_image", "download_command", "download_encoder", "timm_weights_cached"]

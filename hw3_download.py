@@ -5,6 +5,8 @@ Parts, each tried whatever happened to the ones before; a summary line per part 
   is installed, else OpenAI's ViT-L/14@336px (about 0.9 GB) into ~/.cache/clip through OpenAI clip's own
   downloader (downloaded only: loading never runs code from the file).
 - P2 image encoder: timm vit_huge_patch14_clip_quickgelu_224.dfn5b (about 3.9 GB) into the hub cache.
+- CNN encoder, with --cnn [NAME]: a timm CNN's weights into the hub cache, for the classic captioners; by default
+  resnet101.tv2_in1k, torchvision's ResNet-101 weights (about 0.18 GB).
 - CLIPScore CLIP, with --with-clipscore: open_clip ViT-B-32 / openai (about 0.6 GB), for p2_evaluate.py and training.
 - P2 trained checkpoint: from RELEASE below (the one place that names it), resumed if a previous try broke off, and
   checked against its size and SHA-256 before it is moved into place. Until one is released this is a warning that
@@ -29,6 +31,7 @@ from common import UserError, file_sha256, progress, run_main
 HERE = os.path.dirname(os.path.abspath(__file__))
 HUB_HOST = "huggingface.co"
 CHUNK = 1 << 20
+DEFAULT_CNN = encoder.EncoderSpec.parse(encoder.DEFAULT_CNN_ENCODER).name  # what --cnn alone fetches
 
 # The trained P2 checkpoint: its JSON config is committed beside where the tensors land; the tensors are downloaded.
 # Empty url: no trained release exists yet (see README, "What could not be verified here").
@@ -127,15 +130,28 @@ def openai_clip_part(name: str, model: str) -> Part:
     return Part(name, cached, lambda: clip_utils.download_openai_clip(model))
 
 
-def encoder_part() -> Part:
+def encoder_part(label: str, spec: str) -> Part:
     def fetch() -> str:
-        encoder.download_encoder(encoder.DEFAULT_ENCODER)
+        encoder.download_encoder(spec)
         return cached() or "the hub cache"
 
     def cached() -> Optional[str]:
-        return encoder.timm_weights_cached(encoder.EncoderSpec.parse(encoder.DEFAULT_ENCODER).name)
+        return encoder.timm_weights_cached(encoder.EncoderSpec.parse(spec).name)
 
-    return Part("P2 encoder %s" % encoder.DEFAULT_ENCODER, cached, fetch)
+    return Part("%s %s" % (label, spec), cached, fetch)
+
+
+def cnn_spec(name: str) -> str:
+    """--cnn's NAME[.TAG] (or timm:NAME[.TAG]) as an encoder spec with the tag's hub weights."""
+    spec = name if name.startswith("timm:") else "timm:" + name
+    try:
+        parsed = encoder.EncoderSpec.parse(spec)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if parsed.weights is not None or parsed.options:
+        raise argparse.ArgumentTypeError("%r: name a timm model and its pretrained tag (NAME.TAG, e.g. %s), without "
+                                         "@weights or ?options" % (name, DEFAULT_CNN))
+    return spec
 
 
 def checkpoint_part() -> Part:
@@ -169,7 +185,9 @@ def plan(args: argparse.Namespace) -> List[Part]:
     if not args.skip_p1:
         parts.append(_built("P1 CLIP", p1_clip_part))
     if not args.skip_p2:
-        parts.append(_built("P2 encoder", encoder_part))
+        parts.append(_built("P2 encoder", lambda: encoder_part("P2 encoder", encoder.DEFAULT_ENCODER)))
+    if args.cnn:
+        parts.append(_built("CNN encoder", lambda: encoder_part("CNN encoder", args.cnn)))
     if args.with_clipscore:
         parts.append(_built("CLIPScore CLIP", lambda: open_clip_part(
             "CLIPScore CLIP %s/%s (open_clip)" % clip_utils.CLIPSCORE_CLIP, *clip_utils.CLIPSCORE_CLIP)))
@@ -199,6 +217,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-p2", action="store_true", help="do not fetch P2's encoder and checkpoint")
     parser.add_argument("--with-clipscore", action="store_true",
                         help="also fetch CLIP ViT-B-32/openai, which p2_evaluate.py and training use for CLIPScore")
+    parser.add_argument("--cnn", nargs="?", type=cnn_spec, const=encoder.DEFAULT_CNN_ENCODER, metavar="NAME",
+                        help="also fetch a timm CNN encoder's weights (timm NAME.TAG) for the classic captioners; "
+                             "alone, %s (torchvision's ResNet-101 weights, about 0.18 GB)"
+                             % DEFAULT_CNN)
     args = parser.parse_args(argv)
     try:
         check_online()

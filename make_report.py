@@ -453,6 +453,39 @@ def check_student_id(student_id: Optional[str]) -> Optional[str]:
     return student_id
 
 
+# ----------------------------------------------------------------------------------------------- distill
+
+# Seed 004 section 5.2: small captioners trained on a LoRA-tuned LLaVA-13B's captions of DeepFashion-MultiModal
+# (section 4.2.3: "precise", and "creative" sampled at temperature 0.9), scored on the real references.
+SEED_DISTILL = (("precise", dict(CIDEr=1.90, BLEU=0.653, METEOR=0.624, ROUGE=0.654)),
+                ("creative (sampled at 0.9)", dict(CIDEr=0.259, BLEU=0.339, METEOR=0.247, ROUGE=0.293)))
+SEED_CITATION = ("seed 004 (shared/seeds/004_db8a455a6fcc3b32.txt) sections 4.2.3 and 5.2: students trained on "
+                 "LLaVA-13B captions of DeepFashion-MultiModal; its BLEU column does not say which n")
+
+
+def distill_section(report: Report, results: dict):
+    """Only when the distill stage ran (run_all --with distill)."""
+    rows = results.get("distill") or {}
+    report.heading("Learning from a teacher's captions: precise against creative")
+    teacher = rows.get("teacher") or {}
+    decoding = teacher.get("decoding") or {}
+    report.paragraph("The teacher is the best P2 captioner. It captions the training images twice: precise, with its "
+                     "shipped decoding (%s), and creative, sampled (%s). A %s student is trained three times with "
+                     "identical settings, on the human captions and on each teacher caption set; every row is scored "
+                     "on the validation split's human references." % (
+                         settings_text(active_decoding(decoding.get("precise") or {})),
+                         settings_text(active_decoding(decoding.get("creative") or {})),
+                         (rows.get("human") or {}).get("arch", UNKNOWN)))
+    keys = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore", "object_f1", "captions_per_image")
+    report.table(["trained on"] + [k.replace("_", " ") for k in keys],
+                 [["the teacher itself" if name == "teacher" else name] + [fmt(row.get(k), 3) for k in keys]
+                  for name, row in rows.items()])
+    report.heading("The seed's table beside it", 11)
+    report.table(["trained on", "CIDEr", "BLEU", "METEOR", "ROUGE-L"],
+                 [[name] + [fmt(v[k], 3) for k in ("CIDEr", "BLEU", "METEOR", "ROUGE")] for name, v in SEED_DISTILL])
+    report.paragraph("Source: %s." % SEED_CITATION)
+
+
 def compose(results_dir: str, student_id: Optional[str] = None) -> Report:
     """The report's pages, not yet written."""
     check_student_id(student_id)
@@ -469,6 +502,9 @@ def compose(results_dir: str, student_id: Optional[str] = None) -> Report:
         compare_section(report, results)
     report.new_page()
     p3_section(report, results, results_dir)
+    if results.get("distill"):
+        report.new_page()
+        distill_section(report, results)
     return report
 
 

@@ -212,9 +212,7 @@ def _bleu(gts, res):
     return corpus, each
 
 
-# The METEOR jar's process, started on first use and kept for the next scoring (its start, loading the paraphrase
-# tables, takes most of a METEOR score's time); ended when Python exits or when it fails.
-_METEOR_PROCESS: list = []
+_METEOR: list = []  # one METEOR Java process, kept for every later scoring: its start takes 10-20 s
 
 
 def _meteor(gts, res):
@@ -223,13 +221,13 @@ def _meteor(gts, res):
     reason = meteor_unavailable()
     if reason:
         raise MetricSkipped(reason)
-    if not _METEOR_PROCESS:
-        _METEOR_PROCESS.append(Meteor())
-        atexit.register(_METEOR_PROCESS.clear)  # its __del__ ends the Java process, while the modules still exist
+    if not _METEOR:
+        _METEOR.append(Meteor())
+        atexit.register(_METEOR.clear)  # the scorer's __del__ ends the Java process
     try:
-        corpus, each = _METEOR_PROCESS[0].compute_score(gts, res)
+        corpus, each = _METEOR[0].compute_score(gts, res)
     except (OSError, ValueError) as err:
-        _METEOR_PROCESS.clear()
+        _METEOR.clear()
         raise MetricSkipped("METEOR skipped: pycocoevalcap's meteor-1.5.jar did not answer (%s); check that "
                             "`java -Xmx2G -jar` runs here" % (" ".join(str(err).split())[:100] or type(err).__name__))
     return [corpus], [each]
@@ -267,24 +265,45 @@ def clip_score(paths: Sequence[str], captions: Sequence[str], model, preprocess:
     """CLIPScore = 2.5 * max(cos(image embedding, caption embedding), 0), as in the course's p2_evaluate.py (the
     caption alone, no "A photo depicts" prefix): (mean, per pair) for image files and their captions. Captions
     longer than the CLIP context are truncated by open_clip's tokenizer (the course's clip.tokenize would raise)."""
-    import torch
-    from torch.utils.data import DataLoader
-
     if len(paths) != len(captions):
         raise ValueError("%d images but %d captions" % (len(paths), len(captions)))
     if not len(paths):
         raise UserError("no images to score")
+    images = clip_image_embeddings(paths, model, preprocess, batch_size, device, num_workers)
+    scores = clip_text_scores(images, captions, model, tokenizer, batch_size, device)
+    return sum(scores) / len(scores), scores
+
+
+def clip_image_embeddings(paths: Sequence[str], model, preprocess: Callable, batch_size: int = 64,
+                          device: str = "cpu", num_workers: int = 0):
+    """CLIP image embeddings (N, D), float32, of image files in order (computed once: CLIPScore's image side, and
+    self-critical training's CLIP reward caches them for the whole run)."""
+    import torch
+    from torch.utils.data import DataLoader
+
     dtype = next(model.parameters()).dtype
     loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
                         shuffle=False, collate_fn=collate_images)
-    scores = []
+    rows = []
     with torch.no_grad():
-        for indices, pixels in image_batches(progress(loader, desc="CLIPScore", unit="batch", leave=False)):
-            image_emb = model.encode_image(pixels.to(device=device, dtype=dtype)).float()
-            text_emb = model.encode_text(tokenizer([captions[i] for i in indices]).to(device)).float()
+        for _, pixels in image_batches(progress(loader, desc="CLIP images", unit="batch", leave=False)):
+            rows.append(model.encode_image(pixels.to(device=device, dtype=dtype)).float())
+    return torch.cat(rows)
+
+
+def clip_text_scores(image_embeddings, captions: Sequence[str], model, tokenizer: Callable, batch_size: int = 64,
+                     device: str = "cpu") -> List[float]:
+    """2.5 * max(cos, 0) of each caption against its row of image_embeddings (N, D)."""
+    import torch
+
+    scores: List[float] = []
+    with torch.no_grad():
+        for start in range(0, len(captions), batch_size):
+            text_emb = model.encode_text(tokenizer(list(captions[start:start + batch_size])).to(device)).float()
+            image_emb = image_embeddings[start:start + len(text_emb)].to(text_emb.device)
             cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
             scores.extend((CLIPSCORE_WEIGHT * cos.clamp(min=0)).tolist())
-    return sum(scores) / len(scores), scores
+    return scores
 
 
 def reference_similarity(captions: Sequence[str], references: Sequence[Sequence[str]], model, tokenizer: Callable,

@@ -28,17 +28,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 import clip_utils
 import metrics
 import p2_data
-from captioner import ARCHITECTURES, FROM_SCRATCH, build_captioner, save_checkpoint
+import safe_load
+from captioner import ARCHITECTURES, FROM_SCRATCH, build_captioner, read_checkpoint_config, save_checkpoint
+from cider_reward import CiderD
 from common import UserError, atomic_write, check_writable_dir, collate_images, run_main, write_json
 from compact_vocab import collect_output_ids
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
-from rnn_decoder import RNNConfig
+from rnn_decoder import GLOBAL_POOLS, RNNConfig
 from search import DECODE_DEFAULTS
 from tokenizer import BPETokenizer
 from transformer_decoder import TransformerConfig
 from training import (Dist, check_budget, grad_scaler, log_line, make_optimizer, resume, rng_state, save_state,
-                      score, train_epoch, validate)
+                      scst_epoch, score, train_epoch, validate)
 
 PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
 # What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
@@ -109,6 +111,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--attention-reg", type=float, help="attention-gru: weight of the doubly stochastic attention "
                    "term (1 - sum_t alpha)^2, Show-Attend-Tell's alpha_c (default %s; 0 = off)"
                    % RNNConfig.attention_reg)
+    g.add_argument("--global-pool", choices=GLOBAL_POOLS, help="gru, attention-gru: the image's global vector (the "
+                   "gru's input, both's first hidden state): mean of the tokens (default), or cls, a ViT's class "
+                   "token")
     g.add_argument("--n-layer", type=int, help="transformer: blocks (default %d)" % TransformerConfig.n_layer)
     g.add_argument("--n-head", type=int, help="transformer: attention heads (default %d)" % TransformerConfig.n_head)
     g.add_argument("--n-embd", type=int, help="transformer: width (default %d)" % TransformerConfig.n_embd)
@@ -148,8 +153,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--clip-pretrained", default=clip_utils.CLIPSCORE_CLIP[1], help="CLIP weights: tag, local file, or none")
     g.add_argument("--no-clipscore", action="store_true", help="no CLIP metrics at validation (no CLIP needed)")
     g.add_argument("--log-every", type=int, default=50, help="log the training loss every N optimiser steps")
+    g = p.add_argument_group("self-critical training (Rennie et al. 2017), after the cross-entropy epochs")
+    g.add_argument("--scst-epochs", type=int, default=0, help="epochs that maximise CIDEr-D of sampled captions "
+                   "(0 = none; with --init-from, --epochs 0 runs only these)")
+    g.add_argument("--init-from", metavar="CHECKPOINT", help="start from a trained checkpoint's tensors (its arch and "
+                   "config must be this run's), validated first as epoch 0")
+    g.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
+    g.add_argument("--scst-baseline", choices=("mean", "greedy"), default="mean", help="mean: the image's other "
+                   "samples' mean reward (new self-critical); greedy: its greedy caption's (the original)")
+    g.add_argument("--scst-lr", type=float, default=2e-5, help="constant learning rate of the self-critical epochs")
+    g.add_argument("--scst-temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--scst-clip-weight", type=float, default=0.0, help="add W x CLIPScore of each sample to its "
+                   "reward (the CLIP of --clip-model; image embeddings computed once)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "grad_accum", "max_caption_tokens", "val_batch_size", "encode_batch_size",
+    if args.epochs == 0 and args.scst_epochs > 0:
+        if not args.init_from:
+            raise UserError("--epochs 0 trains nothing before self-critical training: give --init-from CHECKPOINT")
+    elif args.epochs < 1:
+        raise UserError("--epochs must be at least 1, got %s" % args.epochs)
+    least = 2 if args.scst_baseline == "mean" else 1
+    if args.scst_samples < least:
+        raise UserError("--scst-samples must be at least %d with --scst-baseline %s, got %d"
+                        % (least, args.scst_baseline, args.scst_samples))
+    if args.scst_epochs < 0 or not args.scst_lr > 0 or not args.scst_temperature > 0 or args.scst_clip_weight < 0:
+        raise UserError("--scst-epochs and --scst-clip-weight must be 0 or more, --scst-lr and --scst-temperature "
+                        "above 0")
+    if args.init_from and not os.path.isfile(args.init_from):
+        raise UserError("--init-from %s: no such checkpoint" % args.init_from)
+    for name in ("batch_size", "grad_accum", "max_caption_tokens", "val_batch_size", "encode_batch_size",
                  "log_every", "val_beam_size", "val_max_len"):
         if getattr(args, name) < 1:
             raise UserError("--%s must be at least 1, got %s" % (name.replace("_", "-"), getattr(args, name)))
@@ -224,14 +255,15 @@ def _check_peft(args: argparse.Namespace, cfg: Config) -> None:
 ARCH_OPTIONS = {
     "gpt2": ("decoder_weights", "peft", "cross_attn_layers", "no_cross_attn_gate", "image_proj")
     + tuple(o for options in PEFT_OPTIONS.values() for o in options),
-    "gru": ("embed_dim", "hidden_dim", "dropout"),
-    "attention-gru": ("embed_dim", "hidden_dim", "attention_dim", "attention_reg", "dropout"),
+    "gru": ("embed_dim", "hidden_dim", "dropout", "global_pool"),
+    "attention-gru": ("embed_dim", "hidden_dim", "attention_dim", "attention_reg", "dropout", "global_pool"),
     "transformer": ("n_layer", "n_head", "n_embd", "dropout", "image_proj"),
 }
 
 
 def _check_arch_options(args: argparse.Namespace) -> None:
-    given = [o for options in ARCH_OPTIONS.values() for o in options if getattr(args, o) not in (None, False)]
+    given = [o for options in ARCH_OPTIONS.values() for o in options
+             if getattr(args, o) is not None and getattr(args, o) is not False]  # 0 is given, False (a flag) not
     foreign = sorted({o for o in given if o not in ARCH_OPTIONS[args.arch]})
     if foreign:
         owners = ", ".join("--%s (%s)" % (o.replace("_", "-"), " or ".join(a for a, opts in ARCH_OPTIONS.items()
@@ -328,14 +360,55 @@ def build_data(args, train, val, captioner, world: Dist):
                         collate_fn=p2_data.collate_pairs, pin_memory=world.device.type == "cuda")
     val_loader = DataLoader(val_visuals, batch_size=args.val_batch_size, num_workers=args.workers,
                             collate_fn=collate_images)
-    return loader, sampler, val_loader, val_tokens
+    scst_loader = None
+    if args.scst_epochs:  # the training images, each once per epoch, as many per step as --batch-size captions
+        scst_sampler = DistributedSampler(train_visuals, num_replicas=world.world_size, rank=world.rank, shuffle=True,
+                                          seed=args.seed)
+        scst_loader = DataLoader(train_visuals, batch_size=max(1, args.batch_size // args.scst_samples),
+                                 sampler=scst_sampler, num_workers=args.workers, collate_fn=collate_images)
+    return loader, sampler, val_loader, val_tokens, scst_loader
+
+
+def init_from(args, captioner) -> None:
+    """--init-from: the trained tensors of a checkpoint of this very model (arch and decoder config)."""
+    meta = read_checkpoint_config(args.init_from)
+    ours = captioner.decoder.cfg.to_dict()
+    theirs = dict(meta["decoder"])
+    ours.pop("checkpoint", None)
+    differ = sorted(k for k in set(ours) | set(theirs) if json.dumps(ours.get(k)) != json.dumps(theirs.get(k)))
+    if meta["arch"] != captioner.arch or differ:
+        raise UserError("--init-from %s is a %s with another config than this run's %s (differs in: %s)"
+                        % (args.init_from, meta["arch"], captioner.arch, ", ".join(differ) or "arch"))
+    captioner.decoder.load_trainable_state_dict(safe_load.load_tensors(args.init_from, "checkpoint"))
+
+
+def make_reward(args, train, clip, device):
+    """The self-critical reward of (training image indices, captions): CIDEr-D against each image's training
+    references (document frequencies of the training split, computed once), plus --scst-clip-weight x CLIPScore
+    (the image embeddings computed once)."""
+    keys = train.keys()
+    cider = CiderD({k: refs for k, refs in zip(keys, train.references)})
+    image_embeddings = None
+    if args.scst_clip_weight > 0:
+        model, preprocess, tokenizer = clip
+        image_embeddings = metrics.clip_image_embeddings([train.path(i) for i in range(len(keys))], model,
+                                                         preprocess, device=str(device), num_workers=args.workers)
+
+    def reward(rows: List[int], captions: List[str]) -> List[float]:
+        values = cider.scores([keys[i] for i in rows], captions)
+        if image_embeddings is not None:
+            clip_scores = metrics.clip_text_scores(image_embeddings[rows], captions, clip[0], clip[2],
+                                                   device=str(device))
+            values = [v + args.scst_clip_weight * c for v, c in zip(values, clip_scores)]
+        return values
+    return reward
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
 def load_clip(args, device):
     """The CLIP triple for CLIPScore, loaded once before any training (None when no CLIP metric is asked)."""
-    if not any(m in metrics.CLIP_METRICS for m in args.val_metrics):
+    if not any(m in metrics.CLIP_METRICS for m in args.val_metrics) and not args.scst_clip_weight > 0:
         return None
     try:
         return clip_utils.load_clip(args.clip_model, args.clip_pretrained, str(device))
@@ -353,7 +426,11 @@ TRAJECTORY_OPTIONS = ("raw_captions", "max_caption_tokens", "augment", "val_max_
 
 
 # Trajectory options added later: recorded only away from their defaults, so earlier runs still resume.
-LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=p2_data.VAL_FRACTION)
+LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=p2_data.VAL_FRACTION, scst_epochs=0,
+                                init_from=None, scst_samples=5, scst_baseline="mean", scst_lr=2e-5,
+                                scst_temperature=1.0, scst_clip_weight=0.0)
+SCST_OPTIONS = ("scst_epochs", "scst_samples", "scst_baseline", "scst_lr", "scst_temperature", "scst_clip_weight",
+                "init_from")  # recorded in the checkpoint JSON of a self-critical run
 
 
 def model_settings(args, captioner) -> dict:
@@ -401,9 +478,12 @@ def _run(args, world: Dist) -> int:
     captioner = build_captioner(args.encoder, cfg)
     summary = check_budget(captioner.decoder)
     captioner.to(world.device)
-    clip = load_clip(args, world.device) if world.main else None
+    if args.init_from:
+        init_from(args, captioner)
+    clip = load_clip(args, world.device) if world.main or args.scst_clip_weight > 0 else None
     setup_seconds = time.time() - started  # repeated by every run, unlike filling the feature cache
-    loader, sampler, val_loader, val_tokens = build_data(args, train, val, captioner, world)
+    loader, sampler, val_loader, val_tokens, scst_loader = build_data(args, train, val, captioner, world)
+    reward = make_reward(args, train, clip, world.device) if args.scst_epochs else None
 
     amp = world.device.type == "cuda" and not args.no_amp
     model = captioner  # its forward is the training step's model call; under torchrun, DDP wraps it
@@ -433,31 +513,49 @@ def _run(args, world: Dist) -> int:
         log_line(log_path, kind="start", parameters=summary, settings=settings, steps=total_steps,
                  time=round(time.time(), 1), setup_seconds=round(setup_seconds, 1))  # run_all's time estimate
 
-    end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
+    def validate_and_keep(epoch: int, record: dict, best: Optional[dict]) -> Optional[dict]:
+        """Validation captions and scores after `epoch` (0: the --init-from model); best.pt follows --select-on
+        across the cross-entropy and self-critical epochs."""
+        result = validate(captioner, val_loader, val, val_tokens, args, world.device, amp)
+        write_json(os.path.join(args.out, "val_predictions.json"), result["predictions"])
+        record.update(score(result["predictions"], val, args.val_metrics, clip, world.device),
+                      val_loss=result["val_loss"])
+        value = record.get(args.select)
+        if value is None:
+            raise UserError("the evaluation gave no %s (it gave %s)" % (args.select, ", ".join(record)))
+        if best is None or sign * (value - best["value"]) > 0:
+            best = dict(metric=args.select, value=value, epoch=epoch)
+            extra = dict(epoch=epoch, phase=record.get("phase", "cross-entropy"), metrics={
+                k: record[k] for k in record if k not in ("kind", "epoch", "step", "train_seconds", "phase")},
+                validation_decoding=dict(method=args.val_decode, beam_size=args.val_beam_size,
+                                         max_len=args.val_max_len))  # a record, not for inference
+            if args.scst_epochs:
+                extra["scst"] = {k: getattr(args, k) for k in SCST_OPTIONS}
+            save_checkpoint(os.path.join(args.out, "best.pt"), captioner, extra=extra)
+        record["best_epoch"] = best["epoch"]
+        log_line(log_path, **record)
+        print(json.dumps(record), file=sys.stderr)
+        return best
+
+    if args.init_from and start_epoch == 0 and world.main:
+        best = validate_and_keep(0, dict(kind="epoch", epoch=0, step=0, phase="init"), best)
+    total_epochs = args.epochs + args.scst_epochs
+    end_epoch = min(total_epochs, start_epoch + args.stop_after) if args.stop_after else total_epochs
     for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
         started = time.time()
-        step = train_epoch(epoch, model, captioner, loader, optimizer, scheduler, scaler, args, world, amp, log_path,
-                           step)
-        record = dict(kind="epoch", epoch=epoch + 1, step=step, train_seconds=round(time.time() - started, 2))
+        if epoch < args.epochs:
+            sampler.set_epoch(epoch)
+            step = train_epoch(epoch, model, captioner, loader, optimizer, scheduler, scaler, args, world, amp,
+                               log_path, step)
+            figures = {}
+        else:
+            scst_loader.sampler.set_epoch(epoch)
+            step, figures = scst_epoch(epoch, model, captioner, scst_loader, train.keys(), reward, optimizer,
+                                       scheduler, scaler, args, world, amp, log_path, step)
+        record = dict(kind="epoch", epoch=epoch + 1, step=step, train_seconds=round(time.time() - started, 2),
+                      **figures)
         if world.main:
-            result = validate(captioner, val_loader, val, val_tokens, args, world.device, amp)
-            write_json(os.path.join(args.out, "val_predictions.json"), result["predictions"])
-            record.update(score(result["predictions"], val, args.val_metrics, clip, world.device),
-                          val_loss=result["val_loss"])
-            value = record.get(args.select)
-            if value is None:
-                raise UserError("the evaluation gave no %s (it gave %s)" % (args.select, ", ".join(record)))
-            if best is None or sign * (value - best["value"]) > 0:
-                best = dict(metric=args.select, value=value, epoch=epoch + 1)
-                save_checkpoint(os.path.join(args.out, "best.pt"), captioner,
-                                extra=dict(epoch=epoch + 1, metrics={k: record[k] for k in record if k not in (
-                                    "kind", "epoch", "step", "train_seconds")},
-                                    validation_decoding=dict(method=args.val_decode, beam_size=args.val_beam_size,
-                                                             max_len=args.val_max_len)))  # a record, not for inference
-            record["best_epoch"] = best["epoch"]
-            log_line(log_path, **record)
-            print(json.dumps(record), file=sys.stderr)
+            best = validate_and_keep(epoch + 1, record, best)
         rngs = world.gather(rng_state())
         if world.main:
             save_state(state_path, epoch=epoch + 1, step=step, best=best, settings=settings,

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compact_vocab import OutputVocab
+from compact_vocab import FromScratchDecoder, OutputVocab
 
 ARCHS = ("gru", "attention-gru")
+GLOBAL_POOLS = ("mean", "cls")
 EMBEDDING_INIT = 0.1  # embedding and output weights start uniform in (-0.1, 0.1), as the tutorial and the seed
 # Top-level module name -> parameter_summary part.
 PARTS = dict(embedding="embedding", image_proj="image_proj", init_h="init_hidden", attention="attention",
@@ -37,6 +38,7 @@ class RNNConfig:
     attention_dim: int = 512  # only attention-gru
     dropout: float = 0.5  # before the output layer
     attention_reg: float = 1.0  # the tutorial's alpha_c, weight of the doubly stochastic term; only attention-gru
+    global_pool: str = "mean"  # the image's global vector: "mean" of its tokens, or "cls": a ViT's class token
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,6 +64,8 @@ class RNNConfig:
                              % (self.block_size,))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1), got %r" % (self.dropout,))
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError("global_pool must be one of %s, got %r" % (", ".join(GLOBAL_POOLS), self.global_pool))
         if not self.attention_reg >= 0.0:
             raise ValueError("attention_reg must be >= 0, got %r" % (self.attention_reg,))
         if self.output_ids is not None:
@@ -103,7 +107,7 @@ class RNNState:
 
 # ----------------------------------------------------------------------------------------------- the decoders
 
-class RNNDecoder(nn.Module):
+class RNNDecoder(FromScratchDecoder):
     """What both archs share: the compact vocabulary, the word embedding, h0 = tanh(init_h(mean image token)), the
     output layer, the step interface and the checkpoints. Subclasses give `_memory` and `_run`."""
 
@@ -130,9 +134,14 @@ class RNNDecoder(nn.Module):
         """Image tokens (B, N, encoder_dim) -> the per-image memory; computed once per image."""
         assert image_tokens.dim() == 3 and image_tokens.shape[-1] == self.cfg.encoder_dim, \
             "image tokens must be (B, N, %d), got %s" % (self.cfg.encoder_dim, tuple(image_tokens.shape))
-        initial_hidden = torch.tanh(self.init_h(image_tokens.mean(dim=1)))  # (B, H)
+        initial_hidden = torch.tanh(self.init_h(self.global_vector(image_tokens)))  # (B, H)
         features, keys = self._memory(image_tokens)
         return RNNMemory(initial_hidden, features, keys)
+
+    def global_vector(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, D): the mean of the tokens (a CNN's grid: its average pool), or the first token (a ViT's
+        class token, its pooled feature) with global_pool "cls"."""
+        return image_tokens[:, 0] if self.cfg.global_pool == "cls" else image_tokens.mean(dim=1)
 
     def new_cache(self) -> RNNState:
         return RNNState()
@@ -172,35 +181,6 @@ class RNNDecoder(nn.Module):
     def _run(self, embeds: torch.Tensor, memory: RNNMemory, hidden: torch.Tensor):
         raise NotImplementedError
 
-    @property
-    def max_text_len(self) -> int:
-        return self.cfg.block_size
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Every parameter (all are trained), detached copies; the vocabulary's buffers come from the config."""
-        return {name: p.detach().clone() for name, p in self.named_parameters()}
-
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Loads every parameter, strictly: the same names and shapes as this config gives, or nothing is loaded."""
-        params = dict(self.named_parameters())
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError("checkpoint does not fit this %s decoder config: missing %s, unexpected %s" % (
-                self.cfg.arch, missing[:6], unexpected[:6]))
-        wrong = ["%s %s (the config gives %s)" % (name, tuple(value.shape), tuple(params[name].shape))
-                 for name, value in state.items() if value.shape != params[name].shape]
-        if wrong:
-            raise ValueError("checkpoint tensors have other shapes than this %s decoder config: %s" % (
-                self.cfg.arch, "; ".join(wrong[:6])))
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
-
-    def merge_lora(self) -> int:
-        return 0  # no LoRA
-
     def parameter_summary(self) -> Dict[str, int]:
         """Parameter counts per part (all trainable), plus `trainable` and `frozen` (0)."""
         parts = {part: 0 for part in PARTS.values()}  # in the order data flows through the decoder
@@ -213,7 +193,7 @@ class RNNDecoder(nn.Module):
 
 
 class GRUDecoder(RNNDecoder):
-    """`gru`: input at step t = [embed(y_t), image_proj(mean image token)]; no attention (seed §3.2.1)."""
+    """`gru`: input at step t = [embed(y_t), image_proj(global vector)]; no attention (seed §3.2.1)."""
 
     arch = "gru"
 
@@ -223,7 +203,7 @@ class GRUDecoder(RNNDecoder):
         self.rnn = nn.GRU(2 * cfg.embed_dim, cfg.hidden_dim, batch_first=True)
 
     def _memory(self, image_tokens):
-        return self.image_proj(image_tokens.mean(dim=1)), None  # (B, embed_dim)
+        return self.image_proj(self.global_vector(image_tokens)), None  # (B, embed_dim)
 
     def _run(self, embeds, memory, hidden):
         image = memory.features.unsqueeze(1).expand(-1, embeds.shape[1], -1)  # (B, T, embed_dim)

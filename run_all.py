@@ -47,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import clip_utils
 import make_report
@@ -60,22 +60,20 @@ import p2_train
 import p3_visualize
 import pipeline
 import search
-from captioner import config_path, read_checkpoint_config
+from captioner import ARCHITECTURES, config_path, read_checkpoint_config
 from common import (UserError, atomic_write, check_image_file, file_sha256, list_images, progress, read_json,
                     resolve_device, run_main, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
-# Stages run only when asked (--with NAME, or named in --only): each costs hours of GPU on the course's data. They
-# run after p2, in this order; a finished one that is not asked for still lends its results to the report while true.
-OPTIONAL_STAGES = ("compare",)
-TRAINING_STAGES = ("p2", "compare")  # stages that train with p2_train.py (class Training)
+OPTIONAL_STAGES = ("distill", "compare")  # run only when named in --with: hours of GPU time on the course's data
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
             decoder="p2_data/decoder_model.bin", p3_images="p3_data/images")
 STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
-                  p3=("p3_images", "val_images", "decoder"), report=())
+                  p3=("p3_images", "val_images", "decoder"), report=(),
+                  distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
 STAGE_DATA["compare"] = STAGE_DATA["p2"]  # the same data and feature cache
 IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
@@ -84,7 +82,9 @@ ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts 
              p3="attention figures of p3_data/images and of the best/worst val captions by CLIPScore",
              report="results.json, results.md, the report PDF",
              compare="train the classic captioners %s on P2's data and feature cache, score them beside the best "
-                     "PEFT (CIDEr, BLEU-4, METEOR, ROUGE-L, CLIPScore), the attention-reg ablation")
+                     "PEFT (CIDEr, BLEU-4, METEOR, ROUGE-L, CLIPScore), the attention-reg ablation",
+             distill="p2_best captions the training images (precise, creative); a %s student trains on the human, "
+                     "precise and creative captions, each scored on val")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
 DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
                  dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
@@ -102,11 +102,9 @@ ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term
 # From-scratch decoders learn their words too, so they want more epochs and a higher rate than PEFT (p2_train.py's
 # defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
 COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
-COMPARE_METRICS = ("bleu", "meteor", "rouge", "cider", "clipscore")
-COMPARE_SCORES = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
 WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
-RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
-                   "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
+RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out", "resume",
+                   "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -146,6 +144,10 @@ class Context:
         """p2_inference.py's flags that caption only the val split of a --captions file (the one p2_train.py
         validated on); none for the course's val folder."""
         return ["--captions", self.args.captions, "--split", "val"] if self.args.captions else []
+
+    def val_split(self) -> Optional[str]:
+        """metrics.evaluate's split: the val share of a --captions file; the whole of the course's val.json."""
+        return "val" if self.args.captions else None
 
     def _places(self):
         """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
@@ -247,30 +249,32 @@ def source_block(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------------------------- checks first
 
-def check_train_options(ctx: Context, trainings: List["Training"]) -> None:
+def check_train_options(ctx: Context) -> None:
     """Every --train-config entry through p2_train.py's own checks (argparse types, ranges, PEFT options), so a
     typo fails now, in one line, not after P1."""
     config = train_config(ctx)
-    for training in trainings:
-        method = training.name
+    for method in ctx.args.methods:
         options = config.get(method, {})
-        taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS + tuple(training.fixed))
-        if taken:
-            raise UserError("--train-config %s: %s: %s set by run_all.py itself (use run_all's own options)"
-                            % (ctx.args.train_config, method, ", ".join(taken)))
-        argv = train_argv(ctx, training, ctx.data("train_json")) + ["--out", run_folder(ctx, training, "new")]
-        where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else \
-            "p2_train.py " + " ".join(option_flags(training.fixed))
-        with contextlib.redirect_stderr(io.StringIO()) as said:
-            try:
-                parsed = p2_train.parse_args(argv)
-                p2_train.decoder_config(parsed)
-            except SystemExit:  # argparse's error: its last line says which option and why
-                lines = [line for line in said.getvalue().splitlines() if line.strip()]
-                raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))
-            except UserError as err:
-                raise UserError("%s: %s" % (where, err)) from None
-        ctx.train_options[method] = parsed
+        argv = train_argv(ctx, method, ctx.data("train_json")) + ["--out", run_folder(ctx, method, "new")]
+        where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else "p2_train.py --peft " + method
+        ctx.train_options[method] = checked_training(ctx, argv, options, where)
+
+
+def checked_training(ctx: Context, argv: List[str], options: dict, where: str) -> argparse.Namespace:
+    """p2_train.py's arguments parsed and its decoder config built (nothing loaded); one line naming `where` if not."""
+    taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
+    if taken:
+        raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        try:
+            parsed = p2_train.parse_args(argv)
+            p2_train.decoder_config(parsed)
+        except SystemExit:  # argparse's error: its last line says which option and why
+            lines = [line for line in said.getvalue().splitlines() if line.strip()]
+            raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))
+        except UserError as err:
+            raise UserError("%s: %s" % (where, err)) from None
+    return parsed
 
 
 def check_images(ctx: Context, stages: List[str]) -> int:
@@ -297,21 +301,20 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         p1_clip_zeroshot.labels_from_names(names, len(classes), "%s against %s" % (ctx.data("p1_images"),
                                                                                    ctx.data("id2label")))
     if "p2" in stages:
-        check_train_options(ctx, peft_trainings(ctx))
+        check_train_options(ctx)
         if ctx.args.score_checkpoints:
-            for training in peft_trainings(ctx):
-                scored_checkpoint(ctx, training)
-    if "p2" in stages or "compare" in stages:
+            for method in ctx.args.methods:
+                scored_checkpoint(ctx, method)
+    if {"p2", "compare"} & set(stages):
         for split in ("train", "val"):
             p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"),
                                   split=split if ctx.args.captions else None)
     if "compare" in stages:
-        check_train_options(ctx, compare_trainings(ctx))
-        if ctx.args.score_checkpoints:
-            for training in compare_trainings(ctx):
-                scored_checkpoint(ctx, training)
+        check_compare(ctx)
     if "p3" in stages:
         list_images(ctx.data("p3_images"), "P3 image folder")
+    if "distill" in stages:
+        check_distill(ctx)
     check_images(ctx, stages)
 
 
@@ -350,11 +353,11 @@ def train_config(ctx: Context) -> Dict[str, dict]:
     if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
         raise UserError("training config %s must be {method: {p2_train.py option: value}}, e.g. "
                         "{\"lora\": {\"lr\": 0.0005, \"epochs\": 8}}" % ctx.args.train_config)
-    unknown = sorted(set(config) - set(ctx.args.methods) - set(COMPARE_RUNS))
+    unknown = sorted(set(config) - set(ctx.args.methods) - set(OPTIONAL_STAGES) - set(COMPARE_RUNS))
     if unknown:
-        raise UserError("training config %s names %s, not among --methods %s nor the compare runs %s"
-                        % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
-                           ", ".join(COMPARE_RUNS)))
+        raise UserError("training config %s names %s, not among --methods %s (nor the stages %s, nor the compare "
+                        "runs %s)" % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
+                                      ", ".join(OPTIONAL_STAGES), ", ".join(COMPARE_RUNS)))
     return config
 
 
@@ -389,53 +392,36 @@ def train_split(ctx: Context) -> str:
     return path
 
 
-class Training(NamedTuple):
-    """One p2_train.py run of a stage: trained in OUT/<stage>/<name>/train, redone by --force <stage>."""
-    stage: str  # "p2" (a PEFT attempt) or "compare" (a classic architecture)
-    name: str  # the method or run name: its folder, its --train-config key, its --score-checkpoints file
-    fixed: dict  # the p2_train.py options that make it this run (--peft lora; --arch gru), set by run_all only
-    options: dict  # the rest: the run's defaults, overridden by its --train-config entry
+def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
+    """p2_train.py's arguments for one attempt, without --out (the folder it trains in is run_all's choice)."""
+    model = ["--decoder-weights", ctx.data("decoder"), "--peft", method]
+    return trainer_argv(ctx, train_json, model, train_config(ctx).get(method, {}))
 
 
-def peft_trainings(ctx: Context) -> List[Training]:
-    config = train_config(ctx)
-    return [Training("p2", m, dict(decoder_weights=ctx.data("decoder"), peft=m), config.get(m, {}))
-            for m in ctx.args.methods]
-
-
-def compare_trainings(ctx: Context) -> List[Training]:
-    config = train_config(ctx)
-    return [Training("compare", run, fixed, dict(COMPARE_TRAINING, **config.get(run, {})))
-            for run, fixed in COMPARE_RUNS.items()]
-
-
-def stage_trainings(ctx: Context, stage: str) -> List[Training]:
-    return dict(p2=peft_trainings, compare=compare_trainings)[stage](ctx) if stage in TRAINING_STAGES else []
-
-
-def train_argv(ctx: Context, training: Training, train_json: str) -> List[str]:
-    """p2_train.py's arguments for one run, without --out (the folder it trains in is run_all's choice)."""
+def trainer_argv(ctx: Context, train_json: str, model: List[str], options: dict) -> List[str]:
+    """p2_train.py's arguments on the data folder: its captions (or `train_json`'s), the model flags, run_all's
+    runtime and the shared feature cache, then the --train-config entry's options."""
     argv = ["--train-json", train_json, "--train-images", ctx.data("train_images"), "--val-json", ctx.data("val_json"),
-            "--val-images", ctx.data("val_images")] + option_flags(training.fixed) + [
-            "--workers", str(ctx.args.workers), "--device", ctx.args.device]
+            "--val-images", ctx.data("val_images")] + model + ["--workers", str(ctx.args.workers), "--device",
+                                                               ctx.args.device]
     if ctx.args.encoder:
         argv += ["--encoder", ctx.args.encoder]
     if ctx.args.clip_model:
         argv += ["--clip-model", ctx.args.clip_model, "--clip-pretrained", ctx.args.clip_pretrained]
     if not ctx.args.no_feature_cache:
         argv += ["--feature-cache", ctx.path("p2", "feature_cache")]
-    return argv + option_flags(training.options)
+    return argv + option_flags(options)
 
 
-def run_folder(ctx: Context, training: Training, which: str = "done") -> str:
-    """OUT/<stage>/<name>/train (the finished training, the one scored) or train.new (one in progress, swapped in
-    when it ends) or train.old (the finished one for the moment of the swap)."""
-    return ctx.path(training.stage, training.name, "train" if which == "done" else "train." + which)
+def run_folder(ctx: Context, method: str, which: str = "done", stage: str = "p2") -> str:
+    """OUT/STAGE/NAME/train (the finished training, the one scored) or train.new (one in progress, swapped in when
+    it ends) or train.old (the finished one for the moment of the swap); NAME is a PEFT method in p2."""
+    return ctx.path(stage, method, "train" if which == "done" else "train." + which)
 
 
-def restore_interrupted_swap(ctx: Context, training: Training) -> None:
+def restore_interrupted_swap(ctx: Context, method: str, stage: str = "p2") -> None:
     """A kill between the two renames of a swap leaves train.old without train: put it back."""
-    done, old = run_folder(ctx, training), run_folder(ctx, training, "old")
+    done, old = run_folder(ctx, method, stage=stage), run_folder(ctx, method, "old", stage)
     if os.path.isdir(old):
         if os.path.isdir(done):
             shutil.rmtree(old)
@@ -443,9 +429,9 @@ def restore_interrupted_swap(ctx: Context, training: Training) -> None:
             os.replace(old, done)
 
 
-def swap_in(ctx: Context, training: Training) -> None:
+def swap_in(ctx: Context, method: str, stage: str = "p2") -> None:
     """train.new -> train; the earlier finished training is removed only once the new one is in place."""
-    done, new, old = (run_folder(ctx, training, w) for w in ("done", "new", "old"))
+    done, new, old = (run_folder(ctx, method, which, stage) for which in ("done", "new", "old"))
     if os.path.isdir(done):
         os.replace(done, old)
     os.replace(new, done)
@@ -453,15 +439,15 @@ def swap_in(ctx: Context, training: Training) -> None:
         shutil.rmtree(old)
 
 
-def discard_unfinished_trainings(ctx: Context, trainings: List[Training]) -> None:
+def discard_unfinished_trainings(ctx: Context, stage: str = "p2", names: Optional[List[str]] = None) -> None:
     """With the stage done and still true, a train.new folder is a forced or abandoned training that was killed; a
     rerun of it would start from its beginning, so it is removed."""
-    for training in trainings:
-        restore_interrupted_swap(ctx, training)
-        new = run_folder(ctx, training, "new")
+    for method in ctx.args.methods if names is None else names:
+        restore_interrupted_swap(ctx, method, stage)
+        new = run_folder(ctx, method, "new", stage)
         if os.path.isdir(new):
             ctx.say("%s: %s: removing the unfinished training in %s (%s is done and still true without it)"
-                    % (training.stage, training.name, new, training.stage))
+                    % (stage, method, new, stage))
             shutil.rmtree(new)
 
 
@@ -469,58 +455,58 @@ def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
     return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
 
 
-def finished_training(ctx: Context, training: Training, argv: List[str]) -> Optional[dict]:
-    """The finished training's record when it was made with these arguments from these data and its checkpoint is
+def finished_training(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Optional[dict]:
+    """The finished training's record when it was made with these arguments from these inputs and its checkpoint is
     there; else None."""
-    folder = run_folder(ctx, training)
+    folder = run_folder(ctx, method, stage=stage)
     record_file = os.path.join(folder, TRAIN_DONE)
     if not (os.path.isfile(record_file) and os.path.isfile(os.path.join(folder, "best.pt"))):
         return None
     record = read_json(record_file, "training record")
-    return record if record.get("argv") == argv and record.get("inputs") == train_inputs(ctx) else None
+    return record if record.get("argv") == argv and record.get("inputs") == inputs else None
 
 
-def train_run(ctx: Context, training: Training, train_json: str) -> Tuple[float, bool]:
+def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, bool]:
+    """One PEFT attempt of the p2 stage (train_run)."""
+    return train_run(ctx, method, train_argv(ctx, method, train_json), train_inputs(ctx))
+
+
+def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Tuple[float, bool]:
     """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
-    same arguments and data (unless its stage is forced), resumed (--resume) when an interrupted one did, else
+    same arguments and inputs (unless the stage is forced), resumed (--resume) when an interrupted one did, else
     started afresh. Returns its seconds (as measured then, when skipped) and whether it trained now."""
-    stage, name = training.stage, training.name
-    forced = ctx.forced(stage)
-    argv = train_argv(ctx, training, train_json)
     record_argv = ctx.portable(argv)
-    new = run_folder(ctx, training, "new")
+    new = run_folder(ctx, method, "new", stage)
     if ctx.rank == 0:
-        restore_interrupted_swap(ctx, training)
-    finished = finished_training(ctx, training, record_argv)
-    if finished and not forced:
-        ctx.say("%s: %s training finished earlier with these settings and data, skipping" % (stage, name))
+        restore_interrupted_swap(ctx, method, stage)
+    finished = finished_training(ctx, method, record_argv, inputs, stage)
+    if finished and not ctx.forced(stage):
+        ctx.say("%s: %s training finished earlier with these settings and data, skipping" % (stage, method))
         return float(finished.get("seconds", 0.0)), False
     started_file = os.path.join(new, "started.json")
-    resume = (not forced and os.path.isfile(started_file)
-              and read_json(started_file, "training start record") == dict(argv=record_argv,
-                                                                                       inputs=train_inputs(ctx)))
+    resume = (not ctx.forced(stage) and os.path.isfile(started_file)
+              and read_json(started_file, "training start record") == dict(argv=record_argv, inputs=inputs))
     if resume:
-        ctx.say("%s: %s training was interrupted: resuming it (p2_train.py --resume)" % (stage, name))
+        ctx.say("%s: %s training was interrupted: resuming it (p2_train.py --resume)" % (stage, method))
     else:
         if os.path.isdir(new) and ctx.rank == 0:
             ctx.say("%s: %s: the unfinished training in %s (%s) is discarded" % (
-                stage, name, new, "forced" if forced else "other settings or data"))
+                stage, method, new, "forced" if ctx.forced(stage) else "other settings or data"))
             shutil.rmtree(new)
-        if os.path.isdir(run_folder(ctx, training)):
+        if os.path.isdir(run_folder(ctx, method, stage=stage)):
             ctx.say("%s: %s: the finished training in %s is kept until the new one ends" % (
-                stage, name, run_folder(ctx, training)))
+                stage, method, run_folder(ctx, method, stage=stage)))
         if ctx.rank == 0:
-            write_json(started_file, dict(argv=record_argv, inputs=train_inputs(ctx)))
-        ctx.say("%s: training %s (p2_train.py %s)" % (stage, name, " ".join(shlex.quote(a) for a in argv)))
+            write_json(started_file, dict(argv=record_argv, inputs=inputs))
+        ctx.say("%s: training %s (p2_train.py %s)" % (stage, method, " ".join(shlex.quote(a) for a in argv)))
     started = time.time()
     p2_train.main(argv + ["--out", new] + (["--resume"] if resume else []))
     seconds = time.time() - started
     if ctx.rank == 0:
-        write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=train_inputs(ctx),
-                                                      seconds=round(seconds, 1),
+        write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=inputs, seconds=round(seconds, 1),
                                                       repeatable_seconds=repeatable_seconds(new, seconds, resume)))
         os.remove(started_file)
-        swap_in(ctx, training)
+        swap_in(ctx, method, stage)
     return seconds, True
 
 
@@ -544,10 +530,9 @@ def loss_log(folder: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def estimate_rest(ctx: Context, training: Training, seconds: float, rest: List[str]) -> str:
+def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) -> str:
     """'about N s more for the other attempts', from the repeatable part of the first one, scaled by epochs."""
-    method = training.name
-    record = read_json(os.path.join(run_folder(ctx, training), TRAIN_DONE), "training record")
+    record = read_json(os.path.join(run_folder(ctx, method), TRAIN_DONE), "training record")
     repeatable = record.get("repeatable_seconds")
     per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].epochs)
     more = sum(per_epoch * ctx.train_options[m].epochs for m in rest)
@@ -556,8 +541,8 @@ def estimate_rest(ctx: Context, training: Training, seconds: float, rest: List[s
         if repeatable is not None else "no one-off part measured", more, len(rest))
 
 
-def loss_curve(ctx: Context, training: Training) -> List[List[float]]:
-    return [[line["step"], line["loss"]] for line in loss_log(run_folder(ctx, training))
+def loss_curve(ctx: Context, method: str) -> List[List[float]]:
+    return [[line["step"], line["loss"]] for line in loss_log(run_folder(ctx, method))
             if "loss" in line and "step" in line]
 
 
@@ -581,50 +566,54 @@ def plot_curves(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def scored_path(ctx: Context, training: Training) -> str:
-    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_NAME.pt."""
-    if not ctx.args.score_checkpoints:
-        return os.path.join(run_folder(ctx, training), "best.pt")
-    return os.path.join(ctx.args.score_checkpoints, "p2_%s.pt" % training.name)
-
-
-def scored_checkpoint(ctx: Context, training: Training) -> str:
-    """scored_path, refused at once when --score-checkpoints lacks it."""
-    path = scored_path(ctx, training)
-    if ctx.args.score_checkpoints and not (os.path.isfile(path) and os.path.isfile(config_path(path))):
-        raise UserError("--score-checkpoints %s has no p2_%s.pt with its .json" % (ctx.args.score_checkpoints,
-                                                                                  training.name))
+def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
+    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt
+    (--score-students DIR/distill_SET.pt)."""
+    path = scored_path(ctx, method, stage)
+    option, folder = ("--score-students", ctx.args.score_students) if stage == "distill" else (
+        "--score-checkpoints", ctx.args.score_checkpoints)
+    if folder and not (os.path.isfile(path) and os.path.isfile(config_path(path))):
+        raise UserError("%s %s has no %s with its .json" % (option, folder, os.path.basename(path)))
     return path
+
+
+def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
+    """scored_checkpoint's path, not checked; the compare runs' are p2_RUN.pt beside the PEFT attempts'."""
+    folder = ctx.args.score_students if stage == "distill" else ctx.args.score_checkpoints
+    if not folder:
+        return os.path.join(run_folder(ctx, method, stage=stage), "best.pt")
+    return os.path.join(folder, "%s_%s.pt" % ("distill" if stage == "distill" else "p2", method))
 
 
 def decoding_flags(settings: dict) -> List[str]:
     """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
-    flags."""
+    flags, sampling its own."""
     flags = ["--method", settings["method"], "--max-len", str(settings["max_len"]), "--min-len",
              str(settings["min_len"]), "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
     if settings["method"] == "beam":
         flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
+    if settings["method"] == "sample":
+        flags += [f for key in search.SAMPLING_DEFAULTS
+                  for f in ("--" + key.replace("_", "-"), str(settings.get(key, search.SAMPLING_DEFAULTS[key])))]
     return flags
 
 
 def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
-                      names=metrics.DEFAULT_METRICS) -> dict:
+                      names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
-    scoring) with the CLIP loaded once."""
+    scoring of `names`) with the CLIP loaded once."""
     p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
                        ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
                       + decoding_flags(settings))
-    return score_file(ctx, pred, clip, names)
-
-
-def score_file(ctx: Context, pred: str, clip, names=metrics.DEFAULT_METRICS) -> dict:
     return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device, metrics=names, split="val" if ctx.args.captions else None)
+                            device=ctx.device, metrics=names, split=ctx.val_split())
 
 
 def setting_name(settings: dict) -> str:
     if settings["method"] == "greedy":
         return "greedy"
+    if settings["method"] == "sample":
+        return "sample_t%g" % settings["temperature"]
     return "beam%d_lp%g" % (settings["beam_size"], settings["length_penalty"])
 
 
@@ -642,26 +631,26 @@ def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> d
 
 
 def stage_p2(ctx: Context) -> dict:
-    methods, trainings = ctx.args.methods, dict((t.name, t) for t in peft_trainings(ctx))
+    methods = ctx.args.methods
     grid = [dict(search.DECODE_DEFAULTS, **g) for g in DECODING_GRID]
     with steps(3 * len(methods) + len(grid) - 1, "p2") as bar:
         train_json = train_split(ctx)
         train_seconds, estimated = {}, False
         for n, method in enumerate(methods):
-            seconds, trained = train_run(ctx, trainings[method], train_json)
+            seconds, trained = train_method(ctx, method, train_json)
             train_seconds[method] = round(seconds, 1)
             bar.update(2)
             if trained and n < len(methods) - 1 and not estimated:
-                ctx.say(estimate_rest(ctx, trainings[method], seconds, methods[n + 1:]))
+                ctx.say(estimate_rest(ctx, method, seconds, methods[n + 1:]))
                 estimated = True
-        curves = {m: loss_curve(ctx, trainings[m]) for m in methods}
+        curves = {m: loss_curve(ctx, m) for m in methods}
         plot_curves(curves, ctx.path("p2", "loss_curves.png"))
         clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
                                     ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
         rows, eval_seconds = {}, {}
         for method in methods:
             started = time.time()
-            checkpoint = scored_checkpoint(ctx, trainings[method])
+            checkpoint = scored_checkpoint(ctx, method)
             ctx.say("p2: scoring %s (%s) on val" % (method, checkpoint))
             scored = caption_and_score(ctx, checkpoint, grid[0], ctx.path("p2", method, "pred.json"), clip)
             write_json(ctx.path("p2", method, "per_image.json"), scored["per_image"])
@@ -678,7 +667,7 @@ def stage_p2(ctx: Context) -> dict:
         shipping = ship(ctx, rows[best]["checkpoint"], chosen)
     outputs = ["p2/loss_curves.png", "p2/p2_best.pt", "p2/p2_best.json", "p2/p2_best.per_image.json"]
     outputs += [os.path.join("p2", m, name) for m in methods for name in ("pred.json", "per_image.json")]
-    outputs += [os.path.relpath(os.path.join(run_folder(ctx, t), name), ctx.out) for t in trainings.values()
+    outputs += [os.path.relpath(os.path.join(run_folder(ctx, m), name), ctx.out) for m in methods
                 for name in ("best.pt", TRAIN_DONE)]
     return dict(p2=rows, p2_best=best, p2_train_loss={m: [c[0][1], c[-1][1]] if c else None for m, c in curves.items()},
                 p2_decoding=table, p2_inference=chosen, p2_shipping=shipping,
@@ -727,61 +716,6 @@ def ship(ctx: Context, checkpoint: str, chosen: dict) -> dict:
     return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))
 
 
-# ----------------------------------------------------------------------------------------------- compare
-
-def stage_compare(ctx: Context) -> dict:
-    """Each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap), its val
-    captions with the README default decoding scored with the whole metric suite, beside P2's best attempt."""
-    trainings = compare_trainings(ctx)
-    default = dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])
-    with steps(2 * len(trainings) + 1, "compare") as bar:
-        train_json = train_split(ctx)
-        seconds = {}
-        for training in trainings:
-            seconds[training.name] = round(train_run(ctx, training, train_json)[0], 1)
-            bar.update(1)
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
-        rows = {}
-        for training in trainings:
-            checkpoint = scored_checkpoint(ctx, training)
-            ctx.say("compare: scoring %s (%s) on val" % (training.name, checkpoint))
-            scored = caption_and_score(ctx, checkpoint, default, ctx.path("compare", training.name, "pred.json"),
-                                       clip, COMPARE_METRICS)
-            meta = read_checkpoint_config(checkpoint)
-            rows[training.name] = compare_row(scored, meta["trainable_parameters"], seconds[training.name],
-                                              checkpoint=checkpoint, arch=meta["arch"],
-                                              attention_reg=meta["decoder"].get("attention_reg")
-                                              if meta["arch"] == "attention-gru" else None)
-            bar.update(1)
-        compare = {name: rows[name] for name in COMPARE_ARCHS}
-        best = ctx.results.get("p2_best")
-        if best:
-            ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
-            p2_row = ctx.results["p2"][best]
-            compare["gpt2"] = compare_row(score_file(ctx, ctx.path("p2", best, "pred.json"), clip, COMPARE_METRICS),
-                                          p2_row["trainable_params"], ctx.results["timings"]["p2_train"].get(best),
-                                          checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
-        else:
-            ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
-        bar.update(1)
-    ablation = {name: dict(attention_reg=rows[name]["attention_reg"], CIDEr=rows[name]["CIDEr"], pointing_game=None,
-                           arch=rows[name]["arch"], checkpoint=rows[name]["checkpoint"]) for name in ABLATION}
-    outputs = [os.path.join("compare", t.name, "pred.json") for t in trainings]
-    outputs += [os.path.relpath(os.path.join(run_folder(ctx, t), name), ctx.out) for t in trainings
-                for name in ("best.pt", TRAIN_DONE)]
-    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
-
-
-def compare_row(scored: dict, trainable_params: int, train_seconds: Optional[float], **about) -> dict:
-    """One row of results.json "compare": the metric suite (METEOR None where Java is missing), the world-only
-    measures as None (the demo's world stage fills them), parameters and training time, then what it is."""
-    row = {key: scored.get(key) for key in COMPARE_SCORES}
-    row.update({key: None for key in WORLD_SCORES})
-    row.update(trainable_params=trainable_params, train_seconds=train_seconds, **about)
-    return row
-
-
 # ----------------------------------------------------------------------------------------------- P3
 
 def stage_p3(ctx: Context) -> dict:
@@ -797,6 +731,195 @@ def stage_p3(ctx: Context) -> dict:
     figures = read_json(ctx.path("p3", "best_worst", "attention.json"))["figures"]
     return dict(p3_best_worst=[dict(image=e["image"], caption=e["caption"], clipscore=e["score"]) for e in figures],
                 files=dict(p3_index="p3/index.md", p3_best_worst="p3/best_worst/attention.json"), outputs=["p3"])
+
+
+# ----------------------------------------------------------------------------------------------- distill
+
+CAPTION_SETS = ("human", "precise", "creative")  # what each distill student trains on
+CREATIVE = dict(method="sample", temperature=0.9, top_k=0, top_p=1.0, seed=0)  # seed 004 section 4's "creative"
+SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # each distill and compare row's scores (metrics.py names)
+ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
+
+
+def student_argv(ctx: Context, train_json: str) -> List[str]:
+    """One distill student's p2_train.py arguments: only the captions (`train_json`) differ between the three."""
+    model = ["--arch", ctx.args.student_arch] + (["--decoder-weights", ctx.data("decoder")]
+                                                if ctx.args.student_arch == "gpt2" else [])
+    return trainer_argv(ctx, train_json, model, train_config(ctx).get("distill", {}))
+
+
+def check_distill(ctx: Context) -> None:
+    """The student's options through p2_train.py's checks, and the committed students when they are scored."""
+    options = train_config(ctx).get("distill", {})
+    where = "--train-config %s: distill" % ctx.args.train_config if options else "--student-arch"
+    checked_training(ctx, student_argv(ctx, ctx.data("train_json")) + ["--out", ctx.path("distill")], options, where)
+    if ctx.args.score_students:
+        for name in CAPTION_SETS:
+            scored_checkpoint(ctx, name, "distill")
+
+
+def teacher_decodings(ctx: Context) -> Dict[str, dict]:
+    """precise: the shipped decoding (hw3_2.sh's with p2_best); creative: sampling at 0.9 with its lengths."""
+    shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
+    lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
+    return dict(precise=dict(shipped, captions_per_image=ctx.args.teacher_captions),
+                creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
+
+
+def teacher_captions(ctx: Context, settings: dict, human: str, path: str) -> str:
+    """p2_best's captions of the training images `human` names, as a COCO file p2_train.py reads (--format coco)."""
+    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint",
+                       ctx.results["p2_shipping"]["checkpoint"], "--captions", human, "--split", "all", "--format",
+                       "coco", "--captions-per-image", str(settings["captions_per_image"]), "--device",
+                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+    return path
+
+
+def shipped_predictions(ctx: Context) -> str:
+    """p2_best's val captions with its shipped decoding, as the p2 stage wrote them."""
+    chosen, best = ctx.results["p2_inference"], ctx.results["p2_best"]
+    if setting_name(chosen) == setting_name(dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])):
+        return ctx.path("p2", best, "pred.json")
+    return ctx.path("p2", "decoding", setting_name(chosen) + ".json")
+
+
+def distill_row(scores: dict, captions_per_image: float, predictions: str) -> dict:
+    """object_f1 is the miniature world's (its extra stage fills it in); None on other data."""
+    return dict({k: scores.get(k) for k in ROW_KEYS}, object_f1=None, captions_per_image=captions_per_image,
+                predictions=predictions)
+
+
+def stage_distill(ctx: Context) -> dict:
+    """Seed 004 section 4 on this data: p2_best's precise and creative captions of the training images, and one
+    student trained on each caption set and on the human captions, alike but for --train-json."""
+    human = train_split(ctx)
+    decodings = teacher_decodings(ctx)
+    human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
+    per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
+                     precise=ctx.args.teacher_captions, creative=ctx.args.teacher_captions)
+    with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
+        captions = dict(human=human)
+        for name in ("precise", "creative"):
+            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name))
+            bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        teacher_pred = shipped_predictions(ctx)
+        rows = dict(teacher=dict(distill_row(metrics.evaluate(
+            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
+            ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
+            decoding=decodings))
+        seconds = {}
+        for name in CAPTION_SETS:
+            inputs = dict(train_inputs(ctx), captions=pipeline.fingerprint(captions[name]))
+            seconds[name] = round(train_run(ctx, name, student_argv(ctx, captions[name]), inputs, "distill")[0], 1)
+            bar.update(1)
+            checkpoint, pred = scored_checkpoint(ctx, name, "distill"), ctx.path("distill", name, "pred.json")
+            scores = caption_and_score(ctx, checkpoint, search.DECODE_DEFAULTS, pred, clip, SUITE)
+            rows[name] = dict(distill_row(scores, per_image[name], pred), checkpoint=checkpoint,
+                              arch=ctx.args.student_arch)
+            bar.update(1)
+    outputs = ["distill/teacher_precise.json", "distill/teacher_creative.json"]
+    outputs += ["distill/%s/%s" % (n, f) for n in CAPTION_SETS
+                for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
+    return dict(distill=rows, timings=dict(distill_train=seconds), outputs=outputs)
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+def compare_argv(ctx: Context, run: str, train_json: str) -> List[str]:
+    """One compare run's p2_train.py arguments: its architecture (COMPARE_RUNS), then COMPARE_TRAINING under its
+    --train-config entry, on P2's data and feature cache."""
+    options = dict(COMPARE_TRAINING, **train_config(ctx).get(run, {}))
+    return trainer_argv(ctx, train_json, option_flags(COMPARE_RUNS[run]), options)
+
+
+def check_compare(ctx: Context) -> None:
+    """Each run's options through p2_train.py's checks; what makes a run itself may not be changed."""
+    for run, fixed in COMPARE_RUNS.items():
+        options = train_config(ctx).get(run, {})
+        where = "--train-config %s: %s" % (ctx.args.train_config, run) if options else "compare run " + run
+        taken = sorted(k for k in options if k.replace("-", "_") in fixed)
+        if taken:
+            raise UserError("%s: %s set by run_all.py itself (the run's definition)" % (where, ", ".join(taken)))
+        argv = compare_argv(ctx, run, ctx.data("train_json")) + ["--out", run_folder(ctx, run, "new", "compare")]
+        ctx.train_options[run] = checked_training(ctx, argv, options, where)
+        if ctx.args.score_checkpoints:
+            scored_checkpoint(ctx, run, "compare")
+
+
+def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[float], **about) -> dict:
+    """One row of results.json "compare": the metric suite (METEOR None without Java), the world-only measures as
+    None (the demo's world stage fills them), parameters and training time, then what it is."""
+    return dict({k: scores.get(k) for k in ROW_KEYS}, **{k: None for k in WORLD_SCORES},
+                trainable_params=trainable_params, train_seconds=train_seconds, **about)
+
+
+def stage_compare(ctx: Context) -> dict:
+    """Issue 20: each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap),
+    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt."""
+    default = dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])
+    with steps(2 * len(COMPARE_RUNS) + 1, "compare") as bar:
+        train_json = train_split(ctx)
+        seconds = {}
+        for run in COMPARE_RUNS:
+            seconds[run] = round(train_run(ctx, run, compare_argv(ctx, run, train_json), train_inputs(ctx),
+                                           "compare")[0], 1)
+            bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        rows = {}
+        for run in COMPARE_RUNS:
+            checkpoint = scored_checkpoint(ctx, run, "compare")
+            ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
+            scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
+            meta = read_checkpoint_config(checkpoint)
+            rows[run] = compare_row(scores, meta["trainable_parameters"], seconds[run], checkpoint=checkpoint,
+                                    arch=meta["arch"], attention_reg=meta["decoder"].get("attention_reg")
+                                    if meta["arch"] == "attention-gru" else None)
+            bar.update(1)
+        compare = {run: rows[run] for run in COMPARE_ARCHS}
+        best = ctx.results.get("p2_best")
+        if best:
+            ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
+            p2_row = ctx.results["p2"][best]
+            scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
+                                      clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
+            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"], ctx.results["timings"]["p2_train"][best],
+                                          checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
+        else:
+            ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
+        bar.update(1)
+    ablation = {run: dict(attention_reg=rows[run]["attention_reg"], CIDEr=rows[run]["CIDEr"], pointing_game=None,
+                          arch=rows[run]["arch"], checkpoint=rows[run]["checkpoint"]) for run in ABLATION}
+    outputs = ["compare/%s/%s" % (run, f) for run in COMPARE_RUNS
+               for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
+    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+
+
+def compare_table(results: dict) -> str:
+    """results.md's compare section: one row per architecture, the seed's table beside it, the ablation."""
+    rows, ablation = results["compare"], results.get("ablation") or {}
+    columns = ROW_KEYS + WORLD_SCORES
+
+    def number(value) -> str:
+        return "-" if value is None else "%.4f" % value
+
+    lines = ["| architecture | %s | trainable params | training s |" % " | ".join(columns),
+             "| --- " * (len(columns) + 3) + "|"]
+    for arch, r in rows.items():
+        lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
+                                                " | ".join(number(r.get(k)) for k in columns),
+                                                "{:,}".format(r["trainable_params"]), r.get("train_seconds", "-")))
+    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |" % make_report.SEED_CITATION,
+              "| --- | --- | --- | --- |"]
+    lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
+              for model, arch, cider in make_report.SEED_TABLE]
+    if ablation:
+        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
+        lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
+                                             number(a.get("pointing_game"))) for name, a in ablation.items()]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -825,43 +948,26 @@ def results_table(results: dict) -> str:
         lines += ["", "chosen: %s (%s)" % (setting_name(results["p2_inference"]), results["p2_inference"]["chosen_on"])]
     for e in results.get("p3_best_worst", []):
         lines += ["", "P3 %s: CLIPScore %.4f, \"%s\"" % (e["image"], e["clipscore"], e["caption"])]
+    if results.get("distill"):
+        lines += ["", distill_table(results["distill"])]
+    if results.get("compare"):
+        lines += ["", compare_table(results)]
     if "pointing_game" in results:
         lines += ["", "attention pointing game: %s over %s shape words" % (
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
             results.get("pointing_trials"))]
-    return "\n".join(lines + compare_table(results)) + "\n"
+    return "\n".join(lines) + "\n"
 
 
-def compare_table(results: dict) -> List[str]:
-    """results.md's lines for the compare stage (none without it): one row per architecture, then the ablation."""
-    rows, ablation = results.get("compare") or {}, results.get("ablation") or {}
-    if not rows:
-        return []
-    columns = COMPARE_SCORES + WORLD_SCORES
-
-    def number(value) -> str:
-        return "-" if value is None else "%.4f" % value
-
-    lines = ["", "| architecture | %s | trainable params | training s |" % " | ".join(columns),
-             "| --- " * (len(columns) + 3) + "|"]
-    for arch, r in rows.items():
-        lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
-                                                " | ".join(number(r.get(k)) for k in columns),
-                                                "{:,}".format(r["trainable_params"]), r.get("train_seconds", "-")))
-    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |" % make_report.SEED_CITATION,
-              "| --- | --- | --- | --- |"]
-    lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
-              for model, arch, cider in make_report.SEED_TABLE]
-    if ablation:
-        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
-        for name, a in ablation.items():
-            lines.append("| %s (%s) | %s | %s |" % (setting_number(a.get("attention_reg")), name,
-                                                     number(a.get("CIDEr")), number(a.get("pointing_game"))))
-    return lines
-
-
-def setting_number(value) -> str:
-    return "-" if value is None else "%g" % value
+def distill_table(rows: dict) -> str:
+    """The distill stage's table: the teacher and the three students, each scored on val's human references."""
+    keys = ROW_KEYS + ("object_f1", "captions_per_image")
+    lines = ["| distill: trained on | %s |" % " | ".join(k.replace("_", " ") for k in keys), "| --- " * (1 + len(keys))
+             + "|"]
+    for name, row in rows.items():
+        label = "(the teacher, %s)" % setting_name(row["decoding"]["precise"]) if name == "teacher" else name
+        lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
+    return "\n".join(lines)
 
 
 def report_name(ctx: Context) -> str:
@@ -909,15 +1015,20 @@ def stage_settings(ctx: Context, stage: str) -> dict:
     if stage == "p1":
         return dict(flags=ctx.p1_flags())
     if stage == "p2":
-        return dict(train=[train_argv(ctx, t, "") for t in peft_trainings(ctx)], train_max_images=a.train_max_images,
+        return dict(train=[train_argv(ctx, m, "") for m in a.methods], train_max_images=a.train_max_images,
                     score_checkpoints=a.score_checkpoints, grid=DECODING_GRID)
     if stage == "p3":
         return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
     if stage == "compare":  # and P2's best attempt, whose row it copies
         best = ctx.results.get("p2_best")
-        return dict(train=[train_argv(ctx, t, "") for t in compare_trainings(ctx)], train_max_images=a.train_max_images,
-                    score_checkpoints=a.score_checkpoints, decoding=DECODING_GRID[0], metrics=COMPARE_METRICS,
-                    p2_best=best, p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
+        return dict(train=[compare_argv(ctx, run, "") for run in COMPARE_RUNS], train_max_images=a.train_max_images,
+                    score_checkpoints=a.score_checkpoints, decoding=DECODING_GRID[0], metrics=SUITE, p2_best=best,
+                    p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
+    if stage == "distill":
+        return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
+                    inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
+                    teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
+                    score_students=a.score_students)
     upstream = {k: v for k, v in ctx.results.items() if k not in ("timings",)}  # the report and extra stages
     return dict(upstream=pipeline.digest(ctx.portable(upstream)), stage=stage,
                 student_id=a.student_id if stage == "report" else None)
@@ -927,26 +1038,30 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     """Fingerprints of what the stage reads: data named by their place in --data (<DATA>/p2_data/val.json), model
     files as given."""
     paths = [ctx.data(k) for k in STAGE_DATA.get(stage, ())]
-    if stage in ("p1", "p2", "compare"):
+    if stage in ("p1", "p2", "distill", "compare"):
         paths += ctx.model_files()
     if stage == "p2" and ctx.args.score_checkpoints:
-        paths += [p for t in peft_trainings(ctx) for p in (scored_checkpoint(ctx, t),
-                                                           config_path(scored_checkpoint(ctx, t)))]
-    if stage == "compare" and ctx.args.score_checkpoints:  # absent ones are refused by check_inputs when it runs
-        paths += [p for t in compare_trainings(ctx) for p in (scored_path(ctx, t), config_path(scored_path(ctx, t)))]
+        paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
+                                                         config_path(scored_checkpoint(ctx, m)))]
+    if stage == "distill" and ctx.args.score_students:
+        paths += [p for n in CAPTION_SETS for p in (scored_checkpoint(ctx, n, "distill"),
+                                                    config_path(scored_checkpoint(ctx, n, "distill")))]
+    if stage == "compare" and ctx.args.score_checkpoints:
+        paths += [p for run in COMPARE_RUNS for p in (scored_checkpoint(ctx, run, stage),
+                                                      config_path(scored_checkpoint(ctx, run, stage)))]
     if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
         paths.append(ctx.args.data)
     return ctx.portable(ctx.inputs(paths))
 
 
 def stage_list(ctx: Context) -> List[tuple]:
-    """(name, function, description) in running order; the optional stages after p2 (when asked for, or finished
-    earlier), the extra stages before the report."""
-    stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods))]
-    optional = dict(compare=(stage_compare, ABOUT["compare"] % ", ".join(COMPARE_RUNS)))
-    stages += [(name,) + optional[name] for name in OPTIONAL_STAGES
-               if name in ctx.args.with_stages or name in ctx.args.only_stages or pipeline.read_record(ctx.out, name)]
-    stages.append(("p3", stage_p3, ABOUT["p3"]))
+    """(name, function, description) in running order; the opted-in stages (--with), then the extra stages, before
+    the report."""
+    stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
+              ("p3", stage_p3, ABOUT["p3"])]
+    optional = dict(distill=(stage_distill, ABOUT["distill"] % ctx.args.student_arch),
+                    compare=(stage_compare, ABOUT["compare"] % ", ".join(COMPARE_RUNS)))
+    stages += [(name,) + optional[name] for name in OPTIONAL_STAGES if name in ctx.args.with_stages]
     if ctx.args.captions:  # another dataset: no P1 or P3 data; P2 needs the GPT-2 weights
         stages = [s for s in stages if s[0] not in ("p1", "p3") and (s[0] != "p2" or ctx.args.decoder_weights)]
     for spec in ctx.args.extra_stage:
@@ -969,7 +1084,12 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
     if why is None and not ctx.forced(name):
         ctx.say("%s: %s, skipping" % (name, pipeline.skip_line(record)), stage=name, skipped=True)
         merge(ctx.results, ctx.local(record["results"]))
-        discard_unfinished_trainings(ctx, stage_trainings(ctx, name))
+        if name == "p2":
+            discard_unfinished_trainings(ctx)
+        if name == "distill":
+            discard_unfinished_trainings(ctx, name, list(CAPTION_SETS))
+        if name == "compare":
+            discard_unfinished_trainings(ctx, name, list(COMPARE_RUNS))
         return
     if ctx.forced(name):
         why = "forced (--force %s): redone from its start%s" % (
@@ -1039,18 +1159,17 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     g.add_argument("--data", help="the course's hw3_data folder (p1_data, p2_data, p3_data)")
     g.add_argument("--out", required=True, help="output folder (results, figures, checkpoints, stage records)")
     g.add_argument("--only", help="comma list of stages to run (%s, or an --extra-stage); the others' earlier "
-                   "results are kept while still true" % ", ".join(STAGES + OPTIONAL_STAGES))
-    g.add_argument("--with", dest="with_stages", action="append", default=[], metavar="STAGE",
-                   help="also run an optional stage (%s; repeatable, comma lists too): it costs GPU time on the "
-                   "course's data, so it runs only when asked" % ", ".join(OPTIONAL_STAGES))
+                   "results are kept while still true" % ", ".join(STAGES))
     g.add_argument("--force", action="append", default=[], help="redo this stage from its start, a training "
                    "included, even if finished (repeatable; comma lists too)")
     g.add_argument("--install", action="store_true", help="copy the best captioner to checkpoints/p2_best.{pt,json}")
+    g.add_argument("--with", dest="with_stages", default="", metavar="STAGE,...", help="opt-in stages to run too "
+                   "(%s); each costs GPU hours on the course's data (README)" % ", ".join(OPTIONAL_STAGES))
     g.add_argument("--extra-stage", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a stage of your own, run before the report: FUNCTION(context) returns results to merge")
     g.add_argument("--student-id", help="your student ID: the report is written as OUT/hw3_<ID>.pdf with the ID on "
                    "its title page, as the course asks")
-    g = p.add_argument_group("another dataset instead of --data (the P2, compare and report stages)")
+    g = p.add_argument_group("another dataset instead of --data: the P2, compare and report stages")
     g.add_argument("--captions", metavar="FILE", help="one caption file of any format p2_data reads (COCO, Karpathy "
                    "split JSON, DeepFashion-MultiModal captions.json, {file name: captions}): trained on its train "
                    "split, scored on its val split (a file without splits: divided by file-name hash, %g to val, as "
@@ -1070,6 +1189,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    "instead of once into OUT/p2/feature_cache (0.63 MB per image with ViT-H/14)")
     g.add_argument("--score-checkpoints", metavar="DIR", help="score DIR/p2_METHOD.pt instead of the trainings' "
                    "best.pt (the demo scores its converged captioners; the trainings still run)")
+    g = p.add_argument_group("distill (--with distill): seed 004 section 4, p2_best as the teacher")
+    g.add_argument("--student-arch", default="gru", choices=tuple(ARCHITECTURES), help="the student's p2_train.py "
+                   "--arch (default %(default)s, the smallest); its training options: --train-config's \"distill\" "
+                   "entry")
+    g.add_argument("--teacher-captions", type=int, default=1, help="teacher captions per training image (default "
+                   "%(default)s; precise ones are the best beams, so at most its beam size)")
+    g.add_argument("--score-students", metavar="DIR", help="score DIR/distill_{human,precise,creative}.pt instead of "
+                   "the students' best.pt (the demo scores its converged students; the trainings still run)")
     g = p.add_argument_group("models (defaults: the scripts' own)")
     g.add_argument("--p1-model", help="P1's CLIP (p1_clip_zeroshot.py --model)")
     g.add_argument("--p1-pretrained", help="P1's CLIP weights (p1_clip_zeroshot.py --pretrained)")
@@ -1095,18 +1222,19 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.student_id is not None and not STUDENT_ID.match(args.student_id):
         raise UserError("--student-id %r: letters and digits only (e.g. r12345678)" % args.student_id)
     args.force = [s.strip() for f in args.force for s in f.split(",") if s.strip()]
-    args.with_stages = [s.strip() for w in args.with_stages for s in w.split(",") if s.strip()]
-    args.with_stages += [s for s in args.force if s in OPTIONAL_STAGES and s not in args.with_stages]  # asked too
-    args.only_stages = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else []
+    args.with_stages = list(dict.fromkeys(s.strip() for s in args.with_stages.split(",") if s.strip()))
     unknown = [s for s in args.with_stages if s not in OPTIONAL_STAGES]
     if unknown:
-        raise UserError("--with %s: not an optional stage (they are: %s)" % (",".join(unknown),
-                                                                             ", ".join(OPTIONAL_STAGES)))
+        raise UserError("--with %s: not an opt-in stage (%s)" % (",".join(unknown), ", ".join(OPTIONAL_STAGES)))
+    if args.with_stages and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--with %s trains on one process: run it without torchrun" % ",".join(args.with_stages))
+    if args.teacher_captions < 1:
+        raise UserError("--teacher-captions must be 1 or more, got %d" % args.teacher_captions)
     return args
 
 
 def check_data_options(args: argparse.Namespace) -> None:
-    """--data, or --captions with --images (then the compare stage runs with P2 when --decoder-weights is given)."""
+    """--data, or --captions with --images (then the compare stage runs, and P2 with --decoder-weights)."""
     if args.captions or args.images:
         if args.data or not (args.captions and args.images):
             raise UserError("give --data (the course's hw3_data), or --captions FILE with --images DIR (another "
@@ -1119,7 +1247,7 @@ def check_data_options(args: argparse.Namespace) -> None:
         if args.train_max_images:
             raise UserError("--train-max-images works with --data only (a --captions file is split by p2_data)")
         args.data = args.images  # <DATA> in records: the image folder
-        args.with_stages = sorted(set(args.with_stages) | {"compare"})
+        args.with_stages = ",".join([args.with_stages, "compare"])
         return
     if args.decoder_weights:
         raise UserError("--decoder-weights goes with --captions (--data has p2_data/decoder_model.bin)")
@@ -1128,11 +1256,12 @@ def check_data_options(args: argparse.Namespace) -> None:
 
 
 def choose_stages(ctx: Context, names: List[str]) -> List[str]:
-    """The stages to run: --only's (by default all but the optional stages not asked for with --with); --force of
-    a stage not run is refused, not ignored."""
+    """The stages to run: --only's (all by default); --force of a stage not run is refused, not ignored."""
     args = ctx.args
-    selected = args.only_stages or [n for n in names if n not in OPTIONAL_STAGES or n in args.with_stages]
+    selected = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(names)
     for name in selected + args.force:
+        if name in OPTIONAL_STAGES and name not in names:
+            raise UserError("stage %s is opt-in: add --with %s" % (name, name))
         if name not in names:
             raise UserError("no stage %r (the stages: %s)" % (name, ", ".join(names)))
     left_out = [s for s in args.force if s not in selected]
@@ -1150,11 +1279,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     stages = stage_list(ctx)
     selected = choose_stages(ctx, [s[0] for s in stages])
     if ctx.rank != 0:  # under torchrun: the other ranks join each training and leave the rest to rank 0
-        for stage in (s for s in TRAINING_STAGES if s in selected):
-            check_train_options(ctx, stage_trainings(ctx, stage))
+        if "p2" in selected:
+            check_train_options(ctx)
             train_json = train_split(ctx)
-            for training in stage_trainings(ctx, stage):
-                train_run(ctx, training, train_json)
+            for method in args.methods:
+                train_method(ctx, method, train_json)
         return 0
     pipeline.check_out_folder(ctx.out)
     check_inputs(ctx, selected)
@@ -1165,9 +1294,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_plan(ctx, stages, selected)
         started = time.time()
         for name, function, _ in stages:
-            if name in ("p3", "compare") and name in selected and "p2_shipping" not in ctx.results and \
-                    "p2" in [s[0] for s in stages]:
-                raise UserError("%s needs P2's best captioner, but %s has no finished p2 stage that is still true: "
+            if name in ("p3", "distill", "compare") and name in selected and "p2_shipping" not in ctx.results \
+                    and "p2" in [s[0] for s in stages]:
+                raise UserError("%s uses P2's best captioner, but %s has no finished p2 stage that is still true: "
                                 "add p2 to --only" % (name, ctx.out))
             run_stage(ctx, name, function, name in selected)
         if ctx.results.get("p2_shipping"):

@@ -300,7 +300,8 @@ def _beam(decoder, memory, batch: int, beam_size: int, max_len: int, min_len: in
             del hyps[K:]
         if last:
             break
-        running = (top_scores - ends.float() * 1e9).topk(K, dim=1).indices  # (A, K): the best K that did not end
+        # (A, K): the best K that did not end (at most K of the 2K candidates end: one end token per beam)
+        running = top_scores.masked_fill(ends, float("-inf")).topk(K, dim=1).indices
         scores = top_scores.gather(1, running)
         rows = source.gather(1, running).view(-1)
         next_tokens = token.gather(1, running).view(-1, 1)

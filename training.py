@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,26 +105,42 @@ def grad_scaler(enabled: bool):
 # ----------------------------------------------------------------------------------------------- optimisation
 
 class WarmupCosine:
-    """LambdaLR factor: linear warmup to 1, then cosine down to min_lr / lr (an object, so it pickles)."""
+    """LambdaLR factor: linear warmup to 1, then cosine down to min_lr / lr (an object, so it pickles); after
+    `total` steps, `after` if given (self-critical training's constant scst_lr / lr)."""
 
-    def __init__(self, warmup: int, total: int, floor: float):
-        self.warmup, self.total, self.floor = warmup, total, floor
+    def __init__(self, warmup: int, total: int, floor: float, after: Optional[float] = None):
+        self.warmup, self.total, self.floor, self.after = warmup, total, floor, after
 
     def __call__(self, step: int) -> float:
+        if self.after is not None and step >= self.total:
+            return self.after
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         progress_ = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress_))
 
 
+def optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float) -> None:
+    """One optimiser step on the accumulated gradients: clipped (after unscaling), skipped by the scaler on inf."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
-    """AdamW with weight decay on matrices only (nanoGPT's rule), warmup + cosine per optimiser step."""
+    """AdamW with weight decay on matrices only (nanoGPT's rule), warmup + cosine per optimiser step over the
+    cross-entropy epochs' total_steps, then --scst-lr, constant, for the self-critical epochs."""
     params = [p for p in decoder.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
     warmup = min(args.warmup_steps, total_steps // 10)
-    schedule = WarmupCosine(warmup, total_steps, min(1.0, args.min_lr / args.lr))
+    after = args.scst_lr / args.lr if getattr(args, "scst_epochs", 0) else None
+    schedule = WarmupCosine(warmup, total_steps, min(1.0, args.min_lr / args.lr), after)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -254,13 +270,7 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
         seen += 1
         if not last:
             continue
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        optimizer_step(model, optimizer, scheduler, scaler, args.grad_clip)
         step += 1
         if world.main and step % args.log_every == 0:
             bar.set_postfix(loss="%.3f" % (running / seen))
@@ -270,3 +280,74 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
     return step
 
 
+# ----------------------------------------------------------------------------------------------- self-critical
+
+def sample_pairs(samples: List[List[int]], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forcing inputs and targets (B, K) of sampled captions (ids without the end token): the end token is a
+    target only where the caption ended, i.e. came out shorter than max_len."""
+    inputs, targets = p2_data.caption_targets(samples)
+    for row, ids in enumerate(samples):
+        if len(ids) >= max_len:  # cut by max_len: it never sampled the end token
+            targets[row, len(ids)] = p2_data.IGNORE_INDEX
+    return inputs, targets
+
+
+def baseline_of(rewards: torch.Tensor) -> torch.Tensor:
+    """The "new self-critical" baseline (B, K): for each sample, the mean reward of its image's other samples."""
+    K = rewards.shape[1]
+    return (rewards.sum(1, keepdim=True) - rewards) / (K - 1)
+
+
+def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, optimizer, scheduler, scaler, args,
+               world: Dist, amp: bool, log_path: str, step: int) -> Tuple[int, dict]:
+    """One self-critical pass over the training images (Rennie et al. 2017): K sampled captions per image through the
+    one search, rewarded by `reward(image indices, captions)` (CIDEr-D, plus the CLIP term), minus the baseline (the
+    image's other samples, or its greedy caption), as a policy gradient on the trained parameters: the sampled
+    tokens' log-probabilities from one teacher-forced pass. Returns the step count and the epoch's reward figures."""
+    decoder, K = captioner.decoder, args.scst_samples
+    captioner.train()
+    totals = dict(reward=0.0, baseline=0.0, images=0, reward_seconds=0.0, sample_seconds=0.0)
+    started = time.time()
+    bar = progress(loader, desc="scst %d/%d" % (epoch + 1, args.epochs + args.scst_epochs), disable=not world.main)
+    for index, visuals in image_batches(bar):
+        t0 = time.time()
+        with autocast(world.device, amp):
+            tokens = captioner.image_tokens(visuals.to(world.device, non_blocking=True))  # (B, N, width)
+            samples = captioner.generate(tokens, method="sample", temperature=args.scst_temperature,
+                                         captions_per_image=K, max_len=args.val_max_len, seed=args.seed,
+                                         image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
+            greedy = captioner.generate(tokens, method="greedy", max_len=args.val_max_len) \
+                if args.scst_baseline == "greedy" else None
+        t1 = time.time()
+        rows = [i for i in index for _ in range(K)]
+        rewards = torch.tensor(reward(rows, decode_captions(samples)), dtype=torch.float32).view(-1, K)  # (B, K)
+        base = baseline_of(rewards) if greedy is None else \
+            torch.tensor(reward(list(index), decode_captions(greedy)), dtype=torch.float32).view(-1, 1)
+        t2 = time.time()
+        inputs, targets = sample_pairs(samples, args.val_max_len)
+        targets = targets.to(world.device)
+        positions = targets != p2_data.IGNORE_INDEX
+        advantage = (rewards - base).view(-1, 1).expand_as(targets).to(world.device)[positions]  # (M,)
+        with autocast(world.device, amp):
+            logits = model(tokens.repeat_interleave(K, dim=0), inputs.to(world.device), positions=positions)
+            logp = F.log_softmax(logits.float(), dim=-1).gather(
+                1, decoder.vocab.targets(targets)[positions].unsqueeze(1)).squeeze(1)  # (M,)
+            loss = -(logp * advantage).sum() / max(1, int(positions.sum()))
+        scaler.scale(loss).backward()
+        optimizer_step(model, optimizer, scheduler, scaler, args.grad_clip)
+        step += 1
+        totals["reward"] += float(rewards.sum())
+        totals["baseline"] += float(base.expand_as(rewards).sum())
+        totals["images"] += len(index)
+        totals["sample_seconds"] += t1 - t0
+        totals["reward_seconds"] += t2 - t1
+        if world.main and step % args.log_every == 0:
+            bar.set_postfix(reward="%.3f" % (totals["reward"] / (totals["images"] * K)))
+            log_line(log_path, kind="step", epoch=epoch + 1, step=step, loss=float(loss.detach()),
+                     reward=float(rewards.mean()), lr=scheduler.get_last_lr()[0],
+                     seconds=round(time.time() - started, 2))
+    seconds = time.time() - started
+    n = max(1, totals["images"] * K)
+    return step, dict(phase="scst", mean_reward=totals["reward"] / n, mean_baseline=totals["baseline"] / n,
+                      reward_share=round(totals["reward_seconds"] / max(seconds, 1e-9), 4),
+                      sample_share=round(totals["sample_seconds"] / max(seconds, 1e-9), 4))

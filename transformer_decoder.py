@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import decoder
-from compact_vocab import OutputVocab
+from compact_vocab import FromScratchDecoder, OutputVocab
 
 INIT_STD = 0.02  # nanoGPT / GPT-2: every Linear and Embedding weight ~ N(0, 0.02), biases 0
 IMAGE_PROJECTIONS = ("linear", "mlp")
@@ -96,7 +96,9 @@ def _add_residual_dropout(block: decoder.Block, dropout: float) -> None:
         parent.c_proj = ResidualProjection(old.in_features, old.out_features, dropout)
 
 
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(FromScratchDecoder):
+    arch = "transformer"
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         cfg.validate()
@@ -177,32 +179,6 @@ class TransformerDecoder(nn.Module):
         # the output layer is the input embedding's first vocab.size rows (the unknown row is never predicted)
         logits = F.linear(self.final_norm(x), self.token_embedding.weight[:self.vocab.size])  # (B, T, V) or (M, V)
         return (logits, attentions) if return_attention else logits
-
-    @property
-    def max_text_len(self) -> int:
-        return self.cfg.block_size
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Every parameter: nothing here is frozen."""
-        return {name: p.detach().clone() for name, p in self.named_parameters()}
-
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Strict: the same names and shapes as this config gives, or a ValueError naming the misfits."""
-        params = dict(self.named_parameters())
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        wrong = sorted("%s %s (the config gives %s)" % (name, tuple(state[name].shape), tuple(p.shape))
-                       for name, p in params.items() if name in state and state[name].shape != p.shape)
-        if missing or unexpected or wrong:
-            raise ValueError("checkpoint does not fit this transformer decoder config: missing %s, unexpected %s, "
-                             "wrong shape %s" % (missing[:6], unexpected[:6], wrong[:6]))
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
-
-    def merge_lora(self) -> int:
-        return 0  # no LoRA
 
     def parameter_summary(self) -> Dict[str, int]:
         """Parameter counts per part (the output layer is tied to the token embedding; `output` is its LayerNorm),

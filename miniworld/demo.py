@@ -32,6 +32,7 @@ MODELS = os.path.join(HERE, "models")
 METHODS = run_all.METHODS
 SHORT_RUN_IMAGES = 48
 SHORT_RUN = dict(epochs=1, batch_size=16, lr=1e-3, warmup_steps=2, log_every=1, val_max_images=16)
+SHORT_STUDENT = dict(SHORT_RUN, lr=3e-3)  # the distill students' short runs (--arch gru)
 SOURCE = "miniature world, seed %d%s (tiny models trained from scratch here; not the homework's data)"
 
 
@@ -67,7 +68,8 @@ def heldout_among_all(heldout_json: str, pred_csv: str) -> float:
 
 
 def world_stage(ctx) -> Dict[str, object]:
-    """world-only measures: P1 among the held-out classes, object F1 of each attempt, the pointing game"""
+    """world-only measures: P1 among the held-out classes, object F1 of each attempt (and of the distill stage's
+    teacher and students, the compare stage's architectures), the pointing game"""
     data, folders = ctx.args.data, generate.LAYOUTS["course"]
     info = read_json(os.path.join(data, generate.MARKER), "world summary")
     heldout = os.path.join(data, folders["p1_heldout"])
@@ -85,6 +87,9 @@ def world_stage(ctx) -> Dict[str, object]:
     for method in ctx.results["p2"]:
         f1 = world_lib.object_scores(read_json(ctx.path("p2", method, "pred.json")), scenes)
         results["p2"][method] = dict(object_f1=f1["object_f1"], exact_object_set=f1["exact_object_set"])
+    if ctx.results.get("distill"):  # the distill stage's teacher and students (run_all --with distill)
+        results["distill"] = {name: dict(object_f1=world_lib.object_scores(read_json(row["predictions"]), scenes)[
+            "object_f1"]) for name, row in ctx.results["distill"].items()}
     say("world: pointing game over the validation split (%s, the README default decoding)" % ctx.results["p2_best"])
     pointing.main(["--images", ctx.data("val_images"), "--out", ctx.path("pointing.json"), "--objects",
                    os.path.join(data, folders["p2"], "val_objects.json"), "--checkpoint",
@@ -126,14 +131,14 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
 def profile(data: str, out: str, args) -> List[str]:
     """run_all.py's arguments for the miniature world: the tiny models, short trainings, the converged captioners."""
     config = os.path.join(out, "short_training.json")
-    write_json(config, {m: SHORT_RUN for m in METHODS + tuple(run_all.COMPARE_RUNS)})
-    return ["--data", rel(data), "--out", rel(out), "--methods", ",".join(METHODS), "--with", "compare",
-            "--train-config", rel(config),
+    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(run_all.COMPARE_RUNS)}, distill=SHORT_STUDENT))
+    return ["--data", rel(data), "--out", rel(out), "--methods", ",".join(METHODS), "--train-config", rel(config),
             "--train-max-images", str(SHORT_RUN_IMAGES), "--no-feature-cache",
             "--p1-model", rel(args.clip_config), "--p1-pretrained", rel(args.clip_weights),
             "--clip-model", rel(args.clip_config), "--clip-pretrained", rel(args.clip_weights),
             "--encoder", encoder_spec(), "--score-checkpoints", rel(args.captioners),
-            "--device", "cpu", "--workers", "0", "--extra-stage", "miniworld.demo:world_stage"]
+            "--device", "cpu", "--workers", "0", "--extra-stage", "miniworld.demo:world_stage",
+            "--with", "distill,compare"]
 
 
 def parse_args(argv=None):

@@ -1,10 +1,13 @@
 """Trains the miniature world's converged captioners, one per PEFT method, with p2_train.py itself, and installs
-them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2_inference.py).
+them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2_inference.py); with --archs, also the
+classic decoders trained from scratch over the same encoder (p2_train.py --arch), as p2_<arch run>.pt + .json.
 
 The encoder is the tiny timm ViT of miniworld/train_vit.py (loaded the way a real timm tower is), the decoder the tiny
 GPT-2 in the course's format; the methods train side by side, one thread each, with the same settings and epochs.
+The from-scratch runs take their recipe from ARCH_TRAINING (batch, lr) and ARCH_SETTINGS (sizes, epochs).
 
     python3 -m miniworld.train_captioners [--epochs 5] [--methods adapter,prefix,lora]
+    python3 -m miniworld.train_captioners --archs gru,attention-gru,transformer,attention-gru_reg0 --parallel 2
 """
 from __future__ import annotations
 
@@ -30,81 +33,150 @@ METHOD_SETTINGS = {  # on top of p2_train.py's defaults and decoder.peft_config'
     "prefix": ["--prefix-len", "10", "--prefix-hidden", "128"],
     "lora": ["--lora-rank", "8", "--lora-alpha", "16"],
 }
+# from-scratch runs (no GPT-2 weights, every parameter trained): run name -> p2_train.py --arch and its own recipe
+ARCH_SETTINGS = {
+    "gru": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "512", "--dropout", "0.3", "--epochs", "8"],
+    "gru_cls": ["--arch", "gru", "--embed-dim", "256", "--hidden-dim", "512", "--dropout", "0.3", "--epochs", "8",
+                "--global-pool", "cls"],
+    "attention-gru": ["--arch", "attention-gru", "--embed-dim", "256", "--hidden-dim", "256", "--attention-dim", "256",
+                      "--dropout", "0.3", "--attention-reg", "1", "--epochs", "4"],
+    "attention-gru_reg0": ["--arch", "attention-gru", "--embed-dim", "256", "--hidden-dim", "256",
+                           "--attention-dim", "256", "--dropout", "0.3", "--attention-reg", "0", "--epochs", "4"],
+    "transformer": ["--arch", "transformer", "--n-layer", "3", "--n-head", "4", "--n-embd", "128", "--dropout", "0.1",
+                    "--epochs", "4"],
+}
+ARCH_TRAINING = ["--batch-size", "64", "--lr", "4e-3"]  # every from-scratch run (a short CPU run)
 
 
-def command(method: str, world: str, out: str, cache: str, args) -> list:
+def common_options(world: str, args) -> list:
+    """p2_train.py's options shared by every run: the world, the encoder, validation, the seed."""
     p2 = os.path.join(world, "p2")
     return [sys.executable, os.path.join(ROOT, "p2_train.py"),
             "--train-json", os.path.join(p2, "train.json"), "--train-images", os.path.join(p2, "images", "train"),
             "--val-json", os.path.join(p2, "val.json"), "--val-images", os.path.join(p2, "images", "val"),
-            "--val-max-images", str(args.val_images), "--encoder", ENCODER,
-            "--decoder-weights", os.path.join(MODELS, "decoder_model.bin"), "--peft", method,
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--label-smoothing", str(args.label_smoothing),
-            "--warmup-steps", "50", "--feature-cache", cache, "--workers", "0", "--device", "cpu",
+            "--val-max-images", str(args.val_images), "--encoder", ENCODER]
+
+
+def command(method: str, world: str, out: str, cache: str, args) -> list:
+    if method in ARCH_SETTINGS:
+        return common_options(world, args) + [
+            "--label-smoothing", "0", "--warmup-steps", "50",
+            "--feature-cache", cache, "--workers", "0", "--device", "cpu",
             "--clip-model", os.path.join(MODELS, "tiny_clip.json"), "--clip-pretrained",
             os.path.join(MODELS, "tiny_clip.pt"), "--val-decode", "greedy", "--val-max-len", "24",
-            "--seed", str(args.seed), "--out", out] + ([] if args.gate else ["--no-cross-attn-gate"]) \
+            "--seed", str(args.seed), "--out", out] + ARCH_TRAINING + ARCH_SETTINGS[method]
+    return common_options(world, args) + [
+        "--decoder-weights", os.path.join(MODELS, "decoder_model.bin"), "--peft", method,
+        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--label-smoothing", str(args.label_smoothing),
+        "--warmup-steps", "50", "--feature-cache", cache, "--workers", "0", "--device", "cpu",
+        "--clip-model", os.path.join(MODELS, "tiny_clip.json"), "--clip-pretrained",
+        os.path.join(MODELS, "tiny_clip.pt"), "--val-decode", "greedy", "--val-max-len", "24",
+        "--seed", str(args.seed), "--out", out] + ([] if args.gate else ["--no-cross-attn-gate"]) \
         + METHOD_SETTINGS[method]
+
+
+def trained_with(method: str, args) -> str:
+    """The command that retrains this one run."""
+    if method in ARCH_SETTINGS:
+        return "python3 -m miniworld.train_captioners --archs %s --seed %d" % (method, args.seed)
+    return ("python3 -m miniworld.train_captioners --methods %s --epochs %d --batch-size %d --lr %g "
+            "--label-smoothing %g --seed %d%s" % (method, args.epochs, args.batch_size, args.lr,
+                                                  args.label_smoothing, args.seed, " --gate" if args.gate else ""))
+
+
+def start(method: str, world: str, cache: str, env: dict, args):
+    """Starts one p2_train.py run in the background: (process, log file, out folder, start time)."""
+    out = os.path.join(args.work, method)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    log = open(os.path.join(args.work, method + ".log"), "w")
+    process = subprocess.Popen(command(method, world, out, cache, args), env=env, stdout=log, stderr=subprocess.STDOUT)
+    return process, log, out, time.time()
+
+
+def train_runs(names: list, world: str, cache: str, env: dict, args) -> dict:
+    """Runs every training, at most --parallel at once (0 = all); the first alone until it has filled the feature
+    cache. Returns {name: (out folder, wall seconds of its run)}."""
+    limit = args.parallel or len(names)
+    waiting, running, done, failed = list(names), {}, {}, []
+    while waiting or running:
+        while waiting and len(running) < limit and (done or not running or cache_filled(running)):
+            name = waiting.pop(0)
+            running[name] = start(name, world, cache, env, args)
+        for name, (process, log, out, began) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                del running[name]
+                done[name] = (out, time.time() - began)
+                if process.returncode != 0:
+                    failed.append(name)
+        time.sleep(2)
+    if failed:
+        raise UserError("training failed for %s: see %s" % (", ".join(failed), ", ".join(
+            os.path.join(args.work, m + ".log") for m in failed)))
+    return done
+
+
+def cache_filled(running: dict) -> bool:
+    """The feature cache is filled once, by the first run, before the others start: it is done when the run logs."""
+    return all(process.poll() is not None or os.path.isfile(os.path.join(out, "log.jsonl"))
+               for process, _, out, _ in running.values())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="adapter,prefix,lora", help="comma list of PEFT methods")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs over every (image, caption) pair")
-    parser.add_argument("--batch-size", type=int, default=32, help="captions per step")
-    parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+    parser.add_argument("--methods", default=None,
+                        help="comma list of PEFT methods (default adapter,prefix,lora; none when --archs is given)")
+    parser.add_argument("--archs", default="", help="comma list of from-scratch runs, named as in ARCH_SETTINGS: %s"
+                        % ", ".join(ARCH_SETTINGS))
+    parser.add_argument("--epochs", type=int, default=5, help="PEFT runs: epochs over every (image, caption) pair")
+    parser.add_argument("--batch-size", type=int, default=32, help="PEFT runs: captions per step")
+    parser.add_argument("--lr", type=float, default=5e-3, help="PEFT runs: peak learning rate")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
-                        help="p2_train.py's label smoothing (default 0, the setting the committed captioners used)")
+                        help="PEFT runs: p2_train.py's label smoothing (default 0, the setting the committed "
+                             "captioners used)")
     parser.add_argument("--gate", action="store_true",
-                        help="keep the tanh gate on cross-attention (default off: in a short CPU run the words are "
-                             "grounded in the image sooner when cross-attention contributes from the first step)")
+                        help="PEFT runs: keep the tanh gate on cross-attention (default off: in a short CPU run the "
+                             "words are grounded in the image sooner when cross-attention contributes from the first "
+                             "step)")
     parser.add_argument("--val-images", type=int, default=100, help="validation images scored after each epoch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training run (default 1: the runs "
                         "share the cores)")
+    parser.add_argument("--parallel", type=int, default=0, help="most runs at once (default 0: all side by side)")
     parser.add_argument("--seed", type=int, default=0, help="world and training seed")
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "captioners"), help="runs, world and cache")
     args = parser.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods if args.methods is not None else
+                           "" if args.archs else "adapter,prefix,lora").split(",") if m]
+    archs = [a for a in args.archs.split(",") if a]
     unknown = [m for m in methods if m not in METHOD_SETTINGS]
     if unknown:
         raise UserError("--methods: unknown %s (choose from %s)" % (unknown, ", ".join(METHOD_SETTINGS)))
+    unknown = [a for a in archs if a not in ARCH_SETTINGS]
+    if unknown:
+        raise UserError("--archs: unknown %s (choose from %s)" % (unknown, ", ".join(ARCH_SETTINGS)))
+    if not methods + archs:
+        raise UserError("nothing to train: give --methods or --archs")
+    if args.parallel < 0:
+        raise UserError("--parallel must be >= 0 (0 = every run at once), got %d" % args.parallel)
     os.chdir(ROOT)  # the encoder spec saved in each checkpoint names the tiny CLIP relative to the repository
     world = os.path.join(args.work, "world")
     if not os.path.isfile(os.path.join(world, generate.MARKER)):
         generate.generate(world, args.seed, False)
     cache = os.path.join(args.work, "cache")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
-    # the feature cache is filled once, by the first run, before the others start
-    runs, started = {}, time.time()
-    for i, method in enumerate(methods):
-        out = os.path.join(args.work, method)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        log = open(os.path.join(args.work, method + ".log"), "w")
-        runs[method] = (subprocess.Popen(command(method, world, out, cache, args), env=env, stdout=log,
-                                         stderr=subprocess.STDOUT), log, out)
-        if i == 0:
-            while runs[method][0].poll() is None and not os.path.isfile(os.path.join(out, "log.jsonl")):
-                time.sleep(2)
-    failed = []
-    for method, (process, log, out) in runs.items():
-        if process.wait() != 0:
-            failed.append(method)
-        log.close()
-    if failed:
-        raise UserError("training failed for %s: see %s" % (", ".join(failed), ", ".join(
-            os.path.join(args.work, m + ".log") for m in failed)))
-    for method, (_, _, out) in runs.items():
+    started = time.time()
+    done = train_runs(methods + archs, world, cache, env, args)
+    for method in methods + archs:
+        out, seconds = done[method]
         meta = read_json(os.path.join(out, "best.json"))
-        meta["trained_with"] = ("python3 -m miniworld.train_captioners --methods %s --epochs %d --batch-size %d --lr %g "
-                                "--label-smoothing %g --seed %d%s" % (method, args.epochs, args.batch_size, args.lr,
-                                                                      args.label_smoothing, args.seed,
-                                                                      " --gate" if args.gate else ""))
+        meta["trained_with"] = trained_with(method, args)
+        meta["train_seconds"] = round(seconds)  # wall time of this run (the first one also fills the feature cache)
         shutil.copyfile(os.path.join(out, "best.pt"), os.path.join(MODELS, "p2_%s.pt" % method))
         write_json(os.path.join(MODELS, "p2_%s.json" % method), meta)
-        print("%s: %s -> %s" % (method, meta.get("metrics"), os.path.join(MODELS, "p2_%s.pt" % method)))
-    print("trained %s in %.0f s" % (", ".join(methods), time.time() - started))
+        print("%s: %s in %.0f s -> %s" % (method, meta.get("metrics"), seconds, os.path.join(MODELS, "p2_%s.pt" % method)))
+    print("trained %s in %.0f s" % (", ".join(methods + archs), time.time() - started))
     return 0
 
 

@@ -34,14 +34,3 @@ def captioning_world(tmp_path_factory):
     return dict(folder=folder, gpt2=gpt2, weights=weights, model=model.eval(), images=images,
                 feats=model.image_tokens(images))
 
-
-@pytest.fixture(scope="session")
-def compare_captioners(tmp_path_factory):
-    """A --score-checkpoints folder for the small world (seed 0): the committed PEFT checkpoints and tiny stand-ins of
-    the compare runs, trained once for the session (tiny_models.compare_captioners)."""
-    import tiny_models
-    from miniworld import demo, generate
-
-    data = str(tmp_path_factory.mktemp("stand_in_world") / "data")
-    generate.generate(data, 0, True, "course", os.path.join(demo.MODELS, "decoder_model.bin"))
-    return tiny_models.compare_captioners(data, str(tmp_path_factory.mktemp("stand_in_models")), demo.MODELS)

@@ -19,18 +19,10 @@ KEYS = ("p1_accuracy", "p1_heldout_accuracy", "p1_heldout_accuracy_all_classes",
         "pointing_game")
 
 
-def committed_compare_checkpoints() -> bool:
-    return all(os.path.isfile(os.path.join(demo.MODELS, "p2_%s%s" % (run, suffix)))
-               for run in run_all.COMPARE_RUNS for suffix in (".pt", ".json"))
-
-
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, request):
+def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    captioners = []
-    if not committed_compare_checkpoints():  # until miniworld/models has them: the session's tiny stand-ins
-        captioners = ["--captioners", request.getfixturevalue("compare_captioners")]
-    assert demo.main(["--small", "--out", str(out)] + captioners) == 0
+    assert demo.main(["--small", "--out", str(out)]) == 0
     with open(os.path.join(str(out), "results.json"), encoding="utf-8") as f:
         return str(out), json.load(f)
 
@@ -166,9 +158,6 @@ def assert_same(got, want, same_stack: bool, where="results"):
 def test_the_full_demo_reproduces_the_committed_results(tmp_path_factory):
     """`bash demo.sh` on the full world gives the committed results/miniworld/results.json: every figure, the
     decoding table, the shipped checkpoint and the P3 captions, whatever the refactor since it was committed."""
-    if not committed_compare_checkpoints():
-        pytest.skip("miniworld/models has no compare checkpoints yet (p2_gru.pt...: branch arch-world); the full demo "
-                    "scores them, and results/miniworld is then rebuilt with its compare section")
     out = str(tmp_path_factory.mktemp("full_demo"))
     assert demo.main(["--out", out]) == 0
     got, want = read_json(os.path.join(out, "results.json")), read_json(os.path.join(COMMITTED, "results.json"))

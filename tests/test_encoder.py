@@ -1,5 +1,5 @@
-"""encoder: the timm ViT returns all its tokens, specs parse and round-trip, weights are checked before any build,
-local weight files (timm's or open_clip's layout) load strictly."""
+"""encoder: the timm ViT returns all its tokens, a timm CNN its feature map as grid tokens, specs parse and round-trip,
+weights are checked before any build, local weight files (timm's, open_clip's or torchvision's layout) load strictly."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from common import UserError
-from encoder import DEFAULT_ENCODER, EncoderSpec, ImageEncoder, timm_weights_cached
+from encoder import (DEFAULT_CNN_ENCODER, DEFAULT_ENCODER, RANDOM_INIT_SEED, EncoderSpec, ImageEncoder,
+                     coordinate_mapper, display_image, download_command, timm_weights_cached)
 from tiny_models import CAPTION_ENCODER, open_clip_tokens
 
 
@@ -150,3 +151,120 @@ def test_hub_cache_check_takes_exactly_the_files_timm_reads(tmp_path, monkeypatc
             f.unlink()
         (snapshot / present).write_bytes(b"x")
         assert timm_weights_cached(name) == str(snapshot / present)
+
+
+# ----------------------------------------------------------------------------------------------- CNN encoders
+
+CNN = "timm:resnet10t@none"  # timm's smallest ResNet, random weights: the CNN path offline in a fraction of a second
+WIDE_CNN = 'timm:resnet10t@none?pretrained_cfg_overlay={"test_input_size":[3,64,96]}'  # a non-square input size
+
+
+def timm_reference(name: str, **kwargs) -> torch.nn.Module:
+    """The same seeded random timm model, built by timm directly."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def marked_image(size, box):
+    """A black image with a white rectangle."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (0, 0, 0))
+    ImageDraw.Draw(image).rectangle(box, fill=(255, 255, 255))
+    return image
+
+
+def test_cnn_encoder_gives_its_feature_map_as_grid_tokens():
+    """Token i * w + j is the feature vector of grid cell (i, j), as timm computes it (in eval mode: the probe forward
+    that sizes the grid left batch norm's statistics alone)."""
+    encoder = ImageEncoder(CNN)
+    assert (encoder.is_cnn, encoder.width, encoder.num_prefix_tokens) == (True, 512, 0)
+    assert (encoder.grid_size, encoder.input_size) == ((7, 7), (224, 224))  # timm's test size for resnet10t
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = encoder(images)
+        feature_map = timm_reference("resnet10t").forward_features(images)  # (B, C, h, w)
+    assert tokens.shape == (2, 7 * 7, 512) and feature_map.shape == (2, 512, 7, 7)
+    assert torch.equal(tokens, feature_map.permute(0, 2, 3, 1).reshape(2, 49, 512))
+    assert torch.equal(tokens[:, 3 * 7 + 5], feature_map[:, :, 3, 5])
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.model.training
+
+
+def test_cnn_grid_follows_the_data_config_input_size():
+    """The grid comes from a forward at the input size of the model's data config (here non-square), and the
+    transform gives images of that size."""
+    from PIL import Image
+
+    encoder = ImageEncoder(WIDE_CNN)
+    assert (encoder.input_size, encoder.grid_size) == ((64, 96), (2, 3))
+    pixels = encoder.transform(Image.new("RGB", (300, 120), (10, 200, 30)))
+    assert pixels.shape == (3, 64, 96)
+    with torch.no_grad():
+        tokens = encoder(pixels.unsqueeze(0))
+        reference = timm_reference("resnet10t").forward_features(pixels.unsqueeze(0))  # (1, 512, 2, 3)
+    assert torch.equal(tokens, reference.flatten(2).transpose(1, 2))
+
+
+def test_resnet101_tv2_is_torchvisions_eval_recipe():
+    """The classic captioners' CNN (random weights here) at torchvision's evaluation size: resize 232, crop 224, a
+    7x7 grid of 2048-wide tokens."""
+    encoder = ImageEncoder(DEFAULT_CNN_ENCODER + "@none")
+    assert (encoder.width, encoder.num_prefix_tokens, encoder.grid_size, encoder.input_size) == (2048, 0, (7, 7),
+                                                                                                 (224, 224))
+    assert [type(step).__name__ for step in encoder.transform.transforms[:2]] == ["Resize", "CenterCrop"]
+    assert display_image(marked_image((300, 240), (0, 0, 1, 1)), encoder.transform).size == (224, 224)
+
+
+def test_cnn_coordinate_mapping_finds_a_mark_where_the_encoder_saw_it():
+    """A white square in the original image, found in the image the CNN sees (resized, cropped, non-square), maps
+    back onto the square; the grid spans the whole shown image, so each cell maps through the same function."""
+    import numpy as np
+
+    encoder = ImageEncoder(WIDE_CNN)
+    original = marked_image((200, 120), (120, 50, 139, 69))  # centre (129.5, 59.5)
+    shown_size, to_original = coordinate_mapper(original.size, encoder.transform)
+    shown = display_image(original, encoder.transform)
+    assert shown_size == shown.size == encoder.input_size[::-1]
+    ys, xs = np.nonzero(np.asarray(shown)[..., 0] > 127)
+    x, y = to_original(xs.mean(), ys.mean())
+    assert abs(x - 129.5) < 2.5 and abs(y - 59.5) < 2.5
+
+
+def test_neither_vit_nor_cnn_is_refused_naming_the_spec():
+    spec = "timm:swin_tiny_patch4_window7_224@none?depths=[1,1,1,1]&num_heads=[1,1,1,1]&embed_dim=32"
+    with pytest.raises(UserError, match=r"^encoder timm:swin_tiny.* is neither a ViT with patch tokens nor a CNN "
+                                        r"with a \(B, C, h, w\) feature map: its forward_features gives "
+                                        r"\(1, 7, 7, 256\)$"):  # Swin's features are (B, h, w, C)
+        ImageEncoder(spec)
+
+
+def test_missing_cnn_weights_fail_fast_offline_naming_the_download(monkeypatch):
+    import encoder
+
+    monkeypatch.setattr(encoder, "timm_weights_cached", lambda name: None)  # whatever this machine's cache holds
+    start = time.time()
+    with pytest.raises(UserError, match=r"resnet101\.tv2_in1k are not downloaded .* run `bash hw3_download\.sh "
+                                        r"--cnn resnet101\.tv2_in1k` \(online\)"):
+        ImageEncoder(DEFAULT_CNN_ENCODER, offline=True)
+    assert time.time() - start < 1.0
+    assert download_command(DEFAULT_ENCODER) == "bash hw3_download.sh"  # the default encoder needs no option
+
+
+def test_cnn_loads_a_torchvision_layout_file_strictly(tmp_path):
+    """timm's ResNets keep torchvision's tensor names: a torchvision-style file (with its 1000-class fc, which the
+    encoder does not use) loads; one missing a stage is refused."""
+    model = timm_reference("resnet10t")
+    state = dict(model.state_dict(), **{"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
+    whole, partial = str(tmp_path / "resnet.pth"), str(tmp_path / "partial.pth")
+    torch.save(state, whole)
+    torch.save({k: v for k, v in state.items() if not k.startswith("layer4.")}, partial)
+    loaded = ImageEncoder("timm:resnet10t@%s" % whole)
+    for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match=r"partial\.pth do not fit timm resnet10t.*missing \['layer4\."):
+        ImageEncoder("timm:resnet10t@%s" % partial)

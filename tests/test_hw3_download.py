@@ -1,5 +1,5 @@
 """hw3_download: fetch against a local HTTP server with range requests (resume, checksum, idempotence); every part
-tried whatever failed first, one summary line per part, and the exit status."""
+tried whatever failed first, one summary line per part, and the exit status; a CNN encoder only with --cnn."""
 from __future__ import annotations
 
 import argparse
@@ -165,7 +165,7 @@ def test_a_released_checkpoint_is_fetched_as_a_part(server, monkeypatch, capsys,
 def test_the_plan_names_the_p1_backend_and_honours_the_flags(monkeypatch):
     import clip_utils
 
-    args = argparse.Namespace(skip_p1=False, skip_p2=False, with_clipscore=True)
+    args = argparse.Namespace(skip_p1=False, skip_p2=False, with_clipscore=True, cnn=None)
     names = [p.name for p in hw3_download.plan(args)]
     assert names[0] == "P1 CLIP EVA02-L-14/merged2b_s4b_b131k (open_clip)" and names[2].startswith("CLIPScore CLIP")
     assert names[1].startswith("P2 encoder timm:") and names[3] == "P2 checkpoint"
@@ -190,3 +190,49 @@ def test_openai_weights_count_only_with_their_sha256(monkeypatch, tmp_path):
     (tmp_path / ".cache" / "clip").mkdir(parents=True)
     (tmp_path / ".cache" / "clip" / "ViT-L-14-336px.pt").write_bytes(b"truncated download")
     assert p1_part.cached() is None  # clip's own downloader replaces it when online
+
+
+def test_a_cnn_encoder_is_fetched_only_when_asked(monkeypatch, capsys):
+    """--cnn alone fetches torchvision's ResNet-101 weights through timm (as the encoder loads them), --cnn NAME.TAG
+    another; without it nothing is fetched; a spec with weights or options is a wrong command line."""
+    import encoder
+
+    fetched, hub = [], {}
+
+    def download(spec):
+        fetched.append(spec)
+        hub[encoder.EncoderSpec.parse(spec).name] = "/hub/" + spec[len("timm:"):]
+
+    monkeypatch.setattr(encoder, "download_encoder", download)
+    monkeypatch.setattr(encoder, "timm_weights_cached", hub.get)
+    no_network_check(monkeypatch)
+    assert hw3_download.main(["--skip-p1", "--skip-p2"]) == 0 and summary(capsys) == [] and fetched == []
+    assert hw3_download.main(["--skip-p1", "--skip-p2", "--cnn"]) == 0
+    assert summary(capsys) == ["CNN encoder timm:resnet101.tv2_in1k: ok (downloaded): /hub/resnet101.tv2_in1k"]
+    assert hw3_download.main(["--skip-p1", "--skip-p2", "--cnn"]) == 0
+    assert summary(capsys) == ["CNN encoder timm:resnet101.tv2_in1k: already there: /hub/resnet101.tv2_in1k"]
+    for name in ("resnet18.tv_in1k", "timm:resnet18.tv_in1k"):
+        hw3_download.main(["--skip-p1", "--skip-p2", "--cnn", name])
+    assert fetched == ["timm:resnet101.tv2_in1k", "timm:resnet18.tv_in1k"]  # the second time, already there
+    capsys.readouterr()
+
+    args = argparse.Namespace(skip_p1=True, skip_p2=False, with_clipscore=False, cnn="timm:resnet18.tv_in1k")
+    assert [p.name for p in hw3_download.plan(args)] == ["P2 encoder %s" % encoder.DEFAULT_ENCODER,
+                                                         "CNN encoder timm:resnet18.tv_in1k", "P2 checkpoint"]
+    for bad in ("resnet18@none", "resnet18.tv_in1k?output_stride=16", "timm:"):
+        with pytest.raises(SystemExit) as exit_info:
+            hw3_download.main(["--skip-p1", "--skip-p2", "--cnn", bad])
+        assert exit_info.value.code == 2
+    assert "argument --cnn" in capsys.readouterr().err
+
+
+def test_a_missing_cnn_offline_says_to_run_the_download_with_cnn(monkeypatch, capsys):
+    import encoder
+
+    monkeypatch.setattr(encoder, "timm_weights_cached", lambda name: None)
+    no_network_check(monkeypatch, "cannot reach huggingface.co (timed out): hw3_download.sh needs the internet")
+    assert hw3_download.main(["--skip-p1", "--skip-p2", "--cnn"]) == 1
+    assert summary(capsys) == ["CNN encoder timm:resnet101.tv2_in1k: FAILED: not attempted, cannot reach "
+                               "huggingface.co (timed out): hw3_download.sh needs the internet"]
+    with pytest.raises(UserError, match=r"run `bash hw3_download\.sh --cnn resnet101\.tv2_in1k` \(online\) first"):
+        encoder.check_encoder_weights(encoder.DEFAULT_CNN_ENCODER, offline=True)

@@ -340,3 +340,46 @@ def test_pointing_game_maps_back_through_resize_and_crop():
     objects[0]["bbox"] = [0, 0, 30, 30]
     assert pointing.pointing_game(["red", "circle"], maps, objects, (64, 48), transform) == (0, 1)
     assert pointing.pointing_game(["green", "circle"], maps, objects, (64, 48), transform) == (0, 0)
+
+
+def test_train_captioners_runs_pass_p2_trains_checks():
+    """Every run miniworld.train_captioners can start is one p2_train.py accepts (a from-scratch arch given no
+    GPT-2 or PEFT option), and the PEFT runs keep their recipe."""
+    import argparse
+
+    import p2_train
+    from miniworld import train_captioners
+
+    settings = argparse.Namespace(val_images=100, epochs=5, batch_size=32, lr=5e-3, label_smoothing=0.0, gate=False,
+                                  seed=0)
+    for name in list(train_captioners.METHOD_SETTINGS) + list(train_captioners.ARCH_SETTINGS):
+        command = train_captioners.command(name, "world", "out", "cache", settings)
+        args = p2_train.parse_args(command[2:])
+        cfg = p2_train.decoder_config(args)
+        if name in train_captioners.METHOD_SETTINGS:
+            assert (args.arch, args.peft, args.epochs, args.lr, cfg.cross_attn_gate) == ("gpt2", name, 5, 5e-3, False)
+        else:
+            assert args.arch == name.split("_")[0] and args.decoder_weights is None
+    reg0 = p2_train.parse_args(train_captioners.command("attention-gru_reg0", "w", "o", "c", settings)[2:])
+    assert reg0.attention_reg == 0.0
+
+
+def test_committed_classic_captioners_were_made_by_arch_settings():
+    """miniworld/models/p2_<run>.json of every from-scratch run holds the decoder ARCH_SETTINGS builds, the command
+    that retrains it and its time; each checkpoint stays small enough to commit."""
+    import argparse
+
+    import p2_train
+    from miniworld import train_captioners
+
+    settings = argparse.Namespace(val_images=100, seed=0)
+    for name in train_captioners.ARCH_SETTINGS:
+        meta = read(os.path.join(MODELS, "p2_%s.json" % name))
+        args = p2_train.parse_args(train_captioners.command(name, "world", "out", "cache", settings)[2:])
+        expected = p2_train.decoder_config(args).to_dict()
+        for field in ("output_ids", "encoder_dim", "block_size"):  # known once the captions and encoder are read
+            expected.pop(field)
+        assert meta["arch"] == args.arch and {k: meta["decoder"][k] for k in expected} == expected, name
+        assert meta["trained_with"] == "python3 -m miniworld.train_captioners --archs %s --seed 0" % name
+        assert meta["train_seconds"] > 0
+        assert os.path.getsize(os.path.join(MODELS, "p2_%s.pt" % name)) < 10 * 2 ** 20

@@ -419,3 +419,137 @@ def test_runs_from_before_the_split_options_still_resume(world, tmp_path):
     with pytest.raises(UserError, match="--val-fraction"):
         p2_train.main(cli(world, out, *common, "--resume", "--val-fraction", "0.3"))
     assert p2_train.main(cli(world, out, *common, "--resume")) == 0
+
+
+# ----------------------------------------------------------------------------------------------- architectures
+
+SCRATCH = {"gru": ("--embed-dim", "32", "--hidden-dim", "32"),
+           "attention-gru": ("--embed-dim", "32", "--hidden-dim", "32", "--attention-dim", "16"),
+           "transformer": ("--n-layer", "2", "--n-head", "2", "--n-embd", "32")}
+
+
+def scratch_cli(world, out, arch, *extra):
+    argv = cli(world, out, "--arch", arch, *SCRATCH[arch], *extra)
+    at = argv.index("--decoder-weights")
+    return argv[:at] + argv[at + 2:]  # trained from scratch: no GPT-2
+
+
+@pytest.mark.parametrize("arch", sorted(SCRATCH))
+def test_from_scratch_archs_learn_the_captions(world, tmp_path, arch):
+    from captioner import load_captioner
+
+    out = tmp_path / arch
+    assert p2_train.main(scratch_cli(world, out, arch, "--epochs", "30", "--lr", "1e-2", "--label-smoothing", "0",
+                                     "--batch-size", "4", "--dropout", "0", "--select", "val_loss")) == 0
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["arch"] == arch and meta["metrics"]["cider"] > 5  # every validation caption right
+    ids = meta["decoder"]["output_ids"]
+    assert 50256 in ids and len(ids) < 40  # the compact output layer: the training captions' ids only
+    start = log_records(out)[0]
+    assert start["parameters"]["trainable"] == meta["trainable_parameters"] and start["parameters"]["frozen"] == 0
+    captioner, _ = load_captioner(str(out / "best.pt"), "")
+    assert captioner.arch == arch
+
+
+@pytest.mark.parametrize("arch", sorted(SCRATCH))
+def test_from_scratch_resume_gives_identical_state(world, tmp_path, arch):
+    common = ("--epochs", "2", "--lr", "1e-3", "--dropout", "0.3")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert p2_train.main(scratch_cli(world, straight, arch, *common)) == 0
+    assert p2_train.main(scratch_cli(world, split, arch, *common, "--stop-after", "1")) == 0
+    torch.manual_seed(12345)
+    assert p2_train.main(scratch_cli(world, split, arch, *common, "--resume")) == 0
+    a, b = (training.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    assert a["settings"]["arch"] == arch and a["epoch"] == b["epoch"] == 2
+    for name in a["trainable"]:
+        assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+    with pytest.raises(UserError, match="settings changed"):  # another architecture never continues this run
+        p2_train.main(scratch_cli(world, split, "gru" if arch != "gru" else "attention-gru", *common, "--resume"))
+
+
+# ----------------------------------------------------------------------------------------------- self-critical
+
+def test_sample_pairs_end_only_where_the_caption_ended():
+    inputs, targets = training.sample_pairs([[5, 6], [7, 8, 9]], max_len=3)
+    assert inputs.tolist() == [[50256, 5, 6, 50256, 50256], [50256, 7, 8, 9, 50256]]
+    assert targets.tolist() == [[5, 6, 50256, -100, -100], [7, 8, 9, -100, -100]]  # the second was cut at max_len
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    assert training.baseline_of(rewards).tolist() == [[2.5, 2.0, 1.5]]
+
+
+def test_scst_moves_probability_towards_rewarded_captions():
+    """The policy gradient's direction: rewarded by whether the caption says "red", a few self-critical epochs raise
+    the probability that the first word is "red" from chance to most of the mass."""
+    import argparse
+
+    from torch.utils.data import DataLoader
+
+    from captioner import build_captioner
+    from common import collate_images
+    from tiny_models import CAPTION_ENCODER
+    from transformer_decoder import TransformerConfig
+
+    torch.manual_seed(0)
+    red, words = 2266, (257, 4171, 6616, 2266, 50256)  # " red" among " a", " blue", " square" and the end token
+    captioner = build_captioner(CAPTION_ENCODER, TransformerConfig(output_ids=tuple(sorted(words)), n_layer=1,
+                                                                   n_head=2, n_embd=16, dropout=0.0, block_size=8))
+    decoder = captioner.decoder
+    feats = torch.randn(8, 3, decoder.cfg.encoder_dim)  # image tokens, as a feature cache gives them
+    loader = DataLoader([(i, feats[i], "") for i in range(8)], batch_size=4, collate_fn=collate_images)
+    args = argparse.Namespace(scst_samples=6, scst_temperature=1.0, val_max_len=3, seed=0, scst_baseline="mean",
+                              grad_clip=1.0, epochs=0, scst_epochs=8, log_every=1000, lr=1e-2, scst_lr=1e-2,
+                              min_lr=1e-3, warmup_steps=0, weight_decay=0.0)
+    optimizer, scheduler = training.make_optimizer(decoder, args, total_steps=0)
+    world = training.Dist("cpu")
+
+    def p_red():
+        with torch.no_grad():
+            logits = decoder(torch.full((8, 1), 50256), image_tokens=feats)[:, -1]
+            return float(logits.softmax(-1)[:, decoder.vocab.targets(torch.tensor([red]))].mean())
+
+    before = p_red()
+    step = 0
+    for epoch in range(args.scst_epochs):
+        step, figures = training.scst_epoch(epoch, captioner, captioner, loader, [str(i) for i in range(8)],
+                                            lambda rows, captions: [float("red" in c) for c in captions], optimizer,
+                                            scheduler, training.grad_scaler(False), args, world, False, "/dev/null",
+                                            step)
+    assert before < 0.4 and p_red() > 0.8, (before, p_red())
+    assert figures["mean_reward"] > 0.5 and 0 <= figures["reward_share"] < 1
+
+
+def test_scst_resumes_identically_and_records_its_settings(world, tmp_path):
+    """A short cross-entropy start, then self-critical epochs; a run cut in the middle of its self-critical epochs
+    resumes to the identical state; the log and best.pt record the phase and the SCST settings."""
+    arch = "attention-gru"
+    common = ("--epochs", "2", "--lr", "1e-2", "--scst-epochs", "2", "--scst-lr", "1e-3", "--scst-samples", "3",
+              "--dropout", "0.2", "--label-smoothing", "0")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert p2_train.main(scratch_cli(world, straight, arch, *common)) == 0
+    scst = [r for r in log_records(straight) if r["kind"] == "epoch" and r.get("phase") == "scst"]
+    assert len(scst) == 2 and all(0 < r["reward_share"] < 1 and r["mean_reward"] >= 0 for r in scst)
+    meta = json.loads((straight / "best.json").read_text())
+    assert meta["scst"]["scst_samples"] == 3 and meta["scst"]["scst_baseline"] == "mean"
+    assert p2_train.main(scratch_cli(world, split, arch, *common, "--stop-after", "3")) == 0
+    assert p2_train.main(scratch_cli(world, split, arch, *common, "--resume")) == 0
+    a, b = (training.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    assert a["epoch"] == b["epoch"] == 4 and a["settings"]["scst_epochs"] == 2
+    for name in a["trainable"]:
+        assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+
+
+def test_scst_from_a_checkpoint_validates_it_first(world, tmp_path):
+    first = tmp_path / "ce"
+    assert p2_train.main(scratch_cli(world, first, "gru", "--epochs", "3", "--lr", "1e-2")) == 0
+    out = tmp_path / "scst"
+    assert p2_train.main(scratch_cli(world, out, "gru", "--epochs", "0", "--scst-epochs", "1", "--init-from",
+                                     str(first / "best.pt"), "--scst-baseline", "greedy", "--scst-samples", "1")) == 0
+    epochs = [r for r in log_records(out) if r["kind"] == "epoch"]
+    start = json.loads((first / "best.json").read_text())["metrics"]["cider"]
+    assert epochs[0]["epoch"] == 0 and epochs[0]["phase"] == "init" and epochs[0]["cider"] == pytest.approx(start)
+    assert json.loads((out / "best.json").read_text())["metrics"]["cider"] >= start  # never worse than the start
+    with pytest.raises(UserError, match="another config"):
+        p2_train.main(scratch_cli(world, tmp_path / "other", "gru", "--hidden-dim", "16", "--epochs", "0",
+                                  "--scst-epochs", "1", "--init-from", str(first / "best.pt")))
+    with pytest.raises(UserError, match="give --init-from"):
+        p2_train.main(scratch_cli(world, tmp_path / "none", "gru", "--epochs", "0", "--scst-epochs", "1"))

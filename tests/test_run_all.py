@@ -19,6 +19,7 @@ from collections import namedtuple
 
 import pytest
 
+import p2_data
 import p2_train
 import pipeline
 import run_all
@@ -48,19 +49,11 @@ def world(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def captioners(compare_captioners):
-    """The demo's PEFT checkpoints and tiny stand-ins of the compare runs' (the tests do not need miniworld/models')."""
-    return compare_captioners
-
-
-def command(data: str, out: str, captioners: str):
-    """The demo's profile with the shared feature cache on (the product's default) and without the compare stage
-    (its own tests below)."""
-    argv = demo.profile(data, out, demo.parse_args(["--captioners", captioners]))
+def command(data: str, out: str):
+    """The demo's profile with the shared feature cache on (the product's default), without the opt-in stages."""
+    argv = demo.profile(data, out, demo.parse_args([]))
     argv.remove("--no-feature-cache")
-    at = argv.index("--with")
-    del argv[at:at + 2]
+    del argv[argv.index("--with"):argv.index("--with") + 2]
     return argv
 
 
@@ -73,10 +66,10 @@ def run(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def finished(world, captioners, tmp_path_factory):
+def finished(world, tmp_path_factory):
     """P1 alone (then 'killed'), then the whole command: P1 must be skipped, the rest run."""
     out = str(tmp_path_factory.mktemp("run") / "out")
-    argv = command(world, out, captioners)
+    argv = command(world, out)
     assert run_all.main(argv + ["--only", "p1"]) == 0
     assert os.path.isfile(pipeline.record_path(out, "p1"))
     assert not os.path.exists(os.path.join(out, "p2"))
@@ -512,9 +505,9 @@ def compared(finished, tmp_path_factory):
     with open(config, "w", encoding="utf-8") as f:
         json.dump(dict({m: demo.SHORT_RUN for m in run_all.METHODS},
                        **{r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in run_all.COMPARE_RUNS}), f)
-    argv = argv_for(argv, out, copy)
+    argv = argv_for(argv, out, copy) + ["--with", "compare"]
     argv[argv.index("--train-config") + 1] = config
-    assert run_all.main(argv + ["--with", "compare"]) == 0
+    assert run_all.main(argv) == 0
     return copy, argv
 
 
@@ -561,9 +554,9 @@ def test_compare_record_skips_and_its_trainings_are_reused(compared, tmp_path, c
     out, argv = compared
     copy = copy_run(out, tmp_path)
     argv = argv_for(argv, out, copy)
-    code, err = run(argv + ["--with", "compare"], capsys)
+    code, err = run(argv, capsys)
     assert code == 0 and "== compare: done earlier" in err and "still true" in err
-    code, err = run(argv + ["--only", "report", "--force", "report"], capsys)  # not asked for: kept while true
+    code, err = run(argv + ["--only", "report", "--force", "report"], capsys)  # not selected: kept while true
     assert code == 0 and "compare" in read_json(os.path.join(copy, "results.json"))
     os.remove(pipeline.record_path(copy, "compare"))
     code, err = run(argv + ["--only", "compare,report"], capsys)
@@ -575,7 +568,9 @@ def test_compare_record_skips_and_its_trainings_are_reused(compared, tmp_path, c
 def test_with_names_only_optional_stages(finished, tmp_path, capsys):
     out, argv = finished
     code, err = run(argv_for(argv, out, copy_run(out, tmp_path)) + ["--with", "p3"], capsys)
-    assert code == 2 and "--with p3: not an optional stage (they are: compare)" in err
+    assert code == 2 and "--with p3: not an opt-in stage (distill, compare)" in err
+    code, err = run(argv_for(argv, out, copy_run(out, tmp_path / "again")) + ["--only", "compare"], capsys)
+    assert code == 2 and "opt-in: add --with compare" in err
 
 
 def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
@@ -604,3 +599,70 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
         os.path.splitext(n)[0] for n in val)
     assert os.path.isfile(str(tmp_path / "out" / "report.pdf"))
+
+
+# ----------------------------------------------------------------------------------------------- distill (opt-in)
+
+@pytest.fixture(scope="module")
+def distilled(finished, tmp_path_factory):
+    """The finished run's copy with --with distill: the stage alone (P2's results still true), then the world's
+    measures and the report; the students are the demo's short runs, scored as trained."""
+    out, argv = finished
+    copy = copy_run(out, tmp_path_factory.mktemp("distill"))
+    argv = argv_for(argv, out, copy) + ["--with", "distill"]
+    assert run_all.main(argv + ["--only", "distill,miniworld.demo:world_stage,report"]) == 0
+    return copy, argv
+
+
+def test_distill_is_opt_in(finished, capsys):
+    out, argv = finished
+    assert "distill" not in read_json(os.path.join(out, "results.json"))
+    assert not os.path.exists(os.path.join(out, "distill"))
+    code, err = run(argv + ["--only", "distill"], capsys)
+    assert code != 0 and "opt-in: add --with distill" in err
+
+
+def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
+    out, _ = distilled
+    train_names = {i["file_name"] for i in read_json(os.path.join(out, "p2", "train_subset.json"))["images"]}
+    for name in ("precise", "creative"):
+        path = os.path.join(out, "distill", "teacher_%s.json" % name)
+        captions = p2_data.read_captions(path)
+        assert captions.format == "coco" and set(captions.captions) == train_names
+        assert all(len(c) == 1 and c[0] for c in captions.captions.values())
+        trained = read_json(os.path.join(out, "distill", name, "train", "args.json"))
+        assert os.path.abspath(trained["train_json"]) == os.path.abspath(path)
+
+
+def test_distill_students_differ_only_in_their_captions(distilled):
+    out, _ = distilled
+    argvs = {n: read_json(os.path.join(out, "distill", n, "train", run_all.TRAIN_DONE))["argv"]
+             for n in run_all.CAPTION_SETS}
+    at = argvs["human"].index("--train-json") + 1
+    assert len({a[at] for a in argvs.values()}) == 3
+    assert all(a[:at] + a[at + 1:] == argvs["human"][:at] + argvs["human"][at + 1:] for a in argvs.values())
+    assert argvs["human"][argvs["human"].index("--arch") + 1] == "gru"
+
+
+def test_distill_results_hold_every_measure(distilled):
+    out, _ = distilled
+    rows = read_json(os.path.join(out, "results.json"))["distill"]
+    assert list(rows) == ["teacher", "human", "precise", "creative"]
+    for name, row in rows.items():
+        for key in run_all.ROW_KEYS + ("object_f1", "captions_per_image"):
+            assert row.get(key) is not None or key == "METEOR", (name, key)
+    assert rows["teacher"]["decoding"]["creative"]["temperature"] == 0.9
+    assert rows["human"]["captions_per_image"] == 5 and rows["precise"]["captions_per_image"] == 1
+    assert "distill: trained on" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
+
+
+def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path):
+    out, argv = distilled
+    ctx = run_all.Context(run_all.parse_args(argv), argv)
+    ctx.results = read_json(os.path.join(out, "results.json"))
+    creative = run_all.teacher_decodings(ctx)["creative"]
+    human = os.path.join(out, "p2", "train_subset.json")
+    again = run_all.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
+    assert open(again, "rb").read() == open(os.path.join(out, "distill", "teacher_creative.json"), "rb").read()
+    other = run_all.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
+    assert read_json(other)["annotations"] != read_json(again)["annotations"]

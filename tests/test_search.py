@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from decoder import Config, Decoder
 from common import UserError
 from search import DECODE_DEFAULTS, decode_captions, generate, resolve_decoding
-from tiny_models import ending_gpt2, save_course_format
+from tiny_models import Uncached, ending_gpt2, save_course_format
 from tokenizer import END_TOKEN
 
 transformers = pytest.importorskip("transformers")
@@ -47,40 +47,6 @@ def reference_greedy(decoder, feats, max_len: int, no_repeat_ngram: int, min_len
             seq.append(token)
         out.append(seq[1:])
     return out
-
-
-class Uncached:
-    """The decoder's cache interface with full recomputation: the 'cache' holds the tokens so far, the 'memory' the
-    raw image tokens, and every call runs the whole sequence again."""
-
-    class Tokens:
-        def __init__(self, tokens=None):
-            self.tokens = tokens
-
-        def index_select(self, index):
-            return Uncached.Tokens(None if self.tokens is None else self.tokens.index_select(0, index))
-
-        def repeat_interleave(self, k):
-            return Uncached.Tokens(self.tokens.repeat_interleave(k, dim=0))
-
-    def __init__(self, decoder):
-        self.decoder, self.max_text_len, self.training, self.vocab = decoder, decoder.max_text_len, False, decoder.vocab
-
-    def eval(self):
-        return self
-
-    def train(self, mode=True):
-        return self
-
-    def image_memory(self, feats):
-        return Uncached.Tokens(feats)
-
-    def new_cache(self):
-        return Uncached.Tokens()
-
-    def __call__(self, tokens, memory, cache):
-        cache.tokens = tokens if cache.tokens is None else torch.cat([cache.tokens, tokens], dim=1)
-        return self.decoder(cache.tokens, image_tokens=memory.tokens)[:, -tokens.shape[1]:]
 
 
 @pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 0), (2, 5)])

@@ -77,36 +77,42 @@ def open_clip_tokens(visual, images) -> torch.Tensor:
     return visual.ln_post(x)
 
 
+class Uncached:
+    """The decoder's cache interface with full recomputation: the 'cache' holds the tokens so far, the 'memory' the
+    raw image tokens, and every call runs the whole sequence again."""
+
+    class Tokens:
+        def __init__(self, tokens=None):
+            self.tokens = tokens
+
+        def index_select(self, index):
+            return Uncached.Tokens(None if self.tokens is None else self.tokens.index_select(0, index))
+
+        def repeat_interleave(self, k):
+            return Uncached.Tokens(self.tokens.repeat_interleave(k, dim=0))
+
+    def __init__(self, decoder):
+        self.decoder, self.max_text_len, self.training, self.vocab = decoder, decoder.max_text_len, False, decoder.vocab
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def image_memory(self, feats):
+        return Uncached.Tokens(feats)
+
+    def new_cache(self):
+        return Uncached.Tokens()
+
+    def __call__(self, tokens, memory, cache):
+        cache.tokens = tokens if cache.tokens is None else torch.cat([cache.tokens, tokens], dim=1)
+        return self.decoder(cache.tokens, image_tokens=memory.tokens)[:, -tokens.shape[1]:]
+
+
 # Tiny configs of the compare stage's runs (run_all.COMPARE_RUNS): a short run takes seconds on one thread.
 TINY_COMPARE = {"gru": dict(embed_dim=32, hidden_dim=64), "attention-gru": dict(embed_dim=32, hidden_dim=64,
                                                                                  attention_dim=32),
                 "attention-gru_reg0": dict(embed_dim=32, hidden_dim=64, attention_dim=32),
                 "transformer": dict(n_layer=1, n_head=2, n_embd=64)}
-
-
-def compare_captioners(data: str, folder: str, peft_folder: str) -> str:
-    """A --score-checkpoints folder for a world in the course's layout (data): the PEFT checkpoints of peft_folder
-    (copied) and a tiny checkpoint p2_<run>.{pt,json} of each compare run, trained for one epoch here (stand-ins for
-    the committed miniworld/models ones, so the tests do not depend on them)."""
-    import os
-    import shutil
-
-    import p2_train
-    import run_all
-    from miniworld.train_vit import spec as encoder_spec
-
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(peft_folder):
-        if name.startswith("p2_") and name[3:].split(".")[0] in run_all.METHODS:
-            shutil.copyfile(os.path.join(peft_folder, name), os.path.join(folder, name))
-    p2 = os.path.join(data, "p2_data")
-    for run, fixed in run_all.COMPARE_RUNS.items():
-        out = os.path.join(folder, "runs", run)
-        p2_train.main(["--train-json", os.path.join(p2, "train.json"), "--train-images", os.path.join(p2, "images",
-                       "train"), "--val-json", os.path.join(p2, "val.json"), "--val-images", os.path.join(p2, "images",
-                       "val"), "--encoder", encoder_spec(), "--epochs", "1", "--batch-size", "16", "--lr", "3e-3",
-                       "--warmup-steps", "2", "--val-max-images", "4", "--no-clipscore", "--workers", "0", "--device",
-                       "cpu", "--out", out] + run_all.option_flags(dict(fixed, **TINY_COMPARE[run])))
-        for suffix in (".pt", ".json"):
-            shutil.copyfile(os.path.join(out, "best" + suffix), os.path.join(folder, "p2_%s%s" % (run, suffix)))
-    return folder
