@@ -911,10 +911,11 @@ def compare_table(results: dict) -> str:
         lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
                                                 " | ".join(number(r.get(k)) for k in columns),
                                                 "{:,}".format(r["trainable_params"]), r.get("train_seconds", "-")))
-    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |" % make_report.SEED_CITATION,
+    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |"
+              % make_report.COMPARE_SEED_CITATION,
               "| --- | --- | --- | --- |"]
     lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
-              for model, arch, cider in make_report.SEED_TABLE]
+              for model, arch, cider in make_report.COMPARE_SEED_TABLE]
     if ablation:
         lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
         lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
