@@ -279,8 +279,8 @@ def compare_section(report: Report, results: dict):
     ours = ranking(rows, [arch for _, arch, _ in COMPARE_SEED_TABLE])
     seed = " < ".join(arch for _, arch, _ in sorted(COMPARE_SEED_TABLE, key=lambda s: s[2]))
     report.paragraph("Source of the left half: %s, CIDEr as the seed reports it. The ranking by CIDEr there is %s; "
-                     "here it is %s%s. The datasets, encoders and training budgets differ, so only the ranking is comparable, "
-                     "not the numbers." % (COMPARE_SEED_CITATION, seed, ours or "not measured",
+                     "here it is %s%s. The datasets, encoders and training budgets differ, so only the ranking is "
+                     "comparable, not the numbers." % (COMPARE_SEED_CITATION, seed, ours or "not measured",
                                           "" if ours == seed else " (it differs)"))
     ablation = results.get("ablation") or {}
     if ablation:

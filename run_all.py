@@ -103,8 +103,8 @@ ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term
 # defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
 COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
 WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
-RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out", "resume",
-                   "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
+RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
+                   "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 

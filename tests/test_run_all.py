@@ -546,7 +546,8 @@ def test_compare_section_in_results_md_and_report(compared):
     assert "| 0 (attention-gru_reg0) |" in table
     text = report_text(out)
     for fragment in ("Architecture comparison", "Beside the seed's DeepFashion table",
-                     "ResNet-101 grid + attention GRU", "1.275", "Ablation: the doubly stochastic attention term", "seed 004"):
+                     "ResNet-101 grid + attention GRU", "1.275", "Ablation: the doubly stochastic attention term",
+                     "seed 004"):
         assert fragment in text, fragment
 
 
