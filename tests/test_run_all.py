@@ -516,7 +516,7 @@ def test_compare_results_hold_every_architecture(compared):
     results = read_json(os.path.join(out, "results.json"))
     rows = results["compare"]
     assert set(rows) == {"gru", "attention-gru", "transformer", "gpt2"}
-    keys = run_all.COMPARE_SCORES + run_all.WORLD_SCORES + ("trainable_params", "train_seconds")
+    keys = run_all.ROW_KEYS + run_all.WORLD_SCORES + ("trainable_params", "train_seconds")
     for arch, row in rows.items():
         assert set(keys) <= set(row), arch
         assert row["CIDEr"] >= 0 and 0 <= row["object_f1"] <= 1 and row["trainable_params"] > 0, arch
