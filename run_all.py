@@ -850,7 +850,8 @@ def check_compare(ctx: Context) -> None:
 
 def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[float], **about) -> dict:
     """One row of results.json "compare": the metric suite (METEOR None without Java), the world-only measures as
-    None (the demo's world stage fills them), parameters and training time, then what it is."""
+    None (the demo's world stage fills them), parameters and training time (the scored checkpoint's own record when
+    it has one, as the committed world checkpoints do; else this run's training), then what it is."""
     return dict({k: scores.get(k) for k in ROW_KEYS}, **{k: None for k in WORLD_SCORES},
                 trainable_params=trainable_params, train_seconds=train_seconds, **about)
 
@@ -874,9 +875,9 @@ def stage_compare(ctx: Context) -> dict:
             ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
             scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
             meta = read_checkpoint_config(checkpoint)
-            rows[run] = compare_row(scores, meta["trainable_parameters"], seconds[run], checkpoint=checkpoint,
-                                    arch=meta["arch"], attention_reg=meta["decoder"].get("attention_reg")
-                                    if meta["arch"] == "attention-gru" else None)
+            reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
+            rows[run] = compare_row(scores, meta["trainable_parameters"], meta.get("train_seconds", seconds[run]),
+                                    checkpoint=checkpoint, arch=meta["arch"], attention_reg=reg)
             bar.update(1)
         compare = {run: rows[run] for run in COMPARE_ARCHS}
         best = ctx.results.get("p2_best")
@@ -885,7 +886,9 @@ def stage_compare(ctx: Context) -> dict:
             p2_row = ctx.results["p2"][best]
             scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
                                       clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
-            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"], ctx.results["timings"]["p2_train"][best],
+            seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
+            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"],
+                                          seconds_then or ctx.results["timings"]["p2_train"][best],
                                           checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
         else:
             ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
