@@ -238,6 +238,64 @@ def p2_section(report: Report, results: dict, folder: str):
         report.image(os.path.join(folder, curves), height=0.25, caption="Training loss of the p2_train.py runs.")
 
 
+# ----------------------------------------------------------------------------------------------- compare
+
+# Seed 004's DeepFashion-MultiModal captioners, the table our comparison is set beside (issue 20).
+COMPARE_SEED_CITATION = "seed 004 (another course's captioning project, DeepFashion-MultiModal)"
+COMPARE_SEED_TABLE = (("ResNet-101 global + GRU", "gru", 1.235),
+                      ("ResNet-101 grid + attention GRU", "attention-gru", 1.275),
+                      ("ViT-B/16 + Transformer decoder", "transformer", 1.618))
+COMPARE_COLUMNS = (("CIDEr", "CIDEr"), ("BLEU-4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE-L"),
+                   ("CLIPScore", "CLIPScore"), ("object_f1", "object F1"), ("exact_object_set", "exact set"),
+                   ("pointing_game", "pointing"))
+
+
+def ranking(rows: Dict[str, dict], names: Sequence[str]) -> str:
+    """'gru < attention-gru < transformer' by CIDEr, over the names that have a score."""
+    scored = sorted((n for n in names if (rows.get(n) or {}).get("CIDEr") is not None), key=lambda n: rows[n]["CIDEr"])
+    return " < ".join(scored)
+
+
+def compare_section(report: Report, results: dict):
+    """The classic architectures beside the PEFT GPT-2 (run_all.py --with compare), with the seed's table."""
+    rows = results.get("compare") or {}
+    report.heading("Architecture comparison: classic captioners beside the PEFT GPT-2")
+    report.paragraph("Each architecture was trained on the same data and image features (the frozen encoder's "
+                     "tokens, one feature cache) and its validation captions decoded with the README default and "
+                     "scored with the same metrics (run_all.py, the compare stage). gpt2 is P2's best PEFT attempt.")
+    columns = [(key, label) for key, label in COMPARE_COLUMNS if any(r.get(key) is not None for r in rows.values())]
+    share = 0.62 / max(1, len(columns))  # the scores share what the name and the two counts leave
+    report.table(["architecture"] + [label for _, label in columns] + ["trained params", "train s"],
+                 [[arch + (" (%s)" % r["peft"] if r.get("peft") else "")] + [fmt(r.get(key), 3) for key, _ in columns]
+                  + [count(r.get("trainable_params")), fmt(r.get("train_seconds"), 0)] for arch, r in rows.items()],
+                 widths=[0.18] + [share] * len(columns) + [0.12, 0.08])
+    missing = [label for key, label in COMPARE_COLUMNS[:5] if all(r.get(key) is None for r in rows.values())]
+    if missing:
+        report.paragraph("Not measured here: %s (METEOR needs Java)." % ", ".join(missing))
+    report.heading("Beside the seed's DeepFashion table", 11)
+    report.table(["seed 004: model", "CIDEr (DeepFashion)", "ours: architecture", "CIDEr (these data)"],
+                 [[model, "%.3f" % cider, arch, fmt((rows.get(arch) or {}).get("CIDEr"), 3)]
+                  for model, arch, cider in COMPARE_SEED_TABLE], widths=(0.36, 0.2, 0.24, 0.2))
+    ours = ranking(rows, [arch for _, arch, _ in COMPARE_SEED_TABLE])
+    seed = " < ".join(arch for _, arch, _ in sorted(COMPARE_SEED_TABLE, key=lambda s: s[2]))
+    report.paragraph("Source of the left half: %s, CIDEr as the seed reports it. The ranking by CIDEr there is %s; "
+                     "here it is %s%s. The datasets, encoders and training budgets differ, so only the ranking is "
+                     "comparable, not the numbers." % (COMPARE_SEED_CITATION, seed, ours or "not measured",
+                                          "" if ours == seed else " (it differs)"))
+    ablation = results.get("ablation") or {}
+    if ablation:
+        report.heading("Ablation: the doubly stochastic attention term of attention-gru", 11)
+        report.table(["run", "--attention-reg", "CIDEr", "pointing game"],
+                     [[name, setting(a.get("attention_reg")), fmt(a.get("CIDEr"), 3), fmt(a.get("pointing_game"), 3)]
+                      for name, a in ablation.items()])
+        report.paragraph("attention-gru trained with Show-Attend-Tell's term (1 - sum over steps of each patch's "
+                         "attention)^2 at weight 1, against the same run at 0. The term pushes every patch to be "
+                         "attended about once over the caption.%s" % (
+                             " The pointing game (miniature world only) asks whether each shape word's attention peak "
+                             "lies on its object." if any(a.get("pointing_game") is not None
+                                                          for a in ablation.values()) else ""))
+
+
 # ----------------------------------------------------------------------------------------------- P3
 
 def word_category(word: Optional[str]) -> str:
@@ -444,6 +502,9 @@ def compose(results_dir: str, student_id: Optional[str] = None) -> Report:
     if results.get("distill"):
         report.new_page()
         distill_section(report, results)
+    if results.get("compare"):  # run_all.py --with compare
+        report.new_page()
+        compare_section(report, results)
     return report
 
 

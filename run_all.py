@@ -3,6 +3,9 @@
     python3 run_all.py --data hw3_data --out outputs/hw3            # P1, P2 (three PEFT attempts), P3, the report
     python3 run_all.py --data hw3_data --out outputs/hw3 --install  # ... and copy the best captioner to checkpoints/
     torchrun --nproc_per_node 2 run_all.py --data hw3_data --out outputs/hw3   # training on two GPUs (DDP)
+    python3 run_all.py --data hw3_data --out outputs/hw3 --with compare  # ... and the classic architectures (GPU hours)
+    python3 run_all.py --captions captions.json --images images/ --out outputs/fashion  # another dataset: compare,
+                                                                   # report (and P2 with --decoder-weights FILE)
 
 DATA holds p1_data/val/{label}_{id}.png + p1_data/id2label.json, p2_data/images/{train,val}/ + p2_data/train.json +
 p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
@@ -13,6 +16,9 @@ p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
           the shippable checkpoint OUT/p2/p2_best.{pt,json} with the chosen decoding under "inference"
   p3      attention figures of p3_data/images, and of the best and worst validation captions by CLIPScore
   report  results.json (with the command and its source), results.md, report.pdf (make_report.py)
+  compare (opt-in, --with compare: hours of GPU) the classic captioners (p2_train.py --arch gru, attention-gru,
+          transformer, and attention-gru with --attention-reg 0) trained as the PEFT attempts are, on the same data and
+          feature cache, scored with the whole metric suite beside P2's best attempt ("compare" and "ablation")
 
 Everything is checked before any work (options, the training config, OUT, the data down to each image's header).
 One run at a time per OUT (a lock). A finished stage is skipped only while it is still true: its record in
@@ -60,7 +66,7 @@ from common import (UserError, atomic_write, check_image_file, file_sha256, list
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
-OPTIONAL_STAGES = ("distill",)  # run only when named in --with: hours of GPU time on the course's data
+OPTIONAL_STAGES = ("distill", "compare")  # run only when named in --with: hours of GPU time on the course's data
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
@@ -68,12 +74,15 @@ DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_ima
 STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
                   p3=("p3_images", "val_images", "decoder"), report=(),
                   distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
+STAGE_DATA["compare"] = STAGE_DATA["p2"]  # the same data and feature cache
 IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
              p2="train %s, score each on val (CIDEr, CLIPScore, parameters, time), tune the best one's decoding, "
                 "write OUT/p2/p2_best.{pt,json}",
              p3="attention figures of p3_data/images and of the best/worst val captions by CLIPScore",
              report="results.json, results.md, the report PDF",
+             compare="train the classic captioners %s on P2's data and feature cache, score them beside the best "
+                     "PEFT (CIDEr, BLEU-4, METEOR, ROUGE-L, CLIPScore), the attention-reg ablation",
              distill="p2_best captions the training images (precise, creative); a %s student trains on the human, "
                      "precise and creative captions, each scored on val")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
@@ -83,8 +92,19 @@ DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(meth
 TOP5_IMAGES = 3
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
 # p2_train.py options that run_all sets itself, so a --train-config entry may not.
-RUN_ALL_OPTIONS = ("train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out", "resume",
-                   "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
+# The compare stage's runs (issue 20): each is p2_train.py --arch with these options, which --train-config may not
+# change; --train-config's "gru", "attention-gru"... entries set the rest, over COMPARE_TRAINING.
+COMPARE_RUNS = {"gru": dict(arch="gru"), "attention-gru": dict(arch="attention-gru", attention_reg="1"),
+                "transformer": dict(arch="transformer"),
+                "attention-gru_reg0": dict(arch="attention-gru", attention_reg="0")}
+COMPARE_ARCHS = ("gru", "attention-gru", "transformer")  # results.json "compare" rows, with "gpt2" (the best PEFT)
+ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term on (1) and off (0)
+# From-scratch decoders learn their words too, so they want more epochs and a higher rate than PEFT (p2_train.py's
+# defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
+COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
+WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
+RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
+                   "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -115,7 +135,19 @@ class Context:
         self._fingerprints: Dict[str, Optional[str]] = {}
 
     def data(self, key: str) -> str:
+        if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
+            return dict(train_json=self.args.captions, val_json=self.args.captions, train_images=self.args.images,
+                        val_images=self.args.images, decoder=self.args.decoder_weights or "")[key]
         return os.path.join(self.args.data, DATA[key])
+
+    def split_flags(self) -> List[str]:
+        """p2_inference.py's flags that caption only the val split of a --captions file (the one p2_train.py
+        validated on); none for the course's val folder."""
+        return ["--captions", self.args.captions, "--split", "val"] if self.args.captions else []
+
+    def val_split(self) -> Optional[str]:
+        """metrics.evaluate's split: the val share of a --captions file; the whole of the course's val.json."""
+        return "val" if self.args.captions else None
 
     def _places(self):
         """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
@@ -257,7 +289,7 @@ def check_images(ctx: Context, stages: List[str]) -> int:
 
 def check_inputs(ctx: Context, stages: List[str]) -> None:
     """Every input the chosen stages read, checked before any work: one line naming what is wrong."""
-    for stage in stages:
+    for stage in stages if not ctx.args.captions else ():  # --captions and --images: checked by parse_args
         for key in STAGE_DATA.get(stage, ()):
             path = ctx.data(key)
             if not os.path.exists(path):
@@ -270,11 +302,15 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
                                                                                    ctx.data("id2label")))
     if "p2" in stages:
         check_train_options(ctx)
-        for split in ("train", "val"):
-            p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"))
         if ctx.args.score_checkpoints:
             for method in ctx.args.methods:
                 scored_checkpoint(ctx, method)
+    if {"p2", "compare"} & set(stages):
+        for split in ("train", "val"):
+            p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"),
+                                  split=split if ctx.args.captions else None)
+    if "compare" in stages:
+        check_compare(ctx)
     if "p3" in stages:
         list_images(ctx.data("p3_images"), "P3 image folder")
     if "distill" in stages:
@@ -317,11 +353,11 @@ def train_config(ctx: Context) -> Dict[str, dict]:
     if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
         raise UserError("training config %s must be {method: {p2_train.py option: value}}, e.g. "
                         "{\"lora\": {\"lr\": 0.0005, \"epochs\": 8}}" % ctx.args.train_config)
-    unknown = sorted(set(config) - set(ctx.args.methods) - set(OPTIONAL_STAGES))
+    unknown = sorted(set(config) - set(ctx.args.methods) - set(OPTIONAL_STAGES) - set(COMPARE_RUNS))
     if unknown:
-        raise UserError("training config %s names %s, not among --methods %s (nor the stages %s)"
-                        % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
-                           ", ".join(OPTIONAL_STAGES)))
+        raise UserError("training config %s names %s, not among --methods %s (nor the stages %s, nor the compare "
+                        "runs %s)" % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
+                                      ", ".join(OPTIONAL_STAGES), ", ".join(COMPARE_RUNS)))
     return config
 
 
@@ -533,14 +569,20 @@ def plot_curves(curves: dict, path: str) -> None:
 def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
     """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt
     (--score-students DIR/distill_SET.pt)."""
-    option, folder = ("--score-checkpoints", ctx.args.score_checkpoints) if stage == "p2" else (
-        "--score-students", ctx.args.score_students)
+    path = scored_path(ctx, method, stage)
+    option, folder = ("--score-students", ctx.args.score_students) if stage == "distill" else (
+        "--score-checkpoints", ctx.args.score_checkpoints)
+    if folder and not (os.path.isfile(path) and os.path.isfile(config_path(path))):
+        raise UserError("%s %s has no %s with its .json" % (option, folder, os.path.basename(path)))
+    return path
+
+
+def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
+    """scored_checkpoint's path, not checked; the compare runs' are p2_RUN.pt beside the PEFT attempts'."""
+    folder = ctx.args.score_students if stage == "distill" else ctx.args.score_checkpoints
     if not folder:
         return os.path.join(run_folder(ctx, method, stage=stage), "best.pt")
-    path = os.path.join(folder, "%s_%s.pt" % (stage, method))
-    if not os.path.isfile(path) or not os.path.isfile(config_path(path)):
-        raise UserError("%s %s has no %s_%s.pt with its .json" % (option, folder, stage, method))
-    return path
+    return os.path.join(folder, "%s_%s.pt" % ("distill" if stage == "distill" else "p2", method))
 
 
 def decoding_flags(settings: dict) -> List[str]:
@@ -561,9 +603,10 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
     scoring of `names`) with the CLIP loaded once."""
     p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
+                      + decoding_flags(settings))
     return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device, metrics=names)
+                            device=ctx.device, metrics=names, split=ctx.val_split())
 
 
 def setting_name(settings: dict) -> str:
@@ -652,7 +695,8 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
     best = max(range(len(table)), key=lambda i: (table[i]["cider"], -i))
     chosen = {k: table[best][k] for k in search.DECODE_DEFAULTS}
     chosen["chosen_on"] = "highest CIDEr on the val split (%s, %d images) among %d settings (run_all.py)" % (
-        DATA["val_json"], len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
+        "%s, its val split" % os.path.basename(ctx.args.captions) if ctx.args.captions else DATA["val_json"],
+        len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))
     scores = per_image[setting_name(chosen)]
     if scores is None:
         scores = read_json(ctx.path("p2", method, "per_image.json"))
@@ -693,7 +737,7 @@ def stage_p3(ctx: Context) -> dict:
 
 CAPTION_SETS = ("human", "precise", "creative")  # what each distill student trains on
 CREATIVE = dict(method="sample", temperature=0.9, top_k=0, top_p=1.0, seed=0)  # seed 004 section 4's "creative"
-SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # what each distill row is scored with (metrics.py names)
+SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # each distill and compare row's scores (metrics.py names)
 ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
 
 
@@ -781,6 +825,107 @@ def stage_distill(ctx: Context) -> dict:
     return dict(distill=rows, timings=dict(distill_train=seconds), outputs=outputs)
 
 
+# ----------------------------------------------------------------------------------------------- compare
+
+def compare_argv(ctx: Context, run: str, train_json: str) -> List[str]:
+    """One compare run's p2_train.py arguments: its architecture (COMPARE_RUNS), then COMPARE_TRAINING under its
+    --train-config entry, on P2's data and feature cache."""
+    options = dict(COMPARE_TRAINING, **train_config(ctx).get(run, {}))
+    return trainer_argv(ctx, train_json, option_flags(COMPARE_RUNS[run]), options)
+
+
+def check_compare(ctx: Context) -> None:
+    """Each run's options through p2_train.py's checks; what makes a run itself may not be changed."""
+    for run, fixed in COMPARE_RUNS.items():
+        options = train_config(ctx).get(run, {})
+        where = "--train-config %s: %s" % (ctx.args.train_config, run) if options else "compare run " + run
+        taken = sorted(k for k in options if k.replace("-", "_") in fixed)
+        if taken:
+            raise UserError("%s: %s set by run_all.py itself (the run's definition)" % (where, ", ".join(taken)))
+        argv = compare_argv(ctx, run, ctx.data("train_json")) + ["--out", run_folder(ctx, run, "new", "compare")]
+        ctx.train_options[run] = checked_training(ctx, argv, options, where)
+        if ctx.args.score_checkpoints:
+            scored_checkpoint(ctx, run, "compare")
+
+
+def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[float], **about) -> dict:
+    """One row of results.json "compare": the metric suite (METEOR None without Java), the world-only measures as
+    None (the demo's world stage fills them), parameters and training time (the scored checkpoint's own record when
+    it has one, as the committed world checkpoints do; else this run's training), then what it is."""
+    return dict({k: scores.get(k) for k in ROW_KEYS}, **{k: None for k in WORLD_SCORES},
+                trainable_params=trainable_params, train_seconds=train_seconds, **about)
+
+
+def stage_compare(ctx: Context) -> dict:
+    """Issue 20: each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap),
+    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt."""
+    default = dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])
+    with steps(2 * len(COMPARE_RUNS) + 1, "compare") as bar:
+        train_json = train_split(ctx)
+        seconds = {}
+        for run in COMPARE_RUNS:
+            seconds[run] = round(train_run(ctx, run, compare_argv(ctx, run, train_json), train_inputs(ctx),
+                                           "compare")[0], 1)
+            bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        rows = {}
+        for run in COMPARE_RUNS:
+            checkpoint = scored_checkpoint(ctx, run, "compare")
+            ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
+            scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
+            meta = read_checkpoint_config(checkpoint)
+            reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
+            rows[run] = compare_row(scores, meta["trainable_parameters"], meta.get("train_seconds", seconds[run]),
+                                    checkpoint=checkpoint, arch=meta["arch"], attention_reg=reg)
+            bar.update(1)
+        compare = {run: rows[run] for run in COMPARE_ARCHS}
+        best = ctx.results.get("p2_best")
+        if best:
+            ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
+            p2_row = ctx.results["p2"][best]
+            scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
+                                      clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
+            seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
+            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"],
+                                          seconds_then or ctx.results["timings"]["p2_train"][best],
+                                          checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
+        else:
+            ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
+        bar.update(1)
+    ablation = {run: dict(attention_reg=rows[run]["attention_reg"], CIDEr=rows[run]["CIDEr"], pointing_game=None,
+                          arch=rows[run]["arch"], checkpoint=rows[run]["checkpoint"]) for run in ABLATION}
+    outputs = ["compare/%s/%s" % (run, f) for run in COMPARE_RUNS
+               for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
+    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+
+
+def compare_table(results: dict) -> str:
+    """results.md's compare section: one row per architecture, the seed's table beside it, the ablation."""
+    rows, ablation = results["compare"], results.get("ablation") or {}
+    columns = ROW_KEYS + WORLD_SCORES
+
+    def number(value) -> str:
+        return "-" if value is None else "%.4f" % value
+
+    lines = ["| architecture | %s | trainable params | training s |" % " | ".join(columns),
+             "| --- " * (len(columns) + 3) + "|"]
+    for arch, r in rows.items():
+        lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
+                                                " | ".join(number(r.get(k)) for k in columns),
+                                                "{:,}".format(r["trainable_params"]), r.get("train_seconds", "-")))
+    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |"
+              % make_report.COMPARE_SEED_CITATION,
+              "| --- | --- | --- | --- |"]
+    lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
+              for model, arch, cider in make_report.COMPARE_SEED_TABLE]
+    if ablation:
+        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
+        lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
+                                             number(a.get("pointing_game"))) for name, a in ablation.items()]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 def results_table(results: dict) -> str:
@@ -809,6 +954,8 @@ def results_table(results: dict) -> str:
         lines += ["", "P3 %s: CLIPScore %.4f, \"%s\"" % (e["image"], e["clipscore"], e["caption"])]
     if results.get("distill"):
         lines += ["", distill_table(results["distill"])]
+    if results.get("compare"):
+        lines += ["", compare_table(results)]
     if "pointing_game" in results:
         lines += ["", "attention pointing game: %s over %s shape words" % (
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
@@ -876,6 +1023,11 @@ def stage_settings(ctx: Context, stage: str) -> dict:
                     score_checkpoints=a.score_checkpoints, grid=DECODING_GRID)
     if stage == "p3":
         return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
+    if stage == "compare":  # and P2's best attempt, whose row it copies
+        best = ctx.results.get("p2_best")
+        return dict(train=[compare_argv(ctx, run, "") for run in COMPARE_RUNS], train_max_images=a.train_max_images,
+                    score_checkpoints=a.score_checkpoints, decoding=DECODING_GRID[0], metrics=SUITE, p2_best=best,
+                    p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
     if stage == "distill":
         return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
                     inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
@@ -890,7 +1042,7 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     """Fingerprints of what the stage reads: data named by their place in --data (<DATA>/p2_data/val.json), model
     files as given."""
     paths = [ctx.data(k) for k in STAGE_DATA.get(stage, ())]
-    if stage in ("p1", "p2", "distill"):
+    if stage in ("p1", "p2", "distill", "compare"):
         paths += ctx.model_files()
     if stage == "p2" and ctx.args.score_checkpoints:
         paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
@@ -898,6 +1050,9 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     if stage == "distill" and ctx.args.score_students:
         paths += [p for n in CAPTION_SETS for p in (scored_checkpoint(ctx, n, "distill"),
                                                     config_path(scored_checkpoint(ctx, n, "distill")))]
+    if stage == "compare" and ctx.args.score_checkpoints:
+        paths += [p for run in COMPARE_RUNS for p in (scored_checkpoint(ctx, run, stage),
+                                                      config_path(scored_checkpoint(ctx, run, stage)))]
     if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
         paths.append(ctx.args.data)
     return ctx.portable(ctx.inputs(paths))
@@ -908,8 +1063,11 @@ def stage_list(ctx: Context) -> List[tuple]:
     the report."""
     stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
               ("p3", stage_p3, ABOUT["p3"])]
-    optional = dict(distill=(stage_distill, ABOUT["distill"] % ctx.args.student_arch))
+    optional = dict(distill=(stage_distill, ABOUT["distill"] % ctx.args.student_arch),
+                    compare=(stage_compare, ABOUT["compare"] % ", ".join(COMPARE_RUNS)))
     stages += [(name,) + optional[name] for name in OPTIONAL_STAGES if name in ctx.args.with_stages]
+    if ctx.args.captions:  # another dataset: no P1 or P3 data; P2 needs the GPT-2 weights
+        stages = [s for s in stages if s[0] not in ("p1", "p3") and (s[0] != "p2" or ctx.args.decoder_weights)]
     for spec in ctx.args.extra_stage:
         function = extra_stage(spec)
         stages.append((spec, function, (function.__doc__ or "").strip().split("\n")[0]))
@@ -934,6 +1092,8 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
             discard_unfinished_trainings(ctx)
         if name == "distill":
             discard_unfinished_trainings(ctx, name, list(CAPTION_SETS))
+        if name == "compare":
+            discard_unfinished_trainings(ctx, name, list(COMPARE_RUNS))
         return
     if ctx.forced(name):
         why = "forced (--force %s): redone from its start%s" % (
@@ -1000,7 +1160,7 @@ def shipping_note(shipping: dict) -> str:
 def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
-    g.add_argument("--data", required=True, help="the course's hw3_data folder (p1_data, p2_data, p3_data)")
+    g.add_argument("--data", help="the course's hw3_data folder (p1_data, p2_data, p3_data)")
     g.add_argument("--out", required=True, help="output folder (results, figures, checkpoints, stage records)")
     g.add_argument("--only", help="comma list of stages to run (%s, or an --extra-stage); the others' earlier "
                    "results are kept while still true" % ", ".join(STAGES))
@@ -1013,6 +1173,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    help="a stage of your own, run before the report: FUNCTION(context) returns results to merge")
     g.add_argument("--student-id", help="your student ID: the report is written as OUT/hw3_<ID>.pdf with the ID on "
                    "its title page, as the course asks")
+    g = p.add_argument_group("another dataset instead of --data: the P2, compare and report stages")
+    g.add_argument("--captions", metavar="FILE", help="one caption file of any format p2_data reads (COCO, Karpathy "
+                   "split JSON, DeepFashion-MultiModal captions.json, {file name: captions}): trained on its train "
+                   "split, scored on its val split (a file without splits: divided by file-name hash, %g to val, as "
+                   "p2_train.py does)" % p2_data.VAL_FRACTION)
+    g.add_argument("--images", metavar="DIR", help="the folder of --captions' images")
+    g.add_argument("--decoder-weights", metavar="FILE", help="the course's decoder_model.bin, for the P2 (GPT-2 "
+                   "PEFT) stage; without it only the compare stage's from-scratch decoders are trained")
     g = p.add_argument_group("P2 training")
     g.add_argument("--methods", default=",".join(METHODS), help="PEFT attempts (p2_train.py --peft), default "
                    "%(default)s")
@@ -1052,14 +1220,13 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UserError("--methods names a method twice: %s" % ",".join(args.methods))
     if bool(args.clip_model) != bool(args.clip_pretrained):
         raise UserError("--clip-model and --clip-pretrained go together")
-    if not os.path.isdir(args.data):
-        raise UserError("--data %s is not a folder (the course's hw3_data)" % args.data)
+    check_data_options(args)
     if args.workers < 0 or args.train_max_images < 0:
         raise UserError("--workers and --train-max-images must be 0 or more")
     if args.student_id is not None and not STUDENT_ID.match(args.student_id):
         raise UserError("--student-id %r: letters and digits only (e.g. r12345678)" % args.student_id)
     args.force = [s.strip() for f in args.force for s in f.split(",") if s.strip()]
-    args.with_stages = [s.strip() for s in args.with_stages.split(",") if s.strip()]
+    args.with_stages = list(dict.fromkeys(s.strip() for s in args.with_stages.split(",") if s.strip()))
     unknown = [s for s in args.with_stages if s not in OPTIONAL_STAGES]
     if unknown:
         raise UserError("--with %s: not an opt-in stage (%s)" % (",".join(unknown), ", ".join(OPTIONAL_STAGES)))
@@ -1068,6 +1235,28 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.teacher_captions < 1:
         raise UserError("--teacher-captions must be 1 or more, got %d" % args.teacher_captions)
     return args
+
+
+def check_data_options(args: argparse.Namespace) -> None:
+    """--data, or --captions with --images (then the compare stage runs, and P2 with --decoder-weights)."""
+    if args.captions or args.images:
+        if args.data or not (args.captions and args.images):
+            raise UserError("give --data (the course's hw3_data), or --captions FILE with --images DIR (another "
+                            "dataset), not both")
+        for path, what in ((args.captions, "--captions"), (args.decoder_weights, "--decoder-weights")):
+            if path and not os.path.isfile(path):
+                raise UserError("%s %s is not a file" % (what, path))
+        if not os.path.isdir(args.images):
+            raise UserError("--images %s is not a folder" % args.images)
+        if args.train_max_images:
+            raise UserError("--train-max-images works with --data only (a --captions file is split by p2_data)")
+        args.data = args.images  # <DATA> in records: the image folder
+        args.with_stages = ",".join([args.with_stages, "compare"])
+        return
+    if args.decoder_weights:
+        raise UserError("--decoder-weights goes with --captions (--data has p2_data/decoder_model.bin)")
+    if not args.data or not os.path.isdir(args.data):
+        raise UserError("--data %s is not a folder (the course's hw3_data)" % args.data)
 
 
 def choose_stages(ctx: Context, names: List[str]) -> List[str]:
@@ -1109,7 +1298,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_plan(ctx, stages, selected)
         started = time.time()
         for name, function, _ in stages:
-            if name in ("p3", "distill") and name in selected and "p2_shipping" not in ctx.results:
+            if name in ("p3", "distill", "compare") and name in selected and "p2_shipping" not in ctx.results \
+                    and "p2" in [s[0] for s in stages]:
                 raise UserError("%s uses P2's best captioner, but %s has no finished p2 stage that is still true: "
                                 "add p2 to --only" % (name, ctx.out))
             run_stage(ctx, name, function, name in selected)

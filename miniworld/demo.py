@@ -3,8 +3,9 @@
 1. the world, laid out as the course's hw3_data (miniworld/generate.py --course-layout), 2. run_all.py with the demo's
 profile: the tiny CLIP for P1 and CLIPScore, the tiny ViT, short p2_train.py runs (loss curves; the same settings as
 before run_all existed), and the converged captioners in miniworld/models scored in their place
-(--score-checkpoints), 3. the world-only measures as an extra stage (world_stage: held-out classes, object F1, the
-pointing game), which only the demo adds.
+(--score-checkpoints), the compare stage (the classic architectures: short runs, and the converged
+miniworld/models/p2_{gru,attention-gru,transformer,attention-gru_reg0}.pt scored), 3. the world-only measures as an
+extra stage (world_stage: held-out classes, object F1, the pointing game), which only the demo adds.
 
     python3 -m miniworld.demo --out outputs/demo [--small]
 """
@@ -19,6 +20,7 @@ from typing import Dict, List
 
 import p1_clip_zeroshot
 import run_all
+from captioner import no_attention_reason
 from common import UserError, read_json, run_main, write_json
 from miniworld import generate, pointing
 from miniworld import world as world_lib
@@ -67,7 +69,7 @@ def heldout_among_all(heldout_json: str, pred_csv: str) -> float:
 
 def world_stage(ctx) -> Dict[str, object]:
     """world-only measures: P1 among the held-out classes, object F1 of each attempt (and of the distill stage's
-    teacher and students), the pointing game"""
+    teacher and students, the compare stage's architectures), the pointing game"""
     data, folders = ctx.args.data, generate.LAYOUTS["course"]
     info = read_json(os.path.join(data, generate.MARKER), "world summary")
     heldout = os.path.join(data, folders["p1_heldout"])
@@ -96,20 +98,47 @@ def world_stage(ctx) -> Dict[str, object]:
     summary = read_json(ctx.path("pointing.json"))
     results.update(pointing_game=summary.get("pointing_game"), pointing_trials=summary.get("pointing_trials"),
                    outputs=["p1/heldout.csv", "p1/heldout.eval.json", "pointing.json"])
+    if ctx.results.get("compare"):
+        compare_measures(ctx, scenes, os.path.join(data, folders["p2"], "val_objects.json"), results)
     return results
+
+
+def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
+    """Object F1 and the pointing game of each compare run (gru: none, it has no attention map), into results'
+    "compare" rows and "ablation"; gpt2's are P2's best attempt's, measured above."""
+    rows = results["compare"] = {}
+    ablation = results["ablation"] = {}
+    for name in run_all.COMPARE_RUNS:
+        f1 = world_lib.object_scores(read_json(ctx.path("compare", name, "pred.json")), scenes)
+        row = dict(object_f1=f1["object_f1"], exact_object_set=f1["exact_object_set"], pointing_game=None)
+        scored = ctx.results["compare"].get(name) or ctx.results["ablation"][name]
+        if scored["arch"] == "gru":
+            say("world: no pointing game for %s (%s)" % (name, no_attention_reason("gru")))
+        else:
+            say("world: pointing game of %s" % name)
+            out = ctx.path("compare", name, "pointing.json")
+            pointing.main(["--images", ctx.data("val_images"), "--out", out, "--objects", objects, "--checkpoint",
+                           scored["checkpoint"], "--decoder", ctx.data("decoder"), "--device", ctx.args.device])
+            row["pointing_game"] = read_json(out).get("pointing_game")
+            results["outputs"].append(os.path.relpath(out, ctx.out))
+        if name in run_all.COMPARE_ARCHS:
+            rows[name] = row
+        if name in run_all.ABLATION:
+            ablation[name] = dict(pointing_game=row["pointing_game"])
+    rows["gpt2"] = dict(results["p2"][ctx.results["p2_best"]], pointing_game=results["pointing_game"])
 
 
 def profile(data: str, out: str, args) -> List[str]:
     """run_all.py's arguments for the miniature world: the tiny models, short trainings, the converged captioners."""
     config = os.path.join(out, "short_training.json")
-    write_json(config, dict({m: SHORT_RUN for m in METHODS}, distill=SHORT_STUDENT))
+    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(run_all.COMPARE_RUNS)}, distill=SHORT_STUDENT))
     return ["--data", rel(data), "--out", rel(out), "--methods", ",".join(METHODS), "--train-config", rel(config),
             "--train-max-images", str(SHORT_RUN_IMAGES), "--no-feature-cache",
             "--p1-model", rel(args.clip_config), "--p1-pretrained", rel(args.clip_weights),
             "--clip-model", rel(args.clip_config), "--clip-pretrained", rel(args.clip_weights),
             "--encoder", encoder_spec(), "--score-checkpoints", rel(args.captioners),
             "--device", "cpu", "--workers", "0", "--extra-stage", "miniworld.demo:world_stage",
-            "--with", "distill"]
+            "--with", "distill,compare"]
 
 
 def parse_args(argv=None):
@@ -119,7 +148,8 @@ def parse_args(argv=None):
     parser.add_argument("--small", action="store_true", help="a reduced world (CI): seconds instead of minutes")
     parser.add_argument("--clip-config", default=os.path.join(MODELS, "tiny_clip.json"), help="tiny CLIP config")
     parser.add_argument("--clip-weights", default=os.path.join(MODELS, "tiny_clip.pt"), help="tiny CLIP weights")
-    parser.add_argument("--captioners", default=MODELS, help="folder of the converged p2_<method>.pt checkpoints")
+    parser.add_argument("--captioners", default=MODELS, help="folder of the converged p2_<method>.pt "
+                        "checkpoints (the PEFT methods and the compare runs)")
     parser.add_argument("run_all_args", nargs="*", help="more run_all.py arguments after --, e.g. -- --force p2")
     return parser.parse_args(argv)
 

@@ -33,3 +33,4 @@ def captioning_world(tmp_path_factory):
     images = torch.randn(6, 3, 32, 32, generator=g) * 0.5 + torch.randn(6, 3, 1, 1, generator=g) * 2  # distinct
     return dict(folder=folder, gpt2=gpt2, weights=weights, model=model.eval(), images=images,
                 feats=model.image_tokens(images))
+

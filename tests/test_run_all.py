@@ -24,6 +24,7 @@ import p2_train
 import pipeline
 import run_all
 import search
+import tiny_models
 from captioner import read_checkpoint_config
 from common import read_json, run_main
 from miniworld import demo, generate
@@ -467,6 +468,138 @@ def test_the_remaining_time_leaves_out_filling_the_cache(tmp_path):
     (folder / "log.jsonl").write_text(json.dumps(start) + "\n")
     assert run_all.repeatable_seconds(str(folder), 100.0, resumed=False) == pytest.approx(40.0, abs=1.0)
     assert run_all.repeatable_seconds(str(folder), 100.0, resumed=True) is None
+
+
+# ----------------------------------------------------------------------------------------------- the compare stage
+
+def report_text(out: str) -> str:
+    import make_report
+
+    report = make_report.compose(out)
+    for page in report.pages:  # drawn, never saved
+        report.plt.close(page)
+    return "\n".join(report.lines)
+
+
+def test_compare_is_opt_in(finished):
+    """Without --with compare the run is today's: no compare stage in the plan, results or report."""
+    out, argv = finished
+    results = read_json(os.path.join(out, "results.json"))
+    assert "compare" not in results and "ablation" not in results
+    assert not os.path.exists(pipeline.record_path(out, "compare")) and not os.path.exists(os.path.join(out, "compare"))
+    plan = [json.loads(line) for line in open(os.path.join(out, "run_all.log")) if '"event": "plan"' in line][-1]
+    assert "compare" not in plan["stages"]
+    assert "seed 004" not in open(os.path.join(out, "results.md")).read()
+    assert "Architecture comparison" not in report_text(out)
+
+
+@pytest.fixture(scope="module")
+def compared(finished, tmp_path_factory):
+    """The finished run, then --with compare with tiny from-scratch configs: only compare, the world stage (its
+    upstream changed) and the report run."""
+    out, argv = finished
+    tmp = tmp_path_factory.mktemp("compared")
+    copy = str(tmp / "out")
+    shutil.copytree(out, copy)
+    config = str(tmp / "train_config.json")
+    with open(config, "w", encoding="utf-8") as f:
+        json.dump(dict({m: demo.SHORT_RUN for m in run_all.METHODS},
+                       **{r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in run_all.COMPARE_RUNS}), f)
+    argv = argv_for(argv, out, copy) + ["--with", "compare"]
+    argv[argv.index("--train-config") + 1] = config
+    assert run_all.main(argv) == 0
+    return copy, argv
+
+
+def test_compare_results_hold_every_architecture(compared):
+    out, _ = compared
+    results = read_json(os.path.join(out, "results.json"))
+    rows = results["compare"]
+    assert set(rows) == {"gru", "attention-gru", "transformer", "gpt2"}
+    keys = run_all.ROW_KEYS + run_all.WORLD_SCORES + ("trainable_params", "train_seconds")
+    for arch, row in rows.items():
+        assert set(keys) <= set(row), arch
+        assert row["CIDEr"] >= 0 and 0 <= row["object_f1"] <= 1 and row["trainable_params"] > 0, arch
+    assert rows["gru"]["pointing_game"] is None  # no attention map
+    for run in ("attention-gru", "transformer", "attention-gru_reg0"):  # played (None: no colour-shape word named)
+        assert os.path.isfile(os.path.join(out, "compare", run, "pointing.json")), run
+    assert not os.path.exists(os.path.join(out, "compare", "gru", "pointing.json"))
+    assert all(rows[a]["pointing_game"] is None or 0 <= rows[a]["pointing_game"] <= 1 for a in rows)
+    best = results["p2_best"]
+    assert rows["gpt2"]["CIDEr"] == pytest.approx(results["p2"][best]["cider"]) and rows["gpt2"]["peft"] == best
+    assert rows["gpt2"]["trainable_params"] == results["p2"][best]["trainable_params"]
+    ablation = results["ablation"]
+    assert [ablation[n]["attention_reg"] for n in run_all.ABLATION] == [1.0, 0.0]
+    assert all(ablation[n]["CIDEr"] is not None and "pointing_game" in ablation[n] for n in ablation)
+    for run in run_all.COMPARE_RUNS:  # trained as P2's attempts are: the shared feature cache, a finished record
+        record = read_json(os.path.join(out, "compare", run, "train", run_all.TRAIN_DONE))
+        assert "<OUT>/p2/feature_cache" in record["argv"] and "--arch" in record["argv"], run
+    assert "compare" in results["timings"]["stages"] and set(results["timings"]["compare_train"]) == set(
+        run_all.COMPARE_RUNS)
+
+
+def test_compare_section_in_results_md_and_report(compared):
+    out, _ = compared
+    table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert "| architecture | CIDEr | BLEU-4 | METEOR | ROUGE-L | CLIPScore |" in table and "| gpt2 (" in table
+    assert "seed 004 (another course's captioning project, DeepFashion-MultiModal)" in table and "1.618" in table
+    assert "| 0 (attention-gru_reg0) |" in table
+    text = report_text(out)
+    for fragment in ("Architecture comparison", "Beside the seed's DeepFashion table",
+                     "ResNet-101 grid + attention GRU", "1.275", "Ablation: the doubly stochastic attention term",
+                     "seed 004"):
+        assert fragment in text, fragment
+
+
+def test_compare_record_skips_and_its_trainings_are_reused(compared, tmp_path, capsys):
+    out, argv = compared
+    copy = copy_run(out, tmp_path)
+    argv = argv_for(argv, out, copy)
+    code, err = run(argv, capsys)
+    assert code == 0 and "== compare: done earlier" in err and "still true" in err
+    code, err = run(argv + ["--only", "report", "--force", "report"], capsys)  # not selected: kept while true
+    assert code == 0 and "compare" in read_json(os.path.join(copy, "results.json"))
+    os.remove(pipeline.record_path(copy, "compare"))
+    code, err = run(argv + ["--only", "compare,report"], capsys)
+    assert code == 0 and "== compare: starting" in err
+    for run_name in run_all.COMPARE_RUNS:
+        assert "compare: %s training finished earlier with these settings and data, skipping" % run_name in err
+
+
+def test_with_names_only_optional_stages(finished, tmp_path, capsys):
+    out, argv = finished
+    code, err = run(argv_for(argv, out, copy_run(out, tmp_path)) + ["--with", "p3"], capsys)
+    assert code == 2 and "--with p3: not an opt-in stage (distill, compare)" in err
+    code, err = run(argv_for(argv, out, copy_run(out, tmp_path / "again")) + ["--only", "compare"], capsys)
+    assert code == 2 and "opt-in: add --with compare" in err
+
+
+def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
+    """--captions FILE --images DIR: no P1 or P3 data; without --decoder-weights no P2 (and no gpt2 row); a file
+    without splits is trained on its train share and scored on its val share, as p2_train.py divides it."""
+    import p2_data
+
+    p2 = os.path.join(world, "p2_data")
+    config = str(tmp_path / "train_config.json")
+    with open(config, "w", encoding="utf-8") as f:
+        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in run_all.COMPARE_RUNS}, f)
+    profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
+    models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
+        "--encoder", profile[profile.index("--encoder") + 1]]
+    argv = ["--captions", os.path.join(p2, "train.json"), "--images", os.path.join(p2, "images", "train"), "--out",
+            str(tmp_path / "out"), "--train-config", config, "--device", "cpu", "--workers", "0"] + models
+    code, err = run(argv + ["--data", world], capsys)
+    assert code == 2 and "not both" in err
+    code, err = run(argv, capsys)
+    assert code == 0, err[-3000:]
+    assert "no gpt2 row" in err
+    results = read_json(str(tmp_path / "out" / "results.json"))
+    assert set(results["compare"]) == set(run_all.COMPARE_ARCHS)
+    assert "p2" not in results and "p1_accuracy" not in results
+    val, _ = p2_data.split_names(p2_data.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
+    assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
+        os.path.splitext(n)[0] for n in val)
+    assert os.path.isfile(str(tmp_path / "out" / "report.pdf"))
 
 
 # ----------------------------------------------------------------------------------------------- distill (opt-in)

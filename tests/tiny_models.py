@@ -109,3 +109,10 @@ class Uncached:
     def __call__(self, tokens, memory, cache):
         cache.tokens = tokens if cache.tokens is None else torch.cat([cache.tokens, tokens], dim=1)
         return self.decoder(cache.tokens, image_tokens=memory.tokens)[:, -tokens.shape[1]:]
+
+
+# Tiny configs of the compare stage's runs (run_all.COMPARE_RUNS): a short run takes seconds on one thread.
+TINY_COMPARE = {"gru": dict(embed_dim=32, hidden_dim=64), "attention-gru": dict(embed_dim=32, hidden_dim=64,
+                                                                                 attention_dim=32),
+                "attention-gru_reg0": dict(embed_dim=32, hidden_dim=64, attention_dim=32),
+                "transformer": dict(n_layer=1, n_head=2, n_embd=64)}
