@@ -35,7 +35,7 @@ METHOD_SETTINGS = {  # on top of p2_train.py's defaults and decoder.peft_config'
     "prefix": ["--prefix-len", "10", "--prefix-hidden", "128"],
     "lora": ["--lora-rank", "8", "--lora-alpha", "16"],
 }
-SCST_EPOCHS, SCST_LR, SCST_SAMPLES = 2, 5e-4, 5  # the settings of the committed p2_lora_scst.pt
+SCST_EPOCHS, SCST_LR, SCST_SAMPLES = 1, 5e-4, 5  # the settings of the committed p2_lora_scst.pt
 
 
 def installed(method: str, scst: bool) -> str:
