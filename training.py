@@ -28,6 +28,7 @@ import p2_data
 import safe_load
 from common import UserError, atomic_write, autocast, image_batches, progress, resolve_device
 from search import decode_captions
+from tokenizer import BPETokenizer
 
 MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
 STATE_FORMAT = "hw3-p2-train-state/1"
@@ -305,6 +306,7 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
     image's other samples, or its greedy caption), as a policy gradient on the trained parameters: the sampled
     tokens' log-probabilities from one teacher-forced pass. Returns the step count and the epoch's reward figures."""
     decoder, K = captioner.decoder, args.scst_samples
+    tokenizer = BPETokenizer()  # built once: reading its merges took most of the reward's time when built per step
     captioner.train()
     totals = dict(reward=0.0, baseline=0.0, images=0, reward_seconds=0.0, sample_seconds=0.0)
     started = time.time()
@@ -320,9 +322,9 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
                 if args.scst_baseline == "greedy" else None
         t1 = time.time()
         rows = [i for i in index for _ in range(K)]
-        rewards = torch.tensor(reward(rows, decode_captions(samples)), dtype=torch.float32).view(-1, K)  # (B, K)
+        rewards = torch.tensor(reward(rows, decode_captions(samples, tokenizer)), dtype=torch.float32).view(-1, K)
         base = baseline_of(rewards) if greedy is None else \
-            torch.tensor(reward(list(index), decode_captions(greedy)), dtype=torch.float32).view(-1, 1)
+            torch.tensor(reward(list(index), decode_captions(greedy, tokenizer)), dtype=torch.float32).view(-1, 1)
         t2 = time.time()
         inputs, targets = sample_pairs(samples, args.val_max_len)
         targets = targets.to(world.device)

@@ -8,6 +8,11 @@ The from-scratch runs take their recipe from ARCH_TRAINING (batch, lr) and ARCH_
 
     python3 -m miniworld.train_captioners [--epochs 5] [--methods adapter,prefix,lora]
     python3 -m miniworld.train_captioners --archs gru,attention-gru,transformer,attention-gru_reg0 --parallel 2
+
+With --scst, each method's committed checkpoint is fine-tuned instead by self-critical training (p2_train.py
+--init-from p2_<method>.pt --epochs 0 --scst-epochs N) and installed as miniworld/models/p2_<method>_scst.pt + .json:
+
+    python3 -m miniworld.train_captioners --methods lora --scst
 """
 from __future__ import annotations
 
@@ -48,6 +53,12 @@ ARCH_SETTINGS = {
                     "--epochs", "4"],
 }
 ARCH_TRAINING = ["--batch-size", "64", "--lr", "4e-3"]  # every from-scratch run (a short CPU run)
+SCST_EPOCHS, SCST_LR, SCST_SAMPLES = 1, 5e-4, 5  # the settings of the committed p2_lora_scst.pt
+
+
+def installed(method: str, scst: bool) -> str:
+    """The committed checkpoint of a run, or of its self-critical fine-tuning."""
+    return os.path.join(MODELS, "p2_%s%s.pt" % (method, "_scst" if scst else ""))
 
 
 def common_options(world: str, args) -> list:
@@ -67,29 +78,35 @@ def command(method: str, world: str, out: str, cache: str, args) -> list:
             "--clip-model", os.path.join(MODELS, "tiny_clip.json"), "--clip-pretrained",
             os.path.join(MODELS, "tiny_clip.pt"), "--val-decode", "greedy", "--val-max-len", "24",
             "--seed", str(args.seed), "--out", out] + ARCH_TRAINING + ARCH_SETTINGS[method]
+    scst = getattr(args, "scst", False)
+    tuning = ["--init-from", installed(method, False), "--scst-epochs", str(args.scst_epochs), "--scst-lr",
+              str(args.scst_lr), "--scst-samples", str(args.scst_samples)] if scst else []
     return common_options(world, args) + [
         "--decoder-weights", os.path.join(MODELS, "decoder_model.bin"), "--peft", method,
-        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--epochs", str(0 if scst else args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--label-smoothing", str(args.label_smoothing),
         "--warmup-steps", "50", "--feature-cache", cache, "--workers", "0", "--device", "cpu",
         "--clip-model", os.path.join(MODELS, "tiny_clip.json"), "--clip-pretrained",
         os.path.join(MODELS, "tiny_clip.pt"), "--val-decode", "greedy", "--val-max-len", "24",
         "--seed", str(args.seed), "--out", out] + ([] if args.gate else ["--no-cross-attn-gate"]) \
-        + METHOD_SETTINGS[method]
+        + METHOD_SETTINGS[method] + tuning
 
 
 def trained_with(method: str, args) -> str:
     """The command that retrains this one run."""
     if method in ARCH_SETTINGS:
         return "python3 -m miniworld.train_captioners --archs %s --seed %d" % (method, args.seed)
+    scst = " --scst --scst-epochs %d --scst-lr %g --scst-samples %d" % (
+        args.scst_epochs, args.scst_lr, args.scst_samples) if args.scst else ""
     return ("python3 -m miniworld.train_captioners --methods %s --epochs %d --batch-size %d --lr %g "
-            "--label-smoothing %g --seed %d%s" % (method, args.epochs, args.batch_size, args.lr,
-                                                  args.label_smoothing, args.seed, " --gate" if args.gate else ""))
+            "--label-smoothing %g --seed %d%s%s" % (method, args.epochs, args.batch_size, args.lr,
+                                                    args.label_smoothing, args.seed, " --gate" if args.gate else "",
+                                                    scst))
 
 
 def start(method: str, world: str, cache: str, env: dict, args):
     """Starts one p2_train.py run in the background: (process, log file, out folder, start time)."""
-    out = os.path.join(args.work, method)
+    out = os.path.join(args.work, method + ("_scst" if args.scst else ""))
     if os.path.isdir(out):
         shutil.rmtree(out)
     log = open(os.path.join(args.work, method + ".log"), "w")
@@ -126,7 +143,7 @@ def cache_filled(running: dict) -> bool:
                for process, _, out, _ in running.values())
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=None,
                         help="comma list of PEFT methods (default adapter,prefix,lora; none when --archs is given)")
@@ -148,7 +165,17 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=0, help="most runs at once (default 0: all side by side)")
     parser.add_argument("--seed", type=int, default=0, help="world and training seed")
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "captioners"), help="runs, world and cache")
-    args = parser.parse_args(argv)
+    g = parser.add_argument_group("self-critical fine-tuning of the committed PEFT checkpoints")
+    g.add_argument("--scst", action="store_true", help="fine-tune miniworld/models/p2_<method>.pt by self-critical "
+                   "training into p2_<method>_scst.pt instead of training anew (--epochs is then not used)")
+    g.add_argument("--scst-epochs", type=int, default=SCST_EPOCHS, help="self-critical epochs (p2_train.py's)")
+    g.add_argument("--scst-lr", type=float, default=SCST_LR, help="their constant learning rate")
+    g.add_argument("--scst-samples", type=int, default=SCST_SAMPLES, help="sampled captions per image")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     methods = [m for m in (args.methods if args.methods is not None else
                            "" if args.archs else "adapter,prefix,lora").split(",") if m]
     archs = [a for a in args.archs.split(",") if a]
@@ -160,6 +187,13 @@ def main(argv=None) -> int:
         raise UserError("--archs: unknown %s (choose from %s)" % (unknown, ", ".join(ARCH_SETTINGS)))
     if not methods + archs:
         raise UserError("nothing to train: give --methods or --archs")
+    if args.scst and archs:
+        raise UserError("--scst fine-tunes the committed PEFT checkpoints (--methods), not --archs")
+    missing = [installed(m, False) for m in methods if args.scst and not os.path.isfile(os.path.join(ROOT,
+                                                                                                     installed(m, False)))]
+    if missing:
+        raise UserError("--scst fine-tunes the committed checkpoints, missing: %s (train them first, without --scst)"
+                        % ", ".join(missing))
     if args.parallel < 0:
         raise UserError("--parallel must be >= 0 (0 = every run at once), got %d" % args.parallel)
     os.chdir(ROOT)  # the encoder spec saved in each checkpoint names the tiny CLIP relative to the repository
@@ -175,9 +209,10 @@ def main(argv=None) -> int:
         meta = read_json(os.path.join(out, "best.json"))
         meta["trained_with"] = trained_with(method, args)
         meta["train_seconds"] = round(seconds)  # wall time of this run (the first one also fills the feature cache)
-        shutil.copyfile(os.path.join(out, "best.pt"), os.path.join(MODELS, "p2_%s.pt" % method))
-        write_json(os.path.join(MODELS, "p2_%s.json" % method), meta)
-        print("%s: %s in %.0f s -> %s" % (method, meta.get("metrics"), seconds, os.path.join(MODELS, "p2_%s.pt" % method)))
+        target = installed(method, args.scst)
+        shutil.copyfile(os.path.join(out, "best.pt"), target)
+        write_json(os.path.splitext(target)[0] + ".json", meta)
+        print("%s: %s in %.0f s -> %s" % (method, meta.get("metrics"), seconds, target))
     print("trained %s in %.0f s" % (", ".join(methods + archs), time.time() - started))
     return 0
 

@@ -383,3 +383,28 @@ def test_committed_classic_captioners_were_made_by_arch_settings():
         assert meta["trained_with"] == "python3 -m miniworld.train_captioners --archs %s --seed 0" % name
         assert meta["train_seconds"] > 0
         assert os.path.getsize(os.path.join(MODELS, "p2_%s.pt" % name)) < 10 * 2 ** 20
+
+
+def test_train_captioners_scst_fine_tunes_the_committed_checkpoint(tmp_path, monkeypatch):
+    """--scst: p2_train.py from the committed checkpoint, no cross-entropy epoch, and the model options it was
+    trained with (p2_train.py accepts the command; --init-from refuses any other config at run time)."""
+    import p2_train
+    from miniworld import train_captioners
+    monkeypatch.chdir(ROOT)
+    args = train_captioners.parse_args(["--methods", "lora", "--scst", "--scst-epochs", "2", "--scst-lr", "5e-4"])
+    argv = train_captioners.command("lora", str(tmp_path / "world"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                                    args)[2:]
+    parsed = p2_train.parse_args(argv)
+    assert (parsed.init_from, parsed.epochs, parsed.scst_epochs, parsed.scst_lr, parsed.scst_samples) == \
+        (os.path.join("miniworld", "models", "p2_lora.pt"), 0, 2, 5e-4, 5)
+    assert (parsed.peft, parsed.lora_rank, parsed.lora_alpha, parsed.no_cross_attn_gate) == ("lora", 8, 16.0, True)
+    assert train_captioners.installed("lora", True) == os.path.join("miniworld", "models", "p2_lora_scst.pt")
+
+
+def test_committed_scst_captioner_is_the_lora_model_fine_tuned():
+    """p2_lora_scst.pt rebuilds the committed LoRA captioner's model, records its SCST settings and how it was made."""
+    before, after = read(os.path.join(MODELS, "p2_lora.json")), read(os.path.join(MODELS, "p2_lora_scst.json"))
+    assert after["decoder"] == before["decoder"] and after["tensors"] == before["tensors"]
+    assert after["scst"]["init_from"] == os.path.join("miniworld", "models", "p2_lora.pt")
+    assert after["phase"] == "scst" and after["train_seconds"] > 0
+    assert "--scst-epochs %d" % after["scst"]["scst_epochs"] in after["trained_with"]
