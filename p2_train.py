@@ -394,8 +394,8 @@ def make_reward(args, train, clip, device):
         image_embeddings = metrics.clip_image_embeddings([train.path(i) for i in range(len(keys))], model,
                                                          preprocess, device=str(device), num_workers=args.workers)
 
-    def reward(rows: List[int], captions: List[str]) -> List[float]:
-        values = cider.scores([keys[i] for i in rows], captions)
+    def reward(rows: List[int], captions: List[str], ended: List[bool]) -> List[float]:
+        values = cider.scores([keys[i] for i in rows], captions, ended)
         if image_embeddings is not None:
             clip_scores = metrics.clip_text_scores(image_embeddings[rows], captions, clip[0], clip[2],
                                                    device=str(device))

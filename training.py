@@ -306,6 +306,7 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
     image's other samples, or its greedy caption), as a policy gradient on the trained parameters: the sampled
     tokens' log-probabilities from one teacher-forced pass. Returns the step count and the epoch's reward figures."""
     decoder, K = captioner.decoder, args.scst_samples
+    max_len = min(args.val_max_len, decoder.max_text_len - 1)  # as search.generate caps it
     tokenizer = BPETokenizer()  # built once: reading its merges took most of the reward's time when built per step
     captioner.train()
     totals = dict(reward=0.0, baseline=0.0, images=0, reward_seconds=0.0, sample_seconds=0.0)
@@ -316,17 +317,20 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
         with autocast(world.device, amp):
             tokens = captioner.image_tokens(visuals.to(world.device, non_blocking=True))  # (B, N, width)
             samples = captioner.generate(tokens, method="sample", temperature=args.scst_temperature,
-                                         captions_per_image=K, max_len=args.val_max_len, seed=args.seed,
+                                         captions_per_image=K, max_len=max_len, seed=args.seed,
                                          image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
-            greedy = captioner.generate(tokens, method="greedy", max_len=args.val_max_len) \
+            greedy = captioner.generate(tokens, method="greedy", max_len=max_len) \
                 if args.scst_baseline == "greedy" else None
         t1 = time.time()
         rows = [i for i in index for _ in range(K)]
-        rewards = torch.tensor(reward(rows, decode_captions(samples, tokenizer)), dtype=torch.float32).view(-1, K)
+        ended = [len(ids) < max_len for ids in samples]  # the rest were cut by the length limit
+        rewards = torch.tensor(reward(rows, decode_captions(samples, tokenizer), ended),
+                               dtype=torch.float32).view(-1, K)  # (B, K)
         base = baseline_of(rewards) if greedy is None else \
-            torch.tensor(reward(list(index), decode_captions(greedy, tokenizer)), dtype=torch.float32).view(-1, 1)
+            torch.tensor(reward(list(index), decode_captions(greedy, tokenizer),
+                                [len(ids) < max_len for ids in greedy]), dtype=torch.float32).view(-1, 1)
         t2 = time.time()
-        inputs, targets = sample_pairs(samples, args.val_max_len)
+        inputs, targets = sample_pairs(samples, max_len)
         targets = targets.to(world.device)
         positions = targets != p2_data.IGNORE_INDEX
         advantage = (rewards - base).view(-1, 1).expand_as(targets).to(world.device)[positions]  # (M,)

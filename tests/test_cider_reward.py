@@ -7,7 +7,7 @@ import random
 import pytest
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
-from cider_reward import CiderD, words
+from cider_reward import END_WORD, CiderD, words
 
 VOCAB = "a an the red blue green small large square circle triangle star on left right of and two three".split()
 
@@ -21,13 +21,17 @@ def corpus(seed: int, images: int = 30):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_equals_pycocoevalcap_over_the_same_references(seed):
+@pytest.mark.parametrize("end_word", [False, True])
+def test_equals_pycocoevalcap_over_the_same_references(seed, end_word):
+    """Caption by caption, as pycocoevalcap scores the same words (with the end word written out when it counts)."""
     refs, hyps = corpus(seed)
+    end = " " + END_WORD if end_word else ""
+    ended = {k: i % 3 != 0 for i, k in enumerate(refs)}  # a third were cut by the length limit
     scorer = CiderScorer(n=4, sigma=6.0)
     for key in refs:
-        scorer += (hyps[key], refs[key])
+        scorer += (hyps[key] + (end if ended[key] else ""), [r + end for r in refs[key]])
     _, expected = scorer.compute_score()
-    ours = CiderD(refs).scores(list(refs), [hyps[k] for k in refs])
+    ours = CiderD(refs, end_word=end_word).scores(list(refs), [hyps[k] for k in refs], [ended[k] for k in refs])
     assert ours == pytest.approx(list(expected), rel=1e-9, abs=1e-12)
     assert max(ours) > 1.0  # some hypotheses copy a reference
 
@@ -42,3 +46,13 @@ def test_a_fixed_corpus_and_light_tokenisation():
     assert cider.scores(["b", "b"], ["two blue circles"] * 2)[0] == cider.score("b", "two blue circles")
     with pytest.raises(KeyError):
         cider.score("unknown image", "a red square")
+
+
+def test_the_end_word_rewards_finishing_the_sentence():
+    refs = {"a": ["a red square on a table", "a red square on a gray table"], "b": ["two blue circles"],
+            "c": ["a green star in a box"]}  # idf needs other images
+    with_end, without = CiderD(refs), CiderD(refs, end_word=False)
+    full, cut = "a red square on a table", "a red square on a"
+    assert with_end.score("a", full) > with_end.score("a", cut)
+    assert with_end.score("a", full) - with_end.score("a", cut) > without.score("a", full) - without.score("a", cut)
+    assert with_end.score("a", full, ended=False) < with_end.score("a", full)  # cut at the length limit

@@ -511,7 +511,7 @@ def test_scst_moves_probability_towards_rewarded_captions():
     step = 0
     for epoch in range(args.scst_epochs):
         step, figures = training.scst_epoch(epoch, captioner, captioner, loader, [str(i) for i in range(8)],
-                                            lambda rows, captions: [float("red" in c) for c in captions], optimizer,
+                                            lambda rows, captions, ended: [float("red" in c) for c in captions], optimizer,
                                             scheduler, training.grad_scaler(False), args, world, False, "/dev/null",
                                             step)
     assert before < 0.4 and p_red() > 0.8, (before, p_red())
