@@ -3,8 +3,9 @@
 1. the world, laid out as the course's hw3_data (miniworld/generate.py --course-layout), 2. run_all.py with the demo's
 profile: the tiny CLIP for P1 and CLIPScore, the tiny ViT, short p2_train.py runs (loss curves; the same settings as
 before run_all existed), and the converged captioners in miniworld/models scored in their place
-(--score-checkpoints), 3. the world-only measures as an extra stage (world_stage: held-out classes, object F1, the
-pointing game), which only the demo adds.
+(--score-checkpoints); the distill stage likewise, its short student runs trained and the converged students
+(distill_<set>.pt of train_captioners --distill) scored (--score-students), 3. the world-only measures as an extra
+stage (world_stage: held-out classes, object F1, the pointing game), which only the demo adds.
 
     python3 -m miniworld.demo --out outputs/demo [--small]
 """
@@ -20,7 +21,7 @@ from typing import Dict, List
 import p1_clip_zeroshot
 import run_all
 from common import UserError, read_json, run_main, write_json
-from miniworld import generate, pointing
+from miniworld import generate, pointing, train_captioners
 from miniworld import world as world_lib
 from miniworld.train_vit import spec as encoder_spec
 
@@ -109,7 +110,8 @@ def profile(data: str, out: str, args) -> List[str]:
             "--clip-model", rel(args.clip_config), "--clip-pretrained", rel(args.clip_weights),
             "--encoder", encoder_spec(), "--score-checkpoints", rel(args.captioners),
             "--device", "cpu", "--workers", "0", "--extra-stage", "miniworld.demo:world_stage",
-            "--with", "distill"]
+            "--with", "distill", "--teacher-captions", str(train_captioners.TEACHER_CAPTIONS),  # as the students saw
+            "--score-students", rel(args.captioners)]
 
 
 def parse_args(argv=None):
@@ -119,7 +121,8 @@ def parse_args(argv=None):
     parser.add_argument("--small", action="store_true", help="a reduced world (CI): seconds instead of minutes")
     parser.add_argument("--clip-config", default=os.path.join(MODELS, "tiny_clip.json"), help="tiny CLIP config")
     parser.add_argument("--clip-weights", default=os.path.join(MODELS, "tiny_clip.pt"), help="tiny CLIP weights")
-    parser.add_argument("--captioners", default=MODELS, help="folder of the converged p2_<method>.pt checkpoints")
+    parser.add_argument("--captioners", default=MODELS,
+                        help="folder of the converged p2_<method>.pt and distill_<set>.pt checkpoints")
     parser.add_argument("run_all_args", nargs="*", help="more run_all.py arguments after --, e.g. -- --force p2")
     return parser.parse_args(argv)
 
