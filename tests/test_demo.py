@@ -52,8 +52,12 @@ def test_the_distill_stage_scores_the_committed_students(results):
     for name in ("human", "precise", "creative"):
         row = r["distill"][name]
         assert os.path.abspath(row["checkpoint"]) == os.path.join(demo.MODELS, "distill_%s.pt" % name)
-        assert row["captions_per_image"] == 5 and 0 <= row["object_f1"] <= 1
+        assert 0 <= row["object_f1"] <= 1
         assert os.path.isfile(os.path.join(out, "distill", name, "train", "best.pt")), name
+    precise = r["distill"]["teacher"]["decoding"]["precise"]  # its beams, however many the small world's choice has
+    assert r["distill"]["precise"]["captions_per_image"] == min(5, precise.get("beam_size", 1) if precise["method"]
+                                                                == "beam" else 1)
+    assert r["distill"]["creative"]["captions_per_image"] == 5
 
 
 def test_committed_models_work_on_the_small_world(results):
