@@ -759,10 +759,12 @@ def check_distill(ctx: Context) -> None:
 
 
 def teacher_decodings(ctx: Context) -> Dict[str, dict]:
-    """precise: the shipped decoding (hw3_2.sh's with p2_best); creative: sampling at 0.9 with its lengths."""
+    """precise: the shipped decoding (hw3_2.sh's with p2_best), at most its beam size in captions per image (one if
+    greedy was chosen); creative: sampling at 0.9 with its lengths."""
     shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
-    return dict(precise=dict(shipped, captions_per_image=ctx.args.teacher_captions),
+    beams = shipped["beam_size"] if shipped["method"] == "beam" else 1
+    return dict(precise=dict(shipped, captions_per_image=min(ctx.args.teacher_captions, beams)),
                 creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
 
 
@@ -796,7 +798,7 @@ def stage_distill(ctx: Context) -> dict:
     decodings = teacher_decodings(ctx)
     human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
     per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
-                     precise=ctx.args.teacher_captions, creative=ctx.args.teacher_captions)
+                     **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
     with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
         captions = dict(human=human)
         for name in ("precise", "creative"):

@@ -4,8 +4,10 @@
 profile: the tiny CLIP for P1 and CLIPScore, the tiny ViT, short p2_train.py runs (loss curves; the same settings as
 before run_all existed), and the converged captioners in miniworld/models scored in their place
 (--score-checkpoints), the compare stage (the classic architectures: short runs, and the converged
-miniworld/models/p2_{gru,attention-gru,transformer,attention-gru_reg0}.pt scored), 3. the world-only measures as an
-extra stage (world_stage: held-out classes, object F1, the pointing game), which only the demo adds.
+miniworld/models/p2_{gru,attention-gru,transformer,attention-gru_reg0}.pt scored), the distill stage likewise (its
+short student runs trained and the converged students, distill_<set>.pt of train_captioners --distill, scored:
+--score-students), 3. the world-only measures as an extra stage (world_stage: held-out classes, object F1, the
+pointing game), which only the demo adds.
 
     python3 -m miniworld.demo --out outputs/demo [--small]
 """
@@ -22,7 +24,7 @@ import p1_clip_zeroshot
 import run_all
 from captioner import no_attention_reason
 from common import UserError, read_json, run_main, write_json
-from miniworld import generate, pointing
+from miniworld import generate, pointing, train_captioners
 from miniworld import world as world_lib
 from miniworld.train_vit import spec as encoder_spec
 
@@ -138,7 +140,8 @@ def profile(data: str, out: str, args) -> List[str]:
             "--clip-model", rel(args.clip_config), "--clip-pretrained", rel(args.clip_weights),
             "--encoder", encoder_spec(), "--score-checkpoints", rel(args.captioners),
             "--device", "cpu", "--workers", "0", "--extra-stage", "miniworld.demo:world_stage",
-            "--with", "distill,compare"]
+            "--with", "distill,compare", "--score-students", rel(args.captioners),
+            "--teacher-captions", str(train_captioners.TEACHER_CAPTIONS)]  # as the committed students saw
 
 
 def parse_args(argv=None):
@@ -148,8 +151,8 @@ def parse_args(argv=None):
     parser.add_argument("--small", action="store_true", help="a reduced world (CI): seconds instead of minutes")
     parser.add_argument("--clip-config", default=os.path.join(MODELS, "tiny_clip.json"), help="tiny CLIP config")
     parser.add_argument("--clip-weights", default=os.path.join(MODELS, "tiny_clip.pt"), help="tiny CLIP weights")
-    parser.add_argument("--captioners", default=MODELS, help="folder of the converged p2_<method>.pt "
-                        "checkpoints (the PEFT methods and the compare runs)")
+    parser.add_argument("--captioners", default=MODELS, help="folder of the converged checkpoints: p2_<method>.pt "
+                        "(the PEFT methods and the compare runs) and distill_<set>.pt")
     parser.add_argument("run_all_args", nargs="*", help="more run_all.py arguments after --, e.g. -- --force p2")
     return parser.parse_args(argv)
 

@@ -52,6 +52,21 @@ def test_short_training_runs_lower_the_loss(results):
         assert last < first, method
 
 
+def test_the_distill_stage_scores_the_committed_students(results):
+    """--score-students: each row is the committed converged student's, while the short student runs still train."""
+    out, r = results
+    assert list(r["distill"]) == ["teacher", "human", "precise", "creative"]
+    for name in ("human", "precise", "creative"):
+        row = r["distill"][name]
+        assert os.path.abspath(row["checkpoint"]) == os.path.join(demo.MODELS, "distill_%s.pt" % name)
+        assert 0 <= row["object_f1"] <= 1
+        assert os.path.isfile(os.path.join(out, "distill", name, "train", "best.pt")), name
+    precise = r["distill"]["teacher"]["decoding"]["precise"]  # its beams, however many the small world's choice has
+    assert r["distill"]["precise"]["captions_per_image"] == min(5, precise.get("beam_size", 1) if precise["method"]
+                                                                == "beam" else 1)
+    assert r["distill"]["creative"]["captions_per_image"] == 5
+
+
 def test_committed_models_work_on_the_small_world(results):
     """The small world is a few dozen images, so the bars here are looser than the full demo's (see README)."""
     _, r = results

@@ -50,10 +50,13 @@ def world(tmp_path_factory):
 
 
 def command(data: str, out: str):
-    """The demo's profile with the shared feature cache on (the product's default), without the opt-in stages."""
+    """The demo's profile with the shared feature cache on (the product's default), without the opt-in stages; the
+    distill options at run_all's defaults (one teacher caption, the students scored as trained): the demo's own
+    test scores the committed students."""
     argv = demo.profile(data, out, demo.parse_args([]))
     argv.remove("--no-feature-cache")
-    del argv[argv.index("--with"):argv.index("--with") + 2]
+    for option in ("--with", "--teacher-captions", "--score-students"):
+        del argv[argv.index(option):argv.index(option) + 2]
     return argv
 
 
