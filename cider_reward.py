@@ -7,8 +7,8 @@ pycocoevalcap recomputes document frequencies from whatever it is given; over th
 (tests/test_cider_reward.py). Words come from `words`, a light tokenisation (lower case, punctuation dropped), so the
 reward never waits for the Java or Python PTB tokeniser.
 
-With `end_word` (the default, as ruotianluo's CiderD scores its end token) every reference and every caption that
-ended gets the word END_WORD last, so n-grams such as "on a table END" reward finishing a sentence, and a caption cut
+With `end_word` (p2_train.py --scst-end-word; ruotianluo's CiderD scores its end token so) every reference and every
+caption that ended gets the word END_WORD last, so n-grams such as "on a table END" reward finishing a sentence, and a caption cut
 off mid-phrase ("a red square on a") loses them: without it, self-critical training learns to stop early.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ class CiderD:
     """Per-caption CIDEr-D against each image's references, with the document frequencies of `references` (all the
     images the rewards will be asked about, e.g. the training split), computed once."""
 
-    def __init__(self, references: Dict[str, Sequence[str]], end_word: bool = True):
+    def __init__(self, references: Dict[str, Sequence[str]], end_word: bool = False):
         if not references:
             raise ValueError("CIDEr-D needs the references of at least one image")
         self.end = " " + END_WORD if end_word else ""

@@ -163,6 +163,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "samples' mean reward (new self-critical); greedy: its greedy caption's (the original)")
     g.add_argument("--scst-lr", type=float, default=2e-5, help="constant learning rate of the self-critical epochs")
     g.add_argument("--scst-temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--scst-end-word", action="store_true", help="count the end token in the reward's n-grams (as "
+                   "ruotianluo's CiderD): a caption cut mid-phrase loses its last n-grams")
     g.add_argument("--scst-clip-weight", type=float, default=0.0, help="add W x CLIPScore of each sample to its "
                    "reward (the CLIP of --clip-model; image embeddings computed once)")
     args = p.parse_args(argv)
@@ -387,7 +389,7 @@ def make_reward(args, train, clip, device):
     references (document frequencies of the training split, computed once), plus --scst-clip-weight x CLIPScore
     (the image embeddings computed once)."""
     keys = train.keys()
-    cider = CiderD({k: refs for k, refs in zip(keys, train.references)})
+    cider = CiderD({k: refs for k, refs in zip(keys, train.references)}, end_word=args.scst_end_word)
     image_embeddings = None
     if args.scst_clip_weight > 0:
         model, preprocess, tokenizer = clip
@@ -428,9 +430,9 @@ TRAJECTORY_OPTIONS = ("raw_captions", "max_caption_tokens", "augment", "val_max_
 # Trajectory options added later: recorded only away from their defaults, so earlier runs still resume.
 LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=p2_data.VAL_FRACTION, scst_epochs=0,
                                 init_from=None, scst_samples=5, scst_baseline="mean", scst_lr=2e-5,
-                                scst_temperature=1.0, scst_clip_weight=0.0)
+                                scst_temperature=1.0, scst_clip_weight=0.0, scst_end_word=False)
 SCST_OPTIONS = ("scst_epochs", "scst_samples", "scst_baseline", "scst_lr", "scst_temperature", "scst_clip_weight",
-                "init_from")  # recorded in the checkpoint JSON of a self-critical run
+                "scst_end_word", "init_from")  # recorded in the checkpoint JSON of a self-critical run
 
 
 def model_settings(args, captioner) -> dict:

@@ -51,7 +51,7 @@ def test_a_fixed_corpus_and_light_tokenisation():
 def test_the_end_word_rewards_finishing_the_sentence():
     refs = {"a": ["a red square on a table", "a red square on a gray table"], "b": ["two blue circles"],
             "c": ["a green star in a box"]}  # idf needs other images
-    with_end, without = CiderD(refs), CiderD(refs, end_word=False)
+    with_end, without = CiderD(refs, end_word=True), CiderD(refs)
     full, cut = "a red square on a table", "a red square on a"
     assert with_end.score("a", full) > with_end.score("a", cut)
     assert with_end.score("a", full) - with_end.score("a", cut) > without.score("a", full) - without.score("a", cut)
