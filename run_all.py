@@ -878,8 +878,10 @@ def stage_compare(ctx: Context) -> dict:
             scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
             meta = read_checkpoint_config(checkpoint)
             reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
-            rows[run] = compare_row(scores, meta["trainable_parameters"], meta.get("train_seconds", seconds[run]),
-                                    checkpoint=checkpoint, arch=meta["arch"], attention_reg=reg)
+            # the training time the scored checkpoint records; this run's only when it is this run's checkpoint
+            took = meta.get("train_seconds", None if ctx.args.score_checkpoints else seconds[run])
+            rows[run] = compare_row(scores, meta["trainable_parameters"], took, checkpoint=checkpoint,
+                                    arch=meta["arch"], attention_reg=reg)
             bar.update(1)
         compare = {run: rows[run] for run in COMPARE_ARCHS}
         best = ctx.results.get("p2_best")
@@ -889,8 +891,9 @@ def stage_compare(ctx: Context) -> dict:
             scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
                                       clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
             seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
-            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"],
-                                          seconds_then or ctx.results["timings"]["p2_train"][best],
+            if seconds_then is None and not ctx.args.score_checkpoints:  # the scored checkpoint is this training's
+                seconds_then = ctx.results["timings"]["p2_train"][best]
+            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"], seconds_then,
                                           checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
         else:
             ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
@@ -915,7 +918,8 @@ def compare_table(results: dict) -> str:
     for arch, r in rows.items():
         lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
                                                 " | ".join(number(r.get(k)) for k in columns),
-                                                "{:,}".format(r["trainable_params"]), r.get("train_seconds", "-")))
+                                                "{:,}".format(r["trainable_params"]),
+                                                "-" if r.get("train_seconds") is None else r["train_seconds"]))
     lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |"
               % make_report.COMPARE_SEED_CITATION,
               "| --- | --- | --- | --- |"]
