@@ -129,9 +129,14 @@ VOLATILE = ("seconds", "timings", "command")
 
 
 def in_out(obj, out: str):
-    """Paths into the run's output folder written as <OUT>/..., wherever that folder was."""
+    """Paths into the run's output folder written as <OUT>/..., wherever that folder was and however it was spelled
+    (the demo hands run_all.py paths relative to the working directory)."""
     if isinstance(obj, str):
-        return "<OUT>" + obj[len(out):] if obj.startswith(out.rstrip(os.sep) + os.sep) else obj
+        for spelled in (out, os.path.relpath(out), os.path.abspath(out)):
+            prefix = spelled.rstrip(os.sep) + os.sep
+            if obj.startswith(prefix):
+                return "<OUT>" + os.sep + obj[len(prefix):]
+        return obj
     if isinstance(obj, dict):
         return {k: in_out(v, out) for k, v in obj.items()}
     if isinstance(obj, list):
