@@ -161,7 +161,10 @@ def comparable(results: dict, out: str) -> dict:
 # On another torch build (the course lane's 1.12 against the committing stack) CPU kernels round differently: the
 # captions stay identical (tested above), so CIDEr and object F1 do too, but a near tie in P1 may flip one image
 # in a thousand, CLIP similarities move in the fifth decimal, and three-step training losses drift by hundredths.
-OTHER_STACK = (("p2_train_loss", 0.1), ("accuracy", 0.002), ("clipscore", 1e-4), ("pointing_game", 0.005))
+# The from-scratch decoders (compare, distill) are less settled: on the course's torch 1.12 one of their 250 beam
+# searches may end on the other side of a near tie (CIDEr 3.5396 against 3.5388 for gru), so their rows get 1 %.
+OTHER_STACK = (("p2_train_loss", 0.1), ("accuracy", 0.002), ("results.compare.", 0.01), ("results.distill.", 0.01),
+               ("results.ablation.", 0.01), ("clipscore", 1e-4), ("pointing_game", 0.005))
 
 
 def tolerance(where: str, same_stack: bool) -> float:
