@@ -263,6 +263,29 @@ ARCH_OPTIONS = {
 }
 
 
+def model_flags(meta: dict) -> List[str]:
+    """The model flags that rebuild a checkpoint's decoder config from its JSON (`meta`): --arch and that
+    architecture's own options as the checkpoint has them (for gpt2 the PEFT method and its options, without
+    --decoder-weights). With them, --init-from the checkpoint fits whatever the other training options are."""
+    arch, cfg = meta.get("arch", "gpt2"), meta["decoder"]
+    flags = ["--arch", arch]
+    if arch == "gpt2":
+        method = next((m for m, options in PEFT_OPTIONS.items() if cfg.get(options[0])), None)
+        if method is None:
+            raise UserError("the checkpoint's decoder config has no PEFT method (%s)" % ", ".join(PEFT_OPTIONS))
+        flags += ["--peft", method] + ([] if cfg.get("cross_attn_gate", True) else ["--no-cross-attn-gate"])
+        options = ("cross_attn_layers", "image_proj") + PEFT_OPTIONS[method]
+    else:
+        flags += ["--max-caption-tokens", str(cfg["block_size"] - 2)]  # + the start and end tokens
+        options = tuple(o for o in ARCH_OPTIONS[arch] if o in cfg)
+    for option in options:
+        value = cfg.get(option)
+        if value is not None:
+            flags += ["--" + option.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, list)
+                      else str(value)]
+    return flags
+
+
 def _check_arch_options(args: argparse.Namespace) -> None:
     given = [o for options in ARCH_OPTIONS.values() for o in options
              if getattr(args, o) is not None and getattr(args, o) is not False]  # 0 is given, False (a flag) not

@@ -553,3 +553,30 @@ def test_scst_from_a_checkpoint_validates_it_first(world, tmp_path):
                                   "--scst-epochs", "1", "--init-from", str(first / "best.pt")))
     with pytest.raises(UserError, match="give --init-from"):
         p2_train.main(scratch_cli(world, tmp_path / "none", "gru", "--epochs", "0", "--scst-epochs", "1"))
+
+
+COMMITTED_MODELS = os.path.join(ROOT, "miniworld", "models")
+
+
+@pytest.mark.parametrize("name", sorted(n[:-5] for n in os.listdir(COMMITTED_MODELS)
+                                        if n.startswith(("p2_", "distill_")) and n.endswith(".json")))
+def test_model_flags_rebuild_each_committed_checkpoints_config(name):
+    """p2_train.model_flags(checkpoint JSON) through parse_args and decoder_config gives the checkpoint's decoder
+    config again, for every committed world captioner (PEFT, self-critical, from scratch): what --init-from needs."""
+    meta = json.load(open(os.path.join(COMMITTED_MODELS, name + ".json"), encoding="utf-8"))
+    flags = p2_train.model_flags(meta)
+    weights = ["--decoder-weights", os.path.join(COMMITTED_MODELS, "decoder_model.bin")] if "--peft" in flags else []
+    args = p2_train.parse_args(["--train-json", "t.json", "--train-images", "t", "--val-json", "v.json",
+                                "--val-images", "v", "--out", "o"] + weights + flags)
+    cfg = p2_train.decoder_config(args, meta["decoder"].get("output_ids")).to_dict()
+    want = dict(meta["decoder"])
+    built = ("checkpoint", "encoder_dim") + (("n_layer", "n_head", "n_embd", "vocab_size", "block_size") if weights
+                                             else ())  # set when the model is built: the encoder's, GPT-2's sizes
+    for key in built:
+        cfg.pop(key, None), want.pop(key, None)
+    assert json.loads(json.dumps(cfg)) == want
+
+
+def test_model_flags_refuse_a_config_without_a_peft_method():
+    with pytest.raises(UserError, match="no PEFT method"):
+        p2_train.model_flags(dict(decoder=dict(lora_rank=0, adapter_dim=0, prefix_len=0, prompt_len=0)))
