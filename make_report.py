@@ -426,6 +426,8 @@ def report_files(results_dir: str) -> List[str]:
     p2 = os.path.join(results_dir, "p2")
     if os.path.isdir(p2):  # each method's captions of the val split: the reference the committed checkpoints must give
         files += [os.path.join("p2", m, "pred.json") for m in sorted(os.listdir(p2))]
+    if isinstance(results.get("scst"), dict) and results["scst"].get("method"):  # the self-critical captions too
+        files.append(os.path.join("scst", results["scst"]["method"], "pred.json"))
     for index in ("p3/attention.json", "p3/best_worst/attention.json"):
         if os.path.isfile(os.path.join(results_dir, index)):
             folder = os.path.dirname(index)
@@ -451,6 +453,55 @@ def check_student_id(student_id: Optional[str]) -> Optional[str]:
     if student_id is not None and not STUDENT_ID.match(student_id):
         raise UserError("--student-id %r: letters and digits only, as in r12345678" % student_id)
     return student_id
+
+
+# ----------------------------------------------------------------------------------------------- scst
+
+SCST_COLUMNS = (("CIDEr", "CIDEr"), ("CLIPScore", "CLIPScore"), ("BLEU-4", "BLEU-4"), ("object_f1", "object F1"),
+                ("exact_object_set", "exact set"))
+SCST_SETTINGS = (("scst_epochs", "epochs"), ("scst_samples", "samples per image"), ("scst_baseline", "baseline"),
+                 ("scst_lr", "learning rate"), ("scst_temperature", "temperature"), ("scst_end_word", "end word"),
+                 ("scst_clip_weight", "CLIP weight"), ("best_epoch", "best epoch"))
+
+
+def change(before, after, relative: bool) -> str:
+    if before is None or after is None:
+        return UNKNOWN
+    if relative:
+        return "%.3fx" % (after / before) if before else UNKNOWN
+    return "%+.1f %%" % (100.0 * (after - before) / before) if before else UNKNOWN
+
+
+def scst_section(report: Report, results: dict):
+    """Only when the scst stage ran (run_all --with scst): before and after, and captions that changed."""
+    scst = results["scst"]
+    before, after, s = scst.get("before") or {}, scst.get("after") or {}, scst.get("settings") or {}
+    report.heading("Self-critical fine-tuning (CIDEr-optimised)")
+    method = scst.get("method", UNKNOWN)
+    report.paragraph("The %s attempt (%s) was fine-tuned by self-critical sequence training (Rennie et al. "
+                     "2017): each training image's sampled captions are rewarded by CIDEr-D against its references, "
+                     "less a baseline, and only the trained parameters move (%s). Both checkpoints are scored on the "
+                     "validation split with the shipped decoding (%s)." % (
+                         method, "P2's best" if method == results.get("p2_best") else "chosen by --scst-method",
+                         ", ".join("%s %s" % (label, setting(s[k])) for k, label in SCST_SETTINGS if k in s),
+                         settings_text(active_decoding(s.get("decoding") or {}))))
+    columns = [(k, label) for k, label in SCST_COLUMNS if before.get(k) is not None or after.get(k) is not None]
+    report.table(["checkpoint"] + [label for _, label in columns],
+                 [[side] + [fmt(row.get(k), 3) for k, _ in columns] for side, row in (("before", before),
+                                                                                      ("after", after))])
+    report.paragraph("CIDEr after / before: %s; CLIPScore: %s." % (
+        change(before.get("CIDEr"), after.get("CIDEr"), True),
+        change(before.get("CLIPScore"), after.get("CLIPScore"), False)))
+    changed = scst.get("changed") or []
+    if changed:
+        report.heading("Captions that changed (most improved, then most worsened, by CIDEr)", 11)
+        for c in changed:
+            marks = ""
+            if "objects_right_before" in c:
+                marks = "; objects %s -> %s" % tuple("right" if c[k] else "wrong"
+                                                     for k in ("objects_right_before", "objects_right_after"))
+            report.paragraph("%s: \"%s\" -> \"%s\" (CIDEr %.3f -> %.3f%s)" % (
+                c["image"], c["before"], c["after"], c["cider_before"], c["cider_after"], marks), indent="    ")
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -505,6 +556,9 @@ def compose(results_dir: str, student_id: Optional[str] = None) -> Report:
     if results.get("compare"):  # run_all.py --with compare
         report.new_page()
         compare_section(report, results)
+    if results.get("scst"):  # run_all.py --with scst
+        report.new_page()
+        scst_section(report, results)
     return report
 
 

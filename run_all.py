@@ -19,6 +19,11 @@ p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
   compare (opt-in, --with compare: hours of GPU) the classic captioners (p2_train.py --arch gru, attention-gru,
           transformer, and attention-gru with --attention-reg 0) trained as the PEFT attempts are, on the same data and
           feature cache, scored with the whole metric suite beside P2's best attempt ("compare" and "ablation")
+  distill (opt-in, --with distill) p2_best captions the training images (precise and creative); a student trains on
+          each caption set and on the human captions, alike but for --train-json ("distill")
+  scst    (opt-in, --with scst) self-critical fine-tuning of P2's best attempt (p2_train.py --init-from its checkpoint
+          --scst-epochs N; options: SCST_TRAINING under --train-config's "scst" entry), scored before and after
+          with the shipped decoding ("scst": CIDEr, CLIPScore, BLEU-4, the captions that changed most)
 
 Everything is checked before any work (options, the training config, OUT, the data down to each image's header).
 One run at a time per OUT (a lock). A finished stage is skipped only while it is still true: its record in
@@ -66,7 +71,7 @@ from common import (UserError, atomic_write, check_image_file, file_sha256, list
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
-OPTIONAL_STAGES = ("distill", "compare")  # run only when named in --with: hours of GPU time on the course's data
+OPTIONAL_STAGES = ("distill", "compare", "scst")  # run only when named in --with: GPU hours on the course's data
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
@@ -84,7 +89,9 @@ ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts 
              compare="train the classic captioners %s on P2's data and feature cache, score them beside the best "
                      "PEFT (CIDEr, BLEU-4, METEOR, ROUGE-L, CLIPScore), the attention-reg ablation",
              distill="p2_best captions the training images (precise, creative); a %s student trains on the human, "
-                     "precise and creative captions, each scored on val")
+                     "precise and creative captions, each scored on val",
+             scst="self-critical fine-tuning of the best PEFT attempt or --scst-method's (CIDEr-D reward, %s), scored before and "
+                  "after with the shipped decoding (CIDEr, CLIPScore, BLEU-4), the captions that changed most")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
 DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
                  dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
@@ -105,6 +112,12 @@ COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
 WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
 RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
                    "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
+# The scst stage's rollouts on the course's data: p2_train.py's own defaults, two epochs (README: GPU time)
+SCST_TRAINING = dict(scst_epochs=2, scst_lr=2e-5, scst_samples=5, scst_baseline="mean")
+SCST_FIXED = ("init_from", "epochs")  # what makes the stage itself: from P2's best checkpoint, self-critical only
+SCST_SUITE = ("bleu", "cider", "clipscore")  # its before/after scores (metrics.py names)
+SCST_KEYS = ("CIDEr", "CLIPScore", "BLEU-4")
+CHANGED_CAPTIONS = (3, 2)  # the report's changed captions: the most improved by CIDEr, then the most worsened
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -305,7 +318,7 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         if ctx.args.score_checkpoints:
             for method in ctx.args.methods:
                 scored_checkpoint(ctx, method)
-    if {"p2", "compare"} & set(stages):
+    if {"p2", "compare", "scst"} & set(stages):
         for split in ("train", "val"):
             p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"),
                                   split=split if ctx.args.captions else None)
@@ -315,6 +328,8 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         list_images(ctx.data("p3_images"), "P3 image folder")
     if "distill" in stages:
         check_distill(ctx)
+    if "scst" in stages:
+        check_scst(ctx)
     check_images(ctx, stages)
 
 
@@ -367,7 +382,7 @@ def option_flags(options: dict) -> List[str]:
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 is a value (`0 in (False, None)` is true)
             flags += [flag, ",".join(str(v) for v in value) if isinstance(value, list) else str(value)]
     return flags
 
@@ -568,7 +583,7 @@ def plot_curves(curves: dict, path: str) -> None:
 
 def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
     """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt
-    (--score-students DIR/distill_SET.pt)."""
+    (DIR/p2_RUN.pt for compare, DIR/p2_METHOD_scst.pt for scst; --score-students DIR/distill_SET.pt)."""
     path = scored_path(ctx, method, stage)
     option, folder = ("--score-students", ctx.args.score_students) if stage == "distill" else (
         "--score-checkpoints", ctx.args.score_checkpoints)
@@ -578,11 +593,13 @@ def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
 
 
 def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
-    """scored_checkpoint's path, not checked; the compare runs' are p2_RUN.pt beside the PEFT attempts'."""
+    """scored_checkpoint's path, not checked; the compare runs' are p2_RUN.pt beside the PEFT attempts', the
+    self-critical ones p2_METHOD_scst.pt."""
     folder = ctx.args.score_students if stage == "distill" else ctx.args.score_checkpoints
     if not folder:
         return os.path.join(run_folder(ctx, method, stage=stage), "best.pt")
-    return os.path.join(folder, "%s_%s.pt" % ("distill" if stage == "distill" else "p2", method))
+    return os.path.join(folder, "%s_%s%s.pt" % ("distill" if stage == "distill" else "p2", method,
+                                                "_scst" if stage == "scst" else ""))
 
 
 def decoding_flags(settings: dict) -> List[str]:
@@ -704,10 +721,10 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
     return table, chosen
 
 
-def ship(ctx: Context, checkpoint: str, chosen: dict) -> dict:
-    """OUT/p2/p2_best.{pt,json}: the best checkpoint with its chosen decoding under "inference" (checked as
-    hw3_2.sh will read it), and what RELEASE in hw3_download.py needs."""
-    dest = ctx.path("p2", "p2_best.pt")
+def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None) -> dict:
+    """OUT/p2/p2_best.{pt,json} (or `dest`): the best checkpoint with its chosen decoding under "inference" (checked
+    as hw3_2.sh will read it), and what RELEASE in hw3_download.py needs."""
+    dest = dest or ctx.path("p2", "p2_best.pt")
     with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
         shutil.copyfileobj(src, f)
     meta = dict(read_checkpoint_config(checkpoint), **{search.INFERENCE_KEY: chosen})
@@ -932,6 +949,129 @@ def compare_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------- scst
+
+def scst_options(ctx: Context) -> dict:
+    """SCST_TRAINING under the --train-config "scst" entry."""
+    return dict(SCST_TRAINING, **train_config(ctx).get("scst", {}))
+
+
+def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> List[str]:
+    """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt: the model of the checkpoint `init`
+    (p2_train.model_flags: --init-from fits even when it is a --score-checkpoints one), the attempt's training
+    options but its model's, no cross-entropy epoch, then the scst options. `init` None: the attempt's own model,
+    checked as one epoch of cross-entropy (the checkpoint does not exist before P2 has run)."""
+    options = dict(train_config(ctx).get(method, {}), epochs=0 if init else 1, **scst_options(ctx))
+    model = ["--decoder-weights", ctx.data("decoder")]
+    if init:
+        model += p2_train.model_flags(read_checkpoint_config(init)) + ["--init-from", init]
+        options = {k: v for k, v in options.items() if k.replace("-", "_") not in p2_train.ARCH_OPTIONS["gpt2"]}
+    else:
+        model += ["--peft", method]
+    return trainer_argv(ctx, train_json, model, options)
+
+
+def check_scst(ctx: Context) -> None:
+    """The scst options through p2_train.py's checks with each attempt's (any may turn out best; --scst-method's
+    alone when given); with --score-checkpoints, DIR/p2_<method>_scst.pt now when --scst-method names it, else once
+    P2 has named the best (stage_inputs)."""
+    options = train_config(ctx).get("scst", {})
+    where = "--train-config %s: scst" % ctx.args.train_config if options else "the scst stage"
+    taken = sorted(k for k in options if k.replace("-", "_") in SCST_FIXED)
+    if taken:
+        raise UserError("%s: %s set by run_all.py itself (it fine-tunes P2's best checkpoint)" % (where, ", ".join(taken)))
+    for method in [ctx.args.scst_method] if ctx.args.scst_method else ctx.args.methods:
+        argv = scst_argv(ctx, method, ctx.data("train_json"), None) + ["--out", run_folder(ctx, method, "new", "scst")]
+        checked_training(ctx, argv, options, where)
+    if ctx.args.score_checkpoints and ctx.args.scst_method:
+        scored_checkpoint(ctx, ctx.args.scst_method, "scst")
+
+
+def scst_method(ctx: Context) -> Optional[str]:
+    """The attempt the scst stage fine-tunes: --scst-method, else P2's best (None before P2 has run)."""
+    return ctx.args.scst_method or ctx.results.get("p2_best")
+
+
+def scst_row(scores: dict, checkpoint: str, predictions: str) -> dict:
+    """One side of results.json "scst": the scores, the world-only ones as None (the demo's world stage fills them)."""
+    return dict({k: scores.get(k) for k in SCST_KEYS}, object_f1=None, exact_object_set=None, checkpoint=checkpoint,
+                predictions=predictions)
+
+
+def changed_captions(before: dict, after: dict, most: Tuple[int, int] = CHANGED_CAPTIONS) -> List[dict]:
+    """The val images whose caption changed: the `most[0]` most improved by per-image CIDEr, then the `most[1]` most
+    worsened (ties by image name)."""
+    rows = [dict(image=k, before=before[k]["caption"], after=after[k]["caption"], cider_before=before[k]["cider"],
+                 cider_after=after[k]["cider"]) for k in sorted(before)
+            if k in after and before[k]["caption"] != after[k]["caption"]]
+    gains = sorted(rows, key=lambda r: (r["cider_before"] - r["cider_after"], r["image"]))
+    better = [r for r in gains if r["cider_after"] > r["cider_before"]][:most[0]]
+    worse = [r for r in reversed(gains) if r["cider_after"] < r["cider_before"]][:most[1]]
+    return better + worse
+
+
+def stage_scst(ctx: Context) -> dict:
+    """Issue 22: P2's best attempt fine-tuned by self-critical training (p2_train.py --init-from its scored
+    checkpoint --epochs 0 --scst-epochs N, through train.new and the swap), both scored on val with the shipped
+    decoding: results.json "scst" with "before" and "after"."""
+    best, shipped = scst_method(ctx), ctx.results["p2_inference"]
+    decoding = {k: v for k, v in shipped.items() if k != "chosen_on"}
+    init = ctx.results["p2"][best]["checkpoint"]
+    with steps(3, "scst") as bar:
+        train_json = train_split(ctx)
+        inputs = dict(train_inputs(ctx), init_from=pipeline.fingerprint(init))
+        seconds, _ = train_run(ctx, best, scst_argv(ctx, best, train_json, init), inputs, "scst")
+        bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
+            before_pred = shipped_predictions(ctx)
+            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, before_pred,
+                                                                            setting_name(decoding)))
+            before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                                      device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
+        else:
+            before_pred = ctx.path("scst", best, "before.json")
+            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
+            before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
+        bar.update(1)
+        checkpoint, pred = scored_checkpoint(ctx, best, "scst"), ctx.path("scst", best, "pred.json")
+        ctx.say("scst: scoring %s after (%s)" % (best, checkpoint))
+        after = caption_and_score(ctx, checkpoint, decoding, pred, clip, SCST_SUITE)
+        bar.update(1)
+    meta = read_checkpoint_config(checkpoint)
+    took = meta.get("train_seconds", None if ctx.args.score_checkpoints else round(seconds, 1))
+    settings = dict(meta.get("scst") or {}, init_from=init, method=best, decoding=decoding, train_seconds=took,
+                    best_epoch=meta.get("epoch"), phase=meta.get("phase"))
+    shipping = ship(ctx, checkpoint, shipped, ctx.path("scst", "p2_scst.pt"))  # hw3_2.sh-ready, as p2_best is
+    scst = dict(method=best, settings=settings, before=scst_row(before, init, before_pred),
+                after=scst_row(after, checkpoint, pred), shipping=shipping,
+                changed=changed_captions(before["per_image"], after["per_image"]))
+    if (after["CIDEr"] or 0) > (before["CIDEr"] or 0):
+        ctx.say("scst: CIDEr %.4f after against %.4f before: %s (+ .json) ships in place of p2_best.pt if you "
+                "prefer it (--install copies p2_best)" % (after["CIDEr"], before["CIDEr"], shipping["checkpoint"]))
+    outputs = ["scst/p2_scst.pt", "scst/p2_scst.json"] + ["scst/%s/%s" % (best, f) for f in (
+        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if best == ctx.results["p2_best"] else [
+            os.path.relpath(before_pred, ctx.out)])
+    return dict(scst=scst, timings=dict(scst_train=round(seconds, 1)), outputs=outputs)
+
+
+def scst_table(scst: dict) -> str:
+    """results.md's scst section: before and after, then the captions that changed."""
+    keys = SCST_KEYS + ("object_f1", "exact_object_set")
+    lines = ["| scst: %s | %s |" % (scst["method"], " | ".join(k.replace("_", " ") for k in keys)),
+             "| --- " * (1 + len(keys)) + "|"]
+    for side in ("before", "after"):
+        row = scst[side]
+        lines.append("| %s | %s |" % (side, " | ".join("-" if row.get(k) is None else "%.4f" % row[k] for k in keys)))
+    s = scst["settings"]
+    lines += ["", "settings: %s" % ", ".join("%s %s" % (k, s[k]) for k in sorted(s) if k not in ("decoding",))]
+    for c in scst.get("changed") or []:
+        lines.append("- %s: \"%s\" (CIDEr %.3f) -> \"%s\" (%.3f)" % (c["image"], c["before"], c["cider_before"],
+                                                                    c["after"], c["cider_after"]))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 def results_table(results: dict) -> str:
@@ -962,6 +1102,8 @@ def results_table(results: dict) -> str:
         lines += ["", distill_table(results["distill"])]
     if results.get("compare"):
         lines += ["", compare_table(results)]
+    if results.get("scst"):
+        lines += ["", scst_table(results["scst"])]
     if "pointing_game" in results:
         lines += ["", "attention pointing game: %s over %s shape words" % (
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
@@ -1039,6 +1181,12 @@ def stage_settings(ctx: Context, stage: str) -> dict:
                     inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
                     teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
                     score_students=a.score_students)
+    if stage == "scst":  # the attempt, its scored checkpoint, which it fine-tunes, and the shipped decoding
+        best = scst_method(ctx)
+        init = ((ctx.results.get("p2") or {}).get(best) or {}).get("checkpoint")
+        return dict(train=scst_argv(ctx, best, "", init) if best else None, train_max_images=a.train_max_images,
+                    score_checkpoints=a.score_checkpoints, inference=ctx.results.get("p2_inference"), metrics=SCST_SUITE,
+                    changed=CHANGED_CAPTIONS, method=best, p2_best=ctx.results.get("p2_best"))
     upstream = {k: v for k, v in ctx.results.items() if k not in ("timings",)}  # the report and extra stages
     return dict(upstream=pipeline.digest(ctx.portable(upstream)), stage=stage,
                 student_id=a.student_id if stage == "report" else None)
@@ -1048,7 +1196,7 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     """Fingerprints of what the stage reads: data named by their place in --data (<DATA>/p2_data/val.json), model
     files as given."""
     paths = [ctx.data(k) for k in STAGE_DATA.get(stage, ())]
-    if stage in ("p1", "p2", "distill", "compare"):
+    if stage in ("p1", "p2", "distill", "compare", "scst"):
         paths += ctx.model_files()
     if stage == "p2" and ctx.args.score_checkpoints:
         paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
@@ -1059,6 +1207,9 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     if stage == "compare" and ctx.args.score_checkpoints:
         paths += [p for run in COMPARE_RUNS for p in (scored_checkpoint(ctx, run, stage),
                                                       config_path(scored_checkpoint(ctx, run, stage)))]
+    if stage == "scst" and ctx.args.score_checkpoints and scst_method(ctx):  # checked before its training
+        paths += [scored_checkpoint(ctx, scst_method(ctx), stage), config_path(scored_checkpoint(ctx, scst_method(ctx),
+                                                                                              stage))]
     if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
         paths.append(ctx.args.data)
     return ctx.portable(ctx.inputs(paths))
@@ -1070,7 +1221,8 @@ def stage_list(ctx: Context) -> List[tuple]:
     stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
               ("p3", stage_p3, ABOUT["p3"])]
     optional = dict(distill=(stage_distill, ABOUT["distill"] % ctx.args.student_arch),
-                    compare=(stage_compare, ABOUT["compare"] % ", ".join(COMPARE_RUNS)))
+                    compare=(stage_compare, ABOUT["compare"] % ", ".join(COMPARE_RUNS)),
+                    scst=(stage_scst, ABOUT["scst"] % ", ".join("%s %s" % (k, v) for k, v in scst_options(ctx).items())))
     stages += [(name,) + optional[name] for name in OPTIONAL_STAGES if name in ctx.args.with_stages]
     if ctx.args.captions:  # another dataset: no P1 or P3 data; P2 needs the GPT-2 weights
         stages = [s for s in stages if s[0] not in ("p1", "p3") and (s[0] != "p2" or ctx.args.decoder_weights)]
@@ -1100,6 +1252,8 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
             discard_unfinished_trainings(ctx, name, list(CAPTION_SETS))
         if name == "compare":
             discard_unfinished_trainings(ctx, name, list(COMPARE_RUNS))
+        if name == "scst":
+            discard_unfinished_trainings(ctx, name)
         return
     if ctx.forced(name):
         why = "forced (--force %s): redone from its start%s" % (
@@ -1207,6 +1361,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    "%(default)s; precise ones are the best beams, so at most its beam size)")
     g.add_argument("--score-students", metavar="DIR", help="score DIR/distill_{human,precise,creative}.pt instead of "
                    "the students' best.pt (the demo scores its converged students; the trainings still run)")
+    g = p.add_argument_group("scst (--with scst): self-critical fine-tuning (issue 22)")
+    g.add_argument("--scst-method", help="the PEFT attempt to fine-tune (default: P2's best by CIDEr); its options: "
+                   "--train-config's \"scst\" entry")
     g = p.add_argument_group("models (defaults: the scripts' own)")
     g.add_argument("--p1-model", help="P1's CLIP (p1_clip_zeroshot.py --model)")
     g.add_argument("--p1-pretrained", help="P1's CLIP weights (p1_clip_zeroshot.py --pretrained)")
@@ -1238,6 +1395,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UserError("--with %s: not an opt-in stage (%s)" % (",".join(unknown), ", ".join(OPTIONAL_STAGES)))
     if args.with_stages and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--with %s trains on one process: run it without torchrun" % ",".join(args.with_stages))
+    if args.scst_method is not None and args.scst_method not in args.methods:
+        raise UserError("--scst-method %s is not among --methods %s" % (args.scst_method, ",".join(args.methods)))
     if args.teacher_captions < 1:
         raise UserError("--teacher-captions must be 1 or more, got %d" % args.teacher_captions)
     return args
@@ -1304,7 +1463,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_plan(ctx, stages, selected)
         started = time.time()
         for name, function, _ in stages:
-            if name in ("p3", "distill", "compare") and name in selected and "p2_shipping" not in ctx.results \
+            if name in ("p3", "distill", "compare", "scst") and name in selected and "p2_shipping" not in ctx.results \
                     and "p2" in [s[0] for s in stages]:
                 raise UserError("%s uses P2's best captioner, but %s has no finished p2 stage that is still true: "
                                 "add p2 to --only" % (name, ctx.out))

@@ -6,7 +6,8 @@ before run_all existed), and the converged captioners in miniworld/models scored
 (--score-checkpoints), the compare stage (the classic architectures: short runs, and the converged
 miniworld/models/p2_{gru,attention-gru,transformer,attention-gru_reg0}.pt scored), the distill stage likewise (its
 short student runs trained and the converged students, distill_<set>.pt of train_captioners --distill, scored:
---score-students), 3. the world-only measures as an extra stage (world_stage: held-out classes, object F1, the
+--score-students), the scst stage likewise (a one-epoch self-critical run from the converged p2_lora.pt, and the committed
+p2_lora_scst.pt scored), 3. the world-only measures as an extra stage (world_stage: held-out classes, object F1, the
 pointing game), which only the demo adds.
 
     python3 -m miniworld.demo --out outputs/demo [--small]
@@ -35,6 +36,8 @@ METHODS = run_all.METHODS
 SHORT_RUN_IMAGES = 48
 SHORT_RUN = dict(epochs=1, batch_size=16, lr=1e-3, warmup_steps=2, log_every=1, val_max_images=16)
 SHORT_STUDENT = dict(SHORT_RUN, lr=3e-3)  # the distill students' short runs (--arch gru)
+SCST_METHOD = "lora"  # the committed self-critical checkpoint's (p2_lora_scst.pt); the small world's best may differ
+SHORT_SCST = dict(scst_epochs=1, scst_lr=train_captioners.SCST_LR)  # with the best method's SHORT_RUN (batch 16)
 SOURCE = "miniature world, seed %d%s (tiny models trained from scratch here; not the homework's data)"
 
 
@@ -102,6 +105,16 @@ def world_stage(ctx) -> Dict[str, object]:
                    outputs=["p1/heldout.csv", "p1/heldout.eval.json", "pointing.json"])
     if ctx.results.get("compare"):
         compare_measures(ctx, scenes, os.path.join(data, folders["p2"], "val_objects.json"), results)
+    if ctx.results.get("scst"):  # self-critical fine-tuning, before and after (run_all --with scst)
+        results["scst"] = {side: {k: v for k, v in world_lib.object_scores(read_json(
+            ctx.results["scst"][side]["predictions"]), scenes).items() if k in ("object_f1", "exact_object_set")}
+            for side in ("before", "after")}
+
+        def right(caption: str, image: str) -> bool:  # the caption names exactly the scene's objects
+            return world_lib.object_scores({image: caption}, {image: scenes[image]})["exact_object_set"] == 1.0
+        results["scst"]["changed"] = [dict(c, objects_right_before=right(c["before"], c["image"]),
+                                           objects_right_after=right(c["after"], c["image"]))
+                                      for c in ctx.results["scst"]["changed"]]
     return results
 
 
@@ -133,15 +146,17 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
 def profile(data: str, out: str, args) -> List[str]:
     """run_all.py's arguments for the miniature world: the tiny models, short trainings, the converged captioners."""
     config = os.path.join(out, "short_training.json")
-    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(run_all.COMPARE_RUNS)}, distill=SHORT_STUDENT))
+    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(run_all.COMPARE_RUNS)}, distill=SHORT_STUDENT,
+                            scst=SHORT_SCST))
     return ["--data", rel(data), "--out", rel(out), "--methods", ",".join(METHODS), "--train-config", rel(config),
             "--train-max-images", str(SHORT_RUN_IMAGES), "--no-feature-cache",
             "--p1-model", rel(args.clip_config), "--p1-pretrained", rel(args.clip_weights),
             "--clip-model", rel(args.clip_config), "--clip-pretrained", rel(args.clip_weights),
             "--encoder", encoder_spec(), "--score-checkpoints", rel(args.captioners),
             "--device", "cpu", "--workers", "0", "--extra-stage", "miniworld.demo:world_stage",
-            "--with", "distill,compare", "--score-students", rel(args.captioners),
-            "--teacher-captions", str(train_captioners.TEACHER_CAPTIONS)]  # as the committed students saw
+            "--with", "distill,compare,scst", "--score-students", rel(args.captioners),
+            "--teacher-captions", str(train_captioners.TEACHER_CAPTIONS),  # as the committed students saw
+            "--scst-method", SCST_METHOD]
 
 
 def parse_args(argv=None):
@@ -152,7 +167,7 @@ def parse_args(argv=None):
     parser.add_argument("--clip-config", default=os.path.join(MODELS, "tiny_clip.json"), help="tiny CLIP config")
     parser.add_argument("--clip-weights", default=os.path.join(MODELS, "tiny_clip.pt"), help="tiny CLIP weights")
     parser.add_argument("--captioners", default=MODELS, help="folder of the converged checkpoints: p2_<method>.pt "
-                        "(the PEFT methods and the compare runs) and distill_<set>.pt")
+                        "(the PEFT methods and the compare runs), p2_<method>_scst.pt and distill_<set>.pt")
     parser.add_argument("run_all_args", nargs="*", help="more run_all.py arguments after --, e.g. -- --force p2")
     return parser.parse_args(argv)
 

@@ -67,6 +67,20 @@ def test_the_distill_stage_scores_the_committed_students(results):
     assert r["distill"]["creative"]["captions_per_image"] == 5
 
 
+def test_the_scst_stage_scores_the_committed_fine_tuned_checkpoint(results):
+    """--with scst: a short self-critical run from P2's best (the converged p2_lora.pt) trains, and the committed
+    p2_lora_scst.pt is scored "after", both sides with the world's object measures."""
+    out, r = results
+    scst = r["scst"]
+    assert scst["method"] == r["p2_best"]
+    assert os.path.abspath(scst["after"]["checkpoint"]) == os.path.join(demo.MODELS, "p2_%s_scst.pt" % scst["method"])
+    assert os.path.isfile(os.path.join(out, "scst", scst["method"], "train", "best.pt"))
+    for side in ("before", "after"):
+        for key in ("CIDEr", "CLIPScore", "BLEU-4", "object_f1", "exact_object_set"):
+            assert isinstance(scst[side][key], float), (side, key)
+    assert scst["settings"]["scst_epochs"] >= 1 and scst["settings"]["init_from"]
+
+
 def test_committed_models_work_on_the_small_world(results):
     """The small world is a few dozen images, so the bars here are looser than the full demo's (see README)."""
     _, r = results
@@ -109,16 +123,24 @@ def val_split(tmp_path_factory):
     return os.path.join(out, "p2", "images", "val")
 
 
-@pytest.mark.parametrize("method", demo.METHODS)
-def test_committed_checkpoints_give_the_committed_captions(val_split, method, tmp_path):
-    """The committed captioners, through p2_inference.py (hw3_2.sh's code) with its default decoding, caption the val
-    split exactly as the committed demo results say: in both test lanes, and across refactors of the code."""
+CAPTIONERS = [("p2_%s" % m, os.path.join("p2", m, "pred.json")) for m in demo.METHODS] + [
+    ("p2_lora_scst", os.path.join("scst", "lora", "pred.json"))]  # the scst stage's: the shipped decoding
+
+
+@pytest.mark.parametrize("name,committed", CAPTIONERS, ids=[c[0] for c in CAPTIONERS])
+def test_committed_checkpoints_give_the_committed_captions(val_split, name, committed, tmp_path):
+    """The committed captioners, through p2_inference.py (hw3_2.sh's code) with the decoding the demo scored them
+    with (p2: its default; scst: the shipped one), caption the val split exactly as the committed demo results say: in
+    both test lanes, and across refactors of the code."""
     out = str(tmp_path / "pred.json")
     models = os.path.join(ROOT, "miniworld", "models")
+    flags = []
+    if committed.startswith("scst"):
+        flags = run_all.decoding_flags(dict(read_json(os.path.join(COMMITTED, "results.json"))["p2_inference"]))
     p2_inference.main([val_split, out, os.path.join(models, "decoder_model.bin"), "--checkpoint",
-                       os.path.join(models, "p2_%s.pt" % method), "--device", "cpu", "--num-workers", "0",
-                       "--batch-size", "64"])
-    expected = read_json(os.path.join(COMMITTED, "p2", method, "pred.json"))
+                       os.path.join(models, name + ".pt"), "--device", "cpu", "--num-workers", "0",
+                       "--batch-size", "64"] + flags)
+    expected = read_json(os.path.join(COMMITTED, committed))
     got = read_json(out)
     assert len(expected) == generate.FULL["p2_val"]
     assert got == expected, [k for k in expected if got.get(k) != expected[k]][:5]

@@ -572,7 +572,7 @@ def test_compare_record_skips_and_its_trainings_are_reused(compared, tmp_path, c
 def test_with_names_only_optional_stages(finished, tmp_path, capsys):
     out, argv = finished
     code, err = run(argv_for(argv, out, copy_run(out, tmp_path)) + ["--with", "p3"], capsys)
-    assert code == 2 and "--with p3: not an opt-in stage (distill, compare)" in err
+    assert code == 2 and "--with p3: not an opt-in stage (distill, compare, scst)" in err
     code, err = run(argv_for(argv, out, copy_run(out, tmp_path / "again")) + ["--only", "compare"], capsys)
     assert code == 2 and "opt-in: add --with compare" in err
 
@@ -670,3 +670,141 @@ def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path
     assert open(again, "rb").read() == open(os.path.join(out, "distill", "teacher_creative.json"), "rb").read()
     other = run_all.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
     assert read_json(other)["annotations"] != read_json(again)["annotations"]
+
+
+# ----------------------------------------------------------------------------------------------- scst (opt-in)
+
+@pytest.fixture(scope="module")
+def tuned(finished, tmp_path_factory):
+    """The finished run's copy with --with scst (the demo's --scst-method lora): one short self-critical epoch from
+    lora's scored checkpoint (the committed converged one) and, scored in its place, the committed p2_lora_scst.pt;
+    then the world and the report."""
+    out, argv = finished
+    copy = copy_run(out, tmp_path_factory.mktemp("scst"))
+    argv = argv_for(argv, out, copy) + ["--with", "scst"]
+    config = argv[argv.index("--train-config") + 1]
+    short = read_json(config)
+    assert run_all.main(argv + ["--only", "scst,miniworld.demo:world_stage,report"]) == 0
+    return copy, argv, short
+
+
+def test_scst_is_opt_in(finished, capsys):
+    out, argv = finished
+    assert "scst" not in read_json(os.path.join(out, "results.json")) and not os.path.exists(os.path.join(out, "scst"))
+    code, err = run(argv + ["--only", "scst"], capsys)
+    assert code != 0 and "opt-in: add --with scst" in err
+
+
+def test_scst_fine_tunes_the_chosen_attempts_scored_checkpoint(tuned):
+    out, argv, short = tuned
+    results = read_json(os.path.join(out, "results.json"))
+    scst = results["scst"]
+    method = scst["method"]
+    assert method == argv[argv.index("--scst-method") + 1] == demo.SCST_METHOD
+    record = read_json(os.path.join(out, "scst", method, "train", run_all.TRAIN_DONE))
+    trained_argv = record["argv"]
+    init = trained_argv[trained_argv.index("--init-from") + 1]
+    assert os.path.abspath(init) == os.path.abspath(results["p2"][method]["checkpoint"])
+    assert trained_argv[trained_argv.index("--peft") + 1] == method and "0" == trained_argv[
+        trained_argv.index("--epochs") + 1]
+    assert trained_argv[trained_argv.index("--scst-epochs") + 1] == str(short["scst"]["scst_epochs"])
+    assert "<OUT>/p2/feature_cache" in trained_argv
+    trained = read_checkpoint_config(os.path.join(out, "scst", method, "train", "best.pt"))
+    assert trained["scst"]["scst_epochs"] == short["scst"]["scst_epochs"] and trained["phase"] in ("init", "scst")
+    assert [json.loads(line)["phase"] for line in open(os.path.join(out, "scst", method, "train", "log.jsonl"))
+            if '"kind": "epoch"' in line] == ["init"] + ["scst"] * short["scst"]["scst_epochs"]  # no cross-entropy
+    assert scst["settings"]["decoding"] == {k: v for k, v in results["p2_inference"].items() if k != "chosen_on"}
+    # --score-checkpoints: the committed fine-tuned checkpoint is the one scored "after", and ships
+    assert os.path.samefile(scst["after"]["checkpoint"], os.path.join(demo.MODELS, "p2_%s_scst.pt" % method))
+    shipped = read_checkpoint_config(os.path.join(out, "scst", "p2_scst.pt"))  # hw3_2.sh-ready, as p2_best is
+    assert shipped[search.INFERENCE_KEY] == results["p2_inference"] and scst["shipping"]["sha256"] == sha(
+        scst["after"]["checkpoint"])
+
+
+def test_scst_results_hold_before_and_after(tuned):
+    import metrics
+    from miniworld import world as world_lib
+
+    out, argv, _ = tuned
+    results = read_json(os.path.join(out, "results.json"))
+    scst = results["scst"]
+    data = argv[argv.index("--data") + 1]
+    scenes = {os.path.splitext(v["file_name"])[0]: [(o["color"], o["shape"]) for o in v["objects"]]
+              for v in read_json(os.path.join(data, "p2_data", "val_objects.json")).values()}
+    captions = {}
+    for side in ("before", "after"):
+        row = scst[side]
+        for key in ("CIDEr", "CLIPScore", "BLEU-4", "object_f1", "exact_object_set"):
+            assert isinstance(row[key], float), (side, key)
+        captions[side] = read_json(row["predictions"])
+        scores = metrics.evaluate(captions[side], os.path.join(data, "p2_data", "val.json"),
+                                  os.path.join(data, "p2_data", "images", "val"), metrics=("cider",))
+        assert row["CIDEr"] == pytest.approx(scores["CIDEr"]), side
+        assert row["object_f1"] == pytest.approx(world_lib.object_scores(captions[side], scenes)["object_f1"]), side
+    if scst["method"] == results["p2_best"]:  # "before" is P2's shipped captions: the decoding table's chosen row
+        chosen = [d for d in results["p2_decoding"] if run_all.setting_name(d) == run_all.setting_name(
+            results["p2_inference"])][0]
+        assert scst["before"]["CIDEr"] == pytest.approx(chosen["cider"])
+    else:  # captioned from the attempt's own checkpoint with the shipped decoding
+        assert scst["before"]["predictions"].endswith(os.path.join("scst", scst["method"], "before.json"))
+    for c in scst["changed"]:
+        assert captions["before"][c["image"]] == c["before"] != c["after"] == captions["after"][c["image"]]
+        assert isinstance(c["objects_right_before"], bool)
+    gains = [c["cider_after"] - c["cider_before"] for c in scst["changed"]]
+    ups, downs = [g for g in gains if g > 0], [g for g in gains if g < 0]
+    assert gains == ups + downs and ups == sorted(ups, reverse=True) and downs == sorted(downs)
+    assert len(ups) <= run_all.CHANGED_CAPTIONS[0] and len(downs) <= run_all.CHANGED_CAPTIONS[1]
+
+
+def test_scst_section_in_results_md_and_report(tuned):
+    out, _, _ = tuned
+    table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert "| scst: " in table and "| before |" in table and "| after |" in table
+    text = report_text(out)
+    for fragment in ("Self-critical fine-tuning", "CIDEr after / before", "exact set"):
+        assert fragment in text, fragment
+
+
+def test_scst_record_skips_and_its_training_is_reused(tuned, tmp_path, capsys):
+    out, argv, _ = tuned
+    copy = copy_run(out, tmp_path)
+    argv = argv_for(argv, out, copy)
+    code, err = run(argv, capsys)
+    assert code == 0 and "== scst: done earlier" in err
+    os.remove(pipeline.record_path(copy, "scst"))
+    code, err = run(argv + ["--only", "scst,report"], capsys)
+    method = read_json(os.path.join(copy, "results.json"))["scst"]["method"]
+    assert code == 0 and "scst: %s training finished earlier with these settings and data, skipping" % method in err
+
+
+def test_scst_options_are_checked_before_any_work(finished, tmp_path, capsys):
+    out, argv = finished
+    copy = copy_run(out, tmp_path)
+    config = str(tmp_path / "bad.json")
+    for entry, said in ((dict(scst_lr=0), "--scst-lr and --scst-temperature above 0"),
+                        (dict(init_from="x.pt"), "init_from set by run_all.py itself"),
+                        (dict(epochs=3), "epochs set by run_all.py itself"),
+                        (dict(scst_samples=1), "--scst-samples must be at least 2")):
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump(dict(read_json(argv[argv.index("--train-config") + 1]), scst=entry), f)
+        bad = argv_for(argv, out, copy) + ["--with", "scst"]
+        bad[bad.index("--train-config") + 1] = config
+        code, err = run(bad, capsys)
+        assert code == 2 and said in err and "scst" in err, (entry, err[-500:])
+        assert not os.path.exists(os.path.join(copy, "scst"))
+
+
+def test_option_flags_keep_zero_values():
+    """A --train-config value of 0 is passed on (it once compared equal to False and was dropped, so --epochs 0 and
+    "warmup_steps": 0 silently became p2_train.py's defaults)."""
+    assert run_all.option_flags(dict(epochs=0, warmup_steps=0.0, augment=True, no_amp=False, seed=None,
+                                     lora_targets=["a", "b"])) == [
+        "--epochs", "0", "--warmup-steps", "0.0", "--augment", "--lora-targets", "a,b"]
+
+
+def test_scst_method_must_be_an_attempt(finished, tmp_path, capsys):
+    out, argv = finished
+    bad = argv_for(argv, out, copy_run(out, tmp_path)) + ["--with", "scst"]
+    bad[bad.index("--scst-method") + 1] = "prompt"
+    code, err = run(bad, capsys)
+    assert code == 2 and "--scst-method prompt is not among --methods adapter,prefix,lora" in err
