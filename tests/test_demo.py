@@ -68,11 +68,11 @@ def test_the_distill_stage_scores_the_committed_students(results):
 
 
 def test_the_scst_stage_scores_the_committed_fine_tuned_checkpoint(results):
-    """--with scst: a short self-critical run from P2's best (the converged p2_lora.pt) trains, and the committed
-    p2_lora_scst.pt is scored "after", both sides with the world's object measures."""
+    """--with scst --scst-method lora: a short self-critical run from the converged p2_lora.pt trains, and the
+    committed p2_lora_scst.pt is scored "after", both sides with the world's object measures."""
     out, r = results
     scst = r["scst"]
-    assert scst["method"] == r["p2_best"]
+    assert scst["method"] == demo.SCST_METHOD  # --scst-method: the committed fine-tuned checkpoint's
     assert os.path.abspath(scst["after"]["checkpoint"]) == os.path.join(demo.MODELS, "p2_%s_scst.pt" % scst["method"])
     assert os.path.isfile(os.path.join(out, "scst", scst["method"], "train", "best.pt"))
     for side in ("before", "after"):
