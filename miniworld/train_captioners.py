@@ -64,7 +64,7 @@ TEACHER = os.path.join(MODELS, "p2_lora.pt")  # the demo's p2_best
 SHIPPED = os.path.join("results", "miniworld", "results.json")  # the demo's results: "p2_inference" is the decoding
 STUDENT = "gru_mean"  # the smallest classic captioner, with its ARCH_SETTINGS recipe (the committed students' pool)
 TEACHER_CAPTIONS = 5  # per training image, as the human sets have: the 5 best beams (precise), 5 draws (creative)
-SCST_EPOCHS, SCST_LR, SCST_SAMPLES = 1, 5e-4, 5  # the settings of the committed p2_lora_scst.pt
+SCST_EPOCHS, SCST_LR, SCST_SAMPLES = 4, 1e-4, 5  # the settings of the committed p2_lora_scst.pt
 
 
 def installed(method: str, scst: bool) -> str:
