@@ -9,6 +9,7 @@ import pytest
 
 import p2_inference
 import run_all
+import run_context
 from common import read_json
 from miniworld import demo, generate
 
@@ -136,7 +137,7 @@ def test_committed_checkpoints_give_the_committed_captions(val_split, name, comm
     models = os.path.join(ROOT, "miniworld", "models")
     flags = []
     if committed.startswith("scst"):
-        flags = run_all.decoding_flags(dict(read_json(os.path.join(COMMITTED, "results.json"))["p2_inference"]))
+        flags = run_context.decoding_flags(dict(read_json(os.path.join(COMMITTED, "results.json"))["p2_inference"]))
     p2_inference.main([val_split, out, os.path.join(models, "decoder_model.bin"), "--checkpoint",
                        os.path.join(models, name + ".pt"), "--device", "cpu", "--num-workers", "0",
                        "--batch-size", "64"] + flags)
