@@ -36,7 +36,8 @@ STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images"
                   distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
 STAGE_DATA["compare"] = STAGE_DATA["p2"]  # the same data and feature cache
 IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
-# Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
+# Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it. Every stage reads
+# it as run_context.DECODING_GRID (no copy by `from run_context import`), so one assignment changes it for all.
 DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
                  dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
                  dict(method="beam", beam_size=5, length_penalty=1.4))

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-import run_all
+import optional_stages
 import run_context
 from common import UserError, read_json, run_main, write_json
 from miniworld import generate
@@ -168,7 +168,7 @@ def teacher_flags(name: str) -> list:
     if name == "precise":
         return run_context.decoding_flags(shipped)
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
-    return run_context.decoding_flags(dict(lengths, **run_all.CREATIVE))
+    return run_context.decoding_flags(dict(lengths, **optional_stages.CREATIVE))
 
 
 def teacher_captions(world: str, env: dict, args) -> dict:

@@ -21,6 +21,7 @@ import pytest
 
 import p2_data
 import p2_train
+import optional_stages
 import pipeline
 import run_all
 import run_context
@@ -507,8 +508,8 @@ def compared(finished, tmp_path_factory):
     shutil.copytree(out, copy)
     config = str(tmp / "train_config.json")
     with open(config, "w", encoding="utf-8") as f:
-        json.dump(dict({m: demo.SHORT_RUN for m in run_all.METHODS},
-                       **{r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in run_all.COMPARE_RUNS}), f)
+        json.dump(dict({m: demo.SHORT_RUN for m in run_all.METHODS}, **{
+            r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}), f)
     argv = argv_for(argv, out, copy) + ["--with", "compare"]
     argv[argv.index("--train-config") + 1] = config
     assert run_all.main(argv) == 0
@@ -520,7 +521,7 @@ def test_compare_results_hold_every_architecture(compared):
     results = read_json(os.path.join(out, "results.json"))
     rows = results["compare"]
     assert set(rows) == {"gru", "attention-gru", "transformer", "gpt2"}
-    keys = run_all.ROW_KEYS + run_all.WORLD_SCORES + ("trainable_params", "train_seconds")
+    keys = optional_stages.ROW_KEYS + optional_stages.WORLD_SCORES + ("trainable_params", "train_seconds")
     for arch, row in rows.items():
         assert set(keys) <= set(row), arch
         assert row["CIDEr"] >= 0 and 0 <= row["object_f1"] <= 1 and row["trainable_params"] > 0, arch
@@ -533,13 +534,14 @@ def test_compare_results_hold_every_architecture(compared):
     assert rows["gpt2"]["CIDEr"] == pytest.approx(results["p2"][best]["cider"]) and rows["gpt2"]["peft"] == best
     assert rows["gpt2"]["trainable_params"] == results["p2"][best]["trainable_params"]
     ablation = results["ablation"]
-    assert [ablation[n]["attention_reg"] for n in run_all.ABLATION] == [1.0, 0.0]
+    assert [ablation[n]["attention_reg"] for n in optional_stages.ABLATION] == [1.0, 0.0]
     assert all(ablation[n]["CIDEr"] is not None and "pointing_game" in ablation[n] for n in ablation)
-    for run in run_all.COMPARE_RUNS:  # trained as P2's attempts are: the shared feature cache, a finished record
+    # trained as P2's attempts are: the shared feature cache, a finished record
+    for run in optional_stages.COMPARE_RUNS:
         record = read_json(os.path.join(out, "compare", run, "train", run_context.TRAIN_DONE))
         assert "<OUT>/p2/feature_cache" in record["argv"] and "--arch" in record["argv"], run
     assert "compare" in results["timings"]["stages"] and set(results["timings"]["compare_train"]) == set(
-        run_all.COMPARE_RUNS)
+        optional_stages.COMPARE_RUNS)
 
 
 def test_compare_section_in_results_md_and_report(compared):
@@ -566,7 +568,7 @@ def test_compare_record_skips_and_its_trainings_are_reused(compared, tmp_path, c
     os.remove(pipeline.record_path(copy, "compare"))
     code, err = run(argv + ["--only", "compare,report"], capsys)
     assert code == 0 and "== compare: starting" in err
-    for run_name in run_all.COMPARE_RUNS:
+    for run_name in optional_stages.COMPARE_RUNS:
         assert "compare: %s training finished earlier with these settings and data, skipping" % run_name in err
 
 
@@ -586,7 +588,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     p2 = os.path.join(world, "p2_data")
     config = str(tmp_path / "train_config.json")
     with open(config, "w", encoding="utf-8") as f:
-        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in run_all.COMPARE_RUNS}, f)
+        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}, f)
     profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
     models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
         "--encoder", profile[profile.index("--encoder") + 1]]
@@ -598,7 +600,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     assert code == 0, err[-3000:]
     assert "no gpt2 row" in err
     results = read_json(str(tmp_path / "out" / "results.json"))
-    assert set(results["compare"]) == set(run_all.COMPARE_ARCHS)
+    assert set(results["compare"]) == set(optional_stages.COMPARE_ARCHS)
     assert "p2" not in results and "p1_accuracy" not in results
     val, _ = p2_data.split_names(p2_data.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
     assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
@@ -642,7 +644,7 @@ def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
 def test_distill_students_differ_only_in_their_captions(distilled):
     out, _ = distilled
     argvs = {n: read_json(os.path.join(out, "distill", n, "train", run_context.TRAIN_DONE))["argv"]
-             for n in run_all.CAPTION_SETS}
+             for n in optional_stages.CAPTION_SETS}
     at = argvs["human"].index("--train-json") + 1
     assert len({a[at] for a in argvs.values()}) == 3
     assert all(a[:at] + a[at + 1:] == argvs["human"][:at] + argvs["human"][at + 1:] for a in argvs.values())
@@ -654,7 +656,7 @@ def test_distill_results_hold_every_measure(distilled):
     rows = read_json(os.path.join(out, "results.json"))["distill"]
     assert list(rows) == ["teacher", "human", "precise", "creative"]
     for name, row in rows.items():
-        for key in run_all.ROW_KEYS + ("object_f1", "captions_per_image"):
+        for key in optional_stages.ROW_KEYS + ("object_f1", "captions_per_image"):
             assert row.get(key) is not None or key == "METEOR", (name, key)
     assert rows["teacher"]["decoding"]["creative"]["temperature"] == 0.9
     assert rows["human"]["captions_per_image"] == 5 and rows["precise"]["captions_per_image"] == 1
@@ -665,11 +667,11 @@ def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path
     out, argv = distilled
     ctx = run_context.Context(run_all.parse_args(argv), argv)
     ctx.results = read_json(os.path.join(out, "results.json"))
-    creative = run_all.teacher_decodings(ctx)["creative"]
+    creative = optional_stages.teacher_decodings(ctx)["creative"]
     human = os.path.join(out, "p2", "train_subset.json")
-    again = run_all.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
+    again = optional_stages.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
     assert open(again, "rb").read() == open(os.path.join(out, "distill", "teacher_creative.json"), "rb").read()
-    other = run_all.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
+    other = optional_stages.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
     assert read_json(other)["annotations"] != read_json(again)["annotations"]
 
 
@@ -754,7 +756,7 @@ def test_scst_results_hold_before_and_after(tuned):
     gains = [c["cider_after"] - c["cider_before"] for c in scst["changed"]]
     ups, downs = [g for g in gains if g > 0], [g for g in gains if g < 0]
     assert gains == ups + downs and ups == sorted(ups, reverse=True) and downs == sorted(downs)
-    assert len(ups) <= run_all.CHANGED_CAPTIONS[0] and len(downs) <= run_all.CHANGED_CAPTIONS[1]
+    assert len(ups) <= optional_stages.CHANGED_CAPTIONS[0] and len(downs) <= optional_stages.CHANGED_CAPTIONS[1]
 
 
 def test_scst_section_in_results_md_and_report(tuned):
