@@ -40,9 +40,7 @@ world-only measures with --extra-stage.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
 import json
 import os
 import platform
@@ -56,31 +54,28 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import clip_utils
 import make_report
-import metrics
 import p1_clip_zeroshot
 import p1_templates
 import p2_data
-import p2_inference
 import p2_train
 import p3_visualize
 import pipeline
+import run_context
 import search
 from captioner import ARCHITECTURES, config_path, read_checkpoint_config
-from common import (UserError, atomic_write, check_image_file, file_sha256, list_images, progress, read_json,
-                    resolve_device, run_main, write_json)
+from common import UserError, atomic_write, check_image_file, list_images, progress, read_json, run_main, write_json
+from optional_stages import (CAPTION_SETS, CHANGED_CAPTIONS, COMPARE_RUNS, CREATIVE, SCST_SUITE, SUITE, check_compare,
+                             check_distill, check_scst, compare_argv, compare_table, distill_table, scst_argv,
+                             scst_method, scst_options, scst_table, stage_compare, stage_distill, stage_scst,
+                             student_argv)
+from run_context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, caption_and_score, checked_training,
+                         discard_unfinished_trainings, loss_log, merge, run_folder, scored_checkpoint, setting_name,
+                         ship, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
 OPTIONAL_STAGES = ("distill", "compare", "scst")  # run only when named in --with: GPU hours on the course's data
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
-DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
-            val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
-            decoder="p2_data/decoder_model.bin", p3_images="p3_data/images")
-STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
-                  p3=("p3_images", "val_images", "decoder"), report=(),
-                  distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
-STAGE_DATA["compare"] = STAGE_DATA["p2"]  # the same data and feature cache
-IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
              p2="train %s, score each on val (CIDEr, CLIPScore, parameters, time), tune the best one's decoding, "
                 "write OUT/p2/p2_best.{pt,json}",
@@ -92,150 +87,12 @@ ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts 
                      "precise and creative captions, each scored on val",
              scst="self-critical fine-tuning of the best PEFT attempt or --scst-method's (CIDEr-D reward, %s), scored before and "
                   "after with the shipped decoding (CIDEr, CLIPScore, BLEU-4), the captions that changed most")
-# Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it.
-DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
-                 dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
-                 dict(method="beam", beam_size=5, length_penalty=1.4))
 TOP5_IMAGES = 3
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
-# p2_train.py options that run_all sets itself, so a --train-config entry may not.
-# The compare stage's runs (issue 20): each is p2_train.py --arch with these options, which --train-config may not
-# change; --train-config's "gru", "attention-gru"... entries set the rest, over COMPARE_TRAINING.
-COMPARE_RUNS = {"gru": dict(arch="gru"), "attention-gru": dict(arch="attention-gru", attention_reg="1"),
-                "transformer": dict(arch="transformer"),
-                "attention-gru_reg0": dict(arch="attention-gru", attention_reg="0")}
-COMPARE_ARCHS = ("gru", "attention-gru", "transformer")  # results.json "compare" rows, with "gpt2" (the best PEFT)
-ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term on (1) and off (0)
-# From-scratch decoders learn their words too, so they want more epochs and a higher rate than PEFT (p2_train.py's
-# defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
-COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
-WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
-RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
-                   "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
-# The scst stage's rollouts on the course's data: p2_train.py's own defaults, two epochs (README: GPU time)
-SCST_TRAINING = dict(scst_epochs=2, scst_lr=2e-5, scst_samples=5, scst_baseline="mean")
-SCST_FIXED = ("init_from", "epochs")  # what makes the stage itself: from P2's best checkpoint, self-critical only
-SCST_SUITE = ("bleu", "cider", "clipscore")  # its before/after scores (metrics.py names)
-SCST_KEYS = ("CIDEr", "CLIPScore", "BLEU-4")
-CHANGED_CAPTIONS = (3, 2)  # the report's changed captions: the most improved by CIDEr, then the most worsened
-TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
 
-# ----------------------------------------------------------------------------------------------- context
-
-def merge(into: dict, fragment: dict) -> dict:
-    """Nested dicts merged key by key (a later stage adds measures to an earlier stage's rows)."""
-    for key, value in fragment.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            merge(into[key], value)
-        else:
-            into[key] = value
-    return into
-
-
-class Context:
-    """What every stage reads: the arguments, the paths, the device, the results so far; and how to say things."""
-
-    def __init__(self, args: argparse.Namespace, argv: List[str]):
-        self.args, self.argv = args, argv
-        self.out = args.out
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = str(resolve_device(args.device))
-        self.results: Dict[str, object] = {}
-        self.log_path = os.path.join(self.out, "run_all.log")
-        self.train_options: Dict[str, argparse.Namespace] = {}  # p2_train.py's parsed options per method
-        self._fingerprints: Dict[str, Optional[str]] = {}
-
-    def data(self, key: str) -> str:
-        if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
-            return dict(train_json=self.args.captions, val_json=self.args.captions, train_images=self.args.images,
-                        val_images=self.args.images, decoder=self.args.decoder_weights or "")[key]
-        return os.path.join(self.args.data, DATA[key])
-
-    def split_flags(self) -> List[str]:
-        """p2_inference.py's flags that caption only the val split of a --captions file (the one p2_train.py
-        validated on); none for the course's val folder."""
-        return ["--captions", self.args.captions, "--split", "val"] if self.args.captions else []
-
-    def val_split(self) -> Optional[str]:
-        """metrics.evaluate's split: the val share of a --captions file; the whole of the course's val.json."""
-        return "val" if self.args.captions else None
-
-    def _places(self):
-        """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
-        places = [(self.args.data.rstrip(os.sep) or os.sep, "<DATA>"), (self.out.rstrip(os.sep) or os.sep, "<OUT>")]
-        return sorted(places, key=lambda p: -len(p[0]))
-
-    def portable(self, obj):
-        """Paths in the data and output folders written as <DATA>/... and <OUT>/..., so stage and training records
-        hold no local path and stay true when a folder is moved or spelled differently."""
-        if isinstance(obj, str):
-            for prefix, name in self._places():
-                if obj == prefix or obj.startswith(prefix + os.sep):
-                    return name + obj[len(prefix):]
-            return obj
-        if isinstance(obj, dict):
-            return {self.portable(k): self.portable(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [self.portable(v) for v in obj]
-        return obj
-
-    def local(self, obj):
-        """portable() undone: <DATA> and <OUT> back to this run's folders."""
-        if isinstance(obj, str):
-            for prefix, name in self._places():
-                if obj == name or obj.startswith(name + os.sep):
-                    return prefix + obj[len(name):]
-            return obj
-        if isinstance(obj, dict):
-            return {self.local(k): self.local(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self.local(v) for v in obj]
-        return obj
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.out, *parts)
-
-    def forced(self, stage: str) -> bool:
-        return stage in self.args.force
-
-    def inputs(self, paths: List[str]) -> Dict[str, Optional[str]]:
-        """Fingerprints of input files and folders, each computed once per run."""
-        for path in paths:
-            if path not in self._fingerprints:
-                self._fingerprints[path] = pipeline.fingerprint(path)
-        return {p: self._fingerprints[p] for p in paths}
-
-    def log(self, **record) -> None:
-        if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(time=round(time.time(), 1), **record)) + "\n")
-
-    def say(self, text: str, **record) -> None:
-        print("== " + text, file=sys.stderr, flush=True)
-        self.log(event="say", text=text, **record)
-
-    def p1_flags(self) -> List[str]:
-        """P1's model and runtime flags, for every p1_clip_zeroshot.py run (an extra stage's too)."""
-        flags = ["--device", self.device, "--workers", str(self.args.workers)]
-        if self.args.p1_model:
-            flags += ["--model", self.args.p1_model]
-        if self.args.p1_pretrained:
-            flags += ["--pretrained", self.args.p1_pretrained]
-        return flags
-
-    def model_files(self) -> List[str]:
-        """Local model files named on the command line (tiny CLIPs, captioners to score): inputs like the data."""
-        a = self.args
-        names = [a.p1_model, a.p1_pretrained, a.clip_model, a.clip_pretrained]
-        return [n for n in names if n and os.path.isfile(n)]
-
-
-def steps(total: int, stage: str):
-    return progress(total=total, desc="stage %s" % stage, unit="step", position=None)
-
+# ----------------------------------------------------------------------------------------------- source
 
 def source_block(ctx: Context) -> dict:
     """Where every number of the report comes from: data, command, date, machine, library versions, commit."""
@@ -262,6 +119,17 @@ def source_block(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------------------------- checks first
 
+def check_train_config(ctx: Context) -> None:
+    """--train-config's entries name PEFT attempts of --methods, opt-in stages or compare runs: a misnamed entry
+    fails first thing, in one line (run_context.train_config checks the file's form)."""
+    config = train_config(ctx)
+    unknown = sorted(set(config) - set(ctx.args.methods) - set(OPTIONAL_STAGES) - set(COMPARE_RUNS))
+    if unknown:
+        raise UserError("training config %s names %s, not among --methods %s (nor the stages %s, nor the compare "
+                        "runs %s)" % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
+                                      ", ".join(OPTIONAL_STAGES), ", ".join(COMPARE_RUNS)))
+
+
 def check_train_options(ctx: Context) -> None:
     """Every --train-config entry through p2_train.py's own checks (argparse types, ranges, PEFT options), so a
     typo fails now, in one line, not after P1."""
@@ -271,23 +139,6 @@ def check_train_options(ctx: Context) -> None:
         argv = train_argv(ctx, method, ctx.data("train_json")) + ["--out", run_folder(ctx, method, "new")]
         where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else "p2_train.py --peft " + method
         ctx.train_options[method] = checked_training(ctx, argv, options, where)
-
-
-def checked_training(ctx: Context, argv: List[str], options: dict, where: str) -> argparse.Namespace:
-    """p2_train.py's arguments parsed and its decoder config built (nothing loaded); one line naming `where` if not."""
-    taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
-    if taken:
-        raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
-    with contextlib.redirect_stderr(io.StringIO()) as said:
-        try:
-            parsed = p2_train.parse_args(argv)
-            p2_train.decoder_config(parsed)
-        except SystemExit:  # argparse's error: its last line says which option and why
-            lines = [line for line in said.getvalue().splitlines() if line.strip()]
-            raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))
-        except UserError as err:
-            raise UserError("%s: %s" % (where, err)) from None
-    return parsed
 
 
 def check_images(ctx: Context, stages: List[str]) -> int:
@@ -360,189 +211,15 @@ def stage_p1(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------------------------- P2
 
-def train_config(ctx: Context) -> Dict[str, dict]:
-    """Per-attempt p2_train.py options from --train-config: {"lora": {"lr": 5e-4, "epochs": 8}, ...}."""
-    if not ctx.args.train_config:
-        return {}
-    config = read_json(ctx.args.train_config, "training config")
-    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
-        raise UserError("training config %s must be {method: {p2_train.py option: value}}, e.g. "
-                        "{\"lora\": {\"lr\": 0.0005, \"epochs\": 8}}" % ctx.args.train_config)
-    unknown = sorted(set(config) - set(ctx.args.methods) - set(OPTIONAL_STAGES) - set(COMPARE_RUNS))
-    if unknown:
-        raise UserError("training config %s names %s, not among --methods %s (nor the stages %s, nor the compare "
-                        "runs %s)" % (ctx.args.train_config, ", ".join(unknown), ",".join(ctx.args.methods),
-                                      ", ".join(OPTIONAL_STAGES), ", ".join(COMPARE_RUNS)))
-    return config
-
-
-def option_flags(options: dict) -> List[str]:
-    flags = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is not False and value is not None:  # 0 is a value (`0 in (False, None)` is true)
-            flags += [flag, ",".join(str(v) for v in value) if isinstance(value, list) else str(value)]
-    return flags
-
-
-def train_split(ctx: Context) -> str:
-    """train.json, or its first --train-max-images training images (a smoke run) written into OUT: a COCO file
-    as COCO, any other caption format as {file name: [captions]} of its train split."""
-    if not ctx.args.train_max_images:
-        return ctx.data("train_json")
-    data = read_json(ctx.data("train_json"), "annotation file")
-    caption_file = p2_data.read_captions(data, "annotation file")
-    if caption_file.format == "coco":
-        keep = {img["id"] for img in data["images"][:ctx.args.train_max_images]}
-        data = dict(data, images=[i for i in data["images"] if i["id"] in keep],
-                    annotations=[a for a in data["annotations"] if a["image_id"] in keep])
-    else:
-        split = p2_data.resolve_split(caption_file, None, "train")
-        names, _ = p2_data.split_names(caption_file, split, show=False)
-        data = {n: caption_file.captions[n] for n in names[:ctx.args.train_max_images]}
-    path = ctx.path("p2", "train_subset.json")
-    write_json(path, data, indent=None)
-    return path
-
-
 def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
     """p2_train.py's arguments for one attempt, without --out (the folder it trains in is run_all's choice)."""
     model = ["--decoder-weights", ctx.data("decoder"), "--peft", method]
     return trainer_argv(ctx, train_json, model, train_config(ctx).get(method, {}))
 
 
-def trainer_argv(ctx: Context, train_json: str, model: List[str], options: dict) -> List[str]:
-    """p2_train.py's arguments on the data folder: its captions (or `train_json`'s), the model flags, run_all's
-    runtime and the shared feature cache, then the --train-config entry's options."""
-    argv = ["--train-json", train_json, "--train-images", ctx.data("train_images"), "--val-json", ctx.data("val_json"),
-            "--val-images", ctx.data("val_images")] + model + ["--workers", str(ctx.args.workers), "--device",
-                                                               ctx.args.device]
-    if ctx.args.encoder:
-        argv += ["--encoder", ctx.args.encoder]
-    if ctx.args.clip_model:
-        argv += ["--clip-model", ctx.args.clip_model, "--clip-pretrained", ctx.args.clip_pretrained]
-    if not ctx.args.no_feature_cache:
-        argv += ["--feature-cache", ctx.path("p2", "feature_cache")]
-    return argv + option_flags(options)
-
-
-def run_folder(ctx: Context, method: str, which: str = "done", stage: str = "p2") -> str:
-    """OUT/STAGE/NAME/train (the finished training, the one scored) or train.new (one in progress, swapped in when
-    it ends) or train.old (the finished one for the moment of the swap); NAME is a PEFT method in p2."""
-    return ctx.path(stage, method, "train" if which == "done" else "train." + which)
-
-
-def restore_interrupted_swap(ctx: Context, method: str, stage: str = "p2") -> None:
-    """A kill between the two renames of a swap leaves train.old without train: put it back."""
-    done, old = run_folder(ctx, method, stage=stage), run_folder(ctx, method, "old", stage)
-    if os.path.isdir(old):
-        if os.path.isdir(done):
-            shutil.rmtree(old)
-        else:
-            os.replace(old, done)
-
-
-def swap_in(ctx: Context, method: str, stage: str = "p2") -> None:
-    """train.new -> train; the earlier finished training is removed only once the new one is in place."""
-    done, new, old = (run_folder(ctx, method, which, stage) for which in ("done", "new", "old"))
-    if os.path.isdir(done):
-        os.replace(done, old)
-    os.replace(new, done)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
-
-
-def discard_unfinished_trainings(ctx: Context, stage: str = "p2", names: Optional[List[str]] = None) -> None:
-    """With the stage done and still true, a train.new folder is a forced or abandoned training that was killed; a
-    rerun of it would start from its beginning, so it is removed."""
-    for method in ctx.args.methods if names is None else names:
-        restore_interrupted_swap(ctx, method, stage)
-        new = run_folder(ctx, method, "new", stage)
-        if os.path.isdir(new):
-            ctx.say("%s: %s: removing the unfinished training in %s (%s is done and still true without it)"
-                    % (stage, method, new, stage))
-            shutil.rmtree(new)
-
-
-def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
-    return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
-
-
-def finished_training(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Optional[dict]:
-    """The finished training's record when it was made with these arguments from these inputs and its checkpoint is
-    there; else None."""
-    folder = run_folder(ctx, method, stage=stage)
-    record_file = os.path.join(folder, TRAIN_DONE)
-    if not (os.path.isfile(record_file) and os.path.isfile(os.path.join(folder, "best.pt"))):
-        return None
-    record = read_json(record_file, "training record")
-    return record if record.get("argv") == argv and record.get("inputs") == inputs else None
-
-
 def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, bool]:
     """One PEFT attempt of the p2 stage (train_run)."""
     return train_run(ctx, method, train_argv(ctx, method, train_json), train_inputs(ctx))
-
-
-def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Tuple[float, bool]:
-    """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
-    same arguments and inputs (unless the stage is forced), resumed (--resume) when an interrupted one did, else
-    started afresh. Returns its seconds (as measured then, when skipped) and whether it trained now."""
-    record_argv = ctx.portable(argv)
-    new = run_folder(ctx, method, "new", stage)
-    if ctx.rank == 0:
-        restore_interrupted_swap(ctx, method, stage)
-    finished = finished_training(ctx, method, record_argv, inputs, stage)
-    if finished and not ctx.forced(stage):
-        ctx.say("%s: %s training finished earlier with these settings and data, skipping" % (stage, method))
-        return float(finished.get("seconds", 0.0)), False
-    started_file = os.path.join(new, "started.json")
-    resume = (not ctx.forced(stage) and os.path.isfile(started_file)
-              and read_json(started_file, "training start record") == dict(argv=record_argv, inputs=inputs))
-    if resume:
-        ctx.say("%s: %s training was interrupted: resuming it (p2_train.py --resume)" % (stage, method))
-    else:
-        if os.path.isdir(new) and ctx.rank == 0:
-            ctx.say("%s: %s: the unfinished training in %s (%s) is discarded" % (
-                stage, method, new, "forced" if ctx.forced(stage) else "other settings or data"))
-            shutil.rmtree(new)
-        if os.path.isdir(run_folder(ctx, method, stage=stage)):
-            ctx.say("%s: %s: the finished training in %s is kept until the new one ends" % (
-                stage, method, run_folder(ctx, method, stage=stage)))
-        if ctx.rank == 0:
-            write_json(started_file, dict(argv=record_argv, inputs=inputs))
-        ctx.say("%s: training %s (p2_train.py %s)" % (stage, method, " ".join(shlex.quote(a) for a in argv)))
-    started = time.time()
-    p2_train.main(argv + ["--out", new] + (["--resume"] if resume else []))
-    seconds = time.time() - started
-    if ctx.rank == 0:
-        write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=inputs, seconds=round(seconds, 1),
-                                                      repeatable_seconds=repeatable_seconds(new, seconds, resume)))
-        os.remove(started_file)
-        swap_in(ctx, method, stage)
-    return seconds, True
-
-
-def repeatable_seconds(folder: str, seconds: float, resumed: bool) -> Optional[float]:
-    """The part of a training that another attempt repeats: loading the models (p2_train's "setup_seconds") and
-    everything after its "start" line, which is written once the data are ready; what lies between, filling the
-    feature cache, is done once for all attempts. None when unknown (resumed, or an older log)."""
-    if resumed:
-        return None
-    for line in loss_log(folder):
-        if line.get("kind") == "start" and "time" in line:
-            return round(max(0.0, time.time() - float(line["time"])) + float(line.get("setup_seconds", 0.0)), 1)
-    return None
-
-
-def loss_log(folder: str) -> List[dict]:
-    log = os.path.join(folder, "log.jsonl")
-    if not os.path.isfile(log):
-        return []
-    with open(log, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) -> str:
@@ -581,59 +258,6 @@ def plot_curves(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
-    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt
-    (DIR/p2_RUN.pt for compare, DIR/p2_METHOD_scst.pt for scst; --score-students DIR/distill_SET.pt)."""
-    path = scored_path(ctx, method, stage)
-    option, folder = ("--score-students", ctx.args.score_students) if stage == "distill" else (
-        "--score-checkpoints", ctx.args.score_checkpoints)
-    if folder and not (os.path.isfile(path) and os.path.isfile(config_path(path))):
-        raise UserError("%s %s has no %s with its .json" % (option, folder, os.path.basename(path)))
-    return path
-
-
-def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
-    """scored_checkpoint's path, not checked; the compare runs' are p2_RUN.pt beside the PEFT attempts', the
-    self-critical ones p2_METHOD_scst.pt."""
-    folder = ctx.args.score_students if stage == "distill" else ctx.args.score_checkpoints
-    if not folder:
-        return os.path.join(run_folder(ctx, method, stage=stage), "best.pt")
-    return os.path.join(folder, "%s_%s%s.pt" % ("distill" if stage == "distill" else "p2", method,
-                                                "_scst" if stage == "scst" else ""))
-
-
-def decoding_flags(settings: dict) -> List[str]:
-    """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
-    flags, sampling its own."""
-    flags = ["--method", settings["method"], "--max-len", str(settings["max_len"]), "--min-len",
-             str(settings["min_len"]), "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
-    if settings["method"] == "beam":
-        flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
-    if settings["method"] == "sample":
-        flags += [f for key in search.SAMPLING_DEFAULTS
-                  for f in ("--" + key.replace("_", "-"), str(settings.get(key, search.SAMPLING_DEFAULTS[key])))]
-    return flags
-
-
-def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
-                      names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
-    """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
-    scoring of `names`) with the CLIP loaded once."""
-    p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
-                      + decoding_flags(settings))
-    return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device, metrics=names, split=ctx.val_split())
-
-
-def setting_name(settings: dict) -> str:
-    if settings["method"] == "greedy":
-        return "greedy"
-    if settings["method"] == "sample":
-        return "sample_t%g" % settings["temperature"]
-    return "beam%d_lp%g" % (settings["beam_size"], settings["length_penalty"])
-
-
 def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> dict:
     """What the report's "best setting" lists: the method's own PEFT options (as the checkpoint was built), and the
     training's learning rate, epochs and batch size when this run trained the scored checkpoint."""
@@ -649,7 +273,7 @@ def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> d
 
 def stage_p2(ctx: Context) -> dict:
     methods = ctx.args.methods
-    grid = [dict(search.DECODE_DEFAULTS, **g) for g in DECODING_GRID]
+    grid = [dict(search.DECODE_DEFAULTS, **g) for g in run_context.DECODING_GRID]
     with steps(3 * len(methods) + len(grid) - 1, "p2") as bar:
         train_json = train_split(ctx)
         train_seconds, estimated = {}, False
@@ -721,18 +345,6 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
     return table, chosen
 
 
-def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None) -> dict:
-    """OUT/p2/p2_best.{pt,json} (or `dest`): the best checkpoint with its chosen decoding under "inference" (checked
-    as hw3_2.sh will read it), and what RELEASE in hw3_download.py needs."""
-    dest = dest or ctx.path("p2", "p2_best.pt")
-    with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
-        shutil.copyfileobj(src, f)
-    meta = dict(read_checkpoint_config(checkpoint), **{search.INFERENCE_KEY: chosen})
-    search.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
-    write_json(config_path(dest), meta)
-    return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))
-
-
 # ----------------------------------------------------------------------------------------------- P3
 
 def stage_p3(ctx: Context) -> dict:
@@ -748,328 +360,6 @@ def stage_p3(ctx: Context) -> dict:
     figures = read_json(ctx.path("p3", "best_worst", "attention.json"))["figures"]
     return dict(p3_best_worst=[dict(image=e["image"], caption=e["caption"], clipscore=e["score"]) for e in figures],
                 files=dict(p3_index="p3/index.md", p3_best_worst="p3/best_worst/attention.json"), outputs=["p3"])
-
-
-# ----------------------------------------------------------------------------------------------- distill
-
-CAPTION_SETS = ("human", "precise", "creative")  # what each distill student trains on
-CREATIVE = dict(method="sample", temperature=0.9, top_k=0, top_p=1.0, seed=0)  # seed 004 section 4's "creative"
-SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # each distill and compare row's scores (metrics.py names)
-ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
-
-
-def student_argv(ctx: Context, train_json: str) -> List[str]:
-    """One distill student's p2_train.py arguments: only the captions (`train_json`) differ between the three."""
-    model = ["--arch", ctx.args.student_arch] + (["--decoder-weights", ctx.data("decoder")]
-                                                if ctx.args.student_arch == "gpt2" else [])
-    return trainer_argv(ctx, train_json, model, train_config(ctx).get("distill", {}))
-
-
-def check_distill(ctx: Context) -> None:
-    """The student's options through p2_train.py's checks, and the committed students when they are scored."""
-    options = train_config(ctx).get("distill", {})
-    where = "--train-config %s: distill" % ctx.args.train_config if options else "--student-arch"
-    checked_training(ctx, student_argv(ctx, ctx.data("train_json")) + ["--out", ctx.path("distill")], options, where)
-    if ctx.args.score_students:
-        for name in CAPTION_SETS:
-            scored_checkpoint(ctx, name, "distill")
-
-
-def teacher_decodings(ctx: Context) -> Dict[str, dict]:
-    """precise: the shipped decoding (hw3_2.sh's with p2_best), at most its beam size in captions per image (one if
-    greedy was chosen); creative: sampling at 0.9 with its lengths."""
-    shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
-    lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
-    beams = shipped["beam_size"] if shipped["method"] == "beam" else 1
-    return dict(precise=dict(shipped, captions_per_image=min(ctx.args.teacher_captions, beams)),
-                creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
-
-
-def teacher_captions(ctx: Context, settings: dict, human: str, path: str) -> str:
-    """p2_best's captions of the training images `human` names, as a COCO file p2_train.py reads (--format coco)."""
-    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint",
-                       ctx.results["p2_shipping"]["checkpoint"], "--captions", human, "--split", "all", "--format",
-                       "coco", "--captions-per-image", str(settings["captions_per_image"]), "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
-    return path
-
-
-def shipped_predictions(ctx: Context) -> str:
-    """p2_best's val captions with its shipped decoding, as the p2 stage wrote them."""
-    chosen, best = ctx.results["p2_inference"], ctx.results["p2_best"]
-    if setting_name(chosen) == setting_name(dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])):
-        return ctx.path("p2", best, "pred.json")
-    return ctx.path("p2", "decoding", setting_name(chosen) + ".json")
-
-
-def distill_row(scores: dict, captions_per_image: float, predictions: str) -> dict:
-    """object_f1 is the miniature world's (its extra stage fills it in); None on other data."""
-    return dict({k: scores.get(k) for k in ROW_KEYS}, object_f1=None, captions_per_image=captions_per_image,
-                predictions=predictions)
-
-
-def stage_distill(ctx: Context) -> dict:
-    """Seed 004 section 4 on this data: p2_best's precise and creative captions of the training images, and one
-    student trained on each caption set and on the human captions, alike but for --train-json."""
-    human = train_split(ctx)
-    decodings = teacher_decodings(ctx)
-    human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
-    per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
-                     **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
-    with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
-        captions = dict(human=human)
-        for name in ("precise", "creative"):
-            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name))
-            bar.update(1)
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
-        teacher_pred = shipped_predictions(ctx)
-        rows = dict(teacher=dict(distill_row(metrics.evaluate(
-            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
-            ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
-            decoding=decodings))
-        seconds = {}
-        for name in CAPTION_SETS:
-            inputs = dict(train_inputs(ctx), captions=pipeline.fingerprint(captions[name]))
-            seconds[name] = round(train_run(ctx, name, student_argv(ctx, captions[name]), inputs, "distill")[0], 1)
-            bar.update(1)
-            checkpoint, pred = scored_checkpoint(ctx, name, "distill"), ctx.path("distill", name, "pred.json")
-            scores = caption_and_score(ctx, checkpoint, search.DECODE_DEFAULTS, pred, clip, SUITE)
-            rows[name] = dict(distill_row(scores, per_image[name], pred), checkpoint=checkpoint,
-                              arch=ctx.args.student_arch)
-            bar.update(1)
-    outputs = ["distill/teacher_precise.json", "distill/teacher_creative.json"]
-    outputs += ["distill/%s/%s" % (n, f) for n in CAPTION_SETS
-                for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
-    return dict(distill=rows, timings=dict(distill_train=seconds), outputs=outputs)
-
-
-# ----------------------------------------------------------------------------------------------- compare
-
-def compare_argv(ctx: Context, run: str, train_json: str) -> List[str]:
-    """One compare run's p2_train.py arguments: its architecture (COMPARE_RUNS), then COMPARE_TRAINING under its
-    --train-config entry, on P2's data and feature cache."""
-    options = dict(COMPARE_TRAINING, **train_config(ctx).get(run, {}))
-    return trainer_argv(ctx, train_json, option_flags(COMPARE_RUNS[run]), options)
-
-
-def check_compare(ctx: Context) -> None:
-    """Each run's options through p2_train.py's checks; what makes a run itself may not be changed."""
-    for run, fixed in COMPARE_RUNS.items():
-        options = train_config(ctx).get(run, {})
-        where = "--train-config %s: %s" % (ctx.args.train_config, run) if options else "compare run " + run
-        taken = sorted(k for k in options if k.replace("-", "_") in fixed)
-        if taken:
-            raise UserError("%s: %s set by run_all.py itself (the run's definition)" % (where, ", ".join(taken)))
-        argv = compare_argv(ctx, run, ctx.data("train_json")) + ["--out", run_folder(ctx, run, "new", "compare")]
-        ctx.train_options[run] = checked_training(ctx, argv, options, where)
-        if ctx.args.score_checkpoints:
-            scored_checkpoint(ctx, run, "compare")
-
-
-def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[float], **about) -> dict:
-    """One row of results.json "compare": the metric suite (METEOR None without Java), the world-only measures as
-    None (the demo's world stage fills them), parameters and training time (the scored checkpoint's own record when
-    it has one, as the committed world checkpoints do; else this run's training), then what it is."""
-    return dict({k: scores.get(k) for k in ROW_KEYS}, **{k: None for k in WORLD_SCORES},
-                trainable_params=trainable_params, train_seconds=train_seconds, **about)
-
-
-def stage_compare(ctx: Context) -> dict:
-    """Issue 20: each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap),
-    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt."""
-    default = dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])
-    with steps(2 * len(COMPARE_RUNS) + 1, "compare") as bar:
-        train_json = train_split(ctx)
-        seconds = {}
-        for run in COMPARE_RUNS:
-            seconds[run] = round(train_run(ctx, run, compare_argv(ctx, run, train_json), train_inputs(ctx),
-                                           "compare")[0], 1)
-            bar.update(1)
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
-        rows = {}
-        for run in COMPARE_RUNS:
-            checkpoint = scored_checkpoint(ctx, run, "compare")
-            ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
-            scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
-            meta = read_checkpoint_config(checkpoint)
-            reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
-            # the training time the scored checkpoint records; this run's only when it is this run's checkpoint
-            took = meta.get("train_seconds", None if ctx.args.score_checkpoints else seconds[run])
-            rows[run] = compare_row(scores, meta["trainable_parameters"], took, checkpoint=checkpoint,
-                                    arch=meta["arch"], attention_reg=reg)
-            bar.update(1)
-        compare = {run: rows[run] for run in COMPARE_ARCHS}
-        best = ctx.results.get("p2_best")
-        if best:
-            ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
-            p2_row = ctx.results["p2"][best]
-            scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
-                                      clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
-            seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
-            if seconds_then is None and not ctx.args.score_checkpoints:  # the scored checkpoint is this training's
-                seconds_then = ctx.results["timings"]["p2_train"][best]
-            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"], seconds_then,
-                                          checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
-        else:
-            ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
-        bar.update(1)
-    ablation = {run: dict(attention_reg=rows[run]["attention_reg"], CIDEr=rows[run]["CIDEr"], pointing_game=None,
-                          arch=rows[run]["arch"], checkpoint=rows[run]["checkpoint"]) for run in ABLATION}
-    outputs = ["compare/%s/%s" % (run, f) for run in COMPARE_RUNS
-               for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
-    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
-
-
-def compare_table(results: dict) -> str:
-    """results.md's compare section: one row per architecture, the seed's table beside it, the ablation."""
-    rows, ablation = results["compare"], results.get("ablation") or {}
-    columns = ROW_KEYS + WORLD_SCORES
-
-    def number(value) -> str:
-        return "-" if value is None else "%.4f" % value
-
-    lines = ["| architecture | %s | trainable params | training s |" % " | ".join(columns),
-             "| --- " * (len(columns) + 3) + "|"]
-    for arch, r in rows.items():
-        lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
-                                                " | ".join(number(r.get(k)) for k in columns),
-                                                "{:,}".format(r["trainable_params"]),
-                                                "-" if r.get("train_seconds") is None else r["train_seconds"]))
-    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |"
-              % make_report.COMPARE_SEED_CITATION,
-              "| --- | --- | --- | --- |"]
-    lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
-              for model, arch, cider in make_report.COMPARE_SEED_TABLE]
-    if ablation:
-        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
-        lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
-                                             number(a.get("pointing_game"))) for name, a in ablation.items()]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- scst
-
-def scst_options(ctx: Context) -> dict:
-    """SCST_TRAINING under the --train-config "scst" entry."""
-    return dict(SCST_TRAINING, **train_config(ctx).get("scst", {}))
-
-
-def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> List[str]:
-    """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt: the model of the checkpoint `init`
-    (p2_train.model_flags: --init-from fits even when it is a --score-checkpoints one), the attempt's training
-    options but its model's, no cross-entropy epoch, then the scst options. `init` None: the attempt's own model,
-    checked as one epoch of cross-entropy (the checkpoint does not exist before P2 has run)."""
-    options = dict(train_config(ctx).get(method, {}), epochs=0 if init else 1, **scst_options(ctx))
-    model = ["--decoder-weights", ctx.data("decoder")]
-    if init:
-        model += p2_train.model_flags(read_checkpoint_config(init)) + ["--init-from", init]
-        options = {k: v for k, v in options.items() if k.replace("-", "_") not in p2_train.ARCH_OPTIONS["gpt2"]}
-    else:
-        model += ["--peft", method]
-    return trainer_argv(ctx, train_json, model, options)
-
-
-def check_scst(ctx: Context) -> None:
-    """The scst options through p2_train.py's checks with each attempt's (any may turn out best; --scst-method's
-    alone when given); with --score-checkpoints, DIR/p2_<method>_scst.pt now when --scst-method names it, else once
-    P2 has named the best (stage_inputs)."""
-    options = train_config(ctx).get("scst", {})
-    where = "--train-config %s: scst" % ctx.args.train_config if options else "the scst stage"
-    taken = sorted(k for k in options if k.replace("-", "_") in SCST_FIXED)
-    if taken:
-        raise UserError("%s: %s set by run_all.py itself (it fine-tunes P2's best checkpoint)" % (where, ", ".join(taken)))
-    for method in [ctx.args.scst_method] if ctx.args.scst_method else ctx.args.methods:
-        argv = scst_argv(ctx, method, ctx.data("train_json"), None) + ["--out", run_folder(ctx, method, "new", "scst")]
-        checked_training(ctx, argv, options, where)
-    if ctx.args.score_checkpoints and ctx.args.scst_method:
-        scored_checkpoint(ctx, ctx.args.scst_method, "scst")
-
-
-def scst_method(ctx: Context) -> Optional[str]:
-    """The attempt the scst stage fine-tunes: --scst-method, else P2's best (None before P2 has run)."""
-    return ctx.args.scst_method or ctx.results.get("p2_best")
-
-
-def scst_row(scores: dict, checkpoint: str, predictions: str) -> dict:
-    """One side of results.json "scst": the scores, the world-only ones as None (the demo's world stage fills them)."""
-    return dict({k: scores.get(k) for k in SCST_KEYS}, object_f1=None, exact_object_set=None, checkpoint=checkpoint,
-                predictions=predictions)
-
-
-def changed_captions(before: dict, after: dict, most: Tuple[int, int] = CHANGED_CAPTIONS) -> List[dict]:
-    """The val images whose caption changed: the `most[0]` most improved by per-image CIDEr, then the `most[1]` most
-    worsened (ties by image name)."""
-    rows = [dict(image=k, before=before[k]["caption"], after=after[k]["caption"], cider_before=before[k]["cider"],
-                 cider_after=after[k]["cider"]) for k in sorted(before)
-            if k in after and before[k]["caption"] != after[k]["caption"]]
-    gains = sorted(rows, key=lambda r: (r["cider_before"] - r["cider_after"], r["image"]))
-    better = [r for r in gains if r["cider_after"] > r["cider_before"]][:most[0]]
-    worse = [r for r in reversed(gains) if r["cider_after"] < r["cider_before"]][:most[1]]
-    return better + worse
-
-
-def stage_scst(ctx: Context) -> dict:
-    """Issue 22: P2's best attempt fine-tuned by self-critical training (p2_train.py --init-from its scored
-    checkpoint --epochs 0 --scst-epochs N, through train.new and the swap), both scored on val with the shipped
-    decoding: results.json "scst" with "before" and "after"."""
-    best, shipped = scst_method(ctx), ctx.results["p2_inference"]
-    decoding = {k: v for k, v in shipped.items() if k != "chosen_on"}
-    init = ctx.results["p2"][best]["checkpoint"]
-    with steps(3, "scst") as bar:
-        train_json = train_split(ctx)
-        inputs = dict(train_inputs(ctx), init_from=pipeline.fingerprint(init))
-        seconds, _ = train_run(ctx, best, scst_argv(ctx, best, train_json, init), inputs, "scst")
-        bar.update(1)
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
-        if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
-            before_pred = shipped_predictions(ctx)
-            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, before_pred,
-                                                                            setting_name(decoding)))
-            before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                                      device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
-        else:
-            before_pred = ctx.path("scst", best, "before.json")
-            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
-            before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
-        bar.update(1)
-        checkpoint, pred = scored_checkpoint(ctx, best, "scst"), ctx.path("scst", best, "pred.json")
-        ctx.say("scst: scoring %s after (%s)" % (best, checkpoint))
-        after = caption_and_score(ctx, checkpoint, decoding, pred, clip, SCST_SUITE)
-        bar.update(1)
-    meta = read_checkpoint_config(checkpoint)
-    took = meta.get("train_seconds", None if ctx.args.score_checkpoints else round(seconds, 1))
-    settings = dict(meta.get("scst") or {}, init_from=init, method=best, decoding=decoding, train_seconds=took,
-                    best_epoch=meta.get("epoch"), phase=meta.get("phase"))
-    shipping = ship(ctx, checkpoint, shipped, ctx.path("scst", "p2_scst.pt"))  # hw3_2.sh-ready, as p2_best is
-    scst = dict(method=best, settings=settings, before=scst_row(before, init, before_pred),
-                after=scst_row(after, checkpoint, pred), shipping=shipping,
-                changed=changed_captions(before["per_image"], after["per_image"]))
-    if (after["CIDEr"] or 0) > (before["CIDEr"] or 0):
-        ctx.say("scst: CIDEr %.4f after against %.4f before: %s (+ .json) ships in place of p2_best.pt if you "
-                "prefer it (--install copies p2_best)" % (after["CIDEr"], before["CIDEr"], shipping["checkpoint"]))
-    outputs = ["scst/p2_scst.pt", "scst/p2_scst.json"] + ["scst/%s/%s" % (best, f) for f in (
-        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if best == ctx.results["p2_best"] else [
-            os.path.relpath(before_pred, ctx.out)])
-    return dict(scst=scst, timings=dict(scst_train=round(seconds, 1)), outputs=outputs)
-
-
-def scst_table(scst: dict) -> str:
-    """results.md's scst section: before and after, then the captions that changed."""
-    keys = SCST_KEYS + ("object_f1", "exact_object_set")
-    lines = ["| scst: %s | %s |" % (scst["method"], " | ".join(k.replace("_", " ") for k in keys)),
-             "| --- " * (1 + len(keys)) + "|"]
-    for side in ("before", "after"):
-        row = scst[side]
-        lines.append("| %s | %s |" % (side, " | ".join("-" if row.get(k) is None else "%.4f" % row[k] for k in keys)))
-    s = scst["settings"]
-    lines += ["", "settings: %s" % ", ".join("%s %s" % (k, s[k]) for k in sorted(s) if k not in ("decoding",))]
-    for c in scst.get("changed") or []:
-        lines.append("- %s: \"%s\" (CIDEr %.3f) -> \"%s\" (%.3f)" % (c["image"], c["before"], c["cider_before"],
-                                                                    c["after"], c["cider_after"]))
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -1109,17 +399,6 @@ def results_table(results: dict) -> str:
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
             results.get("pointing_trials"))]
     return "\n".join(lines) + "\n"
-
-
-def distill_table(rows: dict) -> str:
-    """The distill stage's table: the teacher and the three students, each scored on val's human references."""
-    keys = ROW_KEYS + ("object_f1", "captions_per_image")
-    lines = ["| distill: trained on | %s |" % " | ".join(k.replace("_", " ") for k in keys), "| --- " * (1 + len(keys))
-             + "|"]
-    for name, row in rows.items():
-        label = "(the teacher, %s)" % setting_name(row["decoding"]["precise"]) if name == "teacher" else name
-        lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
-    return "\n".join(lines)
 
 
 def report_name(ctx: Context) -> str:
@@ -1168,14 +447,14 @@ def stage_settings(ctx: Context, stage: str) -> dict:
         return dict(flags=ctx.p1_flags())
     if stage == "p2":
         return dict(train=[train_argv(ctx, m, "") for m in a.methods], train_max_images=a.train_max_images,
-                    score_checkpoints=a.score_checkpoints, grid=DECODING_GRID)
+                    score_checkpoints=a.score_checkpoints, grid=run_context.DECODING_GRID)
     if stage == "p3":
         return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
     if stage == "compare":  # and P2's best attempt, whose row it copies
         best = ctx.results.get("p2_best")
         return dict(train=[compare_argv(ctx, run, "") for run in COMPARE_RUNS], train_max_images=a.train_max_images,
-                    score_checkpoints=a.score_checkpoints, decoding=DECODING_GRID[0], metrics=SUITE, p2_best=best,
-                    p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
+                    score_checkpoints=a.score_checkpoints, decoding=run_context.DECODING_GRID[0], metrics=SUITE,
+                    p2_best=best, p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
     if stage == "distill":
         return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
                     inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
@@ -1445,6 +724,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     ctx = Context(args, argv)
+    check_train_config(ctx)
     stages = stage_list(ctx)
     selected = choose_stages(ctx, [s[0] for s in stages])
     if ctx.rank != 0:  # under torchrun: the other ranks join each training and leave the rest to rank 0

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Dict, List
 
+import optional_stages
 import p1_clip_zeroshot
 import run_all
 from captioner import no_attention_reason
@@ -123,7 +124,7 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
     "compare" rows and "ablation"; gpt2's are P2's best attempt's, measured above."""
     rows = results["compare"] = {}
     ablation = results["ablation"] = {}
-    for name in run_all.COMPARE_RUNS:
+    for name in optional_stages.COMPARE_RUNS:
         f1 = world_lib.object_scores(read_json(ctx.path("compare", name, "pred.json")), scenes)
         row = dict(object_f1=f1["object_f1"], exact_object_set=f1["exact_object_set"], pointing_game=None)
         scored = ctx.results["compare"].get(name) or ctx.results["ablation"][name]
@@ -136,9 +137,9 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
                            scored["checkpoint"], "--decoder", ctx.data("decoder"), "--device", ctx.args.device])
             row["pointing_game"] = read_json(out).get("pointing_game")
             results["outputs"].append(os.path.relpath(out, ctx.out))
-        if name in run_all.COMPARE_ARCHS:
+        if name in optional_stages.COMPARE_ARCHS:
             rows[name] = row
-        if name in run_all.ABLATION:
+        if name in optional_stages.ABLATION:
             ablation[name] = dict(pointing_game=row["pointing_game"])
     rows["gpt2"] = dict(results["p2"][ctx.results["p2_best"]], pointing_game=results["pointing_game"])
 
@@ -146,8 +147,8 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
 def profile(data: str, out: str, args) -> List[str]:
     """run_all.py's arguments for the miniature world: the tiny models, short trainings, the converged captioners."""
     config = os.path.join(out, "short_training.json")
-    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(run_all.COMPARE_RUNS)}, distill=SHORT_STUDENT,
-                            scst=SHORT_SCST))
+    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(optional_stages.COMPARE_RUNS)},
+                            distill=SHORT_STUDENT, scst=SHORT_SCST))
     return ["--data", rel(data), "--out", rel(out), "--methods", ",".join(METHODS), "--train-config", rel(config),
             "--train-max-images", str(SHORT_RUN_IMAGES), "--no-feature-cache",
             "--p1-model", rel(args.clip_config), "--p1-pretrained", rel(args.clip_weights),

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-import run_all
+import optional_stages
+import run_context
 from common import UserError, read_json, run_main, write_json
 from miniworld import generate
 from miniworld.train_vit import spec as encoder_spec
@@ -165,9 +166,9 @@ def teacher_flags(name: str) -> list:
     """precise: the teacher's shipped decoding; creative: run_all's sampling at 0.9 with the same lengths."""
     shipped = {k: v for k, v in read_json(SHIPPED, "the demo's results")["p2_inference"].items() if k != "chosen_on"}
     if name == "precise":
-        return run_all.decoding_flags(shipped)
+        return run_context.decoding_flags(shipped)
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
-    return run_all.decoding_flags(dict(lengths, **run_all.CREATIVE))
+    return run_context.decoding_flags(dict(lengths, **optional_stages.CREATIVE))
 
 
 def teacher_captions(world: str, env: dict, args) -> dict:

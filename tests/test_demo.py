@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+import optional_stages
 import p2_inference
-import run_all
+import run_context
 from common import read_json
 from miniworld import demo, generate
 
@@ -33,7 +34,7 @@ def test_results_hold_every_promised_figure(results):
         assert 0.0 <= r[key] <= 1.0, key
     assert set(r["p2"]) == set(demo.METHODS)
     assert set(r["compare"]) == {"gru", "attention-gru", "transformer", "gpt2"} and set(r["ablation"]) == set(
-        run_all.ABLATION)
+        optional_stages.ABLATION)
     for arch, scores in r["compare"].items():
         assert 0 <= scores["object_f1"] <= 1 and scores["CIDEr"] >= 0 and scores["trainable_params"] > 0, arch
         assert scores["pointing_game"] is None if arch == "gru" else scores["pointing_game"] is None or 0 <= scores[
@@ -136,7 +137,7 @@ def test_committed_checkpoints_give_the_committed_captions(val_split, name, comm
     models = os.path.join(ROOT, "miniworld", "models")
     flags = []
     if committed.startswith("scst"):
-        flags = run_all.decoding_flags(dict(read_json(os.path.join(COMMITTED, "results.json"))["p2_inference"]))
+        flags = run_context.decoding_flags(dict(read_json(os.path.join(COMMITTED, "results.json"))["p2_inference"]))
     p2_inference.main([val_split, out, os.path.join(models, "decoder_model.bin"), "--checkpoint",
                        os.path.join(models, name + ".pt"), "--device", "cpu", "--num-workers", "0",
                        "--batch-size", "64"] + flags)

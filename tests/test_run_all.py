@@ -21,8 +21,10 @@ import pytest
 
 import p2_data
 import p2_train
+import optional_stages
 import pipeline
 import run_all
+import run_context
 import search
 import tiny_models
 from captioner import read_checkpoint_config
@@ -30,7 +32,7 @@ from common import read_json, run_main
 from miniworld import demo, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRID = run_all.DECODING_GRID[:2]  # the README default and greedy: the table's logic at a third of the decoding time
+GRID = run_context.DECODING_GRID[:2]  # the README default and greedy: the table's logic at a third of the decoding time
 TRAINING = ["p2/%s/train/%s" % (m, f) for m in run_all.METHODS for f in ("best.pt", "last_state.pt", "log.jsonl")]
 FINISHED = TRAINING + ["p2/p2_best.pt", "p1/pred.csv", "results.json", "stages/p2.json"]
 
@@ -38,7 +40,7 @@ FINISHED = TRAINING + ["p2/p2_best.pt", "p1/pred.csv", "results.json", "stages/p
 @pytest.fixture(scope="module", autouse=True)
 def short_grid():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_all, "DECODING_GRID", GRID)
+        patch.setattr(run_context, "DECODING_GRID", GRID)
         yield
 
 
@@ -85,7 +87,7 @@ def test_resume_skips_the_finished_stage_and_runs_the_rest(finished):
     log = [line for line in open(os.path.join(out, "run_all.log"), encoding="utf-8")]
     assert any('"p1: done earlier' in line for line in log)
     results = read_json(os.path.join(out, "results.json"))
-    assert results["command"] == run_all.command(run_all.Context(run_all.parse_args(argv), argv))
+    assert results["command"] == run_all.command(run_context.Context(run_all.parse_args(argv), argv))
     assert results["p1_accuracy"] >= 0.8 and max(r["cider"] for r in results["p2"].values()) >= 0.5
     assert set(results["p2"]) == set(run_all.METHODS) and all("object_f1" in r for r in results["p2"].values())
     assert len(results["p2_decoding"]) == len(GRID) and results["pointing_trials"] > 0
@@ -394,7 +396,7 @@ def test_interrupted_training_resumes(finished, tmp_path, capsys, monkeypatch):
     code, err = run(lab["argv"] + ["--only", "p2"], capsys)
     assert code == 0 and "lora training was interrupted: resuming it" in err and "resuming after epoch 1" in err
     assert "adapter training finished earlier" in err
-    epochs = [line["epoch"] for line in run_all.loss_log(os.path.join(copy, "p2", "lora", "train"))
+    epochs = [line["epoch"] for line in run_context.loss_log(os.path.join(copy, "p2", "lora", "train"))
               if line.get("kind") == "epoch"]
     assert epochs == [1, 2]
 
@@ -469,8 +471,8 @@ def test_the_remaining_time_leaves_out_filling_the_cache(tmp_path):
     folder.mkdir()
     start = dict(kind="start", time=round(time.time() - 30.0, 1), setup_seconds=10.0)
     (folder / "log.jsonl").write_text(json.dumps(start) + "\n")
-    assert run_all.repeatable_seconds(str(folder), 100.0, resumed=False) == pytest.approx(40.0, abs=1.0)
-    assert run_all.repeatable_seconds(str(folder), 100.0, resumed=True) is None
+    assert run_context.repeatable_seconds(str(folder), 100.0, resumed=False) == pytest.approx(40.0, abs=1.0)
+    assert run_context.repeatable_seconds(str(folder), 100.0, resumed=True) is None
 
 
 # ----------------------------------------------------------------------------------------------- the compare stage
@@ -506,8 +508,8 @@ def compared(finished, tmp_path_factory):
     shutil.copytree(out, copy)
     config = str(tmp / "train_config.json")
     with open(config, "w", encoding="utf-8") as f:
-        json.dump(dict({m: demo.SHORT_RUN for m in run_all.METHODS},
-                       **{r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in run_all.COMPARE_RUNS}), f)
+        json.dump(dict({m: demo.SHORT_RUN for m in run_all.METHODS}, **{
+            r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}), f)
     argv = argv_for(argv, out, copy) + ["--with", "compare"]
     argv[argv.index("--train-config") + 1] = config
     assert run_all.main(argv) == 0
@@ -519,7 +521,7 @@ def test_compare_results_hold_every_architecture(compared):
     results = read_json(os.path.join(out, "results.json"))
     rows = results["compare"]
     assert set(rows) == {"gru", "attention-gru", "transformer", "gpt2"}
-    keys = run_all.ROW_KEYS + run_all.WORLD_SCORES + ("trainable_params", "train_seconds")
+    keys = optional_stages.ROW_KEYS + optional_stages.WORLD_SCORES + ("trainable_params", "train_seconds")
     for arch, row in rows.items():
         assert set(keys) <= set(row), arch
         assert row["CIDEr"] >= 0 and 0 <= row["object_f1"] <= 1 and row["trainable_params"] > 0, arch
@@ -532,13 +534,14 @@ def test_compare_results_hold_every_architecture(compared):
     assert rows["gpt2"]["CIDEr"] == pytest.approx(results["p2"][best]["cider"]) and rows["gpt2"]["peft"] == best
     assert rows["gpt2"]["trainable_params"] == results["p2"][best]["trainable_params"]
     ablation = results["ablation"]
-    assert [ablation[n]["attention_reg"] for n in run_all.ABLATION] == [1.0, 0.0]
+    assert [ablation[n]["attention_reg"] for n in optional_stages.ABLATION] == [1.0, 0.0]
     assert all(ablation[n]["CIDEr"] is not None and "pointing_game" in ablation[n] for n in ablation)
-    for run in run_all.COMPARE_RUNS:  # trained as P2's attempts are: the shared feature cache, a finished record
-        record = read_json(os.path.join(out, "compare", run, "train", run_all.TRAIN_DONE))
+    # trained as P2's attempts are: the shared feature cache, a finished record
+    for run in optional_stages.COMPARE_RUNS:
+        record = read_json(os.path.join(out, "compare", run, "train", run_context.TRAIN_DONE))
         assert "<OUT>/p2/feature_cache" in record["argv"] and "--arch" in record["argv"], run
     assert "compare" in results["timings"]["stages"] and set(results["timings"]["compare_train"]) == set(
-        run_all.COMPARE_RUNS)
+        optional_stages.COMPARE_RUNS)
 
 
 def test_compare_section_in_results_md_and_report(compared):
@@ -565,7 +568,7 @@ def test_compare_record_skips_and_its_trainings_are_reused(compared, tmp_path, c
     os.remove(pipeline.record_path(copy, "compare"))
     code, err = run(argv + ["--only", "compare,report"], capsys)
     assert code == 0 and "== compare: starting" in err
-    for run_name in run_all.COMPARE_RUNS:
+    for run_name in optional_stages.COMPARE_RUNS:
         assert "compare: %s training finished earlier with these settings and data, skipping" % run_name in err
 
 
@@ -585,7 +588,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     p2 = os.path.join(world, "p2_data")
     config = str(tmp_path / "train_config.json")
     with open(config, "w", encoding="utf-8") as f:
-        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in run_all.COMPARE_RUNS}, f)
+        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}, f)
     profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
     models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
         "--encoder", profile[profile.index("--encoder") + 1]]
@@ -597,7 +600,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     assert code == 0, err[-3000:]
     assert "no gpt2 row" in err
     results = read_json(str(tmp_path / "out" / "results.json"))
-    assert set(results["compare"]) == set(run_all.COMPARE_ARCHS)
+    assert set(results["compare"]) == set(optional_stages.COMPARE_ARCHS)
     assert "p2" not in results and "p1_accuracy" not in results
     val, _ = p2_data.split_names(p2_data.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
     assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
@@ -640,8 +643,8 @@ def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
 
 def test_distill_students_differ_only_in_their_captions(distilled):
     out, _ = distilled
-    argvs = {n: read_json(os.path.join(out, "distill", n, "train", run_all.TRAIN_DONE))["argv"]
-             for n in run_all.CAPTION_SETS}
+    argvs = {n: read_json(os.path.join(out, "distill", n, "train", run_context.TRAIN_DONE))["argv"]
+             for n in optional_stages.CAPTION_SETS}
     at = argvs["human"].index("--train-json") + 1
     assert len({a[at] for a in argvs.values()}) == 3
     assert all(a[:at] + a[at + 1:] == argvs["human"][:at] + argvs["human"][at + 1:] for a in argvs.values())
@@ -653,7 +656,7 @@ def test_distill_results_hold_every_measure(distilled):
     rows = read_json(os.path.join(out, "results.json"))["distill"]
     assert list(rows) == ["teacher", "human", "precise", "creative"]
     for name, row in rows.items():
-        for key in run_all.ROW_KEYS + ("object_f1", "captions_per_image"):
+        for key in optional_stages.ROW_KEYS + ("object_f1", "captions_per_image"):
             assert row.get(key) is not None or key == "METEOR", (name, key)
     assert rows["teacher"]["decoding"]["creative"]["temperature"] == 0.9
     assert rows["human"]["captions_per_image"] == 5 and rows["precise"]["captions_per_image"] == 1
@@ -662,13 +665,13 @@ def test_distill_results_hold_every_measure(distilled):
 
 def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path):
     out, argv = distilled
-    ctx = run_all.Context(run_all.parse_args(argv), argv)
+    ctx = run_context.Context(run_all.parse_args(argv), argv)
     ctx.results = read_json(os.path.join(out, "results.json"))
-    creative = run_all.teacher_decodings(ctx)["creative"]
+    creative = optional_stages.teacher_decodings(ctx)["creative"]
     human = os.path.join(out, "p2", "train_subset.json")
-    again = run_all.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
+    again = optional_stages.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
     assert open(again, "rb").read() == open(os.path.join(out, "distill", "teacher_creative.json"), "rb").read()
-    other = run_all.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
+    other = optional_stages.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
     assert read_json(other)["annotations"] != read_json(again)["annotations"]
 
 
@@ -701,7 +704,7 @@ def test_scst_fine_tunes_the_chosen_attempts_scored_checkpoint(tuned):
     scst = results["scst"]
     method = scst["method"]
     assert method == argv[argv.index("--scst-method") + 1] == demo.SCST_METHOD
-    record = read_json(os.path.join(out, "scst", method, "train", run_all.TRAIN_DONE))
+    record = read_json(os.path.join(out, "scst", method, "train", run_context.TRAIN_DONE))
     trained_argv = record["argv"]
     init = trained_argv[trained_argv.index("--init-from") + 1]
     assert os.path.abspath(init) == os.path.abspath(results["p2"][method]["checkpoint"])
@@ -742,7 +745,7 @@ def test_scst_results_hold_before_and_after(tuned):
         assert row["CIDEr"] == pytest.approx(scores["CIDEr"]), side
         assert row["object_f1"] == pytest.approx(world_lib.object_scores(captions[side], scenes)["object_f1"]), side
     if scst["method"] == results["p2_best"]:  # "before" is P2's shipped captions: the decoding table's chosen row
-        chosen = [d for d in results["p2_decoding"] if run_all.setting_name(d) == run_all.setting_name(
+        chosen = [d for d in results["p2_decoding"] if run_context.setting_name(d) == run_context.setting_name(
             results["p2_inference"])][0]
         assert scst["before"]["CIDEr"] == pytest.approx(chosen["cider"])
     else:  # captioned from the attempt's own checkpoint with the shipped decoding
@@ -753,7 +756,7 @@ def test_scst_results_hold_before_and_after(tuned):
     gains = [c["cider_after"] - c["cider_before"] for c in scst["changed"]]
     ups, downs = [g for g in gains if g > 0], [g for g in gains if g < 0]
     assert gains == ups + downs and ups == sorted(ups, reverse=True) and downs == sorted(downs)
-    assert len(ups) <= run_all.CHANGED_CAPTIONS[0] and len(downs) <= run_all.CHANGED_CAPTIONS[1]
+    assert len(ups) <= optional_stages.CHANGED_CAPTIONS[0] and len(downs) <= optional_stages.CHANGED_CAPTIONS[1]
 
 
 def test_scst_section_in_results_md_and_report(tuned):
@@ -797,7 +800,7 @@ def test_scst_options_are_checked_before_any_work(finished, tmp_path, capsys):
 def test_option_flags_keep_zero_values():
     """A --train-config value of 0 is passed on (it once compared equal to False and was dropped, so --epochs 0 and
     "warmup_steps": 0 silently became p2_train.py's defaults)."""
-    assert run_all.option_flags(dict(epochs=0, warmup_steps=0.0, augment=True, no_amp=False, seed=None,
+    assert run_context.option_flags(dict(epochs=0, warmup_steps=0.0, augment=True, no_amp=False, seed=None,
                                      lora_targets=["a", "b"])) == [
         "--epochs", "0", "--warmup-steps", "0.0", "--augment", "--lora-targets", "a,b"]
 

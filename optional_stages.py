@@ -1,0 +1,376 @@
+"""run_all.py's opt-in stages (--with): distill, compare and scst, each with its constants, its checks, its
+p2_train.py arguments, the stage itself and its results.md table. They cost GPU hours on the course's data.
+
+  distill  p2_best captions the training images (precise and creative); a student trains on each caption set and on
+           the human captions, alike but for --train-json ("distill")
+  compare  the classic captioners (p2_train.py --arch gru, attention-gru, transformer, and attention-gru with
+           --attention-reg 0) trained as the PEFT attempts are, scored with the whole metric suite beside P2's best
+           attempt ("compare" and "ablation")
+  scst     self-critical fine-tuning of P2's best attempt (p2_train.py --init-from its checkpoint --scst-epochs N),
+           scored before and after with the shipped decoding ("scst")
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import clip_utils
+import make_report
+import metrics
+import p2_data
+import p2_inference
+import p2_train
+import pipeline
+import run_context
+import search
+from captioner import read_checkpoint_config
+from common import UserError
+from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, option_flags,
+                         run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps, train_config,
+                         train_inputs, train_run, train_split, trainer_argv)
+
+
+# ----------------------------------------------------------------------------------------------- distill
+
+CAPTION_SETS = ("human", "precise", "creative")  # what each distill student trains on
+CREATIVE = dict(method="sample", temperature=0.9, top_k=0, top_p=1.0, seed=0)  # seed 004 section 4's "creative"
+SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # each distill and compare row's scores (metrics.py names)
+ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
+
+
+def student_argv(ctx: Context, train_json: str) -> List[str]:
+    """One distill student's p2_train.py arguments: only the captions (`train_json`) differ between the three."""
+    model = ["--arch", ctx.args.student_arch] + (["--decoder-weights", ctx.data("decoder")]
+                                                if ctx.args.student_arch == "gpt2" else [])
+    return trainer_argv(ctx, train_json, model, train_config(ctx).get("distill", {}))
+
+
+def check_distill(ctx: Context) -> None:
+    """The student's options through p2_train.py's checks, and the committed students when they are scored."""
+    options = train_config(ctx).get("distill", {})
+    where = "--train-config %s: distill" % ctx.args.train_config if options else "--student-arch"
+    checked_training(ctx, student_argv(ctx, ctx.data("train_json")) + ["--out", ctx.path("distill")], options, where)
+    if ctx.args.score_students:
+        for name in CAPTION_SETS:
+            scored_checkpoint(ctx, name, "distill")
+
+
+def teacher_decodings(ctx: Context) -> Dict[str, dict]:
+    """precise: the shipped decoding (hw3_2.sh's with p2_best), at most its beam size in captions per image (one if
+    greedy was chosen); creative: sampling at 0.9 with its lengths."""
+    shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
+    lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
+    beams = shipped["beam_size"] if shipped["method"] == "beam" else 1
+    return dict(precise=dict(shipped, captions_per_image=min(ctx.args.teacher_captions, beams)),
+                creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
+
+
+def teacher_captions(ctx: Context, settings: dict, human: str, path: str) -> str:
+    """p2_best's captions of the training images `human` names, as a COCO file p2_train.py reads (--format coco)."""
+    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint",
+                       ctx.results["p2_shipping"]["checkpoint"], "--captions", human, "--split", "all", "--format",
+                       "coco", "--captions-per-image", str(settings["captions_per_image"]), "--device",
+                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+    return path
+
+
+def distill_row(scores: dict, captions_per_image: float, predictions: str) -> dict:
+    """object_f1 is the miniature world's (its extra stage fills it in); None on other data."""
+    return dict({k: scores.get(k) for k in ROW_KEYS}, object_f1=None, captions_per_image=captions_per_image,
+                predictions=predictions)
+
+
+def stage_distill(ctx: Context) -> dict:
+    """Seed 004 section 4 on this data: p2_best's precise and creative captions of the training images, and one
+    student trained on each caption set and on the human captions, alike but for --train-json."""
+    human = train_split(ctx)
+    decodings = teacher_decodings(ctx)
+    human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
+    per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
+                     **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
+    with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
+        captions = dict(human=human)
+        for name in ("precise", "creative"):
+            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name))
+            bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        teacher_pred = shipped_predictions(ctx)
+        rows = dict(teacher=dict(distill_row(metrics.evaluate(
+            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
+            ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
+            decoding=decodings))
+        seconds = {}
+        for name in CAPTION_SETS:
+            inputs = dict(train_inputs(ctx), captions=pipeline.fingerprint(captions[name]))
+            seconds[name] = round(train_run(ctx, name, student_argv(ctx, captions[name]), inputs, "distill")[0], 1)
+            bar.update(1)
+            checkpoint, pred = scored_checkpoint(ctx, name, "distill"), ctx.path("distill", name, "pred.json")
+            scores = caption_and_score(ctx, checkpoint, search.DECODE_DEFAULTS, pred, clip, SUITE)
+            rows[name] = dict(distill_row(scores, per_image[name], pred), checkpoint=checkpoint,
+                              arch=ctx.args.student_arch)
+            bar.update(1)
+    outputs = ["distill/teacher_precise.json", "distill/teacher_creative.json"]
+    outputs += ["distill/%s/%s" % (n, f) for n in CAPTION_SETS
+                for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
+    return dict(distill=rows, timings=dict(distill_train=seconds), outputs=outputs)
+
+
+def distill_table(rows: dict) -> str:
+    """The distill stage's table: the teacher and the three students, each scored on val's human references."""
+    keys = ROW_KEYS + ("object_f1", "captions_per_image")
+    lines = ["| distill: trained on | %s |" % " | ".join(k.replace("_", " ") for k in keys), "| --- " * (1 + len(keys))
+             + "|"]
+    for name, row in rows.items():
+        label = "(the teacher, %s)" % setting_name(row["decoding"]["precise"]) if name == "teacher" else name
+        lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+# The compare stage's runs (issue 20): each is p2_train.py --arch with these options, which --train-config may not
+# change; --train-config's "gru", "attention-gru"... entries set the rest, over COMPARE_TRAINING.
+COMPARE_RUNS = {"gru": dict(arch="gru"), "attention-gru": dict(arch="attention-gru", attention_reg="1"),
+                "transformer": dict(arch="transformer"),
+                "attention-gru_reg0": dict(arch="attention-gru", attention_reg="0")}
+COMPARE_ARCHS = ("gru", "attention-gru", "transformer")  # results.json "compare" rows, with "gpt2" (the best PEFT)
+ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term on (1) and off (0)
+# From-scratch decoders learn their words too, so they want more epochs and a higher rate than PEFT (p2_train.py's
+# defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
+COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
+WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
+
+
+def compare_argv(ctx: Context, run: str, train_json: str) -> List[str]:
+    """One compare run's p2_train.py arguments: its architecture (COMPARE_RUNS), then COMPARE_TRAINING under its
+    --train-config entry, on P2's data and feature cache."""
+    options = dict(COMPARE_TRAINING, **train_config(ctx).get(run, {}))
+    return trainer_argv(ctx, train_json, option_flags(COMPARE_RUNS[run]), options)
+
+
+def check_compare(ctx: Context) -> None:
+    """Each run's options through p2_train.py's checks; what makes a run itself may not be changed."""
+    for run, fixed in COMPARE_RUNS.items():
+        options = train_config(ctx).get(run, {})
+        where = "--train-config %s: %s" % (ctx.args.train_config, run) if options else "compare run " + run
+        taken = sorted(k for k in options if k.replace("-", "_") in fixed)
+        if taken:
+            raise UserError("%s: %s set by run_all.py itself (the run's definition)" % (where, ", ".join(taken)))
+        argv = compare_argv(ctx, run, ctx.data("train_json")) + ["--out", run_folder(ctx, run, "new", "compare")]
+        ctx.train_options[run] = checked_training(ctx, argv, options, where)
+        if ctx.args.score_checkpoints:
+            scored_checkpoint(ctx, run, "compare")
+
+
+def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[float], **about) -> dict:
+    """One row of results.json "compare": the metric suite (METEOR None without Java), the world-only measures as
+    None (the demo's world stage fills them), parameters and training time (the scored checkpoint's own record when
+    it has one, as the committed world checkpoints do; else this run's training), then what it is."""
+    return dict({k: scores.get(k) for k in ROW_KEYS}, **{k: None for k in WORLD_SCORES},
+                trainable_params=trainable_params, train_seconds=train_seconds, **about)
+
+
+def stage_compare(ctx: Context) -> dict:
+    """Issue 20: each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap),
+    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt."""
+    default = dict(search.DECODE_DEFAULTS, **run_context.DECODING_GRID[0])
+    with steps(2 * len(COMPARE_RUNS) + 1, "compare") as bar:
+        train_json = train_split(ctx)
+        seconds = {}
+        for run in COMPARE_RUNS:
+            seconds[run] = round(train_run(ctx, run, compare_argv(ctx, run, train_json), train_inputs(ctx),
+                                           "compare")[0], 1)
+            bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        rows = {}
+        for run in COMPARE_RUNS:
+            checkpoint = scored_checkpoint(ctx, run, "compare")
+            ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
+            scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
+            meta = read_checkpoint_config(checkpoint)
+            reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
+            # the training time the scored checkpoint records; this run's only when it is this run's checkpoint
+            took = meta.get("train_seconds", None if ctx.args.score_checkpoints else seconds[run])
+            rows[run] = compare_row(scores, meta["trainable_parameters"], took, checkpoint=checkpoint,
+                                    arch=meta["arch"], attention_reg=reg)
+            bar.update(1)
+        compare = {run: rows[run] for run in COMPARE_ARCHS}
+        best = ctx.results.get("p2_best")
+        if best:
+            ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
+            p2_row = ctx.results["p2"][best]
+            scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
+                                      clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
+            seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
+            if seconds_then is None and not ctx.args.score_checkpoints:  # the scored checkpoint is this training's
+                seconds_then = ctx.results["timings"]["p2_train"][best]
+            compare["gpt2"] = compare_row(scores, p2_row["trainable_params"], seconds_then,
+                                          checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
+        else:
+            ctx.say("compare: no gpt2 row (no P2 results: --captions without --decoder-weights)")
+        bar.update(1)
+    ablation = {run: dict(attention_reg=rows[run]["attention_reg"], CIDEr=rows[run]["CIDEr"], pointing_game=None,
+                          arch=rows[run]["arch"], checkpoint=rows[run]["checkpoint"]) for run in ABLATION}
+    outputs = ["compare/%s/%s" % (run, f) for run in COMPARE_RUNS
+               for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
+    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+
+
+def compare_table(results: dict) -> str:
+    """results.md's compare section: one row per architecture, the seed's table beside it, the ablation."""
+    rows, ablation = results["compare"], results.get("ablation") or {}
+    columns = ROW_KEYS + WORLD_SCORES
+
+    def number(value) -> str:
+        return "-" if value is None else "%.4f" % value
+
+    lines = ["| architecture | %s | trainable params | training s |" % " | ".join(columns),
+             "| --- " * (len(columns) + 3) + "|"]
+    for arch, r in rows.items():
+        lines.append("| %s | %s | %s | %s |" % (arch + (" (%s)" % r["peft"] if r.get("peft") else ""),
+                                                " | ".join(number(r.get(k)) for k in columns),
+                                                "{:,}".format(r["trainable_params"]),
+                                                "-" if r.get("train_seconds") is None else r["train_seconds"]))
+    lines += ["", "| %s: model | CIDEr (DeepFashion) | ours | CIDEr (these data) |"
+              % make_report.COMPARE_SEED_CITATION,
+              "| --- | --- | --- | --- |"]
+    lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
+              for model, arch, cider in make_report.COMPARE_SEED_TABLE]
+    if ablation:
+        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
+        lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
+                                             number(a.get("pointing_game"))) for name, a in ablation.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- scst
+
+# The scst stage's rollouts on the course's data: p2_train.py's own defaults, two epochs (README: GPU time)
+SCST_TRAINING = dict(scst_epochs=2, scst_lr=2e-5, scst_samples=5, scst_baseline="mean")
+SCST_FIXED = ("init_from", "epochs")  # what makes the stage itself: from P2's best checkpoint, self-critical only
+SCST_SUITE = ("bleu", "cider", "clipscore")  # its before/after scores (metrics.py names)
+SCST_KEYS = ("CIDEr", "CLIPScore", "BLEU-4")
+CHANGED_CAPTIONS = (3, 2)  # the report's changed captions: the most improved by CIDEr, then the most worsened
+
+
+def scst_options(ctx: Context) -> dict:
+    """SCST_TRAINING under the --train-config "scst" entry."""
+    return dict(SCST_TRAINING, **train_config(ctx).get("scst", {}))
+
+
+def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> List[str]:
+    """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt: the model of the checkpoint `init`
+    (p2_train.model_flags: --init-from fits even when it is a --score-checkpoints one), the attempt's training
+    options but its model's, no cross-entropy epoch, then the scst options. `init` None: the attempt's own model,
+    checked as one epoch of cross-entropy (the checkpoint does not exist before P2 has run)."""
+    options = dict(train_config(ctx).get(method, {}), epochs=0 if init else 1, **scst_options(ctx))
+    model = ["--decoder-weights", ctx.data("decoder")]
+    if init:
+        model += p2_train.model_flags(read_checkpoint_config(init)) + ["--init-from", init]
+        options = {k: v for k, v in options.items() if k.replace("-", "_") not in p2_train.ARCH_OPTIONS["gpt2"]}
+    else:
+        model += ["--peft", method]
+    return trainer_argv(ctx, train_json, model, options)
+
+
+def check_scst(ctx: Context) -> None:
+    """The scst options through p2_train.py's checks with each attempt's (any may turn out best; --scst-method's
+    alone when given); with --score-checkpoints, DIR/p2_<method>_scst.pt now when --scst-method names it, else once
+    P2 has named the best (stage_inputs)."""
+    options = train_config(ctx).get("scst", {})
+    where = "--train-config %s: scst" % ctx.args.train_config if options else "the scst stage"
+    taken = sorted(k for k in options if k.replace("-", "_") in SCST_FIXED)
+    if taken:
+        raise UserError("%s: %s set by run_all.py itself (it fine-tunes P2's best checkpoint)" % (where, ", ".join(taken)))
+    for method in [ctx.args.scst_method] if ctx.args.scst_method else ctx.args.methods:
+        argv = scst_argv(ctx, method, ctx.data("train_json"), None) + ["--out", run_folder(ctx, method, "new", "scst")]
+        checked_training(ctx, argv, options, where)
+    if ctx.args.score_checkpoints and ctx.args.scst_method:
+        scored_checkpoint(ctx, ctx.args.scst_method, "scst")
+
+
+def scst_method(ctx: Context) -> Optional[str]:
+    """The attempt the scst stage fine-tunes: --scst-method, else P2's best (None before P2 has run)."""
+    return ctx.args.scst_method or ctx.results.get("p2_best")
+
+
+def scst_row(scores: dict, checkpoint: str, predictions: str) -> dict:
+    """One side of results.json "scst": the scores, the world-only ones as None (the demo's world stage fills them)."""
+    return dict({k: scores.get(k) for k in SCST_KEYS}, object_f1=None, exact_object_set=None, checkpoint=checkpoint,
+                predictions=predictions)
+
+
+def changed_captions(before: dict, after: dict, most: Tuple[int, int] = CHANGED_CAPTIONS) -> List[dict]:
+    """The val images whose caption changed: the `most[0]` most improved by per-image CIDEr, then the `most[1]` most
+    worsened (ties by image name)."""
+    rows = [dict(image=k, before=before[k]["caption"], after=after[k]["caption"], cider_before=before[k]["cider"],
+                 cider_after=after[k]["cider"]) for k in sorted(before)
+            if k in after and before[k]["caption"] != after[k]["caption"]]
+    gains = sorted(rows, key=lambda r: (r["cider_before"] - r["cider_after"], r["image"]))
+    better = [r for r in gains if r["cider_after"] > r["cider_before"]][:most[0]]
+    worse = [r for r in reversed(gains) if r["cider_after"] < r["cider_before"]][:most[1]]
+    return better + worse
+
+
+def stage_scst(ctx: Context) -> dict:
+    """Issue 22: P2's best attempt fine-tuned by self-critical training (p2_train.py --init-from its scored
+    checkpoint --epochs 0 --scst-epochs N, through train.new and the swap), both scored on val with the shipped
+    decoding: results.json "scst" with "before" and "after"."""
+    best, shipped = scst_method(ctx), ctx.results["p2_inference"]
+    decoding = {k: v for k, v in shipped.items() if k != "chosen_on"}
+    init = ctx.results["p2"][best]["checkpoint"]
+    with steps(3, "scst") as bar:
+        train_json = train_split(ctx)
+        inputs = dict(train_inputs(ctx), init_from=pipeline.fingerprint(init))
+        seconds, _ = train_run(ctx, best, scst_argv(ctx, best, train_json, init), inputs, "scst")
+        bar.update(1)
+        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
+            before_pred = shipped_predictions(ctx)
+            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, before_pred,
+                                                                            setting_name(decoding)))
+            before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                                      device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
+        else:
+            before_pred = ctx.path("scst", best, "before.json")
+            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
+            before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
+        bar.update(1)
+        checkpoint, pred = scored_checkpoint(ctx, best, "scst"), ctx.path("scst", best, "pred.json")
+        ctx.say("scst: scoring %s after (%s)" % (best, checkpoint))
+        after = caption_and_score(ctx, checkpoint, decoding, pred, clip, SCST_SUITE)
+        bar.update(1)
+    meta = read_checkpoint_config(checkpoint)
+    took = meta.get("train_seconds", None if ctx.args.score_checkpoints else round(seconds, 1))
+    settings = dict(meta.get("scst") or {}, init_from=init, method=best, decoding=decoding, train_seconds=took,
+                    best_epoch=meta.get("epoch"), phase=meta.get("phase"))
+    shipping = ship(ctx, checkpoint, shipped, ctx.path("scst", "p2_scst.pt"))  # hw3_2.sh-ready, as p2_best is
+    scst = dict(method=best, settings=settings, before=scst_row(before, init, before_pred),
+                after=scst_row(after, checkpoint, pred), shipping=shipping,
+                changed=changed_captions(before["per_image"], after["per_image"]))
+    if (after["CIDEr"] or 0) > (before["CIDEr"] or 0):
+        ctx.say("scst: CIDEr %.4f after against %.4f before: %s (+ .json) ships in place of p2_best.pt if you "
+                "prefer it (--install copies p2_best)" % (after["CIDEr"], before["CIDEr"], shipping["checkpoint"]))
+    outputs = ["scst/p2_scst.pt", "scst/p2_scst.json"] + ["scst/%s/%s" % (best, f) for f in (
+        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if best == ctx.results["p2_best"] else [
+            os.path.relpath(before_pred, ctx.out)])
+    return dict(scst=scst, timings=dict(scst_train=round(seconds, 1)), outputs=outputs)
+
+
+def scst_table(scst: dict) -> str:
+    """results.md's scst section: before and after, then the captions that changed."""
+    keys = SCST_KEYS + ("object_f1", "exact_object_set")
+    lines = ["| scst: %s | %s |" % (scst["method"], " | ".join(k.replace("_", " ") for k in keys)),
+             "| --- " * (1 + len(keys)) + "|"]
+    for side in ("before", "after"):
+        row = scst[side]
+        lines.append("| %s | %s |" % (side, " | ".join("-" if row.get(k) is None else "%.4f" % row[k] for k in keys)))
+    s = scst["settings"]
+    lines += ["", "settings: %s" % ", ".join("%s %s" % (k, s[k]) for k in sorted(s) if k not in ("decoding",))]
+    for c in scst.get("changed") or []:
+        lines.append("- %s: \"%s\" (CIDEr %.3f) -> \"%s\" (%.3f)" % (c["image"], c["before"], c["cider_before"],
+                                                                    c["after"], c["cider_after"]))
+    return "\n".join(lines)

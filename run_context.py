@@ -1,0 +1,426 @@
+"""What every run_all.py stage uses: the run's Context (arguments, paths, device, results so far, the log), the data
+folder's layout, a stage's p2_train.py runs (trained in train.new and swapped in when they end, skipped while still
+true) and the scoring of a checkpoint's val captions with explicit decoding settings.
+
+run_all.py's stages and the opt-in ones (optional_stages.py) are built from these parts; this module imports neither.
+Like run_all.py, it calls the scripts' main() functions in this process (p2_train, p2_inference), so every number
+comes from the code a student would run by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import metrics
+import p2_data
+import p2_inference
+import p2_train
+import pipeline
+import search
+from captioner import config_path, read_checkpoint_config
+from common import UserError, atomic_write, file_sha256, progress, read_json, resolve_device, write_json
+
+DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
+            val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
+            decoder="p2_data/decoder_model.bin", p3_images="p3_data/images")
+STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
+                  p3=("p3_images", "val_images", "decoder"), report=(),
+                  distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
+STAGE_DATA["compare"] = STAGE_DATA["p2"]  # the same data and feature cache
+IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
+# Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it. Every stage reads
+# it as run_context.DECODING_GRID (no copy by `from run_context import`), so one assignment changes it for all.
+DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
+                 dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
+                 dict(method="beam", beam_size=5, length_penalty=1.4))
+# p2_train.py options that run_all sets itself, so a --train-config entry may not.
+RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
+                   "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
+TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
+
+
+# ----------------------------------------------------------------------------------------------- context
+
+def merge(into: dict, fragment: dict) -> dict:
+    """Nested dicts merged key by key (a later stage adds measures to an earlier stage's rows)."""
+    for key, value in fragment.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+class Context:
+    """What every stage reads: the arguments, the paths, the device, the results so far; and how to say things."""
+
+    def __init__(self, args: argparse.Namespace, argv: List[str]):
+        self.args, self.argv = args, argv
+        self.out = args.out
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = str(resolve_device(args.device))
+        self.results: Dict[str, object] = {}
+        self.log_path = os.path.join(self.out, "run_all.log")
+        self.train_options: Dict[str, argparse.Namespace] = {}  # p2_train.py's parsed options per method
+        self._fingerprints: Dict[str, Optional[str]] = {}
+
+    def data(self, key: str) -> str:
+        if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
+            return dict(train_json=self.args.captions, val_json=self.args.captions, train_images=self.args.images,
+                        val_images=self.args.images, decoder=self.args.decoder_weights or "")[key]
+        return os.path.join(self.args.data, DATA[key])
+
+    def split_flags(self) -> List[str]:
+        """p2_inference.py's flags that caption only the val split of a --captions file (the one p2_train.py
+        validated on); none for the course's val folder."""
+        return ["--captions", self.args.captions, "--split", "val"] if self.args.captions else []
+
+    def val_split(self) -> Optional[str]:
+        """metrics.evaluate's split: the val share of a --captions file; the whole of the course's val.json."""
+        return "val" if self.args.captions else None
+
+    def _places(self):
+        """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
+        places = [(self.args.data.rstrip(os.sep) or os.sep, "<DATA>"), (self.out.rstrip(os.sep) or os.sep, "<OUT>")]
+        return sorted(places, key=lambda p: -len(p[0]))
+
+    def portable(self, obj):
+        """Paths in the data and output folders written as <DATA>/... and <OUT>/..., so stage and training records
+        hold no local path and stay true when a folder is moved or spelled differently."""
+        if isinstance(obj, str):
+            for prefix, name in self._places():
+                if obj == prefix or obj.startswith(prefix + os.sep):
+                    return name + obj[len(prefix):]
+            return obj
+        if isinstance(obj, dict):
+            return {self.portable(k): self.portable(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.portable(v) for v in obj]
+        return obj
+
+    def local(self, obj):
+        """portable() undone: <DATA> and <OUT> back to this run's folders."""
+        if isinstance(obj, str):
+            for prefix, name in self._places():
+                if obj == name or obj.startswith(name + os.sep):
+                    return prefix + obj[len(name):]
+            return obj
+        if isinstance(obj, dict):
+            return {self.local(k): self.local(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.local(v) for v in obj]
+        return obj
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def forced(self, stage: str) -> bool:
+        return stage in self.args.force
+
+    def inputs(self, paths: List[str]) -> Dict[str, Optional[str]]:
+        """Fingerprints of input files and folders, each computed once per run."""
+        for path in paths:
+            if path not in self._fingerprints:
+                self._fingerprints[path] = pipeline.fingerprint(path)
+        return {p: self._fingerprints[p] for p in paths}
+
+    def log(self, **record) -> None:
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(time=round(time.time(), 1), **record)) + "\n")
+
+    def say(self, text: str, **record) -> None:
+        print("== " + text, file=sys.stderr, flush=True)
+        self.log(event="say", text=text, **record)
+
+    def p1_flags(self) -> List[str]:
+        """P1's model and runtime flags, for every p1_clip_zeroshot.py run (an extra stage's too)."""
+        flags = ["--device", self.device, "--workers", str(self.args.workers)]
+        if self.args.p1_model:
+            flags += ["--model", self.args.p1_model]
+        if self.args.p1_pretrained:
+            flags += ["--pretrained", self.args.p1_pretrained]
+        return flags
+
+    def model_files(self) -> List[str]:
+        """Local model files named on the command line (tiny CLIPs, captioners to score): inputs like the data."""
+        a = self.args
+        names = [a.p1_model, a.p1_pretrained, a.clip_model, a.clip_pretrained]
+        return [n for n in names if n and os.path.isfile(n)]
+
+
+def steps(total: int, stage: str):
+    return progress(total=total, desc="stage %s" % stage, unit="step", position=None)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def train_config(ctx: Context) -> Dict[str, dict]:
+    """Per-attempt p2_train.py options from --train-config: {"lora": {"lr": 5e-4, "epochs": 8}, ...}. Which entries
+    it may name is run_all's check (check_train_config), made before any stage."""
+    if not ctx.args.train_config:
+        return {}
+    config = read_json(ctx.args.train_config, "training config")
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise UserError("training config %s must be {method: {p2_train.py option: value}}, e.g. "
+                        "{\"lora\": {\"lr\": 0.0005, \"epochs\": 8}}" % ctx.args.train_config)
+    return config
+
+
+def option_flags(options: dict) -> List[str]:
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:  # 0 is a value (`0 in (False, None)` is true)
+            flags += [flag, ",".join(str(v) for v in value) if isinstance(value, list) else str(value)]
+    return flags
+
+
+def train_split(ctx: Context) -> str:
+    """train.json, or its first --train-max-images training images (a smoke run) written into OUT: a COCO file
+    as COCO, any other caption format as {file name: [captions]} of its train split."""
+    if not ctx.args.train_max_images:
+        return ctx.data("train_json")
+    data = read_json(ctx.data("train_json"), "annotation file")
+    caption_file = p2_data.read_captions(data, "annotation file")
+    if caption_file.format == "coco":
+        keep = {img["id"] for img in data["images"][:ctx.args.train_max_images]}
+        data = dict(data, images=[i for i in data["images"] if i["id"] in keep],
+                    annotations=[a for a in data["annotations"] if a["image_id"] in keep])
+    else:
+        split = p2_data.resolve_split(caption_file, None, "train")
+        names, _ = p2_data.split_names(caption_file, split, show=False)
+        data = {n: caption_file.captions[n] for n in names[:ctx.args.train_max_images]}
+    path = ctx.path("p2", "train_subset.json")
+    write_json(path, data, indent=None)
+    return path
+
+
+def trainer_argv(ctx: Context, train_json: str, model: List[str], options: dict) -> List[str]:
+    """p2_train.py's arguments on the data folder: its captions (or `train_json`'s), the model flags, run_all's
+    runtime and the shared feature cache, then the --train-config entry's options."""
+    argv = ["--train-json", train_json, "--train-images", ctx.data("train_images"), "--val-json", ctx.data("val_json"),
+            "--val-images", ctx.data("val_images")] + model + ["--workers", str(ctx.args.workers), "--device",
+                                                               ctx.args.device]
+    if ctx.args.encoder:
+        argv += ["--encoder", ctx.args.encoder]
+    if ctx.args.clip_model:
+        argv += ["--clip-model", ctx.args.clip_model, "--clip-pretrained", ctx.args.clip_pretrained]
+    if not ctx.args.no_feature_cache:
+        argv += ["--feature-cache", ctx.path("p2", "feature_cache")]
+    return argv + option_flags(options)
+
+
+def checked_training(ctx: Context, argv: List[str], options: dict, where: str) -> argparse.Namespace:
+    """p2_train.py's arguments parsed and its decoder config built (nothing loaded); one line naming `where` if not."""
+    taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
+    if taken:
+        raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        try:
+            parsed = p2_train.parse_args(argv)
+            p2_train.decoder_config(parsed)
+        except SystemExit:  # argparse's error: its last line says which option and why
+            lines = [line for line in said.getvalue().splitlines() if line.strip()]
+            raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))
+        except UserError as err:
+            raise UserError("%s: %s" % (where, err)) from None
+    return parsed
+
+
+def run_folder(ctx: Context, method: str, which: str = "done", stage: str = "p2") -> str:
+    """OUT/STAGE/NAME/train (the finished training, the one scored) or train.new (one in progress, swapped in when
+    it ends) or train.old (the finished one for the moment of the swap); NAME is a PEFT method in p2."""
+    return ctx.path(stage, method, "train" if which == "done" else "train." + which)
+
+
+def restore_interrupted_swap(ctx: Context, method: str, stage: str = "p2") -> None:
+    """A kill between the two renames of a swap leaves train.old without train: put it back."""
+    done, old = run_folder(ctx, method, stage=stage), run_folder(ctx, method, "old", stage)
+    if os.path.isdir(old):
+        if os.path.isdir(done):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, done)
+
+
+def swap_in(ctx: Context, method: str, stage: str = "p2") -> None:
+    """train.new -> train; the earlier finished training is removed only once the new one is in place."""
+    done, new, old = (run_folder(ctx, method, which, stage) for which in ("done", "new", "old"))
+    if os.path.isdir(done):
+        os.replace(done, old)
+    os.replace(new, done)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+
+
+def discard_unfinished_trainings(ctx: Context, stage: str = "p2", names: Optional[List[str]] = None) -> None:
+    """With the stage done and still true, a train.new folder is a forced or abandoned training that was killed; a
+    rerun of it would start from its beginning, so it is removed."""
+    for method in ctx.args.methods if names is None else names:
+        restore_interrupted_swap(ctx, method, stage)
+        new = run_folder(ctx, method, "new", stage)
+        if os.path.isdir(new):
+            ctx.say("%s: %s: removing the unfinished training in %s (%s is done and still true without it)"
+                    % (stage, method, new, stage))
+            shutil.rmtree(new)
+
+
+def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
+    return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
+
+
+def finished_training(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Optional[dict]:
+    """The finished training's record when it was made with these arguments from these inputs and its checkpoint is
+    there; else None."""
+    folder = run_folder(ctx, method, stage=stage)
+    record_file = os.path.join(folder, TRAIN_DONE)
+    if not (os.path.isfile(record_file) and os.path.isfile(os.path.join(folder, "best.pt"))):
+        return None
+    record = read_json(record_file, "training record")
+    return record if record.get("argv") == argv and record.get("inputs") == inputs else None
+
+
+def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Tuple[float, bool]:
+    """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
+    same arguments and inputs (unless the stage is forced), resumed (--resume) when an interrupted one did, else
+    started afresh. Returns its seconds (as measured then, when skipped) and whether it trained now."""
+    record_argv = ctx.portable(argv)
+    new = run_folder(ctx, method, "new", stage)
+    if ctx.rank == 0:
+        restore_interrupted_swap(ctx, method, stage)
+    finished = finished_training(ctx, method, record_argv, inputs, stage)
+    if finished and not ctx.forced(stage):
+        ctx.say("%s: %s training finished earlier with these settings and data, skipping" % (stage, method))
+        return float(finished.get("seconds", 0.0)), False
+    started_file = os.path.join(new, "started.json")
+    resume = (not ctx.forced(stage) and os.path.isfile(started_file)
+              and read_json(started_file, "training start record") == dict(argv=record_argv, inputs=inputs))
+    if resume:
+        ctx.say("%s: %s training was interrupted: resuming it (p2_train.py --resume)" % (stage, method))
+    else:
+        if os.path.isdir(new) and ctx.rank == 0:
+            ctx.say("%s: %s: the unfinished training in %s (%s) is discarded" % (
+                stage, method, new, "forced" if ctx.forced(stage) else "other settings or data"))
+            shutil.rmtree(new)
+        if os.path.isdir(run_folder(ctx, method, stage=stage)):
+            ctx.say("%s: %s: the finished training in %s is kept until the new one ends" % (
+                stage, method, run_folder(ctx, method, stage=stage)))
+        if ctx.rank == 0:
+            write_json(started_file, dict(argv=record_argv, inputs=inputs))
+        ctx.say("%s: training %s (p2_train.py %s)" % (stage, method, " ".join(shlex.quote(a) for a in argv)))
+    started = time.time()
+    p2_train.main(argv + ["--out", new] + (["--resume"] if resume else []))
+    seconds = time.time() - started
+    if ctx.rank == 0:
+        write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=inputs, seconds=round(seconds, 1),
+                                                      repeatable_seconds=repeatable_seconds(new, seconds, resume)))
+        os.remove(started_file)
+        swap_in(ctx, method, stage)
+    return seconds, True
+
+
+def repeatable_seconds(folder: str, seconds: float, resumed: bool) -> Optional[float]:
+    """The part of a training that another attempt repeats: loading the models (p2_train's "setup_seconds") and
+    everything after its "start" line, which is written once the data are ready; what lies between, filling the
+    feature cache, is done once for all attempts. None when unknown (resumed, or an older log)."""
+    if resumed:
+        return None
+    for line in loss_log(folder):
+        if line.get("kind") == "start" and "time" in line:
+            return round(max(0.0, time.time() - float(line["time"])) + float(line.get("setup_seconds", 0.0)), 1)
+    return None
+
+
+def loss_log(folder: str) -> List[dict]:
+    log = os.path.join(folder, "log.jsonl")
+    if not os.path.isfile(log):
+        return []
+    with open(log, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
+    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt
+    (DIR/p2_RUN.pt for compare, DIR/p2_METHOD_scst.pt for scst; --score-students DIR/distill_SET.pt)."""
+    path = scored_path(ctx, method, stage)
+    option, folder = ("--score-students", ctx.args.score_students) if stage == "distill" else (
+        "--score-checkpoints", ctx.args.score_checkpoints)
+    if folder and not (os.path.isfile(path) and os.path.isfile(config_path(path))):
+        raise UserError("%s %s has no %s with its .json" % (option, folder, os.path.basename(path)))
+    return path
+
+
+def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
+    """scored_checkpoint's path, not checked; the compare runs' are p2_RUN.pt beside the PEFT attempts', the
+    self-critical ones p2_METHOD_scst.pt."""
+    folder = ctx.args.score_students if stage == "distill" else ctx.args.score_checkpoints
+    if not folder:
+        return os.path.join(run_folder(ctx, method, stage=stage), "best.pt")
+    return os.path.join(folder, "%s_%s%s.pt" % ("distill" if stage == "distill" else "p2", method,
+                                                "_scst" if stage == "scst" else ""))
+
+
+def decoding_flags(settings: dict) -> List[str]:
+    """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
+    flags, sampling its own."""
+    flags = ["--method", settings["method"], "--max-len", str(settings["max_len"]), "--min-len",
+             str(settings["min_len"]), "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
+    if settings["method"] == "beam":
+        flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
+    if settings["method"] == "sample":
+        flags += [f for key in search.SAMPLING_DEFAULTS
+                  for f in ("--" + key.replace("_", "-"), str(settings.get(key, search.SAMPLING_DEFAULTS[key])))]
+    return flags
+
+
+def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
+                      names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
+    """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
+    scoring of `names`) with the CLIP loaded once."""
+    p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
+                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
+                      + decoding_flags(settings))
+    return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                            device=ctx.device, metrics=names, split=ctx.val_split())
+
+
+def setting_name(settings: dict) -> str:
+    if settings["method"] == "greedy":
+        return "greedy"
+    if settings["method"] == "sample":
+        return "sample_t%g" % settings["temperature"]
+    return "beam%d_lp%g" % (settings["beam_size"], settings["length_penalty"])
+
+
+def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None) -> dict:
+    """OUT/p2/p2_best.{pt,json} (or `dest`): the best checkpoint with its chosen decoding under "inference" (checked
+    as hw3_2.sh will read it), and what RELEASE in hw3_download.py needs."""
+    dest = dest or ctx.path("p2", "p2_best.pt")
+    with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
+        shutil.copyfileobj(src, f)
+    meta = dict(read_checkpoint_config(checkpoint), **{search.INFERENCE_KEY: chosen})
+    search.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
+    write_json(config_path(dest), meta)
+    return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))
+
+
+def shipped_predictions(ctx: Context) -> str:
+    """p2_best's val captions with its shipped decoding, as the p2 stage wrote them."""
+    chosen, best = ctx.results["p2_inference"], ctx.results["p2_best"]
+    if setting_name(chosen) == setting_name(dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])):
+        return ctx.path("p2", best, "pred.json")
+    return ctx.path("p2", "decoding", setting_name(chosen) + ".json")
