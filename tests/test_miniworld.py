@@ -408,3 +408,23 @@ def test_committed_scst_captioner_is_the_lora_model_fine_tuned():
     assert after["scst"]["init_from"] == os.path.join("miniworld", "models", "p2_lora.pt")
     assert after["phase"] == "scst" and after["train_seconds"] > 0
     assert "--scst-epochs %d" % after["scst"]["scst_epochs"] in after["trained_with"]
+
+
+def test_score_prints_the_readme_columns_of_each_checkpoint(tmp_path, capsys):
+    """miniworld.score (the README's SCST table): hw3_2.sh's code with the asked beam, then the suite and object F1,
+    the latter equal to world.object_scores of the captions it wrote; a folder that is no world is refused."""
+    from common import UserError
+    from miniworld import score
+
+    data = str(tmp_path / "data")
+    generate.generate(data, 0, True, "course", os.path.join(MODELS, "decoder_model.bin"))
+    out = str(tmp_path / "out")
+    checkpoint = os.path.join(MODELS, "p2_lora.pt")
+    assert score.main([checkpoint, "--data", data, "--beam-size", "1", "--out", out]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(checkpoint + " (beam 1): CIDEr ")
+    captions = read(os.path.join(out, "p2_lora_beam1.json"))
+    f1 = world.object_scores(captions, score.scenes_of(os.path.join(data, "p2_data")))["object_f1"]
+    assert "object_f1 %.4f" % f1 in line and len(captions) == generate.SMALL["p2_val"]
+    with pytest.raises(UserError, match="not a course-layout world"):
+        score.main([checkpoint, "--data", str(tmp_path)])
