@@ -12,7 +12,7 @@ p2_train.py arguments, the stage itself and its results.md table. They cost GPU 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import clip_utils
 import make_report
@@ -374,3 +374,61 @@ def scst_table(scst: dict) -> str:
         lines.append("- %s: \"%s\" (CIDEr %.3f) -> \"%s\" (%.3f)" % (c["image"], c["before"], c["cider_before"],
                                                                     c["after"], c["cider_after"]))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- what run_all asks
+
+def distill_settings(ctx: Context) -> dict:
+    a = ctx.args
+    return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
+                inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
+                teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
+                score_students=a.score_students)
+
+
+def compare_settings(ctx: Context) -> dict:
+    """The runs and P2's best attempt, whose row it copies."""
+    a, best = ctx.args, ctx.results.get("p2_best")
+    return dict(train=[compare_argv(ctx, run, "") for run in COMPARE_RUNS], train_max_images=a.train_max_images,
+                score_checkpoints=a.score_checkpoints, decoding=run_context.DECODING_GRID[0], metrics=SUITE,
+                p2_best=best, p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
+
+
+def scst_settings(ctx: Context) -> dict:
+    """The attempt, its scored checkpoint, which it fine-tunes, and the shipped decoding."""
+    a, method = ctx.args, scst_method(ctx)
+    init = ((ctx.results.get("p2") or {}).get(method) or {}).get("checkpoint")
+    return dict(train=scst_argv(ctx, method, "", init) if method else None, train_max_images=a.train_max_images,
+                score_checkpoints=a.score_checkpoints, inference=ctx.results.get("p2_inference"), metrics=SCST_SUITE,
+                changed=CHANGED_CAPTIONS, method=method, p2_best=ctx.results.get("p2_best"))
+
+
+def distill_scored(ctx: Context) -> List[str]:
+    return [scored_checkpoint(ctx, n, "distill") for n in CAPTION_SETS] if ctx.args.score_students else []
+
+
+def compare_scored(ctx: Context) -> List[str]:
+    return [scored_checkpoint(ctx, run, "compare") for run in COMPARE_RUNS] if ctx.args.score_checkpoints else []
+
+
+def scst_scored(ctx: Context) -> List[str]:
+    """Checked before its training, once the attempt is known."""
+    method = scst_method(ctx)
+    return [scored_checkpoint(ctx, method, "scst")] if ctx.args.score_checkpoints and method else []
+
+
+class OptionalStage(NamedTuple):
+    """What run_all needs of an opt-in stage: the stage, its checks before any work, what its results depend on
+    besides files (settings), the committed checkpoints it scores in its trainings' place (with their JSON, inputs),
+    and the names of its trainings (run folders) or None for --methods."""
+    run: Callable[[Context], dict]
+    check: Callable[[Context], None]
+    settings: Callable[[Context], dict]
+    scored: Callable[[Context], List[str]]
+    trainings: Optional[Tuple[str, ...]]
+
+
+STAGES = dict(distill=OptionalStage(stage_distill, check_distill, distill_settings, distill_scored, CAPTION_SETS),
+              compare=OptionalStage(stage_compare, check_compare, compare_settings, compare_scored,
+                                    tuple(COMPARE_RUNS)),
+              scst=OptionalStage(stage_scst, check_scst, scst_settings, scst_scored, None))

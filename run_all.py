@@ -54,6 +54,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import clip_utils
 import make_report
+import optional_stages
 import p1_clip_zeroshot
 import p1_templates
 import p2_data
@@ -64,10 +65,7 @@ import run_context
 import search
 from captioner import ARCHITECTURES, config_path, read_checkpoint_config
 from common import UserError, atomic_write, check_image_file, list_images, progress, read_json, run_main, write_json
-from optional_stages import (CAPTION_SETS, CHANGED_CAPTIONS, COMPARE_RUNS, CREATIVE, SCST_SUITE, SUITE, check_compare,
-                             check_distill, check_scst, compare_argv, compare_table, distill_table, scst_argv,
-                             scst_method, scst_options, scst_table, stage_compare, stage_distill, stage_scst,
-                             student_argv)
+from optional_stages import COMPARE_RUNS, compare_table, distill_table, scst_options, scst_table
 from run_context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, caption_and_score, checked_training,
                          discard_unfinished_trainings, loss_log, merge, run_folder, scored_checkpoint, setting_name,
                          ship, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
@@ -173,14 +171,11 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         for split in ("train", "val"):
             p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"),
                                   split=split if ctx.args.captions else None)
-    if "compare" in stages:
-        check_compare(ctx)
     if "p3" in stages:
         list_images(ctx.data("p3_images"), "P3 image folder")
-    if "distill" in stages:
-        check_distill(ctx)
-    if "scst" in stages:
-        check_scst(ctx)
+    for name in OPTIONAL_STAGES:
+        if name in stages:
+            optional_stages.STAGES[name].check(ctx)
     check_images(ctx, stages)
 
 
@@ -450,22 +445,8 @@ def stage_settings(ctx: Context, stage: str) -> dict:
                     score_checkpoints=a.score_checkpoints, grid=run_context.DECODING_GRID)
     if stage == "p3":
         return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
-    if stage == "compare":  # and P2's best attempt, whose row it copies
-        best = ctx.results.get("p2_best")
-        return dict(train=[compare_argv(ctx, run, "") for run in COMPARE_RUNS], train_max_images=a.train_max_images,
-                    score_checkpoints=a.score_checkpoints, decoding=run_context.DECODING_GRID[0], metrics=SUITE,
-                    p2_best=best, p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
-    if stage == "distill":
-        return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
-                    inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
-                    teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
-                    score_students=a.score_students)
-    if stage == "scst":  # the attempt, its scored checkpoint, which it fine-tunes, and the shipped decoding
-        best = scst_method(ctx)
-        init = ((ctx.results.get("p2") or {}).get(best) or {}).get("checkpoint")
-        return dict(train=scst_argv(ctx, best, "", init) if best else None, train_max_images=a.train_max_images,
-                    score_checkpoints=a.score_checkpoints, inference=ctx.results.get("p2_inference"), metrics=SCST_SUITE,
-                    changed=CHANGED_CAPTIONS, method=best, p2_best=ctx.results.get("p2_best"))
+    if stage in optional_stages.STAGES:
+        return optional_stages.STAGES[stage].settings(ctx)
     upstream = {k: v for k, v in ctx.results.items() if k not in ("timings",)}  # the report and extra stages
     return dict(upstream=pipeline.digest(ctx.portable(upstream)), stage=stage,
                 student_id=a.student_id if stage == "report" else None)
@@ -480,15 +461,8 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     if stage == "p2" and ctx.args.score_checkpoints:
         paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
                                                          config_path(scored_checkpoint(ctx, m)))]
-    if stage == "distill" and ctx.args.score_students:
-        paths += [p for n in CAPTION_SETS for p in (scored_checkpoint(ctx, n, "distill"),
-                                                    config_path(scored_checkpoint(ctx, n, "distill")))]
-    if stage == "compare" and ctx.args.score_checkpoints:
-        paths += [p for run in COMPARE_RUNS for p in (scored_checkpoint(ctx, run, stage),
-                                                      config_path(scored_checkpoint(ctx, run, stage)))]
-    if stage == "scst" and ctx.args.score_checkpoints and scst_method(ctx):  # checked before its training
-        paths += [scored_checkpoint(ctx, scst_method(ctx), stage), config_path(scored_checkpoint(ctx, scst_method(ctx),
-                                                                                              stage))]
+    if stage in optional_stages.STAGES:
+        paths += [p for c in optional_stages.STAGES[stage].scored(ctx) for p in (c, config_path(c))]
     if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
         paths.append(ctx.args.data)
     return ctx.portable(ctx.inputs(paths))
@@ -499,10 +473,10 @@ def stage_list(ctx: Context) -> List[tuple]:
     the report."""
     stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
               ("p3", stage_p3, ABOUT["p3"])]
-    optional = dict(distill=(stage_distill, ABOUT["distill"] % ctx.args.student_arch),
-                    compare=(stage_compare, ABOUT["compare"] % ", ".join(COMPARE_RUNS)),
-                    scst=(stage_scst, ABOUT["scst"] % ", ".join("%s %s" % (k, v) for k, v in scst_options(ctx).items())))
-    stages += [(name,) + optional[name] for name in OPTIONAL_STAGES if name in ctx.args.with_stages]
+    about = dict(distill=ABOUT["distill"] % ctx.args.student_arch, compare=ABOUT["compare"] % ", ".join(COMPARE_RUNS),
+                 scst=ABOUT["scst"] % ", ".join("%s %s" % (k, v) for k, v in scst_options(ctx).items()))
+    stages += [(name, optional_stages.STAGES[name].run, about[name]) for name in OPTIONAL_STAGES
+               if name in ctx.args.with_stages]
     if ctx.args.captions:  # another dataset: no P1 or P3 data; P2 needs the GPT-2 weights
         stages = [s for s in stages if s[0] not in ("p1", "p3") and (s[0] != "p2" or ctx.args.decoder_weights)]
     for spec in ctx.args.extra_stage:
@@ -527,12 +501,9 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
         merge(ctx.results, ctx.local(record["results"]))
         if name == "p2":
             discard_unfinished_trainings(ctx)
-        if name == "distill":
-            discard_unfinished_trainings(ctx, name, list(CAPTION_SETS))
-        if name == "compare":
-            discard_unfinished_trainings(ctx, name, list(COMPARE_RUNS))
-        if name == "scst":
-            discard_unfinished_trainings(ctx, name)
+        if name in optional_stages.STAGES:
+            trainings = optional_stages.STAGES[name].trainings
+            discard_unfinished_trainings(ctx, name, None if trainings is None else list(trainings))
         return
     if ctx.forced(name):
         why = "forced (--force %s): redone from its start%s" % (
