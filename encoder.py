@@ -168,11 +168,14 @@ def check_encoder_weights(spec, offline: Optional[bool] = None) -> None:
 
 
 def download_command(spec) -> str:
-    """What fetches the spec's hub weights: hw3_download.sh alone for the default encoder, with --cnn for any other."""
+    """What fetches the spec's hub weights: hw3_download.sh alone for the default encoder, --cnn for the default CNN,
+    --encoder NAME for any other timm model (a CNN or a ViT)."""
     name = as_spec(spec).name
     if name == EncoderSpec.parse(DEFAULT_ENCODER).name:
         return "bash hw3_download.sh"
-    return "bash hw3_download.sh --cnn %s" % name
+    if name == EncoderSpec.parse(DEFAULT_CNN_ENCODER).name:
+        return "bash hw3_download.sh --cnn %s" % name
+    return "bash hw3_download.sh --encoder %s" % name
 
 
 # ----------------------------------------------------------------------------------------------- building

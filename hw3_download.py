@@ -7,6 +7,7 @@ Parts, each tried whatever happened to the ones before; a summary line per part 
 - P2 image encoder: timm vit_huge_patch14_clip_quickgelu_224.dfn5b (about 3.9 GB) into the hub cache.
 - CNN encoder, with --cnn [NAME]: a timm CNN's weights into the hub cache, for the classic captioners; by default
   resnet101.tv2_in1k, torchvision's ResNet-101 weights (about 0.18 GB).
+- Another encoder, with --encoder NAME.TAG: any timm model's weights (a ViT or a CNN), e.g. p2_train.py --encoder's.
 - CLIPScore CLIP, with --with-clipscore: open_clip ViT-B-32 / openai (about 0.6 GB), for p2_evaluate.py and training.
 - P2 trained checkpoint: from RELEASE below (the one place that names it), resumed if a previous try broke off, and
   checked against its size and SHA-256 before it is moved into place. Until one is released this is a warning that
@@ -188,6 +189,8 @@ def plan(args: argparse.Namespace) -> List[Part]:
         parts.append(_built("P2 encoder", lambda: encoder_part("P2 encoder", encoder.DEFAULT_ENCODER)))
     if args.cnn:
         parts.append(_built("CNN encoder", lambda: encoder_part("CNN encoder", args.cnn)))
+    if getattr(args, "encoder", None):
+        parts.append(_built("encoder", lambda: encoder_part("encoder", args.encoder)))
     if args.with_clipscore:
         parts.append(_built("CLIPScore CLIP", lambda: open_clip_part(
             "CLIPScore CLIP %s/%s (open_clip)" % clip_utils.CLIPSCORE_CLIP, *clip_utils.CLIPSCORE_CLIP)))
@@ -221,6 +224,8 @@ def main(argv=None) -> int:
                         help="also fetch a timm CNN encoder's weights (timm NAME.TAG) for the classic captioners; "
                              "alone, %s (torchvision's ResNet-101 weights, about 0.18 GB)"
                              % DEFAULT_CNN)
+    parser.add_argument("--encoder", type=cnn_spec, metavar="NAME", help="also fetch any other timm encoder's weights "
+                        "(NAME.TAG, a ViT or a CNN), e.g. the one given to p2_train.py --encoder")
     args = parser.parse_args(argv)
     try:
         check_online()

@@ -530,10 +530,11 @@ def distill_section(report: Report, results: dict):
     keys = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore", "object_f1", "captions_per_image")
     report.table(["trained on"] + [k.replace("_", " ") for k in keys],
                  [["the teacher itself" if name == "teacher" else name] + [fmt(row.get(k), 3) for k in keys]
-                  for name, row in rows.items()])
+                  for name, row in rows.items()], widths=[0.2] + [0.8 / len(keys)] * len(keys))
     report.heading("The seed's table beside it", 11)
     report.table(["trained on", "CIDEr", "BLEU", "METEOR", "ROUGE-L"],
-                 [[name] + [fmt(v[k], 3) for k in ("CIDEr", "BLEU", "METEOR", "ROUGE")] for name, v in SEED_DISTILL])
+                 [[name] + [fmt(v[k], 3) for k in ("CIDEr", "BLEU", "METEOR", "ROUGE")] for name, v in SEED_DISTILL],
+                 widths=(0.32, 0.17, 0.17, 0.17, 0.17))
     report.paragraph("Source: %s." % SEED_CITATION)
 
 

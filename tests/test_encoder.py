@@ -253,6 +253,8 @@ def test_missing_cnn_weights_fail_fast_offline_naming_the_download(monkeypatch):
         ImageEncoder(DEFAULT_CNN_ENCODER, offline=True)
     assert time.time() - start < 1.0
     assert download_command(DEFAULT_ENCODER) == "bash hw3_download.sh"  # the default encoder needs no option
+    assert download_command("timm:vit_large_patch14_clip_224.openai") == (
+        "bash hw3_download.sh --encoder vit_large_patch14_clip_224.openai")  # any other: --encoder, not --cnn
 
 
 def test_cnn_loads_a_torchvision_layout_file_strictly(tmp_path):

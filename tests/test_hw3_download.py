@@ -219,6 +219,9 @@ def test_a_cnn_encoder_is_fetched_only_when_asked(monkeypatch, capsys):
     args = argparse.Namespace(skip_p1=True, skip_p2=False, with_clipscore=False, cnn="timm:resnet18.tv_in1k")
     assert [p.name for p in hw3_download.plan(args)] == ["P2 encoder %s" % encoder.DEFAULT_ENCODER,
                                                          "CNN encoder timm:resnet18.tv_in1k", "P2 checkpoint"]
+    hw3_download.main(["--skip-p1", "--skip-p2", "--encoder", "vit_small_patch16_224.augreg_in21k"])
+    assert summary(capsys) == ["encoder timm:vit_small_patch16_224.augreg_in21k: ok (downloaded): "
+                               "/hub/vit_small_patch16_224.augreg_in21k"]  # --encoder: any timm model, a ViT here
     for bad in ("resnet18@none", "resnet18.tv_in1k?output_stride=16", "timm:"):
         with pytest.raises(SystemExit) as exit_info:
             hw3_download.main(["--skip-p1", "--skip-p2", "--cnn", bad])
