@@ -528,9 +528,14 @@ def distill_section(report: Report, results: dict):
                          settings_text(active_decoding(decoding.get("creative") or {})),
                          (rows.get("human") or {}).get("arch", UNKNOWN)))
     keys = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore", "object_f1", "captions_per_image")
-    report.table(["trained on"] + [k.replace("_", " ") for k in keys],
-                 [["the teacher itself" if name == "teacher" else name] + [fmt(row.get(k), 3) for k in keys]
-                  for name, row in rows.items()], widths=[0.2] + [0.8 / len(keys)] * len(keys))
+    labels = dict(object_f1="object F1", captions_per_image="captions/image")
+
+    def cell(row: dict, key: str) -> str:
+        value = row.get(key)
+        return "%g" % value if key == "captions_per_image" and value is not None else fmt(value, 3)
+    report.table(["trained on"] + [labels.get(k, k) for k in keys],
+                 [["the teacher itself" if name == "teacher" else name] + [cell(row, k) for k in keys]
+                  for name, row in rows.items()], widths=[0.19] + [0.11] * 6 + [0.15])
     report.heading("The seed's table beside it", 11)
     report.table(["trained on", "CIDEr", "BLEU", "METEOR", "ROUGE-L"],
                  [[name] + [fmt(v[k], 3) for k in ("CIDEr", "BLEU", "METEOR", "ROUGE")] for name, v in SEED_DISTILL],
