@@ -527,7 +527,8 @@ def distill_section(report: Report, results: dict):
                          settings_text(active_decoding(decoding.get("precise") or {})),
                          settings_text(active_decoding(decoding.get("creative") or {})),
                          (rows.get("human") or {}).get("arch", UNKNOWN)))
-    keys = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore", "object_f1", "captions_per_image")
+    keys = [k for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore", "object_f1", "captions_per_image")
+            if any(row.get(k) is not None for row in rows.values())]  # object F1: the miniature world's only
     labels = dict(object_f1="object F1", captions_per_image="captions/image")
 
     def cell(row: dict, key: str) -> str:
@@ -535,7 +536,7 @@ def distill_section(report: Report, results: dict):
         return "%g" % value if key == "captions_per_image" and value is not None else fmt(value, 3)
     report.table(["trained on"] + [labels.get(k, k) for k in keys],
                  [["the teacher itself" if name == "teacher" else name] + [cell(row, k) for k in keys]
-                  for name, row in rows.items()], widths=[0.19] + [0.11] * 6 + [0.15])
+                  for name, row in rows.items()], widths=[0.19] + [0.66 / (len(keys) - 1)] * (len(keys) - 1) + [0.15])
     report.heading("The seed's table beside it", 11)
     report.table(["trained on", "CIDEr", "BLEU", "METEOR", "ROUGE-L"],
                  [[name] + [fmt(v[k], 3) for k in ("CIDEr", "BLEU", "METEOR", "ROUGE")] for name, v in SEED_DISTILL],
