@@ -17,7 +17,7 @@ import shlex
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import metrics
 import p2_data
@@ -59,6 +59,17 @@ def merge(into: dict, fragment: dict) -> dict:
     return into
 
 
+def _strings(obj, convert: Callable[[str], str]):
+    """`obj` with `convert` applied to every string in it, dict keys included (tuples become lists, as in JSON)."""
+    if isinstance(obj, str):
+        return convert(obj)
+    if isinstance(obj, dict):
+        return {_strings(k, convert): _strings(v, convert) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strings(v, convert) for v in obj]
+    return obj
+
+
 class Context:
     """What every stage reads: the arguments, the paths, the device, the results so far; and how to say things."""
 
@@ -95,29 +106,20 @@ class Context:
     def portable(self, obj):
         """Paths in the data and output folders written as <DATA>/... and <OUT>/..., so stage and training records
         hold no local path and stay true when a folder is moved or spelled differently."""
-        if isinstance(obj, str):
-            for prefix, name in self._places():
-                if obj == prefix or obj.startswith(prefix + os.sep):
-                    return name + obj[len(prefix):]
-            return obj
-        if isinstance(obj, dict):
-            return {self.portable(k): self.portable(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [self.portable(v) for v in obj]
-        return obj
+        return self._swap_places(obj, to_names=True)
 
     def local(self, obj):
         """portable() undone: <DATA> and <OUT> back to this run's folders."""
-        if isinstance(obj, str):
+        return self._swap_places(obj, to_names=False)
+
+    def _swap_places(self, obj, to_names: bool):
+        def one(text: str) -> str:
             for prefix, name in self._places():
-                if obj == name or obj.startswith(name + os.sep):
-                    return prefix + obj[len(name):]
-            return obj
-        if isinstance(obj, dict):
-            return {self.local(k): self.local(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self.local(v) for v in obj]
-        return obj
+                old, new = (prefix, name) if to_names else (name, prefix)
+                if text == old or text.startswith(old + os.sep):
+                    return new + text[len(old):]
+            return text
+        return _strings(obj, one)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
