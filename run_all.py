@@ -612,6 +612,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     g.add_argument("--score-students", metavar="DIR", help="score DIR/distill_{human,precise,creative}.pt instead of "
                    "the students' best.pt (the demo scores its converged students; the trainings still run)")
     g = p.add_argument_group("scst (--with scst): self-critical fine-tuning (issue 22)")
+    g.add_argument("--scst", action="store_true", help="run the scst stage too (the same as --with scst)")
     g.add_argument("--scst-method", help="the PEFT attempt to fine-tune (default: P2's best by CIDEr); its options: "
                    "--train-config's \"scst\" entry")
     g = p.add_argument_group("models (defaults: the scripts' own)")
@@ -639,6 +640,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.student_id is not None and not STUDENT_ID.match(args.student_id):
         raise UserError("--student-id %r: letters and digits only (e.g. r12345678)" % args.student_id)
     args.force = [s.strip() for f in args.force for s in f.split(",") if s.strip()]
+    if args.scst:
+        args.with_stages = ",".join([args.with_stages, "scst"])
     args.with_stages = list(dict.fromkeys(s.strip() for s in args.with_stages.split(",") if s.strip()))
     unknown = [s for s in args.with_stages if s not in OPTIONAL_STAGES]
     if unknown:

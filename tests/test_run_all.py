@@ -805,6 +805,14 @@ def test_option_flags_keep_zero_values():
         "--epochs", "0", "--warmup-steps", "0.0", "--augment", "--lora-targets", "a,b"]
 
 
+def test_scst_flag_is_the_opt_in_stage(finished):
+    """--scst (the issue's spelling) is --with scst; with --with naming other stages too, once."""
+    _, argv = finished
+    assert run_all.parse_args(argv + ["--scst"]).with_stages == ["scst"]
+    assert run_all.parse_args(argv + ["--with", "compare,scst", "--scst"]).with_stages == ["compare", "scst"]
+    assert run_all.parse_args(argv).with_stages == []
+
+
 def test_scst_method_must_be_an_attempt(finished, tmp_path, capsys):
     out, argv = finished
     bad = argv_for(argv, out, copy_run(out, tmp_path)) + ["--with", "scst"]
