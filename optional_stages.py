@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
-import clip_utils
 import make_report
 import metrics
 import p2_data
@@ -93,8 +92,7 @@ def stage_distill(ctx: Context) -> dict:
         for name in ("precise", "creative"):
             captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name))
             bar.update(1)
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        clip = ctx.scoring_clip()
         teacher_pred = shipped_predictions(ctx)
         rows = dict(teacher=dict(distill_row(metrics.evaluate(
             teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
@@ -182,8 +180,7 @@ def stage_compare(ctx: Context) -> dict:
             seconds[run] = round(train_run(ctx, run, compare_argv(ctx, run, train_json), train_inputs(ctx),
                                            "compare")[0], 1)
             bar.update(1)
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        clip = ctx.scoring_clip()
         rows = {}
         for run in COMPARE_RUNS:
             checkpoint = scored_checkpoint(ctx, run, "compare")
@@ -326,8 +323,7 @@ def stage_scst(ctx: Context) -> dict:
         inputs = dict(train_inputs(ctx), init_from=pipeline.fingerprint(init))
         seconds, _ = train_run(ctx, best, scst_argv(ctx, best, train_json, init), inputs, "scst")
         bar.update(1)
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        clip = ctx.scoring_clip()
         if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
             before_pred = shipped_predictions(ctx)
             ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, before_pred,

@@ -281,8 +281,7 @@ def stage_p2(ctx: Context) -> dict:
                 estimated = True
         curves = {m: loss_curve(ctx, m) for m in methods}
         plot_curves(curves, ctx.path("p2", "loss_curves.png"))
-        clip = clip_utils.load_clip(ctx.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
-                                    ctx.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], ctx.device)
+        clip = ctx.scoring_clip()
         rows, eval_seconds = {}, {}
         for method in methods:
             started = time.time()

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import clip_utils
 import metrics
 import p2_data
 import p2_inference
@@ -152,6 +153,11 @@ class Context:
         if self.args.p1_pretrained:
             flags += ["--pretrained", self.args.p1_pretrained]
         return flags
+
+    def scoring_clip(self):
+        """The CLIP of CLIPScore (--clip-model/--clip-pretrained, else clip_utils' default), loaded for a stage."""
+        return clip_utils.load_clip(self.args.clip_model or clip_utils.CLIPSCORE_CLIP[0],
+                                    self.args.clip_pretrained or clip_utils.CLIPSCORE_CLIP[1], self.device)
 
     def model_files(self) -> List[str]:
         """Local model files named on the command line (tiny CLIPs, captioners to score): inputs like the data."""

@@ -86,9 +86,7 @@ def world_stage(ctx) -> Dict[str, object]:
                    p1_heldout_accuracy=read_json(ctx.path("p1", "heldout.eval.json"))["accuracy"],
                    p1_heldout_accuracy_all_classes=heldout_among_all(
                        os.path.join(data, folders["p1"], "heldout.json"), ctx.path("p1", "pred.csv")))
-    objects = read_json(os.path.join(data, folders["p2"], "val_objects.json"))
-    scenes = {os.path.splitext(v["file_name"])[0]: [(o["color"], o["shape"]) for o in v["objects"]]
-              for v in objects.values()}
+    scenes = world_lib.scenes_of(read_json(os.path.join(data, folders["p2"], "val_objects.json")))
     results["p2"] = {}
     for method in ctx.results["p2"]:
         f1 = world_lib.object_scores(read_json(ctx.path("p2", method, "pred.json")), scenes)

@@ -27,9 +27,7 @@ MODELS = os.path.join(HERE, "models")
 
 def scenes_of(p2: str) -> dict:
     """{image key: [(colour, shape), ...]} of the validation split."""
-    objects = read_json(os.path.join(p2, "val_objects.json"), "world objects")
-    return {os.path.splitext(v["file_name"])[0]: [(o["color"], o["shape"]) for o in v["objects"]]
-            for v in objects.values()}
+    return world_lib.scenes_of(read_json(os.path.join(p2, "val_objects.json"), "world objects"))
 
 
 def score(checkpoint: str, p2: str, settings: dict, out: str, clip) -> dict:

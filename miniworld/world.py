@@ -6,6 +6,7 @@ colour nor the shape alone tells them apart (each held-out colour comes with two
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -216,6 +217,12 @@ def parse_objects(caption: str) -> List[Tuple[Optional[str], str]]:
             count = _COUNTS[words[j]]
         found.extend([(color, shape)] * count)
     return found
+
+
+def scenes_of(val_objects: dict) -> Dict[str, List[Tuple[str, str]]]:
+    """{image key (file name without extension): [(colour, shape), ...]} of a split's val_objects.json contents."""
+    return {os.path.splitext(v["file_name"])[0]: [(o["color"], o["shape"]) for o in v["objects"]]
+            for v in val_objects.values()}
 
 
 def object_scores(predictions: Dict[str, str], scenes: Dict[str, Iterable[Tuple[str, str]]]) -> Dict[str, float]:

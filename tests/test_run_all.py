@@ -732,8 +732,7 @@ def test_scst_results_hold_before_and_after(tuned):
     results = read_json(os.path.join(out, "results.json"))
     scst = results["scst"]
     data = argv[argv.index("--data") + 1]
-    scenes = {os.path.splitext(v["file_name"])[0]: [(o["color"], o["shape"]) for o in v["objects"]]
-              for v in read_json(os.path.join(data, "p2_data", "val_objects.json")).values()}
+    scenes = world_lib.scenes_of(read_json(os.path.join(data, "p2_data", "val_objects.json")))
     captions = {}
     for side in ("before", "after"):
         row = scst[side]
