@@ -464,12 +464,12 @@ SCST_SETTINGS = (("scst_epochs", "epochs"), ("scst_samples", "samples per image"
                  ("scst_clip_weight", "CLIP weight"), ("best_epoch", "best epoch"))
 
 
-def change(before, after, relative: bool) -> str:
-    if before is None or after is None:
-        return UNKNOWN
-    if relative:
-        return "%.3fx" % (after / before) if before else UNKNOWN
-    return "%+.1f %%" % (100.0 * (after - before) / before) if before else UNKNOWN
+def ratio(before, after) -> str:
+    return "%.3fx" % (after / before) if before and after is not None else UNKNOWN
+
+
+def percent_change(before, after) -> str:
+    return "%+.1f %%" % (100.0 * (after - before) / before) if before and after is not None else UNKNOWN
 
 
 def scst_section(report: Report, results: dict):
@@ -490,8 +490,7 @@ def scst_section(report: Report, results: dict):
                  [[side] + [fmt(row.get(k), 3) for k, _ in columns] for side, row in (("before", before),
                                                                                       ("after", after))])
     report.paragraph("CIDEr after / before: %s; CLIPScore: %s." % (
-        change(before.get("CIDEr"), after.get("CIDEr"), True),
-        change(before.get("CLIPScore"), after.get("CLIPScore"), False)))
+        ratio(before.get("CIDEr"), after.get("CIDEr")), percent_change(before.get("CLIPScore"), after.get("CLIPScore"))))
     changed = scst.get("changed") or []
     if changed:
         report.heading("Captions that changed (most improved, then most worsened, by CIDEr)", 11)

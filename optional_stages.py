@@ -324,15 +324,13 @@ def stage_scst(ctx: Context) -> dict:
         seconds, _ = train_run(ctx, best, scst_argv(ctx, best, train_json, init), inputs, "scst")
         bar.update(1)
         clip = ctx.scoring_clip()
+        ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
         if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
             before_pred = shipped_predictions(ctx)
-            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, before_pred,
-                                                                            setting_name(decoding)))
             before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
                                       device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
         else:
             before_pred = ctx.path("scst", best, "before.json")
-            ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
             before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
         bar.update(1)
         checkpoint, pred = scored_checkpoint(ctx, best, "scst"), ctx.path("scst", best, "pred.json")
