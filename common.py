@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -33,19 +34,38 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
     sys.exit(code or 0)
 
 
-def list_images(folder: str, what: str = "image folder") -> List[str]:
-    """Sorted file names of the images in `folder`; other files are skipped with one warning naming them."""
+def list_images(folder: str, what: str = "image folder", recursive: bool = False) -> List[str]:
+    """Sorted file names of the images in `folder` (with `recursive`, paths relative to it of the images in it and
+    its sub-folders, hidden ones skipped); other files are skipped with one warning naming them."""
     if not os.path.isdir(folder):
         raise UserError("%s not found or not a directory: %s" % (what, folder))
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    names = sorted(_files_under(folder) if recursive else
+                   (n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))))
     images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     skipped = [n for n in names if n not in set(images)]
     if skipped:
         shown = ", ".join(skipped[:5]) + (" and %d more" % (len(skipped) - 5) if len(skipped) > 5 else "")
         warnings.warn("skipping %d non-image file(s) in %s: %s" % (len(skipped), folder, shown), stacklevel=2)
     if not images:
-        raise UserError("no images (%s) in %s" % ("/".join(IMAGE_EXTENSIONS), folder))
+        raise UserError("no images (%s) in %s%s" % ("/".join(IMAGE_EXTENSIONS), folder,
+                                                    " or its sub-folders" if recursive else ""))
     return images
+
+
+def _files_under(folder: str) -> Iterator[str]:
+    """Paths relative to `folder` of the files in it and its sub-folders, hidden ones left out; linked folders are
+    followed once each, so a link back up cannot loop."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and os.path.isfile(os.path.join(root, name)):
+                yield os.path.relpath(os.path.join(root, name), folder)
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -180,17 +200,21 @@ def check_output_file(path: str, what: str = "output") -> None:
 
 
 def check_writable_dir(folder: str, what: str = "output folder") -> None:
-    """Creates `folder` if needed and writes a small probe file there, so a read-only, full or non-folder output
-    location fails now, in one line, rather than after the work."""
-    folder = folder or "."
+    """Writes a small probe file in `folder`, or, while it does not exist yet, in the nearest folder above it that
+    does, so a read-only, full or non-folder output location fails now, in one line, rather than after the work.
+    Nothing is created: a refused command leaves no folder behind (its outputs make their folders when written)."""
+    existing = os.path.abspath(folder or ".")
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder) as probe:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, "%s is not a folder" % existing)
+        with tempfile.TemporaryFile(dir=existing) as probe:
             probe.write(b"\0" * 4096)
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as err:
-        raise UserError("cannot write to %s %s: %s" % (what, folder, err.strerror or err)) from None
+        raise UserError("cannot write to %s %s: %s" % (what, folder or ".", err.strerror or err)) from None
 
 
 def check_output_dir(path: str, marker: str, what: str) -> None:
@@ -286,10 +310,17 @@ def write_json(path: str, obj, indent: Optional[int] = 2) -> None:
 def read_json(path: str, what: str = "JSON file"):
     if not os.path.isfile(path):
         raise UserError("%s not found: %s" % (what, path))
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # a ValueError too: named apart, so no one hunts for a JSON syntax error
+        raise UserError("%s is not UTF-8 text, as JSON must be: %s (byte %d is 0x%02x; a Latin-1 or Windows-1252 "
+                        "file? re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8)"
+                        % (what, path, err.start, raw[err.start])) from None
+    try:
+        return json.loads(text)
+    except ValueError as err:
         raise UserError("%s is not valid JSON: %s (%s)" % (what, path, err)) from None
 
 
