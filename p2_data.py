@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common import (ImageFiles, UserError, autocast, collate_images, file_sha256, image_batches, load_rgb, progress,
-                    read_json, write_json)
+from common import (ImageFiles, UserError, autocast, collate_images, file_sha256, image_batches, list_images, load_rgb,
+                    progress, read_json, write_json)
 from tokenizer import END_TOKEN
 
 IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
@@ -101,6 +101,10 @@ def read_captions(source: Union[str, dict], kind: str = "caption file") -> Capti
     """Any of the four caption formats (path or parsed JSON), told apart by content; every problem is one line
     naming the file (as `kind`) and the place in it."""
     what = "%s %s" % (kind, source if isinstance(source, str) else "(in memory)")
+    return _without_empty_captions(_read_format(source, kind, what), source if isinstance(source, str) else what)
+
+
+def _read_format(source: Union[str, dict], kind: str, what: str) -> CaptionFile:
     data = read_json(source, kind) if isinstance(source, str) else source
     if not isinstance(data, dict):
         raise _unknown(what, "the top level is a JSON %s, not an object" % type(data).__name__)
@@ -110,6 +114,8 @@ def read_captions(source: Union[str, dict], kind: str = "caption file") -> Capti
     if isinstance(images, list) and (not images or isinstance(images[0], dict)):
         return _read_karpathy(images, what)
     if data and all(isinstance(v, str) for v in data.values()):
+        for name in data:
+            check_image_name(str(name), what, "key %r" % name)
         return CaptionFile(what, "deepfashion", OrderedDict((str(k), [v]) for k, v in data.items()))
     if data and all(isinstance(v, str) or (isinstance(v, list) and all(isinstance(c, str) for c in v))
                     for v in data.values()):
@@ -121,9 +127,38 @@ def read_captions(source: Union[str, dict], kind: str = "caption file") -> Capti
     raise _unknown(what, "key %r holds a %s" % (key, type(data[key]).__name__))
 
 
+def check_image_name(name: str, what: str, entry: str) -> None:
+    """An image named by a caption file lies inside the image folder: an absolute path, or one that climbs out by
+    "..", would read a file the user never pointed at, so it is refused naming the file and the entry."""
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise UserError("%s: %s leaves the image folder (%s); a caption file names its images relative to the "
+                        "image folder, without \"..\"" % (what, entry, "an absolute path" if os.path.isabs(name)
+                                                           else "by \"..\""))
+
+
+EMPTY_SAID = set()  # (caption file, count) already said in this process: a file is read by several steps of a run
+
+
+def _without_empty_captions(caption_file: CaptionFile, file_key: str) -> CaptionFile:
+    """Empty captions (nothing but spaces and full stops) left out of every image's references, and counted on
+    stderr once per file: an empty reference would mark every caption partly wrong, and teach the decoder to end at
+    once."""
+    empty = sum(1 for captions in caption_file.captions.values() for c in captions if not clean_caption(c))
+    if not empty:
+        return caption_file
+    if (file_key, empty) not in EMPTY_SAID:
+        EMPTY_SAID.add((file_key, empty))
+        print("%d empty caption%s in %s left out" % (empty, "" if empty == 1 else "s", caption_file.source),
+              file=sys.stderr)
+    captions = OrderedDict((n, [c for c in caps if clean_caption(c)]) for n, caps in caption_file.captions.items())
+    return CaptionFile(caption_file.source, caption_file.format, captions, caption_file.splits)
+
+
 def _plain(data: dict, what: str) -> "OrderedDict[str, List[str]]":
     out = OrderedDict()
     for name, value in data.items():
+        check_image_name(str(name), what, "key %r" % name)
         captions = [value] if isinstance(value, str) else list(value)
         if not captions:
             raise UserError("%s: image %r has an empty caption list" % (what, name))
@@ -139,6 +174,8 @@ def _read_karpathy(images: list, what: str) -> CaptionFile:
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
             raise UserError("%s: images[%d] lacks a string \"filename\" (Karpathy format)" % (what, i))
         name = os.path.join(str(image.get("filepath") or ""), image["filename"])
+        check_image_name(name, what, "images[%d] (filepath %r, filename %r)" % (i, image.get("filepath") or "",
+                                                                              image["filename"]))
         if image.get("split") not in KARPATHY_SPLITS:
             raise UserError("%s: images[%d] (%s) has split %r; expected one of %s" % (
                 what, i, name, image.get("split"), ", ".join(KARPATHY_SPLITS)))
@@ -171,6 +208,7 @@ def read_coco_captions(annotation: Union[str, dict], what: Optional[str] = None)
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "file_name" not in image or "id" not in image:
             raise UserError("%s: images[%d] lacks \"file_name\" or \"id\"" % (what, i))
+        check_image_name(str(image["file_name"]), what, "images[%d] (file_name %r)" % (i, image["file_name"]))
     ids = {image["id"] for image in data["images"]}
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
@@ -291,6 +329,25 @@ def load_captions(annotation_file: str, images_root: str, clean: bool = True, sp
     captions = [[clean_caption(c) if clean else c for c in references[n]] for n in names]
     return CaptionSet(images_root, annotation_file, names, [[c for c in caps if c] for caps in captions],
                       [references[n] for n in names], split)
+
+
+def find_images(images_root: str, caption_file: Optional[str] = None, split: Optional[str] = None,
+                default_split: Optional[str] = None, val_fraction: float = VAL_FRACTION, option: str = "--split",
+                what: str = "image folder") -> List[str]:
+    """The one rule by which every entry point finds its images, as paths relative to `images_root`: a caption
+    file's split as load_captions reads it (sub-folders from COCO's file_name or Karpathy's filepath, each image
+    checked to exist), or without a caption file every image in the folder and its sub-folders. Two images that would
+    share a prediction key (file name without folder and extension) are refused."""
+    if caption_file:
+        return load_captions(caption_file, images_root, split=split, default_split=default_split,
+                             val_fraction=val_fraction, option=option).names
+    names = list_images(images_root, what, recursive=True)
+    keys: Dict[str, str] = {}
+    for name in names:
+        if keys.setdefault(image_key(name), name) != name:
+            raise UserError("%s and %s in %s would share the key %r (file names without folder and extension must "
+                            "be unique)" % (keys[image_key(name)], name, images_root, image_key(name)))
+    return names
 
 
 def tokenize_captions(captions: List[List[str]], tokenizer, max_tokens: int) -> Tuple[List[List[List[int]]], int, int]:
