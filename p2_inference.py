@@ -29,7 +29,7 @@ import p2_data
 import search
 from captioner import Captioner, config_path, load_captioner, read_checkpoint_config
 from common import (ImageFiles, UserError, autocast, check_output_file, collate_images, hub_offline, image_batches,
-                    list_images, progress, resolve_device, run_main, write_json)
+                    progress, resolve_device, run_main, write_json)
 from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +39,8 @@ OUTPUT_FORMATS = ("course", "coco")
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("images", help="folder of test images")
+    parser.add_argument("images", help="folder of test images (its sub-folders too; with --captions, the folder the "
+                        "caption file's image paths start from)")
     parser.add_argument("output", help="output JSON: {file name without extension: caption}, or COCO with --format")
     parser.add_argument("decoder_weights", help="the course's GPT-2 decoder weights (decoder_model.bin)")
     model = parser.add_argument_group("model")
@@ -77,18 +78,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def output_keys(folder: str) -> List[str]:
-    """Image file names, refusing two files that would give the same key (a.jpg and a.png)."""
-    names = list_images(folder)
-    seen: Dict[str, str] = {}
-    for name in names:
-        key = os.path.splitext(name)[0]
-        if key in seen:
-            raise UserError("%s and %s in %s would both be written as key %r" % (seen[key], name, folder, key))
-        seen[key] = name
-    return names
-
-
 def caption_folder(model: Captioner, folder: str, names: List[str], settings: Dict[str, object],
                    batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> List[str]:
     """The captions of `names`, image-major (settings' captions_per_image per image); sampling is seeded by each
@@ -121,13 +110,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UserError("--captions-per-image %d needs --format coco: the course's JSON holds one caption per image"
                         % args.captions_per_image)
     check_output_file(args.output, "output JSON")
-    if args.captions:
-        names = p2_data.load_captions(args.captions, args.images, split=args.split, default_split="val",
-                                      val_fraction=args.val_fraction).names
-    elif args.split:
+    if args.split and not args.captions:
         raise UserError("--split %s needs --captions FILE (the caption file whose split it is)" % args.split)
-    else:
-        names = output_keys(args.images)
+    names = p2_data.find_images(args.images, args.captions, split=args.split, default_split="val",
+                                val_fraction=args.val_fraction)
     settings, said = search.resolve_decoding(vars(args), read_checkpoint_config(args.checkpoint),
                                              config_path(args.checkpoint))  # before the slow loading
     device = resolve_device(args.device)

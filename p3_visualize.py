@@ -23,9 +23,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+import p2_data
 import search
 from captioner import config_path, load_captioner, no_attention_reason, read_checkpoint_config
-from common import (UserError, atomic_dir, atomic_write, check_output_dir, list_images, load_rgb, progress, read_json,
+from common import (UserError, atomic_dir, atomic_write, check_output_dir, load_rgb, progress, read_json,
                     resolve_device, run_main, write_json)
 from encoder import coordinate_mapper
 from report_layout import drawable, readable
@@ -220,28 +221,30 @@ def select_from_scores(path: str, top: int, bottom: int) -> List[Tuple[str, floa
 
 
 def resolve_images(args) -> List[Tuple[str, Optional[float]]]:
-    """(image path, score or None) for every image to draw."""
+    """(image path, score or None) for every image to draw; a folder's images are found as p2_data finds them (its
+    sub-folders too)."""
     if args.from_scores:
         if not args.images or len(args.images) != 1 or not os.path.isdir(args.images[0]):
-            raise UserError("--from-scores needs --images to be the one folder holding the scored images")
+            raise UserError("--from-scores needs --images to be the one folder holding the scored images (in it or "
+                            "its sub-folders)")
         folder = args.images[0]
-        stems = {os.path.splitext(n)[0]: n for n in list_images(folder)}
+        names = {p2_data.image_key(n): n for n in p2_data.find_images(folder)}
         out = []
         for key, score in select_from_scores(args.from_scores, args.top, args.bottom):
-            if key not in stems:
+            if key not in names:
                 raise UserError("%s scores image %r, which is not in %s" % (args.from_scores, key, folder))
-            out.append((os.path.join(folder, stems[key]), score))
+            out.append((os.path.join(folder, names[key]), score))
         return out
     out, seen = [], {}
     for item in args.images:
         if os.path.isdir(item):
-            paths = [os.path.join(item, n) for n in list_images(item)]
+            paths = [os.path.join(item, n) for n in p2_data.find_images(item)]
         elif os.path.isfile(item):
             paths = [item]
         else:
             raise UserError("--images: no such file or folder: %s" % item)
         for path in paths:
-            stem = os.path.splitext(os.path.basename(path))[0]
+            stem = p2_data.image_key(path)
             if stem in seen:
                 raise UserError("--images: %s and %s would both be drawn as %s.png" % (seen[stem], path, stem))
             seen[stem] = path
@@ -270,7 +273,8 @@ def _positive(text: str) -> int:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--images", nargs="+", required=True, help="image files and/or folders of images")
+    io.add_argument("--images", nargs="+", required=True, help="image files and/or folders of images (their "
+                    "sub-folders too)")
     io.add_argument("--checkpoint", required=True, help="trained captioner checkpoint (.pt with its .json beside)")
     io.add_argument("--decoder", required=True, help="GPT-2 decoder weights (the course's decoder_model.bin)")
     io.add_argument("--out", required=True, help="folder for the PNGs, index.md / index.html and attention.json; it "

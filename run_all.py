@@ -86,6 +86,7 @@ ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts 
              scst="self-critical fine-tuning of the best PEFT attempt or --scst-method's (CIDEr-D reward, %s), scored before and "
                   "after with the shipped decoding (CIDEr, CLIPScore, BLEU-4), the captions that changed most")
 TOP5_IMAGES = 3
+CAPTIONED_FOLDERS = dict(train_images="train", val_images="val")  # image folder -> the split its captions name
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -139,11 +140,30 @@ def check_train_options(ctx: Context) -> None:
         ctx.train_options[method] = checked_training(ctx, argv, options, where)
 
 
-def check_images(ctx: Context, stages: List[str]) -> int:
-    """Each image's header (and, for PNG/JPEG/GIF, its end) in every folder the chosen stages read: a 0-byte or
-    truncated file is named now rather than after an epoch. Returns the number checked."""
-    keys = sorted({k for s in stages for k in STAGE_DATA.get(s, ()) if k in IMAGE_FOLDERS})
-    paths = [os.path.join(ctx.data(k), n) for k in keys for n in list_images(ctx.data(k), DATA[k])]
+def image_paths(ctx: Context, stages: List[str]) -> List[str]:
+    """Every image the chosen stages read, found as p2_data finds them (a caption file's split where captions name
+    the images, so its images are checked to exist and its captions to be readable), each once: train and val in
+    one folder share no image, but a path is never listed twice."""
+    keys = {k for s in stages for k in STAGE_DATA.get(s, ()) if k in IMAGE_FOLDERS}
+    if {"p2", "compare", "scst"} & set(stages):
+        keys |= set(CAPTIONED_FOLDERS)
+    paths: Dict[str, None] = {}
+    for key in sorted(keys):
+        split = CAPTIONED_FOLDERS.get(key)
+        if key == "p1_images":  # P1's labels come from the file names of the one folder
+            names = list_images(ctx.data(key), DATA[key])
+        elif split and (ctx.args.captions or os.path.isfile(ctx.data(split + "_json"))):
+            names = p2_data.find_images(ctx.data(key), ctx.data(split + "_json"),
+                                        split=split if ctx.args.captions else None)
+        else:
+            names = p2_data.find_images(ctx.data(key), what=DATA[key])
+        paths.update((os.path.normpath(os.path.join(ctx.data(key), n)), None) for n in names)
+    return list(paths)
+
+
+def check_images(paths: List[str]) -> int:
+    """Each image's header (and, for PNG/JPEG/GIF, its end): a 0-byte or truncated file is named now rather than
+    after an epoch. Returns the number checked."""
     for path in progress(paths, desc="checking images", unit="image", disable=len(paths) < 200):
         check_image_file(path)
     return len(paths)
@@ -167,16 +187,11 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         if ctx.args.score_checkpoints:
             for method in ctx.args.methods:
                 scored_checkpoint(ctx, method)
-    if {"p2", "compare", "scst"} & set(stages):
-        for split in ("train", "val"):
-            p2_data.load_captions(ctx.data(split + "_json"), ctx.data(split + "_images"),
-                                  split=split if ctx.args.captions else None)
-    if "p3" in stages:
-        list_images(ctx.data("p3_images"), "P3 image folder")
+    images = image_paths(ctx, stages)
     for name in OPTIONAL_STAGES:
         if name in stages:
             optional_stages.STAGES[name].check(ctx)
-    check_images(ctx, stages)
+    check_images(images)
 
 
 # ----------------------------------------------------------------------------------------------- P1
@@ -709,6 +724,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     pipeline.check_out_folder(ctx.out)
     check_inputs(ctx, selected)
+    os.makedirs(ctx.out, exist_ok=True)  # only now: a refused run leaves no OUT behind
     with pipeline.RunLock(ctx.out, command(ctx)):
         removed = pipeline.remove_temporaries(ctx.out)
         if removed:
