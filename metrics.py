@@ -66,7 +66,8 @@ def load_references(annotation_file: Union[str, dict], split: Optional[str] = No
                     ) -> Tuple["OrderedDict[str, List[str]]", Dict[str, str]]:
     """({key: captions as written}, {key: image file name}) of a split of a caption file in any format
     (p2_data.read_captions); the key is the file name without folder or extension, as the course's prediction
-    files use. `split` None takes `default_split` from a file with splits and the whole of a file without."""
+    files use. `split` None takes `default_split` from a file with splits and the whole of a file without. Images
+    left without a caption (every one empty) are left out, and stderr says which."""
     where = annotation_file if isinstance(annotation_file, str) else "annotations"
     caption_file = read_captions(annotation_file, "annotation file")
     names, _ = split_names(caption_file, resolve_split(caption_file, split, default_split), val_fraction)
@@ -78,9 +79,13 @@ def load_references(annotation_file: Union[str, dict], split: Optional[str] = No
                             "unique)" % (where, key))
         references[key], files[key] = caption_file.captions[name], name
     empty = [k for k, caps in references.items() if not caps]
-    if empty:
-        raise UserError("annotation file %s: %d image(s) have no caption: %s" % (where, len(empty), _show(empty)))
-    return references, files
+    if len(empty) == len(references):
+        raise UserError("annotation file %s holds no captioned images in the split scored" % where)
+    if empty:  # as p2_data.load_captions leaves them out, so p2_inference --captions never captions them
+        print("annotation file %s: %d image(s) without a caption left out: %s" % (where, len(empty), _show(empty)),
+              file=sys.stderr)
+    return (OrderedDict((k, caps) for k, caps in references.items() if caps),
+            {k: name for k, name in files.items() if references[k]})
 
 
 def _show(keys: Sequence[str]) -> str:

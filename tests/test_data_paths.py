@@ -230,6 +230,17 @@ def test_empty_references_are_left_out_and_counted_once_per_file(data, tmp_path,
     assert "1 image(s) without a caption left out" in err
 
 
+def test_an_image_whose_references_are_all_empty_is_left_out_of_scoring_too(data, tmp_path, capsys):
+    """p2_inference --captions leaves it out, so p2_evaluate must too, not refuse the predictions."""
+    path = write(tmp_path / "empty.json", karpathy(LAYOUT, image_5=dict(sentences=[dict(raw=" "), dict(raw="")])))
+    predictions = str(tmp_path / "pred.json")
+    assert p2_inference.main(infer_argv(data, predictions, "--captions", path)) == 0
+    assert list(json.load(open(predictions))) == ["v1"]
+    assert p2_evaluate.main(["--pred_file", predictions, "--images_root", data["images"], "--annotation_file", path,
+                             "--metrics", "cider"]) == 0
+    assert "1 image(s) without a caption left out: v0" in capsys.readouterr().err
+
+
 def test_a_latin1_caption_file_is_named_as_an_encoding_error(data, tmp_path, capsys):
     text = json.dumps({"val2014/v0.png": "un caf\u00e9 au lait"}, ensure_ascii=False)
     path = tmp_path / "latin1.json"
