@@ -28,6 +28,7 @@ BODY_PT, SMALL_PT, TABLE_PT = 9.5, 8, 8
 HEADING_PT = {1: 18, 2: 14, 3: 11}
 LINE_MM = 4.6
 BULLET_MM = 6
+FIGURE_DPI = 170  # figures are downsampled to this resolution at full text width
 MAX_FIGURE_SHARE = 0.62  # of the page's text height: a tall figure is scaled down to leave room for its caption
 
 
@@ -208,6 +209,7 @@ class PdfWriter:
         self.pdf = FPDF(format="A4")
         self.pdf.set_margins(MARGIN_MM, MARGIN_MM, MARGIN_MM)
         self.pdf.set_auto_page_break(True, MARGIN_MM)
+        self.pdf.set_image_filter("DCTDecode")  # JPEG: the attention maps are photographs in all but name
         for style, path in latin_fonts().items():
             self.pdf.add_font("body", style, path)
         self.glyphs = set(self.pdf.fonts["body"].cmap)
@@ -218,6 +220,7 @@ class PdfWriter:
             self.glyphs |= set(self.pdf.fonts["cjk"].cmap)
         self.undrawable: List[str] = []
         self.outline_level = -1
+        self.following: Optional[tuple] = None  # the block after the one being written
         self.pdf.add_page()
 
     def drawable(self, text: str) -> str:
@@ -228,7 +231,8 @@ class PdfWriter:
         return NO_FONT_LINE
 
     def write(self, blocks: Sequence[tuple], path: str) -> List[str]:
-        for block in blocks:
+        for n, block in enumerate(blocks):
+            self.following = blocks[n + 1] if n + 1 < len(blocks) else None
             getattr(self, type(block).__name__.lower())(block)
         with atomic_write(path, "wb") as f:
             f.write(bytes(self.pdf.output()))
@@ -242,7 +246,10 @@ class PdfWriter:
 
     def heading(self, block: Heading):
         size = HEADING_PT.get(block.level, HEADING_PT[3])
-        if self.pdf.get_y() + 3 * size > self.pdf.page_break_trigger:  # a heading never ends a page
+        keep = 3 * size  # a heading never ends a page; one introducing a figure stays with it
+        if isinstance(self.following, Figure) and os.path.isfile(self.following.path):
+            keep = size + self.figure_height(self.following.path) + 2 * LINE_MM
+        if self.pdf.get_y() + keep > self.pdf.page_break_trigger:
             self.pdf.add_page()
         self.pdf.ln(2 if block.level > 2 else 4)
         self.outline_level = min(block.level - 1, self.outline_level + 1)  # an outline never skips a level
@@ -269,6 +276,15 @@ class PdfWriter:
                     row.cell(self.drawable(cell))
         self.pdf.ln(2)
 
+    def figure_height(self, path: str) -> float:
+        """Full text width, unless that makes it taller than MAX_FIGURE_SHARE of the page."""
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            aspect = picture.height / picture.width
+        page_height = self.pdf.page_break_trigger - self.pdf.t_margin
+        return min(self.pdf.epw * aspect, MAX_FIGURE_SHARE * page_height)
+
     def figure(self, block: Figure):
         from PIL import Image
 
@@ -277,12 +293,11 @@ class PdfWriter:
         else:
             with Image.open(block.path) as picture:
                 aspect = picture.height / picture.width
-            page_height = self.pdf.page_break_trigger - self.pdf.t_margin
-            height = min(self.pdf.epw * aspect, MAX_FIGURE_SHARE * page_height)
+            height = self.figure_height(block.path)
             if self.pdf.get_y() + height + 2 * LINE_MM > self.pdf.page_break_trigger:
                 self.pdf.add_page()
-            self.pdf.image(block.path, x=self.pdf.l_margin + (self.pdf.epw - height / aspect) / 2, w=height / aspect,
-                           h=height)
+            self.pdf.image(embedded(block.path), x=self.pdf.l_margin + (self.pdf.epw - height / aspect) / 2,
+                           w=height / aspect, h=height)
         if block.caption:
             self.text(block.caption, SMALL_PT, "I")
         self.pdf.ln(2)
@@ -301,6 +316,24 @@ class PdfWriter:
 
     def pagebreak(self, block: PageBreak):
         self.pdf.add_page()
+
+
+def embedded(path: str):
+    """The figure as the PDF holds it: on white without its alpha channel and at most FIGURE_DPI across the text
+    width, which keeps a report of a dozen figures near a megabyte instead of several."""
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        picture.load()
+        limit = round(FIGURE_DPI * (210 - 2 * MARGIN_MM) / 25.4)
+        if picture.width > limit:
+            picture = picture.resize((limit, round(picture.height * limit / picture.width)), Image.LANCZOS)
+        if picture.mode in ("RGBA", "LA", "P"):
+            picture = picture.convert("RGBA")
+            flat = Image.new("RGB", picture.size, "white")
+            flat.paste(picture, mask=picture.split()[-1])
+            return flat
+        return picture.convert("RGB")
 
 
 def say_undrawable(undrawable: Sequence[str]) -> None:
