@@ -449,8 +449,8 @@ def test_a_killed_runs_lock_is_taken_over(finished, tmp_path, capsys):
 
 
 def test_a_cjk_path_prints_no_missing_glyphs(finished, tmp_path, capsys):
-    """The source block names the data and output folders as given; characters the report's font lacks are
-    escaped, never drawn as empty boxes (matplotlib warns for each missing glyph)."""
+    """The source block names the data and output folders as given; characters the report's fonts lack become one
+    line naming the font package, never empty boxes or warnings."""
     import warnings
 
     out, argv = finished
