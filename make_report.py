@@ -136,7 +136,7 @@ def shown_command(command) -> str:
 
 
 def title_page(report: Report, results: dict, results_dir: str, student_id: Optional[str]):
-    report.heading("DLCV HW3 report", 1)
+    report.heading("Captioning report (run_all.py --captions)" if toolkit_run(results) else "DLCV HW3 report", 1)
     if student_id:
         report.paragraph("Student ID: %s" % student_id)
     report.heading("Source of every number and figure", 3)
@@ -389,7 +389,8 @@ def compare_section(report: Report, results: dict):
     report.heading("Architecture comparison: classic captioners beside the PEFT GPT-2")
     report.paragraph("Each architecture was trained on the same data and image features (the frozen encoder's "
                      "tokens, one feature cache) and its validation captions decoded with the README default and "
-                     "scored with the same metrics (run_all.py, the compare stage). gpt2 is P2's best PEFT attempt.")
+                     "scored with the same metrics (run_all.py, the compare stage).%s" % (
+                         " gpt2 is P2's best PEFT attempt." if "gpt2" in rows else ""))
     columns = [(key, label) for key, label in COMPARE_COLUMNS if any(r.get(key) is not None for r in rows.values())]
     counts = [(key, label, show) for key, label, show in (("trainable_params", "trained params", count),
                                                           ("train_seconds", "train s", lambda v: fmt(v, 0)))

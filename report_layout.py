@@ -327,7 +327,7 @@ def embedded(path: str):
         picture.load()
         limit = round(FIGURE_DPI * (210 - 2 * MARGIN_MM) / 25.4)
         if picture.width > limit:
-            picture = picture.resize((limit, round(picture.height * limit / picture.width)), Image.LANCZOS)
+            picture = picture.resize((limit, round(picture.height * limit / picture.width)), getattr(Image, "Resampling", Image).LANCZOS)  # Pillow 9.1+ / older
         if picture.mode in ("RGBA", "LA", "P"):
             picture = picture.convert("RGBA")
             flat = Image.new("RGB", picture.size, "white")

@@ -390,6 +390,7 @@ def test_a_toolkit_run_reports_that_run_only(tmp_path, caplog):
     lines = render(folder, tmp_path, caplog)
     text = flat(lines)
     assert "Problem 1" not in text and "Problem 2" not in text and "p1 stage did not run" not in text
+    assert lines[0] == "Captioning report (run_all.py --captions)" and "gpt2 is P2's best" not in text
     assert "/home/" not in text and "data: .../fashion" in text
     assert "Caption file format: deepfashion." in lines and "Split sizes: train 200, val 50." in lines
     assert "architecture | CIDEr | BLEU-4" in lines and "trained params" not in text and "train s" not in text
