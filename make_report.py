@@ -3,24 +3,31 @@ homework, numbered as the homework numbers it, answered from that folder's own n
 
 A measure the results do not hold is not mentioned (the miniature world's held-out classes, object F1 and pointing
 game appear only in the demo's report); a judgement only a person can make ("is the caption reasonable?") is said
-to be one, with blank room left for it, rather than invented.
+to be one and asked in the results folder's answers.md, whose answers the report shows in their place.
 
-    python3 make_report.py --results outputs/hw3 --student-id r12345678     # writes hw3_r12345678.pdf
+Writes the PDF and report.md beside it (the same document: Markdown for GitHub, pandoc or an editor).
+
+    python3 make_report.py --results outputs/hw3 --student-id r12345678     # writes hw3_r12345678.pdf, report.md
     python3 make_report.py --results outputs/demo --out report.pdf
+    python3 make_report.py --results outputs/hw3 --check                    # the questions still unanswered
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from common import UserError, atomic_dir, atomic_write, check_output_file, read_json, run_main
 from p1_templates import REPORT_TEMPLATES
-from report_layout import Report
+import report_answers
+from report_layout import Report, say_undrawable
 
 STUDENT_ID = re.compile(r"[A-Za-z0-9]+\Z")
 UNKNOWN = "unknown"
+MARKDOWN_NAME = "report.md"  # beside the PDF: the report's editable source
 
 # The homework's report questions, in its numbering (P3 is problem 2's visualisation part).
 QUESTIONS = dict(
@@ -80,6 +87,21 @@ def settings_text(settings: Dict[str, object]) -> str:
     return ", ".join("%s=%s" % (k, setting(v)) for k, v in settings.items())
 
 
+def say_cut(report: Report, rows: Dict[str, dict]):
+    """The scored captions that hit the length limit without their end token, wherever there are any."""
+    cut = [(name, row["cut"]) for name, row in rows.items() if isinstance(row, dict) and row.get("cut")]
+    if cut:
+        report.paragraph("Captions cut at the length limit (no end token), so scored shorter than decoded: %s." % (
+            ", ".join("%s %s" % (name, setting(n)) for name, n in cut)))
+
+
+def plain(value) -> str:
+    """A results.json value in words: a dict as 'key value, ...', a list as '[a, b]', a number as setting()."""
+    if isinstance(value, dict):
+        return ", ".join("%s %s" % (k, plain(v)) for k, v in value.items())
+    return setting(value)
+
+
 # ----------------------------------------------------------------------------------------------- title page
 
 def source_lines(results: dict) -> List[str]:
@@ -89,7 +111,7 @@ def source_lines(results: dict) -> List[str]:
         return ["source: %s" % (source or UNKNOWN), "command: %s" % results.get("command", UNKNOWN)]
     versions = source.get("versions") if isinstance(source.get("versions"), dict) else {}
     gpu = source.get("gpu", UNKNOWN)
-    lines = ["data: %s" % source.get("data", UNKNOWN), "command: %s" % source.get("command", UNKNOWN),
+    lines = ["data: %s" % shown_path(source.get("data", UNKNOWN)), "command: %s" % shown_command(source.get("command", UNKNOWN)),
              "date: %s" % source.get("date", UNKNOWN),
              "device: %s, GPU: %s" % (source.get("device", UNKNOWN), "none" if gpu is None else gpu),
              "versions: " + ", ".join("%s %s" % (name, "not installed" if versions.get(name, UNKNOWN) is None
@@ -101,41 +123,143 @@ def source_lines(results: dict) -> List[str]:
     return lines
 
 
+def shown_path(path) -> str:
+    """A path as the report may print it: relative as given, an absolute one by its last component only (the
+    machine's folders are nobody else's business and would not resolve elsewhere)."""
+    path = str(path)
+    return ".../" + os.path.basename(path.rstrip("/\\")) if os.path.isabs(path) else path
+
+
+def shown_command(command) -> str:
+    """The command with each absolute path shown by shown_path (an option's '--x=/abs' too)."""
+    return re.sub(r"(?<![^\s=])/[^\s'\"]+", lambda m: shown_path(m.group(0)), str(command))
+
+
 def title_page(report: Report, results: dict, results_dir: str, student_id: Optional[str]):
-    report.heading("DLCV HW3 report", 16)
+    report.heading("Captioning report (run_all.py --captions)" if toolkit_run(results) else "DLCV HW3 report", 1)
     if student_id:
-        report.paragraph("Student ID: %s" % student_id, size=11)
-    report.heading("Source of every number and figure", 11)
+        report.paragraph("Student ID: %s" % student_id)
+    report.heading("Source of every number and figure", 3)
     for line in source_lines(results):
-        report.paragraph(line, indent="    ")
+        report.paragraph(line, bullet=True)
     report.paragraph("Results folder: %s (results.json and the figures beside it)." % (
         os.path.basename(os.path.abspath(results_dir)) if os.path.isabs(results_dir) else results_dir))
 
 
+# ----------------------------------------------------------------------------------------------- toolkit run
+
+def data_section(report: Report, data: dict):
+    """run_all.py --captions: the data the run read, its caption lengths and what was cut."""
+    report.new_page()
+    report.heading("The data")
+    for key, label in (("format", "caption file format"), ("splits", "split sizes"),
+                       ("caption_tokens", "caption length in GPT-2 tokens"), ("cut", "captions cut")):
+        if data.get(key) is not None:
+            report.paragraph("%s: %s." % (label[0].upper() + label[1:], plain(data[key])), bullet=True)
+    for key in sorted(set(data) - {"format", "splits", "caption_tokens", "cut"}):
+        report.paragraph("%s: %s." % (key.replace("_", " "), plain(data[key])), bullet=True)
+
+
+def attention_section(report: Report, results: dict, folder: str):
+    """run_all.py --captions: the best attentive architecture's attention maps, its best and worst captions."""
+    attention = results["attention"]
+    report.heading("Attention maps of %s" % attention.get("arch", "the best attentive architecture"))
+    for name in attention.get("figures") or []:
+        report.image(os.path.join(folder, name), name, caption=os.path.splitext(os.path.basename(name))[0])
+    for side in ("best", "worst"):
+        entry = attention.get(side)
+        if isinstance(entry, dict):
+            rest = {k: v for k, v in entry.items() if k != "caption"}
+            report.paragraph("%s caption: \"%s\" (%s)." % (side.capitalize(), entry.get("caption", UNKNOWN),
+                                                            plain(rest)), bullet=True)
+
+
 # ----------------------------------------------------------------------------------------------- P1
 
+CONFIDENCE = 0.95  # of the paired intervals between templates
+
+
+def binomial_cdf(k: int, m: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(m, p), summed in logs (m is a count of images, up to a few thousand)."""
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= m else 0.0
+    logs = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) + i * math.log(p)
+            + (m - i) * math.log1p(-p) for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def clopper_pearson(k: int, m: int, confidence: float = CONFIDENCE) -> Tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a binomial proportion k/m, by bisection on the binomial tails."""
+    tail = (1 - confidence) / 2
+
+    def solve(inside) -> float:
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if inside(mid) else (low, mid)
+        return (low + high) / 2
+    lower = 0.0 if k == 0 else solve(lambda p: 1 - binomial_cdf(k - 1, m, p) < tail)
+    upper = 1.0 if k == m else solve(lambda p: binomial_cdf(k, m, p) > tail)
+    return lower, upper
+
+
+def paired_interval(paired: dict) -> Tuple[float, float, float]:
+    """(difference, lower, upper) in accuracy points of one template against another on the same images: exact
+    McNemar, i.e. the Clopper-Pearson interval of the discordant images' split, scaled by their share."""
+    gained, lost, n = paired["gained"], paired["lost"], paired["n"]
+    discordant = gained + lost
+    if not discordant:
+        return 0.0, 0.0, 0.0
+    lower, upper = clopper_pearson(gained, discordant)
+    scale = 100.0 * discordant / n
+    return 100.0 * (gained - lost) / n, scale * (2 * lower - 1), scale * (2 * upper - 1)
+
+
+def noise_text(paired: Optional[dict]) -> Tuple[Optional[bool], str]:
+    """(beyond sampling noise?, the interval in words); (None, "") without per-image results."""
+    if not paired:
+        return None, ""
+    _, lower, upper = paired_interval(paired)
+    beyond = lower > 0 or upper < 0
+    return beyond, "%d%% interval %+.1f to %+.1f points, exact McNemar over the %d images%s" % (
+        round(100 * CONFIDENCE), lower, upper, paired["n"],
+        "" if beyond else ": within sampling noise, so the two are indistinguishable on this data")
+
+
 def prompt_analysis(prompts: Sequence[dict]) -> str:
-    """What the prompt table shows, in words that follow the numbers rather than a fixed story."""
-    acc = {p["templates"]: p["accuracy"] for p in prompts}
-    photo, negated, noise = (acc.get(text) for _, text in REPORT_TEMPLATES)
+    """What the prompt table shows: a difference, its paired interval, and a cause only where the difference lies
+    beyond sampling noise."""
+    rows = {p["templates"]: p for p in prompts}
+    photo, negated, noise = (rows.get(text) for _, text in REPORT_TEMPLATES)
     parts = []
-    if photo is not None and negated is not None:
-        gap = 100 * (negated - photo)
-        parts.append("The negated prompt changes accuracy by %+.1f points against 'This is a photo of {}'%s." % (
-            gap, ": CLIP's text encoder, trained on captions that rarely negate, reads 'not a photo of X' mostly as "
-                 "'X'" if abs(gap) < 3 else ""))
-    if photo is not None and noise is not None:
-        parts.append("'No {}, no score.' %s (%+.1f points)%s." % (
-            "costs accuracy" if noise < photo else "does not cost accuracy", 100 * (noise - photo),
-            ": its extra words carry meaning of their own that pulls every class embedding the same way"
-            if noise < photo else ""))
+    if photo and negated:
+        gap = 100 * (negated["accuracy"] - photo["accuracy"])
+        beyond, interval = noise_text(negated.get("paired"))
+        parts.append("The negated prompt changes accuracy by %+.1f points against 'This is a photo of {}'%s%s." % (
+            gap, " (%s)" % interval if interval else "", ": CLIP's text encoder, trained on captions that rarely negate, reads 'not a photo of X' "
+                           "mostly as 'X'" if beyond and abs(gap) < 3 else ""))
+    if photo and noise:
+        worse = noise["accuracy"] < photo["accuracy"]
+        beyond, interval = noise_text(noise.get("paired"))
+        parts.append("'No {}, no score.' %s (%+.1f points%s)%s." % (
+            "costs accuracy" if worse else "does not cost accuracy", 100 * (noise["accuracy"] - photo["accuracy"]),
+            "; " + interval if interval else "", ": its extra words carry meaning of their own that pulls every class embedding the same way"
+            if worse and beyond else ""))
     ensemble = [p for p in prompts if p["templates"].startswith("ensemble")]
     singles = [p["accuracy"] for p in prompts if not p["templates"].startswith("ensemble")]
     if ensemble and singles:
         wins = ensemble[0]["accuracy"] > max(singles)
-        parts.append("The template ensemble %s the best single report template (%s vs %s)%s." % (
+        beyond, interval = noise_text(ensemble[0].get("paired"))
+        parts.append("The template ensemble %s the best single report template (%s vs %s%s)%s." % (
             "beats" if wins else "does not beat", fmt(ensemble[0]["accuracy"]), fmt(max(singles)),
-            ": averaging embeddings over templates cancels the quirks of any one wording" if wins else ""))
+            "; " + interval if interval else "",
+            ": averaging embeddings over templates cancels the quirks of any one wording" if wins and beyond else ""))
+    if parts and not any(p.get("paired") for p in prompts):
+        parts.append("The results hold no per-image predictions (an older run_all.py wrote them), so whether these "
+                     "differences lie beyond sampling noise is not measured, and no cause is given.")
     return " ".join(parts)
 
 
@@ -143,9 +267,9 @@ def p1_section(report: Report, results: dict, folder: str):
     report.heading("Problem 1: zero-shot image classification with CLIP")
     if results.get("p1_model"):
         report.paragraph("CLIP model: %s." % results["p1_model"])
-    report.heading(QUESTIONS["p1_methods"], 11)
+    report.heading(QUESTIONS["p1_methods"], 3)
     report.paragraph(CLIP_WHY)
-    report.heading(QUESTIONS["p1_prompts"], 11)
+    report.heading(QUESTIONS["p1_prompts"], 3)
     prompts = results.get("p1_prompts") or []
     if prompts:
         report.table(["templates", "accuracy on p1_data/val"], [[p["templates"], fmt(p["accuracy"])] for p in prompts],
@@ -162,10 +286,9 @@ def p1_section(report: Report, results: dict, folder: str):
         report.paragraph("Held-out colour-shape combinations never seen in training captions: %s among the held-out "
                          "classes, %s among all classes." % (fmt(results.get("p1_heldout_accuracy")),
                                                             fmt(results.get("p1_heldout_accuracy_all_classes"))))
-    report.keep(0.42)  # the question with its figure
-    report.heading(QUESTIONS["p1_top5"], 11)
-    report.image(os.path.join(folder, results.get("files", {}).get("p1_top5", "p1/pred.top5.png")), height=0.35,
-                 caption="Three validation images, each with the probabilities of its five most similar classes "
+    report.heading(QUESTIONS["p1_top5"], 3)
+    report.image(os.path.join(folder, results.get("files", {}).get("p1_top5", "p1/pred.top5.png")),
+                 results.get("files", {}).get("p1_top5", "p1/pred.top5.png"), caption="Three validation images, each with the probabilities of its five most similar classes "
                          "(p1_clip_zeroshot.py --plot-top5 3).")
 
 
@@ -203,45 +326,49 @@ def p2_section(report: Report, results: dict, folder: str):
         return
     best = results.get("p2_best") or max(methods, key=lambda m: methods[m].get("cider") or 0)
     row = methods[best]
-    report.heading(QUESTIONS["p2_best"], 11)
+    report.heading(QUESTIONS["p2_best"], 3)
     world = "".join(", %s %s" % (label, fmt(row[key])) for key, label in world_columns({best: row}))
     report.paragraph("The best attempt by CIDEr on the validation split is %s: CIDEr %s, CLIPScore %s%s, with %s "
                      "trainable parameters." % (best, fmt(row.get("cider")), fmt(row.get("clipscore")), world,
                                                 count(row.get("trainable_params"))))
     if row.get("encoder"):
-        report.paragraph("Image encoder: %s." % row["encoder"], indent="    ")
-    report.paragraph("PEFT, %s: %s." % (best, peft_text(row)), indent="    ")
-    report.paragraph("Training: %s." % training_text(row), indent="    ")
+        report.paragraph("Image encoder: %s." % row["encoder"], bullet=True)
+    report.paragraph("PEFT, %s: %s." % (best, peft_text(row)), bullet=True)
+    report.paragraph("Training: %s." % training_text(row), bullet=True)
     inference = results.get("p2_inference") or {}
     if inference:
         report.paragraph("Decoding, shipped with the checkpoint (p2_best.json): %s; chosen by %s." % (
-            settings_text(active_decoding(inference)), inference.get("chosen_on", UNKNOWN)), indent="    ")
+            settings_text(active_decoding(inference)), inference.get("chosen_on", UNKNOWN)), bullet=True)
     else:
-        report.paragraph("Decoding: not recorded (the decoding stage did not run).", indent="    ")
-    report.heading(QUESTIONS["p2_attempts"], 11)
+        report.paragraph("Decoding: not recorded (the decoding stage did not run).", bullet=True)
+    report.heading(QUESTIONS["p2_attempts"], 3)
     extra = world_columns(methods)
     report.table(["method", "CIDEr", "CLIPScore"] + [label for _, label in extra] + ["trainable params"],
                  [[m + (" (best)" if m == best else ""), fmt(v.get("cider")), fmt(v.get("clipscore"))]
                   + [fmt(v[key]) for key, _ in extra] + [count(v.get("trainable_params"))]
                   for m, v in sorted(methods.items())])
+    say_cut(report, methods)
     for method, v in sorted(methods.items()):
-        report.paragraph("%s: %s; %s." % (method, peft_text(v), training_text(v)), indent="    ")
+        report.paragraph("%s: %s; %s." % (method, peft_text(v), training_text(v)), bullet=True)
     decoding = results.get("p2_decoding") or []
     if decoding:
-        report.heading("Decoding of the best attempt on the validation data", 11)
+        report.heading("Decoding of the best attempt on the validation data", 3)
         report.table(["method", "beam size", "length penalty", "CIDEr", "CLIPScore"],
                      [[d["method"], str(d["beam_size"]) if d["method"] == "beam" else "-",
                        fmt(d["length_penalty"], 1) if d["method"] == "beam" else "-", fmt(d.get("cider")),
                        fmt(d.get("clipscore"))] for d in decoding])
     curves = results.get("files", {}).get("p2_loss_curves")
     if curves:
-        report.image(os.path.join(folder, curves), height=0.25, caption="Training loss of the p2_train.py runs.")
+        report.image(os.path.join(folder, curves), curves, caption="Training loss of the p2_train.py runs.")
 
 
 # ----------------------------------------------------------------------------------------------- compare
 
 # Seed 004's DeepFashion-MultiModal captioners, the table our comparison is set beside (issue 20).
-COMPARE_SEED_CITATION = "seed 004 (another course's captioning project, DeepFashion-MultiModal)"
+# Seed 004 by its public name: another course's project report (written in Chinese; the title translated).
+SEED_REPORT = ("the course project report 'Neural Networks and Deep Learning Course Design: Final Report' (Zhao, "
+               "Wang and Zhang; image captioning on DeepFashion-MultiModal)")
+COMPARE_SEED_CITATION = "seed 004, " + SEED_REPORT
 COMPARE_SEED_TABLE = (("ResNet-101 global + GRU", "gru", 1.235),
                       ("ResNet-101 grid + attention GRU", "attention-gru", 1.275),
                       ("ViT-B/16 + Transformer decoder", "transformer", 1.618))
@@ -262,17 +389,22 @@ def compare_section(report: Report, results: dict):
     report.heading("Architecture comparison: classic captioners beside the PEFT GPT-2")
     report.paragraph("Each architecture was trained on the same data and image features (the frozen encoder's "
                      "tokens, one feature cache) and its validation captions decoded with the README default and "
-                     "scored with the same metrics (run_all.py, the compare stage). gpt2 is P2's best PEFT attempt.")
+                     "scored with the same metrics (run_all.py, the compare stage).%s" % (
+                         " gpt2 is P2's best PEFT attempt." if "gpt2" in rows else ""))
     columns = [(key, label) for key, label in COMPARE_COLUMNS if any(r.get(key) is not None for r in rows.values())]
-    share = 0.62 / max(1, len(columns))  # the scores share what the name and the two counts leave
-    report.table(["architecture"] + [label for _, label in columns] + ["trained params", "train s"],
+    counts = [(key, label, show) for key, label, show in (("trainable_params", "trained params", count),
+                                                          ("train_seconds", "train s", lambda v: fmt(v, 0)))
+              if any(r.get(key) is not None for r in rows.values())]
+    share = (0.82 - 0.12 * len(counts)) / max(1, len(columns))  # the scores share what the name and counts leave
+    report.table(["architecture"] + [label for _, label in columns] + [label for _, label, _ in counts],
                  [[arch + (" (%s)" % r["peft"] if r.get("peft") else "")] + [fmt(r.get(key), 3) for key, _ in columns]
-                  + [count(r.get("trainable_params")), fmt(r.get("train_seconds"), 0)] for arch, r in rows.items()],
-                 widths=[0.18] + [share] * len(columns) + [0.12, 0.08])
+                  + [show(r.get(key)) for key, _, show in counts] for arch, r in rows.items()],
+                 widths=[0.18] + [share] * len(columns) + [0.12] * len(counts))
+    say_cut(report, rows)
     missing = [label for key, label in COMPARE_COLUMNS[:5] if all(r.get(key) is None for r in rows.values())]
     if missing:
         report.paragraph("Not measured here: %s (METEOR needs Java)." % ", ".join(missing))
-    report.heading("Beside the seed's DeepFashion table", 11)
+    report.heading("Beside the seed's DeepFashion table", 3)
     report.table(["seed 004: model", "CIDEr (DeepFashion)", "ours: architecture", "CIDEr (these data)"],
                  [[model, "%.3f" % cider, arch, fmt((rows.get(arch) or {}).get("CIDEr"), 3)]
                   for model, arch, cider in COMPARE_SEED_TABLE], widths=(0.36, 0.2, 0.24, 0.2))
@@ -284,7 +416,7 @@ def compare_section(report: Report, results: dict):
                                           "" if ours == seed else " (it differs)"))
     ablation = results.get("ablation") or {}
     if ablation:
-        report.heading("Ablation: the doubly stochastic attention term of attention-gru", 11)
+        report.heading("Ablation: the doubly stochastic attention term of attention-gru", 3)
         report.table(["run", "--attention-reg", "CIDEr", "pointing game"],
                      [[name, setting(a.get("attention_reg")), fmt(a.get("CIDEr"), 3), fmt(a.get("pointing_game"), 3)]
                       for name, a in ablation.items()])
@@ -371,25 +503,25 @@ def attention_entries(folder: str, files: dict) -> Tuple[List[dict], List[dict],
             os.path.dirname(pair_json), test)
 
 
-def p3_section(report: Report, results: dict, folder: str):
+def p3_section(report: Report, results: dict, folder: str, answers: Dict[str, str]):
     report.heading("Problem 2: visualisation of attention in image captioning (P3)")
     test, pair, test_dir, pair_dir, meta = attention_entries(folder, results.get("files", {}))
-    report.heading(QUESTIONS["p3_test"], 11)
+    report.heading(QUESTIONS["p3_test"], 3)
     report.paragraph("Cross-attention of each generated token over the image patches (%s; the start-token panel "
                      "shows the image)." % attention_kind(meta.get("layer", "last"), meta.get("heads", "mean")))
     if not test:
         report.paragraph("The results hold no P3 figures (the p3 stage did not run).")
     for entry in test:
-        report.image(os.path.join(test_dir, entry["figure"]), height=0.28,
+        report.image(os.path.join(test_dir, entry["figure"]), shown(folder, test_dir, entry["figure"]),
                      caption="%s: %s" % (entry["image"], entry["caption"]))
-    report.heading(QUESTIONS["p3_best_worst"], 11)
+    report.heading(QUESTIONS["p3_best_worst"], 3)
     if not pair:
         report.paragraph("The results hold no top-1/last-1 figures (the p3 stage did not run).")
     for rank, entry in zip(("top-1", "last-1"), pair):
-        report.image(os.path.join(pair_dir, entry["figure"]), height=0.28,
+        report.image(os.path.join(pair_dir, entry["figure"]), shown(folder, pair_dir, entry["figure"]),
                      caption="%s: %s, CLIPScore %s: %s" % (rank, entry["image"], fmt(entry.get("score")),
                                                           entry["caption"]))
-    report.heading(QUESTIONS["p3_analysis"], 11)
+    report.heading(QUESTIONS["p3_analysis"], 3)
     entries = test + pair
     table = category_table(entries)
     if table:
@@ -407,14 +539,31 @@ def p3_section(report: Report, results: dict, folder: str):
                          "inside that object's box in %s of %s cases." % (fmt(results["pointing_game"], 3),
                                                                           results.get("pointing_trials", UNKNOWN)))
     report.paragraph("Whether a caption is reasonable, and whether each attended region reflects its word, is a "
-                     "judgement for a person looking at the figures above; this report does not make it. Room for "
-                     "it, per caption:")
+                     "judgement for a person looking at the figures above; this report does not make it. Your answer, "
+                     "per caption, from %s in the results folder:" % report_answers.ANSWERS_FILE)
+    for question in p3_questions(entries):
+        report.question(question.qid, question.text, question.hint, answers.get(question.qid, ""),
+                        report_answers.ANSWERS_FILE)
+
+
+def p3_questions(entries: Sequence[dict]) -> List[report_answers.Question]:
+    """One question per caption shown, with what the numbers say (its most concentrated content tokens)."""
+    questions: Dict[str, report_answers.Question] = {}
     for entry in entries:
         words = sorted((t for t in entry.get("tokens") or [] if word_category(t.get("word")) == "content words"),
                        key=lambda t: -t["top10_share"])[:3]
-        hint = "; most concentrated content tokens: %s" % ", ".join(
+        hint = "Most concentrated content tokens (top-10%% share): %s." % ", ".join(
             "'%s' %.2f" % (t["label"], t["top10_share"]) for t in words) if words else ""
-        report.blank("%s: \"%s\"%s" % (entry["image"], entry["caption"], hint))
+        qid = "P3.3 %s" % entry["image"]
+        questions.setdefault(qid, report_answers.Question(qid, "\"%s\": is the caption reasonable, and does each "
+                                                          "attended region reflect its word?" % entry["caption"],
+                                                          hint))
+    return list(questions.values())
+
+
+def shown(folder: str, figure_dir: str, name: str) -> str:
+    """A figure's path relative to the results folder, as the report names it."""
+    return os.path.relpath(os.path.join(figure_dir, name), folder)
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -422,7 +571,9 @@ def p3_section(report: Report, results: dict, folder: str):
 def report_files(results_dir: str) -> List[str]:
     """Every file of a results folder that the report reads (relative paths), for a committed copy of the folder."""
     results = read_json(os.path.join(results_dir, "results.json"), "results file")
-    files = ["results.json", "results.md"] + list((results.get("files") or {}).values())
+    files = ["results.json", "results.md", report_answers.ANSWERS_FILE] + list((results.get("files") or {}).values())
+    if isinstance(results.get("attention"), dict):
+        files += list(results["attention"].get("figures") or [])
     p2 = os.path.join(results_dir, "p2")
     if os.path.isdir(p2):  # each method's captions of the val split: the reference the committed checkpoints must give
         files += [os.path.join("p2", m, "pred.json") for m in sorted(os.listdir(p2))]
@@ -439,13 +590,17 @@ def report_files(results_dir: str) -> List[str]:
 
 def copy_results(results_dir: str, dest: str) -> str:
     """Replaces `dest` (empty or an earlier copy: it must hold results.json) with the files the report reads, so no
-    figure of an earlier run is left behind."""
+    figure of an earlier run is left behind; answers already written in `dest` are kept when the source has none."""
     import shutil
 
+    kept = os.path.join(dest, report_answers.ANSWERS_FILE)
     with atomic_dir(dest, "results.json", "results") as tmp:
-        for name in report_files(results_dir):
+        names = report_files(results_dir)
+        for name in names:
             os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
             shutil.copyfile(os.path.join(results_dir, name), os.path.join(tmp, name))
+        if report_answers.ANSWERS_FILE not in names and os.path.isfile(kept):
+            shutil.copyfile(kept, os.path.join(tmp, report_answers.ANSWERS_FILE))
     return dest
 
 
@@ -489,18 +644,19 @@ def scst_section(report: Report, results: dict):
     report.table(["checkpoint"] + [label for _, label in columns],
                  [[side] + [fmt(row.get(k), 3) for k, _ in columns] for side, row in (("before", before),
                                                                                       ("after", after))])
+    say_cut(report, dict(before=before, after=after))
     report.paragraph("CIDEr after / before: %s; CLIPScore: %s." % (
         ratio(before.get("CIDEr"), after.get("CIDEr")), percent_change(before.get("CLIPScore"), after.get("CLIPScore"))))
     changed = scst.get("changed") or []
     if changed:
-        report.heading("Captions that changed (most improved, then most worsened, by CIDEr)", 11)
+        report.heading("Captions that changed (most improved, then most worsened, by CIDEr)", 3)
         for c in changed:
             marks = ""
             if "objects_right_before" in c:
                 marks = "; objects %s -> %s" % tuple("right" if c[k] else "wrong"
                                                      for k in ("objects_right_before", "objects_right_after"))
             report.paragraph("%s: \"%s\" -> \"%s\" (CIDEr %.3f -> %.3f%s)" % (
-                c["image"], c["before"], c["after"], c["cider_before"], c["cider_after"], marks), indent="    ")
+                c["image"], c["before"], c["after"], c["cider_before"], c["cider_after"], marks), bullet=True)
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -509,8 +665,8 @@ def scst_section(report: Report, results: dict):
 # (section 4.2.3: "precise", and "creative" sampled at temperature 0.9), scored on the real references.
 SEED_DISTILL = (("precise", dict(CIDEr=1.90, BLEU=0.653, METEOR=0.624, ROUGE=0.654)),
                 ("creative (sampled at 0.9)", dict(CIDEr=0.259, BLEU=0.339, METEOR=0.247, ROUGE=0.293)))
-SEED_CITATION = ("seed 004 (shared/seeds/004_db8a455a6fcc3b32.txt) sections 4.2.3 and 5.2: students trained on "
-                 "LLaVA-13B captions of DeepFashion-MultiModal; its BLEU column does not say which n")
+SEED_CITATION = ("%s, sections 4.2.3 and 5.2: students trained on LLaVA-13B captions of DeepFashion-MultiModal; its "
+                 "BLEU column does not say which n" % SEED_REPORT)
 
 
 def distill_section(report: Report, results: dict):
@@ -536,46 +692,91 @@ def distill_section(report: Report, results: dict):
     report.table(["trained on"] + [labels.get(k, k) for k in keys],
                  [["the teacher itself" if name == "teacher" else name] + [cell(row, k) for k in keys]
                   for name, row in rows.items()], widths=[0.19] + [0.66 / (len(keys) - 1)] * (len(keys) - 1) + [0.15])
-    report.heading("The seed's table beside it", 11)
+    say_cut(report, rows)
+    report.heading("The seed's table beside it", 3)
     report.table(["trained on", "CIDEr", "BLEU", "METEOR", "ROUGE-L"],
                  [[name] + [fmt(v[k], 3) for k in ("CIDEr", "BLEU", "METEOR", "ROUGE")] for name, v in SEED_DISTILL],
                  widths=(0.32, 0.17, 0.17, 0.17, 0.17))
     report.paragraph("Source: %s." % SEED_CITATION)
 
 
-def compose(results_dir: str, student_id: Optional[str] = None) -> Report:
-    """The report's pages, not yet written."""
-    check_student_id(student_id)
+def read_results(results_dir: str) -> dict:
     results = read_json(os.path.join(results_dir, "results.json"), "results file")
     if not isinstance(results, dict):
         raise UserError("%s/results.json must be a JSON object" % results_dir)
+    return results
+
+
+def toolkit_run(results: dict) -> bool:
+    """A run_all.py --captions run on another dataset: the homework's P1 and P3 are left out unless they ran."""
+    source = results.get("source") if isinstance(results.get("source"), dict) else {}
+    return isinstance(results.get("data"), dict) or "--captions" in str(source.get("command") or results.get("command"))
+
+
+def questions(results_dir: str) -> List[report_answers.Question]:
+    """The questions only a person can answer, for this results folder (one per P3 caption)."""
+    test, pair = attention_entries(results_dir, read_results(results_dir).get("files", {}))[:2]
+    return p3_questions(test + pair)
+
+
+def compose(results_dir: str, student_id: Optional[str] = None, answers: Optional[Dict[str, str]] = None) -> Report:
+    """The report's blocks, not yet written; `answers` (default: answers.md's) fill the questions."""
+    check_student_id(student_id)
+    results = read_results(results_dir)
+    answers = report_answers.read(results_dir) if answers is None else answers
+    toolkit = toolkit_run(results)
     report = Report()
     title_page(report, results, results_dir, student_id)
-    p1_section(report, results, results_dir)
-    report.new_page()
-    p2_section(report, results, results_dir)
-    report.new_page()
-    p3_section(report, results, results_dir)
-    if results.get("distill"):
-        report.new_page()
-        distill_section(report, results)
-    if results.get("compare"):  # run_all.py --with compare
-        report.new_page()
-        compare_section(report, results)
-    if results.get("scst"):  # run_all.py --with scst
-        report.new_page()
-        scst_section(report, results)
+    if isinstance(results.get("data"), dict):
+        data_section(report, results["data"])
+    sections = [(not toolkit or has_p1(results), lambda: p1_section(report, results, results_dir)),
+                (not toolkit or bool(results.get("p2")), lambda: p2_section(report, results, results_dir)),
+                (not toolkit or any(attention_entries(results_dir, results.get("files", {}))[:2]),
+                 lambda: p3_section(report, results, results_dir, answers)),
+                (bool(results.get("distill")), lambda: distill_section(report, results)),
+                (bool(results.get("compare")), lambda: compare_section(report, results)),  # --with compare
+                (isinstance(results.get("attention"), dict), lambda: attention_section(report, results, results_dir)),
+                (bool(results.get("scst")), lambda: scst_section(report, results))]  # --with scst
+    for wanted, section in sections:
+        if wanted:
+            report.new_page()
+            section()
     return report
 
 
+def has_p1(results: dict) -> bool:
+    return any(results.get(k) is not None for k in ("p1_prompts", "p1_accuracy", "p1_model"))
+
+
 def build(results_dir: str, out: str, student_id: Optional[str] = None, text_out: Optional[str] = None) -> str:
-    """Writes the PDF to `out` (and the report's text, one drawn item a line, to `text_out`); returns `out`."""
-    report = compose(results_dir, student_id)
-    report.save(out)
+    """Writes the PDF to `out`, report.md beside it, answers.md into the results folder if absent (never over it),
+    and the report's text, a line per item, to `text_out`; returns `out`."""
+    check_student_id(student_id)
+    answers = report_answers.ensure(results_dir, questions(results_dir))
+    report = compose(results_dir, student_id, answers)
+    markdown_path = os.path.join(os.path.dirname(os.path.abspath(out)), MARKDOWN_NAME)
+    markdown = report.markdown(os.path.dirname(markdown_path))
+    say_undrawable(report.save(out))
+    with atomic_write(markdown_path) as f:
+        f.write(markdown)
     if text_out:
         with atomic_write(text_out) as f:
             f.write("\n".join(report.lines) + "\n")
     return out
+
+
+def check(results_dir: str) -> int:
+    """--check: the questions still unanswered in answers.md, one a line; 1 while any remain."""
+    asked = questions(results_dir)
+    left = report_answers.unanswered(results_dir, asked)
+    path = os.path.join(results_dir, report_answers.ANSWERS_FILE)
+    if not left:
+        print("all %d question(s) answered in %s" % (len(asked), path))
+        return 0
+    print("%d of %d question(s) unanswered in %s:" % (len(left), len(asked), path))
+    for question in left:
+        print("  [%s] %s" % (question.qid, question.text))
+    return 1
 
 
 def main(argv=None) -> int:
@@ -584,12 +785,16 @@ def main(argv=None) -> int:
     parser.add_argument("--student-id", help="your student ID (letters and digits): on the title page, and the PDF "
                         "is named hw3_<ID>.pdf as the course asks unless --out is given")
     parser.add_argument("--out", help="the PDF to write (default: hw3_<ID>.pdf with --student-id, else report.pdf)")
-    parser.add_argument("--text", metavar="FILE", help="also write the report's text, one drawn item a line")
+    parser.add_argument("--text", metavar="FILE", help="also write the report's text, one item a line")
+    parser.add_argument("--check", action="store_true", help="only list the questions not yet answered in the "
+                        "results folder's %s; exit status 1 while any remain" % report_answers.ANSWERS_FILE)
     parser.add_argument("--copy-to", metavar="DIR",
                         help="first copy the files the report reads into DIR (e.g. results/miniworld, to commit) "
                              "and build from there")
     args = parser.parse_args(argv)
     check_student_id(args.student_id)
+    if args.check:
+        return check(args.results)
     out = args.out or ("hw3_%s.pdf" % args.student_id if args.student_id else "report.pdf")
     check_output_file(out, "report")
     if args.text:

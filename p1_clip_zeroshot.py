@@ -166,6 +166,8 @@ def write_predictions(path: str, names: Sequence[str], predictions: Sequence[int
 
 
 def evaluation(predictions, labels: Sequence[int], classnames: Sequence[str]) -> dict:
+    """Accuracy overall and per class; "correct" is each image's hit (1) or miss (0) in the CSV's order, so two
+    template sets can be compared image by image (the report's paired interval)."""
     correct = [int(p) == t for p, t in zip(predictions, labels)]
     per_class = {}
     for index, name in enumerate(classnames):
@@ -173,7 +175,7 @@ def evaluation(predictions, labels: Sequence[int], classnames: Sequence[str]) ->
         per_class[str(index)] = {"name": name, "n_images": len(hits),
                                  "accuracy": sum(hits) / len(hits) if hits else None}
     return {"accuracy": sum(correct) / len(correct), "n_images": len(correct), "n_correct": sum(correct),
-            "per_class": per_class}
+            "per_class": per_class, "correct": "".join("1" if c else "0" for c in correct)}
 
 
 class ClassEmbeddings:

@@ -61,6 +61,7 @@ import p2_data
 import p2_train
 import p3_visualize
 import pipeline
+import report_answers
 import run_context
 import search
 from captioner import ARCHITECTURES, config_path, read_checkpoint_config
@@ -205,11 +206,19 @@ def stage_p1(ctx: Context) -> dict:
                            "--plot-top5", str(TOP5_IMAGES)] + ctx.p1_flags())
     ensemble = read_json(p1_clip_zeroshot.sidecar(csv_path, ".eval.json"))
 
+    compared = {key: read_json(p1_clip_zeroshot.compared_path(csv_path, key, ".eval.json"))
+                for key in [k for k, _ in p1_templates.REPORT_TEMPLATES] + ["single"]}
+
     def accuracy(key: str) -> float:
-        return read_json(p1_clip_zeroshot.compared_path(csv_path, key, ".eval.json"))["accuracy"]
+        return compared[key]["accuracy"]
 
     prompts = [dict(templates=text, accuracy=accuracy(key)) for key, text in p1_templates.REPORT_TEMPLATES]
-    prompts.append(dict(templates="ensemble (%d templates)" % ensemble["n_templates"], accuracy=ensemble["accuracy"]))
+    reference = p1_templates.REPORT_TEMPLATES[0][0]  # 'This is a photo of {}': what the other two are set against
+    for (key, _), row in zip(p1_templates.REPORT_TEMPLATES[1:], prompts[1:]):
+        row["paired"] = paired(compared[reference], compared[key])
+    best = max((k for k, _ in p1_templates.REPORT_TEMPLATES), key=accuracy)
+    prompts.append(dict(templates="ensemble (%d templates)" % ensemble["n_templates"], accuracy=ensemble["accuracy"],
+                        paired=paired(compared[best], ensemble)))
     return dict(p1_accuracy=ensemble["accuracy"], p1_single_prompt_accuracy=accuracy("single"), p1_prompts=prompts,
                 p1_model="%s / %s" % (ensemble["model"], ensemble["pretrained"]),
                 files=dict(p1_top5="p1/pred.top5.png", p1_prompts="p1/pred.prompts.md"),
@@ -217,6 +226,16 @@ def stage_p1(ctx: Context) -> dict:
                     os.path.relpath(p1_clip_zeroshot.compared_path(csv_path, key, suffix), ctx.out)
                     for key in [k for k, _ in p1_templates.REPORT_TEMPLATES] + ["single"]
                     for suffix in (".csv", ".eval.json")])
+
+
+def paired(reference: dict, other: dict) -> Optional[dict]:
+    """Two evaluations of the same images, image by image: how many only `other` gets right (gained) and only
+    `reference` does (lost), the counts the report's exact McNemar interval needs; None from an older p1."""
+    a, b = reference.get("correct"), other.get("correct")
+    if not a or not b or len(a) != len(b):
+        return None
+    return dict(n=len(a), gained=sum(x == "0" and y == "1" for x, y in zip(a, b)),
+                lost=sum(x == "1" and y == "0" for x, y in zip(a, b)))
 
 
 # ----------------------------------------------------------------------------------------------- P2
@@ -270,14 +289,17 @@ def plot_curves(curves: dict, path: str) -> None:
 
 def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> dict:
     """What the report's "best setting" lists: the method's own PEFT options (as the checkpoint was built), and the
-    training's learning rate, epochs and batch size when this run trained the scored checkpoint."""
+    training's learning rate, epochs and batch size: this run's when it trained the scored checkpoint, else those
+    the checkpoint's JSON records (the world's committed checkpoints do)."""
     row = dict(peft={k: meta["decoder"].get(k) for k in p2_train.PEFT_OPTIONS.get(method, ())})
     args_file = os.path.join(os.path.dirname(checkpoint), "args.json")
     if not ctx.args.score_checkpoints and os.path.isfile(args_file):
         trained = read_json(args_file, "training arguments")
-        row["training"] = {k: trained.get(k) for k in ("lr", "epochs", "batch_size", "grad_accum")}
-        if "epoch" in meta:
-            row["training"]["best_epoch"] = meta["epoch"]
+        row["training"] = {k: trained.get(k) for k in run_context.TRAINING_RECORD}
+    elif isinstance(meta.get("training"), dict):
+        row["training"] = dict(meta["training"])
+    if "training" in row and "epoch" in meta:
+        row["training"]["best_epoch"] = meta["epoch"]
     return row
 
 
@@ -428,7 +450,7 @@ def stage_report(ctx: Context) -> dict:
         make_report.build(ctx.out, ctx.path(report_name(ctx)), student_id=ctx.args.student_id)
         bar.update(1)
     print(table)
-    return dict(outputs=["results.json", "results.md", report_name(ctx)])
+    return dict(outputs=["results.json", "results.md", report_name(ctx), make_report.MARKDOWN_NAME])
 
 
 def command(ctx: Context) -> str:
@@ -462,8 +484,10 @@ def stage_settings(ctx: Context, stage: str) -> dict:
     if stage in optional_stages.STAGES:
         return optional_stages.STAGES[stage].settings(ctx)
     upstream = {k: v for k, v in ctx.results.items() if k not in ("timings",)}  # the report and extra stages
+    answers = {k: v for k, v in report_answers.read(ctx.out).items() if v} if stage == "report" else {}
     return dict(upstream=pipeline.digest(ctx.portable(upstream)), stage=stage,
-                student_id=a.student_id if stage == "report" else None)
+                student_id=a.student_id if stage == "report" else None,
+                **({"answers": pipeline.digest(answers)} if answers else {}))  # an edited answer rebuilds the report
 
 
 def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:

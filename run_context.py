@@ -46,6 +46,7 @@ DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(meth
 RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
                    "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
+TRAINING_RECORD = ("lr", "epochs", "batch_size", "grad_accum")  # p2_train.py's args.json keys the report names
 
 
 # ----------------------------------------------------------------------------------------------- context

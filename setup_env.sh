@@ -39,6 +39,11 @@ if [ "$(cat "$HW3_VENV/.hw3-stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
     echo "setup: installing $requirements failed (whole log: $HW3_VENV/pip.log)" >&2
     exit 1
   fi
+  if [ "$HW3_LANE" = course ] && ! "$HW3_VENV/bin/python" -m pip install --disable-pip-version-check --no-deps \
+      -r "$HW3_ROOT/requirements-course-nodeps.txt" >>"$HW3_VENV/pip.log" 2>&1; then
+    echo "setup: installing requirements-course-nodeps.txt failed (log: $HW3_VENV/pip.log)" >&2
+    exit 1
+  fi
   stamp_of > "$HW3_VENV/.hw3-stamp"
 fi
 HW3_PY="$HW3_VENV/bin/python"

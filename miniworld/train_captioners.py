@@ -215,6 +215,8 @@ def install(name: str, out: str, seconds: float, args, captions: dict = None) ->
     stem = name if name.startswith("distill_") else os.path.splitext(os.path.basename(installed(name, args.scst)))[0]
     meta = read_json(os.path.join(out, "best.json"))
     meta["trained_with"] = trained_with(name, args)
+    trained = read_json(os.path.join(out, "args.json"))  # p2_train.py's settings, for the report's best setting
+    meta["training"] = {k: trained.get(k) for k in run_context.TRAINING_RECORD}
     meta["train_seconds"] = round(seconds)  # wall time of this run (the first one also fills the feature cache)
     if captions is not None:
         meta["train_captions"] = captions

@@ -348,6 +348,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
     import argparse
 
     import p2_train
+    import run_context
     from miniworld import train_captioners
 
     settings = argparse.Namespace(val_images=100, epochs=5, batch_size=32, lr=5e-3, label_smoothing=0.0, gate=False,
@@ -360,6 +361,8 @@ def test_train_captioners_runs_pass_p2_trains_checks():
             assert (args.arch, args.peft, args.epochs, args.lr, cfg.cross_attn_gate) == ("gpt2", name, 5, 5e-3, False)
         else:
             assert args.arch == name.split("_")[0] and args.decoder_weights is None
+        installed = read(os.path.join(MODELS, "p2_%s.json" % name))  # the settings the report's best setting names
+        assert installed["training"] == {k: getattr(args, k) for k in run_context.TRAINING_RECORD}, name
     reg0 = p2_train.parse_args(train_captioners.command("attention-gru_reg0", "w", "o", "c", settings)[2:])
     assert reg0.attention_reg == 0.0
 

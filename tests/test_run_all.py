@@ -449,8 +449,8 @@ def test_a_killed_runs_lock_is_taken_over(finished, tmp_path, capsys):
 
 
 def test_a_cjk_path_prints_no_missing_glyphs(finished, tmp_path, capsys):
-    """The source block names the data and output folders as given; characters the report's font lacks are
-    escaped, never drawn as empty boxes (matplotlib warns for each missing glyph)."""
+    """The source block names the data and output folders as given; characters the report's fonts lack become one
+    line naming the font package, never empty boxes or warnings."""
     import warnings
 
     out, argv = finished
@@ -462,6 +462,34 @@ def test_a_cjk_path_prints_no_missing_glyphs(finished, tmp_path, capsys):
     assert code == 0, err[-3000:]
     assert not [w for w in caught if "missing from" in str(w.message) or "Glyph" in str(w.message)]
     assert "作業三" in read_json(os.path.join(copy, "results.json"))["source"]["command"]
+
+
+def test_answers_survive_reruns_and_an_edited_answer_rebuilds_the_report(finished, tmp_path, capsys):
+    """The student's answers.md is an input of the report stage: an edited answer reruns it (and only it), the
+    answers appear in report.md, and no rerun touches the file."""
+    import report_answers
+
+    out, argv = finished
+    copy = copy_run(out, tmp_path)
+    argv = argv_for(argv, out, copy)
+    path = os.path.join(copy, report_answers.ANSWERS_FILE)
+    text = open(path, encoding="utf-8").read()
+    first, second = list(report_answers.read(copy))[:2]
+    for qid, answer in ((first, "Reasonable: the cross is attended."), (second, "合理：注意力落在星形上。")):
+        start = text.index("## [%s]" % qid)
+        at = text.index(report_answers.PLACEHOLDER, start)
+        text = text[:at] + answer + text[at + len(report_answers.PLACEHOLDER):]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    code, err = run(argv, capsys)
+    assert code == 0, err[-3000:]
+    assert "report: running again" in err and "p2: running again" not in err
+    markdown = open(os.path.join(copy, "report.md"), encoding="utf-8").read()
+    assert "Reasonable: the cross is attended." in markdown and "合理：注意力落在星形上。" in markdown
+    for extra in ([], ["--force", "report"]):
+        code, err = run(argv + extra, capsys)
+        assert code == 0 and open(path, encoding="utf-8").read() == text
+    assert "report: running again" not in run(argv, capsys)[1]
 
 
 def test_the_remaining_time_leaves_out_filling_the_cache(tmp_path):
@@ -480,10 +508,7 @@ def test_the_remaining_time_leaves_out_filling_the_cache(tmp_path):
 def report_text(out: str) -> str:
     import make_report
 
-    report = make_report.compose(out)
-    for page in report.pages:  # drawn, never saved
-        report.plt.close(page)
-    return "\n".join(report.lines)
+    return "\n".join(make_report.compose(out).lines)
 
 
 def test_compare_is_opt_in(finished):
