@@ -303,7 +303,7 @@ def stage_p2(ctx: Context) -> dict:
     outputs = ["p2/loss_curves.png", "p2/p2_best.pt", "p2/p2_best.json", "p2/p2_best.per_image.json"]
     outputs += [os.path.join("p2", m, name) for m in methods for name in ("pred.json", "per_image.json")]
     outputs += [os.path.relpath(os.path.join(run_folder(ctx, m), name), ctx.out) for m in methods
-                for name in ("best.pt", TRAIN_DONE)]
+                for name in ("best.pt", TRAIN_DONE, "log.jsonl")]
     return dict(p2=rows, p2_best=best, p2_train_loss={m: [c[0][1], c[-1][1]] if c else None for m, c in curves.items()},
                 p2_decoding=table, p2_inference=chosen, p2_shipping=shipping,
                 timings=dict(p2_train=train_seconds, p2_evaluate=eval_seconds, p2_decoding=decoding_seconds),
@@ -532,8 +532,10 @@ def gpu_line() -> str:
 def print_plan(ctx: Context, stages: List[tuple], selected: List[str]) -> None:
     lines = ["plan (%s -> %s):" % (ctx.args.data, ctx.out)]
     for name, _, about in stages:
+        record = pipeline.read_record(ctx.out, name)
         state = "not selected" if name not in selected else ("forced: redone" if ctx.forced(name) else (
-            "finished earlier: skipped if still true" if pipeline.read_record(ctx.out, name) else "to run"))
+            "to run" if not record else "record damaged: redone" if "damaged" in record else
+            "finished earlier: skipped if still true"))
         lines.append("  %-8s %s [%s]" % (name, about, state))
     lines.append("  %s; log: %s" % (gpu_line(), ctx.log_path))
     lines.append("  time: each stage's is measured and printed; P2's remaining training is estimated after the "

@@ -284,6 +284,30 @@ def no_temporaries(lab, err):
         os.path.join(lab["out"], "p2", ".p2_best.json.x1y2z3w4.tmp"))
 
 
+def reshaped(*parts, **fields):
+    """A JSON record rewritten with `fields` changed (a value of the wrong type), or replaced whole by `value`."""
+    def setup(lab):
+        path = os.path.join(lab["out"], *parts)
+        record = fields["value"] if "value" in fields else dict(read_json(path), **fields)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+    return setup
+
+
+def torn_last_line(*parts):
+    def setup(lab):
+        path = os.path.join(lab["out"], *parts)
+        truncate(path, os.path.getsize(path) - 5)
+    return setup
+
+
+def lora_retrained(lab, err):
+    return "== p2: training lora" in err and "training adapter" not in err and exists(
+        "p2", "lora", "train", "best.pt")(lab, err)
+
+
+LORA = "p2/lora/train/"
+OTHER_TRAININGS = [f for f in TRAINING if not f.startswith(LORA)]
 Row = namedtuple("Row", "id setup extra code fragment survives check")
 ROWS = [
     # 1. a failed rerun never deletes the finished training
@@ -325,6 +349,20 @@ ROWS = [
         "--force p1: not among the stages to run", FINISHED, None),
     Row("failed-stage-keeps-record", failing_p3, ["--force", "p3"], "RuntimeError", "p3: running again: forced",
         FINISHED, record_kept),
+    # issue 29: a damaged record is not done, never a traceback
+    Row("record-outputs-a-list", reshaped("stages", "p1.json", outputs=["p1/pred.csv"]), ["--only", "p1"], 0,
+        "p1: running again: its record is damaged, so it counts as not done", TRAINING, None),
+    Row("record-results-a-string", reshaped("stages", "p3.json", results="p3"), ["--only", "p3,report"], 0,
+        "p3: running again: its record is damaged", TRAINING, None),
+    Row("record-truncated-force", lambda lab: truncate(pipeline.record_path(lab["out"], "report"), 40),
+        ["--only", "report", "--force", "report"], 0, "report: running again: forced", TRAINING, None),
+    Row("finished-json-holds-a-list", reshaped(LORA + "finished.json", value=[]), ["--only", "p2"], 0,
+        "finished.json cannot be read or is not a training record, so the training counts as not finished",
+        OTHER_TRAININGS, lora_retrained),
+    Row("best-pt-truncated", lambda lab: truncate(os.path.join(lab["out"], LORA + "best.pt"), 1000), ["--only", "p2"],
+        0, "best.pt no longer matches the size and hash in finished.json", OTHER_TRAININGS, lora_retrained),
+    Row("torn-log-line", torn_last_line(LORA + "log.jsonl"), ["--only", "p2"], 0,
+        "log.jsonl has a line that cannot be read", OTHER_TRAININGS, lora_retrained),
 ]
 
 
