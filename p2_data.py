@@ -443,6 +443,28 @@ def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch
         rows[np.array(index)] = tokens.float().cpu().numpy().astype(np.float16)
 
 
+def reserve_disk_space(path: str, what: str) -> None:
+    """Allocates a memory-mapped file's blocks now: a full disk is then one line here rather than a SIGBUS when the
+    mapped rows are written back. The file is removed when the space is not there."""
+    import resources
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if resources.disk_full(err) is None:
+            return  # a file system without fallocate: written as before
+        os.close(fd)
+        fd = None
+        os.remove(path)
+        raise UserError(resources.disk_full_line(path, what)) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: CaptionSet, batch_size: int = 64,
                         device="cpu", num_workers: int = 0, amp: bool = False, rank: int = 0, world_size: int = 1,
                         barrier: Callable[[], None] = lambda: None) -> str:
@@ -469,6 +491,7 @@ def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: Captio
                 probe = encoder(encoder.transform(load_rgb(caption_set.path(0))).unsqueeze(0).to(device))
             shape = (len(caption_set.names),) + tuple(probe.shape[1:])
             np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=shape).flush()
+            reserve_disk_space(target, "the feature cache")
     barrier()
     rows = np.load(target, mmap_mode="r+")
     _fill_rows(rows, encoder, caption_set, todo[rank::world_size], batch_size, device, num_workers, amp,

@@ -61,6 +61,7 @@ import p2_data
 import p2_train
 import p3_visualize
 import pipeline
+import resources
 import run_context
 import search
 from captioner import ARCHITECTURES, config_path, read_checkpoint_config
@@ -538,6 +539,7 @@ def print_plan(ctx: Context, stages: List[tuple], selected: List[str]) -> None:
             "finished earlier: skipped if still true"))
         lines.append("  %-8s %s [%s]" % (name, about, state))
     lines.append("  %s; log: %s" % (gpu_line(), ctx.log_path))
+    lines += ["  " + line for line in resources.plan_lines(ctx, selected)]  # refuses a disk that is short
     lines.append("  time: each stage's is measured and printed; P2's remaining training is estimated after the "
                  "first attempt (README 'Your GPU day' has the RTX 2080 Ti estimate)")
     print("\n".join(lines), file=sys.stderr, flush=True)

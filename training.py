@@ -202,7 +202,7 @@ def score(predictions: dict, val, names, clip, device) -> Dict[str, Optional[flo
 # ----------------------------------------------------------------------------------------------- state
 
 def save_state(path: str, **state) -> None:
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", what="the training state --resume continues from") as f:
         torch.save(dict(state, format=STATE_FORMAT), f)
 
 

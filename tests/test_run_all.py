@@ -7,6 +7,7 @@ fragment of what run_all says, and which finished files must survive byte for by
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,10 +24,13 @@ import p2_data
 import p2_train
 import optional_stages
 import pipeline
+import resources
 import run_all
 import run_context
 import search
 import tiny_models
+import torch
+import training
 from captioner import read_checkpoint_config
 from common import read_json, run_main
 from miniworld import demo, generate
@@ -306,6 +310,35 @@ def lora_retrained(lab, err):
         "p2", "lora", "train", "best.pt")(lab, err)
 
 
+def short_disk(lab):
+    usage = shutil.disk_usage(lab["tmp"])
+    lab["patch"].setattr(resources.shutil, "disk_usage", lambda path: usage._replace(free=10 ** 5))
+
+
+def disk_fills_in_save_state(lab):
+    """ENOSPC from the file while torch.save writes the training state, as a full disk gives it (torch then raises
+    its own RuntimeError)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("format") == training.STATE_FORMAT:
+            f.write(b"PK\x03\x04 half")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:337] . unexpected pos 64 vs 0")
+        return real(obj, f, *args, **kwargs)
+
+    reshaped(LORA + "finished.json", value=[])(lab)
+    lab["patch"].setattr(torch, "save", save)
+
+
+def nothing_half_written(lab, err):
+    new = os.path.join(lab["out"], "p2", "lora", "train.new")
+    return os.path.isdir(new) and not [n for n in os.listdir(new) if pipeline.TEMPORARY.match(n)] and not \
+        os.path.exists(os.path.join(new, "last_state.pt"))
+
+
 LORA = "p2/lora/train/"
 OTHER_TRAININGS = [f for f in TRAINING if not f.startswith(LORA)]
 Row = namedtuple("Row", "id setup extra code fragment survives check")
@@ -363,6 +396,11 @@ ROWS = [
         0, "best.pt no longer matches the size and hash in finished.json", OTHER_TRAININGS, lora_retrained),
     Row("torn-log-line", torn_last_line(LORA + "log.jsonl"), ["--only", "p2"], 0,
         "log.jsonl has a line that cannot be read", OTHER_TRAININGS, lora_retrained),
+    # issue 29: the disk
+    Row("disk-short", short_disk, [], 2, "not enough disk space for this run in", FINISHED, None),
+    Row("disk-fills-in-save-state", disk_fills_in_save_state, ["--only", "p2"], 2,
+        "the disk is full: writing last_state.pt (the training state --resume continues from) in", TRAINING,
+        nothing_half_written),
 ]
 
 
