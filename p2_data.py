@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from common import (ImageFiles, UserError, autocast, collate_images, file_sha256, image_batches, load_rgb, progress,
                     read_json, write_json)
+from resources import HalvingBatches
 from tokenizer import END_TOKEN
 
 IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
@@ -437,10 +438,14 @@ def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch
 
     loader = DataLoader(Subset(images(caption_set, encoder.transform), indices), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_images)
-    for index, pixels in image_batches(progress(loader, desc="encoding %d images" % len(indices), disable=not show)):
+    pieces = HalvingBatches("the feature cache's encoding")
+
+    def encode(pixels: torch.Tensor) -> np.ndarray:
         with autocast(device, amp):
-            tokens = encoder(pixels.to(device))  # (B, N, width)
-        rows[np.array(index)] = tokens.float().cpu().numpy().astype(np.float16)
+            return encoder(pixels.to(device)).float().cpu().numpy().astype(np.float16)  # (B, N, width)
+
+    for index, pixels in image_batches(progress(loader, desc="encoding %d images" % len(indices), disable=not show)):
+        rows[np.array(index)] = np.concatenate(pieces(len(pixels), lambda s, e: encode(pixels[s:e])))
 
 
 def reserve_disk_space(path: str, what: str) -> None:

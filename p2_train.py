@@ -173,6 +173,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             raise UserError("--epochs 0 trains nothing before self-critical training: give --init-from CHECKPOINT")
     elif args.epochs < 1:
         raise UserError("--epochs must be at least 1, got %s" % args.epochs)
+    infinite = sorted(k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v))
+    if infinite:
+        raise UserError("--%s must be a finite number, got %s" % (infinite[0].replace("_", "-"),
+                                                                  getattr(args, infinite[0])))
     least = 2 if args.scst_baseline == "mean" else 1
     if args.scst_samples < least:
         raise UserError("--scst-samples must be at least %d with --scst-baseline %s, got %d"

@@ -57,36 +57,46 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# Out-of-memory halvings outside training (feature cache, inference, scoring) since the last drain: run_all moves
+# them into its log.
+EVENTS: List[dict] = []
+
+
 def halved(batch_size: int, what: str, err: BaseException) -> int:
-    """The batch size after an out-of-memory error, said on stderr; the error again when the batch is already 1."""
+    """The batch size after an out-of-memory error, said on stderr and kept in EVENTS; the error again when the
+    batch is already 1."""
     if batch_size <= 1:
         raise err
     release_memory()
     smaller = batch_size // 2
     print("out of GPU memory in %s at batch %d: going on with batch %d" % (what, batch_size, smaller),
           file=sys.stderr, flush=True)
+    EVENTS.append(dict(where=what, batch_size=smaller))
     return smaller
 
 
-def in_halving_batches(items: Sequence, batch_size: int, run: Callable[[Sequence], List[T]], what: str,
-                       events: Optional[list] = None) -> List[T]:
-    """run(items[i:i + batch]) over all items, halving the batch after an out-of-memory error (recorded in `events`
-    when given) and going on from the batch that failed; the outputs in order."""
-    out: List[T] = []
-    start = 0
-    while start < len(items):
-        chunk = items[start:start + batch_size]
-        try:
-            out.extend(run(chunk))
-        except RuntimeError as err:
-            if not is_out_of_memory(err):
-                raise
-            batch_size = halved(batch_size, what, err)
-            if events is not None:
-                events.append(dict(what=what, batch_size=batch_size))
-            continue
-        start += len(chunk)
-    return out
+class HalvingBatches:
+    """Runs a batch in pieces of at most `size` rows, halving `size` after an out-of-memory error and going on from
+    the piece that failed; the smaller size holds for the later batches too."""
+
+    def __init__(self, what: str, size: Optional[int] = None):
+        self.what, self.size = what, size
+
+    def __call__(self, rows: int, run: Callable[[int, int], T]) -> List[T]:
+        """[run(start, end) for each piece of range(rows)], in order."""
+        size = min(self.size or rows, rows)
+        out, start = [], 0
+        while start < rows:
+            end = min(rows, start + size)
+            try:
+                out.append(run(start, end))
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                size = self.size = halved(size, self.what, err)
+                continue
+            start = end
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- a full disk
@@ -219,7 +229,8 @@ def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
             "%s %.1f GB%s" % (what, peak / GB, " (over: lower it)" if peak > CARD_BYTES else "")
             for what, peak in peaks)))
     largest = max([s["trainable"] for s in shapes.values()] or [0])
-    trainings = [shapes[m]["trainable"] for m in shapes if "p2" in selected and not _finished(ctx, "p2", m, ctx.forced("p2"))]
+    trainings = [shapes[m]["trainable"] for m in shapes
+                 if "p2" in selected and not _finished(ctx, "p2", m, ctx.forced("p2"))]
     for stage in ("distill", "compare", "scst"):
         if stage in selected:
             import optional_stages

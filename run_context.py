@@ -25,6 +25,7 @@ import p2_data
 import p2_inference
 import p2_train
 import pipeline
+import resources
 import search
 import training
 from captioner import config_path, read_checkpoint_config
@@ -375,7 +376,10 @@ def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: s
     if ctx.rank == 0:
         write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=inputs, seconds=round(seconds, 1),
                                                       repeatable_seconds=repeatable_seconds(new, seconds, resume),
-                                                      checkpoint=checkpoint_seal(os.path.join(new, "best.pt"))))
+                                                      checkpoint=checkpoint_seal(os.path.join(new, "best.pt")),
+                                                      out_of_memory=[line for line in loss_log(new)
+                                                                     if line.get("kind") == "out_of_memory"]))
+        log_out_of_memory(ctx, new)  # the feature cache's
         os.remove(started_file)
         swap_in(ctx, method, stage)
     return seconds, True
@@ -458,8 +462,16 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
     p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
                        ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
                       + decoding_flags(settings))
-    return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device, metrics=names, split=ctx.val_split())
+    scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                              device=ctx.device, metrics=names, split=ctx.val_split())
+    log_out_of_memory(ctx, checkpoint)
+    return scores
+
+
+def log_out_of_memory(ctx: Context, during: str) -> None:
+    """The batch halvings after CUDA out-of-memory errors (resources.EVENTS) into run_all.log."""
+    while resources.EVENTS:
+        ctx.log(event="out of memory", during=ctx.portable(during), **resources.EVENTS.pop(0))
 
 
 def setting_name(settings: dict) -> str:

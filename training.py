@@ -27,6 +27,7 @@ import metrics
 import p2_data
 import safe_load
 from common import UserError, atomic_write, autocast, image_batches, progress, resolve_device
+from resources import HalvingBatches
 from search import decode_captions
 from tokenizer import BPETokenizer
 
@@ -166,7 +167,9 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
     captioner.eval()
     predictions, loss_sum, count = {}, 0.0, 0
     keys = val.keys()
-    for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
+    pieces = HalvingBatches("validation")  # a CUDA out-of-memory error halves the batch
+
+    def one_batch(index, visuals) -> Tuple[List[List[int]], float, int]:
         with autocast(device, amp):
             tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
             ids = captioner.generate(tokens, method=args.val_decode, beam_size=args.val_beam_size,
@@ -179,8 +182,14 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
             logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat), positions=positions)
             targets = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
         n = int((targets != p2_data.IGNORE_INDEX).sum())
-        loss_sum += float(caption_loss(logits, targets)) * n
-        count += n
+        return ids, float(caption_loss(logits, targets)) * n, n
+
+    for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
+        ids = []
+        for piece_ids, loss, n in pieces(len(index), lambda s, e: one_batch(index[s:e], visuals[s:e])):
+            ids += piece_ids
+            loss_sum += loss
+            count += n
         for i, caption in zip(index, decode_captions(ids)):
             predictions[keys[i]] = caption
     return dict(predictions=predictions, val_loss=loss_sum / max(1, count))

@@ -339,6 +339,37 @@ def nothing_half_written(lab, err):
         os.path.exists(os.path.join(new, "last_state.pt"))
 
 
+def out_of_memory_once(lab):
+    """torch 1.12's CUDA out-of-memory error: once in lora's retraining, and in every caption search of more than 8
+    images (validation, and the scoring's captioning)."""
+    import captioner
+
+    error = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 10.76 GiB total capacity)")
+    forward, generate, raised = captioner.Captioner.forward, captioner.Captioner.generate, []
+
+    def failing(real, kind):
+        def call(self, visuals, *rest, **kwargs):
+            if (kind == "forward" and self.training and not raised and len(visuals) > 1) or (
+                    kind == "generate" and len(visuals) > 8):
+                raised.append(kind)
+                raise error
+            return real(self, visuals, *rest, **kwargs)
+        return call
+
+    reshaped(LORA + "finished.json", value=[])(lab)
+    lab["patch"].setattr(captioner.Captioner, "forward", failing(forward, "forward"))
+    lab["patch"].setattr(captioner.Captioner, "generate", failing(generate, "generate"))
+    lab["adapter_captions"] = read_json(os.path.join(lab["out"], "p2", "adapter", "pred.json"))
+
+
+def recorded_out_of_memory(lab, err):
+    log = [json.loads(line) for line in open(os.path.join(lab["out"], "run_all.log"), encoding="utf-8")]
+    return read_json(os.path.join(lab["out"], LORA + "finished.json"))["out_of_memory"][0]["pieces"] == 2 and any(
+        e.get("event") == "out of memory" and e["where"] == "captioning" for e in log) and any(
+        e.get("event") == "out of memory" and e["where"] == "validation" for e in log) and read_json(
+        os.path.join(lab["out"], "p2", "adapter", "pred.json")) == lab["adapter_captions"]
+
+
 LORA = "p2/lora/train/"
 OTHER_TRAININGS = [f for f in TRAINING if not f.startswith(LORA)]
 Row = namedtuple("Row", "id setup extra code fragment survives check")
@@ -401,6 +432,12 @@ ROWS = [
     Row("disk-fills-in-save-state", disk_fills_in_save_state, ["--only", "p2"], 2,
         "the disk is full: writing last_state.pt (the training state --resume continues from) in", TRAINING,
         nothing_half_written),
+    # issue 29: GPU memory and decoding settings
+    Row("out-of-memory", out_of_memory_once, ["--only", "p2"], 0,
+        "out of GPU memory in captioning at batch 12: going on with batch 6",
+        OTHER_TRAININGS, recorded_out_of_memory),
+    Row("infinite-scst-temperature", lambda lab: config(lab, {"scst_temperature": float("inf")}), [], 2,
+        "lora: --scst-temperature must be a finite number, got inf", FINISHED, None),
 ]
 
 
