@@ -931,3 +931,43 @@ def test_scst_method_must_be_an_attempt(finished, tmp_path, capsys):
     bad[bad.index("--scst-method") + 1] = "prompt"
     code, err = run(bad, capsys)
     assert code == 2 and "--scst-method prompt is not among --methods adapter,prefix,lora" in err
+
+
+def torchrun_command(argv, port: int):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), os.path.join(ROOT, "run_all.py")] + argv
+
+
+def test_torchrun_runs_p2_with_two_processes(world, tmp_path):
+    """Issue 29: run_all.py under torchrun on the CPU (gloo): both processes train, rank 0 swaps the training in,
+    scores and writes; the rerun skips."""
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    import socket
+
+    out = str(tmp_path / "out")
+    argv = command(world, out)
+    argv[argv.index("--methods") + 1] = "lora"
+    argv[argv.index("--train-config") + 1] = str(tmp_path / "lora.json")
+    with open(str(tmp_path / "lora.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(lora=demo.SHORT_RUN), f)
+    argv[argv.index("--train-max-images") + 1] = "16"
+    argv += ["--only", "p2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    runs = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runs.append(subprocess.run(torchrun_command(argv, port), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, timeout=600))
+        assert runs[-1].returncode == 0, runs[-1].stderr.decode()[-3000:]
+    first, second = (r.stderr.decode() for r in runs)
+    state = training.load_state(os.path.join(out, "p2", "lora", "train", "last_state.pt"))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert first.count("== p2: training lora") == 2 and first.count("== p2: done in") == 1  # both train, one scores
+    assert not os.path.exists(os.path.join(out, "p2", "lora", "train.new"))
+    assert read_json(pipeline.record_path(out, "p2"))["results"]["p2_best"] == "lora"
+    assert os.path.isfile(os.path.join(out, "p2", "p2_best.pt"))
+    assert "== p2: done earlier" in second and "training lora" not in second
