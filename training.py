@@ -244,8 +244,16 @@ def resume(path: str, settings: dict, captioner, optimizer, scheduler, scaler, w
 
 
 def log_line(path: str, **record) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSONL line; a full disk is one line (a torn last line is dropped by --resume and skipped by readers)."""
+    import resources
+
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        if resources.disk_full(err) is None:
+            raise
+        raise UserError(resources.disk_full_line(path, "the training log")) from None
 
 
 
