@@ -140,8 +140,13 @@ class Context:
     def log(self, **record) -> None:
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(time=round(time.time(), 1), **record)) + "\n")
+            try:
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(dict(time=round(time.time(), 1), **record)) + "\n")
+            except OSError as err:
+                if resources.disk_full(err) is None:
+                    raise
+                raise UserError(resources.disk_full_line(self.log_path, "run_all's log")) from None
 
     def say(self, text: str, **record) -> None:
         print("== " + text, file=sys.stderr, flush=True)
