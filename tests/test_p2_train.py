@@ -236,6 +236,43 @@ def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monk
     assert p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps) != path
 
 
+def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatch, capsys):
+    """Issue 29: a disk too small for the cache is one line (the folder, the free space) and leaves no file; an
+    out-of-memory error while encoding halves the batch and gives the same rows."""
+    import errno
+
+    from encoder import ImageEncoder
+
+    encoder = ImageEncoder(TINY_ENCODER)
+    caps = p2_data.load_captions(str(world / "val.json"), str(world / "images"))
+    reference = np.array(np.load(p2_data.build_feature_cache(str(tmp_path / "plain"), "val", encoder, caps,
+                                                             batch_size=4)))
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "posix_fallocate", no_space, raising=False)
+        with pytest.raises(UserError, match=r"the disk is full: writing val-.*partial.npy \(the feature cache\) in "
+                                            r".*full.* GB free there"):
+            p2_data.build_feature_cache(str(tmp_path / "full"), "val", encoder, caps)
+    assert not [n for n in os.listdir(str(tmp_path / "full")) if n.endswith(".npy")]
+    real, calls = ImageEncoder.forward, []
+
+    def forward(self, pixels):
+        calls.append(len(pixels))
+        if len(pixels) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, pixels)
+
+    monkeypatch.setattr(ImageEncoder, "forward", forward)
+    capsys.readouterr()
+    halved = np.load(p2_data.build_feature_cache(str(tmp_path / "small"), "val", encoder, caps, batch_size=4))
+    assert "out of GPU memory in the feature cache's encoding at batch 4: going on with batch 2" in \
+        capsys.readouterr().err
+    assert np.allclose(halved.astype(np.float32), reference.astype(np.float32), atol=1e-3)
+
+
 def test_feature_cache_re_encodes_images_whose_content_changed(world, tmp_path, capsys):
     """The cache is keyed by what the images contain: an image replaced under the same name is encoded again (and
     only it), and stderr says so."""
