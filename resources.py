@@ -34,7 +34,7 @@ PREDICTION_BYTES = 256  # one caption in a prediction JSON, with its key
 VIT_SIZES = dict(tiny=(192, 12, 3), small=(384, 12, 6), base=(768, 12, 12), large=(1024, 24, 16),
                  huge=(1280, 32, 16), giant=(1408, 40, 16))
 VIT_NAME = re.compile(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?:_[a-z0-9]+)*?_(?P<image>\d{3})")
-DEFAULT_IMAGE_SIZE = 224
+COURSE_TRAINABLE_LIMIT = 35_000_000  # an opt-in stage's training without a P2 attempt to size it: at most this
 T = TypeVar("T")
 
 
@@ -217,7 +217,8 @@ def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
 
     image = vit_shape(ctx.args.encoder or DEFAULT_ENCODER)
     shapes, lines = {}, []
-    for method, options in ctx.train_options.items():
+    for method in [m for m in ctx.args.methods if m in ctx.train_options and "p2" in selected]:
+        options = ctx.train_options[method]
         shapes[method] = decoder_shape(decoder_from_config(p2_train.decoder_config(options)))
         caption_tokens = options.max_caption_tokens + 2
         peaks = [("training batch %d" % options.batch_size, training_peak_bytes(
@@ -228,7 +229,7 @@ def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
         lines.append("GPU memory (estimate, fp16): %s: %s of an 11 GB card" % (method, ", ".join(
             "%s %.1f GB%s" % (what, peak / GB, " (over: lower it)" if peak > CARD_BYTES else "")
             for what, peak in peaks)))
-    largest = max([s["trainable"] for s in shapes.values()] or [0])
+    largest = max([s["trainable"] for s in shapes.values()] or [COURSE_TRAINABLE_LIMIT])
     trainings = [shapes[m]["trainable"] for m in shapes
                  if "p2" in selected and not _finished(ctx, "p2", m, ctx.forced("p2"))]
     for stage in ("distill", "compare", "scst"):
