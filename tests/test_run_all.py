@@ -333,10 +333,15 @@ def disk_fills_in_save_state(lab):
     lab["patch"].setattr(torch, "save", save)
 
 
-def nothing_half_written(lab, err):
+def nothing_half_written_and_resumed(lab, err):
+    """No temporary or state file in train.new; with space again, the same command goes on and finishes lora."""
     new = os.path.join(lab["out"], "p2", "lora", "train.new")
-    return os.path.isdir(new) and not [n for n in os.listdir(new) if pipeline.TEMPORARY.match(n)] and not \
-        os.path.exists(os.path.join(new, "last_state.pt"))
+    if not os.path.isdir(new) or [n for n in os.listdir(new) if pipeline.TEMPORARY.match(n)] or os.path.exists(
+            os.path.join(new, "last_state.pt")):
+        return False
+    lab["patch"].undo()
+    return run_all.main(lab["argv"] + ["--only", "p2"]) == 0 and not os.path.exists(new) and "checkpoint" in read_json(
+        os.path.join(lab["out"], LORA + "finished.json"))
 
 
 def out_of_memory_once(lab):
@@ -431,7 +436,7 @@ ROWS = [
     Row("disk-short", short_disk, [], 2, "not enough disk space for this run in", FINISHED, None),
     Row("disk-fills-in-save-state", disk_fills_in_save_state, ["--only", "p2"], 2,
         "the disk is full: writing last_state.pt (the training state --resume continues from) in", TRAINING,
-        nothing_half_written),
+        nothing_half_written_and_resumed),
     # issue 29: GPU memory and decoding settings
     Row("out-of-memory", out_of_memory_once, ["--only", "p2"], 0,
         "out of GPU memory in captioning at batch 12: going on with batch 6",
