@@ -172,7 +172,7 @@ def save_checkpoint(path: str, captioner: Captioner, extra: Optional[dict] = Non
                 trainable_parameters=sum(v.numel() for v in state.values()),
                 tensors={k: list(v.shape) for k, v in state.items()})
     meta.update(extra or {})
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", what="a checkpoint") as f:
         torch.save(state, f)
     write_json(config_path(path), meta)
 

@@ -240,10 +240,12 @@ def _plain_open_mode(target: str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8", newline: Optional[str] = None) -> Iterator:
+def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8", newline: Optional[str] = None,
+                 what: str = "a file") -> Iterator:
     """Writes `path` through a temporary file in the same folder, renamed into place only on success, so a failed
     run never leaves a half-written output nor destroys an earlier one. The file gets the mode a plain open() would
-    give; a symlink is written through (its target is replaced, not the link); a folder, device or FIFO is refused."""
+    give; a symlink is written through (its target is replaced, not the link); a folder, device or FIFO is refused.
+    A full disk is one line naming `what`, the folder and its free space."""
     target = _output_target(path)
     folder = os.path.dirname(target)
     try:
@@ -260,6 +262,10 @@ def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8", 
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        import resources  # here: it imports this module
+
+        if resources.disk_full(err) is not None:  # torch.save hides ENOSPC behind a RuntimeError
+            raise UserError(resources.disk_full_line(path, what)) from None
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
             raise UserError("cannot write %s: %s" % (path, err.strerror or err)) from None
         raise

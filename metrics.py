@@ -19,6 +19,7 @@ import clip_utils
 import ptb
 from common import ImageFiles, UserError, collate_images, image_batches, progress, read_json
 from p2_data import VAL_FRACTION, image_key, read_captions, resolve_split, split_names
+from resources import HalvingBatches
 
 CLIPSCORE_WEIGHT = 2.5
 SHOWN_KEYS = 5
@@ -289,10 +290,11 @@ def clip_image_embeddings(paths: Sequence[str], model, preprocess: Callable, bat
     dtype = next(model.parameters()).dtype
     loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
                         shuffle=False, collate_fn=collate_images)
-    rows = []
+    rows, pieces = [], HalvingBatches("CLIP image embeddings")
     with torch.no_grad():
         for _, pixels in image_batches(progress(loader, desc="CLIP images", unit="batch", leave=False)):
-            rows.append(model.encode_image(pixels.to(device=device, dtype=dtype)).float())
+            rows += pieces(len(pixels), lambda s, e: model.encode_image(pixels[s:e].to(device=device,
+                                                                                        dtype=dtype)).float())
     return torch.cat(rows)
 
 
@@ -301,14 +303,15 @@ def clip_text_scores(image_embeddings, captions: Sequence[str], model, tokenizer
     """2.5 * max(cos, 0) of each caption against its row of image_embeddings (N, D)."""
     import torch
 
-    scores: List[float] = []
+    def score(start: int, end: int) -> List[float]:
+        text_emb = model.encode_text(tokenizer(list(captions[start:end])).to(device)).float()
+        image_emb = image_embeddings[start:end].to(text_emb.device)
+        cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
+        return (CLIPSCORE_WEIGHT * cos.clamp(min=0)).tolist()
+
     with torch.no_grad():
-        for start in range(0, len(captions), batch_size):
-            text_emb = model.encode_text(tokenizer(list(captions[start:start + batch_size])).to(device)).float()
-            image_emb = image_embeddings[start:start + len(text_emb)].to(text_emb.device)
-            cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
-            scores.extend((CLIPSCORE_WEIGHT * cos.clamp(min=0)).tolist())
-    return scores
+        pieces = HalvingBatches("CLIPScore captions", batch_size)
+        return [v for piece in pieces(len(captions), score) for v in piece]
 
 
 def reference_similarity(captions: Sequence[str], references: Sequence[Sequence[str]], model, tokenizer: Callable,

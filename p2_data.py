@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from common import (ImageFiles, UserError, autocast, collate_images, file_sha256, image_batches, list_images, load_rgb,
                     progress, read_json, write_json)
+from resources import HalvingBatches
 from tokenizer import END_TOKEN
 
 IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
@@ -494,10 +495,36 @@ def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch
 
     loader = DataLoader(Subset(images(caption_set, encoder.transform), indices), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_images)
-    for index, pixels in image_batches(progress(loader, desc="encoding %d images" % len(indices), disable=not show)):
+    pieces = HalvingBatches("the feature cache's encoding")
+
+    def encode(pixels: torch.Tensor) -> np.ndarray:
         with autocast(device, amp):
-            tokens = encoder(pixels.to(device))  # (B, N, width)
-        rows[np.array(index)] = tokens.float().cpu().numpy().astype(np.float16)
+            return encoder(pixels.to(device)).float().cpu().numpy().astype(np.float16)  # (B, N, width)
+
+    for index, pixels in image_batches(progress(loader, desc="encoding %d images" % len(indices), disable=not show)):
+        rows[np.array(index)] = np.concatenate(pieces(len(pixels), lambda s, e: encode(pixels[s:e])))
+
+
+def reserve_disk_space(path: str, what: str) -> None:
+    """Allocates a memory-mapped file's blocks now: a full disk is then one line here rather than a SIGBUS when the
+    mapped rows are written back. The file is removed when the space is not there."""
+    import resources
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if resources.disk_full(err) is None:
+            return  # a file system without fallocate: written as before
+        os.close(fd)
+        fd = None
+        os.remove(path)
+        raise UserError(resources.disk_full_line(path, what)) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: CaptionSet, batch_size: int = 64,
@@ -526,6 +553,7 @@ def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: Captio
                 probe = encoder(encoder.transform(load_rgb(caption_set.path(0))).unsqueeze(0).to(device))
             shape = (len(caption_set.names),) + tuple(probe.shape[1:])
             np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=shape).flush()
+            reserve_disk_space(target, "the feature cache")
     barrier()
     rows = np.load(target, mmap_mode="r+")
     _fill_rows(rows, encoder, caption_set, todo[rank::world_size], batch_size, device, num_workers, amp,

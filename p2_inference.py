@@ -30,6 +30,7 @@ import search
 from captioner import Captioner, config_path, load_captioner, read_checkpoint_config
 from common import (ImageFiles, UserError, autocast, check_output_file, collate_images, hub_offline, image_batches,
                     progress, resolve_device, run_main, write_json)
+from resources import HalvingBatches
 from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,11 +90,17 @@ def caption_folder(model: Captioner, folder: str, names: List[str], settings: Di
         shuffle=False, num_workers=min(num_workers, (len(names) + batch_size - 1) // batch_size),
         collate_fn=collate_images, pin_memory=device.type == "cuda")
     captions: List[Optional[str]] = [None] * (len(names) * count)
+    pieces = HalvingBatches("captioning")  # a CUDA out-of-memory error halves the batch
+
+    def generate(pixels: torch.Tensor, indices: List[int]) -> List[List[int]]:
+        with torch.no_grad(), autocast(device, fp16):
+            return model.generate(pixels.to(device, non_blocking=True),
+                                  image_keys=[p2_data.image_key(names[i]) for i in indices], **settings)
+
     with progress(total=len(names), desc="captioning", unit="img") as bar:
         for indices, pixels in image_batches(loader):
-            with torch.no_grad(), autocast(device, fp16):
-                ids = model.generate(pixels.to(device, non_blocking=True),
-                                     image_keys=[p2_data.image_key(names[i]) for i in indices], **settings)
+            ids = [c for piece in pieces(len(indices), lambda s, e: generate(pixels[s:e], indices[s:e]))
+                   for c in piece]
             texts = search.decode_captions(ids, tokenizer)
             for n, index in enumerate(indices):
                 captions[index * count:(index + 1) * count] = texts[n * count:(n + 1) * count]

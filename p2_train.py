@@ -39,8 +39,8 @@ from rnn_decoder import GLOBAL_POOLS, RNNConfig
 from search import DECODE_DEFAULTS
 from tokenizer import BPETokenizer
 from transformer_decoder import TransformerConfig
-from training import (Dist, check_budget, grad_scaler, log_line, make_optimizer, resume, rng_state, save_state,
-                      scst_epoch, score, train_epoch, validate)
+from training import (BatchSplit, Dist, check_budget, grad_scaler, log_line, make_optimizer, resume, rng_state,
+                      save_state, scst_epoch, score, train_epoch, validate)
 
 PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
 # What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
@@ -173,6 +173,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             raise UserError("--epochs 0 trains nothing before self-critical training: give --init-from CHECKPOINT")
     elif args.epochs < 1:
         raise UserError("--epochs must be at least 1, got %s" % args.epochs)
+    infinite = sorted(k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v))
+    if infinite:
+        raise UserError("--%s must be a finite number, got %s" % (infinite[0].replace("_", "-"),
+                                                                  getattr(args, infinite[0])))
     least = 2 if args.scst_baseline == "mean" else 1
     if args.scst_samples < least:
         raise UserError("--scst-samples must be at least %d with --scst-baseline %s, got %d"
@@ -565,13 +569,14 @@ def _run(args, world: Dist) -> int:
     if args.init_from and start_epoch == 0 and world.main:
         best = validate_and_keep(0, dict(kind="epoch", epoch=0, step=0, phase="init"), best)
     total_epochs = args.epochs + args.scst_epochs
+    split = BatchSplit()  # pieces per micro-batch: more after a CUDA out-of-memory error, for the rest of the run
     end_epoch = min(total_epochs, start_epoch + args.stop_after) if args.stop_after else total_epochs
     for epoch in range(start_epoch, end_epoch):
         started = time.time()
         if epoch < args.epochs:
             sampler.set_epoch(epoch)
             step = train_epoch(epoch, model, captioner, loader, optimizer, scheduler, scaler, args, world, amp,
-                               log_path, step)
+                               log_path, step, split)
             figures = {}
         else:
             scst_loader.sampler.set_epoch(epoch)

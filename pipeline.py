@@ -27,6 +27,7 @@ HASHED_SUFFIXES = (".json", ".csv", ".txt", ".md")  # small text files: fingerpr
 HASH_LIMIT = 64 << 20  # larger files (weights, images) are fingerprinted by size and modification time
 # Temporaries of common.atomic_write (".name.XXXXXXXX.tmp") and common.atomic_dir (".name.XXXXXXXX"): mkstemp and
 # mkdtemp add 8 characters of [a-z0-9_].
+RECORD_FIELDS = dict(format=str, settings=dict, inputs=dict, outputs=dict, seconds=(int, float), results=dict)
 TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp)?$")
 
 
@@ -71,12 +72,33 @@ def record_path(out: str, stage: str) -> str:
 
 
 def read_record(out: str, stage: str) -> Optional[dict]:
-    """The stage's record, or None (absent, or written by an older runner without fingerprints)."""
+    """The stage's record, or None (absent, or written by an older runner without fingerprints). A record that cannot
+    be read or has the wrong shape comes back as {"damaged": why}: not done, so the stage is redone (never a
+    traceback, and --force always works)."""
     path = record_path(out, stage)
     if not os.path.isfile(path):
         return None
-    record = read_json(path, "stage record")
-    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+    try:
+        record = read_json(path, "stage record")
+    except UserError as err:
+        return dict(damaged=str(err))
+    if isinstance(record, dict) and "format" in record and record["format"] != RECORD_FORMAT:
+        return None
+    wrong = record_shape_error(record)
+    return dict(damaged="stage record %s %s" % (path, wrong)) if wrong else record
+
+
+def record_shape_error(record) -> Optional[str]:
+    """What is wrong with a stage record's shape, in words; None when it has the shape write_record gives it."""
+    if not isinstance(record, dict):
+        return "holds %s, not an object" % type(record).__name__
+    for key, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return "has no %s %s" % (key, kind[0].__name__ if isinstance(kind, tuple) else kind.__name__)
+    for key in ("inputs", "outputs"):
+        if not all(v is None or isinstance(v, str) for v in record[key].values()):
+            return "has %s that are not fingerprints" % key
+    return None
 
 
 def write_record(out: str, stage: str, settings: dict, inputs: Dict[str, Optional[str]], outputs: List[str],
@@ -94,6 +116,8 @@ def why_rerun(record: Optional[dict], out: str, settings: dict, inputs: Dict[str
     otherwise the first reason, in words."""
     if record is None:
         return "not run before"
+    if "damaged" in record:
+        return "its record is damaged, so it counts as not done (%s)" % record["damaged"]
     if record.get("settings") != settings:
         return "settings changed (%s)" % ", ".join(_changed_settings(record.get("settings") or {}, settings))
     old_inputs = record.get("inputs") or {}

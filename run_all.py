@@ -62,6 +62,7 @@ import p2_train
 import p3_visualize
 import pipeline
 import report_answers
+import resources
 import run_context
 import search
 from captioner import ARCHITECTURES, config_path, read_checkpoint_config
@@ -340,7 +341,7 @@ def stage_p2(ctx: Context) -> dict:
     outputs = ["p2/loss_curves.png", "p2/p2_best.pt", "p2/p2_best.json", "p2/p2_best.per_image.json"]
     outputs += [os.path.join("p2", m, name) for m in methods for name in ("pred.json", "per_image.json")]
     outputs += [os.path.relpath(os.path.join(run_folder(ctx, m), name), ctx.out) for m in methods
-                for name in ("best.pt", TRAIN_DONE)]
+                for name in ("best.pt", TRAIN_DONE, "log.jsonl")]
     return dict(p2=rows, p2_best=best, p2_train_loss={m: [c[0][1], c[-1][1]] if c else None for m, c in curves.items()},
                 p2_decoding=table, p2_inference=chosen, p2_shipping=shipping,
                 timings=dict(p2_train=train_seconds, p2_evaluate=eval_seconds, p2_decoding=decoding_seconds),
@@ -571,10 +572,13 @@ def gpu_line() -> str:
 def print_plan(ctx: Context, stages: List[tuple], selected: List[str]) -> None:
     lines = ["plan (%s -> %s):" % (ctx.args.data, ctx.out)]
     for name, _, about in stages:
+        record = pipeline.read_record(ctx.out, name)
         state = "not selected" if name not in selected else ("forced: redone" if ctx.forced(name) else (
-            "finished earlier: skipped if still true" if pipeline.read_record(ctx.out, name) else "to run"))
+            "to run" if not record else "record damaged: redone" if "damaged" in record else
+            "finished earlier: skipped if still true"))
         lines.append("  %-8s %s [%s]" % (name, about, state))
     lines.append("  %s; log: %s" % (gpu_line(), ctx.log_path))
+    lines += ["  " + line for line in resources.plan_lines(ctx, selected)]  # refuses a disk that is short
     lines.append("  time: each stage's is measured and printed; P2's remaining training is estimated after the "
                  "first attempt (README 'Your GPU day' has the RTX 2080 Ti estimate)")
     print("\n".join(lines), file=sys.stderr, flush=True)

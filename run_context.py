@@ -25,7 +25,9 @@ import p2_data
 import p2_inference
 import p2_train
 import pipeline
+import resources
 import search
+import training
 from captioner import config_path, read_checkpoint_config
 from common import UserError, atomic_write, file_sha256, progress, read_json, resolve_device, write_json
 
@@ -139,8 +141,13 @@ class Context:
     def log(self, **record) -> None:
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(time=round(time.time(), 1), **record)) + "\n")
+            try:
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(dict(time=round(time.time(), 1), **record)) + "\n")
+            except OSError as err:
+                if resources.disk_full(err) is None:
+                    raise
+                raise UserError(resources.disk_full_line(self.log_path, "run_all's log")) from None
 
     def say(self, text: str, **record) -> None:
         print("== " + text, file=sys.stderr, flush=True)
@@ -290,15 +297,56 @@ def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
     return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
 
 
+def readable_json(path: str, what: str):
+    """The JSON in `path`, or None when it is absent or cannot be read (a damaged record counts as not done)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return read_json(path, what)
+    except UserError:
+        return None
+
+
+def checkpoint_seal(path: str) -> dict:
+    """What finished.json keeps of best.pt, so a checkpoint truncated or replaced later is no longer finished."""
+    return dict(bytes=os.path.getsize(path), sha256=file_sha256(path))
+
+
 def finished_training(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Optional[dict]:
     """The finished training's record when it was made with these arguments from these inputs and its checkpoint is
-    there; else None."""
+    there, unchanged; else None. A record, checkpoint or log that cannot be read means not finished: retrained."""
     folder = run_folder(ctx, method, stage=stage)
-    record_file = os.path.join(folder, TRAIN_DONE)
-    if not (os.path.isfile(record_file) and os.path.isfile(os.path.join(folder, "best.pt"))):
+    record_file, best = os.path.join(folder, TRAIN_DONE), os.path.join(folder, "best.pt")
+    if not (os.path.isfile(record_file) and os.path.isfile(best)):
         return None
-    record = read_json(record_file, "training record")
+    record = readable_json(record_file, "training record")
+    damage = None
+    if not isinstance(record, dict):
+        damage = "%s cannot be read or is not a training record" % record_file
+    elif isinstance(record.get("checkpoint"), dict) and record["checkpoint"] != checkpoint_seal(best):
+        damage = "%s no longer matches the size and hash in %s" % (best, TRAIN_DONE)
+    elif loss_log(folder, strict=True) is None:
+        damage = "%s has a line that cannot be read" % os.path.join(folder, "log.jsonl")
+    if damage:
+        ctx.say("%s: %s: %s, so the training counts as not finished" % (stage, method, damage))
+        return None
     return record if record.get("argv") == argv and record.get("inputs") == inputs else None
+
+
+def resumable(ctx: Context, new: str, record_argv: List[str], inputs: dict) -> bool:
+    """An interrupted training continues when its start record names these arguments and inputs and its state file
+    (if any) loads; a damaged one starts afresh."""
+    started = readable_json(os.path.join(new, "started.json"), "training start record")
+    if started != dict(argv=record_argv, inputs=inputs):
+        return False
+    state = os.path.join(new, "last_state.pt")
+    if os.path.isfile(state):
+        try:
+            training.load_state(state)
+        except (UserError, RuntimeError, OSError, EOFError, ValueError) as err:
+            ctx.say("%s cannot be read (%s): the interrupted training starts afresh" % (state, str(err)[:200]))
+            return False
+    return True
 
 
 def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Tuple[float, bool]:
@@ -314,8 +362,7 @@ def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: s
         ctx.say("%s: %s training finished earlier with these settings and data, skipping" % (stage, method))
         return float(finished.get("seconds", 0.0)), False
     started_file = os.path.join(new, "started.json")
-    resume = (not ctx.forced(stage) and os.path.isfile(started_file)
-              and read_json(started_file, "training start record") == dict(argv=record_argv, inputs=inputs))
+    resume = not ctx.forced(stage) and resumable(ctx, new, record_argv, inputs)
     if resume:
         ctx.say("%s: %s training was interrupted: resuming it (p2_train.py --resume)" % (stage, method))
     else:
@@ -334,7 +381,11 @@ def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: s
     seconds = time.time() - started
     if ctx.rank == 0:
         write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=inputs, seconds=round(seconds, 1),
-                                                      repeatable_seconds=repeatable_seconds(new, seconds, resume)))
+                                                      repeatable_seconds=repeatable_seconds(new, seconds, resume),
+                                                      checkpoint=checkpoint_seal(os.path.join(new, "best.pt")),
+                                                      out_of_memory=[line for line in loss_log(new)
+                                                                     if line.get("kind") == "out_of_memory"]))
+        log_out_of_memory(ctx, new)  # the feature cache's
         os.remove(started_file)
         swap_in(ctx, method, stage)
     return seconds, True
@@ -352,12 +403,26 @@ def repeatable_seconds(folder: str, seconds: float, resumed: bool) -> Optional[f
     return None
 
 
-def loss_log(folder: str) -> List[dict]:
+def loss_log(folder: str, strict: bool = False) -> Optional[List[dict]]:
+    """The training's log lines; a line that cannot be read (a torn last line) is left out, or with `strict` makes
+    the answer None."""
     log = os.path.join(folder, "log.jsonl")
     if not os.path.isfile(log):
         return []
-    with open(log, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = []
+    with open(log, encoding="utf-8", errors="replace") as f:
+        for text in f:
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                line = None
+            if isinstance(line, dict):
+                lines.append(line)
+            elif strict:
+                return None
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -403,8 +468,16 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
     p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
                        ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
                       + decoding_flags(settings))
-    return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device, metrics=names, split=ctx.val_split())
+    scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                              device=ctx.device, metrics=names, split=ctx.val_split())
+    log_out_of_memory(ctx, checkpoint)
+    return scores
+
+
+def log_out_of_memory(ctx: Context, during: str) -> None:
+    """The batch halvings after CUDA out-of-memory errors (resources.EVENTS) into run_all.log."""
+    while resources.EVENTS:
+        ctx.log(event="out of memory", during=ctx.portable(during), **resources.EVENTS.pop(0))
 
 
 def setting_name(settings: dict) -> str:

@@ -12,6 +12,7 @@ uniform. The image key is the prediction key (p2_inference) or, by default, the 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +53,8 @@ def _checked_settings(settings: Dict[str, object], where: str, prefix: str = "")
         if not fits:
             kind = {str: "text", int: "whole number", float: "number"}[type(default)]
             raise UserError("%s: %s must be a %s, got %r" % (where, key, kind, value))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError("%s: %s%s must be a finite number, got %s" % (where, prefix, key.replace("_", "-"), value))
         out[key] = type(default)(value)
     if out["method"] not in METHODS:
         raise UserError("%s: method must be %s or %s, got %r" % (where, ", ".join(METHODS[:-1]), METHODS[-1],
@@ -67,6 +70,21 @@ def _checked_settings(settings: Dict[str, object], where: str, prefix: str = "")
     if out["min_len"] > out["max_len"]:
         raise UserError("%s: min-len %d exceeds max-len %d" % (where, out["min_len"], out["max_len"]))
     return out
+
+
+def _check_block_size(settings: Dict[str, object], flags: Dict[str, object], meta: Optional[dict], where: str) -> None:
+    """max_len and min_len within the decoder's text positions (the start token takes one), named with their origin:
+    search would otherwise cut them silently."""
+    decoder = (meta or {}).get("decoder")
+    if not isinstance(decoder, dict) or not isinstance(decoder.get("block_size"), int):
+        return
+    most = decoder["block_size"] - (decoder.get("prompt_len") or 0) - 1
+    for key in ("max_len", "min_len"):
+        if settings[key] > most:
+            origin = "%s (command line)" % _flag(key) if key in flags else "%s: %s" % (where, key)
+            raise UserError("%s %d is beyond the decoder's block size: at most %d tokens per caption (block_size %d%s)"
+                            % (origin, settings[key], most, decoder["block_size"], ", less the prompt" if
+                               decoder.get("prompt_len") else ""))
 
 
 def add_decoding_arguments(parser) -> None:
@@ -150,9 +168,14 @@ def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
                                   and isinstance(saved.get("chosen_on"), str)):
         raise UserError("%s must hold %s and 'chosen_on' (the validation data that chose them)"
                         % (where, ", ".join(required)))
+    unknown = sorted(set(saved or {}) - set(_ALL_DEFAULTS) - {"chosen_on"})
+    if unknown:
+        raise UserError("%s: unknown setting(s) %s (known: %s, chosen_on)" % (where, ", ".join(map(str, unknown)),
+                                                                            ", ".join(_ALL_DEFAULTS)))
     base = _checked_settings(dict(_ALL_DEFAULTS, **saved), where) if saved else dict(_ALL_DEFAULTS)
     flags = _implied_method({k: v for k, v in given.items() if k in _ALL_DEFAULTS and v is not None})
     settings = _checked_settings(dict(base, **flags), "decoding option", "--")
+    _check_block_size(settings, flags, meta, where)
     unused = BEAM_ONLY if settings["method"] == "sample" else SAMPLING_ONLY
     settings = {k: v for k, v in settings.items() if k not in unused}
     if given.get("captions_per_image") is not None:

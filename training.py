@@ -27,6 +27,7 @@ import metrics
 import p2_data
 import safe_load
 from common import UserError, atomic_write, autocast, image_batches, progress, resolve_device
+from resources import HalvingBatches
 from search import decode_captions
 from tokenizer import BPETokenizer
 
@@ -166,7 +167,9 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
     captioner.eval()
     predictions, loss_sum, count = {}, 0.0, 0
     keys = val.keys()
-    for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
+    pieces = HalvingBatches("validation")  # a CUDA out-of-memory error halves the batch
+
+    def one_batch(index, visuals) -> Tuple[List[List[int]], float, int]:
         with autocast(device, amp):
             tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
             ids = captioner.generate(tokens, method=args.val_decode, beam_size=args.val_beam_size,
@@ -179,8 +182,14 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
             logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat), positions=positions)
             targets = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
         n = int((targets != p2_data.IGNORE_INDEX).sum())
-        loss_sum += float(caption_loss(logits, targets)) * n
-        count += n
+        return ids, float(caption_loss(logits, targets)) * n, n
+
+    for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
+        ids = []
+        for piece_ids, loss, n in pieces(len(index), lambda s, e: one_batch(index[s:e], visuals[s:e])):
+            ids += piece_ids
+            loss_sum += loss
+            count += n
         for i, caption in zip(index, decode_captions(ids)):
             predictions[keys[i]] = caption
     return dict(predictions=predictions, val_loss=loss_sum / max(1, count))
@@ -202,7 +211,7 @@ def score(predictions: dict, val, names, clip, device) -> Dict[str, Optional[flo
 # ----------------------------------------------------------------------------------------------- state
 
 def save_state(path: str, **state) -> None:
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", what="the training state --resume continues from") as f:
         torch.save(dict(state, format=STATE_FORMAT), f)
 
 
@@ -235,42 +244,120 @@ def resume(path: str, settings: dict, captioner, optimizer, scheduler, scaler, w
 
 
 def log_line(path: str, **record) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSONL line; a full disk is one line (a torn last line is dropped by --resume and skipped by readers)."""
+    import resources
+
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        if resources.disk_full(err) is None:
+            raise
+        raise UserError(resources.disk_full_line(path, "the training log")) from None
 
 
 
 # ----------------------------------------------------------------------------------------------- one epoch
 
+class BatchSplit:
+    """How many pieces each micro-batch is cut into: 1 until a CUDA out-of-memory error, doubled at each one, for
+    the rest of the run. The pieces' losses are weighted by their share of the micro-batch's target tokens (and
+    captions, for the attention penalty), so the gradient is the planned batch's up to float rounding."""
+
+    def __init__(self):
+        self.pieces = 1
+
+    def ranges(self, rows: int) -> List[Tuple[int, int]]:
+        size = max(1, math.ceil(rows / self.pieces))
+        return [(start, min(rows, start + size)) for start in range(0, rows, size)]
+
+
+def micro_batch_loss(model, decoder, batch, rows: Tuple[int, int], count: int, device, amp: bool, args,
+                     penalised: bool) -> torch.Tensor:
+    """The loss of captions rows[0]:rows[1] of a micro-batch, weighted by their share of its `count` target tokens
+    (the attention penalty by their share of its captions)."""
+    visuals, inputs, targets = (t[rows[0]:rows[1]] for t in batch)
+    with autocast(device, amp):
+        targets = targets.to(device)
+        positions = targets != p2_data.IGNORE_INDEX
+        out = model(visuals.to(device, non_blocking=True), inputs.to(device), positions=positions,
+                    return_attention=penalised)  # (M, vocab): no logits on padding
+        logits, attentions = out if penalised else (out, None)
+        wanted = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
+        loss = caption_loss(logits, wanted, args.label_smoothing)
+        loss = loss * (int((wanted != p2_data.IGNORE_INDEX).sum()) / max(1, count))
+        if penalised:
+            loss = loss + decoder.attention_penalty(attentions, positions) * ((rows[1] - rows[0]) / len(batch[0]))
+    return loss
+
+
+def fit_micro_batch(model, decoder, batch, closes_group: bool, group_size: int, scaler, args, world: Dist,
+                    amp: bool, penalised: bool, split: BatchSplit) -> float:
+    """Forward and backward of one micro-batch in split.pieces; DDP syncs the gradients only on the group's last
+    piece. Returns the micro-batch's loss."""
+    targets = batch[2].to(world.device)
+    count = int((decoder.vocab.targets(targets)[targets != p2_data.IGNORE_INDEX] != p2_data.IGNORE_INDEX).sum())
+    pieces = split.ranges(len(batch[0]))
+    loss = 0.0
+    for k, rows in enumerate(pieces):
+        last = closes_group and k == len(pieces) - 1
+        sync = model.no_sync() if world.world_size > 1 and not last else contextlib.nullcontext()
+        with sync:
+            piece = micro_batch_loss(model, decoder, batch, rows, count, world.device, amp, args, penalised)
+            scaler.scale(piece / group_size).backward()
+        loss += float(piece.detach())
+    return loss
+
+
+def fit_group(model, decoder, group: list, group_size: int, scaler, args, world: Dist, amp: bool, penalised: bool,
+              split: BatchSplit, log_path: str, step: int) -> float:
+    """fit_micro_batch of the group's newest micro-batch; after an out-of-memory error the pieces double and the
+    whole group so far is redone from zeroed gradients. Returns the newest micro-batch's loss."""
+    import resources
+
+    todo = group[-1:]
+    while True:
+        try:
+            for batch in todo:
+                loss = fit_micro_batch(model, decoder, batch, batch is group[-1] and len(group) == group_size,
+                                       group_size, scaler, args, world, amp, penalised, split)
+            return loss
+        except RuntimeError as err:
+            if not resources.is_out_of_memory(err) or split.pieces >= len(group[-1][0]):
+                raise
+        model.zero_grad(set_to_none=True)
+        split.pieces, todo = split.pieces * 2, group
+        rows = math.ceil(len(group[-1][0]) / split.pieces)
+        resources.release_memory()
+        print("out of GPU memory at step %d: each micro-batch now in %d pieces of at most %d captions, the "
+              "gradients accumulated to the planned batch" % (step + 1, split.pieces, rows), file=sys.stderr,
+              flush=True)
+        if world.main:
+            log_line(log_path, kind="out_of_memory", where="training", step=step + 1, pieces=split.pieces,
+                     batch_size=rows)
+
+
 def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scaler, args, world: Dist, amp: bool,
-                log_path: str, step: int) -> int:
-    """One pass over the training pairs; returns the optimiser step count."""
+                log_path: str, step: int, split: Optional[BatchSplit] = None) -> int:
+    """One pass over the training pairs; returns the optimiser step count. A CUDA out-of-memory error cuts the
+    micro-batches in pieces (`split`) and redoes the accumulation group, so the step is the planned one."""
     n_micro = len(loader)
     decoder = captioner.decoder
     penalised = getattr(decoder.cfg, "attention_reg", 0) > 0 and hasattr(decoder, "attention_penalty")
+    split = split or BatchSplit()
     captioner.train()
-    running, seen, started = 0.0, 0, time.time()
+    running, seen, started, group = 0.0, 0, time.time(), []
     bar = progress(loader, desc="epoch %d/%d" % (epoch + 1, args.epochs), disable=not world.main)
-    for micro, (visuals, inputs, targets) in enumerate(bar):
+    for micro, batch in enumerate(bar):
         group_start = micro - micro % args.grad_accum
         group_size = min(args.grad_accum, n_micro - group_start)
-        last = micro == group_start + group_size - 1
-        sync = model.no_sync() if world.world_size > 1 and not last else contextlib.nullcontext()
-        with sync:
-            with autocast(world.device, amp):
-                targets = targets.to(world.device)
-                positions = targets != p2_data.IGNORE_INDEX
-                out = model(visuals.to(world.device, non_blocking=True), inputs.to(world.device),
-                            positions=positions, return_attention=penalised)  # (M, vocab): no logits on padding
-                logits, attentions = out if penalised else (out, None)
-                loss = caption_loss(logits, decoder.vocab.targets(targets)[positions], args.label_smoothing)
-                if penalised:
-                    loss = loss + decoder.attention_penalty(attentions, positions)
-            scaler.scale(loss / group_size).backward()
-        running += float(loss.detach())
+        group.append(batch)
+        running += fit_group(model, decoder, group, group_size, scaler, args, world, amp, penalised, split,
+                             log_path, step)
         seen += 1
-        if not last:
+        if len(group) < group_size:
             continue
+        group = []
         optimizer_step(model, optimizer, scheduler, scaler, args.grad_clip)
         step += 1
         if world.main and step % args.log_every == 0:

@@ -236,6 +236,43 @@ def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monk
     assert p2_data.build_feature_cache(str(tmp_path), "val", encoder, caps) != path
 
 
+def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatch, capsys):
+    """Issue 29: a disk too small for the cache is one line (the folder, the free space) and leaves no file; an
+    out-of-memory error while encoding halves the batch and gives the same rows."""
+    import errno
+
+    from encoder import ImageEncoder
+
+    encoder = ImageEncoder(TINY_ENCODER)
+    caps = p2_data.load_captions(str(world / "val.json"), str(world / "images"))
+    reference = np.array(np.load(p2_data.build_feature_cache(str(tmp_path / "plain"), "val", encoder, caps,
+                                                             batch_size=4)))
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "posix_fallocate", no_space, raising=False)
+        with pytest.raises(UserError, match=r"the disk is full: writing val-.*partial.npy \(the feature cache\) in "
+                                            r".*full.* GB free there"):
+            p2_data.build_feature_cache(str(tmp_path / "full"), "val", encoder, caps)
+    assert not [n for n in os.listdir(str(tmp_path / "full")) if n.endswith(".npy")]
+    real, calls = ImageEncoder.forward, []
+
+    def forward(self, pixels):
+        calls.append(len(pixels))
+        if len(pixels) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, pixels)
+
+    monkeypatch.setattr(ImageEncoder, "forward", forward)
+    capsys.readouterr()
+    halved = np.load(p2_data.build_feature_cache(str(tmp_path / "small"), "val", encoder, caps, batch_size=4))
+    assert "out of GPU memory in the feature cache's encoding at batch 4: going on with batch 2" in \
+        capsys.readouterr().err
+    assert np.allclose(halved.astype(np.float32), reference.astype(np.float32), atol=1e-3)
+
+
 def test_feature_cache_re_encodes_images_whose_content_changed(world, tmp_path, capsys):
     """The cache is keyed by what the images contain: an image replaced under the same name is encoded again (and
     only it), and stderr says so."""
@@ -580,3 +617,48 @@ def test_model_flags_rebuild_each_committed_checkpoints_config(name):
 def test_model_flags_refuse_a_config_without_a_peft_method():
     with pytest.raises(UserError, match="no PEFT method"):
         p2_train.model_flags(dict(decoder=dict(lora_rank=0, adapter_dim=0, prefix_len=0, prompt_len=0)))
+
+
+# ----------------------------------------------------------------------------------------------- out of memory
+
+class LaterOutOfMemory(RuntimeError):
+    """torch.cuda.OutOfMemoryError where torch 1.12 has none."""
+
+
+@pytest.mark.parametrize("spelling", ["torch-1.12", "OutOfMemoryError"])
+def test_out_of_memory_halves_the_batch_and_keeps_the_planned_step(world, tmp_path, monkeypatch, spelling):
+    """Issue 29: a CUDA out-of-memory error at some step (injected on the CPU, in either spelling) cuts the batch in
+    pieces whose gradients add up to the planned batch's: the weights match the run without it, within float
+    rounding; stderr says so and the log records it."""
+    import captioner
+    import resources
+
+    args = ["--peft", "lora", "--lora-dropout", "0", "--epochs", "2", "--grad-accum", "2", "--batch-size", "4",
+            "--lr", "3e-3"]
+    assert p2_train.main(cli(world, tmp_path / "planned", *args)) == 0
+    if spelling == "OutOfMemoryError":
+        monkeypatch.setattr(torch.cuda, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError",
+                                                                    LaterOutOfMemory), raising=False)
+        error = torch.cuda.OutOfMemoryError("CUDA error: allocation failed")  # the class, not the message, counts
+    else:
+        error = RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 10.76 GiB total capacity)")
+    assert resources.is_out_of_memory(error) and not resources.is_out_of_memory(RuntimeError("shape mismatch"))
+    real, calls = captioner.Captioner.forward, []
+
+    def forward(self, visuals, *rest, **kwargs):
+        calls.append(len(visuals))
+        if self.training and len(calls) == 4 and len(visuals) > 2:  # the second step's second micro-batch
+            raise error
+        return real(self, visuals, *rest, **kwargs)
+
+    monkeypatch.setattr(captioner.Captioner, "forward", forward)
+    assert p2_train.main(cli(world, tmp_path / "halved", *args)) == 0
+    planned, halved = (training.load_state(str(tmp_path / name / "last_state.pt"))["trainable"]
+                       for name in ("planned", "halved"))
+    assert planned.keys() == halved.keys()
+    for name in planned:
+        assert torch.allclose(planned[name], halved[name], rtol=0, atol=1e-5), name  # Adam's steps are 3e-3
+    events = [r for r in log_records(tmp_path / "halved") if r["kind"] == "out_of_memory"]
+    assert events == [dict(kind="out_of_memory", where="training", step=2, pieces=2, batch_size=2)]
+    assert len([r for r in log_records(tmp_path / "halved") if r["kind"] == "step"]) == len(
+        [r for r in log_records(tmp_path / "planned") if r["kind"] == "step"])

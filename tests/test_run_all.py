@@ -7,6 +7,7 @@ fragment of what run_all says, and which finished files must survive byte for by
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,10 +24,13 @@ import p2_data
 import p2_train
 import optional_stages
 import pipeline
+import resources
 import run_all
 import run_context
 import search
 import tiny_models
+import torch
+import training
 from captioner import read_checkpoint_config
 from common import read_json, run_main
 from miniworld import demo, generate
@@ -284,6 +288,95 @@ def no_temporaries(lab, err):
         os.path.join(lab["out"], "p2", ".p2_best.json.x1y2z3w4.tmp"))
 
 
+def reshaped(*parts, **fields):
+    """A JSON record rewritten with `fields` changed (a value of the wrong type), or replaced whole by `value`."""
+    def setup(lab):
+        path = os.path.join(lab["out"], *parts)
+        record = fields["value"] if "value" in fields else dict(read_json(path), **fields)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+    return setup
+
+
+def torn_last_line(*parts):
+    def setup(lab):
+        path = os.path.join(lab["out"], *parts)
+        truncate(path, os.path.getsize(path) - 5)
+    return setup
+
+
+def lora_retrained(lab, err):
+    return "== p2: training lora" in err and "training adapter" not in err and exists(
+        "p2", "lora", "train", "best.pt")(lab, err)
+
+
+def short_disk(lab):
+    usage = shutil.disk_usage(lab["tmp"])
+    lab["patch"].setattr(resources.shutil, "disk_usage", lambda path: usage._replace(free=10 ** 5))
+
+
+def disk_fills_in_save_state(lab):
+    """ENOSPC from the file while torch.save writes the training state, as a full disk gives it (torch then raises
+    its own RuntimeError)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("format") == training.STATE_FORMAT:
+            f.write(b"PK\x03\x04 half")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:337] . unexpected pos 64 vs 0")
+        return real(obj, f, *args, **kwargs)
+
+    reshaped(LORA + "finished.json", value=[])(lab)
+    lab["patch"].setattr(torch, "save", save)
+
+
+def nothing_half_written_and_resumed(lab, err):
+    """No temporary or state file in train.new; with space again, the same command goes on and finishes lora."""
+    new = os.path.join(lab["out"], "p2", "lora", "train.new")
+    if not os.path.isdir(new) or [n for n in os.listdir(new) if pipeline.TEMPORARY.match(n)] or os.path.exists(
+            os.path.join(new, "last_state.pt")):
+        return False
+    lab["patch"].undo()
+    return run_all.main(lab["argv"] + ["--only", "p2"]) == 0 and not os.path.exists(new) and "checkpoint" in read_json(
+        os.path.join(lab["out"], LORA + "finished.json"))
+
+
+def out_of_memory_once(lab):
+    """torch 1.12's CUDA out-of-memory error: once in lora's retraining, and in every caption search of more than 8
+    images (validation, and the scoring's captioning)."""
+    import captioner
+
+    error = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 10.76 GiB total capacity)")
+    forward, generate, raised = captioner.Captioner.forward, captioner.Captioner.generate, []
+
+    def failing(real, kind):
+        def call(self, visuals, *rest, **kwargs):
+            if (kind == "forward" and self.training and not raised and len(visuals) > 1) or (
+                    kind == "generate" and len(visuals) > 8):
+                raised.append(kind)
+                raise error
+            return real(self, visuals, *rest, **kwargs)
+        return call
+
+    reshaped(LORA + "finished.json", value=[])(lab)
+    lab["patch"].setattr(captioner.Captioner, "forward", failing(forward, "forward"))
+    lab["patch"].setattr(captioner.Captioner, "generate", failing(generate, "generate"))
+    lab["adapter_captions"] = read_json(os.path.join(lab["out"], "p2", "adapter", "pred.json"))
+
+
+def recorded_out_of_memory(lab, err):
+    log = [json.loads(line) for line in open(os.path.join(lab["out"], "run_all.log"), encoding="utf-8")]
+    return read_json(os.path.join(lab["out"], LORA + "finished.json"))["out_of_memory"][0]["pieces"] == 2 and any(
+        e.get("event") == "out of memory" and e["where"] == "captioning" for e in log) and any(
+        e.get("event") == "out of memory" and e["where"] == "validation" for e in log) and read_json(
+        os.path.join(lab["out"], "p2", "adapter", "pred.json")) == lab["adapter_captions"]
+
+
+LORA = "p2/lora/train/"
+OTHER_TRAININGS = [f for f in TRAINING if not f.startswith(LORA)]
 Row = namedtuple("Row", "id setup extra code fragment survives check")
 ROWS = [
     # 1. a failed rerun never deletes the finished training
@@ -325,6 +418,31 @@ ROWS = [
         "--force p1: not among the stages to run", FINISHED, None),
     Row("failed-stage-keeps-record", failing_p3, ["--force", "p3"], "RuntimeError", "p3: running again: forced",
         FINISHED, record_kept),
+    # issue 29: a damaged record is not done, never a traceback
+    Row("record-outputs-a-list", reshaped("stages", "p1.json", outputs=["p1/pred.csv"]), ["--only", "p1"], 0,
+        "p1: running again: its record is damaged, so it counts as not done", TRAINING, None),
+    Row("record-results-a-string", reshaped("stages", "p3.json", results="p3"), ["--only", "p3,report"], 0,
+        "p3: running again: its record is damaged", TRAINING, None),
+    Row("record-truncated-force", lambda lab: truncate(pipeline.record_path(lab["out"], "report"), 40),
+        ["--only", "report", "--force", "report"], 0, "report: running again: forced", TRAINING, None),
+    Row("finished-json-holds-a-list", reshaped(LORA + "finished.json", value=[]), ["--only", "p2"], 0,
+        "finished.json cannot be read or is not a training record, so the training counts as not finished",
+        OTHER_TRAININGS, lora_retrained),
+    Row("best-pt-truncated", lambda lab: truncate(os.path.join(lab["out"], LORA + "best.pt"), 1000), ["--only", "p2"],
+        0, "best.pt no longer matches the size and hash in finished.json", OTHER_TRAININGS, lora_retrained),
+    Row("torn-log-line", torn_last_line(LORA + "log.jsonl"), ["--only", "p2"], 0,
+        "log.jsonl has a line that cannot be read", OTHER_TRAININGS, lora_retrained),
+    # issue 29: the disk
+    Row("disk-short", short_disk, [], 2, "not enough disk space for this run in", FINISHED, None),
+    Row("disk-fills-in-save-state", disk_fills_in_save_state, ["--only", "p2"], 2,
+        "the disk is full: writing last_state.pt (the training state --resume continues from) in", TRAINING,
+        nothing_half_written_and_resumed),
+    # issue 29: GPU memory and decoding settings
+    Row("out-of-memory", out_of_memory_once, ["--only", "p2"], 0,
+        "out of GPU memory in captioning at batch 12: going on with batch 6",
+        OTHER_TRAININGS, recorded_out_of_memory),
+    Row("infinite-scst-temperature", lambda lab: config(lab, {"scst_temperature": float("inf")}), [], 2,
+        "lora: --scst-temperature must be a finite number, got inf", FINISHED, None),
 ]
 
 
@@ -843,3 +961,43 @@ def test_scst_method_must_be_an_attempt(finished, tmp_path, capsys):
     bad[bad.index("--scst-method") + 1] = "prompt"
     code, err = run(bad, capsys)
     assert code == 2 and "--scst-method prompt is not among --methods adapter,prefix,lora" in err
+
+
+def torchrun_command(argv, port: int):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), os.path.join(ROOT, "run_all.py")] + argv
+
+
+def test_torchrun_runs_p2_with_two_processes(world, tmp_path):
+    """Issue 29: run_all.py under torchrun on the CPU (gloo): both processes train, rank 0 swaps the training in,
+    scores and writes; the rerun skips."""
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    import socket
+
+    out = str(tmp_path / "out")
+    argv = command(world, out)
+    argv[argv.index("--methods") + 1] = "lora"
+    argv[argv.index("--train-config") + 1] = str(tmp_path / "lora.json")
+    with open(str(tmp_path / "lora.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(lora=demo.SHORT_RUN), f)
+    argv[argv.index("--train-max-images") + 1] = "16"
+    argv += ["--only", "p2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    runs = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runs.append(subprocess.run(torchrun_command(argv, port), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, timeout=600))
+        assert runs[-1].returncode == 0, runs[-1].stderr.decode()[-3000:]
+    first, second = (r.stderr.decode() for r in runs)
+    state = training.load_state(os.path.join(out, "p2", "lora", "train", "last_state.pt"))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert first.count("== p2: training lora") == 2 and first.count("== p2: done in") == 1  # both train, one scores
+    assert not os.path.exists(os.path.join(out, "p2", "lora", "train.new"))
+    assert read_json(pipeline.record_path(out, "p2"))["results"]["p2_best"] == "lora"
+    assert os.path.isfile(os.path.join(out, "p2", "p2_best.pt"))
+    assert "== p2: done earlier" in second and "training lora" not in second

@@ -400,3 +400,31 @@ def test_sampling_settings_are_resolved_validated_and_named():
         resolve_decoding({}, {"inference": dict(saved, top_p=2.0)}, "p2_best.json")
     with pytest.raises(UserError, match="method must be beam, greedy or sample, got 'nucleus'"):
         resolve_decoding({}, {"inference": dict(saved, method="nucleus")}, "p2_best.json")
+
+
+def test_decoding_settings_that_cannot_work_are_named_with_their_origin():
+    """Issue 29: infinite or NaN numbers, unknown "inference" keys and lengths beyond the block size, each one line
+    naming the setting and whether the flag or the checkpoint gave it."""
+    meta = {"decoder": dict(block_size=64, prompt_len=0), "inference": dict(DECODE_DEFAULTS, chosen_on="val")}
+    for given, message in [
+        ({"temperature": float("inf")}, "decoding option: --temperature must be a finite number, got inf"),
+        ({"temperature": float("nan")}, "--temperature must be a finite number, got nan"),
+        ({"length_penalty": float("nan")}, "--length-penalty must be a finite number"),
+        ({"top_p": float("inf")}, "--top-p must be a finite number"),
+        ({"max_len": 1500}, r"--max-len \(command line\) 1500 is beyond the decoder's block size: at most 63"),
+        ({"max_len": 1500, "min_len": 1500}, r"--max-len \(command line\) 1500 is beyond"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            resolve_decoding(given, meta, "ckpt/p2_best.json")
+    for saved, message in [
+        (dict(length_penalty=float("nan")), r"p2_best.json \('inference'\): length-penalty must be a finite number"),
+        (dict(method="sample", temperature=float("inf")), "p2_best.json .*temperature must be a finite number"),
+        (dict(beam_width=4), r"p2_best.json \('inference'\): unknown setting\(s\) beam_width"),
+        (dict(max_len=80), r"p2_best.json \('inference'\): max_len 80 is beyond the decoder's block size"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            resolve_decoding({}, dict(meta, inference=dict(meta["inference"], **saved)), "ckpt/p2_best.json")
+    prompted = dict(meta, decoder=dict(block_size=64, prompt_len=10))
+    assert resolve_decoding({"max_len": 53}, prompted, "p2_best.json")[0]["max_len"] == 53
+    with pytest.raises(UserError, match="at most 53 tokens per caption .block_size 64, less the prompt"):
+        resolve_decoding({"max_len": 54}, prompted, "p2_best.json")
