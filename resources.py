@@ -238,10 +238,13 @@ def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
 
             names = optional_stages.STAGES[stage].trainings or tuple(ctx.args.methods[:1])
             trainings += [largest for n in names if not _finished(ctx, stage, n, ctx.forced(stage))]
-    keys = ("train_images", "val_images") if not ctx.args.captions else ("train_images",)
-    images = sum(len(list_images(ctx.data(k))) for k in keys) if {"p2", "compare", "distill"} & set(selected) else 0
+    def count(folder: str) -> int:  # every image under it: a caption file's sub-folders (Karpathy's filepath) too
+        return len(list_images(folder, recursive=True))
+
+    folders = sorted({ctx.data(k) for k in ("train_images", "val_images")})  # one folder counted once
+    images = sum(count(f) for f in folders) if {"p2", "compare", "distill"} & set(selected) else 0
     if ctx.args.train_max_images:
-        images = min(images, ctx.args.train_max_images + len(list_images(ctx.data("val_images"))))
+        images = min(images, ctx.args.train_max_images + count(ctx.data("val_images")))
     cache = ctx.path("p2", "feature_cache")
     need = disk_need(images if not ctx.args.no_feature_cache else 0, image,
                      folder_bytes(cache) if os.path.isdir(cache) else 0, trainings,
