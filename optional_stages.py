@@ -2,12 +2,14 @@
 p2_train.py arguments, the stage itself and its results.md table. They cost GPU hours on the course's data.
 
   distill  p2_best captions the training images (precise and creative); a student trains on each caption set and on
-           the human captions, alike but for --train-json ("distill")
+           the human captions, alike but for --train-json ("distill"); without the GPT-2 (--captions without
+           --decoder-weights) the teacher is the compare stage's best architecture by CIDEr on val
   compare  the classic captioners (p2_train.py --arch gru, attention-gru, transformer, and attention-gru with
            --attention-reg 0) trained as the PEFT attempts are, scored with the whole metric suite beside P2's best
            attempt ("compare" and "ablation")
   scst     self-critical fine-tuning of P2's best attempt (p2_train.py --init-from its checkpoint --scst-epochs N),
-           scored before and after with the shipped decoding ("scst")
+           scored before and after with the shipped decoding ("scst"); without the GPT-2, of the compare stage's best
+           architecture, scored with the compare stage's decoding
 """
 from __future__ import annotations
 
@@ -27,6 +29,43 @@ from common import UserError
 from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, option_flags,
                          run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps, train_config,
                          train_inputs, train_run, train_split, trainer_argv)
+
+
+# ----------------------------------------------------------------------------------------------- the best captioner
+
+def has_gpt2(ctx: Context) -> bool:
+    """The course's layout, or --captions with --decoder-weights: P2 runs, and its best attempt teaches and is
+    fine-tuned; without it, the compare stage's best architecture is the run's best captioner."""
+    return not ctx.args.captions or bool(ctx.args.decoder_weights)
+
+
+def compare_decoding() -> dict:
+    """The compare stage's decoding of every architecture (the README default), read when called (tests shorten
+    run_context.DECODING_GRID)."""
+    return dict(search.DECODE_DEFAULTS, **run_context.DECODING_GRID[0])
+
+
+def compare_best(ctx: Context, archs: Optional[Tuple[str, ...]] = None) -> Optional[str]:
+    """The compare stage's best architecture among `archs` (default COMPARE_ARCHS) by CIDEr on val (ties: the
+    earlier), None before the stage has run or when it scored none of them."""
+    rows = ctx.results.get("compare") or {}
+    scored = [a for a in archs or COMPARE_ARCHS if a in rows and rows[a].get("CIDEr") is not None]
+    return max(scored, key=lambda a: rows[a]["CIDEr"]) if scored else None
+
+
+def best_captioner(ctx: Context) -> dict:
+    """The run's best captioner, which distill takes as its teacher: P2's shipped one with its chosen decoding, or
+    without the GPT-2 the compare stage's best architecture with the compare decoding; its checkpoint, architecture,
+    val captions with that decoding, and why it was chosen."""
+    if has_gpt2(ctx):
+        shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
+        return dict(checkpoint=ctx.results["p2_shipping"]["checkpoint"], arch="gpt2", peft=ctx.results["p2_best"],
+                    decoding=shipped, predictions=shipped_predictions(ctx), chosen_on="P2's best attempt by CIDEr")
+    arch = compare_best(ctx)
+    row = ctx.results["compare"][arch]
+    return dict(checkpoint=row["checkpoint"], arch=arch, decoding=compare_decoding(),
+                predictions=ctx.path("compare", arch, "pred.json"),
+                chosen_on="the compare stage's best architecture by CIDEr on val (%.4f)" % row["CIDEr"])
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -54,20 +93,19 @@ def check_distill(ctx: Context) -> None:
             scored_checkpoint(ctx, name, "distill")
 
 
-def teacher_decodings(ctx: Context) -> Dict[str, dict]:
-    """precise: the shipped decoding (hw3_2.sh's with p2_best), at most its beam size in captions per image (one if
+def teacher_decodings(ctx: Context, shipped: dict) -> Dict[str, dict]:
+    """precise: the teacher's decoding (hw3_2.sh's with p2_best), at most its beam size in captions per image (one if
     greedy was chosen); creative: sampling at 0.9 with its lengths."""
-    shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
     beams = shipped["beam_size"] if shipped["method"] == "beam" else 1
     return dict(precise=dict(shipped, captions_per_image=min(ctx.args.teacher_captions, beams)),
                 creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
 
 
-def teacher_captions(ctx: Context, settings: dict, human: str, path: str) -> str:
-    """p2_best's captions of the training images `human` names, as a COCO file p2_train.py reads (--format coco)."""
-    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint",
-                       ctx.results["p2_shipping"]["checkpoint"], "--captions", human, "--split", "all", "--format",
+def teacher_captions(ctx: Context, settings: dict, human: str, path: str, checkpoint: str) -> str:
+    """The teacher's captions of the training images `human` names, as a COCO file p2_train.py reads (--format
+    coco)."""
+    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint", checkpoint, "--captions", human, "--split", "all", "--format",
                        "coco", "--captions-per-image", str(settings["captions_per_image"]), "--device",
                        ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
     return path
@@ -80,24 +118,28 @@ def distill_row(scores: dict, captions_per_image: float, predictions: str) -> di
 
 
 def stage_distill(ctx: Context) -> dict:
-    """Seed 004 section 4 on this data: p2_best's precise and creative captions of the training images, and one
-    student trained on each caption set and on the human captions, alike but for --train-json."""
+    """Seed 004 section 4 on this data: the best captioner's (best_captioner) precise and creative captions of the
+    training images, and one student trained on each caption set and on the human captions, alike but for
+    --train-json."""
     human = train_split(ctx)
-    decodings = teacher_decodings(ctx)
+    teacher = best_captioner(ctx)
+    ctx.say("distill: the teacher is %s (%s, %s)" % (teacher["arch"], teacher["chosen_on"], teacher["checkpoint"]))
+    decodings = teacher_decodings(ctx, teacher["decoding"])
     human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
     per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
                      **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
     with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
         captions = dict(human=human)
         for name in ("precise", "creative"):
-            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name))
+            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name),
+                                              teacher["checkpoint"])
             bar.update(1)
         clip = ctx.scoring_clip()
-        teacher_pred = shipped_predictions(ctx)
+        teacher_pred = teacher["predictions"]
         rows = dict(teacher=dict(distill_row(metrics.evaluate(
-            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
-            ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
-            decoding=decodings))
+            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE,
+            split=ctx.val_split()), ctx.args.teacher_captions, teacher_pred), checkpoint=teacher["checkpoint"],
+            decoding=decodings, arch=teacher["arch"], chosen_on=teacher["chosen_on"]))
         seconds = {}
         for name in CAPTION_SETS:
             inputs = dict(train_inputs(ctx), captions=pipeline.fingerprint(captions[name]))
@@ -120,7 +162,8 @@ def distill_table(rows: dict) -> str:
     lines = ["| distill: trained on | %s |" % " | ".join(k.replace("_", " ") for k in keys), "| --- " * (1 + len(keys))
              + "|"]
     for name, row in rows.items():
-        label = "(the teacher, %s)" % setting_name(row["decoding"]["precise"]) if name == "teacher" else name
+        label = "(the teacher%s, %s)" % ("" if row.get("arch", "gpt2") == "gpt2" else ": " + row["arch"],
+                                         setting_name(row["decoding"]["precise"])) if name == "teacher" else name
         lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
     return "\n".join(lines)
 
@@ -258,30 +301,39 @@ def scst_options(ctx: Context) -> dict:
 
 
 def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> List[str]:
-    """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt: the model of the checkpoint `init`
-    (p2_train.model_flags: --init-from fits even when it is a --score-checkpoints one), the attempt's training
-    options but its model's, no cross-entropy epoch, then the scst options. `init` None: the attempt's own model,
-    checked as one epoch of cross-entropy (the checkpoint does not exist before P2 has run)."""
-    options = dict(train_config(ctx).get(method, {}), epochs=0 if init else 1, **scst_options(ctx))
-    model = ["--decoder-weights", ctx.data("decoder")]
+    """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt (a PEFT method, or without the
+    GPT-2 a compare run): the model of the checkpoint `init` (p2_train.model_flags: --init-from fits even when it is
+    a --score-checkpoints one), the attempt's training options but its model's, no cross-entropy epoch, then the scst
+    options. `init` None: the attempt's own model, checked as one epoch of cross-entropy (the checkpoint does not
+    exist before its training has run)."""
+    compare_run = method in COMPARE_RUNS
+    trained_as = dict(COMPARE_TRAINING) if compare_run else {}
+    options = dict(trained_as, **train_config(ctx).get(method, {}))
+    options.update(epochs=0 if init else 1, **scst_options(ctx))
+    model = [] if compare_run else ["--decoder-weights", ctx.data("decoder")]
     if init:
-        model += p2_train.model_flags(read_checkpoint_config(init)) + ["--init-from", init]
-        options = {k: v for k, v in options.items() if k.replace("-", "_") not in p2_train.ARCH_OPTIONS["gpt2"]}
+        meta = read_checkpoint_config(init)
+        model += p2_train.model_flags(meta) + ["--init-from", init]
+        arch = meta.get("arch", "gpt2")  # a from-scratch decoder's caption length is its model's (model_flags)
+        own = p2_train.ARCH_OPTIONS[arch] + (() if arch == "gpt2" else ("max_caption_tokens",))
+        options = {k: v for k, v in options.items() if k.replace("-", "_") not in own}
     else:
-        model += ["--peft", method]
+        model += option_flags(COMPARE_RUNS[method]) if compare_run else ["--peft", method]
     return trainer_argv(ctx, train_json, model, options)
 
 
 def check_scst(ctx: Context) -> None:
     """The scst options through p2_train.py's checks with each attempt's (any may turn out best; --scst-method's
-    alone when given); with --score-checkpoints, DIR/p2_<method>_scst.pt now when --scst-method names it, else once
-    P2 has named the best (stage_inputs)."""
+    alone when given; without the GPT-2 each compare architecture's); with --score-checkpoints,
+    DIR/p2_<method>_scst.pt now when --scst-method names it, else once the best is known (stage_inputs)."""
     options = train_config(ctx).get("scst", {})
     where = "--train-config %s: scst" % ctx.args.train_config if options else "the scst stage"
     taken = sorted(k for k in options if k.replace("-", "_") in SCST_FIXED)
     if taken:
-        raise UserError("%s: %s set by run_all.py itself (it fine-tunes P2's best checkpoint)" % (where, ", ".join(taken)))
-    for method in [ctx.args.scst_method] if ctx.args.scst_method else ctx.args.methods:
+        raise UserError("%s: %s set by run_all.py itself (it fine-tunes the best checkpoint)" % (where, ", ".join(taken)))
+    candidates = COMPARE_ARCHS if not has_gpt2(ctx) else [ctx.args.scst_method] if ctx.args.scst_method \
+        else ctx.args.methods
+    for method in candidates:
         argv = scst_argv(ctx, method, ctx.data("train_json"), None) + ["--out", run_folder(ctx, method, "new", "scst")]
         checked_training(ctx, argv, options, where)
     if ctx.args.score_checkpoints and ctx.args.scst_method:
@@ -289,8 +341,20 @@ def check_scst(ctx: Context) -> None:
 
 
 def scst_method(ctx: Context) -> Optional[str]:
-    """The attempt the scst stage fine-tunes: --scst-method, else P2's best (None before P2 has run)."""
+    """The attempt the scst stage fine-tunes: --scst-method, else P2's best (None before P2 has run); without the
+    GPT-2 the compare stage's best architecture (None before compare has run)."""
+    if not has_gpt2(ctx):
+        return compare_best(ctx)
     return ctx.args.scst_method or ctx.results.get("p2_best")
+
+
+def scst_start(ctx: Context, method: str) -> Tuple[str, dict]:
+    """The checkpoint scst starts from and the decoding both sides are scored with (with "chosen_on", as shipped):
+    P2's attempt with P2's shipped decoding, or a compare run's with the compare stage's."""
+    if has_gpt2(ctx):
+        return ctx.results["p2"][method]["checkpoint"], ctx.results["p2_inference"]
+    return ctx.results["compare"][method]["checkpoint"], dict(
+        compare_decoding(), chosen_on="the compare stage's decoding of every architecture (run_all.py)")
 
 
 def scst_row(scores: dict, checkpoint: str, predictions: str) -> dict:
@@ -315,9 +379,9 @@ def stage_scst(ctx: Context) -> dict:
     """Issue 22: P2's best attempt fine-tuned by self-critical training (p2_train.py --init-from its scored
     checkpoint --epochs 0 --scst-epochs N, through train.new and the swap), both scored on val with the shipped
     decoding: results.json "scst" with "before" and "after"."""
-    best, shipped = scst_method(ctx), ctx.results["p2_inference"]
+    best = scst_method(ctx)
+    init, shipped = scst_start(ctx, best)
     decoding = {k: v for k, v in shipped.items() if k != "chosen_on"}
-    init = ctx.results["p2"][best]["checkpoint"]
     with steps(3, "scst") as bar:
         train_json = train_split(ctx)
         inputs = dict(train_inputs(ctx), init_from=pipeline.fingerprint(init))
@@ -325,8 +389,8 @@ def stage_scst(ctx: Context) -> dict:
         bar.update(1)
         clip = ctx.scoring_clip()
         ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
-        if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
-            before_pred = shipped_predictions(ctx)
+        if best == ctx.results.get("p2_best") or not has_gpt2(ctx):  # its captions with this decoding are written
+            before_pred = shipped_predictions(ctx) if has_gpt2(ctx) else ctx.path("compare", best, "pred.json")
             before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
                                       device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
         else:
@@ -349,7 +413,7 @@ def stage_scst(ctx: Context) -> dict:
         ctx.say("scst: CIDEr %.4f after against %.4f before: %s (+ .json) ships in place of p2_best.pt if you "
                 "prefer it (--install copies p2_best)" % (after["CIDEr"], before["CIDEr"], shipping["checkpoint"]))
     outputs = ["scst/p2_scst.pt", "scst/p2_scst.json"] + ["scst/%s/%s" % (best, f) for f in (
-        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if best == ctx.results["p2_best"] else [
+        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if best == ctx.results.get("p2_best") or not has_gpt2(ctx) else [
             os.path.relpath(before_pred, ctx.out)])
     return dict(scst=scst, timings=dict(scst_train=round(seconds, 1)), outputs=outputs)
 
@@ -373,9 +437,12 @@ def scst_table(scst: dict) -> str:
 # ----------------------------------------------------------------------------------------------- what run_all asks
 
 def distill_settings(ctx: Context) -> dict:
+    """The teacher (P2's shipped checkpoint, or the compare stage's best architecture and its row), the students."""
     a = ctx.args
-    return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
-                inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
+    teacher = (ctx.results.get("p2_shipping") or {}).get("sha256") if has_gpt2(ctx) else dict(
+        arch=compare_best(ctx), row=pipeline.digest(ctx.portable((ctx.results.get("compare") or {}).get(
+            compare_best(ctx)))))
+    return dict(teacher=teacher, creative=CREATIVE, inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
                 teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
                 score_students=a.score_students)
 
@@ -391,7 +458,7 @@ def compare_settings(ctx: Context) -> dict:
 def scst_settings(ctx: Context) -> dict:
     """The attempt, its scored checkpoint, which it fine-tunes, and the shipped decoding."""
     a, method = ctx.args, scst_method(ctx)
-    init = ((ctx.results.get("p2") or {}).get(method) or {}).get("checkpoint")
+    init = ((ctx.results.get("p2" if has_gpt2(ctx) else "compare") or {}).get(method) or {}).get("checkpoint")
     return dict(train=scst_argv(ctx, method, "", init) if method else None, train_max_images=a.train_max_images,
                 score_checkpoints=a.score_checkpoints, inference=ctx.results.get("p2_inference"), metrics=SCST_SUITE,
                 changed=CHANGED_CAPTIONS, method=method, p2_best=ctx.results.get("p2_best"))

@@ -73,6 +73,7 @@ from run_context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, c
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
 OPTIONAL_STAGES = ("distill", "compare", "scst")  # run only when named in --with: GPU hours on the course's data
+COMPARE_FIRST = ("compare", "distill", "scst")  # their order without the GPT-2: compare's best teaches, is fine-tuned
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
              p2="train %s, score each on val (CIDEr, CLIPScore, parameters, time), tune the best one's decoding, "
@@ -85,6 +86,12 @@ ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts 
                      "precise and creative captions, each scored on val",
              scst="self-critical fine-tuning of the best PEFT attempt or --scst-method's (CIDEr-D reward, %s), scored before and "
                   "after with the shipped decoding (CIDEr, CLIPScore, BLEU-4), the captions that changed most")
+WITHOUT_GPT2 = dict(distill="the teacher, the compare stage's best architecture by CIDEr on val, captions the "
+                            "training images (precise, creative); a %s student trains on the human, precise and "
+                            "creative captions, each scored on val",
+                    scst="self-critical fine-tuning of the compare stage's best architecture by CIDEr on val "
+                         "(CIDEr-D reward, %s), scored before and after with the compare stage's decoding (CIDEr, "
+                         "CLIPScore, BLEU-4), the captions that changed most")
 TOP5_IMAGES = 3
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
@@ -472,9 +479,11 @@ def stage_list(ctx: Context) -> List[tuple]:
     the report."""
     stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
               ("p3", stage_p3, ABOUT["p3"])]
-    about = dict(distill=ABOUT["distill"] % ctx.args.student_arch, compare=ABOUT["compare"] % ", ".join(COMPARE_RUNS),
-                 scst=ABOUT["scst"] % ", ".join("%s %s" % (k, v) for k, v in scst_options(ctx).items()))
-    stages += [(name, optional_stages.STAGES[name].run, about[name]) for name in OPTIONAL_STAGES
+    texts = ABOUT if optional_stages.has_gpt2(ctx) else dict(ABOUT, **WITHOUT_GPT2)
+    about = dict(distill=texts["distill"] % ctx.args.student_arch, compare=texts["compare"] % ", ".join(COMPARE_RUNS),
+                 scst=texts["scst"] % ", ".join("%s %s" % (k, v) for k, v in scst_options(ctx).items()))
+    order = OPTIONAL_STAGES if optional_stages.has_gpt2(ctx) else COMPARE_FIRST
+    stages += [(name, optional_stages.STAGES[name].run, about[name]) for name in order
                if name in ctx.args.with_stages]
     if ctx.args.captions:  # another dataset: no P1 or P3 data; P2 needs the GPT-2 weights
         stages = [s for s in stages if s[0] not in ("p1", "p3") and (s[0] != "p2" or ctx.args.decoder_weights)]
@@ -647,6 +656,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UserError("--with %s: not an opt-in stage (%s)" % (",".join(unknown), ", ".join(OPTIONAL_STAGES)))
     if args.with_stages and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--with %s trains on one process: run it without torchrun" % ",".join(args.with_stages))
+    if args.scst_method is not None and args.captions and not args.decoder_weights:
+        raise UserError("--scst-method %s names a PEFT attempt, which needs --decoder-weights; without it the scst "
+                        "stage fine-tunes the compare stage's best architecture" % args.scst_method)
     if args.scst_method is not None and args.scst_method not in args.methods:
         raise UserError("--scst-method %s is not among --methods %s" % (args.scst_method, ",".join(args.methods)))
     if args.teacher_captions < 1:
@@ -674,6 +686,21 @@ def check_data_options(args: argparse.Namespace) -> None:
         raise UserError("--decoder-weights goes with --captions (--data has p2_data/decoder_model.bin)")
     if not args.data or not os.path.isdir(args.data):
         raise UserError("--data %s is not a folder (the course's hw3_data)" % args.data)
+
+
+def no_compare_line(stage: str, out: str, which: str = "") -> str:
+    return ("%s without --decoder-weights starts from the compare stage's best architecture, but %s has no finished "
+            "compare stage%s: add compare to --only (or give --decoder-weights)" % (stage, out, " " + which if which
+                                                                                   else ""))
+
+
+def check_best_captioner(ctx: Context, selected: List[str]) -> None:
+    """Without the GPT-2, distill and scst start from the compare stage's best architecture: compare runs in this
+    command or finished earlier; else one line before any work."""
+    for stage in ("distill", "scst"):
+        if stage in selected and not optional_stages.has_gpt2(ctx) and "compare" not in selected \
+                and pipeline.read_record(ctx.out, "compare") is None:
+            raise UserError(no_compare_line(stage, ctx.out))
 
 
 def choose_stages(ctx: Context, names: List[str]) -> List[str]:
@@ -708,6 +735,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 train_method(ctx, method, train_json)
         return 0
     pipeline.check_out_folder(ctx.out)
+    check_best_captioner(ctx, selected)
     check_inputs(ctx, selected)
     with pipeline.RunLock(ctx.out, command(ctx)):
         removed = pipeline.remove_temporaries(ctx.out)
@@ -720,6 +748,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     and "p2" in [s[0] for s in stages]:
                 raise UserError("%s uses P2's best captioner, but %s has no finished p2 stage that is still true: "
                                 "add p2 to --only" % (name, ctx.out))
+            if name in ("distill", "scst") and name in selected and not optional_stages.has_gpt2(ctx) \
+                    and "compare" not in ctx.results:
+                raise UserError(no_compare_line(name, ctx.out, "that is still true"))
             run_stage(ctx, name, function, name in selected)
         if ctx.results.get("p2_shipping"):
             print(shipping_note(ctx.results["p2_shipping"]))
