@@ -21,11 +21,12 @@ import metrics
 import p2_data
 import p2_inference
 import p2_train
+import p3_visualize
 import pipeline
 import run_context
 import search
 from captioner import read_checkpoint_config
-from common import UserError
+from common import UserError, read_json, write_json
 from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, option_flags,
                          run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps, train_config,
                          train_inputs, train_run, train_split, trainer_argv)
@@ -45,12 +46,15 @@ def compare_decoding() -> dict:
     return dict(search.DECODE_DEFAULTS, **run_context.DECODING_GRID[0])
 
 
-def compare_best(ctx: Context, archs: Optional[Tuple[str, ...]] = None) -> Optional[str]:
-    """The compare stage's best architecture among `archs` (default COMPARE_ARCHS) by CIDEr on val (ties: the
-    earlier), None before the stage has run or when it scored none of them."""
-    rows = ctx.results.get("compare") or {}
-    scored = [a for a in archs or COMPARE_ARCHS if a in rows and rows[a].get("CIDEr") is not None]
+def best_arch(rows: dict, archs: Tuple[str, ...]) -> Optional[str]:
+    """The best of `archs` among compare rows by CIDEr on val (ties: the earlier), None when none is scored."""
+    scored = [a for a in archs if a in rows and rows[a].get("CIDEr") is not None]
     return max(scored, key=lambda a: rows[a]["CIDEr"]) if scored else None
+
+
+def compare_best(ctx: Context) -> Optional[str]:
+    """The compare stage's best architecture (None before the stage has run)."""
+    return best_arch(ctx.results.get("compare") or {}, COMPARE_ARCHS)
 
 
 def best_captioner(ctx: Context) -> dict:
@@ -156,9 +160,15 @@ def stage_distill(ctx: Context) -> dict:
     return dict(distill=rows, timings=dict(distill_train=seconds), outputs=outputs)
 
 
+def filled(keys: Tuple[str, ...], rows) -> Tuple[str, ...]:
+    """The columns of a results.md table that some row fills (the world-only ones are None on other data)."""
+    rows = list(rows)
+    return tuple(k for k in keys if any(row.get(k) is not None for row in rows))
+
+
 def distill_table(rows: dict) -> str:
     """The distill stage's table: the teacher and the three students, each scored on val's human references."""
-    keys = ROW_KEYS + ("object_f1", "captions_per_image")
+    keys = filled(ROW_KEYS + ("object_f1", "captions_per_image"), rows.values())
     lines = ["| distill: trained on | %s |" % " | ".join(k.replace("_", " ") for k in keys), "| --- " * (1 + len(keys))
              + "|"]
     for name, row in rows.items():
@@ -181,6 +191,8 @@ ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term
 # defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
 COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
 WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
+ATTENTIVE = ("attention-gru", "transformer")  # the architectures with attention maps (gru has none)
+ATTENTION_IMAGES = 2  # a --captions run's attention figures: the best and the worst val images by CLIPScore, each
 
 
 def compare_argv(ctx: Context, run: str, train_json: str) -> List[str]:
@@ -214,8 +226,9 @@ def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[flo
 
 def stage_compare(ctx: Context) -> dict:
     """Issue 20: each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap),
-    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt."""
-    default = dict(search.DECODE_DEFAULTS, **run_context.DECODING_GRID[0])
+    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt; on a
+    --captions run, the attention maps of the best attentive architecture too ("attention")."""
+    default = compare_decoding()
     with steps(2 * len(COMPARE_RUNS) + 1, "compare") as bar:
         train_json = train_split(ctx)
         seconds = {}
@@ -224,11 +237,12 @@ def stage_compare(ctx: Context) -> dict:
                                            "compare")[0], 1)
             bar.update(1)
         clip = ctx.scoring_clip()
-        rows = {}
+        rows, per_image = {}, {}
         for run in COMPARE_RUNS:
             checkpoint = scored_checkpoint(ctx, run, "compare")
             ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
             scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
+            per_image[run] = scores["per_image"]
             meta = read_checkpoint_config(checkpoint)
             reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
             # the training time the scored checkpoint records; this run's only when it is this run's checkpoint
@@ -255,13 +269,41 @@ def stage_compare(ctx: Context) -> dict:
                           arch=rows[run]["arch"], checkpoint=rows[run]["checkpoint"]) for run in ABLATION}
     outputs = ["compare/%s/%s" % (run, f) for run in COMPARE_RUNS
                for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
-    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+    fragment = dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+    attentive = best_arch(compare, ATTENTIVE) if ctx.args.captions else None
+    if attentive:
+        fragment["attention"] = attention_figures(ctx, attentive, compare[attentive]["checkpoint"],
+                                                  per_image[attentive], default)
+        outputs += ["compare/attention", "compare/%s/per_image.json" % attentive]
+    return fragment
+
+
+def attention_figures(ctx: Context, arch: str, checkpoint: str, per_image: dict, decoding: dict) -> dict:
+    """results.json "attention" of a --captions run: P3's figures (p3_visualize.py --from-scores, the compare
+    decoding) of `arch`'s best and worst ATTENTION_IMAGES val images by CLIPScore, and its best and worst caption."""
+    scores, folder = ctx.path("compare", arch, "per_image.json"), ctx.path("compare", "attention")
+    write_json(scores, per_image)
+    ctx.say("compare: attention maps of %s, the best attentive architecture, on %d val images" % (
+        arch, 2 * ATTENTION_IMAGES))
+    p3_visualize.main(["--images", ctx.data("val_images"), "--out", folder, "--from-scores", scores, "--top",
+                       str(ATTENTION_IMAGES), "--bottom", str(ATTENTION_IMAGES), "--checkpoint", checkpoint,
+                       "--decoder", ctx.data("decoder"), "--device", ctx.args.device] + decoding_flags(decoding))
+    figures = read_json(os.path.join(folder, "attention.json"), "attention figures")["figures"]
+    drawn = {p2_data.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
+             for f in figures}
+    ranked = sorted(per_image, key=lambda k: (-per_image[k]["clipscore"], k))
+
+    def caption(key: str) -> dict:
+        return dict(image=key, caption=per_image[key]["caption"], CIDEr=per_image[key].get("cider"),
+                    CLIPScore=per_image[key]["clipscore"], figure=drawn.get(key))
+    return dict(arch=arch, ranked_by="CLIPScore", figures=[drawn[k] for k in ranked if k in drawn],
+                best=caption(ranked[0]), worst=caption(ranked[-1]))
 
 
 def compare_table(results: dict) -> str:
     """results.md's compare section: one row per architecture, the seed's table beside it, the ablation."""
     rows, ablation = results["compare"], results.get("ablation") or {}
-    columns = ROW_KEYS + WORLD_SCORES
+    columns = filled(ROW_KEYS + WORLD_SCORES, rows.values())
 
     def number(value) -> str:
         return "-" if value is None else "%.4f" % value
@@ -279,9 +321,11 @@ def compare_table(results: dict) -> str:
     lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
               for model, arch, cider in make_report.COMPARE_SEED_TABLE]
     if ablation:
-        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
-        lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
-                                             number(a.get("pointing_game"))) for name, a in ablation.items()]
+        measures = filled(("CIDEr", "pointing_game"), ablation.values())
+        lines += ["", "| ablation: attention-gru --attention-reg | %s |" % " | ".join(
+            m.replace("_", " ") for m in measures), "| --- " * (1 + len(measures)) + "|"]
+        lines += ["| %g (%s) | %s |" % (a["attention_reg"], name, " | ".join(number(a.get(m)) for m in measures))
+                  for name, a in ablation.items()]
     return "\n".join(lines)
 
 
@@ -420,7 +464,7 @@ def stage_scst(ctx: Context) -> dict:
 
 def scst_table(scst: dict) -> str:
     """results.md's scst section: before and after, then the captions that changed."""
-    keys = SCST_KEYS + ("object_f1", "exact_object_set")
+    keys = filled(SCST_KEYS + ("object_f1", "exact_object_set"), (scst["before"], scst["after"]))
     lines = ["| scst: %s | %s |" % (scst["method"], " | ".join(k.replace("_", " ") for k in keys)),
              "| --- " * (1 + len(keys)) + "|"]
     for side in ("before", "after"):

@@ -42,11 +42,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +71,7 @@ from optional_stages import COMPARE_RUNS, compare_table, distill_table, scst_opt
 from run_context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, caption_and_score, checked_training,
                          discard_unfinished_trainings, loss_log, merge, run_folder, scored_checkpoint, setting_name,
                          ship, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
+from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
@@ -93,6 +96,8 @@ WITHOUT_GPT2 = dict(distill="the teacher, the compare stage's best architecture 
                          "(CIDEr-D reward, %s), scored before and after with the compare stage's decoding (CIDEr, "
                          "CLIPScore, BLEU-4), the captions that changed most")
 TOP5_IMAGES = 3
+CAPTION_PERCENTILE = 95  # results.json data.caption_tokens.p95
+UNCUT = 10 ** 9  # a caption length no caption reaches: tokenize_captions cuts nothing
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -184,6 +189,28 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         if name in stages:
             optional_stages.STAGES[name].check(ctx)
     check_images(ctx, stages)
+
+
+def length_summary(lengths: List[int]) -> dict:
+    """min, median, 95th percentile (nearest rank) and max of caption lengths in tokens."""
+    ordered = sorted(lengths)
+    rank = max(1, math.ceil(CAPTION_PERCENTILE / 100 * len(ordered)))
+    return dict(min=ordered[0], median=statistics.median(ordered), p95=ordered[rank - 1], max=ordered[-1])
+
+
+def describe_data(ctx: Context) -> dict:
+    """results.json "data" of a --captions run: the caption file's format, its split sizes, the training captions'
+    lengths in GPT-2 tokens (as p2_train.py cleans and tokenizes them) and, per training, how many of them its
+    --max-caption-tokens cuts (p2_data.tokenize_captions' count)."""
+    train, val = (p2_data.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
+    tokens, _, _ = p2_data.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
+    lengths = [len(t) for caps in tokens for t in caps]
+    cut = {name: dict(max_caption_tokens=options.max_caption_tokens,
+                      cut=sum(1 for n in lengths if n > options.max_caption_tokens))
+           for name, options in ctx.train_options.items() if isinstance(options.max_caption_tokens, int)}
+    return dict(format=p2_data.read_captions(ctx.args.captions).format,
+                splits=dict(train=len(train.names), val=len(val.names)),
+                caption_tokens=dict(length_summary(lengths), captions=len(lengths)), cut=cut)
 
 
 # ----------------------------------------------------------------------------------------------- P1
@@ -366,12 +393,16 @@ def stage_p3(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 def results_table(results: dict) -> str:
-    lines = ["| measure | value |", "| --- | --- |"]
+    """results.md: a section for each stage that ran, none for those that did not."""
+    measures = []
     for key in ("p1_accuracy", "p1_single_prompt_accuracy", "p1_heldout_accuracy", "p1_heldout_accuracy_all_classes"):
         if results.get(key) is not None:
-            lines.append("| %s | %.4f |" % (key, results[key]))
+            measures.append("| %s | %.4f |" % (key, results[key]))
     for p in results.get("p1_prompts", []):
-        lines.append("| P1 prompt: %s | %.4f |" % (p["templates"].replace("|", "\\|"), p["accuracy"]))
+        measures.append("| P1 prompt: %s | %.4f |" % (p["templates"].replace("|", "\\|"), p["accuracy"]))
+    lines = ["| measure | value |", "| --- | --- |"] + measures if measures else []
+    if results.get("data"):
+        lines += ["", data_table(results["data"])]
     rows = results.get("p2") or {}
     if rows:
         extra = [k for k in ("object_f1", "exact_object_set") if all(k in r for r in rows.values())]
@@ -393,13 +424,40 @@ def results_table(results: dict) -> str:
         lines += ["", distill_table(results["distill"])]
     if results.get("compare"):
         lines += ["", compare_table(results)]
+    if results.get("attention"):
+        lines += ["", attention_lines(results["attention"])]
     if results.get("scst"):
         lines += ["", scst_table(results["scst"])]
     if "pointing_game" in results:
         lines += ["", "attention pointing game: %s over %s shape words" % (
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
             results.get("pointing_trials"))]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def data_table(data: dict) -> str:
+    """A --captions run's data: format, splits, training caption lengths, what each training cut."""
+    tokens = data["caption_tokens"]
+    lines = ["| data: %s | train | val | caption tokens (GPT-2): min | median | p95 | max |" % data["format"],
+             "| --- " * 7 + "|", "| images | %d | %d | %d | %g | %d | %d |" % (
+                 data["splits"]["train"], data["splits"]["val"], tokens["min"], tokens["median"], tokens["p95"],
+                 tokens["max"])]
+    cut = ["%s %d of %d (at %d tokens)" % (name, c["cut"], tokens["captions"], c["max_caption_tokens"])
+           for name, c in sorted((data.get("cut") or {}).items())]
+    if cut:
+        lines += ["", "training captions cut: " + "; ".join(cut)]
+    return "\n".join(lines)
+
+
+def attention_lines(attention: dict) -> str:
+    """The best attentive architecture's attention figures and its best and worst val captions."""
+    lines = ["attention maps of %s (the best attentive architecture), best and worst val images by %s: %s" % (
+        attention["arch"], attention["ranked_by"], ", ".join(attention["figures"]))]
+    for side in ("best", "worst"):
+        c = attention[side]
+        lines.append("- %s: %s, \"%s\" (CLIPScore %.4f, CIDEr %s)" % (
+            side, c["image"], c["caption"], c["CLIPScore"], "-" if c.get("CIDEr") is None else "%.4f" % c["CIDEr"]))
+    return "\n".join(lines)
 
 
 def report_name(ctx: Context) -> str:
@@ -737,6 +795,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pipeline.check_out_folder(ctx.out)
     check_best_captioner(ctx, selected)
     check_inputs(ctx, selected)
+    if args.captions:
+        ctx.results["data"] = describe_data(ctx)
     with pipeline.RunLock(ctx.out, command(ctx)):
         removed = pipeline.remove_temporaries(ctx.out)
         if removed:
