@@ -84,6 +84,7 @@ def student_argv(ctx: Context, train_json: str) -> List[str]:
     """One distill student's p2_train.py arguments: only the captions (`train_json`) differ between the three."""
     model = ["--arch", ctx.args.student_arch] + (["--decoder-weights", ctx.data("decoder")]
                                                 if ctx.args.student_arch == "gpt2" else [])
+    model += ["--val-split", "val"] if ctx.args.captions else []  # validated on the val share, as scored
     return trainer_argv(ctx, train_json, model, train_config(ctx).get("distill", {}))
 
 
@@ -106,12 +107,19 @@ def teacher_decodings(ctx: Context, shipped: dict) -> Dict[str, dict]:
                 creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
 
 
+def teacher_split(ctx: Context) -> str:
+    """The training images the teacher captions: the whole of the course's train.json, the train split of a
+    --captions file (its val images stay unseen by the students)."""
+    return "train" if ctx.args.captions else "all"
+
+
 def teacher_captions(ctx: Context, settings: dict, human: str, path: str, checkpoint: str) -> str:
     """The teacher's captions of the training images `human` names, as a COCO file p2_train.py reads (--format
     coco)."""
-    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint", checkpoint, "--captions", human, "--split", "all", "--format",
-                       "coco", "--captions-per-image", str(settings["captions_per_image"]), "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint", checkpoint, "--captions",
+                       human, "--split", teacher_split(ctx), "--format", "coco", "--captions-per-image",
+                       str(settings["captions_per_image"]), "--device", ctx.args.device, "--num-workers",
+                       str(ctx.args.workers)] + decoding_flags(settings))
     return path
 
 
@@ -129,7 +137,7 @@ def stage_distill(ctx: Context) -> dict:
     teacher = best_captioner(ctx)
     ctx.say("distill: the teacher is %s (%s, %s)" % (teacher["arch"], teacher["chosen_on"], teacher["checkpoint"]))
     decodings = teacher_decodings(ctx, teacher["decoding"])
-    human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
+    human_set = p2_data.load_captions(human, ctx.data("train_images"), split=teacher_split(ctx))
     per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
                      **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
     with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
