@@ -63,8 +63,8 @@ def best_captioner(ctx: Context) -> dict:
     val captions with that decoding, and why it was chosen."""
     if has_gpt2(ctx):
         shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
-        return dict(checkpoint=ctx.results["p2_shipping"]["checkpoint"], arch="gpt2", peft=ctx.results["p2_best"],
-                    decoding=shipped, predictions=shipped_predictions(ctx), chosen_on="P2's best attempt by CIDEr")
+        return dict(checkpoint=ctx.results["p2_shipping"]["checkpoint"], arch="gpt2", decoding=shipped,
+                    predictions=shipped_predictions(ctx), chosen_on="P2's best attempt by CIDEr")
     arch = compare_best(ctx)
     row = ctx.results["compare"][arch]
     return dict(checkpoint=row["checkpoint"], arch=arch, decoding=compare_decoding(),
@@ -143,8 +143,8 @@ def stage_distill(ctx: Context) -> dict:
     with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
         captions = dict(human=human)
         for name in ("precise", "creative"):
-            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name),
-                                              teacher["checkpoint"])
+            path = ctx.path("distill", "teacher_%s.json" % name)
+            captions[name] = teacher_captions(ctx, decodings[name], human, path, teacher["checkpoint"])
             bar.update(1)
         clip = ctx.scoring_clip()
         teacher_pred = teacher["predictions"]
@@ -382,7 +382,8 @@ def check_scst(ctx: Context) -> None:
     where = "--train-config %s: scst" % ctx.args.train_config if options else "the scst stage"
     taken = sorted(k for k in options if k.replace("-", "_") in SCST_FIXED)
     if taken:
-        raise UserError("%s: %s set by run_all.py itself (it fine-tunes the best checkpoint)" % (where, ", ".join(taken)))
+        raise UserError("%s: %s set by run_all.py itself (it fine-tunes the best checkpoint)"
+                        % (where, ", ".join(taken)))
     candidates = COMPARE_ARCHS if not has_gpt2(ctx) else [ctx.args.scst_method] if ctx.args.scst_method \
         else ctx.args.methods
     for method in candidates:
@@ -434,6 +435,7 @@ def stage_scst(ctx: Context) -> dict:
     best = scst_method(ctx)
     init, shipped = scst_start(ctx, best)
     decoding = {k: v for k, v in shipped.items() if k != "chosen_on"}
+    written_before = best == ctx.results.get("p2_best") or not has_gpt2(ctx)
     with steps(3, "scst") as bar:
         train_json = train_split(ctx)
         inputs = dict(train_inputs(ctx), init_from=pipeline.fingerprint(init))
@@ -441,7 +443,7 @@ def stage_scst(ctx: Context) -> dict:
         bar.update(1)
         clip = ctx.scoring_clip()
         ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
-        if best == ctx.results.get("p2_best") or not has_gpt2(ctx):  # its captions with this decoding are written
+        if written_before:  # its captions with this decoding are P2's shipped ones or the compare stage's
             before_pred = shipped_predictions(ctx) if has_gpt2(ctx) else ctx.path("compare", best, "pred.json")
             before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
                                       device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
@@ -465,7 +467,7 @@ def stage_scst(ctx: Context) -> dict:
         ctx.say("scst: CIDEr %.4f after against %.4f before: %s (+ .json) ships in place of p2_best.pt if you "
                 "prefer it (--install copies p2_best)" % (after["CIDEr"], before["CIDEr"], shipping["checkpoint"]))
     outputs = ["scst/p2_scst.pt", "scst/p2_scst.json"] + ["scst/%s/%s" % (best, f) for f in (
-        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if best == ctx.results.get("p2_best") or not has_gpt2(ctx) else [
+        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if written_before else [
             os.path.relpath(before_pred, ctx.out)])
     return dict(scst=scst, timings=dict(scst_train=round(seconds, 1)), outputs=outputs)
 
@@ -494,7 +496,8 @@ def distill_settings(ctx: Context) -> dict:
     teacher = (ctx.results.get("p2_shipping") or {}).get("sha256") if has_gpt2(ctx) else dict(
         arch=compare_best(ctx), row=pipeline.digest(ctx.portable((ctx.results.get("compare") or {}).get(
             compare_best(ctx)))))
-    return dict(teacher=teacher, creative=CREATIVE, inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
+    return dict(teacher=teacher, creative=CREATIVE, inference=ctx.results.get("p2_inference"),
+                student=student_argv(ctx, ""),
                 teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
                 score_students=a.score_students)
 

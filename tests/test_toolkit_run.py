@@ -3,12 +3,13 @@ without the GPT-2: the compare stage through the classic architectures, distill 
 architecture, scst fine-tuning it, and what results.json and results.md say of such a run.
 
 The bar the scores must clear after a short run (six epochs of tiny models on 32 images) is a smoke bar: the best
-architecture's CIDEr on val at least MIN_BEST_CIDER (one epoch on 64 paragraphs scored about 0.01; this run scores about 0.13,
-while one constant training paragraph given for every val image scores about 1.3 on these 8 val images, so the bar
-says the captioners learned the paragraphs' form, not that they beat a constant caption), and every architecture's
-captions longer on average than the paragraphs' opening sentence (MIN_MEAN_WORDS), so that paragraphs are scored. No caption that the compare or scst
-stage scores may be cut (reach the decode limit); the distill students are not held to it, since a few epochs on
-sampled paragraphs may not learn to end them.
+architecture's CIDEr on val at least MIN_BEST_CIDER (one epoch on 64 paragraphs scored about 0.01; this run scores
+about 0.13, while one constant training paragraph given for every val image scores about 1.3 on these 8 val images,
+so the bar says the captioners learned the paragraphs' form, not that they beat a constant caption), and every
+architecture's captions longer on average than the paragraphs' opening sentence (MIN_MEAN_WORDS), so that
+paragraphs are scored. No caption that the compare or scst stage scores, nor the teacher's, may be cut (reach the
+decode limit); the distill students are not held to it, since a few epochs on sampled paragraphs may not learn to
+end them.
 """
 from __future__ import annotations
 
