@@ -20,7 +20,8 @@ p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
           transformer, and attention-gru with --attention-reg 0) trained as the PEFT attempts are, on the same data and
           feature cache, scored with the whole metric suite beside P2's best attempt ("compare" and "ablation")
   distill (opt-in, --with distill) p2_best captions the training images (precise and creative); a student trains on
-          each caption set and on the human captions, alike but for --train-json ("distill")
+          each caption set and on the human captions, alike but for --train-json ("distill"); on --captions without
+          --decoder-weights the teacher is the compare stage's best architecture, which scst then fine-tunes
   scst    (opt-in, --with scst) self-critical fine-tuning of P2's best attempt (p2_train.py --init-from its checkpoint
           --scst-epochs N; options: SCST_TRAINING under --train-config's "scst" entry), scored before and after
           with the shipped decoding ("scst": CIDEr, CLIPScore, BLEU-4, the captions that changed most)
