@@ -2,12 +2,14 @@
 p2_train.py arguments, the stage itself and its results.md table. They cost GPU hours on the course's data.
 
   distill  p2_best captions the training images (precise and creative); a student trains on each caption set and on
-           the human captions, alike but for --train-json ("distill")
+           the human captions, alike but for --train-json ("distill"); without the GPT-2 (--captions without
+           --decoder-weights) the teacher is the compare stage's best architecture by CIDEr on val
   compare  the classic captioners (p2_train.py --arch gru, attention-gru, transformer, and attention-gru with
            --attention-reg 0) trained as the PEFT attempts are, scored with the whole metric suite beside P2's best
            attempt ("compare" and "ablation")
   scst     self-critical fine-tuning of P2's best attempt (p2_train.py --init-from its checkpoint --scst-epochs N),
-           scored before and after with the shipped decoding ("scst")
+           scored before and after with the shipped decoding ("scst"); without the GPT-2, of the compare stage's best
+           architecture, scored with the compare stage's decoding
 """
 from __future__ import annotations
 
@@ -19,14 +21,55 @@ import metrics
 import p2_data
 import p2_inference
 import p2_train
+import p3_visualize
 import pipeline
 import run_context
 import search
 from captioner import read_checkpoint_config
-from common import UserError
+from common import UserError, read_json, write_json
 from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, option_flags,
                          run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps, train_config,
                          train_inputs, train_run, train_split, trainer_argv)
+
+
+# ----------------------------------------------------------------------------------------------- the best captioner
+
+def has_gpt2(ctx: Context) -> bool:
+    """The course's layout, or --captions with --decoder-weights: P2 runs, and its best attempt teaches and is
+    fine-tuned; without it, the compare stage's best architecture is the run's best captioner."""
+    return not ctx.args.captions or bool(ctx.args.decoder_weights)
+
+
+def compare_decoding() -> dict:
+    """The compare stage's decoding of every architecture (the README default), read when called (tests shorten
+    run_context.DECODING_GRID)."""
+    return dict(search.DECODE_DEFAULTS, **run_context.DECODING_GRID[0])
+
+
+def best_arch(rows: dict, archs: Tuple[str, ...]) -> Optional[str]:
+    """The best of `archs` among compare rows by CIDEr on val (ties: the earlier), None when none is scored."""
+    scored = [a for a in archs if a in rows and rows[a].get("CIDEr") is not None]
+    return max(scored, key=lambda a: rows[a]["CIDEr"]) if scored else None
+
+
+def compare_best(ctx: Context) -> Optional[str]:
+    """The compare stage's best architecture (None before the stage has run)."""
+    return best_arch(ctx.results.get("compare") or {}, COMPARE_ARCHS)
+
+
+def best_captioner(ctx: Context) -> dict:
+    """The run's best captioner, which distill takes as its teacher: P2's shipped one with its chosen decoding, or
+    without the GPT-2 the compare stage's best architecture with the compare decoding; its checkpoint, architecture,
+    val captions with that decoding, and why it was chosen."""
+    if has_gpt2(ctx):
+        shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
+        return dict(checkpoint=ctx.results["p2_shipping"]["checkpoint"], arch="gpt2", decoding=shipped,
+                    predictions=shipped_predictions(ctx), chosen_on="P2's best attempt by CIDEr")
+    arch = compare_best(ctx)
+    row = ctx.results["compare"][arch]
+    return dict(checkpoint=row["checkpoint"], arch=arch, decoding=compare_decoding(),
+                predictions=ctx.path("compare", arch, "pred.json"),
+                chosen_on="the compare stage's best architecture by CIDEr on val (%.4f)" % row["CIDEr"])
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -41,6 +84,7 @@ def student_argv(ctx: Context, train_json: str) -> List[str]:
     """One distill student's p2_train.py arguments: only the captions (`train_json`) differ between the three."""
     model = ["--arch", ctx.args.student_arch] + (["--decoder-weights", ctx.data("decoder")]
                                                 if ctx.args.student_arch == "gpt2" else [])
+    model += ["--val-split", "val"] if ctx.args.captions else []  # validated on the val share, as scored
     return trainer_argv(ctx, train_json, model, train_config(ctx).get("distill", {}))
 
 
@@ -54,22 +98,28 @@ def check_distill(ctx: Context) -> None:
             scored_checkpoint(ctx, name, "distill")
 
 
-def teacher_decodings(ctx: Context) -> Dict[str, dict]:
-    """precise: the shipped decoding (hw3_2.sh's with p2_best), at most its beam size in captions per image (one if
+def teacher_decodings(ctx: Context, shipped: dict) -> Dict[str, dict]:
+    """precise: the teacher's decoding (hw3_2.sh's with p2_best), at most its beam size in captions per image (one if
     greedy was chosen); creative: sampling at 0.9 with its lengths."""
-    shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
     beams = shipped["beam_size"] if shipped["method"] == "beam" else 1
     return dict(precise=dict(shipped, captions_per_image=min(ctx.args.teacher_captions, beams)),
                 creative=dict(lengths, captions_per_image=ctx.args.teacher_captions, **CREATIVE))
 
 
-def teacher_captions(ctx: Context, settings: dict, human: str, path: str) -> str:
-    """p2_best's captions of the training images `human` names, as a COCO file p2_train.py reads (--format coco)."""
-    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint",
-                       ctx.results["p2_shipping"]["checkpoint"], "--captions", human, "--split", "all", "--format",
-                       "coco", "--captions-per-image", str(settings["captions_per_image"]), "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + decoding_flags(settings))
+def teacher_split(ctx: Context) -> str:
+    """The training images the teacher captions: the whole of the course's train.json, the train split of a
+    --captions file (its val images stay unseen by the students)."""
+    return "train" if ctx.args.captions else "all"
+
+
+def teacher_captions(ctx: Context, settings: dict, human: str, path: str, checkpoint: str) -> str:
+    """The teacher's captions of the training images `human` names, as a COCO file p2_train.py reads (--format
+    coco)."""
+    p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint", checkpoint, "--captions",
+                       human, "--split", teacher_split(ctx), "--format", "coco", "--captions-per-image",
+                       str(settings["captions_per_image"]), "--device", ctx.args.device, "--num-workers",
+                       str(ctx.args.workers)] + decoding_flags(settings))
     return path
 
 
@@ -80,24 +130,28 @@ def distill_row(scores: dict, captions_per_image: float, predictions: str) -> di
 
 
 def stage_distill(ctx: Context) -> dict:
-    """Seed 004 section 4 on this data: p2_best's precise and creative captions of the training images, and one
-    student trained on each caption set and on the human captions, alike but for --train-json."""
+    """Seed 004 section 4 on this data: the best captioner's (best_captioner) precise and creative captions of the
+    training images, and one student trained on each caption set and on the human captions, alike but for
+    --train-json."""
     human = train_split(ctx)
-    decodings = teacher_decodings(ctx)
-    human_set = p2_data.load_captions(human, ctx.data("train_images"), split="all")
+    teacher = best_captioner(ctx)
+    ctx.say("distill: the teacher is %s (%s, %s)" % (teacher["arch"], teacher["chosen_on"], teacher["checkpoint"]))
+    decodings = teacher_decodings(ctx, teacher["decoding"])
+    human_set = p2_data.load_captions(human, ctx.data("train_images"), split=teacher_split(ctx))
     per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
                      **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
     with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
         captions = dict(human=human)
         for name in ("precise", "creative"):
-            captions[name] = teacher_captions(ctx, decodings[name], human, ctx.path("distill", "teacher_%s.json" % name))
+            path = ctx.path("distill", "teacher_%s.json" % name)
+            captions[name] = teacher_captions(ctx, decodings[name], human, path, teacher["checkpoint"])
             bar.update(1)
         clip = ctx.scoring_clip()
-        teacher_pred = shipped_predictions(ctx)
+        teacher_pred = teacher["predictions"]
         rows = dict(teacher=dict(distill_row(metrics.evaluate(
-            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
-            ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
-            decoding=decodings))
+            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE,
+            split=ctx.val_split()), ctx.args.teacher_captions, teacher_pred), checkpoint=teacher["checkpoint"],
+            decoding=decodings, arch=teacher["arch"], chosen_on=teacher["chosen_on"]))
         seconds = {}
         for name in CAPTION_SETS:
             inputs = dict(train_inputs(ctx), captions=pipeline.fingerprint(captions[name]))
@@ -114,13 +168,20 @@ def stage_distill(ctx: Context) -> dict:
     return dict(distill=rows, timings=dict(distill_train=seconds), outputs=outputs)
 
 
+def filled(keys: Tuple[str, ...], rows) -> Tuple[str, ...]:
+    """The columns of a results.md table that some row fills (the world-only ones are None on other data)."""
+    rows = list(rows)
+    return tuple(k for k in keys if any(row.get(k) is not None for row in rows))
+
+
 def distill_table(rows: dict) -> str:
     """The distill stage's table: the teacher and the three students, each scored on val's human references."""
-    keys = ROW_KEYS + ("object_f1", "captions_per_image")
+    keys = filled(ROW_KEYS + ("object_f1", "captions_per_image"), rows.values())
     lines = ["| distill: trained on | %s |" % " | ".join(k.replace("_", " ") for k in keys), "| --- " * (1 + len(keys))
              + "|"]
     for name, row in rows.items():
-        label = "(the teacher, %s)" % setting_name(row["decoding"]["precise"]) if name == "teacher" else name
+        label = "(the teacher%s, %s)" % ("" if row.get("arch", "gpt2") == "gpt2" else ": " + row["arch"],
+                                         setting_name(row["decoding"]["precise"])) if name == "teacher" else name
         lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
     return "\n".join(lines)
 
@@ -138,6 +199,8 @@ ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term
 # defaults); Show-Attend-Tell trains about 20 epochs at 4e-4. The models are the configs' defaults (512 wide).
 COMPARE_TRAINING = dict(epochs=15, batch_size=64, lr=5e-4, warmup_steps=500)
 WORLD_SCORES = ("object_f1", "exact_object_set", "pointing_game")  # filled by the demo's world stage only
+ATTENTIVE = ("attention-gru", "transformer")  # the architectures with attention maps (gru has none)
+ATTENTION_IMAGES = 2  # a --captions run's attention figures: the best and the worst val images by CLIPScore, each
 
 
 def compare_argv(ctx: Context, run: str, train_json: str) -> List[str]:
@@ -171,8 +234,9 @@ def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[flo
 
 def stage_compare(ctx: Context) -> dict:
     """Issue 20: each classic architecture trained as P2's attempts are (same data, feature cache, resume and swap),
-    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt."""
-    default = dict(search.DECODE_DEFAULTS, **run_context.DECODING_GRID[0])
+    its val captions with the README default decoding scored with the whole suite, beside P2's best attempt; on a
+    --captions run, the attention maps of the best attentive architecture too ("attention")."""
+    default = compare_decoding()
     with steps(2 * len(COMPARE_RUNS) + 1, "compare") as bar:
         train_json = train_split(ctx)
         seconds = {}
@@ -181,11 +245,12 @@ def stage_compare(ctx: Context) -> dict:
                                            "compare")[0], 1)
             bar.update(1)
         clip = ctx.scoring_clip()
-        rows = {}
+        rows, per_image = {}, {}
         for run in COMPARE_RUNS:
             checkpoint = scored_checkpoint(ctx, run, "compare")
             ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
             scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
+            per_image[run] = scores["per_image"]
             meta = read_checkpoint_config(checkpoint)
             reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
             # the training time the scored checkpoint records; this run's only when it is this run's checkpoint
@@ -212,13 +277,41 @@ def stage_compare(ctx: Context) -> dict:
                           arch=rows[run]["arch"], checkpoint=rows[run]["checkpoint"]) for run in ABLATION}
     outputs = ["compare/%s/%s" % (run, f) for run in COMPARE_RUNS
                for f in ("pred.json", "train/best.pt", "train/" + TRAIN_DONE)]
-    return dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+    fragment = dict(compare=compare, ablation=ablation, timings=dict(compare_train=seconds), outputs=outputs)
+    attentive = best_arch(compare, ATTENTIVE) if ctx.args.captions else None
+    if attentive:
+        fragment["attention"] = attention_figures(ctx, attentive, compare[attentive]["checkpoint"],
+                                                  per_image[attentive], default)
+        outputs += ["compare/attention", "compare/%s/per_image.json" % attentive]
+    return fragment
+
+
+def attention_figures(ctx: Context, arch: str, checkpoint: str, per_image: dict, decoding: dict) -> dict:
+    """results.json "attention" of a --captions run: P3's figures (p3_visualize.py --from-scores, the compare
+    decoding) of `arch`'s best and worst ATTENTION_IMAGES val images by CLIPScore, and its best and worst caption."""
+    scores, folder = ctx.path("compare", arch, "per_image.json"), ctx.path("compare", "attention")
+    write_json(scores, per_image)
+    ctx.say("compare: attention maps of %s, the best attentive architecture, on %d val images" % (
+        arch, 2 * ATTENTION_IMAGES))
+    p3_visualize.main(["--images", ctx.data("val_images"), "--out", folder, "--from-scores", scores, "--top",
+                       str(ATTENTION_IMAGES), "--bottom", str(ATTENTION_IMAGES), "--checkpoint", checkpoint,
+                       "--decoder", ctx.data("decoder"), "--device", ctx.args.device] + decoding_flags(decoding))
+    figures = read_json(os.path.join(folder, "attention.json"), "attention figures")["figures"]
+    drawn = {p2_data.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
+             for f in figures}
+    ranked = sorted(per_image, key=lambda k: (-per_image[k]["clipscore"], k))
+
+    def caption(key: str) -> dict:
+        return dict(image=key, caption=per_image[key]["caption"], CIDEr=per_image[key].get("cider"),
+                    CLIPScore=per_image[key]["clipscore"], figure=drawn.get(key))
+    return dict(arch=arch, ranked_by="CLIPScore", figures=[drawn[k] for k in ranked if k in drawn],
+                best=caption(ranked[0]), worst=caption(ranked[-1]))
 
 
 def compare_table(results: dict) -> str:
     """results.md's compare section: one row per architecture, the seed's table beside it, the ablation."""
     rows, ablation = results["compare"], results.get("ablation") or {}
-    columns = ROW_KEYS + WORLD_SCORES
+    columns = filled(ROW_KEYS + WORLD_SCORES, rows.values())
 
     def number(value) -> str:
         return "-" if value is None else "%.4f" % value
@@ -236,9 +329,11 @@ def compare_table(results: dict) -> str:
     lines += ["| %s | %.3f | %s | %s |" % (model, cider, arch, number((rows.get(arch) or {}).get("CIDEr")))
               for model, arch, cider in make_report.COMPARE_SEED_TABLE]
     if ablation:
-        lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
-        lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
-                                             number(a.get("pointing_game"))) for name, a in ablation.items()]
+        measures = filled(("CIDEr", "pointing_game"), ablation.values())
+        lines += ["", "| ablation: attention-gru --attention-reg | %s |" % " | ".join(
+            m.replace("_", " ") for m in measures), "| --- " * (1 + len(measures)) + "|"]
+        lines += ["| %g (%s) | %s |" % (a["attention_reg"], name, " | ".join(number(a.get(m)) for m in measures))
+                  for name, a in ablation.items()]
     return "\n".join(lines)
 
 
@@ -258,30 +353,40 @@ def scst_options(ctx: Context) -> dict:
 
 
 def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> List[str]:
-    """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt: the model of the checkpoint `init`
-    (p2_train.model_flags: --init-from fits even when it is a --score-checkpoints one), the attempt's training
-    options but its model's, no cross-entropy epoch, then the scst options. `init` None: the attempt's own model,
-    checked as one epoch of cross-entropy (the checkpoint does not exist before P2 has run)."""
-    options = dict(train_config(ctx).get(method, {}), epochs=0 if init else 1, **scst_options(ctx))
-    model = ["--decoder-weights", ctx.data("decoder")]
+    """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt (a PEFT method, or without the
+    GPT-2 a compare run): the model of the checkpoint `init` (p2_train.model_flags: --init-from fits even when it is
+    a --score-checkpoints one), the attempt's training options but its model's, no cross-entropy epoch, then the scst
+    options. `init` None: the attempt's own model, checked as one epoch of cross-entropy (the checkpoint does not
+    exist before its training has run)."""
+    compare_run = method in COMPARE_RUNS
+    trained_as = dict(COMPARE_TRAINING) if compare_run else {}
+    options = dict(trained_as, **train_config(ctx).get(method, {}))
+    options.update(epochs=0 if init else 1, **scst_options(ctx))
+    model = [] if compare_run else ["--decoder-weights", ctx.data("decoder")]
     if init:
-        model += p2_train.model_flags(read_checkpoint_config(init)) + ["--init-from", init]
-        options = {k: v for k, v in options.items() if k.replace("-", "_") not in p2_train.ARCH_OPTIONS["gpt2"]}
+        meta = read_checkpoint_config(init)
+        model += p2_train.model_flags(meta) + ["--init-from", init]
+        arch = meta.get("arch", "gpt2")  # a from-scratch decoder's caption length is its model's (model_flags)
+        own = p2_train.ARCH_OPTIONS[arch] + (() if arch == "gpt2" else ("max_caption_tokens",))
+        options = {k: v for k, v in options.items() if k.replace("-", "_") not in own}
     else:
-        model += ["--peft", method]
+        model += option_flags(COMPARE_RUNS[method]) if compare_run else ["--peft", method]
     return trainer_argv(ctx, train_json, model, options)
 
 
 def check_scst(ctx: Context) -> None:
     """The scst options through p2_train.py's checks with each attempt's (any may turn out best; --scst-method's
-    alone when given); with --score-checkpoints, DIR/p2_<method>_scst.pt now when --scst-method names it, else once
-    P2 has named the best (stage_inputs)."""
+    alone when given; without the GPT-2 each compare architecture's); with --score-checkpoints,
+    DIR/p2_<method>_scst.pt now when --scst-method names it, else once the best is known (stage_inputs)."""
     options = train_config(ctx).get("scst", {})
     where = "--train-config %s: scst" % ctx.args.train_config if options else "the scst stage"
     taken = sorted(k for k in options if k.replace("-", "_") in SCST_FIXED)
     if taken:
-        raise UserError("%s: %s set by run_all.py itself (it fine-tunes P2's best checkpoint)" % (where, ", ".join(taken)))
-    for method in [ctx.args.scst_method] if ctx.args.scst_method else ctx.args.methods:
+        raise UserError("%s: %s set by run_all.py itself (it fine-tunes the best checkpoint)"
+                        % (where, ", ".join(taken)))
+    candidates = COMPARE_ARCHS if not has_gpt2(ctx) else [ctx.args.scst_method] if ctx.args.scst_method \
+        else ctx.args.methods
+    for method in candidates:
         argv = scst_argv(ctx, method, ctx.data("train_json"), None) + ["--out", run_folder(ctx, method, "new", "scst")]
         checked_training(ctx, argv, options, where)
     if ctx.args.score_checkpoints and ctx.args.scst_method:
@@ -289,8 +394,20 @@ def check_scst(ctx: Context) -> None:
 
 
 def scst_method(ctx: Context) -> Optional[str]:
-    """The attempt the scst stage fine-tunes: --scst-method, else P2's best (None before P2 has run)."""
+    """The attempt the scst stage fine-tunes: --scst-method, else P2's best (None before P2 has run); without the
+    GPT-2 the compare stage's best architecture (None before compare has run)."""
+    if not has_gpt2(ctx):
+        return compare_best(ctx)
     return ctx.args.scst_method or ctx.results.get("p2_best")
+
+
+def scst_start(ctx: Context, method: str) -> Tuple[str, dict]:
+    """The checkpoint scst starts from and the decoding both sides are scored with (with "chosen_on", as shipped):
+    P2's attempt with P2's shipped decoding, or a compare run's with the compare stage's."""
+    if has_gpt2(ctx):
+        return ctx.results["p2"][method]["checkpoint"], ctx.results["p2_inference"]
+    return ctx.results["compare"][method]["checkpoint"], dict(
+        compare_decoding(), chosen_on="the compare stage's decoding of every architecture (run_all.py)")
 
 
 def scst_row(scores: dict, checkpoint: str, predictions: str) -> dict:
@@ -315,9 +432,10 @@ def stage_scst(ctx: Context) -> dict:
     """Issue 22: P2's best attempt fine-tuned by self-critical training (p2_train.py --init-from its scored
     checkpoint --epochs 0 --scst-epochs N, through train.new and the swap), both scored on val with the shipped
     decoding: results.json "scst" with "before" and "after"."""
-    best, shipped = scst_method(ctx), ctx.results["p2_inference"]
+    best = scst_method(ctx)
+    init, shipped = scst_start(ctx, best)
     decoding = {k: v for k, v in shipped.items() if k != "chosen_on"}
-    init = ctx.results["p2"][best]["checkpoint"]
+    written_before = best == ctx.results.get("p2_best") or not has_gpt2(ctx)
     with steps(3, "scst") as bar:
         train_json = train_split(ctx)
         inputs = dict(train_inputs(ctx), init_from=pipeline.fingerprint(init))
@@ -325,8 +443,8 @@ def stage_scst(ctx: Context) -> dict:
         bar.update(1)
         clip = ctx.scoring_clip()
         ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
-        if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
-            before_pred = shipped_predictions(ctx)
+        if written_before:  # its captions with this decoding are P2's shipped ones or the compare stage's
+            before_pred = shipped_predictions(ctx) if has_gpt2(ctx) else ctx.path("compare", best, "pred.json")
             before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
                                       device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
         else:
@@ -349,14 +467,14 @@ def stage_scst(ctx: Context) -> dict:
         ctx.say("scst: CIDEr %.4f after against %.4f before: %s (+ .json) ships in place of p2_best.pt if you "
                 "prefer it (--install copies p2_best)" % (after["CIDEr"], before["CIDEr"], shipping["checkpoint"]))
     outputs = ["scst/p2_scst.pt", "scst/p2_scst.json"] + ["scst/%s/%s" % (best, f) for f in (
-        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if best == ctx.results["p2_best"] else [
+        "pred.json", "train/best.pt", "train/" + TRAIN_DONE)] + ([] if written_before else [
             os.path.relpath(before_pred, ctx.out)])
     return dict(scst=scst, timings=dict(scst_train=round(seconds, 1)), outputs=outputs)
 
 
 def scst_table(scst: dict) -> str:
     """results.md's scst section: before and after, then the captions that changed."""
-    keys = SCST_KEYS + ("object_f1", "exact_object_set")
+    keys = filled(SCST_KEYS + ("object_f1", "exact_object_set"), (scst["before"], scst["after"]))
     lines = ["| scst: %s | %s |" % (scst["method"], " | ".join(k.replace("_", " ") for k in keys)),
              "| --- " * (1 + len(keys)) + "|"]
     for side in ("before", "after"):
@@ -373,9 +491,13 @@ def scst_table(scst: dict) -> str:
 # ----------------------------------------------------------------------------------------------- what run_all asks
 
 def distill_settings(ctx: Context) -> dict:
+    """The teacher (P2's shipped checkpoint, or the compare stage's best architecture and its row), the students."""
     a = ctx.args
-    return dict(teacher=(ctx.results.get("p2_shipping") or {}).get("sha256"), creative=CREATIVE,
-                inference=ctx.results.get("p2_inference"), student=student_argv(ctx, ""),
+    teacher = (ctx.results.get("p2_shipping") or {}).get("sha256") if has_gpt2(ctx) else dict(
+        arch=compare_best(ctx), row=pipeline.digest(ctx.portable((ctx.results.get("compare") or {}).get(
+            compare_best(ctx)))))
+    return dict(teacher=teacher, creative=CREATIVE, inference=ctx.results.get("p2_inference"),
+                student=student_argv(ctx, ""),
                 teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
                 score_students=a.score_students)
 
@@ -391,7 +513,7 @@ def compare_settings(ctx: Context) -> dict:
 def scst_settings(ctx: Context) -> dict:
     """The attempt, its scored checkpoint, which it fine-tunes, and the shipped decoding."""
     a, method = ctx.args, scst_method(ctx)
-    init = ((ctx.results.get("p2") or {}).get(method) or {}).get("checkpoint")
+    init = ((ctx.results.get("p2" if has_gpt2(ctx) else "compare") or {}).get(method) or {}).get("checkpoint")
     return dict(train=scst_argv(ctx, method, "", init) if method else None, train_max_images=a.train_max_images,
                 score_checkpoints=a.score_checkpoints, inference=ctx.results.get("p2_inference"), metrics=SCST_SUITE,
                 changed=CHANGED_CAPTIONS, method=method, p2_best=ctx.results.get("p2_best"))

@@ -20,7 +20,8 @@ p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
           transformer, and attention-gru with --attention-reg 0) trained as the PEFT attempts are, on the same data and
           feature cache, scored with the whole metric suite beside P2's best attempt ("compare" and "ablation")
   distill (opt-in, --with distill) p2_best captions the training images (precise and creative); a student trains on
-          each caption set and on the human captions, alike but for --train-json ("distill")
+          each caption set and on the human captions, alike but for --train-json ("distill"); on --captions without
+          --decoder-weights the teacher is the compare stage's best architecture, which scst then fine-tunes
   scst    (opt-in, --with scst) self-critical fine-tuning of P2's best attempt (p2_train.py --init-from its checkpoint
           --scst-epochs N; options: SCST_TRAINING under --train-config's "scst" entry), scored before and after
           with the shipped decoding ("scst": CIDEr, CLIPScore, BLEU-4, the captions that changed most)
@@ -42,11 +43,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -71,10 +74,12 @@ from optional_stages import COMPARE_RUNS, compare_table, distill_table, scst_opt
 from run_context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, caption_and_score, checked_training,
                          discard_unfinished_trainings, loss_log, merge, run_folder, scored_checkpoint, setting_name,
                          ship, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
+from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("p1", "p2", "p3", "report")
 OPTIONAL_STAGES = ("distill", "compare", "scst")  # run only when named in --with: GPU hours on the course's data
+COMPARE_FIRST = ("compare", "distill", "scst")  # their order without the GPT-2: compare's best teaches, is fine-tuned
 METHODS = ("adapter", "prefix", "lora")  # the report's three PEFT attempts
 ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts + the ensemble, top-5 figure",
              p2="train %s, score each on val (CIDEr, CLIPScore, parameters, time), tune the best one's decoding, "
@@ -87,8 +92,16 @@ ABOUT = dict(p1="zero-shot on p1_data/val: accuracy, the report's three prompts 
                      "precise and creative captions, each scored on val",
              scst="self-critical fine-tuning of the best PEFT attempt or --scst-method's (CIDEr-D reward, %s), scored before and "
                   "after with the shipped decoding (CIDEr, CLIPScore, BLEU-4), the captions that changed most")
+WITHOUT_GPT2 = dict(distill="the teacher, the compare stage's best architecture by CIDEr on val, captions the "
+                            "training images (precise, creative); a %s student trains on the human, precise and "
+                            "creative captions, each scored on val",
+                    scst="self-critical fine-tuning of the compare stage's best architecture by CIDEr on val "
+                         "(CIDEr-D reward, %s), scored before and after with the compare stage's decoding (CIDEr, "
+                         "CLIPScore, BLEU-4), the captions that changed most")
 TOP5_IMAGES = 3
 CAPTIONED_FOLDERS = dict(train_images="train", val_images="val")  # image folder -> the split its captions name
+CAPTION_PERCENTILE = 95  # results.json data.caption_tokens.p95
+UNCUT = 10 ** 9  # a caption length no caption reaches: tokenize_captions cuts nothing
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
 STUDENT_ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -194,6 +207,28 @@ def check_inputs(ctx: Context, stages: List[str]) -> None:
         if name in stages:
             optional_stages.STAGES[name].check(ctx)
     check_images(images)
+
+
+def length_summary(lengths: List[int]) -> dict:
+    """min, median, 95th percentile (nearest rank) and max of caption lengths in tokens."""
+    ordered = sorted(lengths)
+    rank = max(1, math.ceil(CAPTION_PERCENTILE / 100 * len(ordered)))
+    return dict(min=ordered[0], median=statistics.median(ordered), p95=ordered[rank - 1], max=ordered[-1])
+
+
+def describe_data(ctx: Context) -> dict:
+    """results.json "data" of a --captions run: the caption file's format, its split sizes, the training captions'
+    lengths in GPT-2 tokens (as p2_train.py cleans and tokenizes them) and, per training, how many of them its
+    --max-caption-tokens cuts (p2_data.tokenize_captions' count)."""
+    train, val = (p2_data.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
+    tokens, _, _ = p2_data.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
+    lengths = [len(t) for caps in tokens for t in caps]
+    cut = {name: dict(max_caption_tokens=options.max_caption_tokens,
+                      cut=sum(1 for n in lengths if n > options.max_caption_tokens))
+           for name, options in ctx.train_options.items() if isinstance(options.max_caption_tokens, int)}
+    return dict(format=p2_data.read_captions(ctx.args.captions).format,
+                splits=dict(train=len(train.names), val=len(val.names)),
+                caption_tokens=dict(length_summary(lengths), captions=len(lengths)), cut=cut)
 
 
 # ----------------------------------------------------------------------------------------------- P1
@@ -397,12 +432,16 @@ def stage_p3(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 def results_table(results: dict) -> str:
-    lines = ["| measure | value |", "| --- | --- |"]
+    """results.md: a section for each stage that ran, none for those that did not."""
+    measures = []
     for key in ("p1_accuracy", "p1_single_prompt_accuracy", "p1_heldout_accuracy", "p1_heldout_accuracy_all_classes"):
         if results.get(key) is not None:
-            lines.append("| %s | %.4f |" % (key, results[key]))
+            measures.append("| %s | %.4f |" % (key, results[key]))
     for p in results.get("p1_prompts", []):
-        lines.append("| P1 prompt: %s | %.4f |" % (p["templates"].replace("|", "\\|"), p["accuracy"]))
+        measures.append("| P1 prompt: %s | %.4f |" % (p["templates"].replace("|", "\\|"), p["accuracy"]))
+    lines = ["| measure | value |", "| --- | --- |"] + measures if measures else []
+    if results.get("data"):
+        lines += ["", data_table(results["data"])]
     rows = results.get("p2") or {}
     if rows:
         extra = [k for k in ("object_f1", "exact_object_set") if all(k in r for r in rows.values())]
@@ -424,13 +463,40 @@ def results_table(results: dict) -> str:
         lines += ["", distill_table(results["distill"])]
     if results.get("compare"):
         lines += ["", compare_table(results)]
+    if results.get("attention"):
+        lines += ["", attention_lines(results["attention"])]
     if results.get("scst"):
         lines += ["", scst_table(results["scst"])]
     if "pointing_game" in results:
         lines += ["", "attention pointing game: %s over %s shape words" % (
             "n/a" if results["pointing_game"] is None else "%.4f" % results["pointing_game"],
             results.get("pointing_trials"))]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def data_table(data: dict) -> str:
+    """A --captions run's data: format, splits, training caption lengths, what each training cut."""
+    tokens = data["caption_tokens"]
+    lines = ["| data: %s | train | val | caption tokens (GPT-2): min | median | p95 | max |" % data["format"],
+             "| --- " * 7 + "|", "| images | %d | %d | %d | %g | %d | %d |" % (
+                 data["splits"]["train"], data["splits"]["val"], tokens["min"], tokens["median"], tokens["p95"],
+                 tokens["max"])]
+    cut = ["%s %d of %d (at %d tokens)" % (name, c["cut"], tokens["captions"], c["max_caption_tokens"])
+           for name, c in sorted((data.get("cut") or {}).items())]
+    if cut:
+        lines += ["", "training captions cut: " + "; ".join(cut)]
+    return "\n".join(lines)
+
+
+def attention_lines(attention: dict) -> str:
+    """The best attentive architecture's attention figures and its best and worst val captions."""
+    lines = ["attention maps of %s (the best attentive architecture), best and worst val images by %s: %s" % (
+        attention["arch"], attention["ranked_by"], ", ".join(attention["figures"]))]
+    for side in ("best", "worst"):
+        c = attention[side]
+        lines.append("- %s: %s, \"%s\" (CLIPScore %.4f, CIDEr %s)" % (
+            side, c["image"], c["caption"], c["CLIPScore"], "-" if c.get("CIDEr") is None else "%.4f" % c["CIDEr"]))
+    return "\n".join(lines)
 
 
 def report_name(ctx: Context) -> str:
@@ -512,9 +578,11 @@ def stage_list(ctx: Context) -> List[tuple]:
     the report."""
     stages = [("p1", stage_p1, ABOUT["p1"]), ("p2", stage_p2, ABOUT["p2"] % ", ".join(ctx.args.methods)),
               ("p3", stage_p3, ABOUT["p3"])]
-    about = dict(distill=ABOUT["distill"] % ctx.args.student_arch, compare=ABOUT["compare"] % ", ".join(COMPARE_RUNS),
-                 scst=ABOUT["scst"] % ", ".join("%s %s" % (k, v) for k, v in scst_options(ctx).items()))
-    stages += [(name, optional_stages.STAGES[name].run, about[name]) for name in OPTIONAL_STAGES
+    texts = ABOUT if optional_stages.has_gpt2(ctx) else dict(ABOUT, **WITHOUT_GPT2)
+    about = dict(distill=texts["distill"] % ctx.args.student_arch, compare=texts["compare"] % ", ".join(COMPARE_RUNS),
+                 scst=texts["scst"] % ", ".join("%s %s" % (k, v) for k, v in scst_options(ctx).items()))
+    order = OPTIONAL_STAGES if optional_stages.has_gpt2(ctx) else COMPARE_FIRST
+    stages += [(name, optional_stages.STAGES[name].run, about[name]) for name in order
                if name in ctx.args.with_stages]
     if ctx.args.captions:  # another dataset: no P1 or P3 data; P2 needs the GPT-2 weights
         stages = [s for s in stages if s[0] not in ("p1", "p3") and (s[0] != "p2" or ctx.args.decoder_weights)]
@@ -690,6 +758,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UserError("--with %s: not an opt-in stage (%s)" % (",".join(unknown), ", ".join(OPTIONAL_STAGES)))
     if args.with_stages and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--with %s trains on one process: run it without torchrun" % ",".join(args.with_stages))
+    if args.scst_method is not None and args.captions and not args.decoder_weights:
+        raise UserError("--scst-method %s names a PEFT attempt, which needs --decoder-weights; without it the scst "
+                        "stage fine-tunes the compare stage's best architecture" % args.scst_method)
     if args.scst_method is not None and args.scst_method not in args.methods:
         raise UserError("--scst-method %s is not among --methods %s" % (args.scst_method, ",".join(args.methods)))
     if args.teacher_captions < 1:
@@ -717,6 +788,21 @@ def check_data_options(args: argparse.Namespace) -> None:
         raise UserError("--decoder-weights goes with --captions (--data has p2_data/decoder_model.bin)")
     if not args.data or not os.path.isdir(args.data):
         raise UserError("--data %s is not a folder (the course's hw3_data)" % args.data)
+
+
+def no_compare_line(stage: str, out: str, which: str = "") -> str:
+    return ("%s without --decoder-weights starts from the compare stage's best architecture, but %s has no finished "
+            "compare stage%s: add compare to --only (or give --decoder-weights)" % (stage, out, " " + which if which
+                                                                                   else ""))
+
+
+def check_best_captioner(ctx: Context, selected: List[str]) -> None:
+    """Without the GPT-2, distill and scst start from the compare stage's best architecture: compare runs in this
+    command or finished earlier; else one line before any work."""
+    for stage in ("distill", "scst"):
+        if stage in selected and not optional_stages.has_gpt2(ctx) and "compare" not in selected \
+                and pipeline.read_record(ctx.out, "compare") is None:
+            raise UserError(no_compare_line(stage, ctx.out))
 
 
 def choose_stages(ctx: Context, names: List[str]) -> List[str]:
@@ -751,8 +837,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 train_method(ctx, method, train_json)
         return 0
     pipeline.check_out_folder(ctx.out)
+    check_best_captioner(ctx, selected)
     check_inputs(ctx, selected)
     os.makedirs(ctx.out, exist_ok=True)  # only now: a refused run leaves no OUT behind
+    if args.captions:
+        ctx.results["data"] = describe_data(ctx)
     with pipeline.RunLock(ctx.out, command(ctx)):
         removed = pipeline.remove_temporaries(ctx.out)
         if removed:
@@ -764,6 +853,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     and "p2" in [s[0] for s in stages]:
                 raise UserError("%s uses P2's best captioner, but %s has no finished p2 stage that is still true: "
                                 "add p2 to --only" % (name, ctx.out))
+            if name in ("distill", "scst") and name in selected and not optional_stages.has_gpt2(ctx) \
+                    and "compare" not in ctx.results:
+                raise UserError(no_compare_line(name, ctx.out, "that is still true"))
             run_stage(ctx, name, function, name in selected)
         if ctx.results.get("p2_shipping"):
             print(shipping_note(ctx.results["p2_shipping"]))

@@ -810,11 +810,14 @@ def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path
     out, argv = distilled
     ctx = run_context.Context(run_all.parse_args(argv), argv)
     ctx.results = read_json(os.path.join(out, "results.json"))
-    creative = optional_stages.teacher_decodings(ctx)["creative"]
+    teacher = optional_stages.best_captioner(ctx)
+    assert teacher["arch"] == "gpt2" and teacher["checkpoint"] == ctx.results["p2_shipping"]["checkpoint"]
+    creative = optional_stages.teacher_decodings(ctx, teacher["decoding"])["creative"]
     human = os.path.join(out, "p2", "train_subset.json")
-    again = optional_stages.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
+    again = optional_stages.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"), teacher["checkpoint"])
     assert open(again, "rb").read() == open(os.path.join(out, "distill", "teacher_creative.json"), "rb").read()
-    other = optional_stages.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"))
+    other = optional_stages.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"),
+                                             teacher["checkpoint"])
     assert read_json(other)["annotations"] != read_json(again)["annotations"]
 
 
