@@ -473,7 +473,8 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     return dict(ctx.portable(ctx.inputs(paths)), **upstream_outputs(ctx, stage))
 
 
-UPSTREAM = dict(p3=("p2",), distill=("p2",), compare=("p2",), scst=("p2",))  # the report, extra stages: all before
+# The earlier stages whose outputs a stage reads; the report and extra stages read every stage before them.
+UPSTREAM = dict(p1=(), p2=(), p3=("p2",), distill=("p2",), compare=("p2",), scst=("p2",))
 
 
 def upstream_outputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:

@@ -382,8 +382,9 @@ def changed_train_captions(lab):
 def swapped_in_student(lab):
     """Another checkpoint swapped in for the human captions' student (as a training that ended, then a kill before
     its scoring): its row must be scored again, the other rows kept."""
-    shutil.copy(os.path.join(lab["out"], "distill", "precise", "train", "best.pt"),
-                os.path.join(lab["out"], "distill", "human", "train", "best.pt"))
+    for name in ("best.pt", "best.json"):
+        shutil.copy(os.path.join(lab["out"], "distill", "precise", "train", name),
+                    os.path.join(lab["out"], "distill", "human", "train", name))
 
 
 def rescored_only_the_swapped_row(lab, err):
@@ -397,7 +398,9 @@ def moved_out(lab):
     """mv OUT NEW: the run goes on in NEW."""
     moved = os.path.join(lab["tmp"], "moved")
     os.rename(lab["out"], moved)
-    lab["argv"] = argv_for(lab["argv"], lab["out"], moved)
+    inside = os.path.relpath(lab["base_out"]) + os.sep  # the demo's training config, written into OUT
+    lab["argv"] = [os.path.join(moved, a[len(inside):]) if a.startswith(inside) else a
+                   for a in argv_for(lab["argv"], lab["out"], moved)]
     lab["old"], lab["out"] = lab["out"], moved
 
 
@@ -422,7 +425,7 @@ def runtime_options(lab):
 
 
 def skipped_every_stage(lab, err):
-    return "running again" not in err and " training " not in err and all(
+    return "running again" not in err and "p2: training" not in err and all(
         "== %s: done earlier" % s in err for s in ("p1", "p2", "p3", "report"))
 
 
