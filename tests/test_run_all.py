@@ -848,7 +848,7 @@ def test_distill_results_hold_every_measure(distilled):
 def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path):
     out, argv = distilled
     ctx = run_context.Context(run_all.parse_args(argv), argv)
-    ctx.results = read_json(os.path.join(out, "results.json"))
+    ctx.results = ctx.local(read_json(os.path.join(out, "results.json")))  # its paths are <OUT>/...
     creative = optional_stages.teacher_decodings(ctx)["creative"]
     human = os.path.join(out, "p2", "train_subset.json")
     again = optional_stages.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"))
