@@ -25,11 +25,11 @@ import p3_visualize
 import pipeline
 import run_context
 import search
-from captioner import read_checkpoint_config
+from captioner import config_path, read_checkpoint_config
 from common import UserError, read_json, write_json
-from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, option_flags,
-                         run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps, train_config,
-                         train_inputs, train_run, train_split, trainer_argv)
+from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, kept_part,
+                         option_flags, run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps,
+                         train_config, train_inputs, train_run, train_split, trainer_argv)
 
 
 # ----------------------------------------------------------------------------------------------- the best captioner
@@ -123,6 +123,16 @@ def teacher_captions(ctx: Context, settings: dict, human: str, path: str, checkp
     return path
 
 
+def kept_teacher_captions(ctx: Context, settings: dict, human: str, path: str, teacher: str) -> str:
+    """teacher_captions, kept as a finished part of the stage while the teacher, its decoding and the training
+    images are unchanged: a restart after a kill does not caption the training set again."""
+    what = dict(teacher=run_context.checkpoint_fingerprint(teacher), config=pipeline.fingerprint(config_path(teacher)),
+                settings=settings, human=pipeline.fingerprint(human),
+                data=ctx.inputs([ctx.data(k) for k in ("train_images", "decoder")]))
+    return kept_part(ctx, "teacher captions %s" % os.path.basename(path), what, [path],
+                     lambda: teacher_captions(ctx, settings, human, path, teacher))
+
+
 def distill_row(scores: dict, captions_per_image: float, predictions: str) -> dict:
     """object_f1 is the miniature world's (its extra stage fills it in); None on other data."""
     return dict({k: scores.get(k) for k in ROW_KEYS}, object_f1=None, captions_per_image=captions_per_image,
@@ -144,7 +154,7 @@ def stage_distill(ctx: Context) -> dict:
         captions = dict(human=human)
         for name in ("precise", "creative"):
             path = ctx.path("distill", "teacher_%s.json" % name)
-            captions[name] = teacher_captions(ctx, decodings[name], human, path, teacher["checkpoint"])
+            captions[name] = kept_teacher_captions(ctx, decodings[name], human, path, teacher["checkpoint"])
             bar.update(1)
         clip = ctx.scoring_clip()
         teacher_pred = teacher["predictions"]
@@ -160,7 +170,7 @@ def stage_distill(ctx: Context) -> dict:
             checkpoint, pred = scored_checkpoint(ctx, name, "distill"), ctx.path("distill", name, "pred.json")
             scores = caption_and_score(ctx, checkpoint, search.DECODE_DEFAULTS, pred, clip, SUITE)
             rows[name] = dict(distill_row(scores, per_image[name], pred), checkpoint=checkpoint,
-                              arch=ctx.args.student_arch)
+                              checkpoint_fingerprint=scores["checkpoint_fingerprint"], arch=ctx.args.student_arch)
             bar.update(1)
     outputs = ["distill/teacher_precise.json", "distill/teacher_creative.json"]
     outputs += ["distill/%s/%s" % (n, f) for n in CAPTION_SETS
@@ -256,7 +266,8 @@ def stage_compare(ctx: Context) -> dict:
             # the training time the scored checkpoint records; this run's only when it is this run's checkpoint
             took = meta.get("train_seconds", None if ctx.args.score_checkpoints else seconds[run])
             rows[run] = compare_row(scores, meta["trainable_parameters"], took, checkpoint=checkpoint,
-                                    arch=meta["arch"], attention_reg=reg)
+                                    checkpoint_fingerprint=scores["checkpoint_fingerprint"], arch=meta["arch"],
+                                    attention_reg=reg)
             bar.update(1)
         compare = {run: rows[run] for run in COMPARE_ARCHS}
         best = ctx.results.get("p2_best")
@@ -461,7 +472,8 @@ def stage_scst(ctx: Context) -> dict:
                     best_epoch=meta.get("epoch"), phase=meta.get("phase"))
     shipping = ship(ctx, checkpoint, shipped, ctx.path("scst", "p2_scst.pt"))  # hw3_2.sh-ready, as p2_best is
     scst = dict(method=best, settings=settings, before=scst_row(before, init, before_pred),
-                after=scst_row(after, checkpoint, pred), shipping=shipping,
+                after=dict(scst_row(after, checkpoint, pred), checkpoint_fingerprint=after["checkpoint_fingerprint"]),
+                shipping=shipping,
                 changed=changed_captions(before["per_image"], after["per_image"]))
     if (after["CIDEr"] or 0) > (before["CIDEr"] or 0):
         ctx.say("scst: CIDEr %.4f after against %.4f before: %s (+ .json) ships in place of p2_best.pt if you "
@@ -497,7 +509,7 @@ def distill_settings(ctx: Context) -> dict:
         arch=compare_best(ctx), row=pipeline.digest(ctx.portable((ctx.results.get("compare") or {}).get(
             compare_best(ctx)))))
     return dict(teacher=teacher, creative=CREATIVE, inference=ctx.results.get("p2_inference"),
-                student=student_argv(ctx, ""),
+                student=ctx.identity(student_argv(ctx, "")),
                 teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
                 score_students=a.score_students)
 
@@ -505,7 +517,8 @@ def distill_settings(ctx: Context) -> dict:
 def compare_settings(ctx: Context) -> dict:
     """The runs and P2's best attempt, whose row it copies."""
     a, best = ctx.args, ctx.results.get("p2_best")
-    return dict(train=[compare_argv(ctx, run, "") for run in COMPARE_RUNS], train_max_images=a.train_max_images,
+    return dict(train=[ctx.identity(compare_argv(ctx, run, "")) for run in COMPARE_RUNS],
+                train_max_images=a.train_max_images,
                 score_checkpoints=a.score_checkpoints, decoding=run_context.DECODING_GRID[0], metrics=SUITE,
                 p2_best=best, p2_row=pipeline.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
 
@@ -514,7 +527,8 @@ def scst_settings(ctx: Context) -> dict:
     """The attempt, its scored checkpoint, which it fine-tunes, and the shipped decoding."""
     a, method = ctx.args, scst_method(ctx)
     init = ((ctx.results.get("p2" if has_gpt2(ctx) else "compare") or {}).get(method) or {}).get("checkpoint")
-    return dict(train=scst_argv(ctx, method, "", init) if method else None, train_max_images=a.train_max_images,
+    return dict(train=ctx.identity(scst_argv(ctx, method, "", init)) if method else None,
+                train_max_images=a.train_max_images,
                 score_checkpoints=a.score_checkpoints, inference=ctx.results.get("p2_inference"), metrics=SCST_SUITE,
                 changed=CHANGED_CAPTIONS, method=method, p2_best=ctx.results.get("p2_best"))
 

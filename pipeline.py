@@ -197,5 +197,13 @@ def check_out_folder(out: str) -> None:
     check_writable_dir(out, "--out folder")
 
 
+def local_path(path: str, out: str, data: str = "") -> str:
+    """A path as records and results.json name it (<OUT>/..., <DATA>/...) in these folders; others as they are."""
+    for name, folder in (("<OUT>", out), ("<DATA>", data)):
+        if folder and (path == name or path.startswith(name + os.sep)):
+            return folder + path[len(name):]
+    return path
+
+
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -365,6 +365,7 @@ def stage_p2(ctx: Context) -> dict:
             meta = read_checkpoint_config(checkpoint)
             rows[method] = dict(cider=scored["CIDEr"], clipscore=scored["CLIPScore"],
                                 trainable_params=meta["trainable_parameters"], checkpoint=checkpoint,
+                                checkpoint_fingerprint=scored["checkpoint_fingerprint"],
                                 **active_settings(ctx, method, checkpoint, meta))
             eval_seconds[method] = round(time.time() - started, 1)
             bar.update(1)
@@ -375,6 +376,7 @@ def stage_p2(ctx: Context) -> dict:
         shipping = ship(ctx, rows[best]["checkpoint"], chosen)
     outputs = ["p2/loss_curves.png", "p2/p2_best.pt", "p2/p2_best.json", "p2/p2_best.per_image.json"]
     outputs += [os.path.join("p2", m, name) for m in methods for name in ("pred.json", "per_image.json")]
+    outputs += [os.path.join("p2", "decoding", setting_name(g) + ".json") for g in grid[1:]]  # scst, distill read them
     outputs += [os.path.relpath(os.path.join(run_folder(ctx, m), name), ctx.out) for m in methods
                 for name in ("best.pt", TRAIN_DONE, "log.jsonl")]
     return dict(p2=rows, p2_best=best, p2_train_loss={m: [c[0][1], c[-1][1]] if c else None for m, c in curves.items()},
@@ -509,6 +511,8 @@ def stage_report(ctx: Context) -> dict:
     note = results.get("source")  # an extra stage's words on the data (the demo's world)
     results["source"] = dict(source_block(ctx), **({"note": note} if isinstance(note, str) else note or {}))
     results["seconds"] = round(sum(((results.get("timings") or {}).get("stages") or {}).values()), 1)
+    results = ctx.portable(dict(results, command=ctx.portable_text(results["command"]), source=dict(
+        results["source"], command=ctx.portable_text(results["source"]["command"]))))  # OUT moves whole
     with steps(1, "report") as bar:
         write_json(ctx.path("results.json"), results)
         table = results_table(results)
@@ -542,9 +546,10 @@ def stage_settings(ctx: Context, stage: str) -> dict:
     outputs are unchanged is skipped."""
     a = ctx.args
     if stage == "p1":
-        return dict(flags=ctx.p1_flags())
+        return dict(flags=ctx.identity(ctx.p1_flags()))
     if stage == "p2":
-        return dict(train=[train_argv(ctx, m, "") for m in a.methods], train_max_images=a.train_max_images,
+        return dict(train=[ctx.identity(train_argv(ctx, m, "")) for m in a.methods],
+                    train_max_images=a.train_max_images,
                     score_checkpoints=a.score_checkpoints, grid=run_context.DECODING_GRID)
     if stage == "p3":
         return dict(shipped=ctx.results.get("p2_shipping"), inference=ctx.results.get("p2_inference"))
@@ -561,7 +566,7 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     """Fingerprints of what the stage reads: data named by their place in --data (<DATA>/p2_data/val.json), model
     files as given."""
     paths = [ctx.data(k) for k in STAGE_DATA.get(stage, ())]
-    if stage in ("p1", "p2", "distill", "compare", "scst"):
+    if stage != "report":
         paths += ctx.model_files()
     if stage == "p2" and ctx.args.score_checkpoints:
         paths += [p for m in ctx.args.methods for p in (scored_checkpoint(ctx, m),
@@ -570,7 +575,51 @@ def stage_inputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
         paths += [p for c in optional_stages.STAGES[stage].scored(ctx) for p in (c, config_path(c))]
     if stage not in STAGES + OPTIONAL_STAGES:  # an extra stage reads the data folder its own way
         paths.append(ctx.args.data)
-    return ctx.portable(ctx.inputs(paths))
+    paths += upstream_files(ctx, stage)
+    return dict(ctx.portable(ctx.inputs(paths)), **upstream_outputs(ctx, stage))
+
+
+# The earlier stages whose outputs a stage reads; the report and extra stages read every stage before them.
+UPSTREAM = dict(p1=(), p2=(), p3=("p2",), distill=("p2",), compare=("p2",), scst=("p2",))
+
+
+def upstream_outputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
+    """The outputs of the earlier stages this one reads, with the fingerprints their records hold (each checked by
+    its own stage before this one runs), named <OUT>/...: a stage whose upstream changed is redone."""
+    names = [s[0] for s in stage_list(ctx)]
+    earlier = UPSTREAM.get(stage, tuple(names[:names.index(stage)]) if stage in names else ())
+    outputs = {}
+    for name in earlier:
+        try:
+            record = pipeline.read_record(ctx.out, name)
+        except UserError:  # a damaged record: its own stage says so
+            record = None
+        if record and isinstance(record.get("outputs"), dict):
+            outputs.update({"<OUT>/" + path: value for path, value in record["outputs"].items()})
+    return outputs
+
+
+def upstream_files(ctx: Context, stage: str) -> List[str]:
+    """Files of earlier stages a stage reads besides their recorded outputs: the checkpoint (with its JSON) that
+    scst fine-tunes, that distill's teacher and P3 use, whose row compare copies (each may be a --score-checkpoints
+    one); for the report and extra stages, every file the results so far name."""
+    results, checkpoints = ctx.results, []
+    if stage in ("p3", "distill") and results.get("p2_shipping"):
+        checkpoints.append(results["p2_shipping"]["checkpoint"])
+    method = optional_stages.scst_method(ctx) if stage == "scst" else results.get("p2_best")
+    if stage in ("scst", "compare") and method and method in (results.get("p2") or {}):
+        checkpoints.append(results["p2"][method]["checkpoint"])
+    if stage not in STAGES + OPTIONAL_STAGES or stage == "report":
+        checkpoints += named_files(results)
+    return sorted({p for c in checkpoints for p in (c, config_path(c)) if os.path.isfile(p)})
+
+
+def named_files(obj) -> List[str]:
+    """The existing files a results fragment names, at any depth."""
+    if isinstance(obj, str):
+        return [obj] if os.path.isfile(obj) else []
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return [p for v in values for p in named_files(v)]
 
 
 def stage_list(ctx: Context) -> List[tuple]:
@@ -616,6 +665,7 @@ def run_stage(ctx: Context, name: str, function, selected: bool) -> None:
         why = "forced (--force %s): redone from its start%s" % (
             name, "; the earlier outputs stay until the new ones are written" if record else "")
     ctx.say("%s: %s" % (name, "starting" if record is None else "running again: " + why), stage=name)
+    ctx.stage = name
     started = time.time()
     fragment = function(ctx) or {}
     seconds = round(time.time() - started, 1)

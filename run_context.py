@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -30,6 +31,7 @@ import search
 import training
 from captioner import config_path, read_checkpoint_config
 from common import UserError, atomic_write, file_sha256, progress, read_json, resolve_device, write_json
+from encoder import EncoderSpec
 
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
@@ -37,7 +39,7 @@ DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_ima
 STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
                   p3=("p3_images", "val_images", "decoder"), report=(),
                   distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
-STAGE_DATA["compare"] = STAGE_DATA["p2"]  # the same data and feature cache
+STAGE_DATA["compare"] = STAGE_DATA["scst"] = STAGE_DATA["p2"]  # the same data and feature cache
 IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it. Every stage reads
 # it as run_context.DECODING_GRID (no copy by `from run_context import`), so one assignment changes it for all.
@@ -49,6 +51,12 @@ RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images
                    "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
 TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
 TRAINING_RECORD = ("lr", "epochs", "batch_size", "grad_accum")  # p2_train.py's args.json keys the report names
+# p2_train.py options that change how fast a training runs, not what it learns: left out of its identity (finished.json,
+# started.json, the stage settings), so the same command on another machine reuses the training. --device stays, as
+# the device type it resolves to (cpu or cuda: fp16 autocast runs on CUDA only).
+RUNTIME_OPTIONS = ("--workers", "--num-workers", "--val-batch-size", "--encode-batch-size", "--log-every",
+                   "--stop-after")
+PARTS = ("stages", "parts")  # OUT/stages/parts/: a stage's finished parts (teacher captions, scored rows)
 
 
 # ----------------------------------------------------------------------------------------------- context
@@ -86,6 +94,7 @@ class Context:
         self.log_path = os.path.join(self.out, "run_all.log")
         self.train_options: Dict[str, argparse.Namespace] = {}  # p2_train.py's parsed options per method
         self._fingerprints: Dict[str, Optional[str]] = {}
+        self.stage: Optional[str] = None  # the stage running now: its --force redoes its kept parts too
 
     def data(self, key: str) -> str:
         if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
@@ -102,10 +111,14 @@ class Context:
         """metrics.evaluate's split: the val share of a --captions file; the whole of the course's val.json."""
         return "val" if self.args.captions else None
 
-    def _places(self):
-        """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
-        places = [(self.args.data.rstrip(os.sep) or os.sep, "<DATA>"), (self.out.rstrip(os.sep) or os.sep, "<OUT>")]
-        return sorted(places, key=lambda p: -len(p[0]))
+    def _places(self, absolute: bool = False):
+        """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA); with
+        `absolute`, their absolute spellings too."""
+        places = [(self.args.data, "<DATA>"), (self.out, "<OUT>")]
+        if absolute:
+            places += [(os.path.abspath(folder), name) for folder, name in places]
+        places = [(folder.rstrip(os.sep) or os.sep, name) for folder, name in places]
+        return sorted(set(places), key=lambda p: -len(p[0]))
 
     def portable(self, obj):
         """Paths in the data and output folders written as <DATA>/... and <OUT>/..., so stage and training records
@@ -116,9 +129,16 @@ class Context:
         """portable() undone: <DATA> and <OUT> back to this run's folders."""
         return self._swap_places(obj, to_names=False)
 
+    def portable_text(self, text: str) -> str:
+        """portable() for free text (a command line, a log line): every path in it under DATA or OUT, spelled as
+        given or absolute, named <DATA>/... and <OUT>/..."""
+        for prefix, name in self._places(absolute=True):
+            text = re.sub(r"(?<![^\s'\"=(])%s(?=$|[%s\s'\",)])" % (re.escape(prefix), re.escape(os.sep)), name, text)
+        return text
+
     def _swap_places(self, obj, to_names: bool):
         def one(text: str) -> str:
-            for prefix, name in self._places():
+            for prefix, name in self._places(absolute=to_names):
                 old, new = (prefix, name) if to_names else (name, prefix)
                 if text == old or text.startswith(old + os.sep):
                     return new + text[len(old):]
@@ -139,8 +159,10 @@ class Context:
         return {p: self._fingerprints[p] for p in paths}
 
     def log(self, **record) -> None:
+        """One JSONL line, its paths named <DATA>/... and <OUT>/... (a moved OUT's log names no old folder)."""
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
+            record = _strings(record, self.portable_text)
             try:
                 with open(self.log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(dict(time=round(time.time(), 1), **record)) + "\n")
@@ -171,7 +193,22 @@ class Context:
         """Local model files named on the command line (tiny CLIPs, captioners to score): inputs like the data."""
         a = self.args
         names = [a.p1_model, a.p1_pretrained, a.clip_model, a.clip_pretrained]
+        if a.encoder:
+            names.append(EncoderSpec.parse(a.encoder).weight_file)
         return [n for n in names if n and os.path.isfile(n)]
+
+    def identity(self, argv: List[str]) -> List[str]:
+        """A training's or a script's arguments without its RUNTIME_OPTIONS and with --device as the device type
+        it runs on: what decides whether a finished training (or stage) still holds."""
+        argv = without_runtime_options(argv)
+        return [self.device.split(":")[0] if n and argv[n - 1] == "--device" else a for n, a in enumerate(argv)]
+
+
+def without_runtime_options(argv: List[str]) -> List[str]:
+    """`argv` less every RUNTIME_OPTIONS flag and its value (a record written before they were left out compares
+    equal to a new one)."""
+    return [a for n, a in enumerate(argv)
+            if a not in RUNTIME_OPTIONS and (n == 0 or argv[n - 1] not in RUNTIME_OPTIONS)]
 
 
 def steps(total: int, stage: str):
@@ -330,14 +367,15 @@ def finished_training(ctx: Context, method: str, argv: List[str], inputs: dict, 
     if damage:
         ctx.say("%s: %s: %s, so the training counts as not finished" % (stage, method, damage))
         return None
-    return record if record.get("argv") == argv and record.get("inputs") == inputs else None
+    return record if without_runtime_options(record.get("argv") or []) == argv and record.get("inputs") == inputs \
+        else None
 
 
 def resumable(ctx: Context, new: str, record_argv: List[str], inputs: dict) -> bool:
     """An interrupted training continues when its start record names these arguments and inputs and its state file
     (if any) loads; a damaged one starts afresh."""
     started = readable_json(os.path.join(new, "started.json"), "training start record")
-    if started != dict(argv=record_argv, inputs=inputs):
+    if not started_as(started, record_argv, inputs):
         return False
     state = os.path.join(new, "last_state.pt")
     if os.path.isfile(state):
@@ -353,7 +391,7 @@ def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: s
     """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
     same arguments and inputs (unless the stage is forced), resumed (--resume) when an interrupted one did, else
     started afresh. Returns its seconds (as measured then, when skipped) and whether it trained now."""
-    record_argv = ctx.portable(argv)
+    record_argv = ctx.portable(ctx.identity(argv))
     new = run_folder(ctx, method, "new", stage)
     if ctx.rank == 0:
         restore_interrupted_swap(ctx, method, stage)
@@ -380,6 +418,7 @@ def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: s
     p2_train.main(argv + ["--out", new] + (["--resume"] if resume else []))
     seconds = time.time() - started
     if ctx.rank == 0:
+        portable_training_files(ctx, new)
         write_json(os.path.join(new, TRAIN_DONE), dict(argv=record_argv, inputs=inputs, seconds=round(seconds, 1),
                                                       repeatable_seconds=repeatable_seconds(new, seconds, resume),
                                                       checkpoint=checkpoint_seal(os.path.join(new, "best.pt")),
@@ -389,6 +428,23 @@ def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: s
         os.remove(started_file)
         swap_in(ctx, method, stage)
     return seconds, True
+
+
+TRAINING_JSON = ("args.json", "best.json")  # p2_train.py's files that name paths (its arguments, --init-from)
+
+
+def portable_training_files(ctx: Context, folder: str) -> None:
+    """A finished training's JSON files with their paths named <DATA>/... and <OUT>/..., so OUT moves whole."""
+    for name in TRAINING_JSON:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            write_json(path, ctx.portable(read_json(path, "training file")))
+
+
+def started_as(started, argv: List[str], inputs: dict) -> bool:
+    """An interrupted training's start record names these arguments (runtime options aside) and inputs."""
+    return isinstance(started, dict) and without_runtime_options(started.get("argv") or []) == argv \
+        and started.get("inputs") == inputs
 
 
 def repeatable_seconds(folder: str, seconds: float, resumed: bool) -> Optional[float]:
@@ -464,20 +520,55 @@ def decoding_flags(settings: dict) -> List[str]:
 def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
                       names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
-    scoring of `names`) with the CLIP loaded once."""
-    p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
-                      + decoding_flags(settings))
-    scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                              device=ctx.device, metrics=names, split=ctx.val_split())
-    log_out_of_memory(ctx, checkpoint)
-    return scores
+    scoring of `names`) with the CLIP loaded once. Kept as a finished part of the stage: scored again only when the
+    checkpoint, the settings or the val data changed (or `pred` did), so a restart redoes only unscored rows. The
+    result's "checkpoint_fingerprint" is the scored checkpoint's."""
+    what = dict(checkpoint=checkpoint_fingerprint(checkpoint), config=pipeline.fingerprint(config_path(checkpoint)),
+                settings=decoding_flags(settings), metrics=list(names), split=ctx.split_flags(),
+                clip=[ctx.args.clip_model, ctx.args.clip_pretrained],
+                data=ctx.inputs([ctx.data(k) for k in ("val_json", "val_images", "decoder")] + ctx.model_files()))
+
+    def score() -> dict:
+        p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
+                           ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
+                          + decoding_flags(settings))
+        scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                                  device=ctx.device, metrics=names, split=ctx.val_split())
+        log_out_of_memory(ctx, checkpoint)
+        return dict(scores, checkpoint_fingerprint=what["checkpoint"])
+    return kept_part(ctx, "scoring %s" % os.path.relpath(pred, ctx.out), what, [pred], score)
 
 
 def log_out_of_memory(ctx: Context, during: str) -> None:
     """The batch halvings after CUDA out-of-memory errors (resources.EVENTS) into run_all.log."""
     while resources.EVENTS:
         ctx.log(event="out of memory", during=ctx.portable(during), **resources.EVENTS.pop(0))
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """A checkpoint's content hash (its size and time would differ in every copy of the committed checkpoints)."""
+    return "sha256:" + file_sha256(path)[:32]
+
+
+def kept_part(ctx: Context, name: str, what: dict, files: List[str], make: Callable[[], object]):
+    """A finished part of the running stage (`make()`'s JSON result and the files it wrote), kept in
+    OUT/stages/parts/ with the fingerprints of what made it (`what`): returned again without `make` while they and
+    the files are unchanged, unless the stage is forced. A record that cannot be read is not a finished part."""
+    path = ctx.path(*PARTS, re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".json")
+    what = json.loads(json.dumps(ctx.portable(what)))
+    if not ctx.forced(ctx.stage or "") and os.path.isfile(path):
+        try:
+            done = read_json(path, "finished part")
+        except UserError:
+            done = None
+        if isinstance(done, dict) and done.get("what") == what and done.get("files") == ctx.portable(
+                pipeline.fingerprints(files)) and "result" in done:
+            ctx.say("%s: %s: done earlier and still true, kept" % (ctx.stage, name))
+            return ctx.local(done["result"])
+    result = make()
+    write_json(path, dict(what=what, files=ctx.portable(pipeline.fingerprints(files)), result=ctx.portable(result)),
+               indent=None)
+    return result
 
 
 def setting_name(settings: dict) -> str:
@@ -494,7 +585,7 @@ def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None
     dest = dest or ctx.path("p2", "p2_best.pt")
     with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
         shutil.copyfileobj(src, f)
-    meta = dict(read_checkpoint_config(checkpoint), **{search.INFERENCE_KEY: chosen})
+    meta = dict(ctx.portable(read_checkpoint_config(checkpoint)), **{search.INFERENCE_KEY: chosen})
     search.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
     write_json(config_path(dest), meta)
     return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))

@@ -74,15 +74,97 @@ def run(argv, capsys):
     return ended.value.code, capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------------------------- what a stage reads
+
+class StageReads:
+    """The files each stage opens while it runs (Python's "open" audit event: open(), os.open, and so torch.load,
+    PIL and numpy too) beside what its record names: a read file that no input or output of its record covers is a
+    dependency the stage would not notice changing. Only the module fixtures' runs are watched."""
+
+    def __init__(self):
+        self.watching, self.opened, self.produced, self.missed = False, None, None, {}
+
+    def audit(self, event: str, args) -> None:
+        if self.opened is None or not args or not isinstance(args[0], (str, bytes)):
+            return
+        if event == "open":
+            path, mode, flags = (list(args) + [None, 0])[:3]
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(
+                (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            (self.produced if writes else self.opened).append(os.path.abspath(os.fsdecode(path)))
+        elif event == "os.rename" and isinstance(args[1], (str, bytes)):
+            self.produced.append(os.path.abspath(os.fsdecode(args[1])))
+
+    def watch(self, ctx, name: str, function, ran: list):
+        def stage(c):
+            ran.append(name)
+            self.opened, self.produced = [], []
+            try:
+                return function(c)
+            finally:
+                opened, produced, self.opened = self.opened, self.produced, None
+                self.stage_read(ctx, name, opened, produced)
+        return stage
+
+    def stage_read(self, ctx, name: str, opened, produced) -> None:
+        out = os.path.abspath(ctx.out)
+        watched = (out, os.path.abspath(ctx.args.data), os.path.abspath(demo.MODELS))
+        exempt = (os.path.join(out, "p2", "feature_cache"),  # keyed by the images' content hashes (p2_data)
+                  os.path.join(out, *run_context.PARTS), os.path.join(out, "stages"),  # the runner's own records
+                  os.path.abspath(ctx.args.train_config or out))  # its entries are in the settings, as options
+        self.missed[name] = sorted({p for p in opened if under(p, watched) and not under(p, exempt)
+                                    and not under(p, produced)})
+
+    def check(self, ctx, name: str) -> None:
+        """Called once the stage's record is written: keeps only the reads its record does not cover."""
+        record = pipeline.read_record(ctx.out, name)
+        named = [os.path.abspath(ctx.local(p)) for p in record["inputs"]]
+        named += [os.path.join(os.path.abspath(ctx.out), p) for p in record["outputs"]]
+        self.missed[name] = [p for p in self.missed.get(name, []) if not under(p, named)]
+
+
+def under(path: str, folders) -> bool:
+    return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
 @pytest.fixture(scope="module")
-def finished(world, tmp_path_factory):
+def reads():
+    """The watcher, hooked into run_all's stage runner for the whole module (an audit hook cannot be removed, so it
+    stays installed and idle)."""
+    tracer = StageReads()
+    sys.addaudithook(lambda event, args: tracer.audit(event, args))
+    real = run_all.run_stage
+
+    def run_stage(ctx, name, function, selected):
+        if not tracer.watching:
+            return real(ctx, name, function, selected)
+        ran = []
+        real(ctx, name, tracer.watch(ctx, name, function, ran), selected)
+        if ran:
+            tracer.check(ctx, name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_all, "run_stage", run_stage)
+        yield tracer
+
+
+def watched_run(reads, argv) -> int:
+    reads.watching = True
+    try:
+        return run_all.main(argv)
+    finally:
+        reads.watching = False
+
+
+@pytest.fixture(scope="module")
+def finished(world, reads, tmp_path_factory):
     """P1 alone (then 'killed'), then the whole command: P1 must be skipped, the rest run."""
     out = str(tmp_path_factory.mktemp("run") / "out")
     argv = command(world, out)
-    assert run_all.main(argv + ["--only", "p1"]) == 0
+    assert watched_run(reads, argv + ["--only", "p1"]) == 0
     assert os.path.isfile(pipeline.record_path(out, "p1"))
     assert not os.path.exists(os.path.join(out, "p2"))
-    assert run_all.main(argv) == 0
+    assert watched_run(reads, argv) == 0
     return out, argv
 
 
@@ -91,7 +173,8 @@ def test_resume_skips_the_finished_stage_and_runs_the_rest(finished):
     log = [line for line in open(os.path.join(out, "run_all.log"), encoding="utf-8")]
     assert any('"p1: done earlier' in line for line in log)
     results = read_json(os.path.join(out, "results.json"))
-    assert results["command"] == run_all.command(run_context.Context(run_all.parse_args(argv), argv))
+    ctx = run_context.Context(run_all.parse_args(argv), argv)
+    assert results["command"] == ctx.portable_text(run_all.command(ctx)) and "--out <OUT> " in results["command"]
     assert results["p1_accuracy"] >= 0.8 and max(r["cider"] for r in results["p2"].values()) >= 0.5
     assert set(results["p2"]) == set(run_all.METHODS) and all("object_f1" in r for r in results["p2"].values())
     assert len(results["p2_decoding"]) == len(GRID) and results["pointing_trials"] > 0
@@ -125,12 +208,13 @@ def test_rerunning_a_finished_command_skips_every_stage(finished, capsys):
 def test_shipped_checkpoint_carries_the_chosen_decoding_and_no_local_path(finished):
     out, _ = finished
     results = read_json(os.path.join(out, "results.json"))
-    meta = read_checkpoint_config(results["p2_shipping"]["checkpoint"])
+    meta = read_checkpoint_config(pipeline.local_path(results["p2_shipping"]["checkpoint"], out))
     settings, said = search.resolve_decoding({}, meta, "p2_best.json")
     assert "chosen on" in said and meta["inference"]["chosen_on"].startswith("highest CIDEr on the val split")
     best = max(results["p2_decoding"], key=lambda d: d["cider"])
     assert settings == {k: best[k] for k in search.DECODE_DEFAULTS}
-    assert results["p2_shipping"]["bytes"] == os.path.getsize(results["p2_shipping"]["checkpoint"])
+    shipped = pipeline.local_path(results["p2_shipping"]["checkpoint"], out)
+    assert results["p2_shipping"]["bytes"] == os.path.getsize(shipped)
     shipped = open(os.path.join(out, "p2", "p2_best.json"), encoding="utf-8").read()
     for local in (out, os.path.abspath(out), os.path.dirname(os.path.abspath(out)), os.path.expanduser("~") + "/"):
         assert local not in shipped, local
@@ -377,7 +461,92 @@ def recorded_out_of_memory(lab, err):
 
 LORA = "p2/lora/train/"
 OTHER_TRAININGS = [f for f in TRAINING if not f.startswith(LORA)]
-Row = namedtuple("Row", "id setup extra code fragment survives check")
+
+
+def changed_train_captions(lab):
+    """Training captions changed in place: P2 trains again, and the scst stage, which trains on them too, must not
+    call itself still true."""
+    path = os.path.join(copied_data(lab), "p2_data", "train.json")
+    coco = read_json(path)
+    for a in coco["annotations"][::2]:
+        a["caption"] = "a picture of shapes"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(coco, f)
+
+
+def swapped_in_student(lab):
+    """Another checkpoint swapped in for the human captions' student (as a training that ended, then a kill before
+    its scoring): its row must be scored again, the other rows kept."""
+    for name in ("best.pt", "best.json"):
+        shutil.copy(os.path.join(lab["out"], "distill", "precise", "train", name),
+                    os.path.join(lab["out"], "distill", "human", "train", name))
+
+
+def rescored_only_the_swapped_row(lab, err):
+    rows = read_json(os.path.join(lab["out"], "results.json"))["distill"]
+    new = run_context.checkpoint_fingerprint(os.path.join(lab["out"], "distill", "human", "train", "best.pt"))
+    return rows["human"]["checkpoint_fingerprint"] == new and "scoring distill/human/pred.json: done" not in err \
+        and "distill: scoring distill/precise/pred.json: done earlier and still true, kept" in err
+
+
+def moved_out(lab):
+    """mv OUT NEW: the run goes on in NEW."""
+    moved = os.path.join(lab["tmp"], "moved")
+    os.rename(lab["out"], moved)
+    inside = os.path.relpath(lab["base_out"]) + os.sep  # the demo's training config, written into OUT
+    lab["argv"] = [os.path.join(moved, a[len(inside):]) if a.startswith(inside) else a
+                   for a in argv_for(lab["argv"], lab["out"], moved)]
+    lab["old"], lab["out"] = lab["out"], moved
+
+
+def names_no_old_folder(lab, err):
+    """No file of the moved OUT names the folder it was finished in (nor the fixture's, copied from)."""
+    old = [lab["old"], lab["base_out"]]
+    old = [p.encode("utf-8") for f in old for p in {f, os.path.abspath(f), os.path.relpath(f)}]
+    found = []
+    for root, _, files in os.walk(lab["out"]):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                data = f.read()
+            found += [os.path.join(root, name) for p in old if p in data]
+    assert not found, found
+    return all("== %s: done earlier" % s in err for s in ("p1", "p2", "p3", "report"))
+
+
+def runtime_options(lab):
+    argv = lab["argv"]
+    argv[argv.index("--workers") + 1] = "1"
+    argv[argv.index("--device") + 1] = "auto"
+
+
+def skipped_every_stage(lab, err):
+    return "running again" not in err and "p2: training" not in err and all(
+        "== %s: done earlier" % s in err for s in ("p1", "p2", "p3", "report"))
+
+
+def killed_after_the_teacher_pass(lab):
+    """--force distill (its parts are redone), killed once the teacher's captions and the human student's row are
+    done; the second run (the row's) must redo neither."""
+    real = optional_stages.train_run
+
+    def dies(ctx, name, *rest):
+        if name == "precise":
+            raise RuntimeError("killed between parts")
+        return real(ctx, name, *rest)
+
+    lab["patch"].setattr(optional_stages, "train_run", dies)
+    with pytest.raises(RuntimeError):
+        run_all.main(lab["argv"] + ["--force", "distill", "--only", "distill"])
+    lab["patch"].setattr(optional_stages, "train_run", real)
+
+
+def kept_finished_parts(lab, err):
+    kept = ["teacher captions teacher_precise.json: done earlier", "teacher captions teacher_creative.json: done "
+            "earlier"] + ["scoring distill/%s/pred.json: done earlier" % n for n in optional_stages.CAPTION_SETS]
+    return all(k in err for k in kept) and "distill: training" not in err and "distill: running again" in err
+
+
+Row = namedtuple("Row", "id setup extra code fragment survives check base", defaults=("finished",))
 ROWS = [
     # 1. a failed rerun never deletes the finished training
     Row("negative-lr", lambda lab: config(lab, {"lr": -0.001}), [], 2, "lora: --lr must be above 0", FINISHED, None),
@@ -443,15 +612,25 @@ ROWS = [
         OTHER_TRAININGS, recorded_out_of_memory),
     Row("infinite-scst-temperature", lambda lab: config(lab, {"scst_temperature": float("inf")}), [], 2,
         "lora: --scst-temperature must be a finite number, got inf", FINISHED, None),
+    # 8. issue 29: a stage's inputs are all it reads, OUT moves whole, runtime options, finished parts kept
+    Row("scst-after-p2-change", changed_train_captions, ["--only", "p2,scst"], 0,
+        "scst: running again: input changed: <DATA>/p2_data/train.json", [], None, "tuned"),
+    Row("stale-row-after-kill", swapped_in_student, ["--only", "distill,miniworld.demo:world_stage,report"], 0,
+        "distill: running again: output distill/human/train/best.pt changed", [], rescored_only_the_swapped_row,
+        "distilled"),
+    Row("moved-out", moved_out, [], 0, "report: done earlier", [], names_no_old_folder),
+    Row("workers-and-device-spelling", runtime_options, [], 0, "p2: done earlier", FINISHED, skipped_every_stage),
+    Row("restart-keeps-finished-parts", killed_after_the_teacher_pass, ["--only", "distill"], 0,
+        "distill: running again", [], kept_finished_parts, "distilled"),
 ]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_fault(row, finished, world, tmp_path, capsys, monkeypatch):
-    out, argv = finished
+def test_fault(row, request, world, tmp_path, capsys, monkeypatch):
+    out, argv = request.getfixturevalue(row.base)[:2]
     copy = copy_run(out, tmp_path)
     lab = dict(out=copy, tmp=str(tmp_path), world=world, argv=argv_for(argv, out, copy),
-               config=str(tmp_path / "train_config.json"), patch=monkeypatch)
+               config=str(tmp_path / "train_config.json"), patch=monkeypatch, base_out=out)
     monkeypatch.setattr(run_all, "HERE", str(tmp_path))  # --install copies into tmp_path/checkpoints
     before = {f: sha(os.path.join(copy, f)) for f in row.survives}
     row.setup(lab)
@@ -469,6 +648,7 @@ def test_fault(row, finished, world, tmp_path, capsys, monkeypatch):
     if code == 2:
         assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
     assert row.fragment in err, err[-3000:]
+    copy = lab["out"]
     for f in row.survives:
         assert os.path.isfile(os.path.join(copy, f)) and sha(os.path.join(copy, f)) == before[f], f
     if row.check:
@@ -476,7 +656,7 @@ def test_fault(row, finished, world, tmp_path, capsys, monkeypatch):
     results = os.path.join(copy, "results.json")
     for path in (read_json(results)["p2_shipping"]["checkpoint"],) + tuple(
             r["checkpoint"] for r in read_json(results)["p2"].values()):
-        assert os.path.isfile(path), "results.json points at a missing file: %s" % path
+        assert os.path.isfile(pipeline.local_path(path, copy)), "results.json points at a missing file: %s" % path
 
 
 def test_a_failed_training_leaves_a_rerun_that_skips(finished, tmp_path, capsys, monkeypatch):
@@ -567,16 +747,20 @@ def test_a_killed_runs_lock_is_taken_over(finished, tmp_path, capsys):
 
 
 def test_a_cjk_path_prints_no_missing_glyphs(finished, tmp_path, capsys):
-    """The source block names the data and output folders as given; characters the report's fonts lack become one
-    line naming the font package, never empty boxes or warnings."""
+    """The source block's command names the files as given (a training config outside OUT here); characters the
+    report's fonts lack become one line naming the font package, never empty boxes or warnings."""
     import warnings
 
     out, argv = finished
-    copy = str(tmp_path / "作業三" / "out")
-    shutil.copytree(out, copy)
+    copy = copy_run(out, tmp_path)
+    argv = argv_for(argv, out, copy)
+    config = str(tmp_path / "作業三" / "training.json")
+    os.makedirs(os.path.dirname(config))
+    shutil.copy(argv[argv.index("--train-config") + 1], config)
+    argv[argv.index("--train-config") + 1] = config
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code, err = run(argv_for(argv, out, copy) + ["--force", "report"], capsys)
+        code, err = run(argv + ["--force", "report"], capsys)
     assert code == 0, err[-3000:]
     assert not [w for w in caught if "missing from" in str(w.message) or "Glyph" in str(w.message)]
     assert "作業三" in read_json(os.path.join(copy, "results.json"))["source"]["command"]
@@ -642,7 +826,7 @@ def test_compare_is_opt_in(finished):
 
 
 @pytest.fixture(scope="module")
-def compared(finished, tmp_path_factory):
+def compared(finished, reads, tmp_path_factory):
     """The finished run, then --with compare with tiny from-scratch configs: only compare, the world stage (its
     upstream changed) and the report run."""
     out, argv = finished
@@ -655,7 +839,7 @@ def compared(finished, tmp_path_factory):
             r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}), f)
     argv = argv_for(argv, out, copy) + ["--with", "compare"]
     argv[argv.index("--train-config") + 1] = config
-    assert run_all.main(argv) == 0
+    assert watched_run(reads, argv) == 0
     return copy, argv
 
 
@@ -754,13 +938,13 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------- distill (opt-in)
 
 @pytest.fixture(scope="module")
-def distilled(finished, tmp_path_factory):
+def distilled(finished, reads, tmp_path_factory):
     """The finished run's copy with --with distill: the stage alone (P2's results still true), then the world's
     measures and the report; the students are the demo's short runs, scored as trained."""
     out, argv = finished
     copy = copy_run(out, tmp_path_factory.mktemp("distill"))
     argv = argv_for(argv, out, copy) + ["--with", "distill"]
-    assert run_all.main(argv + ["--only", "distill,miniworld.demo:world_stage,report"]) == 0
+    assert watched_run(reads, argv + ["--only", "distill,miniworld.demo:world_stage,report"]) == 0
     return copy, argv
 
 
@@ -781,7 +965,7 @@ def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
         assert captions.format == "coco" and set(captions.captions) == train_names
         assert all(len(c) == 1 and c[0] for c in captions.captions.values())
         trained = read_json(os.path.join(out, "distill", name, "train", "args.json"))
-        assert os.path.abspath(trained["train_json"]) == os.path.abspath(path)
+        assert os.path.abspath(pipeline.local_path(trained["train_json"], out)) == os.path.abspath(path)
 
 
 def test_distill_students_differ_only_in_their_captions(distilled):
@@ -809,7 +993,7 @@ def test_distill_results_hold_every_measure(distilled):
 def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path):
     out, argv = distilled
     ctx = run_context.Context(run_all.parse_args(argv), argv)
-    ctx.results = read_json(os.path.join(out, "results.json"))
+    ctx.results = ctx.local(read_json(os.path.join(out, "results.json")))  # its paths are <OUT>/...
     teacher = optional_stages.best_captioner(ctx)
     assert teacher["arch"] == "gpt2" and teacher["checkpoint"] == ctx.results["p2_shipping"]["checkpoint"]
     creative = optional_stages.teacher_decodings(ctx, teacher["decoding"])["creative"]
@@ -824,7 +1008,7 @@ def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path
 # ----------------------------------------------------------------------------------------------- scst (opt-in)
 
 @pytest.fixture(scope="module")
-def tuned(finished, tmp_path_factory):
+def tuned(finished, reads, tmp_path_factory):
     """The finished run's copy with --with scst (the demo's --scst-method lora): one short self-critical epoch from
     lora's scored checkpoint (the committed converged one) and, scored in its place, the committed p2_lora_scst.pt;
     then the world and the report."""
@@ -833,7 +1017,7 @@ def tuned(finished, tmp_path_factory):
     argv = argv_for(argv, out, copy) + ["--with", "scst"]
     config = argv[argv.index("--train-config") + 1]
     short = read_json(config)
-    assert run_all.main(argv + ["--only", "scst,miniworld.demo:world_stage,report"]) == 0
+    assert watched_run(reads, argv + ["--only", "scst,miniworld.demo:world_stage,report"]) == 0
     return copy, argv, short
 
 
@@ -884,7 +1068,7 @@ def test_scst_results_hold_before_and_after(tuned):
         row = scst[side]
         for key in ("CIDEr", "CLIPScore", "BLEU-4", "object_f1", "exact_object_set"):
             assert isinstance(row[key], float), (side, key)
-        captions[side] = read_json(row["predictions"])
+        captions[side] = read_json(pipeline.local_path(row["predictions"], out))
         scores = metrics.evaluate(captions[side], os.path.join(data, "p2_data", "val.json"),
                                   os.path.join(data, "p2_data", "images", "val"), metrics=("cider",))
         assert row["CIDEr"] == pytest.approx(scores["CIDEr"]), side
@@ -1004,3 +1188,12 @@ def test_torchrun_runs_p2_with_two_processes(world, tmp_path):
     assert read_json(pipeline.record_path(out, "p2"))["results"]["p2_best"] == "lora"
     assert os.path.isfile(os.path.join(out, "p2", "p2_best.pt"))
     assert "== p2: done earlier" in second and "training lora" not in second
+
+
+def test_every_file_a_stage_reads_is_among_its_recorded_inputs(reads, finished, compared, distilled, tuned):
+    """Each stage, the opt-in ones included, as the module's fixtures ran it: every file under OUT, DATA or the
+    models folder that it opened (and had not written itself) is an input or an output of its record."""
+    stages = ("p1", "p2", "p3", "compare", "distill", "scst", "miniworld.demo:world_stage", "report")
+    assert set(stages) <= set(reads.missed), sorted(reads.missed)
+    missed = {s: m for s, m in reads.missed.items() if m}
+    assert not missed, json.dumps(missed, indent=1)
