@@ -588,6 +588,8 @@ def upstream_outputs(ctx: Context, stage: str) -> Dict[str, Optional[str]]:
     its own stage before this one runs), named <OUT>/...: a stage whose upstream changed is redone."""
     names = [s[0] for s in stage_list(ctx)]
     earlier = UPSTREAM.get(stage, tuple(names[:names.index(stage)]) if stage in names else ())
+    if stage in ("distill", "scst") and not optional_stages.has_gpt2(ctx):  # they start from compare's best
+        earlier += ("compare",)
     outputs = {}
     for name in earlier:
         try:
@@ -609,6 +611,9 @@ def upstream_files(ctx: Context, stage: str) -> List[str]:
     method = optional_stages.scst_method(ctx) if stage == "scst" else results.get("p2_best")
     if stage in ("scst", "compare") and method and method in (results.get("p2") or {}):
         checkpoints.append(results["p2"][method]["checkpoint"])
+    best = optional_stages.compare_best(ctx)
+    if stage in ("distill", "scst") and not optional_stages.has_gpt2(ctx) and best:  # compare's best teaches, tunes
+        checkpoints.append(results["compare"][best]["checkpoint"])
     if stage not in STAGES + OPTIONAL_STAGES or stage == "report":
         checkpoints += named_files(results)
     return sorted({p for c in checkpoints for p in (c, config_path(c)) if os.path.isfile(p)})
