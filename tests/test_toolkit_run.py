@@ -91,13 +91,24 @@ def toolkit_run(world, tmp_path_factory):
     return out, argv
 
 
+def read_results(out: str) -> dict:
+    """results.json with its <OUT>/... paths in `out` (the file names paths relative to the run's folder)."""
+    def local(obj):
+        if isinstance(obj, str):
+            return pipeline.local_path(obj, out)
+        if isinstance(obj, dict):
+            return {k: local(v) for k, v in obj.items()}
+        return [local(v) for v in obj] if isinstance(obj, list) else obj
+    return local(read_json(os.path.join(out, "results.json")))
+
+
 def token_count(caption: str) -> int:
     return len(BPETokenizer().encode(caption))
 
 
 def test_no_scored_caption_is_cut_and_the_scores_clear_the_bar(toolkit_run):
     out, _ = toolkit_run
-    results = read_json(os.path.join(out, "results.json"))
+    results = read_results(out)
     scored = [os.path.join(out, "compare", run, "pred.json") for run in optional_stages.COMPARE_RUNS]
     scored += [results["scst"][side]["predictions"] for side in ("before", "after")]
     scored.append(results["distill"]["teacher"]["predictions"])
@@ -114,7 +125,7 @@ def test_no_scored_caption_is_cut_and_the_scores_clear_the_bar(toolkit_run):
 
 def test_the_teacher_and_the_fine_tuned_are_the_best_architecture(toolkit_run):
     out, _ = toolkit_run
-    results = read_json(os.path.join(out, "results.json"))
+    results = read_results(out)
     rows = results["compare"]
     best = max(optional_stages.COMPARE_ARCHS, key=lambda a: rows[a]["CIDEr"])
     teacher = results["distill"]["teacher"]
@@ -137,7 +148,7 @@ def test_the_teacher_and_the_fine_tuned_are_the_best_architecture(toolkit_run):
 
 def test_results_describe_the_data(toolkit_run, world):
     out, _ = toolkit_run
-    data = read_json(os.path.join(out, "results.json"))["data"]
+    data = read_results(out)["data"]
     captions = os.path.join(world, "captions.json")
     train = p2_data.load_captions(captions, os.path.join(world, "images"), split="train")
     val = p2_data.load_captions(captions, os.path.join(world, "images"), split="val")
@@ -153,7 +164,7 @@ def test_results_describe_the_data(toolkit_run, world):
 
 def test_results_hold_the_attention_maps_of_the_best_attentive_architecture(toolkit_run):
     out, _ = toolkit_run
-    results = read_json(os.path.join(out, "results.json"))
+    results = read_results(out)
     attention, rows = results["attention"], results["compare"]
     assert attention["arch"] == max(optional_stages.ATTENTIVE, key=lambda a: rows[a]["CIDEr"])
     assert len(attention["figures"]) == 2 * optional_stages.ATTENTION_IMAGES
