@@ -24,9 +24,9 @@ import run_context
 import search
 from captioner import read_checkpoint_config
 from common import UserError
-from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, option_flags,
-                         run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps, train_config,
-                         train_inputs, train_run, train_split, trainer_argv)
+from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, cut_lines, decoding_flags,
+                         option_flags, run_folder, scored_checkpoint, setting_name, ship, shipped_cut,
+                         shipped_predictions, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -35,6 +35,7 @@ CAPTION_SETS = ("human", "precise", "creative")  # what each distill student tra
 CREATIVE = dict(method="sample", temperature=0.9, top_k=0, top_p=1.0, seed=0)  # seed 004 section 4's "creative"
 SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # each distill and compare row's scores (metrics.py names)
 ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
+CUT_KEYS = ("cut", "max_len")  # run_context.caption_and_score's count of cut captions, and the length they reached
 
 
 def student_argv(ctx: Context, train_json: str) -> List[str]:
@@ -74,9 +75,10 @@ def teacher_captions(ctx: Context, settings: dict, human: str, path: str) -> str
 
 
 def distill_row(scores: dict, captions_per_image: float, predictions: str) -> dict:
-    """object_f1 is the miniature world's (its extra stage fills it in); None on other data."""
-    return dict({k: scores.get(k) for k in ROW_KEYS}, object_f1=None, captions_per_image=captions_per_image,
-                predictions=predictions)
+    """object_f1 is the miniature world's (its extra stage fills it in); None on other data. "cut" and "max_len":
+    the scored captions that reached the length limit without their end token, and that limit."""
+    return dict({k: scores.get(k) for k in ROW_KEYS + CUT_KEYS}, object_f1=None,
+                captions_per_image=captions_per_image, predictions=predictions)
 
 
 def stage_distill(ctx: Context) -> dict:
@@ -94,9 +96,9 @@ def stage_distill(ctx: Context) -> dict:
             bar.update(1)
         clip = ctx.scoring_clip()
         teacher_pred = shipped_predictions(ctx)
-        rows = dict(teacher=dict(distill_row(metrics.evaluate(
+        rows = dict(teacher=dict(distill_row(dict(metrics.evaluate(
             teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE),
-            ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
+            **shipped_cut(ctx)), ctx.args.teacher_captions, teacher_pred), checkpoint=ctx.results["p2_shipping"]["checkpoint"],
             decoding=decodings))
         seconds = {}
         for name in CAPTION_SETS:
@@ -122,7 +124,8 @@ def distill_table(rows: dict) -> str:
     for name, row in rows.items():
         label = "(the teacher, %s)" % setting_name(row["decoding"]["precise"]) if name == "teacher" else name
         lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
-    return "\n".join(lines)
+    cuts = cut_lines(rows, "distill")
+    return "\n".join(lines + ([""] + cuts if cuts else []))
 
 
 # ----------------------------------------------------------------------------------------------- compare
@@ -165,7 +168,7 @@ def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[flo
     """One row of results.json "compare": the metric suite (METEOR None without Java), the world-only measures as
     None (the demo's world stage fills them), parameters and training time (the scored checkpoint's own record when
     it has one, as the committed world checkpoints do; else this run's training), then what it is."""
-    return dict({k: scores.get(k) for k in ROW_KEYS}, **{k: None for k in WORLD_SCORES},
+    return dict({k: scores.get(k) for k in ROW_KEYS + CUT_KEYS}, **{k: None for k in WORLD_SCORES},
                 trainable_params=trainable_params, train_seconds=train_seconds, **about)
 
 
@@ -203,6 +206,7 @@ def stage_compare(ctx: Context) -> dict:
             seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
             if seconds_then is None and not ctx.args.score_checkpoints:  # the scored checkpoint is this training's
                 seconds_then = ctx.results["timings"]["p2_train"][best]
+            scores = dict(scores, cut=p2_row.get("cut"), max_len=p2_row.get("max_len"))
             compare["gpt2"] = compare_row(scores, p2_row["trainable_params"], seconds_then,
                                           checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
         else:
@@ -239,7 +243,8 @@ def compare_table(results: dict) -> str:
         lines += ["", "| ablation: attention-gru --attention-reg | CIDEr | pointing game |", "| --- | --- | --- |"]
         lines += ["| %g (%s) | %s | %s |" % (a["attention_reg"], name, number(a.get("CIDEr")),
                                              number(a.get("pointing_game"))) for name, a in ablation.items()]
-    return "\n".join(lines)
+    cuts = cut_lines(rows, "compare")
+    return "\n".join(lines + ([""] + cuts if cuts else []))
 
 
 # ----------------------------------------------------------------------------------------------- scst
@@ -295,8 +300,8 @@ def scst_method(ctx: Context) -> Optional[str]:
 
 def scst_row(scores: dict, checkpoint: str, predictions: str) -> dict:
     """One side of results.json "scst": the scores, the world-only ones as None (the demo's world stage fills them)."""
-    return dict({k: scores.get(k) for k in SCST_KEYS}, object_f1=None, exact_object_set=None, checkpoint=checkpoint,
-                predictions=predictions)
+    return dict({k: scores.get(k) for k in SCST_KEYS + CUT_KEYS}, object_f1=None, exact_object_set=None,
+                checkpoint=checkpoint, predictions=predictions)
 
 
 def changed_captions(before: dict, after: dict, most: Tuple[int, int] = CHANGED_CAPTIONS) -> List[dict]:
@@ -327,8 +332,9 @@ def stage_scst(ctx: Context) -> dict:
         ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
         if best == ctx.results["p2_best"]:  # its captions with the shipped decoding are P2's
             before_pred = shipped_predictions(ctx)
-            before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                                      device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
+            before = dict(metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                                           device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split()),
+                          **shipped_cut(ctx))
         else:
             before_pred = ctx.path("scst", best, "before.json")
             before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
@@ -367,7 +373,8 @@ def scst_table(scst: dict) -> str:
     for c in scst.get("changed") or []:
         lines.append("- %s: \"%s\" (CIDEr %.3f) -> \"%s\" (%.3f)" % (c["image"], c["before"], c["cider_before"],
                                                                     c["after"], c["cider_after"]))
-    return "\n".join(lines)
+    cuts = cut_lines({side: scst[side] for side in ("before", "after")}, "scst")
+    return "\n".join(lines + ([""] + cuts if cuts else []))
 
 
 # ----------------------------------------------------------------------------------------------- what run_all asks

@@ -28,6 +28,7 @@ import pipeline
 import search
 from captioner import config_path, read_checkpoint_config
 from common import UserError, atomic_write, file_sha256, progress, read_json, resolve_device, write_json
+from tokenizer import BPETokenizer
 
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
@@ -83,6 +84,7 @@ class Context:
         self.log_path = os.path.join(self.out, "run_all.log")
         self.train_options: Dict[str, argparse.Namespace] = {}  # p2_train.py's parsed options per method
         self._fingerprints: Dict[str, Optional[str]] = {}
+        self._scoring_max_len: Optional[int] = None
 
     def data(self, key: str) -> str:
         if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
@@ -98,6 +100,16 @@ class Context:
     def val_split(self) -> Optional[str]:
         """metrics.evaluate's split: the val share of a --captions file; the whole of the course's val.json."""
         return "val" if self.args.captions else None
+
+    def scoring_max_len(self) -> int:
+        """The length every scored caption may reach: covers the longest val reference and its end token, never
+        below the README's 30 (search.covering_max_len; the decoder's positions cap it in search)."""
+        if self._scoring_max_len is None:
+            val = p2_data.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
+                                        default_split="val")
+            _, _, longest = p2_data.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
+            self._scoring_max_len = search.covering_max_len(longest)
+        return self._scoring_max_len
 
     def _places(self):
         """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA)."""
@@ -397,13 +409,30 @@ def decoding_flags(settings: dict) -> List[str]:
 
 def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
                       names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
-    """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
-    scoring of `names`) with the CLIP loaded once."""
-    p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
-                       ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
-                      + decoding_flags(settings))
-    return metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                            device=ctx.device, metrics=names, split=ctx.val_split())
+    """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, at least as long as the val references
+    (Context.scoring_max_len), then metrics.evaluate (p2_evaluate.py's scoring of `names`) with the CLIP loaded
+    once. The scores carry "cut" (captions that reached "max_len" without their end token) and that "max_len"."""
+    settings = dict(settings, max_len=max(int(settings["max_len"]), ctx.scoring_max_len()))
+    captioned = p2_inference.run([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint,
+                                  "--device", ctx.args.device, "--num-workers", str(ctx.args.workers)]
+                                 + ctx.split_flags() + decoding_flags(settings))
+    scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                              device=ctx.device, metrics=names, split=ctx.val_split())
+    return dict(scores, cut=captioned["cut"], max_len=captioned["max_len"])
+
+
+def cut_lines(rows: Dict[str, dict], what: str) -> List[str]:
+    """results.md's word on cut captions: a line for each scored row some of whose captions reached the length
+    limit without their end token (their scores are those of cut captions)."""
+    return ["- %s %s: %d captions cut at %d tokens (no end token; their scores are of cut captions)"
+            % (what, name, row["cut"], row["max_len"]) for name, row in rows.items() if row.get("cut")]
+
+
+def shipped_cut(ctx: Context) -> Dict[str, Optional[int]]:
+    """"cut" and "max_len" of p2_best's val captions with the shipped decoding (its row of the decoding table)."""
+    chosen = setting_name(ctx.results["p2_inference"])
+    row = next((r for r in ctx.results.get("p2_decoding") or [] if setting_name(r) == chosen), {})
+    return dict(cut=row.get("cut"), max_len=row.get("max_len"))
 
 
 def setting_name(settings: dict) -> str:
