@@ -291,12 +291,14 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
 
 def sample_pairs(samples: List[List[int]], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forcing inputs and targets (B, K) of sampled captions (ids without the end token): the end token is a
-    target only where the caption ended, i.e. came out shorter than max_len."""
+    target only where the caption ended, i.e. came out shorter than max_len. K stops at the last target, so a
+    caption cut at the decoder's last position never feeds one more."""
     inputs, targets = p2_data.caption_targets(samples)
     for row, ids in enumerate(samples):
         if len(ids) >= max_len:  # cut by max_len: it never sampled the end token
             targets[row, len(ids)] = p2_data.IGNORE_INDEX
-    return inputs, targets
+    width = max(len(ids) + (len(ids) < max_len) for ids in samples)  # the last target's column, plus one
+    return inputs[:, :width], targets[:, :width]
 
 
 def baseline_of(rewards: torch.Tensor) -> torch.Tensor:

@@ -540,8 +540,11 @@ def test_from_scratch_resume_gives_identical_state(world, tmp_path, arch):
 
 def test_sample_pairs_end_only_where_the_caption_ended():
     inputs, targets = training.sample_pairs([[5, 6], [7, 8, 9]], max_len=3)
-    assert inputs.tolist() == [[50256, 5, 6, 50256, 50256], [50256, 7, 8, 9, 50256]]
-    assert targets.tolist() == [[5, 6, 50256, -100, -100], [7, 8, 9, -100, -100]]  # the second was cut at max_len
+    assert inputs.tolist() == [[50256, 5, 6], [50256, 7, 8]]  # no input after the last target: 3 positions, not 5
+    assert targets.tolist() == [[5, 6, 50256], [7, 8, 9]]  # the second was cut at max_len: no end token target
+    inputs, targets = training.sample_pairs([[5, 6], [7]], max_len=3)
+    assert inputs.tolist() == [[50256, 5, 6], [50256, 7, 50256]] and targets.tolist() == [[5, 6, 50256],
+                                                                                         [7, 50256, -100]]
     rewards = torch.tensor([[1.0, 2.0, 3.0]])
     assert training.baseline_of(rewards).tolist() == [[2.5, 2.0, 1.5]]
 
