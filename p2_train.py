@@ -43,10 +43,10 @@ from training import (WARMUP_SHARE, Dist, check_budget, effective_warmup, grad_s
                       resume, rng_state, save_state, scst_epoch, score, train_epoch, validate)
 
 PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
-# What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
-# seed 004 picks), and the validation loss.
 # The default --max-caption-tokens is the longest training caption rounded up to a multiple of this.
 CAPTION_LENGTH_STEP = 8
+# What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
+# seed 004 picks), and the validation loss.
 SELECT_METRICS = dict([(k.lower(), 1) for k in metrics.result_keys(metrics.METRIC_KEYS)], mean=1, val_loss=-1)
 
 
