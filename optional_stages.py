@@ -27,9 +27,9 @@ import run_context
 import search
 from captioner import config_path, read_checkpoint_config
 from common import UserError, read_json, write_json
-from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, decoding_flags, kept_part,
-                         option_flags, run_folder, scored_checkpoint, setting_name, ship, shipped_predictions, steps,
-                         train_config, train_inputs, train_run, train_split, trainer_argv)
+from run_context import (TRAIN_DONE, Context, caption_and_score, checked_training, cut_lines, decoding_flags,
+                         kept_part, option_flags, run_folder, scored_checkpoint, setting_name, ship, shipped_cut,
+                         shipped_predictions, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
 
 
 # ----------------------------------------------------------------------------------------------- the best captioner
@@ -64,12 +64,17 @@ def best_captioner(ctx: Context) -> dict:
     if has_gpt2(ctx):
         shipped = {k: v for k, v in ctx.results["p2_inference"].items() if k != "chosen_on"}
         return dict(checkpoint=ctx.results["p2_shipping"]["checkpoint"], arch="gpt2", decoding=shipped,
-                    predictions=shipped_predictions(ctx), chosen_on="P2's best attempt by CIDEr")
+                    predictions=shipped_predictions(ctx), cut=shipped_cut(ctx), chosen_on="P2's best attempt by CIDEr")
     arch = compare_best(ctx)
     row = ctx.results["compare"][arch]
     return dict(checkpoint=row["checkpoint"], arch=arch, decoding=compare_decoding(),
-                predictions=ctx.path("compare", arch, "pred.json"),
+                predictions=ctx.path("compare", arch, "pred.json"), cut=row_cut(row),
                 chosen_on="the compare stage's best architecture by CIDEr on val (%.4f)" % row["CIDEr"])
+
+
+def row_cut(row: dict) -> Dict[str, Optional[int]]:
+    """A scored row's "cut" and "max_len" (CUT_KEYS), for another row scored on the same captions."""
+    return {k: row.get(k) for k in CUT_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -78,6 +83,7 @@ CAPTION_SETS = ("human", "precise", "creative")  # what each distill student tra
 CREATIVE = dict(method="sample", temperature=0.9, top_k=0, top_p=1.0, seed=0)  # seed 004 section 4's "creative"
 SUITE = ("bleu", "meteor", "rouge", "cider", "clipscore")  # each distill and compare row's scores (metrics.py names)
 ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
+CUT_KEYS = ("cut", "max_len")  # run_context.caption_and_score's count of cut captions, and the length they reached
 
 
 def student_argv(ctx: Context, train_json: str) -> List[str]:
@@ -119,7 +125,7 @@ def teacher_captions(ctx: Context, settings: dict, human: str, path: str, checkp
     p2_inference.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint", checkpoint, "--captions",
                        human, "--split", teacher_split(ctx), "--format", "coco", "--captions-per-image",
                        str(settings["captions_per_image"]), "--device", ctx.args.device, "--num-workers",
-                       str(ctx.args.workers)] + decoding_flags(settings))
+                       str(ctx.args.workers)] + decoding_flags(settings, checkpoint))
     return path
 
 
@@ -134,9 +140,10 @@ def kept_teacher_captions(ctx: Context, settings: dict, human: str, path: str, t
 
 
 def distill_row(scores: dict, captions_per_image: float, predictions: str) -> dict:
-    """object_f1 is the miniature world's (its extra stage fills it in); None on other data."""
-    return dict({k: scores.get(k) for k in ROW_KEYS}, object_f1=None, captions_per_image=captions_per_image,
-                predictions=predictions)
+    """object_f1 is the miniature world's (its extra stage fills it in); None on other data. "cut" and "max_len":
+    the scored captions that reached the length limit without their end token, and that limit."""
+    return dict({k: scores.get(k) for k in ROW_KEYS + CUT_KEYS}, object_f1=None,
+                captions_per_image=captions_per_image, predictions=predictions)
 
 
 def stage_distill(ctx: Context) -> dict:
@@ -158,10 +165,10 @@ def stage_distill(ctx: Context) -> dict:
             bar.update(1)
         clip = ctx.scoring_clip()
         teacher_pred = teacher["predictions"]
-        rows = dict(teacher=dict(distill_row(metrics.evaluate(
+        rows = dict(teacher=dict(distill_row(dict(metrics.evaluate(
             teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE,
-            split=ctx.val_split()), ctx.args.teacher_captions, teacher_pred), checkpoint=teacher["checkpoint"],
-            decoding=decodings, arch=teacher["arch"], chosen_on=teacher["chosen_on"]))
+            split=ctx.val_split()), **teacher["cut"]), ctx.args.teacher_captions, teacher_pred),
+            checkpoint=teacher["checkpoint"], decoding=decodings, arch=teacher["arch"], chosen_on=teacher["chosen_on"]))
         seconds = {}
         for name in CAPTION_SETS:
             inputs = dict(train_inputs(ctx), captions=pipeline.fingerprint(captions[name]))
@@ -193,7 +200,8 @@ def distill_table(rows: dict) -> str:
         label = "(the teacher%s, %s)" % ("" if row.get("arch", "gpt2") == "gpt2" else ": " + row["arch"],
                                          setting_name(row["decoding"]["precise"])) if name == "teacher" else name
         lines.append("| %s | %s |" % (label, " | ".join("-" if row.get(k) is None else "%.4g" % row[k] for k in keys)))
-    return "\n".join(lines)
+    cuts = cut_lines(rows, "distill")
+    return "\n".join(lines + ([""] + cuts if cuts else []))
 
 
 # ----------------------------------------------------------------------------------------------- compare
@@ -238,7 +246,7 @@ def compare_row(scores: dict, trainable_params: int, train_seconds: Optional[flo
     """One row of results.json "compare": the metric suite (METEOR None without Java), the world-only measures as
     None (the demo's world stage fills them), parameters and training time (the scored checkpoint's own record when
     it has one, as the committed world checkpoints do; else this run's training), then what it is."""
-    return dict({k: scores.get(k) for k in ROW_KEYS}, **{k: None for k in WORLD_SCORES},
+    return dict({k: scores.get(k) for k in ROW_KEYS + CUT_KEYS}, **{k: None for k in WORLD_SCORES},
                 trainable_params=trainable_params, train_seconds=train_seconds, **about)
 
 
@@ -279,6 +287,7 @@ def stage_compare(ctx: Context) -> dict:
             seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
             if seconds_then is None and not ctx.args.score_checkpoints:  # the scored checkpoint is this training's
                 seconds_then = ctx.results["timings"]["p2_train"][best]
+            scores = dict(scores, cut=p2_row.get("cut"), max_len=p2_row.get("max_len"))
             compare["gpt2"] = compare_row(scores, p2_row["trainable_params"], seconds_then,
                                           checkpoint=p2_row["checkpoint"], arch="gpt2", peft=best)
         else:
@@ -306,7 +315,8 @@ def attention_figures(ctx: Context, arch: str, checkpoint: str, per_image: dict,
         arch, 2 * ATTENTION_IMAGES))
     p3_visualize.main(["--images", ctx.data("val_images"), "--out", folder, "--from-scores", scores, "--top",
                        str(ATTENTION_IMAGES), "--bottom", str(ATTENTION_IMAGES), "--checkpoint", checkpoint,
-                       "--decoder", ctx.data("decoder"), "--device", ctx.args.device] + decoding_flags(decoding))
+                       "--decoder", ctx.data("decoder"), "--device", ctx.args.device]
+                      + decoding_flags(decoding, checkpoint))
     figures = read_json(os.path.join(folder, "attention.json"), "attention figures")["figures"]
     drawn = {p2_data.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
              for f in figures}
@@ -345,7 +355,8 @@ def compare_table(results: dict) -> str:
             m.replace("_", " ") for m in measures), "| --- " * (1 + len(measures)) + "|"]
         lines += ["| %g (%s) | %s |" % (a["attention_reg"], name, " | ".join(number(a.get(m)) for m in measures))
                   for name, a in ablation.items()]
-    return "\n".join(lines)
+    cuts = cut_lines(rows, "compare")
+    return "\n".join(lines + ([""] + cuts if cuts else []))
 
 
 # ----------------------------------------------------------------------------------------------- scst
@@ -423,8 +434,8 @@ def scst_start(ctx: Context, method: str) -> Tuple[str, dict]:
 
 def scst_row(scores: dict, checkpoint: str, predictions: str) -> dict:
     """One side of results.json "scst": the scores, the world-only ones as None (the demo's world stage fills them)."""
-    return dict({k: scores.get(k) for k in SCST_KEYS}, object_f1=None, exact_object_set=None, checkpoint=checkpoint,
-                predictions=predictions)
+    return dict({k: scores.get(k) for k in SCST_KEYS + CUT_KEYS}, object_f1=None, exact_object_set=None,
+                checkpoint=checkpoint, predictions=predictions)
 
 
 def changed_captions(before: dict, after: dict, most: Tuple[int, int] = CHANGED_CAPTIONS) -> List[dict]:
@@ -456,8 +467,9 @@ def stage_scst(ctx: Context) -> dict:
         ctx.say("scst: scoring %s before (%s, the shipped decoding %s)" % (best, init, setting_name(decoding)))
         if written_before:  # its captions with this decoding are P2's shipped ones or the compare stage's
             before_pred = shipped_predictions(ctx) if has_gpt2(ctx) else ctx.path("compare", best, "pred.json")
-            before = metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                                      device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split())
+            cut = shipped_cut(ctx) if has_gpt2(ctx) else row_cut(ctx.results["compare"][best])
+            before = dict(metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
+                                           device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split()), **cut)
         else:
             before_pred = ctx.path("scst", best, "before.json")
             before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
@@ -497,7 +509,8 @@ def scst_table(scst: dict) -> str:
     for c in scst.get("changed") or []:
         lines.append("- %s: \"%s\" (CIDEr %.3f) -> \"%s\" (%.3f)" % (c["image"], c["before"], c["cider_before"],
                                                                     c["after"], c["cider_after"]))
-    return "\n".join(lines)
+    cuts = cut_lines({side: scst[side] for side in ("before", "after")}, "scst")
+    return "\n".join(lines + ([""] + cuts if cuts else []))
 
 
 # ----------------------------------------------------------------------------------------------- what run_all asks

@@ -21,7 +21,7 @@ if "--allow-download" not in sys.argv:
 
 import argparse
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -80,9 +80,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def caption_folder(model: Captioner, folder: str, names: List[str], settings: Dict[str, object],
-                   batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> List[str]:
-    """The captions of `names`, image-major (settings' captions_per_image per image); sampling is seeded by each
-    image's key, so the captions do not depend on the batch size."""
+                   batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> Tuple[List[str], int]:
+    """The captions of `names`, image-major (settings' captions_per_image per image), and how many were cut (reached
+    max_len without the end token); sampling is seeded by each image's key, so the captions do not depend on the
+    batch size."""
     tokenizer = BPETokenizer()
     count = int(settings.get("captions_per_image", 1))
     loader = torch.utils.data.DataLoader(
@@ -91,24 +92,37 @@ def caption_folder(model: Captioner, folder: str, names: List[str], settings: Di
         collate_fn=collate_images, pin_memory=device.type == "cuda")
     captions: List[Optional[str]] = [None] * (len(names) * count)
     pieces = HalvingBatches("captioning")  # a CUDA out-of-memory error halves the batch
+    cut = 0
 
-    def generate(pixels: torch.Tensor, indices: List[int]) -> List[List[int]]:
+    def generate(pixels: torch.Tensor, indices: List[int]) -> Tuple[List[List[int]], List[bool]]:
         with torch.no_grad(), autocast(device, fp16):
-            return model.generate(pixels.to(device, non_blocking=True),
+            return model.generate(pixels.to(device, non_blocking=True), return_ended=True,
                                   image_keys=[p2_data.image_key(names[i]) for i in indices], **settings)
 
     with progress(total=len(names), desc="captioning", unit="img") as bar:
         for indices, pixels in image_batches(loader):
-            ids = [c for piece in pieces(len(indices), lambda s, e: generate(pixels[s:e], indices[s:e]))
-                   for c in piece]
+            pieces_done = pieces(len(indices), lambda s, e: generate(pixels[s:e], indices[s:e]))
+            ids = [c for piece, _ in pieces_done for c in piece]
+            cut += sum(ended.count(False) for _, ended in pieces_done)
             texts = search.decode_captions(ids, tokenizer)
             for n, index in enumerate(indices):
                 captions[index * count:(index + 1) * count] = texts[n * count:(n + 1) * count]
             bar.update(len(indices))
-    return captions
+    return captions, cut
+
+
+def cut_line(cut: int, total: int, max_len: int) -> str:
+    """What stderr and results.md say of captions that reached the length limit without their end token."""
+    return "%d of %d captions cut at %d tokens (no end token): raise --max-len" % (cut, total, max_len)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: Optional[List[str]] = None) -> Dict[str, int]:
+    """main's work; returns what run_all records of it: captions written, how many were cut, at what length."""
     args = parse_args(argv)
     hub_offline(not args.allow_download)
     if args.batch_size < 1 or args.num_workers < 0:
@@ -128,8 +142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, _ = load_captioner(args.checkpoint, args.decoder_weights, device=device, encoder_spec=args.encoder)
     print(said, file=sys.stderr)
     loaded = time.time()
-    captions = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,
-                              args.fp16)
+    captions, cut = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,
+                                   args.fp16)
+    max_len = search.effective_max_len(model.decoder, int(settings["max_len"]))
+    if cut:
+        print(cut_line(cut, len(captions), max_len), file=sys.stderr)
     if args.format == "coco":
         count = args.captions_per_image
         info = dict(description="p2_inference.py captions of %s" % os.path.basename(os.path.normpath(args.images)),
@@ -142,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("captioned %d images (%d captions) in %.1f s (%.1f images/s; model loading %.1f s) -> %s" % (
         len(names), len(captions), took, len(names) / max(took, 1e-9), loaded - start, args.output),
         file=sys.stderr)
-    return 0
+    return dict(captions=len(captions), cut=cut, max_len=max_len)
 
 
 if __name__ == "__main__":

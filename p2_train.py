@@ -36,13 +36,15 @@ from compact_vocab import collect_output_ids
 from decoder import Config, peft_config
 from encoder import DEFAULT_ENCODER
 from rnn_decoder import GLOBAL_POOLS, RNNConfig
-from search import DECODE_DEFAULTS
+from search import DATA_LENGTH_KEY, DECODE_DEFAULTS, covering_max_len
 from tokenizer import BPETokenizer
 from transformer_decoder import TransformerConfig
-from training import (BatchSplit, Dist, check_budget, grad_scaler, log_line, make_optimizer, resume, rng_state,
-                      save_state, scst_epoch, score, train_epoch, validate)
+from training import (WARMUP_SHARE, BatchSplit, Dist, check_budget, effective_warmup, grad_scaler, log_line,
+                      make_optimizer, resume, rng_state, save_state, scst_epoch, score, train_epoch, validate)
 
 PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
+# The default --max-caption-tokens is the longest training caption rounded up to a multiple of this.
+CAPTION_LENGTH_STEP = 8
 # What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
 # seed 004 picks), and the validation loss.
 SELECT_METRICS = dict([(k.lower(), 1) for k in metrics.result_keys(metrics.METRIC_KEYS)], mean=1, val_loss=-1)
@@ -71,8 +73,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--val-fraction", type=float, default=p2_data.VAL_FRACTION, help="share of a file without "
                    "splits that the val split takes (by file-name hash: the same on every machine)")
     g.add_argument("--val-max-images", type=int, default=0, help="validate on the first N images only (0 = all)")
-    g.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut to this many GPT-2 "
-                   "tokens, and stderr says how many were (COCO's fit in 40; DeepFashion paragraphs need 160)")
+    g.add_argument("--max-caption-tokens", type=int, default=None, help="longer captions are cut to this many GPT-2 "
+                   "tokens, and stderr says how many were (default: from the training captions, the longest rounded "
+                   "up to a multiple of %d, within the decoder's positions; recorded in the checkpoint JSON)"
+                   % CAPTION_LENGTH_STEP)
     g.add_argument("--raw-captions", action="store_true", help="train on captions as written (default: lower case, "
                    "single spaces, no trailing full stop)")
     g.add_argument("--augment", action="store_true", help="light crop and colour jitter (not with --feature-cache)")
@@ -125,7 +129,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
-    g.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps (capped at 10%% of training)")
+    g.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps, at most %d%%%% of the run's "
+                   "steps (the steps used are printed and recorded)" % round(100 * WARMUP_SHARE))
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices only")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the caption loss (BLIP's "
@@ -146,7 +151,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--val-decode", choices=("greedy", "beam"), default="greedy", help="decoding of validation "
                    "captions (greedy is fastest)")
     g.add_argument("--val-beam-size", type=int, default=DECODE_DEFAULTS["beam_size"], help="beam size with beam")
-    g.add_argument("--val-max-len", type=int, default=DECODE_DEFAULTS["max_len"], help="max caption tokens")
+    g.add_argument("--val-max-len", type=int, default=None, help="max caption tokens, end token included "
+                   "(default: covers --max-caption-tokens, at least %d)" % DECODE_DEFAULTS["max_len"])
     g.add_argument("--val-batch-size", type=int, default=64, help="validation images per batch")
     g.add_argument("--encode-batch-size", type=int, default=64, help="images per batch when filling the cache")
     g.add_argument("--clip-model", default=clip_utils.CLIPSCORE_CLIP[0], help="CLIP for CLIPScore (open_clip name or config JSON)")
@@ -188,7 +194,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise UserError("--init-from %s: no such checkpoint" % args.init_from)
     for name in ("batch_size", "grad_accum", "max_caption_tokens", "val_batch_size", "encode_batch_size",
                  "log_every", "val_beam_size", "val_max_len"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError("--%s must be at least 1, got %s" % (name.replace("_", "-"), getattr(args, name)))
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "stop_after", "val_max_images", "workers"):
         if getattr(args, name) < 0:
@@ -325,7 +331,8 @@ def decoder_config(args: argparse.Namespace, output_ids=None):
 
 def _scratch_config(args: argparse.Namespace, output_ids):
     given = {o: getattr(args, o) for o in ARCH_OPTIONS[args.arch] if getattr(args, o) is not None}
-    common = dict(output_ids=output_ids, block_size=args.max_caption_tokens + 2)  # + the start and end tokens
+    tokens = args.max_caption_tokens or CAPTION_LENGTH_STEP  # before the data are read, any length checks options
+    common = dict(output_ids=output_ids, block_size=tokens + 2)  # + the start and end tokens
     if args.arch == "transformer":
         cfg = TransformerConfig(**common, **given)
     else:
@@ -358,9 +365,28 @@ def load_splits(args):
     return train, val.subset(args.val_max_images) if args.val_max_images else val
 
 
+def caption_length(args, train, world: Dist) -> None:
+    """Sets --max-caption-tokens from the training captions when it was not given (the longest, rounded up to a
+    multiple of CAPTION_LENGTH_STEP: no caption is cut) and --val-max-len to a length covering it; says so."""
+    if args.max_caption_tokens is None:
+        _, _, longest = p2_data.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
+        args.max_caption_tokens = max(1, -(-longest // CAPTION_LENGTH_STEP)) * CAPTION_LENGTH_STEP
+        if world.main:
+            print("caption length: --max-caption-tokens %d from the training captions (the longest has %d tokens, "
+                  "rounded up to a multiple of %d)" % (args.max_caption_tokens, longest, CAPTION_LENGTH_STEP),
+                  file=sys.stderr)
+    if args.val_max_len is None:
+        args.val_max_len = covering_max_len(args.max_caption_tokens)
+
+
+def trained_caption_tokens(args, captioner) -> int:
+    """The caption length training used: --max-caption-tokens within the decoder's positions (start and end)."""
+    return min(args.max_caption_tokens, captioner.decoder.max_text_len - 2)
+
+
 def build_data(args, train, val, captioner, world: Dist):
     tokenizer = BPETokenizer()
-    max_tokens = min(args.max_caption_tokens, captioner.decoder.max_text_len - 2)  # start and end tokens
+    max_tokens = trained_caption_tokens(args, captioner)
     train_tokens, cut, longest = p2_data.tokenize_captions(train.captions, tokenizer, max_tokens)
     val_tokens, val_cut, val_longest = p2_data.tokenize_captions(val.captions, tokenizer, max_tokens)
     if world.main and (cut or val_cut):
@@ -498,6 +524,7 @@ def _run(args, world: Dist) -> int:
         if folder and world.main:
             check_writable_dir(folder, what + " folder")
     train, val = load_splits(args)
+    caption_length(args, train, world)
     if args.arch in FROM_SCRATCH:  # the compact output layer: the GPT-2 ids of the training captions
         tokens, _, _ = p2_data.tokenize_captions(train.captions, BPETokenizer(), args.max_caption_tokens)
         cfg = decoder_config(args, collect_output_ids(ids for image in tokens for ids in image))
@@ -521,6 +548,11 @@ def _run(args, world: Dist) -> int:
             captioner, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     total_steps = args.epochs * math.ceil(len(loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(captioner.decoder, args, total_steps)
+    warmup = effective_warmup(args.warmup_steps, total_steps)
+    if world.main:
+        print("warm-up: %d of %d optimiser steps (--warmup-steps %d, at most %d%% of the run), then cosine from "
+              "--lr %g to --min-lr %g" % (warmup, total_steps, args.warmup_steps, round(100 * WARMUP_SHARE), args.lr,
+                                          args.min_lr), file=sys.stderr)
     scaler = grad_scaler(amp)
     settings = model_settings(args, captioner)
     os.makedirs(args.out, exist_ok=True)
@@ -540,7 +572,8 @@ def _run(args, world: Dist) -> int:
             pass
         write_json(os.path.join(args.out, "args.json"), vars(args))
         log_line(log_path, kind="start", parameters=summary, settings=settings, steps=total_steps,
-                 time=round(time.time(), 1), setup_seconds=round(setup_seconds, 1))  # run_all's time estimate
+                 warmup_steps=warmup, time=round(time.time(), 1),
+                 setup_seconds=round(setup_seconds, 1))  # run_all's time estimate
 
     def validate_and_keep(epoch: int, record: dict, best: Optional[dict]) -> Optional[dict]:
         """Validation captions and scores after `epoch` (0: the --init-from model); best.pt follows --select-on
@@ -557,7 +590,9 @@ def _run(args, world: Dist) -> int:
             extra = dict(epoch=epoch, phase=record.get("phase", "cross-entropy"), metrics={
                 k: record[k] for k in record if k not in ("kind", "epoch", "step", "train_seconds", "phase")},
                 validation_decoding=dict(method=args.val_decode, beam_size=args.val_beam_size,
-                                         max_len=args.val_max_len))  # a record, not for inference
+                                         max_len=args.val_max_len),  # a record, not for inference
+                warmup_steps=warmup, total_steps=total_steps,
+                **{DATA_LENGTH_KEY: trained_caption_tokens(args, captioner)})  # inference's default length
             if args.scst_epochs:
                 extra["scst"] = {k: getattr(args, k) for k in SCST_OPTIONS}
             save_checkpoint(os.path.join(args.out, "best.pt"), captioner, extra=extra)

@@ -72,8 +72,8 @@ from captioner import ARCHITECTURES, config_path, read_checkpoint_config
 from common import UserError, atomic_write, check_image_file, list_images, progress, read_json, run_main, write_json
 from optional_stages import COMPARE_RUNS, compare_table, distill_table, scst_options, scst_table
 from run_context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, caption_and_score, checked_training,
-                         discard_unfinished_trainings, loss_log, merge, run_folder, scored_checkpoint, setting_name,
-                         ship, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
+                         cut_lines, discard_unfinished_trainings, loss_log, merge, run_folder, scored_checkpoint,
+                         setting_name, ship, steps, train_config, train_inputs, train_run, train_split, trainer_argv)
 from tokenizer import BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -342,6 +342,7 @@ def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> d
 def stage_p2(ctx: Context) -> dict:
     methods = ctx.args.methods
     grid = [dict(search.DECODE_DEFAULTS, **g) for g in run_context.DECODING_GRID]
+    grid = [dict(g, max_len=max(g["max_len"], ctx.scoring_max_len())) for g in grid]  # covers the references
     with steps(3 * len(methods) + len(grid) - 1, "p2") as bar:
         train_json = train_split(ctx)
         train_seconds, estimated = {}, False
@@ -363,7 +364,8 @@ def stage_p2(ctx: Context) -> dict:
             scored = caption_and_score(ctx, checkpoint, grid[0], ctx.path("p2", method, "pred.json"), clip)
             write_json(ctx.path("p2", method, "per_image.json"), scored["per_image"])
             meta = read_checkpoint_config(checkpoint)
-            rows[method] = dict(cider=scored["CIDEr"], clipscore=scored["CLIPScore"],
+            rows[method] = dict(cider=scored["CIDEr"], clipscore=scored["CLIPScore"], cut=scored["cut"],
+                                max_len=scored["max_len"],
                                 trainable_params=meta["trainable_parameters"], checkpoint=checkpoint,
                                 checkpoint_fingerprint=scored["checkpoint_fingerprint"],
                                 **active_settings(ctx, method, checkpoint, meta))
@@ -393,7 +395,7 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
     for n, settings in enumerate(grid):
         name = setting_name(settings)
         if n == 0:  # the README default: the attempt's own row
-            scores = dict(CIDEr=row["cider"], CLIPScore=row["clipscore"])
+            scores = dict(CIDEr=row["cider"], CLIPScore=row["clipscore"], cut=row["cut"], max_len=row["max_len"])
             per_image[name] = None
         else:
             ctx.say("p2: decoding %s" % name)
@@ -401,7 +403,8 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
                                        clip)
             per_image[name] = scores["per_image"]
             bar.update(1)
-        table.append(dict(settings, cider=scores["CIDEr"], clipscore=scores["CLIPScore"]))
+        table.append(dict(settings, cider=scores["CIDEr"], clipscore=scores["CLIPScore"], cut=scores["cut"],
+                          max_len=scores["max_len"]))
     best = max(range(len(table)), key=lambda i: (table[i]["cider"], -i))
     chosen = {k: table[best][k] for k in search.DECODE_DEFAULTS}
     chosen["chosen_on"] = "highest CIDEr on the val split (%s, %d images) among %d settings (run_all.py)" % (
@@ -459,6 +462,9 @@ def results_table(results: dict) -> str:
         for d in results["p2_decoding"]:
             lines.append("| %s | %.4f | %.4f |" % (setting_name(d), d["cider"], d["clipscore"]))
         lines += ["", "chosen: %s (%s)" % (setting_name(results["p2_inference"]), results["p2_inference"]["chosen_on"])]
+    cuts = cut_lines(rows, "P2") + cut_lines({setting_name(d): d for d in results.get("p2_decoding") or []},
+                                              "decoding")
+    lines += [""] + cuts if cuts else []
     for e in results.get("p3_best_worst", []):
         lines += ["", "P3 %s: CLIPScore %.4f, \"%s\"" % (e["image"], e["clipscore"], e["caption"])]
     if results.get("distill"):

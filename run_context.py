@@ -32,6 +32,7 @@ import training
 from captioner import config_path, read_checkpoint_config
 from common import UserError, atomic_write, file_sha256, progress, read_json, resolve_device, write_json
 from encoder import EncoderSpec
+from tokenizer import BPETokenizer
 
 DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
             val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
@@ -95,6 +96,7 @@ class Context:
         self.train_options: Dict[str, argparse.Namespace] = {}  # p2_train.py's parsed options per method
         self._fingerprints: Dict[str, Optional[str]] = {}
         self.stage: Optional[str] = None  # the stage running now: its --force redoes its kept parts too
+        self._scoring_max_len: Optional[int] = None
 
     def data(self, key: str) -> str:
         if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
@@ -110,6 +112,16 @@ class Context:
     def val_split(self) -> Optional[str]:
         """metrics.evaluate's split: the val share of a --captions file; the whole of the course's val.json."""
         return "val" if self.args.captions else None
+
+    def scoring_max_len(self) -> int:
+        """The length every scored caption may reach: covers the longest val reference and its end token, never
+        below the README's 30 (search.covering_max_len; the decoder's positions cap it in search)."""
+        if self._scoring_max_len is None:
+            val = p2_data.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
+                                        default_split="val")
+            _, _, longest = p2_data.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
+            self._scoring_max_len = search.covering_max_len(longest)
+        return self._scoring_max_len
 
     def _places(self, absolute: bool = False):
         """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA); with
@@ -504,11 +516,14 @@ def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
                                                 "_scst" if stage == "scst" else ""))
 
 
-def decoding_flags(settings: dict) -> List[str]:
+def decoding_flags(settings: dict, checkpoint: Optional[str] = None) -> List[str]:
     """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
-    flags, sampling its own."""
-    flags = ["--method", settings["method"], "--max-len", str(settings["max_len"]), "--min-len",
-             str(settings["min_len"]), "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
+    flags, sampling its own. With `checkpoint`, lengths within its decoder's positions (a small from-scratch decoder
+    trained on short captions), which a flag beyond would be refused."""
+    most = search.caption_positions(read_checkpoint_config(checkpoint)) if checkpoint else None
+    max_len, min_len = (min(int(settings[k]), most or sys.maxsize) for k in ("max_len", "min_len"))
+    flags = ["--method", settings["method"], "--max-len", str(max_len), "--min-len", str(min_len),
+             "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
     if settings["method"] == "beam":
         flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
     if settings["method"] == "sample":
@@ -522,20 +537,24 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
     scoring of `names`) with the CLIP loaded once. Kept as a finished part of the stage: scored again only when the
     checkpoint, the settings or the val data changed (or `pred` did), so a restart redoes only unscored rows. The
-    result's "checkpoint_fingerprint" is the scored checkpoint's."""
+    result's "checkpoint_fingerprint" is the scored checkpoint's. Captions may reach at least the longest val
+    reference and its end token (Context.scoring_max_len); the scores carry "cut" (captions that reached "max_len"
+    without their end token) and that "max_len"."""
+    settings = dict(settings, max_len=max(int(settings["max_len"]), ctx.scoring_max_len()))
     what = dict(checkpoint=checkpoint_fingerprint(checkpoint), config=pipeline.fingerprint(config_path(checkpoint)),
-                settings=decoding_flags(settings), metrics=list(names), split=ctx.split_flags(),
+                settings=decoding_flags(settings, checkpoint), metrics=list(names), split=ctx.split_flags(),
                 clip=[ctx.args.clip_model, ctx.args.clip_pretrained],
                 data=ctx.inputs([ctx.data(k) for k in ("val_json", "val_images", "decoder")] + ctx.model_files()))
 
     def score() -> dict:
-        p2_inference.main([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint, "--device",
-                           ctx.args.device, "--num-workers", str(ctx.args.workers)] + ctx.split_flags()
-                          + decoding_flags(settings))
+        captioned = p2_inference.run([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint,
+                                      "--device", ctx.args.device, "--num-workers", str(ctx.args.workers)]
+                                     + ctx.split_flags() + decoding_flags(settings, checkpoint))
         scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
                                   device=ctx.device, metrics=names, split=ctx.val_split())
         log_out_of_memory(ctx, checkpoint)
-        return dict(scores, checkpoint_fingerprint=what["checkpoint"])
+        return dict(scores, cut=captioned["cut"], max_len=captioned["max_len"],
+                    checkpoint_fingerprint=what["checkpoint"])
     return kept_part(ctx, "scoring %s" % os.path.relpath(pred, ctx.out), what, [pred], score)
 
 
@@ -569,6 +588,20 @@ def kept_part(ctx: Context, name: str, what: dict, files: List[str], make: Calla
     write_json(path, dict(what=what, files=ctx.portable(pipeline.fingerprints(files)), result=ctx.portable(result)),
                indent=None)
     return result
+
+
+def cut_lines(rows: Dict[str, dict], what: str) -> List[str]:
+    """results.md's word on cut captions: a line for each scored row some of whose captions reached the length
+    limit without their end token (their scores are those of cut captions)."""
+    return ["- %s %s: %d captions cut at %d tokens (no end token; their scores are of cut captions)"
+            % (what, name, row["cut"], row["max_len"]) for name, row in rows.items() if row.get("cut")]
+
+
+def shipped_cut(ctx: Context) -> Dict[str, Optional[int]]:
+    """"cut" and "max_len" of p2_best's val captions with the shipped decoding (its row of the decoding table)."""
+    chosen = setting_name(ctx.results["p2_inference"])
+    row = next((r for r in ctx.results.get("p2_decoding") or [] if setting_name(r) == chosen), {})
+    return dict(cut=row.get("cut"), max_len=row.get("max_len"))
 
 
 def setting_name(settings: dict) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +38,15 @@ LATER_SETTINGS = ("min_len",) + tuple(SAMPLING_DEFAULTS)
 BEAM_ONLY = ("beam_size", "length_penalty")  # flags that mean beam search: giving one alone asks for it
 SAMPLING_ONLY = tuple(SAMPLING_DEFAULTS)  # flags that mean sampling: giving one alone asks for it
 _ALL_DEFAULTS = dict(DECODE_DEFAULTS, **SAMPLING_DEFAULTS)
+# A checkpoint JSON's record of its training captions' length (p2_train.py --max-caption-tokens, from the data by
+# default): its decoding's max_len defaults to covering_max_len of it. Absent in older checkpoints (then 30, as ever).
+DATA_LENGTH_KEY = "max_caption_tokens"
+
+
+def covering_max_len(caption_tokens: int) -> int:
+    """A decoding length that covers captions of `caption_tokens` tokens: one more for the end token, and never
+    below the README's default, so data of short captions decode as they always did."""
+    return max(DECODE_DEFAULTS["max_len"], int(caption_tokens) + 1)
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -72,13 +82,22 @@ def _checked_settings(settings: Dict[str, object], where: str, prefix: str = "")
     return out
 
 
+def caption_positions(meta: Optional[dict]) -> Optional[int]:
+    """The most tokens a caption may have in a checkpoint's decoder (its block size less the prompt and the start
+    token), from its config; None where the config does not say (GPT-2's 1024 positions are known once built)."""
+    decoder = (meta or {}).get("decoder")
+    if not isinstance(decoder, dict) or not isinstance(decoder.get("block_size"), int):
+        return None
+    return decoder["block_size"] - (decoder.get("prompt_len") or 0) - 1
+
+
 def _check_block_size(settings: Dict[str, object], flags: Dict[str, object], meta: Optional[dict], where: str) -> None:
     """max_len and min_len within the decoder's text positions (the start token takes one), named with their origin:
     search would otherwise cut them silently."""
-    decoder = (meta or {}).get("decoder")
-    if not isinstance(decoder, dict) or not isinstance(decoder.get("block_size"), int):
+    most = caption_positions(meta)
+    if most is None:
         return
-    most = decoder["block_size"] - (decoder.get("prompt_len") or 0) - 1
+    decoder = meta["decoder"]
     for key in ("max_len", "min_len"):
         if settings[key] > most:
             origin = "%s (command line)" % _flag(key) if key in flags else "%s: %s" % (where, key)
@@ -172,7 +191,8 @@ def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
     if unknown:
         raise UserError("%s: unknown setting(s) %s (known: %s, chosen_on)" % (where, ", ".join(map(str, unknown)),
                                                                             ", ".join(_ALL_DEFAULTS)))
-    base = _checked_settings(dict(_ALL_DEFAULTS, **saved), where) if saved else dict(_ALL_DEFAULTS)
+    defaults, data_origin = _data_defaults(meta or {})
+    base = _checked_settings(dict(defaults, **saved), where) if saved else defaults
     flags = _implied_method({k: v for k, v in given.items() if k in _ALL_DEFAULTS and v is not None})
     settings = _checked_settings(dict(base, **flags), "decoding option", "--")
     _check_block_size(settings, flags, meta, where)
@@ -185,8 +205,23 @@ def resolve_decoding(given: Dict[str, object], meta: Optional[dict] = None,
     parts = ["from the command line: %s" % ", ".join(sorted(flags))] if flags else []
     if unsaved:
         parts.append("%s: the README default (not in the checkpoint)" % ", ".join(unsaved))
+    if data_origin and "max_len" not in flags and not saved:
+        parts.append(data_origin)
     parts.append(("the rest from %s" if parts else "all from %s") % origin)
     return settings, "decoding: %s (%s)" % (said, "; ".join(parts))
+
+
+def _data_defaults(meta: dict) -> Tuple[Dict[str, object], str]:
+    """The defaults with max_len covering the checkpoint's recorded caption length (DATA_LENGTH_KEY), and a note
+    saying so; the plain defaults and no note for a checkpoint that records none."""
+    tokens, most = meta.get(DATA_LENGTH_KEY), caption_positions(meta)
+    if tokens is None:  # a default beyond a small decoder's positions is its positions (a flag there is refused)
+        return dict(_ALL_DEFAULTS, max_len=min(_ALL_DEFAULTS["max_len"], most or _ALL_DEFAULTS["max_len"])), ""
+    if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1):
+        raise UserError("the checkpoint config's %r must be a whole number >= 1, got %r" % (DATA_LENGTH_KEY, tokens))
+    max_len = min(covering_max_len(tokens), most or sys.maxsize)
+    return dict(_ALL_DEFAULTS, max_len=max_len), "max_len=%d: covers the checkpoint's training captions (%s %d)" % (
+        max_len, DATA_LENGTH_KEY, tokens)
 
 
 def decode_captions(ids: List[List[int]], tokenizer: Optional[BPETokenizer] = None) -> List[str]:
@@ -358,6 +393,11 @@ def _replay_attention(decoder, image_tokens: torch.Tensor, results: List[Tuple[L
             for i, seq in enumerate(inputs)]
 
 
+def effective_max_len(decoder, max_len: int) -> int:
+    """The length generate stops at: max_len, within the decoder's positions (the start token takes one)."""
+    return min(max_len, decoder.max_text_len - 1)
+
+
 @torch.no_grad()
 def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS["method"],
              beam_size: int = DECODE_DEFAULTS["beam_size"], max_len: int = DECODE_DEFAULTS["max_len"],
@@ -365,7 +405,8 @@ def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS[
              no_repeat_ngram: int = DECODE_DEFAULTS["no_repeat_ngram"],
              temperature: float = SAMPLING_DEFAULTS["temperature"], top_k: int = SAMPLING_DEFAULTS["top_k"],
              top_p: float = SAMPLING_DEFAULTS["top_p"], seed: int = SAMPLING_DEFAULTS["seed"],
-             captions_per_image: int = 1, image_keys: Optional[Sequence[str]] = None, return_attention: bool = False):
+             captions_per_image: int = 1, image_keys: Optional[Sequence[str]] = None, return_attention: bool = False,
+             return_ended: bool = False):
     """Captions as token ids (end token stripped) for a batch of image tokens (B, N, encoder_dim); the end token is
     banned until min_len tokens were generated (1: never an empty caption). With captions_per_image C > 1 the list
     holds B * C captions, image-major: C draws of sampling, or the C best beams (C <= beam_size).
@@ -376,7 +417,8 @@ def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS[
     Image keys/values are computed once per image (decoder.image_memory); each step feeds only the new token through
     the KV cache. return_attention=True also returns, per caption, a list over decoder blocks (None where a block
     has no cross-attention) of (n_head, L, N) probabilities: row j is the step that produced token j, and a last row
-    the step that produced the end token when the caption ended."""
+    the step that produced the end token when the caption ended. return_ended=True also returns (last) whether each
+    caption ended with the end token; one that did not was cut at max_len."""
     if method not in METHODS:
         raise ValueError("method must be one of %s, got %r" % (METHODS, method))
     if beam_size < 1 or max_len < 1 or min_len < 0:
@@ -393,7 +435,7 @@ def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS[
     keys = [str(i) for i in range(batch)] if image_keys is None else [str(k) for k in image_keys]
     if len(keys) != batch:
         raise ValueError("%d image keys for %d images" % (len(keys), batch))
-    max_len = min(max_len, decoder.max_text_len - 1)  # the start token takes a position too
+    max_len = effective_max_len(decoder, max_len)
     was_training = decoder.training
     decoder.eval()
     try:
@@ -410,11 +452,13 @@ def generate(decoder, image_tokens: torch.Tensor, method: str = DECODE_DEFAULTS[
             results = _sample(decoder, memory, rows, max_len, min_len, no_repeat_ngram, device,
                               draw_uniforms(seed, keys, captions_per_image, max_len), temperature=temperature,
                               top_k=top_k, top_p=top_p)
-        ids = [seq for seq, _ in results]
-        if not return_attention:
-            return ids
-        if captions_per_image > 1:
-            image_tokens = image_tokens.repeat_interleave(captions_per_image, dim=0)
-        return ids, _replay_attention(decoder, image_tokens, results)
+        outputs = [[seq for seq, _ in results]]
+        if return_attention:
+            if captions_per_image > 1:
+                image_tokens = image_tokens.repeat_interleave(captions_per_image, dim=0)
+            outputs.append(_replay_attention(decoder, image_tokens, results))
+        if return_ended:
+            outputs.append([ended for _, ended in results])
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
     finally:
         decoder.train(was_training)

@@ -33,6 +33,7 @@ from tokenizer import BPETokenizer
 
 MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
 STATE_FORMAT = "hw3-p2-train-state/1"
+WARMUP_SHARE = 0.1  # warm-up takes at most this share of a run's optimiser steps, so a short run reaches its lr
 
 
 # ----------------------------------------------------------------------------------------------- budget
@@ -133,6 +134,11 @@ def optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float) -> Non
     scheduler.step()
 
 
+def effective_warmup(asked: int, total_steps: int) -> int:
+    """--warmup-steps within WARMUP_SHARE of the run: 500 steps suit COCO's thousands a epoch, not 16."""
+    return min(asked, int(total_steps * WARMUP_SHARE))
+
+
 def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
     """AdamW with weight decay on matrices only (nanoGPT's rule), warmup + cosine per optimiser step over the
     cross-entropy epochs' total_steps, then --scst-lr, constant, for the self-critical epochs."""
@@ -140,7 +146,7 @@ def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
-    warmup = min(args.warmup_steps, total_steps // 10)
+    warmup = effective_warmup(args.warmup_steps, total_steps)
     after = args.scst_lr / args.lr if getattr(args, "scst_epochs", 0) else None
     schedule = WarmupCosine(warmup, total_steps, min(1.0, args.min_lr / args.lr), after)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -372,12 +378,14 @@ def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scal
 
 def sample_pairs(samples: List[List[int]], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forcing inputs and targets (B, K) of sampled captions (ids without the end token): the end token is a
-    target only where the caption ended, i.e. came out shorter than max_len."""
+    target only where the caption ended, i.e. came out shorter than max_len. K stops at the last target, so a
+    caption cut at the decoder's last position never feeds one more."""
     inputs, targets = p2_data.caption_targets(samples)
     for row, ids in enumerate(samples):
         if len(ids) >= max_len:  # cut by max_len: it never sampled the end token
             targets[row, len(ids)] = p2_data.IGNORE_INDEX
-    return inputs, targets
+    width = max(len(ids) + (len(ids) < max_len) for ids in samples)  # the last target's column, plus one
+    return inputs[:, :width], targets[:, :width]
 
 
 def baseline_of(rewards: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ def main() -> None:
                                     "--val-images", "unused", "--decoder-weights", "unused", "--peft", "lora",
                                     "--batch-size", str(bench.batch_size), "--epochs", "1", "--scst-epochs", "1",
                                     "--scst-samples", str(bench.samples), "--val-max-len", str(bench.max_len),
-                                    "--log-every", "1"])
+                                    "--log-every", "1", "--max-caption-tokens", "40"])  # as before the data's default
         images = bench.images or max(1, args.batch_size // args.scst_samples)
         cfg = dataclasses.replace(p2_train.decoder_config(args), checkpoint=None, encoder_dim=VIT_H14["width"])
         print("building GPT-2 small + LoRA (random weights)...", file=sys.stderr)

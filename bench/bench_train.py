@@ -73,7 +73,8 @@ def main() -> None:
         annotation = synthetic_coco(tmp, bench.batch_size * bench.steps)
         common = ["--train-json", annotation, "--train-images", os.path.join(tmp, "images"), "--val-json",
                   annotation, "--val-images", os.path.join(tmp, "images"), "--decoder-weights", "unused",
-                  "--batch-size", str(bench.batch_size), "--epochs", "1", "--log-every", "1000000"]
+                  "--batch-size", str(bench.batch_size), "--epochs", "1", "--log-every", "1000000",
+                  "--max-caption-tokens", "40"]  # p2_train's default is the data's, set only once it reads them
         args = p2_train.parse_args(common)
         caps = p2_data.load_captions(annotation, os.path.join(tmp, "images"))
         tokens, _, _ = p2_data.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)

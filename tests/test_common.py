@@ -32,6 +32,6 @@ def test_cpu_captioning_warns_nothing(captioning_world, tmp_path):
     settings = dict(search.DECODE_DEFAULTS, max_len=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        captions = p2_inference.caption_folder(captioning_world["model"], str(tmp_path), names, settings, batch_size=2,
-                                               num_workers=0, device=torch.device("cpu"), fp16=True)
+        captions, _ = p2_inference.caption_folder(captioning_world["model"], str(tmp_path), names, settings, batch_size=2,
+                                                  num_workers=0, device=torch.device("cpu"), fp16=True)
     assert len(captions) == len(names) and all(isinstance(c, str) for c in captions)

@@ -307,3 +307,17 @@ def test_sampling_and_output_errors_are_one_line_before_any_work(setup, tmp_path
         run(setup, tmp_path / "o.json", *extra)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_captions_cut_at_max_len_are_counted(setup, tmp_path, capsys):
+    """A caption that reaches --max-len without its end token is cut: run() counts them and stderr says so; with
+    room enough none is, and nothing is said."""
+    enough = p2_inference.run([setup["images"], str(tmp_path / "long.json"), setup["weights"], "--checkpoint",
+                               setup["checkpoint"], "--num-workers", "0", "--max-len", "40"])
+    assert enough == dict(captions=len(setup["names"]), cut=0, max_len=40)
+    assert "captions cut at" not in capsys.readouterr().err
+    short = p2_inference.run([setup["images"], str(tmp_path / "short.json"), setup["weights"], "--checkpoint",
+                              setup["checkpoint"], "--num-workers", "0", "--max-len", "2", "--min-len", "2"])
+    assert short == dict(captions=len(setup["names"]), cut=len(setup["names"]), max_len=2)
+    assert "%d of %d captions cut at 2 tokens (no end token)" % ((len(setup["names"]),) * 2) in \
+        capsys.readouterr().err

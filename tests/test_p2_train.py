@@ -431,6 +431,75 @@ def test_cut_captions_are_counted(world, tmp_path, capsys):
     assert 0 < len(longer) < 4
     assert ("captions cut to --max-caption-tokens 3: %d of 16 training (longest %d tokens), %d of 4 validation "
             "(longest %d)" % (4 * len(longer), longest, len(longer), longest)) in err
+    assert "from the training captions" not in err  # the option given wins, and is recorded
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["max_caption_tokens"] == 3
+
+
+# A paragraph of 7 clauses (about 50 GPT-2 tokens), beyond the tiny GPT-2's 32 positions and the decoding default 30.
+PARAGRAPH = ", ".join(["a red square on a table"] * 7)
+
+
+def _length_world(world, tmp_path):
+    """train.json with one paragraph among the short captions: (its path, the paragraph's token count)."""
+    from tokenizer import BPETokenizer
+
+    coco = _coco(list(CAPTIONS), copies=4)
+    coco["annotations"][0]["caption"] = PARAGRAPH
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(coco))
+    return path, len(BPETokenizer().encode(p2_data.clean_caption(PARAGRAPH)))
+
+
+def _with_train_json(argv, path):
+    at = argv.index("--train-json")
+    return argv[:at + 1] + [str(path)] + argv[at + 2:]
+
+
+def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
+    """Without --max-caption-tokens the longest training caption, rounded up to a multiple of 8, sets it: recorded in
+    the checkpoint JSON, which then decodes at a length that covers it; the GPT-2's positions cap it."""
+    import search
+
+    long_json, longest = _length_world(world, tmp_path)
+    expected = -(-longest // p2_train.CAPTION_LENGTH_STEP) * p2_train.CAPTION_LENGTH_STEP
+    assert longest > 30 and expected % 8 == 0 and expected >= longest
+    out = tmp_path / "gru"
+    assert p2_train.main(_with_train_json(scratch_cli(world, out, "gru", "--epochs", "1"), long_json)) == 0
+    err = capsys.readouterr().err
+    assert ("caption length: --max-caption-tokens %d from the training captions (the longest has %d tokens"
+            % (expected, longest)) in err and "captions cut" not in err
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["max_caption_tokens"] == expected and meta["decoder"]["block_size"] == expected + 2
+    assert search.resolve_decoding({}, meta)[0]["max_len"] == expected + 1
+    gpt2 = tmp_path / "gpt2"
+    assert p2_train.main(_with_train_json(cli(world, gpt2, "--peft", "none", "--epochs", "1"), long_json)) == 0
+    assert "captions cut to 30 tokens (the decoder's 32 positions less start and end): 1 of 16 training" in \
+        capsys.readouterr().err
+    assert json.loads((gpt2 / "best.json").read_text())["max_caption_tokens"] == 30  # what training used
+    short = tmp_path / "short"
+    assert p2_train.main(cli(world, short, "--peft", "none", "--epochs", "1")) == 0
+    assert json.loads((short / "best.json").read_text())["max_caption_tokens"] == p2_train.CAPTION_LENGTH_STEP
+
+
+def test_warm_up_stays_a_small_share_of_the_run(world, tmp_path, capsys):
+    """Warm-up never takes more than WARMUP_SHARE of the steps, whatever --warmup-steps says (the compare stage's 500
+    on about 200 images, 16 steps an epoch), so the run reaches --lr; the steps used are printed and recorded."""
+    import optional_stages
+
+    compare = optional_stages.COMPARE_TRAINING
+    steps = compare["epochs"] * -(-200 * 5 // compare["batch_size"])  # 200 images, 5 captions each
+    warmup = training.effective_warmup(compare["warmup_steps"], steps)
+    assert 0 < warmup <= training.WARMUP_SHARE * steps and warmup < compare["warmup_steps"]
+    schedule = training.WarmupCosine(warmup, steps, 0.1)
+    assert schedule(warmup) == max(schedule(s) for s in range(steps)) == 1.0  # the peak, right after warm-up
+    for total in (1, 9, 10, 240, 10 ** 6):
+        assert training.effective_warmup(500, total) <= training.WARMUP_SHARE * total
+    assert training.effective_warmup(500, 10 ** 6) == 500  # a long run takes what was asked
+    out = tmp_path / "run"
+    assert p2_train.main(cli(world, out, "--peft", "none", "--epochs", "10", "--warmup-steps", "50")) == 0
+    assert "warm-up: 2 of 20 optimiser steps (--warmup-steps 50, at most 10% of the run)" in capsys.readouterr().err
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["warmup_steps"] == log_records(out)[0]["warmup_steps"] == 2 and meta["total_steps"] == 20
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -508,8 +577,11 @@ def test_from_scratch_resume_gives_identical_state(world, tmp_path, arch):
 
 def test_sample_pairs_end_only_where_the_caption_ended():
     inputs, targets = training.sample_pairs([[5, 6], [7, 8, 9]], max_len=3)
-    assert inputs.tolist() == [[50256, 5, 6, 50256, 50256], [50256, 7, 8, 9, 50256]]
-    assert targets.tolist() == [[5, 6, 50256, -100, -100], [7, 8, 9, -100, -100]]  # the second was cut at max_len
+    assert inputs.tolist() == [[50256, 5, 6], [50256, 7, 8]]  # no input after the last target: 3 positions, not 5
+    assert targets.tolist() == [[5, 6, 50256], [7, 8, 9]]  # the second was cut at max_len: no end token target
+    inputs, targets = training.sample_pairs([[5, 6], [7]], max_len=3)
+    assert inputs.tolist() == [[50256, 5, 6], [50256, 7, 50256]] and targets.tolist() == [[5, 6, 50256],
+                                                                                         [7, 50256, -100]]
     rewards = torch.tensor([[1.0, 2.0, 3.0]])
     assert training.baseline_of(rewards).tolist() == [[2.5, 2.0, 1.5]]
 

@@ -32,7 +32,7 @@ import tiny_models
 import torch
 import training
 from captioner import read_checkpoint_config
-from common import read_json, run_main
+from common import read_json, run_main, write_json
 from miniworld import demo, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1197,3 +1197,43 @@ def test_every_file_a_stage_reads_is_among_its_recorded_inputs(reads, finished, 
     assert set(stages) <= set(reads.missed), sorted(reads.missed)
     missed = {s: m for s, m in reads.missed.items() if m}
     assert not missed, json.dumps(missed, indent=1)
+
+
+def test_paragraph_captions_are_scored_at_a_length_that_covers_them(world, tmp_path, capsys):
+    """A DeepFashion-like file (one paragraph per image, no splits): the compare runs train at a length that covers
+    the paragraphs and are scored at one that covers the val paragraphs (capped by each decoder's positions); each
+    row counts its cut captions, and results.md names every row that has some."""
+    from tokenizer import BPETokenizer
+
+    p2 = os.path.join(world, "p2_data")
+    coco = read_json(os.path.join(p2, "train.json"))
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    paragraphs = {}
+    for note in coco["annotations"]:
+        paragraphs.setdefault(names[note["image_id"]], []).append(note["caption"].rstrip(".") + ".")
+    captions = str(tmp_path / "captions.json")
+    paragraphs = {name: " ".join(sentences) for name, sentences in paragraphs.items()}
+    write_json(captions, paragraphs)
+    config = str(tmp_path / "train_config.json")
+    write_json(config, {r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS})
+    profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
+    models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
+        "--encoder", profile[profile.index("--encoder") + 1]]
+    out = str(tmp_path / "out")
+    code, err = run(["--captions", captions, "--images", os.path.join(p2, "images", "train"), "--out", out,
+                     "--train-config", config, "--device", "cpu", "--workers", "0"] + models, capsys)
+    assert code == 0, err[-3000:]
+    tokenizer = BPETokenizer()
+    val = p2_data.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
+    longest_val = max(len(tokenizer.encode(r)) for refs in val.references for r in refs)
+    assert longest_val > search.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
+    results = read_json(os.path.join(out, "results.json"))
+    table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    for arch, row in results["compare"].items():
+        meta = read_json(pipeline.local_path(row["checkpoint"], out).replace(".pt", ".json"))
+        longest_train = max(len(tokenizer.encode(p2_data.clean_caption(c))) for c in paragraphs.values())
+        assert meta["max_caption_tokens"] >= longest_train  # trained on whole paragraphs
+        assert row["max_len"] == min(longest_val + 1, meta["decoder"]["block_size"] - 1), arch
+        assert 0 <= row["cut"] <= len(val.names)
+        line = "- compare %s: %d captions cut at %d tokens" % (arch, row["cut"], row["max_len"])
+        assert (line in table) == (row["cut"] > 0), arch

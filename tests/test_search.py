@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from decoder import Config, Decoder
 from common import UserError
-from search import DECODE_DEFAULTS, decode_captions, generate, resolve_decoding
+from search import DATA_LENGTH_KEY, DECODE_DEFAULTS, decode_captions, generate, resolve_decoding
 from tiny_models import Uncached, ending_gpt2, save_course_format
 from tokenizer import END_TOKEN
 
@@ -428,3 +428,43 @@ def test_decoding_settings_that_cannot_work_are_named_with_their_origin():
     assert resolve_decoding({"max_len": 53}, prompted, "p2_best.json")[0]["max_len"] == 53
     with pytest.raises(UserError, match="at most 53 tokens per caption .block_size 64, less the prompt"):
         resolve_decoding({"max_len": 54}, prompted, "p2_best.json")
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+def test_ended_tells_the_cut_captions(world, method):
+    """A caption that reaches max_len without its end token is cut: with room enough none is, with max_len 1 (the end
+    token banned at the first step by min_len 1) every one is, and in between exactly those as long as max_len."""
+    decoder, feats = world["model"].decoder, world["feats"]
+    warp = dict(top_k=3) if method == "sample" else {}  # the likelier tokens, among them the end token
+    ids, ended = generate(decoder, feats, method=method, max_len=40, return_ended=True, **warp)
+    assert ids == generate(decoder, feats, method=method, max_len=40, **warp) and all(ended)
+    _, ended = generate(decoder, feats, method=method, max_len=1, return_ended=True, **warp)
+    assert ended == [False] * len(feats)
+    limit = sorted(len(c) for c in ids)[len(ids) // 2]  # the median length: some captions fit, some do not
+    short, ended = generate(decoder, feats, method=method, max_len=limit, return_ended=True, **warp)
+    assert ended == [len(c) < limit for c in short] and 0 < ended.count(False) < len(feats)
+    if method == "greedy":  # the same steps, stopped sooner
+        assert short == [c[:limit] for c in ids] and ended == [len(c) < limit for c in ids]
+
+
+def test_ended_comes_after_the_attention(world):
+    decoder, feats = world["model"].decoder, world["feats"]
+    ids, attention, ended = generate(decoder, feats, method="greedy", max_len=3, return_attention=True,
+                                     return_ended=True)
+    assert len(attention) == len(ids) == len(ended) and ids == generate(decoder, feats, method="greedy", max_len=3)
+
+
+def test_a_checkpoint_decodes_at_the_length_of_its_data():
+    """max_len: a flag, then the checkpoint's recommendation, then its training captions' length, then 30; a length
+    short enough keeps 30, and a checkpoint that records none decodes as before."""
+    assert resolve_decoding({}, {})[0] == resolve_decoding({}, {"arch": "gru"})[0] == DECODE_DEFAULTS
+    long_data = {DATA_LENGTH_KEY: 60}
+    settings, said = resolve_decoding({}, long_data, "ckpt/best.json")
+    assert settings == dict(DECODE_DEFAULTS, max_len=61)
+    assert "max_len=61: covers the checkpoint's training captions (max_caption_tokens 60)" in said
+    assert resolve_decoding({"max_len": 20}, long_data)[0]["max_len"] == 20
+    shipped = dict(long_data, inference=dict(DECODE_DEFAULTS, max_len=45, chosen_on="val"))
+    assert resolve_decoding({}, shipped)[0]["max_len"] == 45
+    assert resolve_decoding({}, {DATA_LENGTH_KEY: 12})[0] == DECODE_DEFAULTS  # short captions: the default 30
+    with pytest.raises(UserError, match="max_caption_tokens"):
+        resolve_decoding({}, {DATA_LENGTH_KEY: "long"})
