@@ -365,12 +365,18 @@ def load_splits(args):
     return train, val.subset(args.val_max_images) if args.val_max_images else val
 
 
+def data_caption_tokens(longest: int) -> int:
+    """The default --max-caption-tokens for training captions whose longest has `longest` tokens: that, rounded up
+    to a multiple of CAPTION_LENGTH_STEP, so no caption is cut."""
+    return max(1, -(-longest // CAPTION_LENGTH_STEP)) * CAPTION_LENGTH_STEP
+
+
 def caption_length(args, train, world: Dist) -> None:
     """Sets --max-caption-tokens from the training captions when it was not given (the longest, rounded up to a
     multiple of CAPTION_LENGTH_STEP: no caption is cut) and --val-max-len to a length covering it; says so."""
     if args.max_caption_tokens is None:
         _, _, longest = p2_data.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
-        args.max_caption_tokens = max(1, -(-longest // CAPTION_LENGTH_STEP)) * CAPTION_LENGTH_STEP
+        args.max_caption_tokens = data_caption_tokens(longest)
         if world.main:
             print("caption length: --max-caption-tokens %d from the training captions (the longest has %d tokens, "
                   "rounded up to a multiple of %d)" % (args.max_caption_tokens, longest, CAPTION_LENGTH_STEP),

@@ -219,13 +219,14 @@ def length_summary(lengths: List[int]) -> dict:
 def describe_data(ctx: Context) -> dict:
     """results.json "data" of a --captions run: the caption file's format, its split sizes, the training captions'
     lengths in GPT-2 tokens (as p2_train.py cleans and tokenizes them) and, per training, how many of them its
-    --max-caption-tokens cuts (p2_data.tokenize_captions' count)."""
+    --max-caption-tokens (given, or p2_train's default from these captions) cuts (p2_data.tokenize_captions' count)."""
     train, val = (p2_data.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
     tokens, _, _ = p2_data.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]
-    cut = {name: dict(max_caption_tokens=options.max_caption_tokens,
-                      cut=sum(1 for n in lengths if n > options.max_caption_tokens))
-           for name, options in ctx.train_options.items() if isinstance(options.max_caption_tokens, int)}
+    limits = {name: options.max_caption_tokens if isinstance(options.max_caption_tokens, int)
+              else p2_train.data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
+    cut = {name: dict(max_caption_tokens=limit, cut=sum(1 for n in lengths if n > limit))
+           for name, limit in limits.items()}
     return dict(format=p2_data.read_captions(ctx.args.captions).format,
                 splits=dict(train=len(train.names), val=len(val.names)),
                 caption_tokens=dict(length_summary(lengths), captions=len(lengths)), cut=cut)

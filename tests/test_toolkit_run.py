@@ -21,10 +21,10 @@ import pytest
 
 import optional_stages
 import p2_data
+import p2_train
 import pipeline
 import run_all
 import run_context
-import search
 import tiny_models
 from captioner import read_checkpoint_config
 from common import read_json, run_main
@@ -36,16 +36,13 @@ MAX_TOKENS = 64  # the paragraphs' longest is under 50 GPT-2 tokens
 SHORT = 30  # search.DECODE_DEFAULTS' decode limit before data-derived lengths: it cuts some of the paragraphs
 MIN_BEST_CIDER = 0.05
 MIN_MEAN_WORDS = 8  # the longest opening sentence ("the picture shows three shapes on a gray background.") has 9
-TRAINING = dict(epochs=6, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4, val_max_images=8,
-                max_caption_tokens=MAX_TOKENS, val_max_len=MAX_TOKENS)
+TRAINING = dict(epochs=6, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4, val_max_images=8)  # lengths: the data's
 
 
 @pytest.fixture(scope="module", autouse=True)
 def long_decoding():
-    """The scored captions' decode limit above the paragraphs' length, and the README default alone in the grid.
-    (Until the data-derived decode length of branch caption-length is merged, 30 tokens would cut them.)"""
+    """The README default alone in the decoding grid (the lengths are the data's: 30 tokens would cut paragraphs)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(search.DECODE_DEFAULTS, "max_len", MAX_TOKENS)
         patch.setattr(run_context, "DECODING_GRID", run_context.DECODING_GRID[:1])
         yield
 
@@ -115,6 +112,13 @@ def test_no_scored_caption_is_cut_and_the_scores_clear_the_bar(toolkit_run):
     for path in scored:
         captions = read_json(path)
         assert captions and max(token_count(c) for c in captions.values()) < MAX_TOKENS, path
+    for row in (results["scst"]["before"], results["scst"]["after"], results["distill"]["teacher"]):
+        assert row["cut"] == 0 and row["max_len"] > SHORT, row  # the val paragraphs are longer than 30 tokens
+    table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    for arch, row in results["compare"].items():  # a few epochs: a weaker decoder may ramble to its last position
+        positions = read_checkpoint_config(row["checkpoint"])["decoder"]["block_size"] - 1
+        assert SHORT < row["max_len"] <= positions and (row["cut"] == 0 or "- compare %s: %d captions cut at %d " % (
+            arch, row["cut"], row["max_len"]) in table), (arch, row)
     rows = results["compare"]
     assert set(rows) == set(optional_stages.COMPARE_ARCHS)
     assert max(rows[a]["CIDEr"] for a in rows) >= MIN_BEST_CIDER
@@ -157,7 +161,8 @@ def test_results_describe_the_data(toolkit_run, world):
     tokens = data["caption_tokens"]
     assert (tokens["min"], tokens["max"], tokens["captions"]) == (lengths[0], lengths[-1], len(lengths))
     assert tokens["min"] <= tokens["median"] <= tokens["p95"] <= tokens["max"]
-    assert data["cut"] == {run: dict(max_caption_tokens=MAX_TOKENS, cut=0) for run in optional_stages.COMPARE_RUNS}
+    trained = p2_train.data_caption_tokens(lengths[-1])  # the default length, from the training captions
+    assert data["cut"] == {run: dict(max_caption_tokens=trained, cut=0) for run in optional_stages.COMPARE_RUNS}
     _, cut, _ = p2_data.tokenize_captions(train.captions, BPETokenizer(), SHORT)  # p2_train.py's own count
     assert cut == sum(1 for n in lengths if n > SHORT) > 0  # the world's paragraphs exercise the long path
 
