@@ -220,7 +220,7 @@ def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
     for method in [m for m in ctx.args.methods if m in ctx.train_options and "p2" in selected]:
         options = ctx.train_options[method]
         shapes[method] = decoder_shape(decoder_from_config(p2_train.decoder_config(options)))
-        caption_tokens = options.max_caption_tokens + 2
+        caption_tokens = (options.max_caption_tokens or ctx.scoring_max_len()) + 2  # None: the data's, as val's
         peaks = [("training batch %d" % options.batch_size, training_peak_bytes(
             shapes[method], image, options.batch_size, caption_tokens, bool(options.feature_cache)))]
         if image:
