@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -135,15 +134,25 @@ def shown_command(command) -> str:
     return re.sub(r"(?<![^\s=])/[^\s'\"]+", lambda m: shown_path(m.group(0)), str(command))
 
 
-def title_page(report: Report, results: dict, results_dir: str, student_id: Optional[str]):
+def title_page(report: Report, results: dict, results_dir: str, student_id: Optional[str],
+               report_dir: Optional[str] = None):
     report.heading("Captioning report (run_all.py --captions)" if toolkit_run(results) else "DLCV HW3 report", 1)
     if student_id:
         report.paragraph("Student ID: %s" % student_id)
     report.heading("Source of every number and figure", 3)
     for line in source_lines(results):
         report.paragraph(line, bullet=True)
-    report.paragraph("Results folder: %s (results.json and the figures beside it)." % (
-        os.path.basename(os.path.abspath(results_dir)) if os.path.isabs(results_dir) else results_dir))
+    report.paragraph("Results folder: %s (results.json and the figures beside it)." % folder_name(results_dir,
+                                                                                               report_dir))
+
+
+def folder_name(results_dir: str, report_dir: Optional[str]) -> str:
+    """The results folder as the report names it: from the report's own folder, so the report names no path of the
+    machine it was written on and stays true when the folders move together."""
+    if report_dir is None:
+        return os.path.basename(os.path.abspath(results_dir)) if os.path.isabs(results_dir) else results_dir
+    relative = os.path.relpath(os.path.abspath(results_dir), os.path.abspath(report_dir))
+    return "this report's folder" if relative == os.curdir else relative
 
 
 # ----------------------------------------------------------------------------------------------- toolkit run
@@ -719,14 +728,16 @@ def questions(results_dir: str) -> List[report_answers.Question]:
     return p3_questions(test + pair)
 
 
-def compose(results_dir: str, student_id: Optional[str] = None, answers: Optional[Dict[str, str]] = None) -> Report:
-    """The report's blocks, not yet written; `answers` (default: answers.md's) fill the questions."""
+def compose(results_dir: str, student_id: Optional[str] = None, answers: Optional[Dict[str, str]] = None,
+            report_dir: Optional[str] = None) -> Report:
+    """The report's blocks, not yet written; `answers` (default: answers.md's) fill the questions; `report_dir`, the
+    folder the report is written to (the results folder is named from there)."""
     check_student_id(student_id)
     results = read_results(results_dir)
     answers = report_answers.read(results_dir) if answers is None else answers
     toolkit = toolkit_run(results)
     report = Report()
-    title_page(report, results, results_dir, student_id)
+    title_page(report, results, results_dir, student_id, report_dir)
     if isinstance(results.get("data"), dict):
         data_section(report, results["data"])
     sections = [(not toolkit or has_p1(results), lambda: p1_section(report, results, results_dir)),
@@ -753,7 +764,7 @@ def build(results_dir: str, out: str, student_id: Optional[str] = None, text_out
     and the report's text, a line per item, to `text_out`; returns `out`."""
     check_student_id(student_id)
     answers = report_answers.ensure(results_dir, questions(results_dir))
-    report = compose(results_dir, student_id, answers)
+    report = compose(results_dir, student_id, answers, os.path.dirname(os.path.abspath(out)))
     markdown_path = os.path.join(os.path.dirname(os.path.abspath(out)), MARKDOWN_NAME)
     markdown = report.markdown(os.path.dirname(markdown_path))
     say_undrawable(report.save(out))

@@ -20,10 +20,12 @@ from collections import namedtuple
 
 import pytest
 
+import make_report
+import optional_stages
 import p2_data
 import p2_train
-import optional_stages
 import pipeline
+import report_answers
 import resources
 import run_all
 import run_context
@@ -111,7 +113,8 @@ class StageReads:
         watched = (out, os.path.abspath(ctx.args.data), os.path.abspath(demo.MODELS))
         exempt = (os.path.join(out, "p2", "feature_cache"),  # keyed by the images' content hashes (p2_data)
                   os.path.join(out, *run_context.PARTS), os.path.join(out, "stages"),  # the runner's own records
-                  os.path.abspath(ctx.args.train_config or out))  # its entries are in the settings, as options
+                  os.path.abspath(ctx.args.train_config or out),  # its entries are in the settings, as options
+                  os.path.join(out, report_answers.ANSWERS_FILE))  # the report's settings hold its answers' digest
         self.missed[name] = sorted({p for p in opened if under(p, watched) and not under(p, exempt)
                                     and not under(p, produced)})
 
@@ -192,7 +195,8 @@ def test_rows_list_only_the_active_peft_settings(finished):
     rows = read_json(os.path.join(out, "results.json"))["p2"]
     for method, row in rows.items():
         assert set(row["peft"]) == set(p2_train.PEFT_OPTIONS[method]), method
-    assert "training" not in rows["lora"]  # the demo scores converged captioners that this run did not train
+    committed = read_json(os.path.join(demo.MODELS, "p2_lora.json"))["training"]  # the converged captioner scored
+    assert {k: rows["lora"]["training"][k] for k in committed} == committed
 
 
 def test_rerunning_a_finished_command_skips_every_stage(finished, capsys):
@@ -446,6 +450,7 @@ def out_of_memory_once(lab):
         return call
 
     reshaped(LORA + "finished.json", value=[])(lab)
+    shutil.rmtree(os.path.join(lab["out"], *run_context.PARTS))  # every row captioned again, not kept
     lab["patch"].setattr(captioner.Captioner, "forward", failing(forward, "forward"))
     lab["patch"].setattr(captioner.Captioner, "generate", failing(generate, "generate"))
     lab["adapter_captions"] = read_json(os.path.join(lab["out"], "p2", "adapter", "pred.json"))
@@ -477,9 +482,12 @@ def changed_train_captions(lab):
 def swapped_in_student(lab):
     """Another checkpoint swapped in for the human captions' student (as a training that ended, then a kill before
     its scoring): its row must be scored again, the other rows kept."""
+    human = os.path.join(lab["out"], "distill", "human", "train")
     for name in ("best.pt", "best.json"):
-        shutil.copy(os.path.join(lab["out"], "distill", "precise", "train", name),
-                    os.path.join(lab["out"], "distill", "human", "train", name))
+        shutil.copy(os.path.join(lab["out"], "distill", "precise", "train", name), os.path.join(human, name))
+    record = read_json(os.path.join(human, run_context.TRAIN_DONE))  # sealed as the training that wrote it would be
+    write_json(os.path.join(human, run_context.TRAIN_DONE),
+               dict(record, checkpoint=run_context.checkpoint_seal(os.path.join(human, "best.pt"))))
 
 
 def rescored_only_the_swapped_row(lab, err):
@@ -769,7 +777,6 @@ def test_a_cjk_path_prints_no_missing_glyphs(finished, tmp_path, capsys):
 def test_answers_survive_reruns_and_an_edited_answer_rebuilds_the_report(finished, tmp_path, capsys):
     """The student's answers.md is an input of the report stage: an edited answer reruns it (and only it), the
     answers appear in report.md, and no rerun touches the file."""
-    import report_answers
 
     out, argv = finished
     copy = copy_run(out, tmp_path)
@@ -875,7 +882,7 @@ def test_compare_section_in_results_md_and_report(compared):
     out, _ = compared
     table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
     assert "| architecture | CIDEr | BLEU-4 | METEOR | ROUGE-L | CLIPScore |" in table and "| gpt2 (" in table
-    assert "seed 004 (another course's captioning project, DeepFashion-MultiModal)" in table and "1.618" in table
+    assert make_report.COMPARE_SEED_CITATION in table and "1.618" in table
     assert "| 0 (attention-gru_reg0) |" in table
     text = report_text(out)
     for fragment in ("Architecture comparison", "Beside the seed's DeepFashion table",
