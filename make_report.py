@@ -678,17 +678,24 @@ SEED_CITATION = ("%s, sections 4.2.3 and 5.2: students trained on LLaVA-13B capt
                  "BLEU column does not say which n" % SEED_REPORT)
 
 
+def teacher_name(teacher: dict) -> str:
+    """P2's best captioner, or without the GPT-2 the architecture run_all chose and why."""
+    arch = teacher.get("arch", "gpt2")
+    return "the best P2 captioner" if arch == "gpt2" else "the %s captioner, %s" % (
+        arch, teacher.get("chosen_on") or "the run's best")
+
+
 def distill_section(report: Report, results: dict):
     """Only when the distill stage ran (run_all --with distill)."""
     rows = results.get("distill") or {}
     report.heading("Learning from a teacher's captions: precise against creative")
     teacher = rows.get("teacher") or {}
     decoding = teacher.get("decoding") or {}
-    report.paragraph("The teacher is the best P2 captioner. It captions the training images twice: precise, with its "
+    report.paragraph("The teacher is %s. It captions the training images twice: precise, with its "
                      "shipped decoding (%s), and creative, sampled (%s). A %s student is trained three times with "
                      "identical settings, on the human captions and on each teacher caption set; every row is scored "
                      "on the validation split's human references." % (
-                         settings_text(active_decoding(decoding.get("precise") or {})),
+                         teacher_name(teacher), settings_text(active_decoding(decoding.get("precise") or {})),
                          settings_text(active_decoding(decoding.get("creative") or {})),
                          (rows.get("human") or {}).get("arch", UNKNOWN)))
     keys = [k for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore", "object_f1", "captions_per_image")

@@ -146,6 +146,8 @@ def test_the_teacher_and_the_fine_tuned_are_the_best_architecture(toolkit_run):
     assert trained["arch"] == best and trained["scst"]["scst_epochs"] == 1
     log = open(os.path.join(out, "run_all.log"), encoding="utf-8").read()
     assert "the teacher is %s" % best in log
+    report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "The teacher is the %s captioner, the compare stage's best architecture" % best in report
     plan = [json.loads(line) for line in log.splitlines() if '"event": "plan"' in line][-1]
     assert plan["stages"] == ["compare", "distill", "scst", "report"]
 
