@@ -139,6 +139,9 @@ def test_the_teacher_and_the_fine_tuned_are_the_best_architecture(toolkit_run):
     for name in ("precise", "creative"):
         info = p2_data.read_captions(os.path.join(out, "distill", "teacher_%s.json" % name))
         assert info.format == "coco" and len(info.captions) == results["data"]["splits"]["train"]
+        assert teacher["decoding"][name]["max_len"] > SHORT  # the teacher's paragraphs are not cut at 30 tokens
+    precise = p2_data.read_captions(os.path.join(out, "distill", "teacher_precise.json"))
+    assert max(token_count(c) for caps in precise.captions for c in caps) < teacher["decoding"]["precise"]["max_len"]
     scst = results["scst"]
     assert scst["method"] == best and scst["settings"]["init_from"] == rows[best]["checkpoint"]
     assert scst["before"]["CIDEr"] == pytest.approx(rows[best]["CIDEr"])
