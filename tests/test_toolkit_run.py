@@ -27,8 +27,9 @@ import run_all
 import run_context
 import tiny_models
 from captioner import read_checkpoint_config
-from common import read_json, run_main
+from common import read_json
 from miniworld import demo, paragraphs
+from test_run_all import run  # run_all as its command line runs it: (exit code, stderr)
 from tokenizer import BPETokenizer
 
 IMAGES = 40  # 32 train, 8 val by file-name hash
@@ -70,13 +71,6 @@ def write_config(folder) -> str:
     with open(config, "w", encoding="utf-8") as f:
         json.dump(entries, f)
     return config
-
-
-def run(argv, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as ended:
-        run_main(lambda: run_all.main(argv))
-    return ended.value.code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
