@@ -575,11 +575,8 @@ def kept_part(ctx: Context, name: str, what: dict, files: List[str], make: Calla
     the files are unchanged, unless the stage is forced. A record that cannot be read is not a finished part."""
     path = ctx.path(*PARTS, re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".json")
     what = json.loads(json.dumps(ctx.portable(what)))
-    if not ctx.forced(ctx.stage or "") and os.path.isfile(path):
-        try:
-            done = read_json(path, "finished part")
-        except UserError:
-            done = None
+    if not ctx.forced(ctx.stage or ""):
+        done = readable_json(path, "finished part")
         if isinstance(done, dict) and done.get("what") == what and done.get("files") == ctx.portable(
                 pipeline.fingerprints(files)) and "result" in done:
             ctx.say("%s: %s: done earlier and still true, kept" % (ctx.stage, name))
