@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from search import generate
-from tokenizer import END_TOKEN
-from decoder import Config, Decoder
+from hw3.models.search import generate
+from hw3.data.tokenizer import END_TOKEN
+from hw3.models.gpt2 import Config, Decoder
 
 GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
 VIT_H14 = dict(tokens=257, width=1280, depth=32, mlp=5120)  # timm vit_huge_patch14_clip_quickgelu_224

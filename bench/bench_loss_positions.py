@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 
-from decoder import Config, Decoder, peft_config
+from hw3.models.gpt2 import Config, Decoder, peft_config
 
 SHAPES = {"small": dict(encoder_dim=1280, tokens=257), "tiny": dict(encoder_dim=128, tokens=65, n_layer=3, n_embd=128,
                                                                       n_head=2, block_size=64)}

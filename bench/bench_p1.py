@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import clip_utils
-import p1_clip_zeroshot as p1
-import p1_templates
-from common import load_rgb
+from hw3.models import clip_backend
+from hw3.zeroshot import classify as p1
+from hw3.zeroshot import prompt_templates
+from hw3.data.images import load_rgb
 
 COURSE_IMAGES, COURSE_CLASSES = 2500, 50
 
@@ -65,7 +65,7 @@ def naive_text(model, tokenizer, classnames, templates):
 def seeded_load(model: str):
     """The architecture with the same random weights at every call (the old stage loaded it five times)."""
     torch.manual_seed(0)
-    return clip_utils.load_clip(model, None)
+    return clip_backend.load_clip(model, None)
 
 
 def old_stage(args, root: str, names, classnames) -> dict:
@@ -85,7 +85,7 @@ def old_stage(args, root: str, names, classnames) -> dict:
         similarities = features @ text.t()
         accuracies[key] = p1.evaluation(similarities.argmax(dim=1).tolist(), labels, classnames)["accuracy"]
         if key == args.templates:
-            for compared in [[t] for _, t in p1_templates.REPORT_TEMPLATES] + [templates]:
+            for compared in [[t] for _, t in prompt_templates.REPORT_TEMPLATES] + [templates]:
                 p1.class_embeddings(model, tokenizer, classnames, compared, "cpu")
             probabilities = torch.softmax(float(model.logit_scale.detach().exp().clamp(max=100)) * similarities, dim=1)
             p1.plot_top5(os.path.join(root, "old.top5.png"), folder, names, probabilities, classnames, 3, 0, labels)
@@ -140,7 +140,7 @@ def bench_stage(args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=clip_utils.P1_MODELS["open_clip"][0], help="open_clip architecture (random weights)")
+    parser.add_argument("--model", default=clip_backend.P1_MODELS["open_clip"][0], help="open_clip architecture (random weights)")
     parser.add_argument("--images", type=int, default=8, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
@@ -157,7 +157,7 @@ def main():
     args.classes = args.classes or 2
 
     torch.manual_seed(0)
-    load_time, (model, preprocess, tokenizer) = timed(lambda: clip_utils.load_clip(args.model, None))
+    load_time, (model, preprocess, tokenizer) = timed(lambda: clip_backend.load_clip(args.model, None))
     templates = p1.load_templates(args.templates)
     classnames = ["class %d" % i for i in range(args.classes)]
     print("%s, random weights, %.0fM parameters, built in %.1f s; torch %s, %d CPU threads"

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-import p2_data
-import p2_train
-import training
-from captioner import Captioner, decoder_from_config
-from common import collate_images
-from encoder import DEFAULT_ENCODER, as_spec
-from search import decode_captions
-from tokenizer import BPETokenizer
+from hw3.data import corpus
+from hw3.training import trainer
+from hw3.training import loop
+from hw3.models.captioner import Captioner, decoder_from_config
+from hw3.data.images import collate_images
+from hw3.models.encoder import DEFAULT_ENCODER, as_spec
+from hw3.models.search import decode_captions
+from hw3.data.tokenizer import BPETokenizer
 
 VIT_H14 = dict(tokens=257, width=1280)  # the default encoder's output: CLS + a 16 x 16 patch grid
 CAPTION_TOKENS = 20  # a long COCO caption in GPT-2 tokens
@@ -55,7 +55,7 @@ class FeatureCacheOnly:
     width = VIT_H14["width"]
 
 
-def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generator) -> p2_data.CaptionSet:
+def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generator) -> corpus.CaptionSet:
     """`count` images with REFERENCES captions each of exactly CAPTION_TOKENS tokens (random COCO-like words)."""
     def caption() -> str:
         text = ""
@@ -65,7 +65,7 @@ def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generato
         return text
 
     captions = [[caption() for _ in range(REFERENCES)] for _ in range(count)]
-    return p2_data.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions, captions)
+    return corpus.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions, captions)
 
 
 def last_logged_seconds(log_path: str) -> float:
@@ -97,17 +97,17 @@ def main() -> None:
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = p2_train.parse_args(["--train-json", "unused", "--train-images", "unused", "--val-json", "unused",
+        args = trainer.parse_args(["--train-json", "unused", "--train-images", "unused", "--val-json", "unused",
                                     "--val-images", "unused", "--decoder-weights", "unused", "--peft", "lora",
                                     "--batch-size", str(bench.batch_size), "--epochs", "1", "--scst-epochs", "1",
                                     "--scst-samples", str(bench.samples), "--val-max-len", str(bench.max_len),
                                     "--log-every", "1", "--max-caption-tokens", "40"])  # as before the data's default
         images = bench.images or max(1, args.batch_size // args.scst_samples)
-        cfg = dataclasses.replace(p2_train.decoder_config(args), checkpoint=None, encoder_dim=VIT_H14["width"])
+        cfg = dataclasses.replace(trainer.decoder_config(args), checkpoint=None, encoder_dim=VIT_H14["width"])
         print("building GPT-2 small + LoRA (random weights)...", file=sys.stderr)
         captioner = Captioner(FeatureCacheOnly(), decoder_from_config(cfg))
         captioner.release_encoder()
-        trainable = training.check_budget(captioner.decoder)["trainable"]
+        trainable = loop.check_budget(captioner.decoder)["trainable"]
 
         tokenizer = BPETokenizer()
         count = max(args.batch_size, images)
@@ -115,24 +115,24 @@ def main() -> None:
         cache = os.path.join(tmp, "train.npy")
         rows = torch.randn(count, VIT_H14["tokens"], VIT_H14["width"], generator=torch.Generator().manual_seed(0))
         np.save(cache, rows.half().numpy())  # (count, N, width), as p2_data.build_feature_cache writes it
-        features = p2_data.Features(cache)
-        tokens, _, _ = p2_data.tokenize_captions(train.captions, tokenizer, args.max_caption_tokens)
+        features = corpus.Features(cache)
+        tokens, _, _ = corpus.tokenize_captions(train.captions, tokenizer, args.max_caption_tokens)
         assert all(len(t) == CAPTION_TOKENS for caps in tokens for t in caps)
-        xe_pairs = p2_data.CaptionPairs(features, [caps[:1] for caps in tokens[:args.batch_size]])
-        xe_loader = DataLoader(xe_pairs, batch_size=args.batch_size, collate_fn=p2_data.collate_pairs)
+        xe_pairs = corpus.CaptionPairs(features, [caps[:1] for caps in tokens[:args.batch_size]])
+        xe_loader = DataLoader(xe_pairs, batch_size=args.batch_size, collate_fn=corpus.collate_pairs)
         scst_loader = DataLoader(Subset(features, range(images)), batch_size=images, collate_fn=collate_images)
-        reward = p2_train.make_reward(args, train, None, "cpu")
+        reward = trainer.make_reward(args, train, None, "cpu")
 
-        world = training.Dist("cpu")
-        scaler = training.grad_scaler(False)
-        optimizer, scheduler = training.make_optimizer(captioner.decoder, args, total_steps=1)
+        world = loop.Dist("cpu")
+        scaler = loop.grad_scaler(False)
+        optimizer, scheduler = loop.make_optimizer(captioner.decoder, args, total_steps=1)
         log_path = os.path.join(tmp, "log.jsonl")
         xe_seconds, scst_parts = [], []
         for repeat in range(bench.steps + 1):  # the first of each kind is the warm-up; all draw the same samples
-            training.train_epoch(0, captioner, captioner, xe_loader, optimizer, scheduler, scaler, args, world,
+            loop.train_epoch(0, captioner, captioner, xe_loader, optimizer, scheduler, scaler, args, world,
                                  amp=False, log_path=log_path, step=0)
             xe = last_logged_seconds(log_path)
-            _, figures = training.scst_epoch(args.epochs, captioner, captioner, scst_loader, train.keys(), reward,
+            _, figures = loop.scst_epoch(args.epochs, captioner, captioner, scst_loader, train.keys(), reward,
                                              optimizer, scheduler, scaler, args, world, amp=False, log_path=log_path,
                                              step=0)
             step = last_logged_seconds(log_path)

@@ -9,7 +9,7 @@ import random
 import time
 
 
-from tokenizer import BPETokenizer
+from hw3.data.tokenizer import BPETokenizer
 
 WORDS = ("a man woman dog cat two people riding skateboard surfboard wave kitchen sink food table plate pizza "
          "sitting standing next to on top of the in front with and of small large red blue green white black "

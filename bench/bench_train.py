@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 
 
-import p2_data
-import p2_train
-import training
-from captioner import build_captioner
-from encoder import DEFAULT_ENCODER
-from decoder import Config, peft_config
-from tokenizer import BPETokenizer
+from hw3.data import corpus
+from hw3.training import trainer
+from hw3.training import loop
+from hw3.models.captioner import build_captioner
+from hw3.models.encoder import DEFAULT_ENCODER
+from hw3.models.gpt2 import Config, peft_config
+from hw3.data.tokenizer import BPETokenizer
 
 CAPTION = "a man riding a wave on top of a surfboard in the middle of the ocean"
 
@@ -49,9 +49,9 @@ def synthetic_coco(folder: str, count: int) -> str:
 
 
 def timed_epoch(model, captioner, loader, args, world) -> float:
-    optimizer, scheduler = training.make_optimizer(captioner.decoder, args, total_steps=len(loader))
+    optimizer, scheduler = loop.make_optimizer(captioner.decoder, args, total_steps=len(loader))
     started = time.perf_counter()
-    training.train_epoch(0, model, captioner, loader, optimizer, scheduler, training.grad_scaler(False), args, world,
+    loop.train_epoch(0, model, captioner, loader, optimizer, scheduler, loop.grad_scaler(False), args, world,
                          amp=False, log_path=os.devnull, step=0)
     return len(loader) / (time.perf_counter() - started)
 
@@ -59,7 +59,7 @@ def timed_epoch(model, captioner, loader, args, world) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default=DEFAULT_ENCODER.split("@")[0] + "@none", help="encoder spec (random weights)")
-    p.add_argument("--peft", default="lora", choices=p2_train.PEFT_METHODS, help="PEFT method")
+    p.add_argument("--peft", default="lora", choices=trainer.PEFT_METHODS, help="PEFT method")
     p.add_argument("--batch-size", type=int, default=4, help="captions per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps per run")
     bench = p.parse_args()
@@ -68,30 +68,30 @@ def main() -> None:
     print("building %s + GPT-2 small (random weights)..." % bench.encoder, file=sys.stderr)
     captioner = build_captioner(bench.encoder, Config(**peft_config(bench.peft)))
     trainable = captioner.decoder.parameter_summary()["trainable"]
-    world = training.Dist("cpu")
+    world = loop.Dist("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         annotation = synthetic_coco(tmp, bench.batch_size * bench.steps)
         common = ["--train-json", annotation, "--train-images", os.path.join(tmp, "images"), "--val-json",
                   annotation, "--val-images", os.path.join(tmp, "images"), "--decoder-weights", "unused",
                   "--batch-size", str(bench.batch_size), "--epochs", "1", "--log-every", "1000000",
                   "--max-caption-tokens", "40"]  # p2_train's default is the data's, set only once it reads them
-        args = p2_train.parse_args(common)
-        caps = p2_data.load_captions(annotation, os.path.join(tmp, "images"))
-        tokens, _, _ = p2_data.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)
+        args = trainer.parse_args(common)
+        caps = corpus.load_captions(annotation, os.path.join(tmp, "images"))
+        tokens, _, _ = corpus.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)
 
         def loader(visuals):
-            pairs = p2_data.CaptionPairs(visuals, tokens)
+            pairs = corpus.CaptionPairs(visuals, tokens)
             return torch.utils.data.DataLoader(pairs, batch_size=bench.batch_size, shuffle=True,
-                                               collate_fn=p2_data.collate_pairs)
+                                               collate_fn=corpus.collate_pairs)
 
         started = time.perf_counter()
-        cache = p2_data.build_feature_cache(os.path.join(tmp, "cache"), "train", captioner.encoder, caps,
+        cache = corpus.build_feature_cache(os.path.join(tmp, "cache"), "train", captioner.encoder, caps,
                                             batch_size=bench.batch_size)
         fill_seconds = time.perf_counter() - started
-        cached = loader(p2_data.Features(cache))
+        cached = loader(corpus.Features(cache))
         timed_epoch(captioner, captioner, cached, args, world)  # warm-up: first-call allocations
         with_cache = timed_epoch(captioner, captioner, cached, args, world)
-        without_cache = timed_epoch(captioner, captioner, loader(p2_data.images(caps, captioner.encoder.transform)),
+        without_cache = timed_epoch(captioner, captioner, loader(corpus.images(caps, captioner.encoder.transform)),
                                     args, world)
         row_mb = np.load(cache, mmap_mode="r")[0].nbytes / 2 ** 20
     print("encoder %s, decoder GPT-2 small + %s (%s trainable), batch %d, %d steps, %d CPU threads" % (

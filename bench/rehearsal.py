@@ -34,7 +34,8 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from common import UserError, read_json, run_main, write_json
+from hw3.util.errors import UserError, run_main
+from hw3.util.files import read_json, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
@@ -49,6 +50,7 @@ HUB_FILE = "pytorch_model.bin"  # timm's (and the hub's) default file name when 
 COMMIT = "0" * 40  # the snapshot every file of the private cache sits in (refs/main points at it)
 STAGE_ORDER = ("p1", "p2", "p3", "report")  # run_all.py's STAGES
 SHIPPED_FILES = (".py", ".sh", ".json", ".bpe")  # the repository's top-level files hw3_2.sh may need
+SHIPPED_PACKAGE = "hw3"  # and the package they call
 WARNING = re.compile(r"\b\w*(Warning|warning|WARNING)\b:?(.*)")
 CLASS_NAMES = ("apple", "bicycle", "castle", "dolphin", "forest", "guitar", "lighthouse", "mountain", "rocket",
                "tulip", "whale", "zebra")
@@ -122,7 +124,7 @@ def open_clip_file(what: str, model: str, tag: str) -> WeightFile:
 def timm_file(what: str, name: str) -> WeightFile:
     """The hub file the installed timm reads for NAME.TAG (encoder.py's rules): the file its config names, or the
     first it tries; an open_clip file (timm 0.9.10's DFN-5B) holds the whole CLIP of the open_clip tag on that repo."""
-    import encoder
+    from hw3.models import encoder
     from open_clip import pretrained
 
     cfg = encoder._timm_pretrained_cfg(name)
@@ -146,15 +148,15 @@ def open_clip_model_on(repo_id: str) -> str:
 
 
 def weight_files(small: bool) -> List[WeightFile]:
-    import clip_utils
-    import encoder
+    from hw3.models import clip_backend
+    from hw3.models import encoder
 
-    if clip_utils.resolve_backend("auto") != "open_clip":
+    if clip_backend.resolve_backend("auto") != "open_clip":
         raise UserError("the rehearsal needs open_clip (P1's default backend); OpenAI's clip files are not written")
-    p1 = SMALL_CLIP if small else clip_utils.P1_MODELS["open_clip"]
+    p1 = SMALL_CLIP if small else clip_backend.P1_MODELS["open_clip"]
     files = [open_clip_file("P1 CLIP %s/%s" % p1, *p1)]
-    if tuple(p1) != tuple(clip_utils.CLIPSCORE_CLIP):
-        files.append(open_clip_file("CLIPScore CLIP %s/%s" % clip_utils.CLIPSCORE_CLIP, *clip_utils.CLIPSCORE_CLIP))
+    if tuple(p1) != tuple(clip_backend.CLIPSCORE_CLIP):
+        files.append(open_clip_file("CLIPScore CLIP %s/%s" % clip_backend.CLIPSCORE_CLIP, *clip_backend.CLIPSCORE_CLIP))
     spec = encoder.EncoderSpec.parse(SMALL_ENCODER if small else encoder.DEFAULT_ENCODER)
     return files + [timm_file("P2 encoder " + spec.name, spec.name)]
 
@@ -193,13 +195,13 @@ def save_tensors(state: Dict[str, object], path: str) -> None:
 
 def check_found(files: List[WeightFile], small: bool) -> None:
     """The project's own cache look-ups (what hw3_download.sh and the scripts check) must land on the files."""
-    import clip_utils
-    import encoder
+    from hw3.models import clip_backend
+    from hw3.models import encoder
 
     hub_cache = os.environ["HF_HUB_CACHE"]
-    p1 = SMALL_CLIP if small else clip_utils.P1_MODELS["open_clip"]
+    p1 = SMALL_CLIP if small else clip_backend.P1_MODELS["open_clip"]
     spec = encoder.EncoderSpec.parse(SMALL_ENCODER if small else encoder.DEFAULT_ENCODER)
-    found = [clip_utils.cached_clip(*p1), clip_utils.cached_clip(*clip_utils.CLIPSCORE_CLIP),
+    found = [clip_backend.cached_clip(*p1), clip_backend.cached_clip(*clip_backend.CLIPSCORE_CLIP),
              encoder.timm_weights_cached(spec.name)]
     written = {hub_path(hub_cache, f.repo_id, f.filename, f.revision) for f in files}
     for path in found:
@@ -214,7 +216,7 @@ def write_gpt2(path: str, n_layer: int) -> None:
     import math
 
     import torch
-    from decoder import GPT2_SMALL
+    from hw3.models.gpt2 import GPT2_SMALL
 
     n_embd, block = GPT2_SMALL["n_embd"], GPT2_SMALL["block_size"]
     g = torch.Generator().manual_seed(SEED)
@@ -285,8 +287,8 @@ def prepare(paths: Paths, small: bool) -> None:
     """Runs in the child whose environment is cache_env(paths): the weights (reused when present) and the data."""
     import torch
 
-    import encoder
-    from decoder import GPT2_SMALL
+    from hw3.models import encoder
+    from hw3.models.gpt2 import GPT2_SMALL
 
     files = weight_files(small)
     record = []
@@ -389,12 +391,14 @@ def run_captions(out: str, results: dict) -> str:
 
 
 def ship(paths: Paths, results: dict) -> str:
-    """A grader's clone: the repository's top-level files, with the run's p2_best in its checkpoints/."""
+    """A grader's clone: the repository's top-level files and package, with the run's p2_best in its checkpoints/."""
     shutil.rmtree(paths.ship, ignore_errors=True)
     os.makedirs(os.path.join(paths.ship, "checkpoints"))
     for name in sorted(os.listdir(ROOT)):
         if os.path.isfile(os.path.join(ROOT, name)) and name.endswith(SHIPPED_FILES):
             shutil.copy2(os.path.join(ROOT, name), paths.ship)
+    shutil.copytree(os.path.join(ROOT, SHIPPED_PACKAGE), os.path.join(paths.ship, SHIPPED_PACKAGE),
+                    ignore=shutil.ignore_patterns("__pycache__"))
     shipping = results["p2_shipping"]
     for key, dest in (("checkpoint", "p2_best.pt"), ("config", "p2_best.json")):
         shutil.copy2(shipping[key], os.path.join(paths.ship, "checkpoints", dest))

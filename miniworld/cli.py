@@ -5,7 +5,7 @@ import argparse
 import time
 from typing import Callable
 
-from common import UserError
+from hw3.util.errors import UserError
 
 
 def training_parser(doc: str, out: str, out_help: str, seed: int, seed_help: str, steps: int, batch: int,

@@ -21,11 +21,12 @@ import sys
 import time
 from typing import Dict, List
 
-import optional_stages
-import p1_clip_zeroshot
-import run_all
-from captioner import no_attention_reason
-from common import UserError, read_json, run_main, write_json
+from hw3.pipeline import optional_stages
+from hw3.zeroshot import classify
+from hw3.pipeline import run_all
+from hw3.models.captioner import no_attention_reason
+from hw3.util.errors import UserError, run_main
+from hw3.util.files import read_json, write_json
 from miniworld import generate, pointing, train_captioners
 from miniworld import world as world_lib
 from miniworld.train_vit import spec as encoder_spec
@@ -80,7 +81,7 @@ def world_stage(ctx) -> Dict[str, object]:
     info = read_json(os.path.join(data, generate.MARKER), "world summary")
     heldout = os.path.join(data, folders["p1_heldout"])
     csv_path = ctx.path("p1", "heldout.csv")
-    p1_clip_zeroshot.main([os.path.join(heldout, "val"), os.path.join(heldout, "id2label.json"), csv_path,
+    classify.main([os.path.join(heldout, "val"), os.path.join(heldout, "id2label.json"), csv_path,
                            "--evaluate"] + ctx.p1_flags())
     results = dict(source=SOURCE % (info["seed"], ", small" if info["small"] else ""),
                    p1_heldout_accuracy=read_json(ctx.path("p1", "heldout.eval.json"))["accuracy"],

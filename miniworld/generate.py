@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 
-from common import UserError, atomic_dir, atomic_write, progress, run_main, write_json
+from hw3.util.errors import UserError, progress, run_main
+from hw3.util.files import atomic_dir, atomic_write, write_json
 from miniworld import world
 
 SPLIT_P1, SPLIT_P2_TRAIN, SPLIT_P2_VAL, SPLIT_P3 = 1, 2, 3, 4

@@ -17,7 +17,8 @@ from typing import Dict, List
 import numpy as np
 from PIL import Image
 
-from common import UserError, atomic_dir, progress, run_main, write_json
+from hw3.util.errors import UserError, progress, run_main
+from hw3.util.files import atomic_dir, write_json
 from miniworld import world
 from miniworld.generate import OBJECT_COUNT_PROBS, make_scene, rng_for
 

@@ -17,11 +17,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-import search
-from captioner import config_path, load_captioner
-from common import list_images, load_rgb, progress, read_json, resolve_device, run_main, write_json
-from encoder import coordinate_mapper
-from tokenizer import BPETokenizer
+from hw3.models import search
+from hw3.models.captioner import config_path, load_captioner
+from hw3.data.images import list_images, load_rgb
+from hw3.util.device import resolve_device
+from hw3.util.errors import progress, run_main
+from hw3.util.files import read_json, write_json
+from hw3.models.encoder import coordinate_mapper
+from hw3.data.tokenizer import BPETokenizer
 
 
 def peak_position(attention_map: torch.Tensor, shown_size: Tuple[int, int]) -> Tuple[float, float]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 
-import clip_utils
-import metrics
-import p2_inference
-import run_context
-import search
-from common import UserError, read_json, run_main
+from hw3.models import clip_backend
+from hw3.evaluation import metrics
+from hw3.inference import predict
+from hw3.pipeline import context
+from hw3.models import search
+from hw3.util.errors import UserError, run_main
+from hw3.util.files import read_json
 from miniworld import generate
 from miniworld import world as world_lib
 
@@ -31,9 +32,9 @@ def scenes_of(p2: str) -> dict:
 
 
 def score(checkpoint: str, p2: str, settings: dict, out: str, clip) -> dict:
-    p2_inference.main([os.path.join(p2, "images", "val"), out, os.path.join(p2, generate.COURSE_DECODER),
+    predict.main([os.path.join(p2, "images", "val"), out, os.path.join(p2, generate.COURSE_DECODER),
                        "--checkpoint", checkpoint, "--device", "cpu", "--num-workers", "0"]
-                      + run_context.decoding_flags(settings))
+                      + context.decoding_flags(settings))
     scores = metrics.evaluate(out, os.path.join(p2, "val.json"), os.path.join(p2, "images", "val"), clip=clip,
                               metrics=("bleu", "cider", "clipscore"))
     objects = world_lib.object_scores(read_json(out), scenes_of(p2))
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         raise UserError("--beam-size must be at least 1, got %d" % args.beam_size)
     settings = dict(search.DECODE_DEFAULTS, beam_size=args.beam_size,
                     method="beam" if args.beam_size > 1 else "greedy")
-    clip = clip_utils.load_clip(os.path.join(MODELS, "tiny_clip.json"), os.path.join(MODELS, "tiny_clip.pt"), "cpu")
+    clip = clip_backend.load_clip(os.path.join(MODELS, "tiny_clip.json"), os.path.join(MODELS, "tiny_clip.pt"), "cpu")
     for checkpoint in args.checkpoints:
         name = os.path.splitext(os.path.basename(checkpoint))[0]
         row = score(checkpoint, p2, settings, os.path.join(args.out, "%s_beam%d.json" % (name, args.beam_size)), clip)

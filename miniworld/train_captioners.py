@@ -28,9 +28,10 @@ import subprocess
 import sys
 import time
 
-import optional_stages
-import run_context
-from common import UserError, read_json, run_main, write_json
+from hw3.pipeline import optional_stages
+from hw3.pipeline import context
+from hw3.util.errors import UserError, run_main
+from hw3.util.files import read_json, write_json
 from miniworld import generate
 from miniworld.train_vit import spec as encoder_spec
 
@@ -166,9 +167,9 @@ def teacher_flags(name: str) -> list:
     """precise: the teacher's shipped decoding; creative: run_all's sampling at 0.9 with the same lengths."""
     shipped = {k: v for k, v in read_json(SHIPPED, "the demo's results")["p2_inference"].items() if k != "chosen_on"}
     if name == "precise":
-        return run_context.decoding_flags(shipped)
+        return context.decoding_flags(shipped)
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
-    return run_context.decoding_flags(dict(lengths, **optional_stages.CREATIVE))
+    return context.decoding_flags(dict(lengths, **optional_stages.CREATIVE))
 
 
 def teacher_captions(world: str, env: dict, args) -> dict:
@@ -216,7 +217,7 @@ def install(name: str, out: str, seconds: float, args, captions: dict = None) ->
     meta = read_json(os.path.join(out, "best.json"))
     meta["trained_with"] = trained_with(name, args)
     trained = read_json(os.path.join(out, "args.json"))  # p2_train.py's settings, for the report's best setting
-    meta["training"] = {k: trained.get(k) for k in run_context.TRAINING_RECORD}
+    meta["training"] = {k: trained.get(k) for k in context.TRAINING_RECORD}
     meta["train_seconds"] = round(seconds)  # wall time of this run (the first one also fills the feature cache)
     if captions is not None:
         meta["train_captions"] = captions

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
-from common import UserError, atomic_write, progress, run_main, write_json
+from hw3.util.errors import UserError, progress, run_main
+from hw3.util.files import atomic_write, write_json
 from miniworld import world
 from miniworld.cli import run_training, training_parser
-from p1_templates import CIFAR_TEMPLATES
+from hw3.zeroshot.prompt_templates import CIFAR_TEMPLATES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "models", "tiny_clip.json")

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 
-from common import atomic_write, progress, run_main, write_json
+from hw3.util.errors import progress, run_main
+from hw3.util.files import atomic_write, write_json
 from miniworld import world
 from miniworld.cli import run_training, training_parser
-from tokenizer import END_TOKEN, BPETokenizer
+from hw3.data.tokenizer import END_TOKEN, BPETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "models", "decoder_model.bin")

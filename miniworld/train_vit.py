@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import safe_load
-from common import UserError, atomic_write, progress, run_main, write_json
+from hw3.util import safe_load
+from hw3.util.errors import UserError, progress, run_main
+from hw3.util.files import atomic_write, write_json
 from miniworld import world
 from miniworld.cli import run_training, training_parser
 

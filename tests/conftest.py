@@ -1,4 +1,4 @@
-"""Tests import the top-level modules from the repository root, never reach a model hub, and use one thread."""
+"""Tests import the hw3 package from the repository root, never reach a model hub, and use one thread."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/tiny_models.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))  # tiny_models.py
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def captioning_world(tmp_path_factory):
     it wraps and its weight file: the reference world of the search, captioner and inference tests."""
     import torch
 
-    import captioner
-    from decoder import Config
+    from hw3.models import captioner
+    from hw3.models.gpt2 import Config
     from tiny_models import CAPTION_ENCODER, ending_gpt2, randomize_trainable, save_course_format
 
     folder = tmp_path_factory.mktemp("captioning")

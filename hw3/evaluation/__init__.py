@@ -1,0 +1,1 @@
+"""Scoring captions: CIDEr, the standard metric table, CLIPScore, the PTB tokenizer."""

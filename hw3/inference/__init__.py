@@ -1,0 +1,1 @@
+"""Captioning a folder of images into the course's JSON."""

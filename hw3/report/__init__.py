@@ -1,0 +1,1 @@
+"""The report: results.json into report.md and report.pdf."""

@@ -1,0 +1,1 @@
+"""What every part shares: errors for people, atomic files, safe loading, the device, memory and disk."""

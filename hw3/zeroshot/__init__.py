@@ -1,0 +1,1 @@
+"""P1: zero-shot image classification with CLIP and prompt templates."""
