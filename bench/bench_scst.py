@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Subset
 from hw3.data import corpus
 from hw3.training import trainer
 from hw3.training import loop
-from hw3.models.captioner import Captioner, decoder_from_config
+from hw3.models.captioner import Captioner
+from hw3.models.registry import config_from_args, decoder_from_config
 from hw3.data.images import collate_images
 from hw3.models.encoder import DEFAULT_ENCODER, as_spec
 from hw3.models.search import decode_captions
@@ -103,7 +104,7 @@ def main() -> None:
                                     "--scst-samples", str(bench.samples), "--val-max-len", str(bench.max_len),
                                     "--log-every", "1", "--max-caption-tokens", "40"])  # as before the data's default
         images = bench.images or max(1, args.batch_size // args.scst_samples)
-        cfg = dataclasses.replace(trainer.decoder_config(args), checkpoint=None, encoder_dim=VIT_H14["width"])
+        cfg = dataclasses.replace(config_from_args(args), checkpoint=None, encoder_dim=VIT_H14["width"])
         print("building GPT-2 small + LoRA (random weights)...", file=sys.stderr)
         captioner = Captioner(FeatureCacheOnly(), decoder_from_config(cfg))
         captioner.release_encoder()

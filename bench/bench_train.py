@@ -24,6 +24,7 @@ from PIL import Image
 from hw3.data import corpus
 from hw3.training import trainer
 from hw3.training import loop
+from hw3.models import registry
 from hw3.models.captioner import build_captioner
 from hw3.models.encoder import DEFAULT_ENCODER
 from hw3.models.gpt2 import Config, peft_config
@@ -59,7 +60,7 @@ def timed_epoch(model, captioner, loader, args, world) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default=DEFAULT_ENCODER.split("@")[0] + "@none", help="encoder spec (random weights)")
-    p.add_argument("--peft", default="lora", choices=trainer.PEFT_METHODS, help="PEFT method")
+    p.add_argument("--peft", default="lora", choices=registry.PEFT_METHODS, help="PEFT method")
     p.add_argument("--batch-size", type=int, default=4, help="captions per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps per run")
     bench = p.parse_args()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from hw3.data import corpus
 from hw3.models import search
 from hw3.models.captioner import config_path, load_captioner, no_attention_reason, read_checkpoint_config
+from hw3.models.registry import ARCHITECTURES
 from hw3.data.images import load_rgb
 from hw3.util.device import resolve_device
 from hw3.util.errors import UserError, progress, run_main
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
     images = resolve_images(args)
     device = resolve_device(args.device)
     arch = read_checkpoint_config(args.checkpoint)["arch"]
-    if arch == "gru":  # before any model is built: it has nothing to draw
+    if ARCHITECTURES[arch].no_attention:  # before any model is built: it has nothing to draw
         raise UserError("%s: %s" % (args.checkpoint, no_attention_reason(arch)))
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=device)
     settings, said = search.resolve_decoding(vars(args), meta, config_path(args.checkpoint))  # as p2_inference.py

@@ -1,12 +1,12 @@
-"""The captioning model: a frozen image encoder (encoder.py) and the GPT-2 decoder with its trained parts (decoder.py),
-plus the checkpoints that rebuild it.
+"""The captioning model: a frozen image encoder (encoder.py) and a decoder with its trained parts, plus the checkpoints
+that rebuild it.
 
 Training calls `Captioner.forward`; inference, validation and P3 call `Captioner.generate` (search.py). A checkpoint
 is NAME.pt, only the trained tensors (the course counts parameters from this file), and NAME.json, the encoder spec,
 the architecture and the decoder config that rebuild exactly the model that was trained.
 
-The decoder is one of ARCHITECTURES (`p2_train.py --arch`), all behind the step interface of docs/DECODERS.md:
-`gpt2`, the course's frozen GPT-2 with PEFT (decoder.py), or a decoder trained from scratch: `gru`, `attention-gru`
+The decoder is one of registry.ARCHITECTURES (`p2_train.py --arch`), all behind the step interface of docs/DECODERS.md:
+`gpt2`, the course's frozen GPT-2 with PEFT (gpt2.py), or a decoder trained from scratch: `gru`, `attention-gru`
 (rnn_decoder.py), `transformer` (transformer_decoder.py).
 """
 from __future__ import annotations
@@ -22,28 +22,11 @@ from hw3.util import safe_load
 from hw3.models import search
 from hw3.util.errors import UserError
 from hw3.util.files import atomic_write, read_json, write_json
-from hw3.models.gpt2 import Config, Decoder, DecoderWeightsError
+from hw3.models.gpt2 import Decoder, DecoderWeightsError
 from hw3.models.encoder import EncoderSpec, ImageEncoder, as_spec, check_encoder_weights
-from hw3.models.rnn_decoder import RNNConfig, build_rnn_decoder
-from hw3.models.transformer_decoder import TransformerConfig, TransformerDecoder
+from hw3.models.registry import ARCHITECTURES, DEFAULT, arch_of, decoder_from_config
 
 CHECKPOINT_FORMAT = "hw3-captioner/1"
-# --arch name -> (config class, decoder class); a checkpoint JSON without "arch" is gpt2 (saved before the others).
-ARCHITECTURES = {"gpt2": (Config, Decoder), "gru": (RNNConfig, build_rnn_decoder),
-                 "attention-gru": (RNNConfig, build_rnn_decoder), "transformer": (TransformerConfig, TransformerDecoder)}
-FROM_SCRATCH = ("gru", "attention-gru", "transformer")  # trained whole: no GPT-2 weights, a compact output layer
-
-
-def arch_of(cfg) -> str:
-    """The --arch name of a decoder config."""
-    if isinstance(cfg, RNNConfig):
-        return cfg.arch
-    return next(name for name, (config_class, _) in ARCHITECTURES.items() if isinstance(cfg, config_class))
-
-
-def decoder_from_config(cfg):
-    """The decoder a config describes (GPT-2 loads its frozen weights from cfg.checkpoint)."""
-    return ARCHITECTURES[arch_of(cfg)][1](cfg)
 
 
 class Captioner(nn.Module):
@@ -136,9 +119,9 @@ class Captioner(nn.Module):
 
 def no_attention_reason(arch: str) -> str:
     """Why a decoder has no attention map over the image (P3 and the pointing game refuse it in this line)."""
-    if arch == "gru":
-        return ("--arch gru has no attention map: it sees one global image vector (the mean of the image tokens), not "
-                "the patches; use an attention-gru, transformer or gpt2 checkpoint")
+    reason = ARCHITECTURES[arch].no_attention if arch in ARCHITECTURES else None
+    if reason:
+        return "--arch %s has no attention map: %s" % (arch, reason)
     return "the decoder has no cross-attention, so there is no attention over the image to draw"
 
 
@@ -187,7 +170,7 @@ def read_checkpoint_config(checkpoint: str) -> dict:
             meta.get("decoder"), dict) or not isinstance(meta.get("encoder"), (str, dict)):
         raise UserError("%s is not a captioner config (expected format %r with 'encoder' and 'decoder')" % (
             path, CHECKPOINT_FORMAT))
-    if meta.setdefault("arch", "gpt2") not in ARCHITECTURES:
+    if meta.setdefault("arch", DEFAULT) not in ARCHITECTURES:
         raise UserError("%s: unknown arch %r (this code knows %s)" % (path, meta["arch"], ", ".join(ARCHITECTURES)))
     return meta
 
@@ -205,6 +188,23 @@ def _check_tensors(checkpoint: str, state: Dict[str, torch.Tensor], expected: Di
             checkpoint, config_path(checkpoint), "; ".join(problems)))
 
 
+def _decoder_config(checkpoint: str, meta: dict, decoder_weights: str):
+    """The saved decoder config of the checkpoint's arch (a decoder with GPT-2 weights reads them from
+    `decoder_weights`), checked to be one its row describes."""
+    row = ARCHITECTURES[meta["arch"]]
+    fields = meta["decoder"] if row.from_scratch else dict(meta["decoder"], checkpoint=decoder_weights)
+    try:
+        cfg = row.config_class.from_dict(fields)
+        if row.from_scratch:
+            cfg.validate()
+    except (TypeError, ValueError) as err:
+        raise UserError("%s: bad decoder config: %s" % (config_path(checkpoint), err)) from None
+    if not row.describes(cfg):
+        said = [repr(name) for name, other in ARCHITECTURES.items() if other.describes(cfg)] or ["another arch"]
+        raise UserError("%s: arch %r but its decoder config says %s" % (config_path(checkpoint), meta["arch"], said[0]))
+    return cfg
+
+
 def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline: Optional[bool] = None,
                    encoder_spec=None) -> Tuple[Captioner, dict]:
     """The trained captioner, ready for inference: encoder from the saved spec (or `encoder_spec`, e.g. a local
@@ -215,16 +215,7 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
     state = safe_load.load_tensors(checkpoint, "checkpoint")
     spec = as_spec(encoder_spec) if encoder_spec else EncoderSpec.from_json(meta["encoder"]).from_repo_root()
     check_encoder_weights(spec, offline)  # fail before the slow builds
-    config_class = ARCHITECTURES[meta["arch"]][0]
-    fields = dict(meta["decoder"], checkpoint=decoder_weights) if meta["arch"] == "gpt2" else meta["decoder"]
-    try:
-        cfg = config_class.from_dict(fields)
-        if meta["arch"] in FROM_SCRATCH:
-            cfg.validate()
-    except (TypeError, ValueError) as err:
-        raise UserError("%s: bad decoder config: %s" % (config_path(checkpoint), err)) from None
-    if isinstance(cfg, RNNConfig) and cfg.arch != meta["arch"]:
-        raise UserError("%s: arch %r but its decoder config says %r" % (config_path(checkpoint), meta["arch"], cfg.arch))
+    cfg = _decoder_config(checkpoint, meta, decoder_weights)
     try:
         decoder = decoder_from_config(cfg)
     except DecoderWeightsError as err:
@@ -238,5 +229,5 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", offline:
     return captioner, meta
 
 
-__all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "FROM_SCRATCH", "Captioner", "arch_of", "build_captioner",
-           "config_path", "load_captioner", "no_attention_reason", "read_checkpoint_config", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "Captioner", "build_captioner", "config_path", "load_captioner", "no_attention_reason",
+           "read_checkpoint_config", "save_checkpoint"]

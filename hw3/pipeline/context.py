@@ -27,7 +27,7 @@ from hw3.inference import predict
 from hw3.training import trainer
 from hw3.pipeline import records
 from hw3.util import resources
-from hw3.models import search
+from hw3.models import registry, search
 from hw3.training import loop
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.util.device import resolve_device
@@ -297,7 +297,7 @@ def checked_training(ctx: Context, argv: List[str], options: dict, where: str) -
     with contextlib.redirect_stderr(io.StringIO()) as said:
         try:
             parsed = trainer.parse_args(argv)
-            trainer.decoder_config(parsed)
+            registry.config_from_args(parsed)
         except SystemExit:  # argparse's error: its last line says which option and why
             lines = [line for line in said.getvalue().splitlines() if line.strip()]
             raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))

@@ -20,11 +20,10 @@ from hw3.report import compose
 from hw3.evaluation import metrics
 from hw3.data import corpus
 from hw3.inference import predict
-from hw3.training import trainer
 from hw3.attention import visualize
 from hw3.pipeline import records
 from hw3.pipeline import context
-from hw3.models import search
+from hw3.models import registry, search
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.util.errors import UserError
 from hw3.util.files import read_json, write_json
@@ -378,7 +377,7 @@ def scst_options(ctx: Context) -> dict:
 
 def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> List[str]:
     """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt (a PEFT method, or without the
-    GPT-2 a compare run): the model of the checkpoint `init` (p2_train.model_flags: --init-from fits even when it is
+    GPT-2 a compare run): the model of the checkpoint `init` (registry.model_flags: --init-from fits even when it is
     a --score-checkpoints one), the attempt's training options but its model's, no cross-entropy epoch, then the scst
     options. `init` None: the attempt's own model, checked as one epoch of cross-entropy (the checkpoint does not
     exist before its training has run)."""
@@ -389,9 +388,9 @@ def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -
     model = [] if compare_run else ["--decoder-weights", ctx.data("decoder")]
     if init:
         meta = read_checkpoint_config(init)
-        model += trainer.model_flags(meta) + ["--init-from", init]
-        arch = meta.get("arch", "gpt2")  # a from-scratch decoder's caption length is its model's (model_flags)
-        own = trainer.ARCH_OPTIONS[arch] + (() if arch == "gpt2" else ("max_caption_tokens",))
+        model += registry.model_flags(meta) + ["--init-from", init]
+        row = registry.ARCHITECTURES[meta["arch"]]  # a from-scratch decoder's caption length is its model's
+        own = row.option_names + (("max_caption_tokens",) if row.from_scratch else ())
         options = {k: v for k, v in options.items() if k.replace("-", "_") not in own}
     else:
         model += option_flags(COMPARE_RUNS[method]) if compare_run else ["--peft", method]

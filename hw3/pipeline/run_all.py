@@ -68,7 +68,8 @@ from hw3.report import answer_file
 from hw3.util import resources
 from hw3.pipeline import context
 from hw3.models import search
-from hw3.models.captioner import ARCHITECTURES, config_path, read_checkpoint_config
+from hw3.models.captioner import config_path, read_checkpoint_config
+from hw3.models.registry import ARCHITECTURES, PEFT_METHODS, PEFT_OPTIONS
 from hw3.data.images import check_image_file, list_images
 from hw3.util.errors import UserError, progress, run_main
 from hw3.util.files import atomic_write, read_json, write_json
@@ -332,7 +333,7 @@ def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> d
     """What the report's "best setting" lists: the method's own PEFT options (as the checkpoint was built), and the
     training's learning rate, epochs and batch size: this run's when it trained the scored checkpoint, else those
     the checkpoint's JSON records (the world's committed checkpoints do)."""
-    row = dict(peft={k: meta["decoder"].get(k) for k in trainer.PEFT_OPTIONS.get(method, ())})
+    row = dict(peft={k: meta["decoder"].get(k) for k in PEFT_OPTIONS.get(method, ())})
     args_file = os.path.join(os.path.dirname(checkpoint), "args.json")
     if not ctx.args.score_checkpoints and os.path.isfile(args_file):
         trained = read_json(args_file, "training arguments")
@@ -802,10 +803,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in trainer.PEFT_METHODS]
+    bad = [m for m in args.methods if m not in PEFT_METHODS]
     if bad or not args.methods:
         raise UserError("--methods: %s is not a PEFT method (%s)" % (",".join(bad) or "(none)",
-                                                                    ", ".join(trainer.PEFT_METHODS)))
+                                                                    ", ".join(PEFT_METHODS)))
     if len(set(args.methods)) != len(args.methods):
         raise UserError("--methods names a method twice: %s" % ",".join(args.methods))
     if bool(args.clip_model) != bool(args.clip_pretrained):

@@ -12,7 +12,6 @@ last_state.pt (everything --resume needs, rewritten atomically at each epoch end
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -29,22 +28,19 @@ from hw3.models import clip_backend
 from hw3.evaluation import metrics
 from hw3.data import corpus
 from hw3.util import safe_load
-from hw3.models.captioner import ARCHITECTURES, FROM_SCRATCH, build_captioner, read_checkpoint_config, save_checkpoint
+from hw3.models import registry
+from hw3.models.captioner import build_captioner, read_checkpoint_config, save_checkpoint
 from hw3.training.cider_reward import CiderD
 from hw3.data.images import collate_images
 from hw3.util.errors import UserError, run_main
 from hw3.util.files import atomic_write, check_writable_dir, write_json
 from hw3.models.output_vocab import collect_output_ids
-from hw3.models.gpt2 import Config, peft_config
 from hw3.models.encoder import DEFAULT_ENCODER
-from hw3.models.rnn_decoder import GLOBAL_POOLS, RNNConfig
 from hw3.models.search import DATA_LENGTH_KEY, DECODE_DEFAULTS, covering_max_len
 from hw3.data.tokenizer import BPETokenizer
-from hw3.models.transformer_decoder import TransformerConfig
 from hw3.training.loop import (WARMUP_SHARE, BatchSplit, Dist, check_budget, effective_warmup, grad_scaler, log_line,
                                make_optimizer, resume, rng_state, save_state, scst_epoch, score, train_epoch, validate)
 
-PEFT_METHODS = ("adapter", "prefix", "lora", "prompt", "none")
 # The default --max-caption-tokens is the longest training caption rounded up to a multiple of this.
 CAPTION_LENGTH_STEP = 8
 # What may pick best.pt (+1: higher is better): every validation metric's field, "mean" (of metrics.MEAN_OF, as
@@ -53,10 +49,6 @@ SELECT_METRICS = dict([(k.lower(), 1) for k in metrics.result_keys(metrics.METRI
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    def preset(method: str, field: str) -> str:
-        value = peft_config(method).get(field, getattr(Config(), field))
-        return ",".join(value) if isinstance(value, tuple) else str(value)
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train-json", required=True, help="captions of the training images: COCO-style (the "
@@ -87,44 +79,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (see encoder.py), default %(default)s")
-    g.add_argument("--arch", choices=tuple(ARCHITECTURES), default="gpt2", help="decoder: gpt2 (the course's frozen "
-                   "GPT-2 with PEFT, default), or trained from scratch: gru (a global image vector), attention-gru "
-                   "(Show-Attend-Tell over the image tokens), transformer")
-    g.add_argument("--decoder-weights", help="the course's decoder_model.bin (frozen GPT-2; --arch gpt2 only, needed)")
-    g.add_argument("--peft", choices=PEFT_METHODS, help="PEFT method (none = cross-attention only; default lora)")
-    g.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (preset %s)" % preset("adapter", "adapter_dim"))
-    g.add_argument("--adapter-places", help="comma list of self,cross,mlp (preset %s)" % preset("adapter", "adapter_places"))
-    g.add_argument("--prefix-len", type=int, help="prefix tuning: prefix length (preset %s)" % preset("prefix", "prefix_len"))
-    g.add_argument("--prefix-hidden", type=int, help="prefix tuning: reparameterisation MLP width, 0 = none "
-                   "(preset %s)" % preset("prefix", "prefix_hidden"))
-    g.add_argument("--prompt-len", type=int, help="prompt tuning: number of learned input embeddings (preset %s)" % preset("prompt", "prompt_len"))
-    g.add_argument("--lora-rank", type=int, help="LoRA rank (preset %s)" % preset("lora", "lora_rank"))
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (preset %s)" % preset("lora", "lora_alpha"))
-    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (preset %s)" % preset("lora", "lora_dropout"))
-    g.add_argument("--lora-targets", help="comma list of attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (preset %s)" % preset("lora", "lora_targets"))
-    g.add_argument("--cross-attn-layers", help="comma list of decoder blocks with cross-attention (default every)")
-    g.add_argument("--image-proj", choices=("linear", "mlp"), help="image token projection (gpt2 and transformer; "
-                   "default linear)")
-    g.add_argument("--no-cross-attn-gate", action="store_true", help="no tanh gate (at 0) on cross-attention")
-    g = p.add_argument_group("from-scratch decoders (--arch gru, attention-gru, transformer); the caption length is "
-                             "--max-caption-tokens, the output layer the GPT-2 ids of the training captions")
-    g.add_argument("--embed-dim", type=int, help="gru, attention-gru: word embedding width (default %d)"
-                   % RNNConfig.embed_dim)
-    g.add_argument("--hidden-dim", type=int, help="gru, attention-gru: hidden state width (default %d)"
-                   % RNNConfig.hidden_dim)
-    g.add_argument("--attention-dim", type=int, help="attention-gru: additive attention width (default %d)"
-                   % RNNConfig.attention_dim)
-    g.add_argument("--attention-reg", type=float, help="attention-gru: weight of the doubly stochastic attention "
-                   "term (1 - sum_t alpha)^2, Show-Attend-Tell's alpha_c (default %s; 0 = off)"
-                   % RNNConfig.attention_reg)
-    g.add_argument("--global-pool", choices=GLOBAL_POOLS, help="gru, attention-gru: the image's global vector (the "
-                   "gru's input, both's first hidden state): mean of the tokens (default), or cls, a ViT's class "
-                   "token")
-    g.add_argument("--n-layer", type=int, help="transformer: blocks (default %d)" % TransformerConfig.n_layer)
-    g.add_argument("--n-head", type=int, help="transformer: attention heads (default %d)" % TransformerConfig.n_head)
-    g.add_argument("--n-embd", type=int, help="transformer: width (default %d)" % TransformerConfig.n_embd)
-    g.add_argument("--dropout", type=float, help="gru, attention-gru (default %s), transformer (default %s): dropout"
-                   % (RNNConfig.dropout, TransformerConfig.dropout))
+    registry.add_arguments(p, g)  # --arch and each architecture's options
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="training epochs (every caption once per epoch)")
     g.add_argument("--batch-size", type=int, default=32, help="captions per step per process")
@@ -235,115 +190,6 @@ def validation_metrics(args: argparse.Namespace) -> tuple:
 
 def _metric_of(field: str) -> str:
     return next(name for name, keys in metrics.METRIC_KEYS.items() if field in (k.lower() for k in keys))
-
-
-def _csv(text: Optional[str], cast=str):
-    return None if text is None else tuple(cast(t.strip()) for t in text.split(",") if t.strip())
-
-
-# Each PEFT method's own options: given with another --peft, they would be silently ignored, so they are refused.
-PEFT_OPTIONS = {"adapter": ("adapter_dim", "adapter_places"), "prefix": ("prefix_len", "prefix_hidden"),
-                "prompt": ("prompt_len",), "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
-PEFT_SIZES = {"adapter_dim": 1, "prefix_len": 1, "prompt_len": 1, "lora_rank": 1, "prefix_hidden": 0}  # least value
-
-
-def _check_peft(args: argparse.Namespace, cfg: Config) -> None:
-    for method, options in PEFT_OPTIONS.items():
-        given = ["--" + o.replace("_", "-") for o in options if getattr(args, o) is not None]
-        if given and method != args.peft:
-            raise UserError("%s belong%s to --peft %s, not --peft %s" % (
-                " and ".join(given), "s" if len(given) == 1 else "", method, args.peft))
-    for option, least in PEFT_SIZES.items():
-        if option in PEFT_OPTIONS.get(args.peft, ()) and getattr(cfg, option) < least:
-            raise UserError("--%s must be at least %d for --peft %s, got %s" % (
-                option.replace("_", "-"), least, args.peft, getattr(cfg, option)))
-    if args.peft == "lora" and not (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1):
-        raise UserError("--lora-alpha must be above 0 and --lora-dropout in [0, 1), got %s and %s"
-                        % (cfg.lora_alpha, cfg.lora_dropout))
-    for option in PEFT_OPTIONS.get(args.peft, ()):
-        if option in ("adapter_places", "lora_targets") and not getattr(cfg, option):
-            raise UserError("--%s lists nothing" % option.replace("_", "-"))
-
-
-# Each architecture's own options (None when not given): with another --arch they would be ignored, so they are refused.
-ARCH_OPTIONS = {
-    "gpt2": ("decoder_weights", "peft", "cross_attn_layers", "no_cross_attn_gate", "image_proj")
-    + tuple(o for options in PEFT_OPTIONS.values() for o in options),
-    "gru": ("embed_dim", "hidden_dim", "dropout", "global_pool"),
-    "attention-gru": ("embed_dim", "hidden_dim", "attention_dim", "attention_reg", "dropout", "global_pool"),
-    "transformer": ("n_layer", "n_head", "n_embd", "dropout", "image_proj"),
-}
-
-
-def model_flags(meta: dict) -> List[str]:
-    """The model flags that rebuild a checkpoint's decoder config from its JSON (`meta`): --arch and that
-    architecture's own options as the checkpoint has them (for gpt2 the PEFT method and its options, without
-    --decoder-weights). With them, --init-from the checkpoint fits whatever the other training options are."""
-    arch, cfg = meta.get("arch", "gpt2"), meta["decoder"]
-    flags = ["--arch", arch]
-    if arch == "gpt2":
-        method = next((m for m, options in PEFT_OPTIONS.items() if cfg.get(options[0])), None)
-        if method is None:
-            raise UserError("the checkpoint's decoder config has no PEFT method (%s)" % ", ".join(PEFT_OPTIONS))
-        flags += ["--peft", method] + ([] if cfg.get("cross_attn_gate", True) else ["--no-cross-attn-gate"])
-        options = ("cross_attn_layers", "image_proj") + PEFT_OPTIONS[method]
-    else:
-        flags += ["--max-caption-tokens", str(cfg["block_size"] - 2)]  # + the start and end tokens
-        options = tuple(o for o in ARCH_OPTIONS[arch] if o in cfg)
-    for option in options:
-        value = cfg.get(option)
-        if value is not None:
-            flags += ["--" + option.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, list)
-                      else str(value)]
-    return flags
-
-
-def _check_arch_options(args: argparse.Namespace) -> None:
-    given = [o for options in ARCH_OPTIONS.values() for o in options
-             if getattr(args, o) is not None and getattr(args, o) is not False]  # 0 is given, False (a flag) not
-    foreign = sorted({o for o in given if o not in ARCH_OPTIONS[args.arch]})
-    if foreign:
-        owners = ", ".join("--%s (%s)" % (o.replace("_", "-"), " or ".join(a for a, opts in ARCH_OPTIONS.items()
-                                                                          if o in opts)) for o in foreign)
-        raise UserError("--arch %s does not use %s" % (args.arch, owners))
-    if args.arch == "gpt2" and not args.decoder_weights:
-        raise UserError("--arch gpt2 needs --decoder-weights (the course's decoder_model.bin)")
-
-
-def decoder_config(args: argparse.Namespace, output_ids=None):
-    """The decoder config of --arch and its options (output_ids: the compact output layer of a from-scratch decoder,
-    known once the training captions are read; None while only the options are checked)."""
-    _check_arch_options(args)
-    if args.arch != "gpt2":
-        return _scratch_config(args, output_ids)
-    args.peft = args.peft or "lora"
-    peft = peft_config(args.peft, adapter_dim=args.adapter_dim, adapter_places=_csv(args.adapter_places),
-                       prefix_len=args.prefix_len, prefix_hidden=args.prefix_hidden, prompt_len=args.prompt_len,
-                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                       lora_targets=_csv(args.lora_targets))
-    try:
-        layers = _csv(args.cross_attn_layers, int)
-    except ValueError:
-        raise UserError("--cross-attn-layers must be a comma list of block numbers, got %r" % args.cross_attn_layers)
-    cfg = Config(checkpoint=args.decoder_weights, cross_attn_layers=layers, image_proj=args.image_proj or "linear",
-                 cross_attn_gate=not args.no_cross_attn_gate, **peft)
-    _check_peft(args, cfg)
-    return cfg
-
-
-def _scratch_config(args: argparse.Namespace, output_ids):
-    given = {o: getattr(args, o) for o in ARCH_OPTIONS[args.arch] if getattr(args, o) is not None}
-    tokens = args.max_caption_tokens or CAPTION_LENGTH_STEP  # before the data are read, any length checks options
-    common = dict(output_ids=output_ids, block_size=tokens + 2)  # + the start and end tokens
-    if args.arch == "transformer":
-        cfg = TransformerConfig(**common, **given)
-    else:
-        cfg = RNNConfig(arch=args.arch, **common, **given)
-    try:
-        dataclasses.replace(cfg, encoder_dim=1).validate()  # the encoder's width is set when the model is built
-    except ValueError as err:
-        raise UserError("--arch %s: %s" % (args.arch, err)) from None
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -525,7 +371,7 @@ def _run(args, world: Dist) -> int:
     if not args.resume and os.path.isfile(state_path):
         raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
                         "another --out" % args.out)
-    cfg = decoder_config(args)  # option errors first, then the output folders, then the data
+    cfg = registry.config_from_args(args)  # option errors first, then the output folders, then the data
     for folder, what in ((args.out, "--out"), (args.feature_cache, "--feature-cache")):
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError("%s %s is not a folder" % (what, folder))
@@ -533,9 +379,9 @@ def _run(args, world: Dist) -> int:
             check_writable_dir(folder, what + " folder")
     train, val = load_splits(args)
     caption_length(args, train, world)
-    if args.arch in FROM_SCRATCH:  # the compact output layer: the GPT-2 ids of the training captions
+    if registry.ARCHITECTURES[args.arch].from_scratch:  # the compact output layer: the training captions' GPT-2 ids
         tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), args.max_caption_tokens)
-        cfg = decoder_config(args, collect_output_ids(ids for image in tokens for ids in image))
+        cfg = registry.config_from_args(args, collect_output_ids(ids for image in tokens for ids in image))
     torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -210,16 +210,15 @@ def folder_bytes(folder: str) -> int:
 def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
     """run_all's plan lines: the disk the run still needs (refused now when short) and each P2 attempt's peak GPU
     memory at its batch sizes on an 11 GB card. Estimates from the model sizes, not measurements."""
-    from hw3.models.captioner import decoder_from_config
+    from hw3.models import registry
     from hw3.data.images import list_images
     from hw3.models.encoder import DEFAULT_ENCODER
-    from hw3.training import trainer
 
     image = vit_shape(ctx.args.encoder or DEFAULT_ENCODER)
     shapes, lines = {}, []
     for method in [m for m in ctx.args.methods if m in ctx.train_options and "p2" in selected]:
         options = ctx.train_options[method]
-        shapes[method] = decoder_shape(decoder_from_config(trainer.decoder_config(options)))
+        shapes[method] = decoder_shape(registry.decoder_from_config(registry.config_from_args(options)))
         caption_tokens = (options.max_caption_tokens or ctx.scoring_max_len()) + 2  # None: the data's, as val's
         peaks = [("training batch %d" % options.batch_size, training_peak_bytes(
             shapes[method], image, options.batch_size, caption_tokens, bool(options.feature_cache)))]

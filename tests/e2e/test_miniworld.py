@@ -348,6 +348,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
     GPT-2 or PEFT option), and the PEFT runs keep their recipe."""
     import argparse
 
+    from hw3.models import registry
     from hw3.training import trainer
     from hw3.pipeline import context
     from miniworld import train_captioners
@@ -357,7 +358,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
     for name in list(train_captioners.METHOD_SETTINGS) + list(train_captioners.ARCH_SETTINGS):
         command = train_captioners.command(name, "world", "out", "cache", settings)
         args = trainer.parse_args(command[2:])
-        cfg = trainer.decoder_config(args)
+        cfg = registry.config_from_args(args)
         if name in train_captioners.METHOD_SETTINGS:
             assert (args.arch, args.peft, args.epochs, args.lr, cfg.cross_attn_gate) == ("gpt2", name, 5, 5e-3, False)
         else:
@@ -373,6 +374,7 @@ def test_committed_classic_captioners_were_made_by_arch_settings():
     that retrains it and its time; each checkpoint stays small enough to commit."""
     import argparse
 
+    from hw3.models import registry
     from hw3.training import trainer
     from miniworld import train_captioners
 
@@ -380,7 +382,7 @@ def test_committed_classic_captioners_were_made_by_arch_settings():
     for name in train_captioners.ARCH_SETTINGS:
         meta = read(os.path.join(MODELS, "p2_%s.json" % name))
         args = trainer.parse_args(train_captioners.command(name, "world", "out", "cache", settings)[2:])
-        expected = trainer.decoder_config(args).to_dict()
+        expected = registry.config_from_args(args).to_dict()
         for field in ("output_ids", "encoder_dim", "block_size"):  # known once the captions and encoder are read
             expected.pop(field)
         assert meta["arch"] == args.arch and {k: meta["decoder"][k] for k in expected} == expected, name

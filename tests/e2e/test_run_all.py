@@ -29,7 +29,7 @@ from hw3.report import answer_file
 from hw3.util import resources
 from hw3.pipeline import run_all
 from hw3.pipeline import context
-from hw3.models import search
+from hw3.models import registry, search
 import tiny_models
 import torch
 from hw3.training import loop
@@ -196,7 +196,7 @@ def test_rows_list_only_the_active_peft_settings(finished):
     out, _ = finished
     rows = read_json(os.path.join(out, "results.json"))["p2"]
     for method, row in rows.items():
-        assert set(row["peft"]) == set(trainer.PEFT_OPTIONS[method]), method
+        assert set(row["peft"]) == set(registry.PEFT_OPTIONS[method]), method
     committed = read_json(os.path.join(demo.MODELS, "p2_lora.json"))["training"]  # the converged captioner scored
     assert {k: rows["lora"]["training"][k] for k in committed} == committed
 

@@ -1,7 +1,8 @@
-"""Every --arch behind the one step interface (docs/DECODERS.md): the one search gives with each decoder's cache what
-full recomputation gives, a beam wide enough to keep every hypothesis equals exhaustive search, checkpoints rebuild
-the model that made the captions, attention maps come out where the decoder attends, and P3 and p2_train refuse what
-an architecture does not have."""
+"""Every from-scratch --arch of the registry, and a toy one registered by one row, behind the one step interface
+(docs/DECODERS.md): the one search gives with each decoder's cache what full recomputation gives, a beam wide enough to
+keep every hypothesis equals exhaustive search, checkpoints rebuild the model that made the captions, attention maps
+come out where the decoder attends, and P3 and p2_train refuse what an architecture does not have. (gpt2, which needs
+GPT-2 weights, has its own tests: test_gpt2.py, test_search.py.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,32 +14,45 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hw3.models import captioner as captioner_lib
+from hw3.models import captioner as captioner_lib, registry
 from hw3.inference import predict
 from hw3.training import trainer
 from hw3.attention import visualize
 from hw3.util.errors import UserError
-from hw3.models.rnn_decoder import RNNConfig
 from hw3.models.search import generate
 from tiny_models import CAPTION_ENCODER, Uncached
 from hw3.data.tokenizer import END_TOKEN
-from hw3.models.transformer_decoder import TransformerConfig
+from toy_decoder import TOY, ToyConfig
 
 OUTPUT_IDS = (64, 257, 262, 290, 318, 1000, 3290, 4171, 7586, END_TOKEN)  # a compact layer of ten GPT-2 ids
-CONFIGS = {
-    "gru": RNNConfig(arch="gru", embed_dim=16, hidden_dim=24, dropout=0.0, output_ids=OUTPUT_IDS, block_size=20),
-    "attention-gru": RNNConfig(arch="attention-gru", embed_dim=16, hidden_dim=24, attention_dim=12, dropout=0.0,
-                               output_ids=OUTPUT_IDS, block_size=20),
-    "transformer": TransformerConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0, output_ids=OUTPUT_IDS,
-                                     block_size=20),
-}
-ARCHS = tuple(CONFIGS)
+TINY = 16  # the tiny configs' whole-number options (widths, depths, heads) are at most this
+# The registry's from-scratch rows and the toy row that the `arch` fixture registers for its tests.
+ROWS = {name: row for name, row in dict(registry.ARCHITECTURES, **{TOY.name: TOY}).items() if row.from_scratch}
+ARCHS = tuple(ROWS)
+ATTENDING = tuple(name for name, row in ROWS.items() if row.no_attention is None)
+NOT_ATTENDING = tuple(name for name, row in ROWS.items() if row.no_attention)
+
+
+@pytest.fixture
+def arch(request, monkeypatch):
+    """The parametrised --arch name; the toy row is registered for the test's duration."""
+    if request.param == TOY.name:
+        monkeypatch.setitem(registry.ARCHITECTURES, TOY.name, TOY)
+    return request.param
+
+
+def tiny_config(arch: str, output_ids=OUTPUT_IDS):
+    """The row's config at its defaults, every whole-number option at most TINY, 20 positions, no dropout."""
+    row = ROWS[arch]
+    cfg = row.config_class(output_ids=output_ids, block_size=20, **row.preset)
+    small = {o.dest: min(getattr(cfg, o.dest), TINY) for o in row.options if o.type is int}
+    return dataclasses.replace(cfg, dropout=0.0, **small)
 
 
 def build(arch: str, output_ids=OUTPUT_IDS, seed: int = 0):
     """A captioner of `arch` with large random weights, so that each image gets its own, peaked distributions."""
     torch.manual_seed(seed)
-    model = captioner_lib.build_captioner(CAPTION_ENCODER, dataclasses.replace(CONFIGS[arch], output_ids=output_ids))
+    model = captioner_lib.build_captioner(CAPTION_ENCODER, tiny_config(arch, output_ids))
     with torch.no_grad():
         for p in model.decoder.parameters():
             p.normal_(0, 0.6 if p.dim() > 1 else 0.2)
@@ -51,7 +65,7 @@ def images():
     return torch.randn(5, 3, 32, 32, generator=g) * 0.5 + torch.randn(5, 3, 1, 1, generator=g) * 2
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS, indirect=True)
 @pytest.mark.parametrize("settings", [dict(method="greedy", no_repeat_ngram=2, min_len=2),
                                       dict(method="beam", beam_size=3, no_repeat_ngram=2, length_penalty=1.0),
                                       dict(method="sample", temperature=0.9, top_k=5, seed=3, captions_per_image=2)])
@@ -89,7 +103,7 @@ def exhaustive(decoder, feat, max_len: int, min_len: int):
     return [caption for _, caption in sorted(scored, key=lambda s: -s[0])]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS, indirect=True)
 @pytest.mark.parametrize("min_len", [0, 1])
 def test_a_beam_keeping_every_hypothesis_is_exhaustive_search(arch, min_len, images):
     """Three words and the end token, three steps: a beam of 4 ** 3 never drops a hypothesis, so its best three are
@@ -104,7 +118,7 @@ def test_a_beam_keeping_every_hypothesis_is_exhaustive_search(arch, min_len, ima
     assert len({tuple(map(tuple, b)) for b in best}) > 1, "the images should not share their best three captions"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS, indirect=True)
 def test_checkpoint_rebuilds_the_model_and_its_captions(arch, images, tmp_path):
     model = build(arch)
     path = str(tmp_path / ("p2_%s.pt" % arch))
@@ -130,7 +144,7 @@ def test_a_checkpoint_of_an_unknown_arch_is_refused(images, tmp_path):
         captioner_lib.load_captioner(path, "")
 
 
-@pytest.mark.parametrize("arch", ["attention-gru", "transformer"])
+@pytest.mark.parametrize("arch", ATTENDING, indirect=True)
 def test_attention_maps_of_the_attending_archs(arch, images):
     model = build(arch)
     ids, attention = model.generate(images[:2], method="greedy", max_len=8, return_attention=True)
@@ -140,17 +154,18 @@ def test_attention_maps_of_the_attending_archs(arch, images):
         assert torch.all(maps >= 0) and torch.all(maps.flatten(1).sum(1) <= 1 + 1e-5)
 
 
-def test_gru_has_no_attention_map(images, tmp_path):
-    model = build("gru")
+@pytest.mark.parametrize("arch", NOT_ATTENDING, indirect=True)
+def test_an_arch_without_attention_has_no_attention_map(arch, images, tmp_path):
+    model = build(arch)
     _, attention = model.generate(images[:1], method="greedy", max_len=4, return_attention=True)
-    with pytest.raises(UserError, match="gru has no attention map"):
+    with pytest.raises(UserError, match="--arch %s has no attention map" % arch):
         model.attention_maps(attention[0])
-    path = str(tmp_path / "p2_gru.pt")
+    path = str(tmp_path / "p2.pt")
     captioner_lib.save_checkpoint(path, model)
     folder = tmp_path / "images"
     folder.mkdir()
     Image.new("RGB", (32, 32)).save(folder / "a.png")
-    with pytest.raises(UserError, match="gru has no attention map") as err:
+    with pytest.raises(UserError, match="--arch %s has no attention map" % arch) as err:
         visualize.main(["--images", str(folder), "--checkpoint", path, "--decoder", "", "--out",
                            str(tmp_path / "p3")])
     assert "\n" not in str(err.value) and not (tmp_path / "p3").exists()
@@ -188,21 +203,21 @@ def _options(*extra):
 ])
 def test_options_of_another_architecture_are_refused(extra, message):
     with pytest.raises(UserError, match=message):
-        trainer.decoder_config(_options(*extra))
+        registry.config_from_args(_options(*extra))
 
 
 def test_from_scratch_config_follows_the_caption_length():
-    cfg = trainer.decoder_config(_options("--arch", "attention-gru", "--max-caption-tokens", "160",
+    cfg = registry.config_from_args(_options("--arch", "attention-gru", "--max-caption-tokens", "160",
                                            "--attention-reg", "0"), output_ids=OUTPUT_IDS)
     assert cfg.block_size == 162 and cfg.attention_reg == 0 and cfg.output_ids == OUTPUT_IDS
-    assert trainer.decoder_config(_options("--decoder-weights", "d.bin")).lora_rank > 0  # gpt2 + LoRA by default
+    assert registry.config_from_args(_options("--decoder-weights", "d.bin")).lora_rank > 0  # gpt2 + LoRA by default
 
 
 def test_cnn_grid_tokens_feed_the_attention_gru_and_its_maps(tmp_path):
     """A timm CNN (random weights) gives grid tokens without a class token; attention-gru attends over its grid and
     the maps come out on that grid."""
     cnn = "timm:resnet10t@none"
-    model = captioner_lib.build_captioner(cnn, dataclasses.replace(CONFIGS["attention-gru"]))
+    model = captioner_lib.build_captioner(cnn, tiny_config("attention-gru"))
     assert model.encoder.num_prefix_tokens == 0
     h, w = model.encoder.grid_size
     images = torch.randn(2, 3, *model.encoder.input_size)
@@ -214,3 +229,33 @@ def test_cnn_grid_tokens_feed_the_attention_gru_and_its_maps(tmp_path):
     loaded, meta = captioner_lib.load_captioner(path, "")
     assert meta["encoder"]["name"] == "resnet10t" and loaded.generate(images, max_len=6) == model.generate(
         images, max_len=6)
+
+
+def test_one_module_and_one_row_make_an_architecture(monkeypatch, images, tmp_path):
+    """The toy decoder (tests/helpers/toy_decoder.py) and its row, and nothing else: p2_train.py's --arch choice and
+    its flag, the refusal of other architectures' flags and of its own under another --arch, the config built from
+    its flags, checkpoints that rebuild it and the flags that rebuild its config. (Its interface: the tests above.)"""
+    with pytest.raises(SystemExit):
+        _options("--arch", "toy")
+    monkeypatch.setitem(registry.ARCHITECTURES, TOY.name, TOY)
+    args = _options("--arch", "toy", "--width", "8", "--dropout", "0.2", "--max-caption-tokens", "10")
+    assert registry.config_from_args(args, OUTPUT_IDS) == ToyConfig(output_ids=OUTPUT_IDS, block_size=12, width=8,
+                                                                    dropout=0.2)
+    with pytest.raises(UserError, match=r"--arch gru does not use --width \(toy\)"):
+        registry.config_from_args(_options("--arch", "gru", "--width", "8"))
+    with pytest.raises(UserError, match=r"--arch toy does not use --hidden-dim \(gru or attention-gru\)"):
+        registry.config_from_args(_options("--arch", "toy", "--hidden-dim", "8"))
+    with pytest.raises(UserError, match="--arch toy: width must be >= 1"):
+        registry.config_from_args(_options("--arch", "toy", "--width", "0"))
+
+    model = build("toy")
+    path = str(tmp_path / "p2_toy.pt")
+    captioner_lib.save_checkpoint(path, model)
+    loaded, meta = captioner_lib.load_captioner(path, "no GPT-2 needed")
+    assert meta["arch"] == loaded.arch == "toy" and loaded.decoder.cfg == model.decoder.cfg
+    assert loaded.generate(images, method="beam", beam_size=3, max_len=12) == model.generate(
+        images, method="beam", beam_size=3, max_len=12)
+    flags = registry.model_flags(meta)
+    assert flags == ["--arch", "toy", "--max-caption-tokens", "18", "--width", str(TINY), "--dropout", "0.0"]
+    rebuilt = registry.config_from_args(_options(*flags), OUTPUT_IDS)
+    assert dataclasses.replace(rebuilt, encoder_dim=loaded.decoder.cfg.encoder_dim) == loaded.decoder.cfg

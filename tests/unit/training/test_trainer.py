@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from hw3.data import corpus
+from hw3.models import registry
 from hw3.training import trainer
 from hw3.training import loop
 from hw3.util.errors import UserError
@@ -134,7 +135,7 @@ def test_budget_counts_what_the_checkpoint_holds(world):
     from hw3.models.captioner import build_captioner
 
     args = trainer.parse_args(cli(world, "unused", "--peft", "adapter", "--adapter-dim", "8"))
-    captioner = build_captioner(args.encoder, trainer.decoder_config(args))
+    captioner = build_captioner(args.encoder, registry.config_from_args(args))
     summary = loop.check_budget(captioner.decoder)
     assert summary["trainable"] == sum(v.numel() for v in captioner.decoder.trainable_state_dict().values())
     assert summary["adapter"] > 0 and summary["cross_attn"] > 0
@@ -674,11 +675,11 @@ def test_model_flags_rebuild_each_committed_checkpoints_config(name):
     """p2_train.model_flags(checkpoint JSON) through parse_args and decoder_config gives the checkpoint's decoder
     config again, for every committed world captioner (PEFT, self-critical, from scratch): what --init-from needs."""
     meta = json.load(open(os.path.join(COMMITTED_MODELS, name + ".json"), encoding="utf-8"))
-    flags = trainer.model_flags(meta)
+    flags = registry.model_flags(meta)
     weights = ["--decoder-weights", os.path.join(COMMITTED_MODELS, "decoder_model.bin")] if "--peft" in flags else []
     args = trainer.parse_args(["--train-json", "t.json", "--train-images", "t", "--val-json", "v.json",
                                 "--val-images", "v", "--out", "o"] + weights + flags)
-    cfg = trainer.decoder_config(args, meta["decoder"].get("output_ids")).to_dict()
+    cfg = registry.config_from_args(args, meta["decoder"].get("output_ids")).to_dict()
     want = dict(meta["decoder"])
     built = ("checkpoint", "encoder_dim") + (("n_layer", "n_head", "n_embd", "vocab_size", "block_size") if weights
                                              else ())  # set when the model is built: the encoder's, GPT-2's sizes
@@ -689,7 +690,7 @@ def test_model_flags_rebuild_each_committed_checkpoints_config(name):
 
 def test_model_flags_refuse_a_config_without_a_peft_method():
     with pytest.raises(UserError, match="no PEFT method"):
-        trainer.model_flags(dict(decoder=dict(lora_rank=0, adapter_dim=0, prefix_len=0, prompt_len=0)))
+        registry.model_flags(dict(decoder=dict(lora_rank=0, adapter_dim=0, prefix_len=0, prompt_len=0)))
 
 
 # ----------------------------------------------------------------------------------------------- out of memory
