@@ -76,7 +76,8 @@ from hw3.pipeline.optional_stages import COMPARE_RUNS, compare_table, distill_ta
 from hw3.pipeline.context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, caption_and_score,
                                   checked_training, cut_lines, discard_unfinished_trainings, loss_log, merge,
                                   run_folder, scored_checkpoint, setting_name, ship, steps, train_config, train_inputs,
-                                  train_run, train_split, trainer_argv)
+                                  train_run, train_split, training_config)
+from hw3.training.config import TrainingConfig, to_argv
 from hw3.data.tokenizer import BPETokenizer
 from hw3 import REPO_ROOT
 
@@ -154,7 +155,7 @@ def check_train_options(ctx: Context) -> None:
     config = train_config(ctx)
     for method in ctx.args.methods:
         options = config.get(method, {})
-        argv = train_argv(ctx, method, ctx.data("train_json")) + ["--out", run_folder(ctx, method, "new")]
+        argv = train_argv(ctx, method, ctx.data("train_json")).replace(out=run_folder(ctx, method, "new"))
         where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else "p2_train.py --peft " + method
         ctx.train_options[method] = checked_training(ctx, argv, options, where)
 
@@ -227,7 +228,7 @@ def describe_data(ctx: Context) -> dict:
     train, val = (corpus.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
     tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]
-    limits = {name: options.max_caption_tokens if isinstance(options.max_caption_tokens, int)
+    limits = {name: options.data.max_caption_tokens if isinstance(options.data.max_caption_tokens, int)
               else trainer.data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
     cut = {name: dict(max_caption_tokens=limit, cut=sum(1 for n in lengths if n > limit))
            for name, limit in limits.items()}
@@ -281,10 +282,10 @@ def paired(reference: dict, other: dict) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------------------------- P2
 
-def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
+def train_argv(ctx: Context, method: str, train_json: str) -> TrainingConfig:
     """p2_train.py's arguments for one attempt, without --out (the folder it trains in is run_all's choice)."""
-    model = ["--decoder-weights", ctx.data("decoder"), "--peft", method]
-    return trainer_argv(ctx, train_json, model, train_config(ctx).get(method, {}))
+    model = dict(decoder_weights=ctx.data("decoder"), peft=method)
+    return training_config(ctx, train_json, model, train_config(ctx).get(method, {}))
 
 
 def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, bool]:
@@ -296,8 +297,8 @@ def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) ->
     """'about N s more for the other attempts', from the repeatable part of the first one, scaled by epochs."""
     record = read_json(os.path.join(run_folder(ctx, method), TRAIN_DONE), "training record")
     repeatable = record.get("repeatable_seconds")
-    per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].epochs)
-    more = sum(per_epoch * ctx.train_options[m].epochs for m in rest)
+    per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].optimisation.epochs)
+    more = sum(per_epoch * ctx.train_options[m].optimisation.epochs for m in rest)
     return "p2: %s took %.0f s (%s): about %.0f s more for the other %d attempt(s)" % (
         method, seconds, "%.0f s of it repeated by every attempt, the rest filling the feature cache" % repeatable
         if repeatable is not None else "no one-off part measured", more, len(rest))
@@ -559,7 +560,7 @@ def stage_settings(ctx: Context, stage: str) -> dict:
     if stage == "p1":
         return dict(flags=ctx.identity(ctx.p1_flags()))
     if stage == "p2":
-        return dict(train=[ctx.identity(train_argv(ctx, m, "")) for m in a.methods],
+        return dict(train=[ctx.identity(to_argv(train_argv(ctx, m, ""))) for m in a.methods],
                     train_max_images=a.train_max_images,
                     score_checkpoints=a.score_checkpoints, grid=context.DECODING_GRID)
     if stage == "p3":
