@@ -280,16 +280,16 @@ def training_config(ctx: Context, train_json: str, model: dict, options: dict) -
     return TrainingConfig.from_options(dict(given, **options))
 
 
-def checked_training(ctx: Context, config: TrainingConfig, options: dict, where: str) -> TrainingConfig:
-    """The training's options through p2_train.py's parser and its decoder config built (nothing loaded); one line
-    naming `where` if not."""
+def checked_training(ctx: Context, config: TrainingConfig, options: dict, where: str) -> argparse.Namespace:
+    """The training's options through p2_train.py's parser and its decoder config built (nothing loaded), as the
+    trainer's settings; one line naming `where` if not."""
     taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
     if taken:
         raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
     with contextlib.redirect_stderr(io.StringIO()) as said:
         try:
-            parsed = trainer.parse_config(to_argv(config))
-            trainer.decoder_config(trainer.command_settings(parsed))
+            parsed = trainer.command_settings(trainer.parse_config(to_argv(config)))
+            trainer.decoder_config(parsed)
         except SystemExit:  # argparse's error: its last line says which option and why
             lines = [line for line in said.getvalue().splitlines() if line.strip()]
             raise UserError("%s: %s" % (where, lines[-1].split(": error: ", 1)[-1] if lines else "bad option"))

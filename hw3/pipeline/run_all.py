@@ -228,7 +228,7 @@ def describe_data(ctx: Context) -> dict:
     train, val = (corpus.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
     tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]
-    limits = {name: options.data.max_caption_tokens if isinstance(options.data.max_caption_tokens, int)
+    limits = {name: options.max_caption_tokens if isinstance(options.max_caption_tokens, int)
               else trainer.data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
     cut = {name: dict(max_caption_tokens=limit, cut=sum(1 for n in lengths if n > limit))
            for name, limit in limits.items()}
@@ -297,8 +297,8 @@ def estimate_rest(ctx: Context, method: str, seconds: float, rest: List[str]) ->
     """'about N s more for the other attempts', from the repeatable part of the first one, scaled by epochs."""
     record = read_json(os.path.join(run_folder(ctx, method), TRAIN_DONE), "training record")
     repeatable = record.get("repeatable_seconds")
-    per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].optimisation.epochs)
-    more = sum(per_epoch * ctx.train_options[m].optimisation.epochs for m in rest)
+    per_epoch = (repeatable if repeatable is not None else seconds) / max(1, ctx.train_options[method].epochs)
+    more = sum(per_epoch * ctx.train_options[m].epochs for m in rest)
     return "p2: %s took %.0f s (%s): about %.0f s more for the other %d attempt(s)" % (
         method, seconds, "%.0f s of it repeated by every attempt, the rest filling the feature cache" % repeatable
         if repeatable is not None else "no one-off part measured", more, len(rest))
