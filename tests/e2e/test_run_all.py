@@ -676,7 +676,7 @@ def test_a_failed_training_leaves_a_rerun_that_skips(finished, tmp_path, capsys,
     out, argv = finished
     copy = copy_run(out, tmp_path)
     argv = argv_for(argv, out, copy)
-    monkeypatch.setattr(trainer, "main", lambda a: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(trainer, "train", lambda config: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError):
         run_all.main(argv + ["--force", "p2", "--only", "p2"])
     assert os.path.isdir(os.path.join(copy, "p2", "adapter", "train.new"))
