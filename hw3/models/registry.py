@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from hw3.util.errors import UserError
 from hw3.models.gpt2 import Config, Decoder, peft_config
@@ -63,19 +63,14 @@ def scratch_config(row: "Architecture", args: argparse.Namespace, output_ids):
     return cfg
 
 
-def scratch_flags(row: "Architecture", cfg: dict) -> List[str]:
-    """The flags of a from-scratch decoder's saved config: its caption length and its options."""
-    return ["--max-caption-tokens", str(cfg["block_size"] - 2)] + _flags_of(cfg, [o.dest for o in row.options])
+def scratch_options(row: "Architecture", cfg: dict) -> Dict[str, Any]:
+    """The options of a from-scratch decoder's saved config: its caption length (+ the start and end tokens in
+    block_size) and its own options."""
+    return dict(max_caption_tokens=cfg["block_size"] - 2, **_options_of(cfg, [o.dest for o in row.options]))
 
 
-def _flags_of(cfg: dict, dests: Sequence[str]) -> List[str]:
-    flags = []
-    for dest in dests:
-        value = cfg.get(dest)
-        if value is not None:
-            flags += ["--" + dest.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, list)
-                      else str(value)]
-    return flags
+def _options_of(cfg: dict, dests: Sequence[str]) -> Dict[str, Any]:
+    return {dest: cfg[dest] for dest in dests if cfg.get(dest) is not None}
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ class Architecture:
     preset: Dict[str, object] = field(default_factory=dict)  # config fields the row fixes (two rows, one class)
     no_attention: Optional[str] = None  # why it has no attention map over the image (P3 refuses it before loading)
     configure: Callable = scratch_config  # (row, parsed args, output_ids) -> config
-    flags_of_config: Callable = scratch_flags  # (row, saved config dict) -> the flags that rebuild it
+    options_of_config: Callable = scratch_options  # (row, saved config dict) -> the options that rebuild it
 
     @property
     def option_names(self) -> Tuple[str, ...]:
@@ -180,13 +175,13 @@ def _check_peft(args: argparse.Namespace, cfg: Config) -> None:
             raise UserError("--%s lists nothing" % option.replace("_", "-"))
 
 
-def gpt2_flags(row: Architecture, cfg: dict) -> List[str]:
-    """The PEFT method a saved config uses and its options, the cross-attention options; never --decoder-weights."""
+def gpt2_options(row: Architecture, cfg: dict) -> Dict[str, Any]:
+    """The PEFT method a saved config uses and its options, the cross-attention options; never decoder_weights."""
     method = next((m for m, options in PEFT_OPTIONS.items() if cfg.get(options[0])), None)
     if method is None:
         raise UserError("the checkpoint's decoder config has no PEFT method (%s)" % ", ".join(PEFT_OPTIONS))
-    flags = ["--peft", method] + ([] if cfg.get("cross_attn_gate", True) else ["--no-cross-attn-gate"])
-    return flags + _flags_of(cfg, ("cross_attn_layers", "image_proj") + PEFT_OPTIONS[method])
+    options = dict(peft=method, no_cross_attn_gate=not cfg.get("cross_attn_gate", True))
+    return dict(options, **_options_of(cfg, ("cross_attn_layers", "image_proj") + PEFT_OPTIONS[method]))
 
 
 # ----------------------------------------------------------------------------------------------- the rows
@@ -208,7 +203,7 @@ N_EMBD = Option("n_embd", "transformer: width (default %d)" % TransformerConfig.
 # --arch name -> its row, in the order of --arch's choices.
 ARCHITECTURES: Dict[str, Architecture] = {row.name: row for row in (
     Architecture("gpt2", Config, Decoder, from_scratch=False, options=GPT2_OPTIONS,
-                 summary="the course's frozen GPT-2 with PEFT", configure=gpt2_config, flags_of_config=gpt2_flags),
+                 summary="the course's frozen GPT-2 with PEFT", configure=gpt2_config, options_of_config=gpt2_options),
     Architecture("gru", RNNConfig, GRUDecoder, from_scratch=True, preset=dict(arch="gru"),
                  options=(EMBED_DIM, HIDDEN_DIM, DROPOUT, GLOBAL_POOL), summary="a global image vector",
                  no_attention="it sees one global image vector (the mean of the image tokens), not the patches; use an "
@@ -290,15 +285,16 @@ def config_from_args(args: argparse.Namespace, output_ids=None):
     return row.configure(row, args, output_ids)
 
 
-def model_flags(meta: dict) -> List[str]:
-    """The model flags that rebuild a checkpoint's decoder config from its JSON (`meta`): --arch and that
+def model_options(meta: dict) -> Dict[str, Any]:
+    """The model options that rebuild a checkpoint's decoder config from its JSON (`meta`): arch and that
     architecture's own options as the checkpoint has them (for gpt2 the PEFT method and its options, without
-    --decoder-weights). With them, --init-from the checkpoint fits whatever the other training options are."""
+    decoder_weights), in the order of their flags. With them, --init-from the checkpoint fits whatever the other
+    training options are."""
     arch = meta.get("arch", DEFAULT)
     row = ARCHITECTURES[arch]
-    return ["--arch", arch] + row.flags_of_config(row, meta["decoder"])
+    return dict(arch=arch, **row.options_of_config(row, meta["decoder"]))
 
 
 __all__ = ["ARCHITECTURES", "DEFAULT", "PEFT_METHODS", "PEFT_OPTIONS", "Architecture", "Option", "add_arguments",
-           "arch_of", "config_from_args", "decoder_from_config", "model_flags", "scratch_config", "scratch_flags",
+           "arch_of", "config_from_args", "decoder_from_config", "model_options", "scratch_config", "scratch_options",
            "trained_from_scratch"]

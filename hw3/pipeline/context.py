@@ -29,6 +29,7 @@ from hw3.pipeline import records
 from hw3.util import resources
 from hw3.models import registry, search
 from hw3.training import loop
+from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.util.device import resolve_device
 from hw3.util.errors import UserError, progress
@@ -243,17 +244,6 @@ def train_config(ctx: Context) -> Dict[str, dict]:
     return config
 
 
-def option_flags(options: dict) -> List[str]:
-    flags = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is not False and value is not None:  # 0 is a value (`0 in (False, None)` is true)
-            flags += [flag, ",".join(str(v) for v in value) if isinstance(value, list) else str(value)]
-    return flags
-
-
 def train_split(ctx: Context) -> str:
     """train.json, or its first --train-max-images training images (a smoke run) written into OUT: a COCO file
     as COCO, any other caption format as {file name: [captions]} of its train split."""
@@ -274,29 +264,31 @@ def train_split(ctx: Context) -> str:
     return path
 
 
-def trainer_argv(ctx: Context, train_json: str, model: List[str], options: dict) -> List[str]:
-    """p2_train.py's arguments on the data folder: its captions (or `train_json`'s), the model flags, run_all's
-    runtime and the shared feature cache, then the --train-config entry's options."""
-    argv = ["--train-json", train_json, "--train-images", ctx.data("train_images"), "--val-json", ctx.data("val_json"),
-            "--val-images", ctx.data("val_images")] + model + ["--workers", str(ctx.args.workers), "--device",
-                                                               ctx.args.device]
+def training_config(ctx: Context, train_json: str, model: dict, options: dict) -> TrainingConfig:
+    """A training on the data folder: its captions (or `train_json`'s), the model options, run_all's runtime and the
+    shared feature cache, then the --train-config entry's options (in that order: the recorded command's)."""
+    given = dict(train_json=train_json, train_images=ctx.data("train_images"), val_json=ctx.data("val_json"),
+                 val_images=ctx.data("val_images"))
+    given.update(model)
+    given.update(workers=ctx.args.workers, device=ctx.args.device)
     if ctx.args.encoder:
-        argv += ["--encoder", ctx.args.encoder]
+        given["encoder"] = ctx.args.encoder
     if ctx.args.clip_model:
-        argv += ["--clip-model", ctx.args.clip_model, "--clip-pretrained", ctx.args.clip_pretrained]
+        given.update(clip_model=ctx.args.clip_model, clip_pretrained=ctx.args.clip_pretrained)
     if not ctx.args.no_feature_cache:
-        argv += ["--feature-cache", ctx.path("p2", "feature_cache")]
-    return argv + option_flags(options)
+        given["feature_cache"] = ctx.path("p2", "feature_cache")
+    return TrainingConfig.from_options(dict(given, **options))
 
 
-def checked_training(ctx: Context, argv: List[str], options: dict, where: str) -> argparse.Namespace:
-    """p2_train.py's arguments parsed and its decoder config built (nothing loaded); one line naming `where` if not."""
+def checked_training(ctx: Context, config: TrainingConfig, options: dict, where: str) -> argparse.Namespace:
+    """The training's options through p2_train.py's parser and its decoder config built (nothing loaded), as the
+    trainer's settings; one line naming `where` if not."""
     taken = sorted(k for k in options if k.replace("-", "_") in RUN_ALL_OPTIONS)
     if taken:
         raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
     with contextlib.redirect_stderr(io.StringIO()) as said:
         try:
-            parsed = trainer.parse_args(argv)
+            parsed = trainer.command_settings(trainer.parse_config(to_argv(config)))
             registry.config_from_args(parsed)
         except SystemExit:  # argparse's error: its last line says which option and why
             lines = [line for line in said.getvalue().splitlines() if line.strip()]
@@ -401,10 +393,12 @@ def resumable(ctx: Context, new: str, record_argv: List[str], inputs: dict) -> b
     return True
 
 
-def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Tuple[float, bool]:
+def train_run(ctx: Context, method: str, config: TrainingConfig, inputs: dict,
+              stage: str = "p2") -> Tuple[float, bool]:
     """One p2_train.py run into train.new, swapped in for train/ when it ends: skipped when the finished one used the
     same arguments and inputs (unless the stage is forced), resumed (--resume) when an interrupted one did, else
     started afresh. Returns its seconds (as measured then, when skipped) and whether it trained now."""
+    argv = to_argv(config)
     record_argv = ctx.portable(ctx.identity(argv))
     new = run_folder(ctx, method, "new", stage)
     if ctx.rank == 0:
@@ -429,7 +423,7 @@ def train_run(ctx: Context, method: str, argv: List[str], inputs: dict, stage: s
             write_json(started_file, dict(argv=record_argv, inputs=inputs))
         ctx.say("%s: training %s (p2_train.py %s)" % (stage, method, " ".join(shlex.quote(a) for a in argv)))
     started = time.time()
-    trainer.main(argv + ["--out", new] + (["--resume"] if resume else []))
+    trainer.train(config.replace(out=new, resume=resume))
     seconds = time.time() - started
     if ctx.rank == 0:
         portable_training_files(ctx, new)

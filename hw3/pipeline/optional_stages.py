@@ -28,9 +28,10 @@ from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.util.errors import UserError
 from hw3.util.files import read_json, write_json
 from hw3.pipeline.context import (TRAIN_DONE, Context, caption_and_score, checked_training, cut_lines, decoding_flags,
-                                  kept_part, option_flags, run_folder, scored_checkpoint, setting_name, ship,
+                                  kept_part, run_folder, scored_checkpoint, setting_name, ship,
                                   shipped_cut, shipped_predictions, steps, train_config, train_inputs, train_run,
-                                  train_split, trainer_argv)
+                                  train_split, training_config)
+from hw3.training.config import TrainingConfig, to_argv
 
 
 # ----------------------------------------------------------------------------------------------- the best captioner
@@ -87,19 +88,19 @@ ROW_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "CLIPScore")
 CUT_KEYS = ("cut", "max_len")  # run_context.caption_and_score's count of cut captions, and the length they reached
 
 
-def student_argv(ctx: Context, train_json: str) -> List[str]:
+def student_argv(ctx: Context, train_json: str) -> TrainingConfig:
     """One distill student's p2_train.py arguments: only the captions (`train_json`) differ between the three."""
-    model = ["--arch", ctx.args.student_arch] + (["--decoder-weights", ctx.data("decoder")]
-                                                if ctx.args.student_arch == "gpt2" else [])
-    model += ["--val-split", "val"] if ctx.args.captions else []  # validated on the val share, as scored
-    return trainer_argv(ctx, train_json, model, train_config(ctx).get("distill", {}))
+    model = dict(arch=ctx.args.student_arch, decoder_weights=ctx.data("decoder")
+                 if ctx.args.student_arch == "gpt2" else None)
+    model["val_split"] = "val" if ctx.args.captions else None  # validated on the val share, as scored
+    return training_config(ctx, train_json, model, train_config(ctx).get("distill", {}))
 
 
 def check_distill(ctx: Context) -> None:
     """The student's options through p2_train.py's checks, and the committed students when they are scored."""
     options = train_config(ctx).get("distill", {})
     where = "--train-config %s: distill" % ctx.args.train_config if options else "--student-arch"
-    checked_training(ctx, student_argv(ctx, ctx.data("train_json")) + ["--out", ctx.path("distill")], options, where)
+    checked_training(ctx, student_argv(ctx, ctx.data("train_json")).replace(out=ctx.path("distill")), options, where)
     if ctx.args.score_students:
         for name in CAPTION_SETS:
             scored_checkpoint(ctx, name, "distill")
@@ -210,9 +211,9 @@ def distill_table(rows: dict) -> str:
 
 # The compare stage's runs (issue 20): each is p2_train.py --arch with these options, which --train-config may not
 # change; --train-config's "gru", "attention-gru"... entries set the rest, over COMPARE_TRAINING.
-COMPARE_RUNS = {"gru": dict(arch="gru"), "attention-gru": dict(arch="attention-gru", attention_reg="1"),
+COMPARE_RUNS = {"gru": dict(arch="gru"), "attention-gru": dict(arch="attention-gru", attention_reg=1),
                 "transformer": dict(arch="transformer"),
-                "attention-gru_reg0": dict(arch="attention-gru", attention_reg="0")}
+                "attention-gru_reg0": dict(arch="attention-gru", attention_reg=0)}
 COMPARE_ARCHS = ("gru", "attention-gru", "transformer")  # results.json "compare" rows, with "gpt2" (the best PEFT)
 ABLATION = ("attention-gru", "attention-gru_reg0")  # the doubly stochastic term on (1) and off (0)
 # From-scratch decoders learn their words too, so they want more epochs and a higher rate than PEFT (p2_train.py's
@@ -223,11 +224,11 @@ ATTENTIVE = ("attention-gru", "transformer")  # the architectures with attention
 ATTENTION_IMAGES = 2  # a --captions run's attention figures: the best and the worst val images by CLIPScore, each
 
 
-def compare_argv(ctx: Context, run: str, train_json: str) -> List[str]:
+def compare_argv(ctx: Context, run: str, train_json: str) -> TrainingConfig:
     """One compare run's p2_train.py arguments: its architecture (COMPARE_RUNS), then COMPARE_TRAINING under its
     --train-config entry, on P2's data and feature cache."""
     options = dict(COMPARE_TRAINING, **train_config(ctx).get(run, {}))
-    return trainer_argv(ctx, train_json, option_flags(COMPARE_RUNS[run]), options)
+    return training_config(ctx, train_json, COMPARE_RUNS[run], options)
 
 
 def check_compare(ctx: Context) -> None:
@@ -238,7 +239,7 @@ def check_compare(ctx: Context) -> None:
         taken = sorted(k for k in options if k.replace("-", "_") in fixed)
         if taken:
             raise UserError("%s: %s set by run_all.py itself (the run's definition)" % (where, ", ".join(taken)))
-        argv = compare_argv(ctx, run, ctx.data("train_json")) + ["--out", run_folder(ctx, run, "new", "compare")]
+        argv = compare_argv(ctx, run, ctx.data("train_json")).replace(out=run_folder(ctx, run, "new", "compare"))
         ctx.train_options[run] = checked_training(ctx, argv, options, where)
         if ctx.args.score_checkpoints:
             scored_checkpoint(ctx, run, "compare")
@@ -375,9 +376,9 @@ def scst_options(ctx: Context) -> dict:
     return dict(SCST_TRAINING, **train_config(ctx).get("scst", {}))
 
 
-def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> List[str]:
+def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -> TrainingConfig:
     """p2_train.py's arguments for self-critical fine-tuning of `method`'s attempt (a PEFT method, or without the
-    GPT-2 a compare run): the model of the checkpoint `init` (registry.model_flags: --init-from fits even when it is
+    GPT-2 a compare run): the model of the checkpoint `init` (registry.model_options: --init-from fits even when it is
     a --score-checkpoints one), the attempt's training options but its model's, no cross-entropy epoch, then the scst
     options. `init` None: the attempt's own model, checked as one epoch of cross-entropy (the checkpoint does not
     exist before its training has run)."""
@@ -385,16 +386,16 @@ def scst_argv(ctx: Context, method: str, train_json: str, init: Optional[str]) -
     trained_as = dict(COMPARE_TRAINING) if compare_run else {}
     options = dict(trained_as, **train_config(ctx).get(method, {}))
     options.update(epochs=0 if init else 1, **scst_options(ctx))
-    model = [] if compare_run else ["--decoder-weights", ctx.data("decoder")]
+    model = {} if compare_run else dict(decoder_weights=ctx.data("decoder"))
     if init:
         meta = read_checkpoint_config(init)
-        model += registry.model_flags(meta) + ["--init-from", init]
+        model.update(registry.model_options(meta), init_from=init)
         row = registry.ARCHITECTURES[meta["arch"]]  # a from-scratch decoder's caption length is its model's
         own = row.option_names + (("max_caption_tokens",) if row.from_scratch else ())
         options = {k: v for k, v in options.items() if k.replace("-", "_") not in own}
     else:
-        model += option_flags(COMPARE_RUNS[method]) if compare_run else ["--peft", method]
-    return trainer_argv(ctx, train_json, model, options)
+        model.update(COMPARE_RUNS[method] if compare_run else dict(peft=method))
+    return training_config(ctx, train_json, model, options)
 
 
 def check_scst(ctx: Context) -> None:
@@ -410,7 +411,7 @@ def check_scst(ctx: Context) -> None:
     candidates = COMPARE_ARCHS if not has_gpt2(ctx) else [ctx.args.scst_method] if ctx.args.scst_method \
         else ctx.args.methods
     for method in candidates:
-        argv = scst_argv(ctx, method, ctx.data("train_json"), None) + ["--out", run_folder(ctx, method, "new", "scst")]
+        argv = scst_argv(ctx, method, ctx.data("train_json"), None).replace(out=run_folder(ctx, method, "new", "scst"))
         checked_training(ctx, argv, options, where)
     if ctx.args.score_checkpoints and ctx.args.scst_method:
         scored_checkpoint(ctx, ctx.args.scst_method, "scst")
@@ -523,7 +524,7 @@ def distill_settings(ctx: Context) -> dict:
         arch=compare_best(ctx), row=records.digest(ctx.portable((ctx.results.get("compare") or {}).get(
             compare_best(ctx)))))
     return dict(teacher=teacher, creative=CREATIVE, inference=ctx.results.get("p2_inference"),
-                student=ctx.identity(student_argv(ctx, "")),
+                student=ctx.identity(to_argv(student_argv(ctx, ""))),
                 teacher_captions=a.teacher_captions, train_max_images=a.train_max_images,
                 score_students=a.score_students)
 
@@ -531,7 +532,7 @@ def distill_settings(ctx: Context) -> dict:
 def compare_settings(ctx: Context) -> dict:
     """The runs and P2's best attempt, whose row it copies."""
     a, best = ctx.args, ctx.results.get("p2_best")
-    return dict(train=[ctx.identity(compare_argv(ctx, run, "")) for run in COMPARE_RUNS],
+    return dict(train=[ctx.identity(to_argv(compare_argv(ctx, run, ""))) for run in COMPARE_RUNS],
                 train_max_images=a.train_max_images,
                 score_checkpoints=a.score_checkpoints, decoding=context.DECODING_GRID[0], metrics=SUITE,
                 p2_best=best, p2_row=records.digest(ctx.portable((ctx.results.get("p2") or {}).get(best))))
@@ -541,7 +542,7 @@ def scst_settings(ctx: Context) -> dict:
     """The attempt, its scored checkpoint, which it fine-tunes, and the shipped decoding."""
     a, method = ctx.args, scst_method(ctx)
     init = ((ctx.results.get("p2" if has_gpt2(ctx) else "compare") or {}).get(method) or {}).get("checkpoint")
-    return dict(train=ctx.identity(scst_argv(ctx, method, "", init)) if method else None,
+    return dict(train=ctx.identity(to_argv(scst_argv(ctx, method, "", init))) if method else None,
                 train_max_images=a.train_max_images,
                 score_checkpoints=a.score_checkpoints, inference=ctx.results.get("p2_inference"), metrics=SCST_SUITE,
                 changed=CHANGED_CAPTIONS, method=method, p2_best=ctx.results.get("p2_best"))

@@ -77,7 +77,8 @@ from hw3.pipeline.optional_stages import COMPARE_RUNS, compare_table, distill_ta
 from hw3.pipeline.context import (DATA, IMAGE_FOLDERS, STAGE_DATA, TRAIN_DONE, Context, caption_and_score,
                                   checked_training, cut_lines, discard_unfinished_trainings, loss_log, merge,
                                   run_folder, scored_checkpoint, setting_name, ship, steps, train_config, train_inputs,
-                                  train_run, train_split, trainer_argv)
+                                  train_run, train_split, training_config)
+from hw3.training.config import TrainingConfig, to_argv
 from hw3.data.tokenizer import BPETokenizer
 from hw3 import REPO_ROOT
 
@@ -155,7 +156,7 @@ def check_train_options(ctx: Context) -> None:
     config = train_config(ctx)
     for method in ctx.args.methods:
         options = config.get(method, {})
-        argv = train_argv(ctx, method, ctx.data("train_json")) + ["--out", run_folder(ctx, method, "new")]
+        argv = train_argv(ctx, method, ctx.data("train_json")).replace(out=run_folder(ctx, method, "new"))
         where = "--train-config %s: %s" % (ctx.args.train_config, method) if options else "p2_train.py --peft " + method
         ctx.train_options[method] = checked_training(ctx, argv, options, where)
 
@@ -282,10 +283,10 @@ def paired(reference: dict, other: dict) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------------------------- P2
 
-def train_argv(ctx: Context, method: str, train_json: str) -> List[str]:
+def train_argv(ctx: Context, method: str, train_json: str) -> TrainingConfig:
     """p2_train.py's arguments for one attempt, without --out (the folder it trains in is run_all's choice)."""
-    model = ["--decoder-weights", ctx.data("decoder"), "--peft", method]
-    return trainer_argv(ctx, train_json, model, train_config(ctx).get(method, {}))
+    model = dict(decoder_weights=ctx.data("decoder"), peft=method)
+    return training_config(ctx, train_json, model, train_config(ctx).get(method, {}))
 
 
 def train_method(ctx: Context, method: str, train_json: str) -> Tuple[float, bool]:
@@ -560,7 +561,7 @@ def stage_settings(ctx: Context, stage: str) -> dict:
     if stage == "p1":
         return dict(flags=ctx.identity(ctx.p1_flags()))
     if stage == "p2":
-        return dict(train=[ctx.identity(train_argv(ctx, m, "")) for m in a.methods],
+        return dict(train=[ctx.identity(to_argv(train_argv(ctx, m, ""))) for m in a.methods],
                     train_max_images=a.train_max_images,
                     score_checkpoints=a.score_checkpoints, grid=context.DECODING_GRID)
     if stage == "p3":

@@ -8,15 +8,15 @@ decoder with an `attention_penalty` (attention-gru) adds it to the loss.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from hw3.util.files import atomic_write
 from hw3.util.resources import HalvingBatches
 from hw3.models.search import decode_captions
 from hw3.data.tokenizer import BPETokenizer
+from hw3.training.config import TrainingConfig, flag_name
 
 MAX_TRAINABLE = 35_000_000  # the course grades only checkpoints below 35M trained parameters
 STATE_FORMAT = "hw3-p2-train-state/1"
@@ -142,16 +143,17 @@ def effective_warmup(asked: int, total_steps: int) -> int:
     return min(asked, int(total_steps * WARMUP_SHARE))
 
 
-def make_optimizer(decoder, args: argparse.Namespace, total_steps: int):
+def make_optimizer(decoder, config: TrainingConfig, total_steps: int):
     """AdamW with weight decay on matrices only (nanoGPT's rule), warmup + cosine per optimiser step over the
     cross-entropy epochs' total_steps, then --scst-lr, constant, for the self-critical epochs."""
+    o = config.optimisation
     params = [p for p in decoder.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=o.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
-    warmup = effective_warmup(args.warmup_steps, total_steps)
-    after = args.scst_lr / args.lr if getattr(args, "scst_epochs", 0) else None
-    schedule = WarmupCosine(warmup, total_steps, min(1.0, args.min_lr / args.lr), after)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.999))
+    warmup = effective_warmup(o.warmup_steps, total_steps)
+    after = config.scst.scst_lr / o.lr if config.scst.scst_epochs else None
+    schedule = WarmupCosine(warmup, total_steps, min(1.0, o.min_lr / o.lr), after)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -170,9 +172,10 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
 
 
 @torch.no_grad()
-def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) -> dict:
+def validate(state: TrainingState, val_loader, val, val_tokens) -> dict:
     """Validation captions through captioner's generate, teacher-forced loss on every reference caption."""
-    decoder = captioner.decoder
+    captioner, decoder, device, amp = state.captioner, state.decoder, state.world.device, state.amp
+    v = state.config.validation
     captioner.eval()
     predictions, loss_sum, count = {}, 0.0, 0
     keys = val.keys()
@@ -181,8 +184,7 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
     def one_batch(index, visuals) -> Tuple[List[List[int]], float, int]:
         with autocast(device, amp):
             tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
-            ids = captioner.generate(tokens, method=args.val_decode, beam_size=args.val_beam_size,
-                                     max_len=args.val_max_len)
+            ids = captioner.generate(tokens, method=v.val_decode, beam_size=v.val_beam_size, max_len=v.val_max_len)
             rows = [(r, caption) for r, i in enumerate(index) for caption in val_tokens[i]]
             inputs, targets = corpus.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
@@ -231,11 +233,13 @@ def load_state(path: str) -> dict:
     return state
 
 
-def resume(path: str, settings: dict, captioner, optimizer, scheduler, scaler, world: Dist) -> dict:
+def resume(training: TrainingState, path: str, settings: dict) -> dict:
+    """The saved state of `path` loaded into `training`, once its settings are this run's."""
     state = load_state(path)
+    world = training.world
     if state["settings"] != settings:
         old = state["settings"]
-        changed = ["%s %r -> %r" % (k if k in ("encoder", "decoder") else "--" + k.replace("_", "-"), old.get(k),
+        changed = ["%s %r -> %r" % (k if k in ("encoder", "decoder") else flag_name(k), old.get(k),
                                     settings.get(k)) if k not in ("decoder",) else "the decoder config"
                    for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         raise UserError("cannot --resume %s: its settings changed (%s); rerun with the original arguments, or train "
@@ -243,12 +247,13 @@ def resume(path: str, settings: dict, captioner, optimizer, scheduler, scaler, w
     if state["world_size"] != world.world_size:
         raise UserError("cannot --resume %s: it was trained by %d process(es), this run has %d"
                         % (path, state["world_size"], world.world_size))
-    captioner.decoder.load_trainable_state_dict(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler.is_enabled() and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    training.decoder.load_trainable_state_dict(state["trainable"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    if training.scaler.is_enabled() and state.get("scaler"):
+        training.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][world.rank])
+    training.step = state["step"]
     return state
 
 
@@ -281,45 +286,78 @@ class BatchSplit:
         return [(start, min(rows, start + size)) for start in range(0, rows, size)]
 
 
-def micro_batch_loss(model, decoder, batch, rows: Tuple[int, int], count: int, device, amp: bool, args,
+@dataclasses.dataclass
+class TrainingState:
+    """What one epoch, validation and self-critical training share (nanoGPT keeps these side by side): the model
+    (under torchrun the DDP wrapper of `captioner`), its optimiser, schedule and scaler, this process's place in the
+    job, the log, the optimiser step count and how micro-batches are split."""
+    config: TrainingConfig
+    captioner: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    world: Dist
+    log_path: str
+    step: int = 0
+    split: BatchSplit = dataclasses.field(default_factory=BatchSplit)
+    first_epoch: int = 0  # the epoch this run starts at (after --resume, the one after the state's)
+    settings: Optional[dict] = None  # what --resume requires unchanged (trainer.model_settings)
+
+    @property
+    def decoder(self):
+        return self.captioner.decoder
+
+    @property
+    def amp(self) -> bool:
+        return self.world.device.type == "cuda" and not self.config.optimisation.no_amp
+
+    def optimizer_step(self) -> None:
+        optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.config.optimisation.grad_clip)
+        self.step += 1
+
+    def logs_now(self) -> bool:
+        return self.world.main and self.step % self.config.run.log_every == 0
+
+
+def micro_batch_loss(state: TrainingState, batch, rows: Tuple[int, int], count: int,
                      penalised: bool) -> torch.Tensor:
     """The loss of captions rows[0]:rows[1] of a micro-batch, weighted by their share of its `count` target tokens
     (the attention penalty by their share of its captions)."""
     visuals, inputs, targets = (t[rows[0]:rows[1]] for t in batch)
-    with autocast(device, amp):
+    device, decoder = state.world.device, state.decoder
+    with autocast(device, state.amp):
         targets = targets.to(device)
         positions = targets != corpus.IGNORE_INDEX
-        out = model(visuals.to(device, non_blocking=True), inputs.to(device), positions=positions,
-                    return_attention=penalised)  # (M, vocab): no logits on padding
+        out = state.model(visuals.to(device, non_blocking=True), inputs.to(device), positions=positions,
+                          return_attention=penalised)  # (M, vocab): no logits on padding
         logits, attentions = out if penalised else (out, None)
         wanted = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
-        loss = caption_loss(logits, wanted, args.label_smoothing)
+        loss = caption_loss(logits, wanted, state.config.optimisation.label_smoothing)
         loss = loss * (int((wanted != corpus.IGNORE_INDEX).sum()) / max(1, count))
         if penalised:
             loss = loss + decoder.attention_penalty(attentions, positions) * ((rows[1] - rows[0]) / len(batch[0]))
     return loss
 
 
-def fit_micro_batch(model, decoder, batch, closes_group: bool, group_size: int, scaler, args, world: Dist,
-                    amp: bool, penalised: bool, split: BatchSplit) -> float:
-    """Forward and backward of one micro-batch in split.pieces; DDP syncs the gradients only on the group's last
-    piece. Returns the micro-batch's loss."""
-    targets = batch[2].to(world.device)
-    count = int((decoder.vocab.targets(targets)[targets != corpus.IGNORE_INDEX] != corpus.IGNORE_INDEX).sum())
-    pieces = split.ranges(len(batch[0]))
+def fit_micro_batch(state: TrainingState, batch, closes_group: bool, group_size: int, penalised: bool) -> float:
+    """Forward and backward of one micro-batch in state.split's pieces; DDP syncs the gradients only on the group's
+    last piece. Returns the micro-batch's loss."""
+    targets = batch[2].to(state.world.device)
+    count = int((state.decoder.vocab.targets(targets)[targets != corpus.IGNORE_INDEX] != corpus.IGNORE_INDEX).sum())
+    pieces = state.split.ranges(len(batch[0]))
     loss = 0.0
     for k, rows in enumerate(pieces):
         last = closes_group and k == len(pieces) - 1
-        sync = model.no_sync() if world.world_size > 1 and not last else contextlib.nullcontext()
+        sync = state.model.no_sync() if state.world.world_size > 1 and not last else contextlib.nullcontext()
         with sync:
-            piece = micro_batch_loss(model, decoder, batch, rows, count, world.device, amp, args, penalised)
-            scaler.scale(piece / group_size).backward()
+            piece = micro_batch_loss(state, batch, rows, count, penalised)
+            state.scaler.scale(piece / group_size).backward()
         loss += float(piece.detach())
     return loss
 
 
-def fit_group(model, decoder, group: list, group_size: int, scaler, args, world: Dist, amp: bool, penalised: bool,
-              split: BatchSplit, log_path: str, step: int) -> float:
+def fit_group(state: TrainingState, group: list, group_size: int, penalised: bool) -> float:
     """fit_micro_batch of the group's newest micro-batch; after an out-of-memory error the pieces double and the
     whole group so far is redone from zeroed gradients. Returns the newest micro-batch's loss."""
     from hw3.util import resources
@@ -328,53 +366,49 @@ def fit_group(model, decoder, group: list, group_size: int, scaler, args, world:
     while True:
         try:
             for batch in todo:
-                loss = fit_micro_batch(model, decoder, batch, batch is group[-1] and len(group) == group_size,
-                                       group_size, scaler, args, world, amp, penalised, split)
+                loss = fit_micro_batch(state, batch, batch is group[-1] and len(group) == group_size, group_size,
+                                       penalised)
             return loss
         except RuntimeError as err:
-            if not resources.is_out_of_memory(err) or split.pieces >= len(group[-1][0]):
+            if not resources.is_out_of_memory(err) or state.split.pieces >= len(group[-1][0]):
                 raise
-        model.zero_grad(set_to_none=True)
-        split.pieces, todo = split.pieces * 2, group
-        rows = math.ceil(len(group[-1][0]) / split.pieces)
+        state.model.zero_grad(set_to_none=True)
+        state.split.pieces, todo = state.split.pieces * 2, group
+        rows = math.ceil(len(group[-1][0]) / state.split.pieces)
         resources.release_memory()
         print("out of GPU memory at step %d: each micro-batch now in %d pieces of at most %d captions, the "
-              "gradients accumulated to the planned batch" % (step + 1, split.pieces, rows), file=sys.stderr,
-              flush=True)
-        if world.main:
-            log_line(log_path, kind="out_of_memory", where="training", step=step + 1, pieces=split.pieces,
-                     batch_size=rows)
+              "gradients accumulated to the planned batch" % (state.step + 1, state.split.pieces, rows),
+              file=sys.stderr, flush=True)
+        if state.world.main:
+            log_line(state.log_path, kind="out_of_memory", where="training", step=state.step + 1,
+                     pieces=state.split.pieces, batch_size=rows)
 
 
-def train_epoch(epoch: int, model, captioner, loader, optimizer, scheduler, scaler, args, world: Dist, amp: bool,
-                log_path: str, step: int, split: Optional[BatchSplit] = None) -> int:
-    """One pass over the training pairs; returns the optimiser step count. A CUDA out-of-memory error cuts the
-    micro-batches in pieces (`split`) and redoes the accumulation group, so the step is the planned one."""
-    n_micro = len(loader)
-    decoder = captioner.decoder
+def train_epoch(state: TrainingState, epoch: int, loader) -> None:
+    """One pass over the training pairs, counting optimiser steps in state.step. A CUDA out-of-memory error cuts the
+    micro-batches in pieces (state.split) and redoes the accumulation group, so the step is the planned one."""
+    n_micro, grad_accum = len(loader), state.config.optimisation.grad_accum
+    decoder = state.decoder
     penalised = getattr(decoder.cfg, "attention_reg", 0) > 0 and hasattr(decoder, "attention_penalty")
-    split = split or BatchSplit()
-    captioner.train()
+    state.captioner.train()
     running, seen, started, group = 0.0, 0, time.time(), []
-    bar = progress(loader, desc="epoch %d/%d" % (epoch + 1, args.epochs), disable=not world.main)
+    bar = progress(loader, desc="epoch %d/%d" % (epoch + 1, state.config.optimisation.epochs),
+                   disable=not state.world.main)
     for micro, batch in enumerate(bar):
-        group_start = micro - micro % args.grad_accum
-        group_size = min(args.grad_accum, n_micro - group_start)
+        group_start = micro - micro % grad_accum
+        group_size = min(grad_accum, n_micro - group_start)
         group.append(batch)
-        running += fit_group(model, decoder, group, group_size, scaler, args, world, amp, penalised, split,
-                             log_path, step)
+        running += fit_group(state, group, group_size, penalised)
         seen += 1
         if len(group) < group_size:
             continue
         group = []
-        optimizer_step(model, optimizer, scheduler, scaler, args.grad_clip)
-        step += 1
-        if world.main and step % args.log_every == 0:
+        state.optimizer_step()
+        if state.logs_now():
             bar.set_postfix(loss="%.3f" % (running / seen))
-            log_line(log_path, kind="step", epoch=epoch + 1, step=step, loss=running / seen,
-                     lr=scheduler.get_last_lr()[0], seconds=round(time.time() - started, 2))
+            log_line(state.log_path, kind="step", epoch=epoch + 1, step=state.step, loss=running / seen,
+                     lr=state.scheduler.get_last_lr()[0], seconds=round(time.time() - started, 2))
             running, seen = 0.0, 0
-    return step
 
 
 # ----------------------------------------------------------------------------------------------- self-critical
@@ -397,61 +431,97 @@ def baseline_of(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards.sum(1, keepdim=True) - rewards) / (K - 1)
 
 
-def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, optimizer, scheduler, scaler, args,
-               world: Dist, amp: bool, log_path: str, step: int) -> Tuple[int, dict]:
-    """One self-critical pass over the training images (Rennie et al. 2017): K sampled captions per image through the
-    one search, rewarded by `reward(image indices, captions)` (CIDEr-D, plus the CLIP term), minus the baseline (the
-    image's other samples, or its greedy caption), as a policy gradient on the trained parameters: the sampled
-    tokens' log-probabilities from one teacher-forced pass. Returns the step count and the epoch's reward figures."""
-    decoder, K = captioner.decoder, args.scst_samples
-    max_len = min(args.val_max_len, decoder.max_text_len - 1)  # as search.generate caps it
+@dataclasses.dataclass
+class Rollout:
+    """One batch's sampled captions (K per image; ids without the end token) and, with the greedy baseline, its
+    greedy captions; the image tokens they were sampled from."""
+    index: List[int]
+    tokens: torch.Tensor  # (B, N, width)
+    samples: List[List[int]]
+    greedy: Optional[List[List[int]]]
+    max_len: int
+
+
+def scst_rollout(state: TrainingState, epoch: int, index: List[int], visuals, keys: List[str]) -> Rollout:
+    """K captions per image sampled through the one search (seeded per epoch and image), plus the greedy captions
+    of the greedy baseline."""
+    scst, device = state.config.scst, state.world.device
+    max_len = min(state.config.validation.val_max_len, state.decoder.max_text_len - 1)  # as search.generate caps it
+    with autocast(device, state.amp):
+        tokens = state.captioner.image_tokens(visuals.to(device, non_blocking=True))  # (B, N, width)
+        samples = state.captioner.generate(tokens, method="sample", temperature=scst.scst_temperature,
+                                           captions_per_image=scst.scst_samples, max_len=max_len,
+                                           seed=state.config.optimisation.seed,
+                                           image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
+        greedy = state.captioner.generate(tokens, method="greedy", max_len=max_len) \
+            if scst.scst_baseline == "greedy" else None
+    return Rollout(list(index), tokens, samples, greedy, max_len)
+
+
+def scst_rewards(rollout: Rollout, reward, tokenizer) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The samples' rewards (B, K) and their baseline: (B, K), each image's other samples' mean, or (B, 1), its
+    greedy caption's reward."""
+    K = len(rollout.samples) // len(rollout.index)
+    rows = [i for i in rollout.index for _ in range(K)]
+    ended = [len(ids) < rollout.max_len for ids in rollout.samples]  # the rest were cut by the length limit
+    rewards = torch.tensor(reward(rows, decode_captions(rollout.samples, tokenizer), ended),
+                           dtype=torch.float32).view(-1, K)  # (B, K)
+    if rollout.greedy is None:
+        return rewards, baseline_of(rewards)
+    greedy_ended = [len(ids) < rollout.max_len for ids in rollout.greedy]
+    base = torch.tensor(reward(rollout.index, decode_captions(rollout.greedy, tokenizer), greedy_ended),
+                        dtype=torch.float32).view(-1, 1)
+    return rewards, base
+
+
+def scst_policy_step(state: TrainingState, rollout: Rollout, advantage: torch.Tensor) -> torch.Tensor:
+    """The policy gradient step: the sampled tokens' log-probabilities from one teacher-forced pass, weighted by
+    their caption's advantage (B, K). Returns the loss."""
+    device, K = state.world.device, advantage.shape[1]
+    inputs, targets = sample_pairs(rollout.samples, rollout.max_len)
+    targets = targets.to(device)
+    positions = targets != corpus.IGNORE_INDEX
+    weights = advantage.reshape(-1, 1).expand_as(targets).to(device)[positions]  # (M,)
+    with autocast(device, state.amp):
+        logits = state.model(rollout.tokens.repeat_interleave(K, dim=0), inputs.to(device), positions=positions)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(
+            1, state.decoder.vocab.targets(targets)[positions].unsqueeze(1)).squeeze(1)  # (M,)
+        loss = -(logp * weights).sum() / max(1, int(positions.sum()))
+    state.scaler.scale(loss).backward()
+    state.optimizer_step()
+    return loss
+
+
+def scst_epoch(state: TrainingState, epoch: int, loader, keys: List[str], reward) -> dict:
+    """One self-critical pass over the training images (Rennie et al. 2017): rollout (K sampled captions per image),
+    reward (`reward(image indices, captions, ended)`: CIDEr-D, plus the CLIP term) minus the baseline, policy step.
+    Returns the epoch's reward figures."""
+    K = state.config.scst.scst_samples
     tokenizer = BPETokenizer()  # built once: reading its merges took most of the reward's time when built per step
-    captioner.train()
+    state.captioner.train()
     totals = dict(reward=0.0, baseline=0.0, images=0, reward_seconds=0.0, sample_seconds=0.0)
     started = time.time()
-    bar = progress(loader, desc="scst %d/%d" % (epoch + 1, args.epochs + args.scst_epochs), disable=not world.main)
+    bar = progress(loader, desc="scst %d/%d" % (epoch + 1, state.config.optimisation.epochs
+                                                 + state.config.scst.scst_epochs), disable=not state.world.main)
     for index, visuals in image_batches(bar):
         t0 = time.time()
-        with autocast(world.device, amp):
-            tokens = captioner.image_tokens(visuals.to(world.device, non_blocking=True))  # (B, N, width)
-            samples = captioner.generate(tokens, method="sample", temperature=args.scst_temperature,
-                                         captions_per_image=K, max_len=max_len, seed=args.seed,
-                                         image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
-            greedy = captioner.generate(tokens, method="greedy", max_len=max_len) \
-                if args.scst_baseline == "greedy" else None
+        rollout = scst_rollout(state, epoch, index, visuals, keys)
         t1 = time.time()
-        rows = [i for i in index for _ in range(K)]
-        ended = [len(ids) < max_len for ids in samples]  # the rest were cut by the length limit
-        rewards = torch.tensor(reward(rows, decode_captions(samples, tokenizer), ended),
-                               dtype=torch.float32).view(-1, K)  # (B, K)
-        base = baseline_of(rewards) if greedy is None else \
-            torch.tensor(reward(list(index), decode_captions(greedy, tokenizer),
-                                [len(ids) < max_len for ids in greedy]), dtype=torch.float32).view(-1, 1)
+        rewards, base = scst_rewards(rollout, reward, tokenizer)
         t2 = time.time()
-        inputs, targets = sample_pairs(samples, max_len)
-        targets = targets.to(world.device)
-        positions = targets != corpus.IGNORE_INDEX
-        advantage = (rewards - base).view(-1, 1).expand_as(targets).to(world.device)[positions]  # (M,)
-        with autocast(world.device, amp):
-            logits = model(tokens.repeat_interleave(K, dim=0), inputs.to(world.device), positions=positions)
-            logp = F.log_softmax(logits.float(), dim=-1).gather(
-                1, decoder.vocab.targets(targets)[positions].unsqueeze(1)).squeeze(1)  # (M,)
-            loss = -(logp * advantage).sum() / max(1, int(positions.sum()))
-        scaler.scale(loss).backward()
-        optimizer_step(model, optimizer, scheduler, scaler, args.grad_clip)
-        step += 1
+        loss = scst_policy_step(state, rollout, rewards - base)
         totals["reward"] += float(rewards.sum())
         totals["baseline"] += float(base.expand_as(rewards).sum())
         totals["images"] += len(index)
         totals["sample_seconds"] += t1 - t0
         totals["reward_seconds"] += t2 - t1
-        if world.main and step % args.log_every == 0:
+        if state.logs_now():
             bar.set_postfix(reward="%.3f" % (totals["reward"] / (totals["images"] * K)))
-            log_line(log_path, kind="step", epoch=epoch + 1, step=step, loss=float(loss.detach()),
-                     reward=float(rewards.mean()), lr=scheduler.get_last_lr()[0],
+            log_line(state.log_path, kind="step", epoch=epoch + 1, step=state.step, loss=float(loss.detach()),
+                     reward=float(rewards.mean()), lr=state.scheduler.get_last_lr()[0],
                      seconds=round(time.time() - started, 2))
     seconds = time.time() - started
     n = max(1, totals["images"] * K)
-    return step, dict(phase="scst", mean_reward=totals["reward"] / n, mean_baseline=totals["baseline"] / n,
-                      reward_share=round(totals["reward_seconds"] / max(seconds, 1e-9), 4),
-                      sample_share=round(totals["sample_seconds"] / max(seconds, 1e-9), 4))
+    return dict(phase="scst", mean_reward=totals["reward"] / n, mean_baseline=totals["baseline"] / n,
+                reward_share=round(totals["reward_seconds"] / max(seconds, 1e-9), 4),
+                sample_share=round(totals["sample_seconds"] / max(seconds, 1e-9), 4))

@@ -18,7 +18,7 @@ import os
 import random
 import sys
 import time
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ from hw3.models.output_vocab import collect_output_ids
 from hw3.models.encoder import DEFAULT_ENCODER
 from hw3.models.search import DATA_LENGTH_KEY, DECODE_DEFAULTS, covering_max_len
 from hw3.data.tokenizer import BPETokenizer
-from hw3.training.loop import (WARMUP_SHARE, BatchSplit, Dist, check_budget, effective_warmup, grad_scaler, log_line,
+from hw3.training.config import TrainingConfig, flag_name, validation_metric_names
+from hw3.training.loop import (WARMUP_SHARE, Dist, TrainingState, check_budget, effective_warmup, grad_scaler, log_line,
                                make_optimizer, resume, rng_state, save_state, scst_epoch, score, train_epoch, validate)
 
 # The default --max-caption-tokens is the longest training caption rounded up to a multiple of this.
@@ -48,8 +49,14 @@ CAPTION_LENGTH_STEP = 8
 SELECT_METRICS = dict([(k.lower(), 1) for k in metrics.result_keys(metrics.METRIC_KEYS)], mean=1, val_loss=-1)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add in (_data_arguments, _model_arguments, _optimisation_arguments, _validation_arguments, _scst_arguments):
+        add(p)
+    return p
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--train-json", required=True, help="captions of the training images: COCO-style (the "
                    "course's), Karpathy split JSON, DeepFashion-MultiModal captions.json or {file name: caption or "
@@ -77,9 +84,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--feature-cache", metavar="DIR", help="compute the frozen encoder's outputs once into memory-"
                    "mapped fp16 files in DIR and train from them (no ViT during training, no augmentation)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (see encoder.py), default %(default)s")
     registry.add_arguments(p, g)  # --arch and each architecture's options
+
+
+def _optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="training epochs (every caption once per epoch)")
     g.add_argument("--batch-size", type=int, default=32, help="captions per step per process")
@@ -95,6 +108,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--no-amp", action="store_true", help="no fp16 autocast on CUDA (it is never used on CPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun picks cuda:LOCAL_RANK)")
+
+
+def _validation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--out", default="runs/p2", help="output folder")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt if it exists")
@@ -116,6 +132,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--clip-pretrained", default=clip_backend.CLIPSCORE_CLIP[1], help="CLIP weights: tag, local file, or none")
     g.add_argument("--no-clipscore", action="store_true", help="no CLIP metrics at validation (no CLIP needed)")
     g.add_argument("--log-every", type=int, default=50, help="log the training loss every N optimiser steps")
+
+
+def _scst_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("self-critical training (Rennie et al. 2017), after the cross-entropy epochs")
     g.add_argument("--scst-epochs", type=int, default=0, help="epochs that maximise CIDEr-D of sampled captions "
                    "(0 = none; with --init-from, --epochs 0 runs only these)")
@@ -130,7 +149,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "ruotianluo's CiderD): a caption cut mid-phrase loses its last n-grams")
     g.add_argument("--scst-clip-weight", type=float, default=0.0, help="add W x CLIPScore of each sample to its "
                    "reward (the CLIP of --clip-model; image embeddings computed once)")
-    args = p.parse_args(argv)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line, checked before any work."""
+    args = build_parser().parse_args(argv)
+    for check in (_check_epochs, _check_numbers, _check_scst, _check_combinations):
+        check(args)
+    validation_metrics(args)
+    return args
+
+
+def _check_epochs(args: argparse.Namespace) -> None:
     if args.epochs == 0 and args.scst_epochs > 0:
         if not args.init_from:
             raise UserError("--epochs 0 trains nothing before self-critical training: give --init-from CHECKPOINT")
@@ -138,8 +168,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise UserError("--epochs must be at least 1, got %s" % args.epochs)
     infinite = sorted(k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v))
     if infinite:
-        raise UserError("--%s must be a finite number, got %s" % (infinite[0].replace("_", "-"),
-                                                                  getattr(args, infinite[0])))
+        raise UserError("%s must be a finite number, got %s" % (flag_name(infinite[0]), getattr(args, infinite[0])))
+
+
+def _check_scst(args: argparse.Namespace) -> None:
     least = 2 if args.scst_baseline == "mean" else 1
     if args.scst_samples < least:
         raise UserError("--scst-samples must be at least %d with --scst-baseline %s, got %d"
@@ -149,23 +181,59 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "above 0")
     if args.init_from and not os.path.isfile(args.init_from):
         raise UserError("--init-from %s: no such checkpoint" % args.init_from)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("batch_size", "grad_accum", "max_caption_tokens", "val_batch_size", "encode_batch_size",
                  "log_every", "val_beam_size", "val_max_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError("--%s must be at least 1, got %s" % (name.replace("_", "-"), getattr(args, name)))
+            raise UserError("%s must be at least 1, got %s" % (flag_name(name), getattr(args, name)))
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "stop_after", "val_max_images", "workers"):
         if getattr(args, name) < 0:
-            raise UserError("--%s must be 0 or more, got %s" % (name.replace("_", "-"), getattr(args, name)))
+            raise UserError("%s must be 0 or more, got %s" % (flag_name(name), getattr(args, name)))
     if not args.lr > 0:
         raise UserError("--lr must be above 0, got %s" % args.lr)
     if not 0 <= args.label_smoothing < 1:
         raise UserError("--label-smoothing must be in [0, 1), got %s" % args.label_smoothing)
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
     if args.augment and args.feature_cache:
         raise UserError("--augment needs the encoder at every step, so it cannot be used with --feature-cache")
     if args.no_clipscore and args.select in metrics.CLIP_METRICS:
         raise UserError("--select %s needs CLIP: drop --no-clipscore" % args.select)
-    args.val_metrics = validation_metrics(args)
-    return args
+
+
+def parse_config(argv: Optional[List[str]] = None) -> TrainingConfig:
+    """The command line as a TrainingConfig: its options in the order given, with their parsed values."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parse_args(argv)
+    given = []
+    for token in argv:
+        action = _action_of(parser, token)
+        if action is not None and action.dest not in given:
+            given.append(action.dest)
+    return TrainingConfig.from_options({dest: getattr(args, dest) for dest in given})
+
+
+def _action_of(parser: argparse.ArgumentParser, token: str):
+    """The option a command-line word names (a unique prefix as argparse allows), or None for a value."""
+    if not token.startswith("--"):
+        return None
+    name = token.split("=", 1)[0]
+    if name in parser._option_string_actions:
+        return parser._option_string_actions[name]
+    matches = {a for o, a in parser._option_string_actions.items() if o.startswith(name)}
+    return matches.pop() if len(matches) == 1 else None
+
+
+def command_settings(config: TrainingConfig) -> argparse.Namespace:
+    """Every option of the command line with the config's value, in the parser's order (args.json's, and what the
+    architecture options' checks read)."""
+    given = vars(config.namespace())
+    return argparse.Namespace(**{a.dest: given.get(a.dest, a.default) for a in build_parser()._actions
+                                 if a.dest != "help"})
 
 
 def validation_metrics(args: argparse.Namespace) -> tuple:
@@ -275,7 +343,15 @@ def build_data(args, train, val, captioner, world: Dist):
                                           seed=args.seed)
         scst_loader = DataLoader(train_visuals, batch_size=max(1, args.batch_size // args.scst_samples),
                                  sampler=scst_sampler, num_workers=args.workers, collate_fn=collate_images)
-    return loader, sampler, val_loader, val_tokens, scst_loader
+    return TrainingData(loader, sampler, val_loader, val_tokens, scst_loader)
+
+
+class TrainingData(NamedTuple):
+    loader: DataLoader  # the (image, caption) pairs of the cross-entropy epochs
+    sampler: DistributedSampler
+    val_loader: DataLoader
+    val_tokens: list  # each validation image's reference captions as token ids
+    scst_loader: Optional[DataLoader]  # the training images of the self-critical epochs
 
 
 def init_from(args, captioner) -> None:
@@ -356,31 +432,64 @@ def model_settings(args, captioner) -> dict:
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return train(parse_config(argv))
+
+
+def train(config: TrainingConfig) -> int:
+    """One training run of `config` (the pipeline's entry, and the command line's)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # missing weights fail at once (hw3_download.sh fetches them)
-    args = parse_args(argv)
-    world = Dist(args.device)
+    world = Dist(config.run.device)
     try:
-        return _run(args, world)
+        return _run(config, world)
     finally:
         world.close()
 
 
-def _run(args, world: Dist) -> int:
+def _run(config: TrainingConfig, world: Dist) -> int:
     started = time.time()
-    state_path, log_path = os.path.join(args.out, "last_state.pt"), os.path.join(args.out, "log.jsonl")
-    if not args.resume and os.path.isfile(state_path):
+    args, captioner, train_set, val, summary = _setup(config, world)
+    config = TrainingConfig.from_options(vars(args))  # resolved: the caption length, PEFT method, metric names
+    clip = load_clip(args, world.device) if world.main or args.scst_clip_weight > 0 else None
+    setup_seconds = time.time() - started  # repeated by every run, unlike filling the feature cache
+    data = build_data(args, train_set, val, captioner, world)
+    reward = make_reward(args, train_set, clip, world.device) if args.scst_epochs else None
+    state, total_steps, warmup = _training_state(config, captioner, world, len(data.loader))
+    settings = model_settings(args, captioner)
+    best = _resume_or_start(state, args, settings, dict(parameters=summary, steps=total_steps, warmup_steps=warmup,
+                                                         setup_seconds=round(setup_seconds, 1)))
+    keeper = Keeper(state, data, val, clip, dict(warmup_steps=warmup, total_steps=total_steps))
+    state.settings = settings
+    if args.init_from and state.first_epoch == 0 and world.main:
+        best = keeper.validate_and_keep(0, dict(kind="epoch", epoch=0, step=0, phase="init"), best)
+    best = _fit(state, data, keeper, train_set.keys(), reward, best)
+    if world.main and best is not None:
+        print("best %s %.4f at epoch %d: %s" % (best["metric"], best["value"], best["epoch"],
+                                                 os.path.join(args.out, "best.pt")), file=sys.stderr)
+    return 0
+
+
+def _has_state(config: TrainingConfig) -> bool:
+    return config.run.resume and os.path.isfile(os.path.join(config.run.out, "last_state.pt"))
+
+
+def _setup(config: TrainingConfig, world: Dist):
+    """Options checked, folders checked, data read, caption length set, the model built (and --init-from loaded):
+    in that order, so a wrong option fails before any work."""
+    args = command_settings(config)
+    if not args.resume and os.path.isfile(os.path.join(args.out, "last_state.pt")):
         raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
                         "another --out" % args.out)
+    args.val_metrics = validation_metrics(args)
     cfg = registry.config_from_args(args)  # option errors first, then the output folders, then the data
     for folder, what in ((args.out, "--out"), (args.feature_cache, "--feature-cache")):
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError("%s %s is not a folder" % (what, folder))
         if folder and world.main:
             check_writable_dir(folder, what + " folder")
-    train, val = load_splits(args)
-    caption_length(args, train, world)
+    train_set, val = load_splits(args)
+    caption_length(args, train_set, world)
     if registry.ARCHITECTURES[args.arch].from_scratch:  # the compact output layer: the training captions' GPT-2 ids
-        tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), args.max_caption_tokens)
+        tokens, _, _ = corpus.tokenize_captions(train_set.captions, BPETokenizer(), args.max_caption_tokens)
         cfg = registry.config_from_args(args, collect_output_ids(ids for image in tokens for ids in image))
     torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
     random.seed(args.seed)
@@ -390,103 +499,128 @@ def _run(args, world: Dist) -> int:
     captioner.to(world.device)
     if args.init_from:
         init_from(args, captioner)
-    clip = load_clip(args, world.device) if world.main or args.scst_clip_weight > 0 else None
-    setup_seconds = time.time() - started  # repeated by every run, unlike filling the feature cache
-    loader, sampler, val_loader, val_tokens, scst_loader = build_data(args, train, val, captioner, world)
-    reward = make_reward(args, train, clip, world.device) if args.scst_epochs else None
+    return args, captioner, train_set, val, summary
 
-    amp = world.device.type == "cuda" and not args.no_amp
+
+def _training_state(config: TrainingConfig, captioner, world: Dist, micro_batches: int):
+    """The model (DDP-wrapped under torchrun), optimiser, schedule and scaler; the run's steps and warm-up."""
+    o = config.optimisation
     model = captioner  # its forward is the training step's model call; under torchrun, DDP wraps it
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             captioner, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-    total_steps = args.epochs * math.ceil(len(loader) / args.grad_accum)
-    optimizer, scheduler = make_optimizer(captioner.decoder, args, total_steps)
-    warmup = effective_warmup(args.warmup_steps, total_steps)
+    total_steps = o.epochs * math.ceil(micro_batches / o.grad_accum)
+    optimizer, scheduler = make_optimizer(captioner.decoder, config, total_steps)
+    warmup = effective_warmup(o.warmup_steps, total_steps)
     if world.main:
         print("warm-up: %d of %d optimiser steps (--warmup-steps %d, at most %d%% of the run), then cosine from "
-              "--lr %g to --min-lr %g" % (warmup, total_steps, args.warmup_steps, round(100 * WARMUP_SHARE), args.lr,
-                                          args.min_lr), file=sys.stderr)
-    scaler = grad_scaler(amp)
-    settings = model_settings(args, captioner)
-    os.makedirs(args.out, exist_ok=True)
-    sign = SELECT_METRICS[args.select]
-    start_epoch, step, best = 0, 0, None
+              "--lr %g to --min-lr %g" % (warmup, total_steps, o.warmup_steps, round(100 * WARMUP_SHARE), o.lr,
+                                          o.min_lr), file=sys.stderr)
+    amp = world.device.type == "cuda" and not o.no_amp
+    state = TrainingState(config, captioner, model, optimizer, scheduler, grad_scaler(amp), world,
+                          os.path.join(config.run.out, "log.jsonl"))
+    return state, total_steps, warmup
+
+
+def _resume_or_start(state: TrainingState, args, settings: dict, start: dict) -> Optional[dict]:
+    """--resume: the saved state loaded and the interrupted epoch's log lines dropped; else a new log and args.json.
+    Returns the best validation so far (None before any)."""
+    world, log_path, out = state.world, state.log_path, state.config.run.out
+    os.makedirs(out, exist_ok=True)
     torch.manual_seed(args.seed + world.rank)  # per-rank dropout and augmentation streams
-    if args.resume and os.path.isfile(state_path):
-        state = resume(state_path, settings, captioner, optimizer, scheduler, scaler, world)
-        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+    if _has_state(state.config):
+        saved = resume(state, os.path.join(out, "last_state.pt"), settings)
         if world.main:
-            if os.path.isfile(log_path) and os.path.getsize(log_path) > state["log_bytes"]:
+            if os.path.isfile(log_path) and os.path.getsize(log_path) > saved["log_bytes"]:
                 with open(log_path, "r+b") as f:
-                    f.truncate(state["log_bytes"])  # drop the step lines of the epoch that was interrupted
-            print("resuming after epoch %d (best %s)" % (start_epoch, best), file=sys.stderr)
-    elif world.main:
+                    f.truncate(saved["log_bytes"])  # drop the step lines of the epoch that was interrupted
+            print("resuming after epoch %d (best %s)" % (saved["epoch"], saved["best"]), file=sys.stderr)
+        state.first_epoch = saved["epoch"]
+        return saved["best"]
+    state.first_epoch = 0
+    if world.main:
         with atomic_write(log_path):
             pass
-        write_json(os.path.join(args.out, "args.json"), vars(args))
-        log_line(log_path, kind="start", parameters=summary, settings=settings, steps=total_steps,
-                 warmup_steps=warmup, time=round(time.time(), 1),
-                 setup_seconds=round(setup_seconds, 1))  # run_all's time estimate
+        write_json(os.path.join(out, "args.json"), vars(args))
+        log_line(log_path, kind="start", settings=settings, time=round(time.time(), 1), **start)  # run_all's estimate
+    return None
 
-    def validate_and_keep(epoch: int, record: dict, best: Optional[dict]) -> Optional[dict]:
-        """Validation captions and scores after `epoch` (0: the --init-from model); best.pt follows --select-on
-        across the cross-entropy and self-critical epochs."""
-        result = validate(captioner, val_loader, val, val_tokens, args, world.device, amp)
-        write_json(os.path.join(args.out, "val_predictions.json"), result["predictions"])
-        record.update(score(result["predictions"], val, args.val_metrics, clip, world.device),
-                      val_loss=result["val_loss"])
-        value = record.get(args.select)
+
+class Keeper:
+    """Validation after an epoch, and best.pt kept by --select-on across the cross-entropy and self-critical
+    epochs."""
+
+    def __init__(self, state: TrainingState, data, val, clip, schedule: dict):
+        self.state, self.data, self.val, self.clip, self.schedule = state, data, val, clip, schedule
+
+    def validate_and_keep(self, epoch: int, record: dict, best: Optional[dict]) -> Optional[dict]:
+        """Validation captions and scores after `epoch` (0: the --init-from model), logged; best.pt rewritten when
+        they beat `best`. Returns the best so far."""
+        state, config = self.state, self.state.config
+        select, out = config.validation.select, config.run.out
+        result = validate(state, self.data.val_loader, self.val, self.data.val_tokens)
+        write_json(os.path.join(out, "val_predictions.json"), result["predictions"])
+        record.update(score(result["predictions"], self.val, validation_metric_names(config), self.clip,
+                            state.world.device), val_loss=result["val_loss"])
+        value = record.get(select)
         if value is None:
-            raise UserError("the evaluation gave no %s (it gave %s)" % (args.select, ", ".join(record)))
-        if best is None or sign * (value - best["value"]) > 0:
-            best = dict(metric=args.select, value=value, epoch=epoch)
-            extra = dict(epoch=epoch, phase=record.get("phase", "cross-entropy"), metrics={
-                k: record[k] for k in record if k not in ("kind", "epoch", "step", "train_seconds", "phase")},
-                validation_decoding=dict(method=args.val_decode, beam_size=args.val_beam_size,
-                                         max_len=args.val_max_len),  # a record, not for inference
-                warmup_steps=warmup, total_steps=total_steps,
-                **{DATA_LENGTH_KEY: trained_caption_tokens(args, captioner)})  # inference's default length
-            if args.scst_epochs:
-                extra["scst"] = {k: getattr(args, k) for k in SCST_OPTIONS}
-            save_checkpoint(os.path.join(args.out, "best.pt"), captioner, extra=extra)
+            raise UserError("the evaluation gave no %s (it gave %s)" % (select, ", ".join(record)))
+        if best is None or SELECT_METRICS[select] * (value - best["value"]) > 0:
+            best = dict(metric=select, value=value, epoch=epoch)
+            save_checkpoint(os.path.join(out, "best.pt"), state.captioner, extra=self._checkpoint_record(epoch, record))
         record["best_epoch"] = best["epoch"]
-        log_line(log_path, **record)
+        log_line(state.log_path, **record)
         print(json.dumps(record), file=sys.stderr)
         return best
 
-    if args.init_from and start_epoch == 0 and world.main:
-        best = validate_and_keep(0, dict(kind="epoch", epoch=0, step=0, phase="init"), best)
-    total_epochs = args.epochs + args.scst_epochs
-    split = BatchSplit()  # pieces per micro-batch: more after a CUDA out-of-memory error, for the rest of the run
-    end_epoch = min(total_epochs, start_epoch + args.stop_after) if args.stop_after else total_epochs
-    for epoch in range(start_epoch, end_epoch):
+    def _checkpoint_record(self, epoch: int, record: dict) -> dict:
+        config = self.state.config
+        v = config.validation
+        extra = dict(epoch=epoch, phase=record.get("phase", "cross-entropy"), metrics={
+            k: record[k] for k in record if k not in ("kind", "epoch", "step", "train_seconds", "phase")},
+            validation_decoding=dict(method=v.val_decode, beam_size=v.val_beam_size,
+                                     max_len=v.val_max_len),  # a record, not for inference
+            **self.schedule, **{DATA_LENGTH_KEY: trained_caption_tokens(config.data, self.state.captioner)})
+        if config.scst.scst_epochs:
+            extra["scst"] = {k: getattr(config.scst, k) for k in SCST_OPTIONS}
+        return extra
+
+
+def _fit(state: TrainingState, data, keeper: Keeper, keys: List[str], reward, best: Optional[dict]) -> Optional[dict]:
+    """The cross-entropy epochs, then the self-critical ones, each validated and saved for --resume; --stop-after
+    ends the run early."""
+    config, world = state.config, state.world
+    total_epochs = config.optimisation.epochs + config.scst.scst_epochs
+    stop_after = config.run.stop_after
+    end_epoch = min(total_epochs, state.first_epoch + stop_after) if stop_after else total_epochs
+    for epoch in range(state.first_epoch, end_epoch):
         started = time.time()
-        if epoch < args.epochs:
-            sampler.set_epoch(epoch)
-            step = train_epoch(epoch, model, captioner, loader, optimizer, scheduler, scaler, args, world, amp,
-                               log_path, step, split)
+        if epoch < config.optimisation.epochs:
+            data.sampler.set_epoch(epoch)
+            train_epoch(state, epoch, data.loader)
             figures = {}
         else:
-            scst_loader.sampler.set_epoch(epoch)
-            step, figures = scst_epoch(epoch, model, captioner, scst_loader, train.keys(), reward, optimizer,
-                                       scheduler, scaler, args, world, amp, log_path, step)
-        record = dict(kind="epoch", epoch=epoch + 1, step=step, train_seconds=round(time.time() - started, 2),
+            data.scst_loader.sampler.set_epoch(epoch)
+            figures = scst_epoch(state, epoch, data.scst_loader, keys, reward)
+        record = dict(kind="epoch", epoch=epoch + 1, step=state.step, train_seconds=round(time.time() - started, 2),
                       **figures)
         if world.main:
-            best = validate_and_keep(epoch + 1, record, best)
-        rngs = world.gather(rng_state())
-        if world.main:
-            save_state(state_path, epoch=epoch + 1, step=step, best=best, settings=settings,
-                       world_size=world.world_size, trainable=captioner.decoder.trainable_state_dict(),
-                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                       scaler=scaler.state_dict() if scaler.is_enabled() else None, rng=rngs,
-                       log_bytes=os.path.getsize(log_path))
-        world.barrier()
-    if world.main and best is not None:
-        print("best %s %.4f at epoch %d: %s" % (best["metric"], best["value"], best["epoch"],
-                                                 os.path.join(args.out, "best.pt")), file=sys.stderr)
-    return 0
+            best = keeper.validate_and_keep(epoch + 1, record, best)
+        _save(state, epoch + 1, best)
+    return best
+
+
+def _save(state: TrainingState, epoch: int, best: Optional[dict]) -> None:
+    """Everything --resume needs, after `epoch`, written by rank 0 (every rank's random streams)."""
+    rngs = state.world.gather(rng_state())
+    if state.world.main:
+        scaler = state.scaler
+        save_state(os.path.join(state.config.run.out, "last_state.pt"), epoch=epoch, step=state.step, best=best,
+                   settings=state.settings, world_size=state.world.world_size,
+                   trainable=state.decoder.trainable_state_dict(), optimizer=state.optimizer.state_dict(),
+                   scheduler=state.scheduler.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                   rng=rngs, log_bytes=os.path.getsize(state.log_path))
+    state.world.barrier()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from hw3.models import registry, search
 import tiny_models
 import torch
 from hw3.training import loop
+from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import read_checkpoint_config
 from hw3.util.errors import run_main
 from hw3.util.files import read_json, write_json
@@ -320,15 +321,15 @@ def out_is_a_file(lab):
 
 def failing_training(lab):
     """p2_train writes into its folder, then dies: the finished training must not notice."""
-    real = trainer.main
+    real = trainer.train
 
-    def dies(argv):
-        folder = argv[argv.index("--out") + 1]
+    def dies(config):
+        folder = config.run.out
         os.makedirs(folder, exist_ok=True)
         open(os.path.join(folder, "best.pt"), "wb").write(b"half")
         raise RuntimeError("killed in training")
 
-    lab["patch"].setattr(trainer, "main", dies)
+    lab["patch"].setattr(trainer, "train", dies)
     lab["real_train"] = real
 
 
@@ -675,7 +676,7 @@ def test_a_failed_training_leaves_a_rerun_that_skips(finished, tmp_path, capsys,
     out, argv = finished
     copy = copy_run(out, tmp_path)
     argv = argv_for(argv, out, copy)
-    monkeypatch.setattr(trainer, "main", lambda a: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(trainer, "train", lambda config: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError):
         run_all.main(argv + ["--force", "p2", "--only", "p2"])
     assert os.path.isdir(os.path.join(copy, "p2", "adapter", "train.new"))
@@ -691,13 +692,13 @@ def test_interrupted_training_resumes(finished, tmp_path, capsys, monkeypatch):
     copy = copy_run(out, tmp_path)
     lab = dict(config=str(tmp_path / "train_config.json"), argv=argv_for(argv, out, copy))
     config(lab, {"epochs": 2})
-    real = trainer.main
+    real = trainer.train
 
-    def killed_after_one_epoch(a):
-        real(a + ["--stop-after", "1"])
+    def killed_after_one_epoch(config):
+        real(config.replace(stop_after=1))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "main", killed_after_one_epoch)
+    monkeypatch.setattr(trainer, "train", killed_after_one_epoch)
     code, _ = run(lab["argv"] + ["--only", "p2"], capsys)
     assert code == 130
     monkeypatch.undo()
@@ -1138,8 +1139,8 @@ def test_scst_options_are_checked_before_any_work(finished, tmp_path, capsys):
 def test_option_flags_keep_zero_values():
     """A --train-config value of 0 is passed on (it once compared equal to False and was dropped, so --epochs 0 and
     "warmup_steps": 0 silently became p2_train.py's defaults)."""
-    assert context.option_flags(dict(epochs=0, warmup_steps=0.0, augment=True, no_amp=False, seed=None,
-                                     lora_targets=["a", "b"])) == [
+    assert to_argv(TrainingConfig.from_options(dict(epochs=0, warmup_steps=0.0, augment=True, no_amp=False, seed=None,
+                                                     lora_targets=["a", "b"]))) == [
         "--epochs", "0", "--warmup-steps", "0.0", "--augment", "--lora-targets", "a,b"]
 
 

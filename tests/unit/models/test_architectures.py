@@ -17,6 +17,7 @@ from PIL import Image
 from hw3.models import captioner as captioner_lib, registry
 from hw3.inference import predict
 from hw3.training import trainer
+from hw3.training.config import TrainingConfig, to_argv
 from hw3.attention import visualize
 from hw3.util.errors import UserError
 from hw3.models.search import generate
@@ -255,7 +256,7 @@ def test_one_module_and_one_row_make_an_architecture(monkeypatch, images, tmp_pa
     assert meta["arch"] == loaded.arch == "toy" and loaded.decoder.cfg == model.decoder.cfg
     assert loaded.generate(images, method="beam", beam_size=3, max_len=12) == model.generate(
         images, method="beam", beam_size=3, max_len=12)
-    flags = registry.model_flags(meta)
+    flags = to_argv(TrainingConfig.from_options(registry.model_options(meta)))
     assert flags == ["--arch", "toy", "--max-caption-tokens", "18", "--width", str(TINY), "--dropout", "0.0"]
     rebuilt = registry.config_from_args(_options(*flags), OUTPUT_IDS)
     assert dataclasses.replace(rebuilt, encoder_dim=loaded.decoder.cfg.encoder_dim) == loaded.decoder.cfg

@@ -16,6 +16,7 @@ from hw3.data import corpus
 from hw3.models import registry
 from hw3.training import trainer
 from hw3.training import loop
+from hw3.training.config import TrainingConfig, to_argv
 from hw3.util.errors import UserError
 from tiny_models import TINY_ENCODER, tiny_gpt2
 from hw3 import REPO_ROOT
@@ -591,7 +592,6 @@ def test_sample_pairs_end_only_where_the_caption_ended():
 def test_scst_moves_probability_towards_rewarded_captions():
     """The policy gradient's direction: rewarded by whether the caption says "red", a few self-critical epochs raise
     the probability that the first word is "red" from chance to most of the mass."""
-    import argparse
 
     from torch.utils.data import DataLoader
 
@@ -607,11 +607,13 @@ def test_scst_moves_probability_towards_rewarded_captions():
     decoder = captioner.decoder
     feats = torch.randn(8, 3, decoder.cfg.encoder_dim)  # image tokens, as a feature cache gives them
     loader = DataLoader([(i, feats[i], "") for i in range(8)], batch_size=4, collate_fn=collate_images)
-    args = argparse.Namespace(scst_samples=6, scst_temperature=1.0, val_max_len=3, seed=0, scst_baseline="mean",
-                              grad_clip=1.0, epochs=0, scst_epochs=8, log_every=1000, lr=1e-2, scst_lr=1e-2,
-                              min_lr=1e-3, warmup_steps=0, weight_decay=0.0)
-    optimizer, scheduler = loop.make_optimizer(decoder, args, total_steps=0)
-    world = loop.Dist("cpu")
+    config = TrainingConfig.from_options(dict(scst_samples=6, scst_temperature=1.0, val_max_len=3, seed=0,
+                                              scst_baseline="mean", grad_clip=1.0, epochs=0, scst_epochs=8,
+                                              log_every=1000, lr=1e-2, scst_lr=1e-2, min_lr=1e-3, warmup_steps=0,
+                                              weight_decay=0.0))
+    optimizer, scheduler = loop.make_optimizer(decoder, config, total_steps=0)
+    state = loop.TrainingState(config, captioner, captioner, optimizer, scheduler, loop.grad_scaler(False),
+                               loop.Dist("cpu"), "/dev/null")
 
     def p_red():
         with torch.no_grad():
@@ -619,12 +621,9 @@ def test_scst_moves_probability_towards_rewarded_captions():
             return float(logits.softmax(-1)[:, decoder.vocab.targets(torch.tensor([red]))].mean())
 
     before = p_red()
-    step = 0
-    for epoch in range(args.scst_epochs):
-        step, figures = loop.scst_epoch(epoch, captioner, captioner, loader, [str(i) for i in range(8)],
-                                            lambda rows, captions, ended: [float("red" in c) for c in captions], optimizer,
-                                            scheduler, loop.grad_scaler(False), args, world, False, "/dev/null",
-                                            step)
+    for epoch in range(config.scst.scst_epochs):
+        figures = loop.scst_epoch(state, epoch, loader, [str(i) for i in range(8)],
+                                  lambda rows, captions, ended: [float("red" in c) for c in captions])
     assert before < 0.4 and p_red() > 0.8, (before, p_red())
     assert figures["mean_reward"] > 0.5 and 0 <= figures["reward_share"] < 1
 
@@ -671,11 +670,12 @@ COMMITTED_MODELS = os.path.join(ROOT, "miniworld", "models")
 
 @pytest.mark.parametrize("name", sorted(n[:-5] for n in os.listdir(COMMITTED_MODELS)
                                         if n.startswith(("p2_", "distill_")) and n.endswith(".json")))
-def test_model_flags_rebuild_each_committed_checkpoints_config(name):
-    """p2_train.model_flags(checkpoint JSON) through parse_args and decoder_config gives the checkpoint's decoder
-    config again, for every committed world captioner (PEFT, self-critical, from scratch): what --init-from needs."""
+def test_model_options_rebuild_each_committed_checkpoints_config(name):
+    """registry.model_options(checkpoint JSON) through to_argv, parse_args and config_from_args gives the
+    checkpoint's decoder config again, for every committed world captioner (PEFT, self-critical, from scratch):
+    what --init-from needs."""
     meta = json.load(open(os.path.join(COMMITTED_MODELS, name + ".json"), encoding="utf-8"))
-    flags = registry.model_flags(meta)
+    flags = to_argv(TrainingConfig.from_options(registry.model_options(meta)))
     weights = ["--decoder-weights", os.path.join(COMMITTED_MODELS, "decoder_model.bin")] if "--peft" in flags else []
     args = trainer.parse_args(["--train-json", "t.json", "--train-images", "t", "--val-json", "v.json",
                                 "--val-images", "v", "--out", "o"] + weights + flags)
@@ -688,9 +688,9 @@ def test_model_flags_rebuild_each_committed_checkpoints_config(name):
     assert json.loads(json.dumps(cfg)) == want
 
 
-def test_model_flags_refuse_a_config_without_a_peft_method():
+def test_model_options_refuse_a_config_without_a_peft_method():
     with pytest.raises(UserError, match="no PEFT method"):
-        registry.model_flags(dict(decoder=dict(lora_rank=0, adapter_dim=0, prefix_len=0, prompt_len=0)))
+        registry.model_options(dict(decoder=dict(lora_rank=0, adapter_dim=0, prefix_len=0, prompt_len=0)))
 
 
 # ----------------------------------------------------------------------------------------------- out of memory
