@@ -20,12 +20,12 @@ from collections import namedtuple
 
 import pytest
 
-from hw3.report import compose
 from hw3.pipeline import optional_stages
 from hw3.data import corpus
 from hw3.training import trainer
 from hw3.pipeline import records
 from hw3.report import answer_file
+from hw3.report import published
 from hw3.util import resources
 from hw3.pipeline import run_all
 from hw3.pipeline import context
@@ -884,7 +884,7 @@ def test_compare_section_in_results_md_and_report(compared):
     out, _ = compared
     table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
     assert "| architecture | CIDEr | BLEU-4 | METEOR | ROUGE-L | CLIPScore |" in table and "| gpt2 (" in table
-    assert compose.COMPARE_SEED_CITATION in table and "1.618" in table
+    assert published.COURSE_PROJECT_REPORT in table and "1.618" in table
     assert "| 0 (attention-gru_reg0) |" in table
     text = report_text(out)
     for fragment in ("Architecture comparison", "Beside the seed's DeepFashion table",
