@@ -496,7 +496,8 @@ def checks(paths: Paths, results: dict, small: bool) -> List[Tuple[bool, str]]:
         differ = {m: (r["trainable_params"], documented.get(m)) for m, r in results["p2"].items()
                   if documented.get(m) != r["trainable_params"]}
         done.append((not differ, "trainable counts %s" % (
-            "equal docs/homework.md's" if not differ else "differ from docs/homework.md's (run, documented): %s" % differ)))
+            "equal docs/homework.md's" if not differ
+            else "differ from docs/homework.md's (run, documented): %s" % differ)))
     return done
 
 
