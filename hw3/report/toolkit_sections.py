@@ -52,7 +52,7 @@ def ranking(rows: Dict[str, dict], names: Sequence[str]) -> str:
 
 
 def compare_section(report: Report, results: dict):
-    """The classic architectures beside the PEFT GPT-2 (run_all.py --with compare), with the seed's table."""
+    """The classic architectures beside the PEFT GPT-2 (run_all.py --with compare), with the published table."""
     rows = results.get("compare") or {}
     report.heading("Architecture comparison: classic captioners beside the PEFT GPT-2")
     report.paragraph("Each architecture was trained on the same data and image features (the frozen encoder's "
@@ -72,13 +72,13 @@ def compare_section(report: Report, results: dict):
     missing = [label for key, label in COMPARE_COLUMNS[:5] if all(r.get(key) is None for r in rows.values())]
     if missing:
         report.paragraph("Not measured here: %s (METEOR needs Java)." % ", ".join(missing))
-    report.heading("Beside the seed's DeepFashion table", 3)
-    report.table(["seed 004: model", "CIDEr (DeepFashion)", "ours: architecture", "CIDEr (these data)"],
+    report.heading("Beside the published DeepFashion table", 3)
+    report.table(["published model", "CIDEr (DeepFashion)", "ours: architecture", "CIDEr (these data)"],
                  [[model, "%.3f" % cider, arch, fmt((rows.get(arch) or {}).get("CIDEr"), 3)]
                   for model, arch, cider in published.DEEPFASHION_CAPTIONERS], widths=(0.36, 0.2, 0.24, 0.2))
     ours = ranking(rows, [arch for _, arch, _ in published.DEEPFASHION_CAPTIONERS])
     seed = " < ".join(arch for _, arch, _ in sorted(published.DEEPFASHION_CAPTIONERS, key=lambda s: s[2]))
-    report.paragraph("Source of the left half: %s, CIDEr as the seed reports it. The ranking by CIDEr there is %s; "
+    report.paragraph("Source of the left half: %s, CIDEr as published. The ranking by CIDEr there is %s; "
                      "here it is %s%s. The datasets, encoders and training budgets differ, so only the ranking is "
                      "comparable, not the numbers." % (published.COURSE_PROJECT_REPORT, seed, ours or "not measured",
                                           "" if ours == seed else " (it differs)"))
@@ -169,7 +169,7 @@ def distill_section(report: Report, results: dict):
                  [["the teacher itself" if name == "teacher" else name] + [cell(row, k) for k in keys]
                   for name, row in rows.items()], widths=[0.19] + [0.66 / (len(keys) - 1)] * (len(keys) - 1) + [0.15])
     say_cut(report, rows)
-    report.heading("The seed's table beside it", 3)
+    report.heading("The published table beside it", 3)
     report.table(["trained on", "CIDEr", "BLEU", "METEOR", "ROUGE-L"],
                  [[name] + [fmt(v[k], 3) for k in ("CIDEr", "BLEU", "METEOR", "ROUGE")]
                   for name, v in published.DISTILLED_STUDENTS],

@@ -418,10 +418,14 @@ CHANGED = (
      "(0.9230 vs 0.9210; 95% interval -0.5 to +0.8 points, " + NOISE + ")."),
     ("training settings not recorded in results.json", "learning rate 0.005, epochs 5, batch size 32"),
     ("Room for it, per caption:", "Your answer, per caption, from answers.md in the results folder:"),
-    ("Source: seed 004 (shared/seeds/004_db8a455a6fcc3b32.txt) sections", "Source: " + published.COURSE_PROJECT_REPORT +
-     ", sections"),
+    ("Source: seed 004 (shared/seeds/004_db8a455a6fcc3b32.txt) sections",
+     "Source: " + published.COURSE_PROJECT_REPORT + ", sections"),
     ("Source of the left half: seed 004 (another course's captioning project, DeepFashion-MultiModal),",
      "Source of the left half: " + published.COURSE_PROJECT_REPORT + ","),
+    ("The seed's table beside it", "The published table beside it"),
+    ("Beside the seed's DeepFashion table", "Beside the published DeepFashion table"),
+    ("seed 004: model | CIDEr (DeepFashion)", "published model | CIDEr (DeepFashion)"),
+    ("CIDEr as the seed reports it.", "CIDEr as published."),
 )
 # The source block's folders (now <DATA> and <OUT>), date and commit say where and when the demo ran, not what it found.
 RUN_CIRCUMSTANCES = (r"data:.*?date:\d{4}-\d\d-\d\d\d\d:\d\dUTC", r"gitcommit:[0-9a-f]{40}(\(withuncommittedchanges\))?")
