@@ -234,7 +234,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         % ", ".join(ARCH_SETTINGS))
     parser.add_argument("--distill", action="store_true", help="the course project report's section 4: the "
                         "teacher's captions of the training images (precise, creative; %d per image) and a %s student "
-                        "on each and on the human captions, installed as distill_<set>.pt" % (TEACHER_CAPTIONS, STUDENT))
+                        "on each and on the human captions, installed as distill_<set>.pt"
+                        % (TEACHER_CAPTIONS, STUDENT))
     parser.add_argument("--epochs", type=int, default=5, help="PEFT runs: epochs over every (image, caption) pair")
     parser.add_argument("--batch-size", type=int, default=32, help="PEFT runs: captions per step")
     parser.add_argument("--lr", type=float, default=5e-3, help="PEFT runs: peak learning rate")
