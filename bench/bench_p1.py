@@ -69,7 +69,7 @@ def seeded_load(model: str):
 
 
 def old_stage(args, root: str, names, classnames) -> dict:
-    """run_all's P1 stage before issue 18, step for step: p1_clip_zeroshot.main for the ensemble with --evaluate
+    """run_all's former P1 stage (five runs), step for step: p1_clip_zeroshot.main for the ensemble with --evaluate
     --compare-prompts --plot-top5, then for each report template and the single prompt with --templates SET
     --evaluate; every run loaded the CLIP, built its set's class embeddings and encoded every image, and
     --compare-prompts built the three templates' and the ensemble's class embeddings again. Returns the accuracies."""

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_scst [--steps 3] [--images 6] [--samples 5] [--threads 1]
 
-The captioner is p2_train.py's default (GPT-2 small with the README's LoRA, cross-attention in every block) with
+The captioner is p2_train.py's default (GPT-2 small with the documented LoRA, cross-attention in every block) with
 random weights, reading image tokens of the default encoder's shape (ViT-H/14: 257 tokens of 1280) from a feature
 cache of random rows: training with the cache never runs the ViT, so neither does this benchmark. Both steps run
 through the training loop's own functions with p2_train.py's settings, alternating in this process:
@@ -46,7 +46,7 @@ REFERENCES = 5  # captions per image, as COCO
 WORDS = ("a man woman dog cat riding sitting standing on top of the with in front next to table street red blue "
          "white small large wave surfboard pizza plate grass field near two people ball").split()
 REWARD_REPEATS = 5  # the reward timed alone: median of this many
-COURSE_TRAIN_IMAGES = 10_000  # the README's GPU estimate: about 10,000 P2 training images
+COURSE_TRAIN_IMAGES = 10_000  # docs/gpu-day.md's estimate: about 10,000 P2 training images
 
 
 class FeatureCacheOnly:

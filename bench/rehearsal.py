@@ -405,9 +405,9 @@ def ship(paths: Paths, results: dict) -> str:
     return os.path.join(paths.ship, "hw3_2.sh")
 
 
-def readme_trainable() -> Dict[str, int]:
-    """The README's trainable-parameter counts by PEFT method (its P2 table)."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def documented_trainable() -> Dict[str, int]:
+    """The documented trainable-parameter counts by PEFT method (docs/homework.md's P2 table)."""
+    with open(os.path.join(ROOT, "docs", "homework.md"), encoding="utf-8") as f:
         rows = re.findall(r"^\| `(\w+)` \|.*\| ([\d,]+) \|$", f.read(), flags=re.M)
     return {method: int(count.replace(",", "")) for method, count in rows}
 
@@ -491,12 +491,13 @@ def checks(paths: Paths, results: dict, small: bool) -> List[Tuple[bool, str]]:
     done.append((got == want, "hw3_2.sh captions %s %s (%d images, %d empty)" % (
         "equal" if got == want else "DIFFER from", os.path.relpath(expected, paths.out), len(got),
         sum(1 for c in got.values() if not c.strip()))))
-    if not small:  # the README's counts are for ViT-H/14's 1280-wide tokens
-        readme = readme_trainable()
-        differ = {m: (r["trainable_params"], readme.get(m)) for m, r in results["p2"].items()
-                  if readme.get(m) != r["trainable_params"]}
-        done.append((not differ, "trainable counts %s" % ("equal the README's" if not differ else
-                                                          "differ from the README's (run, README): %s" % differ)))
+    if not small:  # the documented counts are for ViT-H/14's 1280-wide tokens
+        documented = documented_trainable()
+        differ = {m: (r["trainable_params"], documented.get(m)) for m, r in results["p2"].items()
+                  if documented.get(m) != r["trainable_params"]}
+        done.append((not differ, "trainable counts %s" % (
+            "equal docs/homework.md's" if not differ
+            else "differ from docs/homework.md's (run, documented): %s" % differ)))
     return done
 
 

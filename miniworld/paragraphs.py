@@ -23,7 +23,7 @@ from miniworld import world
 from miniworld.generate import OBJECT_COUNT_PROBS, make_scene, rng_for
 
 PARAGRAPH_SPLIT = 5  # the scenes' seed stream, apart from generate's P1, P2 and P3 splits
-IMAGES = 300  # the README's paragraph world
+IMAGES = 300  # docs/results.md's paragraph world
 JPEG_QUALITY = 95
 MARKER = "captions.json"
 COUNT_WORDS = {1: dict(count="one shape", be="is"), 2: dict(count="two shapes", be="are"),

@@ -1,5 +1,5 @@
-"""Scores world captioners on the validation split as the README's tables do: p2_inference.py (hw3_2.sh's code) with
-explicit decoding settings, then CIDEr, CLIPScore (the tiny CLIP) and BLEU-4 (metrics.evaluate, p2_evaluate.py's
+"""Scores world captioners on the validation split as docs/results.md's tables do: p2_inference.py (hw3_2.sh's code)
+with explicit decoding settings, then CIDEr, CLIPScore (the tiny CLIP) and BLEU-4 (metrics.evaluate, p2_evaluate.py's
 scoring) and the world's object F1 and exact object set, one line per checkpoint.
 
     python3 -m miniworld.score miniworld/models/p2_lora.pt miniworld/models/p2_lora_scst.pt --beam-size 3

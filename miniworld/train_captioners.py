@@ -1,10 +1,10 @@
 """Trains the miniature world's converged captioners, one per PEFT method, with p2_train.py itself, and installs
 them as miniworld/models/p2_<method>.pt + .json (what the demo scores through p2_inference.py); with --archs, also the
 classic decoders trained from scratch over the same encoder (p2_train.py --arch), as p2_<arch run>.pt + .json; with
---distill, seed 004 section 4's students: the teacher (p2_lora.pt, the demo's p2_best) captions the training images
-precisely (its shipped decoding) and creatively (sampled at 0.9), and one gru student trains on each caption set and
-on the human captions, alike but for --train-json, as distill_<set>.pt + .json (the demo scores them:
---score-students).
+--distill, the students of section 4 of the course project report (Zhao, Wang and Zhang): the teacher (p2_lora.pt,
+the demo's p2_best) captions the training images precisely (its shipped decoding) and creatively (sampled at 0.9), and
+one gru student trains on each caption set and on the human captions, alike but for --train-json, as
+distill_<set>.pt + .json (the demo scores them: --score-students).
 
 The encoder is the tiny timm ViT of miniworld/train_vit.py (loaded the way a real timm tower is), the decoder the tiny
 GPT-2 in the course's format; the methods train side by side, one thread each, with the same settings and epochs.
@@ -232,9 +232,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma list of PEFT methods (default adapter,prefix,lora; none when --archs is given)")
     parser.add_argument("--archs", default="", help="comma list of from-scratch runs, named as in ARCH_SETTINGS: %s"
                         % ", ".join(ARCH_SETTINGS))
-    parser.add_argument("--distill", action="store_true", help="seed 004 section 4: the teacher's captions of the "
-                        "training images (precise, creative; %d per image) and a %s student on each and on the human "
-                        "captions, installed as distill_<set>.pt" % (TEACHER_CAPTIONS, STUDENT))
+    parser.add_argument("--distill", action="store_true", help="the course project report's section 4: the "
+                        "teacher's captions of the training images (precise, creative; %d per image) and a %s student "
+                        "on each and on the human captions, installed as distill_<set>.pt"
+                        % (TEACHER_CAPTIONS, STUDENT))
     parser.add_argument("--epochs", type=int, default=5, help="PEFT runs: epochs over every (image, caption) pair")
     parser.add_argument("--batch-size", type=int, default=32, help="PEFT runs: captions per step")
     parser.add_argument("--lr", type=float, default=5e-3, help="PEFT runs: peak learning rate")

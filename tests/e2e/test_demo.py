@@ -95,7 +95,7 @@ def test_report_copy_replaces_an_earlier_copy(results, tmp_path):
     import subprocess
     import sys
 
-    from hw3.report import compose
+    from hw3.report import compose, results_folder
 
     out, _ = results
     dest = tmp_path / "committed"
@@ -106,7 +106,7 @@ def test_report_copy_replaces_an_earlier_copy(results, tmp_path):
     assert compose.main(["--results", out, "--out", str(pdf), "--copy-to", str(dest)]) == 0
     copied = sorted(os.path.relpath(os.path.join(root, f), str(dest)) for root, _, files in os.walk(str(dest))
                     for f in files)
-    assert copied == compose.report_files(out) and pdf.stat().st_size > 10000
+    assert copied == results_folder.report_files(out) and pdf.stat().st_size > 10000
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

@@ -16,9 +16,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from hw3.report import compose
-from hw3.report import answer_file
-from hw3.report import layout
+from hw3.report import answer_file, compose, layout, p1_section, p3_section, published, results_folder
+from hw3.report.questions import QUESTIONS
 from hw3.util.errors import UserError
 from hw3 import REPO_ROOT
 
@@ -34,7 +33,7 @@ def tokens(caption: str, content: float, function: float) -> list:
     """attention.json's per-token records of p3_visualize, with made-up concentrations per kind of word."""
     records = []
     for word in caption.replace(".", " .").split():
-        share = 0.15 if word == "." else function if word in compose.FUNCTION_WORDS else content
+        share = 0.15 if word == "." else function if word in p3_section.FUNCTION_WORDS else content
         records.append(dict(label=word, word=word, top10_share=share, entropy=1 - share))
     return records + [dict(label="<|endoftext|>", word=None, top10_share=0.11, entropy=0.97)]
 
@@ -128,7 +127,7 @@ def test_course_layout_report_answers_each_question_and_says_nothing_of_the_worl
     text = flat(lines)
     for phrase in WORLD_PHRASES:
         assert phrase not in text.lower(), phrase
-    for question in compose.QUESTIONS.values():
+    for question in QUESTIONS.values():
         assert question in lines, question
     assert "Student ID: r12345678" in lines[:3]
 
@@ -140,7 +139,7 @@ def test_course_layout_report_answers_each_question_and_says_nothing_of_the_worl
                      "git commit: abc123def"):
         assert expected in source, expected
 
-    best = section(lines, compose.QUESTIONS["p2_best"], compose.QUESTIONS["p2_attempts"])
+    best = section(lines, QUESTIONS["p2_best"], QUESTIONS["p2_attempts"])
     assert "adapter: CIDEr 0.9300, CLIPScore 0.7200" in best
     assert "adapter_dim=64, adapter_places=[cross, mlp]" in best
     assert "learning rate 0.0005, epochs 10, batch size 32" in best
@@ -148,13 +147,13 @@ def test_course_layout_report_answers_each_question_and_says_nothing_of_the_worl
     assert "chosen by highest CIDEr on p2_data/val.json" in best
     for inactive in ("lora_", "prefix_", "beam_size", "length_penalty", "n_embd"):  # another method's, greedy's
         assert inactive not in best, inactive
-    attempts = section(lines, compose.QUESTIONS["p2_attempts"], compose.QUESTIONS["p3_test"])
+    attempts = section(lines, QUESTIONS["p2_attempts"], QUESTIONS["p3_test"])
     assert "method | CIDEr | CLIPScore | trainable params" in attempts
     assert "lora: lora_rank=8, lora_alpha=16, lora_dropout=0.05, lora_targets=[attn.c_attn]" in attempts
 
-    pair = section(lines, compose.QUESTIONS["p3_best_worst"], compose.QUESTIONS["p3_analysis"])
+    pair = section(lines, QUESTIONS["p3_best_worst"], QUESTIONS["p3_analysis"])
     assert "CLIPScore 0.9300" in pair and "CLIPScore 0.4100" in pair
-    analysis = lines[lines.index(compose.QUESTIONS["p3_analysis"]):]
+    analysis = lines[lines.index(QUESTIONS["p3_analysis"]):]
     rows = [line.split(" | ")[0] for line in analysis if " | " in line]
     analysis = flat(analysis)
     assert rows == ["tokens of", "content words", "function words", "punctuation", "end token"]
@@ -199,7 +198,7 @@ def test_world_report_keeps_the_worlds_measures(tmp_path, caplog):
     assert "command: python3 run_all.py --data hw3_data --out outputs/hw3" in lines
     assert "Training: training settings not recorded in results.json." in lines
     assert "no per-token measures" in text
-    for question in compose.QUESTIONS.values():
+    for question in QUESTIONS.values():
         assert question in lines, question
 
 
@@ -317,7 +316,7 @@ def test_report_md_figure_links_resolve(tmp_path):
     assert len(links) == 2 + len(CAPTIONS) + 2  # top-5, loss curves, the P3 figures
     for link in links:
         assert not os.path.isabs(link) and os.path.isfile(str(tmp_path / "elsewhere" / link)), link
-    for question in compose.QUESTIONS.values():
+    for question in QUESTIONS.values():
         assert "### " + question.replace(".", "\\.", 0) in markdown
     assert "| method | CIDEr | CLIPScore | trainable params |" in markdown
 
@@ -328,7 +327,7 @@ def test_copy_keeps_the_answers(tmp_path):
     course_results(str(folder))
     compose.build(str(folder), str(tmp_path / "r.pdf"))
     answer(folder, "P3.3 bike.jpg", "Copied along.")
-    compose.copy_results(str(folder), str(tmp_path / "copy"))
+    results_folder.copy_results(str(folder), str(tmp_path / "copy"))
     assert answer_file.read(str(tmp_path / "copy"))["P3.3 bike.jpg"] == "Copied along."
 
 
@@ -347,25 +346,25 @@ def prompts(gained: int, lost: int, n: int = 500) -> list:
 
 
 def test_a_cause_only_beyond_sampling_noise():
-    within = compose.prompt_analysis(prompts(gained=6, lost=4))
+    within = p1_section.prompt_analysis(prompts(gained=6, lost=4))
     assert within.count("indistinguishable on this data") == 3
     assert "reads 'not a photo of X'" not in within and "cancels the quirks" not in within
-    beyond = compose.prompt_analysis(prompts(gained=2, lost=12))
+    beyond = p1_section.prompt_analysis(prompts(gained=2, lost=12))
     assert "indistinguishable" not in beyond and "pulls every class embedding" in beyond
     assert "reads 'not a photo of X' mostly as 'X'" in beyond  # -2 points, beyond the noise
     assert "exact McNemar over the 500 images" in beyond
-    unpaired = compose.prompt_analysis([{k: v for k, v in p.items() if k != "paired"} for p in prompts(2, 12)])
+    unpaired = p1_section.prompt_analysis([{k: v for k, v in p.items() if k != "paired"} for p in prompts(2, 12)])
     assert "no cause is given" in unpaired and "pulls every" not in unpaired and "reads 'not" not in unpaired
 
 
 def test_the_interval_is_the_exact_binomial_one():
     stats = pytest.importorskip("scipy.stats", reason="scipy (the course lane has it) is the reference")
     for k, m in ((0, 7), (3, 10), (12, 40), (40, 40), (150, 400)):
-        lower, upper = compose.clopper_pearson(k, m)
+        lower, upper = p1_section.clopper_pearson(k, m)
         expected_lower = 0.0 if k == 0 else stats.beta.ppf(0.025, k, m - k + 1)
         expected_upper = 1.0 if k == m else stats.beta.ppf(0.975, k + 1, m - k)
         assert lower == pytest.approx(expected_lower, abs=1e-9) and upper == pytest.approx(expected_upper, abs=1e-9)
-    diff, lower, upper = compose.paired_interval(dict(n=500, gained=30, lost=10))
+    diff, lower, upper = p1_section.paired_interval(dict(n=500, gained=30, lost=10))
     assert diff == pytest.approx(4.0) and lower < 4.0 < upper and lower > 0
 
 
@@ -419,10 +418,14 @@ CHANGED = (
      "(0.9230 vs 0.9210; 95% interval -0.5 to +0.8 points, " + NOISE + ")."),
     ("training settings not recorded in results.json", "learning rate 0.005, epochs 5, batch size 32"),
     ("Room for it, per caption:", "Your answer, per caption, from answers.md in the results folder:"),
-    ("Source: seed 004 (shared/seeds/004_db8a455a6fcc3b32.txt) sections", "Source: " + compose.SEED_REPORT +
-     ", sections"),
+    ("Source: seed 004 (shared/seeds/004_db8a455a6fcc3b32.txt) sections",
+     "Source: " + published.COURSE_PROJECT_REPORT + ", sections"),
     ("Source of the left half: seed 004 (another course's captioning project, DeepFashion-MultiModal),",
-     "Source of the left half: " + compose.COMPARE_SEED_CITATION + ","),
+     "Source of the left half: " + published.COURSE_PROJECT_REPORT + ","),
+    ("The seed's table beside it", "The published table beside it"),
+    ("Beside the seed's DeepFashion table", "Beside the published DeepFashion table"),
+    ("seed 004: model | CIDEr (DeepFashion)", "published model | CIDEr (DeepFashion)"),
+    ("CIDEr as the seed reports it.", "CIDEr as published."),
 )
 # The source block's folders (now <DATA> and <OUT>), date and commit say where and when the demo ran, not what it found.
 RUN_CIRCUMSTANCES = (r"data:.*?date:\d{4}-\d\d-\d\d\d\d:\d\dUTC", r"gitcommit:[0-9a-f]{40}(\(withuncommittedchanges\))?")
