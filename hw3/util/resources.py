@@ -1,6 +1,6 @@
 """What a run needs of the machine, and what happens when it runs out: the disk space a run_all.py run still needs
 (estimated before any work and refused when short), a full disk named in one line, the peak GPU memory of each
-default batch on the README's 11 GB card (an estimate from the model sizes), and CUDA out-of-memory errors met by
+default batch on the grader's 11 GB card (docs/gpu-day.md) (an estimate from the model sizes), and CUDA out-of-memory errors met by
 halving the batch that hit them.
 
 Both out-of-memory spellings are recognised: torch 1.12's `RuntimeError: CUDA out of memory...` and the later
@@ -21,7 +21,7 @@ from hw3.util.errors import UserError
 
 GB = 2 ** 30
 MB = 2 ** 20
-CARD_BYTES = 11 * GB  # the README's RTX 2080 Ti
+CARD_BYTES = 11 * GB  # the grader's RTX 2080 Ti (docs/gpu-day.md)
 DISK_MARGIN = 1.1  # the estimate leaves a tenth for logs, figures and the rest
 FP32, FP16 = 4, 2
 ADAM_BYTES = 3 * FP32  # a trained parameter's state file: the weights and Adam's two moments

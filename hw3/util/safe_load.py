@@ -1,7 +1,7 @@
 """The one way the project reads torch files: tensors, storages and plain containers, never other pickled objects.
 
 torch.load unpickles, and unpickling calls whatever functions a file names, so a crafted weight file or training state
-can run code (issue #13). torch >= 2.10 restricts this soundly with weights_only=True; torch 1.12, the course's, has no
+can run code. torch >= 2.10 restricts this soundly with weights_only=True; torch 1.12, the course's, has no
 such switch and torch 1.13-2.9's had holes (TRUSTED_WEIGHTS_ONLY below), so there the same rule is enforced by a
 restricted unpickler handed to torch.load as its pickle_module (torch subclasses its Unpickler for the main pickle and
 calls its load() for the legacy format's headers). TorchScript archives are refused on every version. A file either
