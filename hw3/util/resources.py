@@ -1,7 +1,7 @@
 """What a run needs of the machine, and what happens when it runs out: the disk space a run_all.py run still needs
 (estimated before any work and refused when short), a full disk named in one line, the peak GPU memory of each
-default batch on the grader's 11 GB card (docs/gpu-day.md) (an estimate from the model sizes), and CUDA out-of-memory errors met by
-halving the batch that hit them.
+default batch on the grader's 11 GB card (an estimate from the model sizes; docs/gpu-day.md), and CUDA out-of-memory
+errors met by halving the batch that hit them.
 
 Both out-of-memory spellings are recognised: torch 1.12's `RuntimeError: CUDA out of memory...` and the later
 `torch.cuda.OutOfMemoryError` (a RuntimeError subclass, absent on 1.12).
