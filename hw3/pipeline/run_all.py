@@ -28,7 +28,7 @@ p2_data/val.json + p2_data/decoder_model.bin, p3_data/images/. The stages:
 
 Everything is checked before any work (options, the training config, OUT, the data down to each image's header).
 One run at a time per OUT (a lock). A finished stage is skipped only while it is still true: its record in
-OUT/stages/ holds its settings and fingerprints of its inputs and outputs (pipeline.py), and the line that skips or
+OUT/stages/ holds its settings and fingerprints of its inputs and outputs (records.py), and the line that skips or
 reruns it says why. --force STAGE redoes one from its start (a training included), keeping the old result until the
 new one is complete; --only runs some. A new training is built beside the finished one and swapped in when it ends,
 so a failed or killed run never loses finished work. Progress goes to stderr, one log (JSONL) to OUT/run_all.log.
