@@ -376,7 +376,7 @@ def check_rerun(records: List[dict]) -> Tuple[bool, str]:
 
 
 def decoding_name(settings: dict) -> str:
-    """run_all.py's name of a decoding setting (run_context.setting_name): the file its val captions went to."""
+    """run_all.py's name of a decoding setting (scoring.setting_name): the file its val captions went to."""
     if settings["method"] == "greedy":
         return "greedy"
     return "beam%d_lp%g" % (settings["beam_size"], settings["length_penalty"])

@@ -21,7 +21,8 @@ import sys
 import time
 from typing import Dict, List
 
-from hw3.pipeline import optional_stages
+from hw3.pipeline.stages import compare as compare_stage
+from hw3.pipeline.stages import p2 as p2_stage
 from hw3.zeroshot import classify
 from hw3.pipeline import run_all
 from hw3.models.captioner import no_attention_reason
@@ -34,7 +35,7 @@ from miniworld.train_vit import spec as encoder_spec
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = os.path.join(HERE, "models")
-METHODS = run_all.METHODS
+METHODS = p2_stage.METHODS
 SHORT_RUN_IMAGES = 48
 SHORT_RUN = dict(epochs=1, batch_size=16, lr=1e-3, warmup_steps=2, log_every=1, val_max_images=16)
 SHORT_STUDENT = dict(SHORT_RUN, lr=3e-3)  # the distill students' short runs (--arch gru)
@@ -123,7 +124,7 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
     "compare" rows and "ablation"; gpt2's are P2's best attempt's, measured above."""
     rows = results["compare"] = {}
     ablation = results["ablation"] = {}
-    for name in optional_stages.COMPARE_RUNS:
+    for name in compare_stage.COMPARE_RUNS:
         f1 = world_lib.object_scores(read_json(ctx.path("compare", name, "pred.json")), scenes)
         row = dict(object_f1=f1["object_f1"], exact_object_set=f1["exact_object_set"], pointing_game=None)
         scored = ctx.results["compare"].get(name) or ctx.results["ablation"][name]
@@ -136,9 +137,9 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
                            scored["checkpoint"], "--decoder", ctx.data("decoder"), "--device", ctx.args.device])
             row["pointing_game"] = read_json(out).get("pointing_game")
             results["outputs"].append(os.path.relpath(out, ctx.out))
-        if name in optional_stages.COMPARE_ARCHS:
+        if name in compare_stage.COMPARE_ARCHS:
             rows[name] = row
-        if name in optional_stages.ABLATION:
+        if name in compare_stage.ABLATION:
             ablation[name] = dict(pointing_game=row["pointing_game"])
     rows["gpt2"] = dict(results["p2"][ctx.results["p2_best"]], pointing_game=results["pointing_game"])
 
@@ -146,7 +147,7 @@ def compare_measures(ctx, scenes: dict, objects: str, results: dict) -> None:
 def profile(data: str, out: str, args) -> List[str]:
     """run_all.py's arguments for the miniature world: the tiny models, short trainings, the converged captioners."""
     config = os.path.join(out, "short_training.json")
-    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(optional_stages.COMPARE_RUNS)},
+    write_json(config, dict({m: SHORT_RUN for m in METHODS + tuple(compare_stage.COMPARE_RUNS)},
                             distill=SHORT_STUDENT, scst=SHORT_SCST))
     return ["--data", rel(data), "--out", rel(out), "--methods", ",".join(METHODS), "--train-config", rel(config),
             "--train-max-images", str(SHORT_RUN_IMAGES), "--no-feature-cache",

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from hw3.pipeline import optional_stages
+from hw3.pipeline.stages import distill as distill_stage
+from hw3.pipeline import trainings
 from hw3.pipeline import context
 from hw3.util.errors import UserError, run_main
 from hw3.util.files import read_json, write_json
@@ -169,7 +170,7 @@ def teacher_flags(name: str) -> list:
     if name == "precise":
         return context.decoding_flags(shipped)
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
-    return context.decoding_flags(dict(lengths, **optional_stages.CREATIVE))
+    return context.decoding_flags(dict(lengths, **distill_stage.CREATIVE))
 
 
 def teacher_captions(world: str, env: dict, args) -> dict:
@@ -217,7 +218,7 @@ def install(name: str, out: str, seconds: float, args, captions: dict = None) ->
     meta = read_json(os.path.join(out, "best.json"))
     meta["trained_with"] = trained_with(name, args)
     trained = read_json(os.path.join(out, "args.json"))  # p2_train.py's settings, for the report's best setting
-    meta["training"] = {k: trained.get(k) for k in context.TRAINING_RECORD}
+    meta["training"] = {k: trained.get(k) for k in trainings.TRAINING_RECORD}
     meta["train_seconds"] = round(seconds)  # wall time of this run (the first one also fills the feature cache)
     if captions is not None:
         meta["train_captions"] = captions

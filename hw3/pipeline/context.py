@@ -1,10 +1,9 @@
-"""What every run_all.py stage uses: the run's Context (arguments, paths, device, results so far, the log), the data
-folder's layout, a stage's p2_train.py runs (trained in train.new and swapped in when they end, skipped while still
-true) and the scoring of a checkpoint's val captions with explicit decoding settings.
+"""What every run_all.py stage uses: the run's Context (arguments, paths, device, results so far, the log), and the
+two calls a stage makes of the scripts: a p2_train.py run (trainings.py has its folders and records) and the scoring of
+a checkpoint's val captions with explicit decoding settings (scoring.py has its parts).
 
-run_all.py's stages and the opt-in ones (optional_stages.py) are built from these parts; this module imports neither.
-Like run_all.py, it calls the scripts' main() functions in this process (p2_train, p2_inference), so every number
-comes from the code a student would run by hand.
+It calls the scripts' main() functions in this process (p2_train, p2_inference), so every number comes from the code
+a student would run by hand.
 """
 from __future__ import annotations
 
@@ -28,39 +27,27 @@ from hw3.training import trainer
 from hw3.pipeline import records
 from hw3.util import resources
 from hw3.models import registry, search
-from hw3.training import loop
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import config_path, read_checkpoint_config
+from hw3.pipeline.layout import DATA
+from hw3.pipeline.scoring import checkpoint_fingerprint, kept_part, log_out_of_memory
+from hw3.pipeline.trainings import (TRAIN_DONE, checkpoint_seal, finished_training, loss_log, portable_training_files,
+                                    repeatable_seconds, restore_interrupted_swap, resumable, run_folder, swap_in,
+                                    without_runtime_options)
 from hw3.util.device import resolve_device
 from hw3.util.errors import UserError, progress
-from hw3.util.files import atomic_write, file_sha256, read_json, write_json
+from hw3.util.files import read_json, write_json
 from hw3.models.encoder import EncoderSpec
 from hw3.data.tokenizer import BPETokenizer
 
-DATA = dict(p1_images="p1_data/val", id2label="p1_data/id2label.json", train_images="p2_data/images/train",
-            val_images="p2_data/images/val", train_json="p2_data/train.json", val_json="p2_data/val.json",
-            decoder="p2_data/decoder_model.bin", p3_images="p3_data/images")
-STAGE_DATA = dict(p1=("p1_images", "id2label"), p2=("train_images", "val_images", "train_json", "val_json", "decoder"),
-                  p3=("p3_images", "val_images", "decoder"), report=(),
-                  distill=("train_images", "val_images", "train_json", "val_json", "decoder"))
-STAGE_DATA["compare"] = STAGE_DATA["scst"] = STAGE_DATA["p2"]  # the same data and feature cache
-IMAGE_FOLDERS = ("p1_images", "train_images", "val_images", "p3_images")
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it. Every stage reads
-# it as run_context.DECODING_GRID (no copy by `from run_context import`), so one assignment changes it for all.
+# it as context.DECODING_GRID (no copy by `from ... import`), so one assignment changes it for all.
 DECODING_GRID = (dict(method="beam", beam_size=3, length_penalty=1.0), dict(method="greedy", beam_size=1),
                  dict(method="beam", beam_size=5, length_penalty=1.0), dict(method="beam", beam_size=3, length_penalty=0.6),
                  dict(method="beam", beam_size=5, length_penalty=1.4))
 # p2_train.py options that run_all sets itself, so a --train-config entry may not.
 RUN_ALL_OPTIONS = ("arch", "train_json", "train_images", "val_json", "val_images", "decoder_weights", "peft", "out",
                    "resume", "feature_cache", "device", "workers", "encoder", "clip_model", "clip_pretrained")
-TRAIN_DONE = "finished.json"  # inside a finished training folder: its argv, input fingerprints, seconds
-TRAINING_RECORD = ("lr", "epochs", "batch_size", "grad_accum")  # p2_train.py's args.json keys the report names
-# p2_train.py options that change how fast a training runs, not what it learns: left out of its identity (finished.json,
-# started.json, the stage settings), so the same command on another machine reuses the training. --device stays, as
-# the device type it resolves to (cpu or cuda: fp16 autocast runs on CUDA only).
-RUNTIME_OPTIONS = ("--workers", "--num-workers", "--val-batch-size", "--encode-batch-size", "--log-every",
-                   "--stop-after")
-PARTS = ("stages", "parts")  # OUT/stages/parts/: a stage's finished parts (teacher captions, scored rows)
 
 
 # ----------------------------------------------------------------------------------------------- context
@@ -219,50 +206,11 @@ class Context:
         return [self.device.split(":")[0] if n and argv[n - 1] == "--device" else a for n, a in enumerate(argv)]
 
 
-def without_runtime_options(argv: List[str]) -> List[str]:
-    """`argv` less every RUNTIME_OPTIONS flag and its value (a record written before they were left out compares
-    equal to a new one)."""
-    return [a for n, a in enumerate(argv)
-            if a not in RUNTIME_OPTIONS and (n == 0 or argv[n - 1] not in RUNTIME_OPTIONS)]
-
-
 def steps(total: int, stage: str):
     return progress(total=total, desc="stage %s" % stage, unit="step", position=None)
 
 
 # ----------------------------------------------------------------------------------------------- training
-
-def train_config(ctx: Context) -> Dict[str, dict]:
-    """Per-attempt p2_train.py options from --train-config: {"lora": {"lr": 5e-4, "epochs": 8}, ...}. Which entries
-    it may name is run_all's check (check_train_config), made before any stage."""
-    if not ctx.args.train_config:
-        return {}
-    config = read_json(ctx.args.train_config, "training config")
-    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
-        raise UserError("training config %s must be {method: {p2_train.py option: value}}, e.g. "
-                        "{\"lora\": {\"lr\": 0.0005, \"epochs\": 8}}" % ctx.args.train_config)
-    return config
-
-
-def train_split(ctx: Context) -> str:
-    """train.json, or its first --train-max-images training images (a smoke run) written into OUT: a COCO file
-    as COCO, any other caption format as {file name: [captions]} of its train split."""
-    if not ctx.args.train_max_images:
-        return ctx.data("train_json")
-    data = read_json(ctx.data("train_json"), "annotation file")
-    caption_file = corpus.read_captions(data, "annotation file")
-    if caption_file.format == "coco":
-        keep = {img["id"] for img in data["images"][:ctx.args.train_max_images]}
-        data = dict(data, images=[i for i in data["images"] if i["id"] in keep],
-                    annotations=[a for a in data["annotations"] if a["image_id"] in keep])
-    else:
-        split = corpus.resolve_split(caption_file, None, "train")
-        names, _ = corpus.split_names(caption_file, split, show=False)
-        data = {n: caption_file.captions[n] for n in names[:ctx.args.train_max_images]}
-    path = ctx.path("p2", "train_subset.json")
-    write_json(path, data, indent=None)
-    return path
-
 
 def training_config(ctx: Context, train_json: str, model: dict, options: dict) -> TrainingConfig:
     """A training on the data folder: its captions (or `train_json`'s), the model options, run_all's runtime and the
@@ -296,101 +244,6 @@ def checked_training(ctx: Context, config: TrainingConfig, options: dict, where:
         except UserError as err:
             raise UserError("%s: %s" % (where, err)) from None
     return parsed
-
-
-def run_folder(ctx: Context, method: str, which: str = "done", stage: str = "p2") -> str:
-    """OUT/STAGE/NAME/train (the finished training, the one scored) or train.new (one in progress, swapped in when
-    it ends) or train.old (the finished one for the moment of the swap); NAME is a PEFT method in p2."""
-    return ctx.path(stage, method, "train" if which == "done" else "train." + which)
-
-
-def restore_interrupted_swap(ctx: Context, method: str, stage: str = "p2") -> None:
-    """A kill between the two renames of a swap leaves train.old without train: put it back."""
-    done, old = run_folder(ctx, method, stage=stage), run_folder(ctx, method, "old", stage)
-    if os.path.isdir(old):
-        if os.path.isdir(done):
-            shutil.rmtree(old)
-        else:
-            os.replace(old, done)
-
-
-def swap_in(ctx: Context, method: str, stage: str = "p2") -> None:
-    """train.new -> train; the earlier finished training is removed only once the new one is in place."""
-    done, new, old = (run_folder(ctx, method, which, stage) for which in ("done", "new", "old"))
-    if os.path.isdir(done):
-        os.replace(done, old)
-    os.replace(new, done)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
-
-
-def discard_unfinished_trainings(ctx: Context, stage: str = "p2", names: Optional[List[str]] = None) -> None:
-    """With the stage done and still true, a train.new folder is a forced or abandoned training that was killed; a
-    rerun of it would start from its beginning, so it is removed."""
-    for method in ctx.args.methods if names is None else names:
-        restore_interrupted_swap(ctx, method, stage)
-        new = run_folder(ctx, method, "new", stage)
-        if os.path.isdir(new):
-            ctx.say("%s: %s: removing the unfinished training in %s (%s is done and still true without it)"
-                    % (stage, method, new, stage))
-            shutil.rmtree(new)
-
-
-def train_inputs(ctx: Context) -> Dict[str, Optional[str]]:
-    return ctx.portable(ctx.inputs([ctx.data(k) for k in STAGE_DATA["p2"]]))
-
-
-def readable_json(path: str, what: str):
-    """The JSON in `path`, or None when it is absent or cannot be read (a damaged record counts as not done)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        return read_json(path, what)
-    except UserError:
-        return None
-
-
-def checkpoint_seal(path: str) -> dict:
-    """What finished.json keeps of best.pt, so a checkpoint truncated or replaced later is no longer finished."""
-    return dict(bytes=os.path.getsize(path), sha256=file_sha256(path))
-
-
-def finished_training(ctx: Context, method: str, argv: List[str], inputs: dict, stage: str = "p2") -> Optional[dict]:
-    """The finished training's record when it was made with these arguments from these inputs and its checkpoint is
-    there, unchanged; else None. A record, checkpoint or log that cannot be read means not finished: retrained."""
-    folder = run_folder(ctx, method, stage=stage)
-    record_file, best = os.path.join(folder, TRAIN_DONE), os.path.join(folder, "best.pt")
-    if not (os.path.isfile(record_file) and os.path.isfile(best)):
-        return None
-    record = readable_json(record_file, "training record")
-    damage = None
-    if not isinstance(record, dict):
-        damage = "%s cannot be read or is not a training record" % record_file
-    elif isinstance(record.get("checkpoint"), dict) and record["checkpoint"] != checkpoint_seal(best):
-        damage = "%s no longer matches the size and hash in %s" % (best, TRAIN_DONE)
-    elif loss_log(folder, strict=True) is None:
-        damage = "%s has a line that cannot be read" % os.path.join(folder, "log.jsonl")
-    if damage:
-        ctx.say("%s: %s: %s, so the training counts as not finished" % (stage, method, damage))
-        return None
-    return record if without_runtime_options(record.get("argv") or []) == argv and record.get("inputs") == inputs \
-        else None
-
-
-def resumable(ctx: Context, new: str, record_argv: List[str], inputs: dict) -> bool:
-    """An interrupted training continues when its start record names these arguments and inputs and its state file
-    (if any) loads; a damaged one starts afresh."""
-    started = readable_json(os.path.join(new, "started.json"), "training start record")
-    if not started_as(started, record_argv, inputs):
-        return False
-    state = os.path.join(new, "last_state.pt")
-    if os.path.isfile(state):
-        try:
-            loop.load_state(state)
-        except (UserError, RuntimeError, OSError, EOFError, ValueError) as err:
-            ctx.say("%s cannot be read (%s): the interrupted training starts afresh" % (state, str(err)[:200]))
-            return False
-    return True
 
 
 def train_run(ctx: Context, method: str, config: TrainingConfig, inputs: dict,
@@ -438,79 +291,7 @@ def train_run(ctx: Context, method: str, config: TrainingConfig, inputs: dict,
     return seconds, True
 
 
-TRAINING_JSON = ("args.json", "best.json")  # p2_train.py's files that name paths (its arguments, --init-from)
-
-
-def portable_training_files(ctx: Context, folder: str) -> None:
-    """A finished training's JSON files with their paths named <DATA>/... and <OUT>/..., so OUT moves whole."""
-    for name in TRAINING_JSON:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            write_json(path, ctx.portable(read_json(path, "training file")))
-
-
-def started_as(started, argv: List[str], inputs: dict) -> bool:
-    """An interrupted training's start record names these arguments (runtime options aside) and inputs."""
-    return isinstance(started, dict) and without_runtime_options(started.get("argv") or []) == argv \
-        and started.get("inputs") == inputs
-
-
-def repeatable_seconds(folder: str, seconds: float, resumed: bool) -> Optional[float]:
-    """The part of a training that another attempt repeats: loading the models (p2_train's "setup_seconds") and
-    everything after its "start" line, which is written once the data are ready; what lies between, filling the
-    feature cache, is done once for all attempts. None when unknown (resumed, or an older log)."""
-    if resumed:
-        return None
-    for line in loss_log(folder):
-        if line.get("kind") == "start" and "time" in line:
-            return round(max(0.0, time.time() - float(line["time"])) + float(line.get("setup_seconds", 0.0)), 1)
-    return None
-
-
-def loss_log(folder: str, strict: bool = False) -> Optional[List[dict]]:
-    """The training's log lines; a line that cannot be read (a torn last line) is left out, or with `strict` makes
-    the answer None."""
-    log = os.path.join(folder, "log.jsonl")
-    if not os.path.isfile(log):
-        return []
-    lines = []
-    with open(log, encoding="utf-8", errors="replace") as f:
-        for text in f:
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except ValueError:
-                line = None
-            if isinstance(line, dict):
-                lines.append(line)
-            elif strict:
-                return None
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------- scoring
-
-def scored_checkpoint(ctx: Context, method: str, stage: str = "p2") -> str:
-    """The checkpoint whose captions are scored: the training's best.pt, or --score-checkpoints DIR/p2_METHOD.pt
-    (DIR/p2_RUN.pt for compare, DIR/p2_METHOD_scst.pt for scst; --score-students DIR/distill_SET.pt)."""
-    path = scored_path(ctx, method, stage)
-    option, folder = ("--score-students", ctx.args.score_students) if stage == "distill" else (
-        "--score-checkpoints", ctx.args.score_checkpoints)
-    if folder and not (os.path.isfile(path) and os.path.isfile(config_path(path))):
-        raise UserError("%s %s has no %s with its .json" % (option, folder, os.path.basename(path)))
-    return path
-
-
-def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
-    """scored_checkpoint's path, not checked; the compare runs' are p2_RUN.pt beside the PEFT attempts', the
-    self-critical ones p2_METHOD_scst.pt."""
-    folder = ctx.args.score_students if stage == "distill" else ctx.args.score_checkpoints
-    if not folder:
-        return os.path.join(run_folder(ctx, method, stage=stage), "best.pt")
-    return os.path.join(folder, "%s_%s%s.pt" % ("distill" if stage == "distill" else "p2", method,
-                                                "_scst" if stage == "scst" else ""))
-
 
 def decoding_flags(settings: dict, checkpoint: Optional[str] = None) -> List[str]:
     """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
@@ -552,74 +333,3 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
         return dict(scores, cut=captioned["cut"], max_len=captioned["max_len"],
                     checkpoint_fingerprint=what["checkpoint"])
     return kept_part(ctx, "scoring %s" % os.path.relpath(pred, ctx.out), what, [pred], score)
-
-
-def log_out_of_memory(ctx: Context, during: str) -> None:
-    """The batch halvings after CUDA out-of-memory errors (resources.EVENTS) into run_all.log."""
-    while resources.EVENTS:
-        ctx.log(event="out of memory", during=ctx.portable(during), **resources.EVENTS.pop(0))
-
-
-def checkpoint_fingerprint(path: str) -> str:
-    """A checkpoint's content hash (its size and time would differ in every copy of the committed checkpoints)."""
-    return "sha256:" + file_sha256(path)[:32]
-
-
-def kept_part(ctx: Context, name: str, what: dict, files: List[str], make: Callable[[], object]):
-    """A finished part of the running stage (`make()`'s JSON result and the files it wrote), kept in
-    OUT/stages/parts/ with the fingerprints of what made it (`what`): returned again without `make` while they and
-    the files are unchanged, unless the stage is forced. A record that cannot be read is not a finished part."""
-    path = ctx.path(*PARTS, re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".json")
-    what = json.loads(json.dumps(ctx.portable(what)))
-    if not ctx.forced(ctx.stage or ""):
-        done = readable_json(path, "finished part")
-        if isinstance(done, dict) and done.get("what") == what and done.get("files") == ctx.portable(
-                records.fingerprints(files)) and "result" in done:
-            ctx.say("%s: %s: done earlier and still true, kept" % (ctx.stage, name))
-            return ctx.local(done["result"])
-    result = make()
-    write_json(path, dict(what=what, files=ctx.portable(records.fingerprints(files)), result=ctx.portable(result)),
-               indent=None)
-    return result
-
-
-def cut_lines(rows: Dict[str, dict], what: str) -> List[str]:
-    """results.md's word on cut captions: a line for each scored row some of whose captions reached the length
-    limit without their end token (their scores are those of cut captions)."""
-    return ["- %s %s: %d captions cut at %d tokens (no end token; their scores are of cut captions)"
-            % (what, name, row["cut"], row["max_len"]) for name, row in rows.items() if row.get("cut")]
-
-
-def shipped_cut(ctx: Context) -> Dict[str, Optional[int]]:
-    """"cut" and "max_len" of p2_best's val captions with the shipped decoding (its row of the decoding table)."""
-    chosen = setting_name(ctx.results["p2_inference"])
-    row = next((r for r in ctx.results.get("p2_decoding") or [] if setting_name(r) == chosen), {})
-    return dict(cut=row.get("cut"), max_len=row.get("max_len"))
-
-
-def setting_name(settings: dict) -> str:
-    if settings["method"] == "greedy":
-        return "greedy"
-    if settings["method"] == "sample":
-        return "sample_t%g" % settings["temperature"]
-    return "beam%d_lp%g" % (settings["beam_size"], settings["length_penalty"])
-
-
-def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None) -> dict:
-    """OUT/p2/p2_best.{pt,json} (or `dest`): the best checkpoint with its chosen decoding under "inference" (checked
-    as hw3_2.sh will read it), and what RELEASE in hw3_download.py needs."""
-    dest = dest or ctx.path("p2", "p2_best.pt")
-    with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
-        shutil.copyfileobj(src, f)
-    meta = dict(ctx.portable(read_checkpoint_config(checkpoint)), **{search.INFERENCE_KEY: chosen})
-    search.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
-    write_json(config_path(dest), meta)
-    return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))
-
-
-def shipped_predictions(ctx: Context) -> str:
-    """p2_best's val captions with its shipped decoding, as the p2 stage wrote them."""
-    chosen, best = ctx.results["p2_inference"], ctx.results["p2_best"]
-    if setting_name(chosen) == setting_name(dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])):
-        return ctx.path("p2", best, "pred.json")
-    return ctx.path("p2", "decoding", setting_name(chosen) + ".json")

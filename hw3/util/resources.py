@@ -231,11 +231,11 @@ def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
     largest = max([s["trainable"] for s in shapes.values()] or [COURSE_TRAINABLE_LIMIT])
     trainings = [shapes[m]["trainable"] for m in shapes
                  if "p2" in selected and not _finished(ctx, "p2", m, ctx.forced("p2"))]
-    for stage in ("distill", "compare", "scst"):
-        if stage in selected:
-            from hw3.pipeline import optional_stages
+    from hw3.pipeline.stage_table import TABLE  # the pipeline imports this module
 
-            names = optional_stages.STAGES[stage].trainings or tuple(ctx.args.methods[:1])
+    for stage, row in TABLE.items():
+        if stage in selected:
+            names = tuple(ctx.args.methods[:1]) if row.trainings is None else row.trainings
             trainings += [largest for n in names if not _finished(ctx, stage, n, ctx.forced(stage))]
     def count(folder: str) -> int:  # every image under it: a caption file's sub-folders (Karpathy's filepath) too
         return len(list_images(folder, recursive=True))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from hw3.pipeline import optional_stages
+from hw3.pipeline.stages import compare as compare_stage
 from hw3.inference import predict
 from hw3.util.files import read_json
 from miniworld import demo, generate
@@ -34,7 +34,7 @@ def test_results_hold_every_promised_figure(results):
         assert 0.0 <= r[key] <= 1.0, key
     assert set(r["p2"]) == set(demo.METHODS)
     assert set(r["compare"]) == {"gru", "attention-gru", "transformer", "gpt2"} and set(r["ablation"]) == set(
-        optional_stages.ABLATION)
+        compare_stage.ABLATION)
     for arch, scores in r["compare"].items():
         assert 0 <= scores["object_f1"] <= 1 and scores["CIDEr"] >= 0 and scores["trainable_params"] > 0, arch
         assert scores["pointing_game"] is None if arch == "gru" else scores["pointing_game"] is None or 0 <= scores[

@@ -350,7 +350,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
 
     from hw3.models import registry
     from hw3.training import trainer
-    from hw3.pipeline import context
+    from hw3.pipeline import trainings
     from miniworld import train_captioners
 
     settings = argparse.Namespace(val_images=100, epochs=5, batch_size=32, lr=5e-3, label_smoothing=0.0, gate=False,
@@ -364,7 +364,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
         else:
             assert args.arch == name.split("_")[0] and args.decoder_weights is None
         installed = read(os.path.join(MODELS, "p2_%s.json" % name))  # the settings the report's best setting names
-        assert installed["training"] == {k: getattr(args, k) for k in context.TRAINING_RECORD}, name
+        assert installed["training"] == {k: getattr(args, k) for k in trainings.TRAINING_RECORD}, name
     reg0 = trainer.parse_args(train_captioners.command("attention-gru_reg0", "w", "o", "c", settings)[2:])
     assert reg0.attention_reg == 0.0
 

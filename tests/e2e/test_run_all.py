@@ -20,7 +20,6 @@ from collections import namedtuple
 
 import pytest
 
-from hw3.pipeline import optional_stages
 from hw3.data import corpus
 from hw3.training import trainer
 from hw3.pipeline import records
@@ -28,7 +27,9 @@ from hw3.report import answer_file
 from hw3.report import published
 from hw3.util import resources
 from hw3.pipeline import run_all
-from hw3.pipeline import context
+from hw3.pipeline import context, runner, scoring, shipping, trainings
+from hw3.pipeline.stages import (compare as compare_stage, distill as distill_stage, p2 as p2_stage, p3 as p3_stage,
+                                report as report_stage, scst as scst_stage, shared)
 from hw3.models import registry, search
 import tiny_models
 import torch
@@ -42,7 +43,7 @@ from hw3 import REPO_ROOT
 
 ROOT = REPO_ROOT
 GRID = context.DECODING_GRID[:2]  # the README default and greedy: the table's logic at a third of the decoding time
-TRAINING = ["p2/%s/train/%s" % (m, f) for m in run_all.METHODS for f in ("best.pt", "last_state.pt", "log.jsonl")]
+TRAINING = ["p2/%s/train/%s" % (m, f) for m in p2_stage.METHODS for f in ("best.pt", "last_state.pt", "log.jsonl")]
 FINISHED = TRAINING + ["p2/p2_best.pt", "p1/pred.csv", "results.json", "stages/p2.json"]
 
 
@@ -115,7 +116,7 @@ class StageReads:
         out = os.path.abspath(ctx.out)
         watched = (out, os.path.abspath(ctx.args.data), os.path.abspath(demo.MODELS))
         exempt = (os.path.join(out, "p2", "feature_cache"),  # keyed by the images' content hashes (p2_data)
-                  os.path.join(out, *context.PARTS), os.path.join(out, "stages"),  # the runner's own records
+                  os.path.join(out, *scoring.PARTS), os.path.join(out, "stages"),  # the runner's own records
                   os.path.abspath(ctx.args.train_config or out),  # its entries are in the settings, as options
                   os.path.join(out, answer_file.ANSWERS_FILE))  # the report's settings hold its answers' digest
         self.missed[name] = sorted({p for p in opened if under(p, watched) and not under(p, exempt)
@@ -139,7 +140,7 @@ def reads():
     stays installed and idle)."""
     tracer = StageReads()
     sys.addaudithook(lambda event, args: tracer.audit(event, args))
-    real = run_all.run_stage
+    real = runner.run_stage
 
     def run_stage(ctx, name, function, selected):
         if not tracer.watching:
@@ -150,7 +151,7 @@ def reads():
             tracer.check(ctx, name)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_all, "run_stage", run_stage)
+        patch.setattr(runner, "run_stage", run_stage)
         yield tracer
 
 
@@ -180,9 +181,9 @@ def test_resume_skips_the_finished_stage_and_runs_the_rest(finished):
     assert any('"p1: done earlier' in line for line in log)
     results = read_json(os.path.join(out, "results.json"))
     ctx = context.Context(run_all.parse_args(argv), argv)
-    assert results["command"] == ctx.portable_text(run_all.command(ctx)) and "--out <OUT> " in results["command"]
+    assert results["command"] == ctx.portable_text(report_stage.command(ctx)) and "--out <OUT> " in results["command"]
     assert results["p1_accuracy"] >= 0.8 and max(r["cider"] for r in results["p2"].values()) >= 0.5
-    assert set(results["p2"]) == set(run_all.METHODS) and all("object_f1" in r for r in results["p2"].values())
+    assert set(results["p2"]) == set(p2_stage.METHODS) and all("object_f1" in r for r in results["p2"].values())
     assert len(results["p2_decoding"]) == len(GRID) and results["pointing_trials"] > 0
     assert [e["image"] for e in results["p3_best_worst"]] and os.path.isdir(os.path.join(out, "p2", "feature_cache"))
     for name in ("results.md", "report.pdf", "p1/pred.top5.png", "p1/pred.prompts.md", "p2/loss_curves.png",
@@ -230,7 +231,7 @@ def test_shipped_checkpoint_carries_the_chosen_decoding_and_no_local_path(finish
 def test_install_copies_the_best_checkpoint(finished, tmp_path, monkeypatch):
     out, argv = finished
     copy = copy_run(out, tmp_path)
-    monkeypatch.setattr(run_all, "HERE", str(tmp_path))
+    monkeypatch.setattr(shipping, "HERE", str(tmp_path))
     assert run_all.main(argv_for(argv, out, copy) + ["--install"]) == 0
     assert os.path.isfile(str(tmp_path / "checkpoints" / "p2_best.pt"))
     assert "inference" in read_json(str(tmp_path / "checkpoints" / "p2_best.json"))
@@ -261,7 +262,7 @@ def config(lab, options: dict, text: str = None) -> None:
     """A --train-config file: the demo's short runs with `options` added to lora's, or raw text."""
     with open(lab["config"], "w", encoding="utf-8") as f:
         f.write(text if text is not None else json.dumps(
-            {m: dict(demo.SHORT_RUN, **(options if m == "lora" else {})) for m in run_all.METHODS}))
+            {m: dict(demo.SHORT_RUN, **(options if m == "lora" else {})) for m in p2_stage.METHODS}))
     lab["argv"][lab["argv"].index("--train-config") + 1] = lab["config"]
 
 
@@ -337,7 +338,7 @@ def failing_p3(lab):
     def dies(ctx):
         raise RuntimeError("killed in p3")
 
-    lab["patch"].setattr(run_all, "stage_p3", dies)
+    lab["patch"].setattr(p3_stage, "stage_p3", dies)
 
 
 def leftover_temporary(lab):
@@ -361,7 +362,7 @@ def exists(*parts):
 
 
 def retrained(lab, err):
-    return all("== p2: training %s" % m in err for m in run_all.METHODS) and "redone from its start" in err and \
+    return all("== p2: training %s" % m in err for m in p2_stage.METHODS) and "redone from its start" in err and \
         "is kept until the new one ends" in err
 
 
@@ -453,7 +454,7 @@ def out_of_memory_once(lab):
         return call
 
     reshaped(LORA + "finished.json", value=[])(lab)
-    shutil.rmtree(os.path.join(lab["out"], *context.PARTS))  # every row captioned again, not kept
+    shutil.rmtree(os.path.join(lab["out"], *scoring.PARTS))  # every row captioned again, not kept
     lab["patch"].setattr(captioner.Captioner, "forward", failing(forward, "forward"))
     lab["patch"].setattr(captioner.Captioner, "generate", failing(generate, "generate"))
     lab["adapter_captions"] = read_json(os.path.join(lab["out"], "p2", "adapter", "pred.json"))
@@ -488,14 +489,14 @@ def swapped_in_student(lab):
     human = os.path.join(lab["out"], "distill", "human", "train")
     for name in ("best.pt", "best.json"):
         shutil.copy(os.path.join(lab["out"], "distill", "precise", "train", name), os.path.join(human, name))
-    record = read_json(os.path.join(human, context.TRAIN_DONE))  # sealed as the training that wrote it would be
-    write_json(os.path.join(human, context.TRAIN_DONE),
-               dict(record, checkpoint=context.checkpoint_seal(os.path.join(human, "best.pt"))))
+    record = read_json(os.path.join(human, trainings.TRAIN_DONE))  # sealed as the training that wrote it would be
+    write_json(os.path.join(human, trainings.TRAIN_DONE),
+               dict(record, checkpoint=trainings.checkpoint_seal(os.path.join(human, "best.pt"))))
 
 
 def rescored_only_the_swapped_row(lab, err):
     rows = read_json(os.path.join(lab["out"], "results.json"))["distill"]
-    new = context.checkpoint_fingerprint(os.path.join(lab["out"], "distill", "human", "train", "best.pt"))
+    new = scoring.checkpoint_fingerprint(os.path.join(lab["out"], "distill", "human", "train", "best.pt"))
     return rows["human"]["checkpoint_fingerprint"] == new and "scoring distill/human/pred.json: done" not in err \
         and "distill: scoring distill/precise/pred.json: done earlier and still true, kept" in err
 
@@ -538,22 +539,22 @@ def skipped_every_stage(lab, err):
 def killed_after_the_teacher_pass(lab):
     """--force distill (its parts are redone), killed once the teacher's captions and the human student's row are
     done; the second run (the row's) must redo neither."""
-    real = optional_stages.train_run
+    real = distill_stage.train_run
 
     def dies(ctx, name, *rest):
         if name == "precise":
             raise RuntimeError("killed between parts")
         return real(ctx, name, *rest)
 
-    lab["patch"].setattr(optional_stages, "train_run", dies)
+    lab["patch"].setattr(distill_stage, "train_run", dies)
     with pytest.raises(RuntimeError):
         run_all.main(lab["argv"] + ["--force", "distill", "--only", "distill"])
-    lab["patch"].setattr(optional_stages, "train_run", real)
+    lab["patch"].setattr(distill_stage, "train_run", real)
 
 
 def kept_finished_parts(lab, err):
     kept = ["teacher captions teacher_precise.json: done earlier", "teacher captions teacher_creative.json: done "
-            "earlier"] + ["scoring distill/%s/pred.json: done earlier" % n for n in optional_stages.CAPTION_SETS]
+            "earlier"] + ["scoring distill/%s/pred.json: done earlier" % n for n in distill_stage.CAPTION_SETS]
     return all(k in err for k in kept) and "distill: training" not in err and "distill: running again" in err
 
 
@@ -642,7 +643,7 @@ def test_fault(row, request, world, tmp_path, capsys, monkeypatch):
     copy = copy_run(out, tmp_path)
     lab = dict(out=copy, tmp=str(tmp_path), world=world, argv=argv_for(argv, out, copy),
                config=str(tmp_path / "train_config.json"), patch=monkeypatch, base_out=out)
-    monkeypatch.setattr(run_all, "HERE", str(tmp_path))  # --install copies into tmp_path/checkpoints
+    monkeypatch.setattr(shipping, "HERE", str(tmp_path))  # --install copies into tmp_path/checkpoints
     before = {f: sha(os.path.join(copy, f)) for f in row.survives}
     row.setup(lab)
     try:
@@ -705,7 +706,7 @@ def test_interrupted_training_resumes(finished, tmp_path, capsys, monkeypatch):
     code, err = run(lab["argv"] + ["--only", "p2"], capsys)
     assert code == 0 and "lora training was interrupted: resuming it" in err and "resuming after epoch 1" in err
     assert "adapter training finished earlier" in err
-    epochs = [line["epoch"] for line in context.loss_log(os.path.join(copy, "p2", "lora", "train"))
+    epochs = [line["epoch"] for line in trainings.loss_log(os.path.join(copy, "p2", "lora", "train"))
               if line.get("kind") == "epoch"]
     assert epochs == [1, 2]
 
@@ -811,8 +812,8 @@ def test_the_remaining_time_leaves_out_filling_the_cache(tmp_path):
     folder.mkdir()
     start = dict(kind="start", time=round(time.time() - 30.0, 1), setup_seconds=10.0)
     (folder / "log.jsonl").write_text(json.dumps(start) + "\n")
-    assert context.repeatable_seconds(str(folder), 100.0, resumed=False) == pytest.approx(40.0, abs=1.0)
-    assert context.repeatable_seconds(str(folder), 100.0, resumed=True) is None
+    assert trainings.repeatable_seconds(str(folder), 100.0, resumed=False) == pytest.approx(40.0, abs=1.0)
+    assert trainings.repeatable_seconds(str(folder), 100.0, resumed=True) is None
 
 
 # ----------------------------------------------------------------------------------------------- the compare stage
@@ -845,8 +846,8 @@ def compared(finished, reads, tmp_path_factory):
     shutil.copytree(out, copy)
     config = str(tmp / "train_config.json")
     with open(config, "w", encoding="utf-8") as f:
-        json.dump(dict({m: demo.SHORT_RUN for m in run_all.METHODS}, **{
-            r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}), f)
+        json.dump(dict({m: demo.SHORT_RUN for m in p2_stage.METHODS}, **{
+            r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in compare_stage.COMPARE_RUNS}), f)
     argv = argv_for(argv, out, copy) + ["--with", "compare"]
     argv[argv.index("--train-config") + 1] = config
     assert watched_run(reads, argv) == 0
@@ -858,7 +859,7 @@ def test_compare_results_hold_every_architecture(compared):
     results = read_json(os.path.join(out, "results.json"))
     rows = results["compare"]
     assert set(rows) == {"gru", "attention-gru", "transformer", "gpt2"}
-    keys = optional_stages.ROW_KEYS + optional_stages.WORLD_SCORES + ("trainable_params", "train_seconds")
+    keys = shared.ROW_KEYS + compare_stage.WORLD_SCORES + ("trainable_params", "train_seconds")
     for arch, row in rows.items():
         assert set(keys) <= set(row), arch
         assert row["CIDEr"] >= 0 and 0 <= row["object_f1"] <= 1 and row["trainable_params"] > 0, arch
@@ -871,14 +872,14 @@ def test_compare_results_hold_every_architecture(compared):
     assert rows["gpt2"]["CIDEr"] == pytest.approx(results["p2"][best]["cider"]) and rows["gpt2"]["peft"] == best
     assert rows["gpt2"]["trainable_params"] == results["p2"][best]["trainable_params"]
     ablation = results["ablation"]
-    assert [ablation[n]["attention_reg"] for n in optional_stages.ABLATION] == [1.0, 0.0]
+    assert [ablation[n]["attention_reg"] for n in compare_stage.ABLATION] == [1.0, 0.0]
     assert all(ablation[n]["CIDEr"] is not None and "pointing_game" in ablation[n] for n in ablation)
     # trained as P2's attempts are: the shared feature cache, a finished record
-    for run in optional_stages.COMPARE_RUNS:
-        record = read_json(os.path.join(out, "compare", run, "train", context.TRAIN_DONE))
+    for run in compare_stage.COMPARE_RUNS:
+        record = read_json(os.path.join(out, "compare", run, "train", trainings.TRAIN_DONE))
         assert "<OUT>/p2/feature_cache" in record["argv"] and "--arch" in record["argv"], run
     assert "compare" in results["timings"]["stages"] and set(results["timings"]["compare_train"]) == set(
-        optional_stages.COMPARE_RUNS)
+        compare_stage.COMPARE_RUNS)
 
 
 def test_compare_section_in_results_md_and_report(compared):
@@ -905,7 +906,7 @@ def test_compare_record_skips_and_its_trainings_are_reused(compared, tmp_path, c
     os.remove(records.record_path(copy, "compare"))
     code, err = run(argv + ["--only", "compare,report"], capsys)
     assert code == 0 and "== compare: starting" in err
-    for run_name in optional_stages.COMPARE_RUNS:
+    for run_name in compare_stage.COMPARE_RUNS:
         assert "compare: %s training finished earlier with these settings and data, skipping" % run_name in err
 
 
@@ -925,7 +926,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     p2 = os.path.join(world, "p2_data")
     config = str(tmp_path / "train_config.json")
     with open(config, "w", encoding="utf-8") as f:
-        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}, f)
+        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in compare_stage.COMPARE_RUNS}, f)
     profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
     models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
         "--encoder", profile[profile.index("--encoder") + 1]]
@@ -937,7 +938,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     assert code == 0, err[-3000:]
     assert "no gpt2 row" in err
     results = read_json(str(tmp_path / "out" / "results.json"))
-    assert set(results["compare"]) == set(optional_stages.COMPARE_ARCHS)
+    assert set(results["compare"]) == set(compare_stage.COMPARE_ARCHS)
     assert "p2" not in results and "p1_accuracy" not in results
     val, _ = corpus.split_names(corpus.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
     assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
@@ -980,8 +981,8 @@ def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
 
 def test_distill_students_differ_only_in_their_captions(distilled):
     out, _ = distilled
-    argvs = {n: read_json(os.path.join(out, "distill", n, "train", context.TRAIN_DONE))["argv"]
-             for n in optional_stages.CAPTION_SETS}
+    argvs = {n: read_json(os.path.join(out, "distill", n, "train", trainings.TRAIN_DONE))["argv"]
+             for n in distill_stage.CAPTION_SETS}
     at = argvs["human"].index("--train-json") + 1
     assert len({a[at] for a in argvs.values()}) == 3
     assert all(a[:at] + a[at + 1:] == argvs["human"][:at] + argvs["human"][at + 1:] for a in argvs.values())
@@ -993,7 +994,7 @@ def test_distill_results_hold_every_measure(distilled):
     rows = read_json(os.path.join(out, "results.json"))["distill"]
     assert list(rows) == ["teacher", "human", "precise", "creative"]
     for name, row in rows.items():
-        for key in optional_stages.ROW_KEYS + ("object_f1", "captions_per_image"):
+        for key in shared.ROW_KEYS + ("object_f1", "captions_per_image"):
             assert row.get(key) is not None or key == "METEOR", (name, key)
     assert rows["teacher"]["decoding"]["creative"]["temperature"] == 0.9
     assert rows["human"]["captions_per_image"] == 5 and rows["precise"]["captions_per_image"] == 1
@@ -1004,13 +1005,13 @@ def test_creative_teacher_captions_repeat_with_the_same_seed(distilled, tmp_path
     out, argv = distilled
     ctx = context.Context(run_all.parse_args(argv), argv)
     ctx.results = ctx.local(read_json(os.path.join(out, "results.json")))  # its paths are <OUT>/...
-    teacher = optional_stages.best_captioner(ctx)
+    teacher = distill_stage.best_captioner(ctx)
     assert teacher["arch"] == "gpt2" and teacher["checkpoint"] == ctx.results["p2_shipping"]["checkpoint"]
-    creative = optional_stages.teacher_decodings(ctx, teacher["decoding"])["creative"]
+    creative = distill_stage.teacher_decodings(ctx, teacher["decoding"])["creative"]
     human = os.path.join(out, "p2", "train_subset.json")
-    again = optional_stages.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"), teacher["checkpoint"])
+    again = distill_stage.teacher_captions(ctx, creative, human, str(tmp_path / "again.json"), teacher["checkpoint"])
     assert open(again, "rb").read() == open(os.path.join(out, "distill", "teacher_creative.json"), "rb").read()
-    other = optional_stages.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"),
+    other = distill_stage.teacher_captions(ctx, dict(creative, seed=1), human, str(tmp_path / "other.json"),
                                              teacher["checkpoint"])
     assert read_json(other)["annotations"] != read_json(again)["annotations"]
 
@@ -1044,7 +1045,7 @@ def test_scst_fine_tunes_the_chosen_attempts_scored_checkpoint(tuned):
     scst = results["scst"]
     method = scst["method"]
     assert method == argv[argv.index("--scst-method") + 1] == demo.SCST_METHOD
-    record = read_json(os.path.join(out, "scst", method, "train", context.TRAIN_DONE))
+    record = read_json(os.path.join(out, "scst", method, "train", trainings.TRAIN_DONE))
     trained_argv = record["argv"]
     init = trained_argv[trained_argv.index("--init-from") + 1]
     assert os.path.abspath(init) == os.path.abspath(results["p2"][method]["checkpoint"])
@@ -1084,7 +1085,7 @@ def test_scst_results_hold_before_and_after(tuned):
         assert row["CIDEr"] == pytest.approx(scores["CIDEr"]), side
         assert row["object_f1"] == pytest.approx(world_lib.object_scores(captions[side], scenes)["object_f1"]), side
     if scst["method"] == results["p2_best"]:  # "before" is P2's shipped captions: the decoding table's chosen row
-        chosen = [d for d in results["p2_decoding"] if context.setting_name(d) == context.setting_name(
+        chosen = [d for d in results["p2_decoding"] if scoring.setting_name(d) == scoring.setting_name(
             results["p2_inference"])][0]
         assert scst["before"]["CIDEr"] == pytest.approx(chosen["cider"])
     else:  # captioned from the attempt's own checkpoint with the shipped decoding
@@ -1095,7 +1096,7 @@ def test_scst_results_hold_before_and_after(tuned):
     gains = [c["cider_after"] - c["cider_before"] for c in scst["changed"]]
     ups, downs = [g for g in gains if g > 0], [g for g in gains if g < 0]
     assert gains == ups + downs and ups == sorted(ups, reverse=True) and downs == sorted(downs)
-    assert len(ups) <= optional_stages.CHANGED_CAPTIONS[0] and len(downs) <= optional_stages.CHANGED_CAPTIONS[1]
+    assert len(ups) <= scst_stage.CHANGED_CAPTIONS[0] and len(downs) <= scst_stage.CHANGED_CAPTIONS[1]
 
 
 def test_scst_section_in_results_md_and_report(tuned):
@@ -1225,7 +1226,7 @@ def test_paragraph_captions_are_scored_at_a_length_that_covers_them(world, tmp_p
     paragraphs = {name: " ".join(sentences) for name, sentences in paragraphs.items()}
     write_json(captions, paragraphs)
     config = str(tmp_path / "train_config.json")
-    write_json(config, {r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS})
+    write_json(config, {r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in compare_stage.COMPARE_RUNS})
     profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
     models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
         "--encoder", profile[profile.index("--encoder") + 1]]

@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 
-from hw3.pipeline import optional_stages
+from hw3.pipeline.stages import compare as compare_stage
 from hw3.data import corpus
 from hw3.training import trainer
 from hw3.pipeline import records
@@ -65,7 +65,7 @@ def base_argv(world: str, out: str, config: str):
 
 def write_config(folder) -> str:
     config = str(folder / "train_config.json")
-    entries = {r: dict(TRAINING, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS}
+    entries = {r: dict(TRAINING, **tiny_models.TINY_COMPARE[r]) for r in compare_stage.COMPARE_RUNS}
     entries["distill"] = dict(TRAINING, epochs=2, **tiny_models.TINY_COMPARE["gru"])
     entries["scst"] = dict(scst_epochs=1, scst_samples=2, scst_lr=1e-4)
     with open(config, "w", encoding="utf-8") as f:
@@ -100,7 +100,7 @@ def token_count(caption: str) -> int:
 def test_no_scored_caption_is_cut_and_the_scores_clear_the_bar(toolkit_run):
     out, _ = toolkit_run
     results = read_results(out)
-    scored = [os.path.join(out, "compare", run, "pred.json") for run in optional_stages.COMPARE_RUNS]
+    scored = [os.path.join(out, "compare", run, "pred.json") for run in compare_stage.COMPARE_RUNS]
     scored += [results["scst"][side]["predictions"] for side in ("before", "after")]
     scored.append(results["distill"]["teacher"]["predictions"])
     for path in scored:
@@ -114,7 +114,7 @@ def test_no_scored_caption_is_cut_and_the_scores_clear_the_bar(toolkit_run):
         assert SHORT < row["max_len"] <= positions and (row["cut"] == 0 or "- compare %s: %d captions cut at %d " % (
             arch, row["cut"], row["max_len"]) in table), (arch, row)
     rows = results["compare"]
-    assert set(rows) == set(optional_stages.COMPARE_ARCHS)
+    assert set(rows) == set(compare_stage.COMPARE_ARCHS)
     assert max(rows[a]["CIDEr"] for a in rows) >= MIN_BEST_CIDER
     for arch in rows:
         captions = read_json(os.path.join(out, "compare", arch, "pred.json")).values()
@@ -125,7 +125,7 @@ def test_the_teacher_and_the_fine_tuned_are_the_best_architecture(toolkit_run):
     out, _ = toolkit_run
     results = read_results(out)
     rows = results["compare"]
-    best = max(optional_stages.COMPARE_ARCHS, key=lambda a: rows[a]["CIDEr"])
+    best = max(compare_stage.COMPARE_ARCHS, key=lambda a: rows[a]["CIDEr"])
     teacher = results["distill"]["teacher"]
     assert teacher["arch"] == best and teacher["checkpoint"] == rows[best]["checkpoint"]
     assert teacher["CIDEr"] == pytest.approx(rows[best]["CIDEr"])  # its val captions are the compare stage's
@@ -161,7 +161,7 @@ def test_results_describe_the_data(toolkit_run, world):
     assert (tokens["min"], tokens["max"], tokens["captions"]) == (lengths[0], lengths[-1], len(lengths))
     assert tokens["min"] <= tokens["median"] <= tokens["p95"] <= tokens["max"]
     trained = trainer.data_caption_tokens(lengths[-1])  # the default length, from the training captions
-    assert data["cut"] == {run: dict(max_caption_tokens=trained, cut=0) for run in optional_stages.COMPARE_RUNS}
+    assert data["cut"] == {run: dict(max_caption_tokens=trained, cut=0) for run in compare_stage.COMPARE_RUNS}
     _, cut, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), SHORT)  # p2_train.py's own count
     assert cut == sum(1 for n in lengths if n > SHORT) > 0  # the world's paragraphs exercise the long path
 
@@ -170,8 +170,8 @@ def test_results_hold_the_attention_maps_of_the_best_attentive_architecture(tool
     out, _ = toolkit_run
     results = read_results(out)
     attention, rows = results["attention"], results["compare"]
-    assert attention["arch"] == max(optional_stages.ATTENTIVE, key=lambda a: rows[a]["CIDEr"])
-    assert len(attention["figures"]) == 2 * optional_stages.ATTENTION_IMAGES
+    assert attention["arch"] == max(compare_stage.ATTENTIVE, key=lambda a: rows[a]["CIDEr"])
+    assert len(attention["figures"]) == 2 * compare_stage.ATTENTION_IMAGES
     assert all(not os.path.isabs(f) and os.path.isfile(os.path.join(out, f)) for f in attention["figures"])
     per_image = read_json(os.path.join(out, "compare", attention["arch"], "per_image.json"))
     scores = {k: v["clipscore"] for k, v in per_image.items()}

@@ -111,7 +111,7 @@ class Uncached:
         return self.decoder(cache.tokens, image_tokens=memory.tokens)[:, -tokens.shape[1]:]
 
 
-# Tiny configs of the compare stage's runs (optional_stages.COMPARE_RUNS): a short run takes seconds on one thread.
+# Tiny configs of the compare stage's runs (stages.compare.COMPARE_RUNS): a short run takes seconds on one thread.
 TINY_COMPARE = {"gru": dict(embed_dim=32, hidden_dim=64), "attention-gru": dict(embed_dim=32, hidden_dim=64,
                                                                                  attention_dim=32),
                 "attention-gru_reg0": dict(embed_dim=32, hidden_dim=64, attention_dim=32),

@@ -17,7 +17,7 @@ from hw3.evaluation import evaluate
 from hw3.inference import predict
 from hw3.training import trainer
 from hw3.attention import visualize
-from hw3.pipeline import run_all
+from hw3.pipeline import checks, run_all, runner
 from hw3.util.errors import UserError, run_main
 from hw3.models.gpt2 import Config
 from miniworld import demo
@@ -158,9 +158,9 @@ def run_all_argv(data, captions, out):
 
 def test_run_all_checks_pass_on_sub_folders_and_count_each_image_once(data, tmp_path, monkeypatch, capsys):
     ran, counts = [], []
-    monkeypatch.setattr(run_all, "run_stage", lambda ctx, name, function, selected: ran.append(name))
-    real = run_all.check_images
-    monkeypatch.setattr(run_all, "check_images", lambda paths: counts.append(real(paths)) or counts[-1])
+    monkeypatch.setattr(runner, "run_stage", lambda ctx, name, function, selected: ran.append(name))
+    real = checks.check_images
+    monkeypatch.setattr(checks, "check_images", lambda paths: counts.append(real(paths)) or counts[-1])
     code, err = run(run_all.main, run_all_argv(data, data["karpathy"], str(tmp_path / "out")), capsys)
     assert code == 0, err[-2000:]
     assert "compare" in ran

@@ -487,9 +487,9 @@ def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
 def test_warm_up_stays_a_small_share_of_the_run(world, tmp_path, capsys):
     """Warm-up never takes more than WARMUP_SHARE of the steps, whatever --warmup-steps says (the compare stage's 500
     on about 200 images, 16 steps an epoch), so the run reaches --lr; the steps used are printed and recorded."""
-    from hw3.pipeline import optional_stages
+    from hw3.pipeline.stages import compare as compare_stage
 
-    compare = optional_stages.COMPARE_TRAINING
+    compare = compare_stage.COMPARE_TRAINING
     steps = compare["epochs"] * -(-200 * 5 // compare["batch_size"])  # 200 images, 5 captions each
     warmup = loop.effective_warmup(compare["warmup_steps"], steps)
     assert 0 < warmup <= loop.WARMUP_SHARE * steps and warmup < compare["warmup_steps"]
