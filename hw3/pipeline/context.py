@@ -24,11 +24,11 @@ from hw3.models import clip_backend
 from hw3.evaluation import metrics
 from hw3.data import corpus
 from hw3.inference import predict
-from hw3.training import trainer
+from hw3.training import cli, trainer
 from hw3.pipeline import records
 from hw3.util import resources
 from hw3.models import registry, search
-from hw3.training import loop
+from hw3.training.state import load_state
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.util.device import resolve_device
@@ -288,7 +288,7 @@ def checked_training(ctx: Context, config: TrainingConfig, options: dict, where:
         raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
     with contextlib.redirect_stderr(io.StringIO()) as said:
         try:
-            parsed = trainer.command_settings(trainer.parse_config(to_argv(config)))
+            parsed = cli.command_settings(cli.parse_config(to_argv(config)))
             registry.config_from_args(parsed)
         except SystemExit:  # argparse's error: its last line says which option and why
             lines = [line for line in said.getvalue().splitlines() if line.strip()]
@@ -386,7 +386,7 @@ def resumable(ctx: Context, new: str, record_argv: List[str], inputs: dict) -> b
     state = os.path.join(new, "last_state.pt")
     if os.path.isfile(state):
         try:
-            loop.load_state(state)
+            load_state(state)
         except (UserError, RuntimeError, OSError, EOFError, ValueError) as err:
             ctx.say("%s cannot be read (%s): the interrupted training starts afresh" % (state, str(err)[:200]))
             return False

@@ -61,7 +61,7 @@ from hw3.pipeline import optional_stages
 from hw3.zeroshot import classify
 from hw3.zeroshot import prompt_templates
 from hw3.data import corpus
-from hw3.training import trainer
+from hw3.training.data import data_caption_tokens
 from hw3.attention import visualize
 from hw3.pipeline import records
 from hw3.report import answer_file
@@ -230,7 +230,7 @@ def describe_data(ctx: Context) -> dict:
     tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]
     limits = {name: options.max_caption_tokens if isinstance(options.max_caption_tokens, int)
-              else trainer.data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
+              else data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
     cut = {name: dict(max_caption_tokens=limit, cut=sum(1 for n in lengths if n > limit))
            for name, limit in limits.items()}
     return dict(format=corpus.read_captions(ctx.args.captions).format,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hw3.training import trainer
+from hw3.training import cli
 from hw3.training.config import TrainingConfig, to_argv
 
 DATA = dict(train_json="d/train.json", train_images="d/train", val_json="d/val.json", val_images="d/val")
@@ -22,7 +22,7 @@ PIPELINE_CONFIGS = {  # the shapes run_all, compare, distill and scst build
 @pytest.mark.parametrize("name", sorted(PIPELINE_CONFIGS))
 def test_to_argv_parsed_back_is_the_same_config(name):
     config = TrainingConfig.from_options(PIPELINE_CONFIGS[name])
-    assert trainer.parse_config(to_argv(config)) == config
+    assert cli.parse_config(to_argv(config)) == config
 
 
 def test_to_argv_writes_the_options_as_given_in_their_order():
@@ -33,7 +33,7 @@ def test_to_argv_writes_the_options_as_given_in_their_order():
 
 
 def test_the_settings_defaults_are_the_parsers():
-    parsed = vars(trainer.parse_args(["--train-json", "d/train.json", "--train-images", "d/train", "--val-json",
+    parsed = vars(cli.parse_args(["--train-json", "d/train.json", "--train-images", "d/train", "--val-json",
                                       "d/val.json", "--val-images", "d/val"]))
-    defaults = vars(trainer.command_settings(TrainingConfig.from_options(DATA)))
+    defaults = vars(cli.command_settings(TrainingConfig.from_options(DATA)))
     assert defaults == parsed
