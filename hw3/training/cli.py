@@ -23,7 +23,7 @@ from hw3.models import clip_backend, registry
 from hw3.models.encoder import DEFAULT_ENCODER
 from hw3.models.search import DECODE_DEFAULTS
 from hw3.util.errors import UserError
-from hw3.training.config import TrainingConfig, flag_name
+from hw3.training.config import TrainingConfig, flag_name, validation_metric_names
 from hw3.training.data import CAPTION_LENGTH_STEP
 from hw3.training.optimiser import WARMUP_SHARE
 from hw3.training.validation import SELECT_METRICS
@@ -138,7 +138,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     for check in (_check_epochs, _check_numbers, _check_scst, _check_combinations):
         check(args)
-    validation_metrics(args)
+    validation_metrics(TrainingConfig.from_options(vars(args)))
     return args
 
 
@@ -218,23 +218,21 @@ def command_settings(config: TrainingConfig) -> argparse.Namespace:
                                  if a.dest != "help"})
 
 
-def validation_metrics(args: argparse.Namespace) -> tuple:
+def validation_metrics(config: TrainingConfig) -> tuple:
     """The metric names --val-metrics asks for, checked against --no-clipscore and --select-on before any work."""
-    if args.val_metrics is None:
-        names = tuple(m for m in metrics.DEFAULT_METRICS if not (args.no_clipscore and m in metrics.CLIP_METRICS))
-    else:
-        names = metrics.parse_metrics(args.val_metrics, "--val-metrics")
-        clip_asked = [m for m in names if m in metrics.CLIP_METRICS]
-        if args.no_clipscore and clip_asked:
-            raise UserError("--val-metrics %s needs CLIP: drop --no-clipscore" % ",".join(clip_asked))
+    v = config.validation
+    names = validation_metric_names(config)
+    clip_asked = [m for m in names if m in metrics.CLIP_METRICS]
+    if v.no_clipscore and clip_asked:  # only when asked for by name: the default set leaves them out
+        raise UserError("--val-metrics %s needs CLIP: drop --no-clipscore" % ",".join(clip_asked))
     fields = [k.lower() for k in metrics.result_keys(names)]
-    needed = [k.lower() for k in metrics.MEAN_OF] if args.select == "mean" else [args.select]
+    needed = [k.lower() for k in metrics.MEAN_OF] if v.select == "mean" else [v.select]
     lacking = [k for k in needed if k != "val_loss" and k not in fields]
     if lacking:
         raise UserError("--select-on %s needs %s at validation: add %s to --val-metrics (it asks for %s)" % (
-            args.select, ", ".join(lacking), ",".join(sorted({_metric_of(k) for k in lacking})), ",".join(names)))
+            v.select, ", ".join(lacking), ",".join(sorted({_metric_of(k) for k in lacking})), ",".join(names)))
     if any(k in ("meteor",) for k in needed) and metrics.meteor_unavailable():
-        raise UserError("--select-on %s needs METEOR: %s" % (args.select, metrics.meteor_unavailable()))
+        raise UserError("--select-on %s needs METEOR: %s" % (v.select, metrics.meteor_unavailable()))
     return names
 
 

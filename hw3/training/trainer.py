@@ -77,8 +77,8 @@ def _setup(config: TrainingConfig, world: Dist):
     if not config.run.resume and os.path.isfile(os.path.join(config.run.out, "last_state.pt")):
         raise UserError("%s holds a training state from an earlier run: pass --resume to continue it, or choose "
                         "another --out" % config.run.out)
+    names = validation_metrics(config)
     args = command_settings(config)  # the architecture options' flat names, which the registry reads
-    names = validation_metrics(args)
     decoder_config = registry.config_from_args(args)  # option errors first (it resolves --peft), then the folders
     config = TrainingConfig.from_options(vars(args)).replace(val_metrics=names)
     _check_folders(config, world)
