@@ -6,9 +6,9 @@ The captioner is p2_train.py's default (GPT-2 small with the documented LoRA, cr
 random weights, reading image tokens of the default encoder's shape (ViT-H/14: 257 tokens of 1280) from a feature
 cache of random rows: training with the cache never runs the ViT, so neither does this benchmark. Both steps run
 through the training loop's own functions with p2_train.py's settings, alternating in this process:
-  cross-entropy  training.train_epoch over one batch of --batch-size 32 captions of 20 tokens
-  self-critical  training.scst_epoch over one batch of --images images x --samples sampled captions: sampling
-                 (captioner.generate, method "sample", max_len --val-max-len 30), the reward (p2_train.make_reward:
+  cross-entropy  loop.train_epoch over one batch of --batch-size 32 captions of 20 tokens
+  self-critical  scst.scst_epoch over one batch of --images images x --samples sampled captions: sampling
+                 (captioner.generate, method "sample", max_len --val-max-len 30), the reward (scst.make_reward:
                  CIDEr-D against 5 synthetic references per image, captions decoded with tokenizer.BPETokenizer)
                  and the policy-gradient pass (teacher-forced forward + backward over the samples, optimiser step)
 Seconds come from the loop's own records (the step's `seconds` in its log, scst_epoch's sample and reward shares),
@@ -31,8 +31,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from hw3.data import corpus
-from hw3.training import trainer
-from hw3.training import loop
+from hw3.training.cli import command_settings, parse_config
+from hw3.training.loop import train_epoch
+from hw3.training.optimiser import check_budget, grad_scaler, make_optimizer
+from hw3.training.scst import make_reward, scst_epoch
+from hw3.training.state import Dist, TrainingState
 from hw3.models.captioner import Captioner
 from hw3.models.registry import config_from_args, decoder_from_config
 from hw3.data.images import collate_images
@@ -98,17 +101,18 @@ def main() -> None:
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = trainer.parse_args(["--train-json", "unused", "--train-images", "unused", "--val-json", "unused",
-                                    "--val-images", "unused", "--decoder-weights", "unused", "--peft", "lora",
-                                    "--batch-size", str(bench.batch_size), "--epochs", "1", "--scst-epochs", "1",
-                                    "--scst-samples", str(bench.samples), "--val-max-len", str(bench.max_len),
-                                    "--log-every", "1", "--max-caption-tokens", "40"])  # as before the data's default
+        config = parse_config(["--train-json", "unused", "--train-images", "unused", "--val-json", "unused",
+                               "--val-images", "unused", "--decoder-weights", "unused", "--peft", "lora",
+                               "--batch-size", str(bench.batch_size), "--epochs", "1", "--scst-epochs", "1",
+                               "--scst-samples", str(bench.samples), "--val-max-len", str(bench.max_len),
+                               "--log-every", "1", "--max-caption-tokens", "40"])  # as before the data's default
+        args = command_settings(config)
         images = bench.images or max(1, args.batch_size // args.scst_samples)
         cfg = dataclasses.replace(config_from_args(args), checkpoint=None, encoder_dim=VIT_H14["width"])
         print("building GPT-2 small + LoRA (random weights)...", file=sys.stderr)
         captioner = Captioner(FeatureCacheOnly(), decoder_from_config(cfg))
         captioner.release_encoder()
-        trainable = loop.check_budget(captioner.decoder)["trainable"]
+        trainable = check_budget(captioner.decoder)["trainable"]
 
         tokenizer = BPETokenizer()
         count = max(args.batch_size, images)
@@ -122,20 +126,17 @@ def main() -> None:
         xe_pairs = corpus.CaptionPairs(features, [caps[:1] for caps in tokens[:args.batch_size]])
         xe_loader = DataLoader(xe_pairs, batch_size=args.batch_size, collate_fn=corpus.collate_pairs)
         scst_loader = DataLoader(Subset(features, range(images)), batch_size=images, collate_fn=collate_images)
-        reward = trainer.make_reward(args, train, None, "cpu")
+        reward = make_reward(config, train, None, "cpu")
 
-        world = loop.Dist("cpu")
-        scaler = loop.grad_scaler(False)
-        optimizer, scheduler = loop.make_optimizer(captioner.decoder, args, total_steps=1)
+        optimizer, scheduler = make_optimizer(captioner.decoder, config, total_steps=1)
         log_path = os.path.join(tmp, "log.jsonl")
+        state = TrainingState(config, captioner, captioner, optimizer, scheduler, grad_scaler(False), Dist("cpu"),
+                              log_path)
         xe_seconds, scst_parts = [], []
         for repeat in range(bench.steps + 1):  # the first of each kind is the warm-up; all draw the same samples
-            loop.train_epoch(0, captioner, captioner, xe_loader, optimizer, scheduler, scaler, args, world,
-                                 amp=False, log_path=log_path, step=0)
+            train_epoch(state, 0, xe_loader)
             xe = last_logged_seconds(log_path)
-            _, figures = loop.scst_epoch(args.epochs, captioner, captioner, scst_loader, train.keys(), reward,
-                                             optimizer, scheduler, scaler, args, world, amp=False, log_path=log_path,
-                                             step=0)
+            figures = scst_epoch(state, args.epochs, scst_loader, train.keys(), reward)
             step = last_logged_seconds(log_path)
             sample, rewarding = figures["sample_share"] * step, figures["reward_share"] * step
             if repeat:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_train [--encoder SPEC] [--batch-size 4] [--steps 2]
 
-Both runs go through training.train_epoch on the same synthetic COCO-like JPEGs (640x480, one 12-word caption each):
+Both runs go through loop.train_epoch on the same synthetic COCO-like JPEGs (640x480, one 12-word caption each):
 without the cache every step decodes, transforms and encodes the images with the frozen ViT; with it, every step
 reads fp16 rows from the memory-mapped cache. The ratio is measured in this process; the cache's one-off fill
 time is printed too (it is one encoder pass over the images, paid once for all later epochs and runs).
@@ -22,8 +22,10 @@ from PIL import Image
 
 
 from hw3.data import corpus
-from hw3.training import trainer
-from hw3.training import loop
+from hw3.training.cli import parse_config
+from hw3.training.loop import train_epoch
+from hw3.training.optimiser import grad_scaler, make_optimizer
+from hw3.training.state import Dist, TrainingState
 from hw3.models import registry
 from hw3.models.captioner import build_captioner
 from hw3.models.encoder import DEFAULT_ENCODER
@@ -49,11 +51,12 @@ def synthetic_coco(folder: str, count: int) -> str:
     return path
 
 
-def timed_epoch(model, captioner, loader, args, world) -> float:
-    optimizer, scheduler = loop.make_optimizer(captioner.decoder, args, total_steps=len(loader))
+def timed_epoch(captioner, loader, config) -> float:
+    optimizer, scheduler = make_optimizer(captioner.decoder, config, total_steps=len(loader))
+    state = TrainingState(config, captioner, captioner, optimizer, scheduler, grad_scaler(False), Dist("cpu"),
+                          os.devnull)
     started = time.perf_counter()
-    loop.train_epoch(0, model, captioner, loader, optimizer, scheduler, loop.grad_scaler(False), args, world,
-                         amp=False, log_path=os.devnull, step=0)
+    train_epoch(state, 0, loader)
     return len(loader) / (time.perf_counter() - started)
 
 
@@ -69,16 +72,15 @@ def main() -> None:
     print("building %s + GPT-2 small (random weights)..." % bench.encoder, file=sys.stderr)
     captioner = build_captioner(bench.encoder, Config(**peft_config(bench.peft)))
     trainable = captioner.decoder.parameter_summary()["trainable"]
-    world = loop.Dist("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         annotation = synthetic_coco(tmp, bench.batch_size * bench.steps)
         common = ["--train-json", annotation, "--train-images", os.path.join(tmp, "images"), "--val-json",
                   annotation, "--val-images", os.path.join(tmp, "images"), "--decoder-weights", "unused",
                   "--batch-size", str(bench.batch_size), "--epochs", "1", "--log-every", "1000000",
                   "--max-caption-tokens", "40"]  # p2_train's default is the data's, set only once it reads them
-        args = trainer.parse_args(common)
+        config = parse_config(common)
         caps = corpus.load_captions(annotation, os.path.join(tmp, "images"))
-        tokens, _, _ = corpus.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)
+        tokens, _, _ = corpus.tokenize_captions(caps.captions, BPETokenizer(), config.data.max_caption_tokens)
 
         def loader(visuals):
             pairs = corpus.CaptionPairs(visuals, tokens)
@@ -90,10 +92,9 @@ def main() -> None:
                                             batch_size=bench.batch_size)
         fill_seconds = time.perf_counter() - started
         cached = loader(corpus.Features(cache))
-        timed_epoch(captioner, captioner, cached, args, world)  # warm-up: first-call allocations
-        with_cache = timed_epoch(captioner, captioner, cached, args, world)
-        without_cache = timed_epoch(captioner, captioner, loader(corpus.images(caps, captioner.encoder.transform)),
-                                    args, world)
+        timed_epoch(captioner, cached, config)  # warm-up: first-call allocations
+        with_cache = timed_epoch(captioner, cached, config)
+        without_cache = timed_epoch(captioner, loader(corpus.images(caps, captioner.encoder.transform)), config)
         row_mb = np.load(cache, mmap_mode="r")[0].nbytes / 2 ** 20
     print("encoder %s, decoder GPT-2 small + %s (%s trainable), batch %d, %d steps, %d CPU threads" % (
         bench.encoder, bench.peft, format(trainable, ","), bench.batch_size, bench.steps, torch.get_num_threads()))

@@ -23,7 +23,7 @@ from hw3.models import clip_backend
 from hw3.evaluation import metrics
 from hw3.data import corpus
 from hw3.inference import predict
-from hw3.training import trainer
+from hw3.training import cli, trainer
 from hw3.pipeline import records
 from hw3.util import resources
 from hw3.models import registry, search
@@ -236,7 +236,7 @@ def checked_training(ctx: Context, config: TrainingConfig, options: dict, where:
         raise UserError("%s: %s set by run_all.py itself (use run_all's own options)" % (where, ", ".join(taken)))
     with contextlib.redirect_stderr(io.StringIO()) as said:
         try:
-            parsed = trainer.command_settings(trainer.parse_config(to_argv(config)))
+            parsed = cli.command_settings(cli.parse_config(to_argv(config)))
             registry.config_from_args(parsed)
         except SystemExit:  # argparse's error: its last line says which option and why
             lines = [line for line in said.getvalue().splitlines() if line.strip()]

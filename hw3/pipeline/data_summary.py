@@ -9,7 +9,7 @@ from typing import List
 from hw3.data import corpus
 from hw3.data.tokenizer import BPETokenizer
 from hw3.pipeline.context import Context
-from hw3.training import trainer
+from hw3.training.data import data_caption_tokens
 
 CAPTION_PERCENTILE = 95  # results.json data.caption_tokens.p95
 UNCUT = 10 ** 9  # a caption length no caption reaches: tokenize_captions cuts nothing
@@ -30,7 +30,7 @@ def describe_data(ctx: Context) -> dict:
     tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]
     limits = {name: options.max_caption_tokens if isinstance(options.max_caption_tokens, int)
-              else trainer.data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
+              else data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
     cut = {name: dict(max_caption_tokens=limit, cut=sum(1 for n in lengths if n > limit))
            for name, limit in limits.items()}
     return dict(format=corpus.read_captions(ctx.args.captions).format,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 from hw3.data import corpus
 from hw3.pipeline.layout import P2_DATA
-from hw3.training import loop
+from hw3.training.state import load_state
 from hw3.util.errors import UserError
 from hw3.util.files import file_sha256, read_json, write_json
 
@@ -155,7 +155,7 @@ def resumable(ctx: Context, new: str, record_argv: List[str], inputs: dict) -> b
     state = os.path.join(new, "last_state.pt")
     if os.path.isfile(state):
         try:
-            loop.load_state(state)
+            load_state(state)
         except (UserError, RuntimeError, OSError, EOFError, ValueError) as err:
             ctx.say("%s cannot be read (%s): the interrupted training starts afresh" % (state, str(err)[:200]))
             return False

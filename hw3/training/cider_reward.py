@@ -4,12 +4,12 @@ document frequencies of a fixed corpus, the training references, computed once, 
 precomputed, as ruotianluo's CiderD does for its "corpus" df. A sample then costs only its own n-grams.
 
 pycocoevalcap recomputes document frequencies from whatever it is given; over the same references the two agree
-(tests/test_cider_reward.py). Words come from `words`, a light tokenisation (lower case, punctuation dropped), so the
-reward never waits for the Java or Python PTB tokeniser.
+(tests/unit/training/test_cider_reward.py). Words come from `words`, a light tokenisation (lower case, punctuation
+dropped), so the reward never waits for the Java or Python PTB tokeniser.
 
 With `end_word` (p2_train.py --scst-end-word; ruotianluo's CiderD scores its end token so) every reference and every
-caption that ended gets the word END_WORD last, so n-grams such as "on a table END" reward finishing a sentence, and a caption cut
-off mid-phrase ("a red square on a") loses them: without it, self-critical training learns to stop early.
+caption that ended gets the word END_WORD last, so n-grams such as "on a table END" reward finishing a sentence, and a
+caption cut off mid-phrase ("a red square on a") loses them: without it, self-critical training learns to stop early.
 """
 from __future__ import annotations
 

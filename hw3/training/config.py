@@ -1,5 +1,5 @@
 """A training run's settings as dataclasses, between the pipeline and the trainer: the trainer's command line
-builds them (trainer.parse_config), the pipeline builds them directly (TrainingConfig.from_options), and `to_argv`
+builds them (cli.parse_config), the pipeline builds them directly (TrainingConfig.from_options), and `to_argv`
 turns them back into the one command a record keeps.
 
 A config remembers which options were given, in the order they were given, with their values as given: `to_argv`

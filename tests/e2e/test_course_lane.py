@@ -43,10 +43,10 @@ def test_attention_takes_the_explicit_softmax_path():
 
 
 def test_grad_scaler_is_the_torch_1_12_one():
-    from hw3.training import loop
+    from hw3.training import optimiser
 
     assert not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler")
-    assert isinstance(loop.grad_scaler(False), torch.cuda.amp.GradScaler)
+    assert isinstance(optimiser.grad_scaler(False), torch.cuda.amp.GradScaler)
 
 
 def test_torch_load_has_no_weights_only():

@@ -349,7 +349,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
     import argparse
 
     from hw3.models import registry
-    from hw3.training import trainer
+    from hw3.training import cli
     from hw3.pipeline import trainings
     from miniworld import train_captioners
 
@@ -357,7 +357,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
                                   seed=0)
     for name in list(train_captioners.METHOD_SETTINGS) + list(train_captioners.ARCH_SETTINGS):
         command = train_captioners.command(name, "world", "out", "cache", settings)
-        args = trainer.parse_args(command[2:])
+        args = cli.parse_args(command[2:])
         cfg = registry.config_from_args(args)
         if name in train_captioners.METHOD_SETTINGS:
             assert (args.arch, args.peft, args.epochs, args.lr, cfg.cross_attn_gate) == ("gpt2", name, 5, 5e-3, False)
@@ -365,7 +365,7 @@ def test_train_captioners_runs_pass_p2_trains_checks():
             assert args.arch == name.split("_")[0] and args.decoder_weights is None
         installed = read(os.path.join(MODELS, "p2_%s.json" % name))  # the settings the report's best setting names
         assert installed["training"] == {k: getattr(args, k) for k in trainings.TRAINING_RECORD}, name
-    reg0 = trainer.parse_args(train_captioners.command("attention-gru_reg0", "w", "o", "c", settings)[2:])
+    reg0 = cli.parse_args(train_captioners.command("attention-gru_reg0", "w", "o", "c", settings)[2:])
     assert reg0.attention_reg == 0.0
 
 
@@ -375,13 +375,13 @@ def test_committed_classic_captioners_were_made_by_arch_settings():
     import argparse
 
     from hw3.models import registry
-    from hw3.training import trainer
+    from hw3.training import cli
     from miniworld import train_captioners
 
     settings = argparse.Namespace(val_images=100, seed=0)
     for name in train_captioners.ARCH_SETTINGS:
         meta = read(os.path.join(MODELS, "p2_%s.json" % name))
-        args = trainer.parse_args(train_captioners.command(name, "world", "out", "cache", settings)[2:])
+        args = cli.parse_args(train_captioners.command(name, "world", "out", "cache", settings)[2:])
         expected = registry.config_from_args(args).to_dict()
         for field in ("output_ids", "encoder_dim", "block_size"):  # known once the captions and encoder are read
             expected.pop(field)
@@ -394,13 +394,13 @@ def test_committed_classic_captioners_were_made_by_arch_settings():
 def test_train_captioners_scst_fine_tunes_the_committed_checkpoint(tmp_path, monkeypatch):
     """--scst: p2_train.py from the committed checkpoint, no cross-entropy epoch, and the model options it was
     trained with (p2_train.py accepts the command; --init-from refuses any other config at run time)."""
-    from hw3.training import trainer
+    from hw3.training import cli
     from miniworld import train_captioners
     monkeypatch.chdir(ROOT)
     args = train_captioners.parse_args(["--methods", "lora", "--scst", "--scst-epochs", "2", "--scst-lr", "5e-4"])
     argv = train_captioners.command("lora", str(tmp_path / "world"), str(tmp_path / "out"), str(tmp_path / "cache"),
                                     args)[2:]
-    parsed = trainer.parse_args(argv)
+    parsed = cli.parse_args(argv)
     assert (parsed.init_from, parsed.epochs, parsed.scst_epochs, parsed.scst_lr, parsed.scst_samples) == \
         (os.path.join("miniworld", "models", "p2_lora.pt"), 0, 2, 5e-4, 5)
     assert (parsed.peft, parsed.lora_rank, parsed.lora_alpha, parsed.no_cross_attn_gate) == ("lora", 8, 16.0, True)

@@ -33,7 +33,7 @@ from hw3.pipeline.stages import (compare as compare_stage, distill as distill_st
 from hw3.models import registry, search
 import tiny_models
 import torch
-from hw3.training import loop
+from hw3.training.state import STATE_FORMAT, load_state
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import read_checkpoint_config
 from hw3.util.errors import run_main
@@ -413,7 +413,7 @@ def disk_fills_in_save_state(lab):
     real = torch.save
 
     def save(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("format") == loop.STATE_FORMAT:
+        if isinstance(obj, dict) and obj.get("format") == STATE_FORMAT:
             f.write(b"PK\x03\x04 half")
             try:
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -1192,7 +1192,7 @@ def test_torchrun_runs_p2_with_two_processes(world, tmp_path):
                                    stderr=subprocess.PIPE, timeout=600))
         assert runs[-1].returncode == 0, runs[-1].stderr.decode()[-3000:]
     first, second = (r.stderr.decode() for r in runs)
-    state = loop.load_state(os.path.join(out, "p2", "lora", "train", "last_state.pt"))
+    state = load_state(os.path.join(out, "p2", "lora", "train", "last_state.pt"))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert first.count("== p2: training lora") == 2 and first.count("== p2: done in") == 1  # both train, one scores
     assert not os.path.exists(os.path.join(out, "p2", "lora", "train.new"))

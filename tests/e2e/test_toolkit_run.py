@@ -21,7 +21,7 @@ import pytest
 
 from hw3.pipeline.stages import compare as compare_stage
 from hw3.data import corpus
-from hw3.training import trainer
+from hw3.training.data import data_caption_tokens
 from hw3.pipeline import records
 from hw3.pipeline import run_all
 from hw3.pipeline import context
@@ -160,7 +160,7 @@ def test_results_describe_the_data(toolkit_run, world):
     tokens = data["caption_tokens"]
     assert (tokens["min"], tokens["max"], tokens["captions"]) == (lengths[0], lengths[-1], len(lengths))
     assert tokens["min"] <= tokens["median"] <= tokens["p95"] <= tokens["max"]
-    trained = trainer.data_caption_tokens(lengths[-1])  # the default length, from the training captions
+    trained = data_caption_tokens(lengths[-1])  # the default length, from the training captions
     assert data["cut"] == {run: dict(max_caption_tokens=trained, cut=0) for run in compare_stage.COMPARE_RUNS}
     _, cut, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), SHORT)  # p2_train.py's own count
     assert cut == sum(1 for n in lengths if n > SHORT) > 0  # the world's paragraphs exercise the long path

@@ -264,7 +264,8 @@ def test_sampled_captions_are_the_same_for_any_batch_size(setup, tmp_path, capsy
 def test_coco_output_is_a_training_file(setup, tmp_path):
     """--format coco --captions-per-image 3: every image with its 3 draws, read back by p2_data and p2_train."""
     from hw3.data import corpus
-    from hw3.training import trainer
+    from hw3.training.cli import parse_config
+    from hw3.training.data import load_splits
 
     out = tmp_path / "teacher.json"
     assert run(setup, out, "--format", "coco", "--captions-per-image", "3", "--batch-size", "4", *SAMPLING) == 0
@@ -279,10 +280,10 @@ def test_coco_output_is_a_training_file(setup, tmp_path):
     assert dict(written.captions) == {n: expected[os.path.splitext(n)[0]] for n in setup["names"]}
     loaded = corpus.load_captions(str(out), setup["images"], clean=False)
     assert loaded.names == setup["names"] and all(len(c) == 3 for c in loaded.captions)
-    args = trainer.parse_args(["--train-json", str(out), "--train-images", setup["images"], "--val-json", str(out),
-                                "--val-images", setup["images"], "--val-fraction", "0.5",
-                                "--decoder-weights", setup["weights"], "--out", str(tmp_path / "train")])
-    train, val = trainer.load_splits(args)
+    config = parse_config(["--train-json", str(out), "--train-images", setup["images"], "--val-json", str(out),
+                           "--val-images", setup["images"], "--val-fraction", "0.5",
+                           "--decoder-weights", setup["weights"], "--out", str(tmp_path / "train")])
+    train, val = load_splits(config.data)
     assert sorted(train.names + val.names) == setup["names"] and all(len(c) == 3 for c in train.captions)
     one = tmp_path / "one.json"  # the first draw of three is the single caption of the same seed
     assert run(setup, one, *SAMPLING) == 0

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hw3.models import captioner as captioner_lib, registry
 from hw3.inference import predict
-from hw3.training import trainer
+from hw3.training import cli
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.attention import visualize
 from hw3.util.errors import UserError
@@ -189,8 +189,8 @@ def test_hw3_2_path_captions_with_a_from_scratch_checkpoint(images, tmp_path):
 
 
 def _options(*extra):
-    return trainer.parse_args(["--train-json", "t.json", "--train-images", "i", "--val-json", "v.json",
-                                "--val-images", "i"] + list(extra))
+    return cli.parse_args(["--train-json", "t.json", "--train-images", "i", "--val-json", "v.json",
+                            "--val-images", "i"] + list(extra))
 
 
 @pytest.mark.parametrize("extra,message", [

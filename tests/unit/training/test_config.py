@@ -2,10 +2,15 @@
 parsed back, is the same config; the dataclasses' defaults are the parser's."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from hw3.training import trainer
+from hw3.models.search import covering_max_len
+from hw3.training import cli
 from hw3.training.config import TrainingConfig, to_argv
+from hw3.training.data import CAPTION_LENGTH_STEP, caption_length
+from hw3.training.state import Dist
 
 DATA = dict(train_json="d/train.json", train_images="d/train", val_json="d/val.json", val_images="d/val")
 RUNTIME = dict(workers=2, device="cpu", feature_cache="out/p2/feature_cache")
@@ -22,7 +27,7 @@ PIPELINE_CONFIGS = {  # the shapes run_all, compare, distill and scst build
 @pytest.mark.parametrize("name", sorted(PIPELINE_CONFIGS))
 def test_to_argv_parsed_back_is_the_same_config(name):
     config = TrainingConfig.from_options(PIPELINE_CONFIGS[name])
-    assert trainer.parse_config(to_argv(config)) == config
+    assert cli.parse_config(to_argv(config)) == config
 
 
 def test_to_argv_writes_the_options_as_given_in_their_order():
@@ -33,7 +38,20 @@ def test_to_argv_writes_the_options_as_given_in_their_order():
 
 
 def test_the_settings_defaults_are_the_parsers():
-    parsed = vars(trainer.parse_args(["--train-json", "d/train.json", "--train-images", "d/train", "--val-json",
+    parsed = vars(cli.parse_args(["--train-json", "d/train.json", "--train-images", "d/train", "--val-json",
                                       "d/val.json", "--val-images", "d/val"]))
-    defaults = vars(trainer.command_settings(TrainingConfig.from_options(DATA)))
+    defaults = vars(cli.command_settings(TrainingConfig.from_options(DATA)))
     assert defaults == parsed
+
+
+def test_caption_length_resolves_only_the_lengths_not_given_and_not_as_given():
+    """The run's caption length comes from the training captions when unset; the command a record keeps does not
+    change with it."""
+    train = SimpleNamespace(captions=[["a red square on a table"], ["two blue birds"]])
+    config = TrainingConfig.from_options(DATA)
+    resolved = caption_length(config, train, Dist("cpu"))
+    assert resolved.data.max_caption_tokens == CAPTION_LENGTH_STEP
+    assert resolved.validation.val_max_len == covering_max_len(CAPTION_LENGTH_STEP)
+    assert to_argv(resolved) == to_argv(config)
+    given = TrainingConfig.from_options(dict(DATA, max_caption_tokens=20, val_max_len=5))
+    assert caption_length(given, train, Dist("cpu")) == given

@@ -14,8 +14,11 @@ from PIL import Image
 
 from hw3.data import corpus
 from hw3.models import registry
-from hw3.training import trainer
-from hw3.training import loop
+from hw3.training import optimiser, trainer
+from hw3.training.cli import parse_args
+from hw3.training.data import CAPTION_LENGTH_STEP
+from hw3.training.scst import baseline_of, sample_pairs, scst_epoch
+from hw3.training.state import LATER_TRAJECTORY_OPTIONS, Dist, TrainingState, load_state
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.util.errors import UserError
 from tiny_models import TINY_ENCODER, tiny_gpt2
@@ -135,9 +138,9 @@ def test_refuses_above_35m_trainable(world, tmp_path, capsys):
 def test_budget_counts_what_the_checkpoint_holds(world):
     from hw3.models.captioner import build_captioner
 
-    args = trainer.parse_args(cli(world, "unused", "--peft", "adapter", "--adapter-dim", "8"))
+    args = parse_args(cli(world, "unused", "--peft", "adapter", "--adapter-dim", "8"))
     captioner = build_captioner(args.encoder, registry.config_from_args(args))
-    summary = loop.check_budget(captioner.decoder)
+    summary = optimiser.check_budget(captioner.decoder)
     assert summary["trainable"] == sum(v.numel() for v in captioner.decoder.trainable_state_dict().values())
     assert summary["adapter"] > 0 and summary["cross_attn"] > 0
 
@@ -170,11 +173,11 @@ def test_resume_gives_identical_state(world, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert trainer.main(cli(world, straight, *common)) == 0
     assert trainer.main(cli(world, split, *common, "--stop-after", "1")) == 0
-    first = loop.load_state(str(split / "last_state.pt"))
+    first = load_state(str(split / "last_state.pt"))
     assert first["epoch"] == 1
     torch.manual_seed(12345)  # a resumed run must not depend on the RNG it starts with
     assert trainer.main(cli(world, split, *common, "--resume")) == 0
-    a, b = (loop.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    a, b = (load_state(str(d / "last_state.pt")) for d in (straight, split))
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     assert set(a["trainable"]) == set(b["trainable"])
     for name in a["trainable"]:
@@ -312,7 +315,7 @@ def test_training_from_the_cache_matches_images(world, tmp_path):
 
 def test_augment_and_cache_are_exclusive(world, tmp_path):
     with pytest.raises(UserError, match="--augment"):
-        trainer.parse_args(cli(world, tmp_path, "--augment", "--feature-cache", str(tmp_path)))
+        parse_args(cli(world, tmp_path, "--augment", "--feature-cache", str(tmp_path)))
 
 
 def test_augmented_training_runs_and_crops_mildly(world, tmp_path):
@@ -349,7 +352,7 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == 2 * 1  # 16 pairs / (2 processes x 8) = 1 step per epoch
     captioner, meta = load_captioner(str(out / "best.pt"), str(world / "decoder_model.bin"))
-    state = loop.load_state(str(out / "last_state.pt"))
+    state = load_state(str(out / "last_state.pt"))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     cache = np.load(str(next((tmp_path / "cache").glob("train-*.npy"))))
     assert np.isfinite(cache).all() and (np.abs(cache).sum(axis=(1, 2)) > 0).all()  # both ranks filled their rows
@@ -464,7 +467,7 @@ def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
     from hw3.models import search
 
     long_json, longest = _length_world(world, tmp_path)
-    expected = -(-longest // trainer.CAPTION_LENGTH_STEP) * trainer.CAPTION_LENGTH_STEP
+    expected = -(-longest // CAPTION_LENGTH_STEP) * CAPTION_LENGTH_STEP
     assert longest > 30 and expected % 8 == 0 and expected >= longest
     out = tmp_path / "gru"
     assert trainer.main(_with_train_json(scratch_cli(world, out, "gru", "--epochs", "1"), long_json)) == 0
@@ -481,7 +484,7 @@ def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
     assert json.loads((gpt2 / "best.json").read_text())["max_caption_tokens"] == 30  # what training used
     short = tmp_path / "short"
     assert trainer.main(cli(world, short, "--peft", "none", "--epochs", "1")) == 0
-    assert json.loads((short / "best.json").read_text())["max_caption_tokens"] == trainer.CAPTION_LENGTH_STEP
+    assert json.loads((short / "best.json").read_text())["max_caption_tokens"] == CAPTION_LENGTH_STEP
 
 
 def test_warm_up_stays_a_small_share_of_the_run(world, tmp_path, capsys):
@@ -491,13 +494,13 @@ def test_warm_up_stays_a_small_share_of_the_run(world, tmp_path, capsys):
 
     compare = compare_stage.COMPARE_TRAINING
     steps = compare["epochs"] * -(-200 * 5 // compare["batch_size"])  # 200 images, 5 captions each
-    warmup = loop.effective_warmup(compare["warmup_steps"], steps)
-    assert 0 < warmup <= loop.WARMUP_SHARE * steps and warmup < compare["warmup_steps"]
-    schedule = loop.WarmupCosine(warmup, steps, 0.1)
+    warmup = optimiser.effective_warmup(compare["warmup_steps"], steps)
+    assert 0 < warmup <= optimiser.WARMUP_SHARE * steps and warmup < compare["warmup_steps"]
+    schedule = optimiser.WarmupCosine(warmup, steps, 0.1)
     assert schedule(warmup) == max(schedule(s) for s in range(steps)) == 1.0  # the peak, right after warm-up
     for total in (1, 9, 10, 240, 10 ** 6):
-        assert loop.effective_warmup(500, total) <= loop.WARMUP_SHARE * total
-    assert loop.effective_warmup(500, 10 ** 6) == 500  # a long run takes what was asked
+        assert optimiser.effective_warmup(500, total) <= optimiser.WARMUP_SHARE * total
+    assert optimiser.effective_warmup(500, 10 ** 6) == 500  # a long run takes what was asked
     out = tmp_path / "run"
     assert trainer.main(cli(world, out, "--peft", "none", "--epochs", "10", "--warmup-steps", "50")) == 0
     assert "warm-up: 2 of 20 optimiser steps (--warmup-steps 50, at most 10% of the run)" in capsys.readouterr().err
@@ -513,7 +516,7 @@ def test_warm_up_stays_a_small_share_of_the_run(world, tmp_path, capsys):
 ])
 def test_validation_metric_options_are_checked_first(world, tmp_path, extra, expected):
     with pytest.raises(UserError) as err:
-        trainer.parse_args(cli(world, tmp_path, *extra))
+        parse_args(cli(world, tmp_path, *extra))
     assert expected in str(err.value)
 
 
@@ -523,8 +526,8 @@ def test_runs_from_before_the_split_options_still_resume(world, tmp_path):
     out = tmp_path / "run"
     common = ("--peft", "none", "--epochs", "2")
     assert trainer.main(cli(world, out, *common, "--stop-after", "1")) == 0
-    state = loop.load_state(str(out / "last_state.pt"))
-    assert not set(trainer.LATER_TRAJECTORY_OPTIONS) & set(state["settings"])
+    state = load_state(str(out / "last_state.pt"))
+    assert not set(LATER_TRAJECTORY_OPTIONS) & set(state["settings"])
     with pytest.raises(UserError, match="--val-fraction"):
         trainer.main(cli(world, out, *common, "--resume", "--val-fraction", "0.3"))
     assert trainer.main(cli(world, out, *common, "--resume")) == 0
@@ -568,7 +571,7 @@ def test_from_scratch_resume_gives_identical_state(world, tmp_path, arch):
     assert trainer.main(scratch_cli(world, split, arch, *common, "--stop-after", "1")) == 0
     torch.manual_seed(12345)
     assert trainer.main(scratch_cli(world, split, arch, *common, "--resume")) == 0
-    a, b = (loop.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    a, b = (load_state(str(d / "last_state.pt")) for d in (straight, split))
     assert a["settings"]["arch"] == arch and a["epoch"] == b["epoch"] == 2
     for name in a["trainable"]:
         assert torch.equal(a["trainable"][name], b["trainable"][name]), name
@@ -579,14 +582,14 @@ def test_from_scratch_resume_gives_identical_state(world, tmp_path, arch):
 # ----------------------------------------------------------------------------------------------- self-critical
 
 def test_sample_pairs_end_only_where_the_caption_ended():
-    inputs, targets = loop.sample_pairs([[5, 6], [7, 8, 9]], max_len=3)
+    inputs, targets = sample_pairs([[5, 6], [7, 8, 9]], max_len=3)
     assert inputs.tolist() == [[50256, 5, 6], [50256, 7, 8]]  # no input after the last target: 3 positions, not 5
     assert targets.tolist() == [[5, 6, 50256], [7, 8, 9]]  # the second was cut at max_len: no end token target
-    inputs, targets = loop.sample_pairs([[5, 6], [7]], max_len=3)
+    inputs, targets = sample_pairs([[5, 6], [7]], max_len=3)
     assert inputs.tolist() == [[50256, 5, 6], [50256, 7, 50256]] and targets.tolist() == [[5, 6, 50256],
                                                                                          [7, 50256, -100]]
     rewards = torch.tensor([[1.0, 2.0, 3.0]])
-    assert loop.baseline_of(rewards).tolist() == [[2.5, 2.0, 1.5]]
+    assert baseline_of(rewards).tolist() == [[2.5, 2.0, 1.5]]
 
 
 def test_scst_moves_probability_towards_rewarded_captions():
@@ -611,9 +614,9 @@ def test_scst_moves_probability_towards_rewarded_captions():
                                               scst_baseline="mean", grad_clip=1.0, epochs=0, scst_epochs=8,
                                               log_every=1000, lr=1e-2, scst_lr=1e-2, min_lr=1e-3, warmup_steps=0,
                                               weight_decay=0.0))
-    optimizer, scheduler = loop.make_optimizer(decoder, config, total_steps=0)
-    state = loop.TrainingState(config, captioner, captioner, optimizer, scheduler, loop.grad_scaler(False),
-                               loop.Dist("cpu"), "/dev/null")
+    optimizer, scheduler = optimiser.make_optimizer(decoder, config, total_steps=0)
+    state = TrainingState(config, captioner, captioner, optimizer, scheduler, optimiser.grad_scaler(False),
+                          Dist("cpu"), "/dev/null")
 
     def p_red():
         with torch.no_grad():
@@ -622,7 +625,7 @@ def test_scst_moves_probability_towards_rewarded_captions():
 
     before = p_red()
     for epoch in range(config.scst.scst_epochs):
-        figures = loop.scst_epoch(state, epoch, loader, [str(i) for i in range(8)],
+        figures = scst_epoch(state, epoch, loader, [str(i) for i in range(8)],
                                   lambda rows, captions, ended: [float("red" in c) for c in captions])
     assert before < 0.4 and p_red() > 0.8, (before, p_red())
     assert figures["mean_reward"] > 0.5 and 0 <= figures["reward_share"] < 1
@@ -642,7 +645,7 @@ def test_scst_resumes_identically_and_records_its_settings(world, tmp_path):
     assert meta["scst"]["scst_samples"] == 3 and meta["scst"]["scst_baseline"] == "mean"
     assert trainer.main(scratch_cli(world, split, arch, *common, "--stop-after", "3")) == 0
     assert trainer.main(scratch_cli(world, split, arch, *common, "--resume")) == 0
-    a, b = (loop.load_state(str(d / "last_state.pt")) for d in (straight, split))
+    a, b = (load_state(str(d / "last_state.pt")) for d in (straight, split))
     assert a["epoch"] == b["epoch"] == 4 and a["settings"]["scst_epochs"] == 2
     for name in a["trainable"]:
         assert torch.equal(a["trainable"][name], b["trainable"][name]), name
@@ -677,7 +680,7 @@ def test_model_options_rebuild_each_committed_checkpoints_config(name):
     meta = json.load(open(os.path.join(COMMITTED_MODELS, name + ".json"), encoding="utf-8"))
     flags = to_argv(TrainingConfig.from_options(registry.model_options(meta)))
     weights = ["--decoder-weights", os.path.join(COMMITTED_MODELS, "decoder_model.bin")] if "--peft" in flags else []
-    args = trainer.parse_args(["--train-json", "t.json", "--train-images", "t", "--val-json", "v.json",
+    args = parse_args(["--train-json", "t.json", "--train-images", "t", "--val-json", "v.json",
                                 "--val-images", "v", "--out", "o"] + weights + flags)
     cfg = registry.config_from_args(args, meta["decoder"].get("output_ids")).to_dict()
     want = dict(meta["decoder"])
@@ -727,7 +730,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_planned_step(world, tmp_pa
 
     monkeypatch.setattr(captioner.Captioner, "forward", forward)
     assert trainer.main(cli(world, tmp_path / "halved", *args)) == 0
-    planned, halved = (loop.load_state(str(tmp_path / name / "last_state.pt"))["trainable"]
+    planned, halved = (load_state(str(tmp_path / name / "last_state.pt"))["trainable"]
                        for name in ("planned", "halved"))
     assert planned.keys() == halved.keys()
     for name in planned:

@@ -272,7 +272,7 @@ def test_timm_pretrained_loading_goes_through_the_safe_loader(tmp_path, path_kin
 
 def test_p2_train_resume_with_code_is_refused(tmp_path, path_kind, tiny_gpt2_file, capsys):
     from hw3.training import trainer
-    from hw3.training import loop
+    from hw3.training.state import STATE_FORMAT
 
     (tmp_path / "images").mkdir()
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(str(tmp_path / "images" / "a.png"))
@@ -281,7 +281,7 @@ def test_p2_train_resume_with_code_is_refused(tmp_path, path_kind, tiny_gpt2_fil
     out = tmp_path / "run"
     out.mkdir()
     marker = str(tmp_path / "MARKER")
-    state = save(dict(format=loop.STATE_FORMAT, payload=MakesMarker(marker)), out / "last_state.pt")
+    state = save(dict(format=STATE_FORMAT, payload=MakesMarker(marker)), out / "last_state.pt")
     argv = ["--train-json", str(tmp_path / "captions.json"), "--train-images", str(tmp_path / "images"),
             "--val-json", str(tmp_path / "captions.json"), "--val-images", str(tmp_path / "images"),
             "--train-split", "all", "--val-split", "all",  # one file as both, whole on both sides
