@@ -36,6 +36,7 @@ from hw3.training import loop
 from hw3.models.captioner import Captioner, decoder_from_config
 from hw3.data.images import collate_images
 from hw3.models.encoder import DEFAULT_ENCODER, as_spec
+from hw3.models.decoding import DecodingSettings
 from hw3.models.search import decode_captions
 from hw3.data.tokenizer import BPETokenizer
 
@@ -145,9 +146,9 @@ def main() -> None:
         keys = ["%d/%s" % (args.epochs, train.keys()[i]) for i in range(images)]
         with torch.no_grad():
             visuals = torch.stack([features[i][1] for i in range(images)])  # (B, N, width) fp16, as the loader gives
-            drawn = captioner.generate(visuals, method="sample", temperature=args.scst_temperature,
-                                       captions_per_image=args.scst_samples, max_len=args.val_max_len,
-                                       seed=args.seed, image_keys=keys)
+            drawn = captioner.generate(visuals, DecodingSettings(
+                method="sample", temperature=args.scst_temperature, captions_per_image=args.scst_samples,
+                max_len=args.val_max_len, seed=args.seed), image_keys=keys)
         full = sum(len(ids) == args.val_max_len for ids in drawn)
         alone = statistics.median(timed_reward(reward, drawn, args.scst_samples, args.val_max_len, tokenizer)
                                   for _ in range(REWARD_REPEATS))

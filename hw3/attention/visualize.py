@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hw3.data import corpus
-from hw3.models import search
+from hw3.models import decoding
 from hw3.models.captioner import config_path, load_captioner, no_attention_reason, read_checkpoint_config
 from hw3.data.images import load_rgb
 from hw3.util.device import resolve_device
@@ -289,7 +289,7 @@ def parse_args(argv=None):
     view.add_argument("--layer", type=_layer, default="last",
                       help="'last' block with cross-attention, 'mean' of them, or a block index")
     view.add_argument("--heads", type=_heads, default="mean", help="'mean', 'max' or a head index")
-    search.add_decoding_arguments(parser)
+    decoding.add_decoding_arguments(parser)
     run = parser.add_argument_group("runtime")
     run.add_argument("--batch-size", type=_positive, default=16, help="images decoded together")
     run.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     if arch == "gru":  # before any model is built: it has nothing to draw
         raise UserError("%s: %s" % (args.checkpoint, no_attention_reason(arch)))
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=device)
-    settings, said = search.resolve_decoding(vars(args), meta, config_path(args.checkpoint))  # as p2_inference.py
+    settings, said = decoding.resolve_decoding(vars(args), meta, config_path(args.checkpoint))  # as p2_inference.py
     print(said, file=sys.stderr)
     tokenizer = BPETokenizer()
     entries = []
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
             batch = images[start:start + args.batch_size]
             pictures = [load_rgb(path) for path, _ in batch]
             pixels = torch.stack([captioner.encoder.transform(p) for p in pictures]).to(device)
-            all_ids, all_attention = captioner.generate(pixels, return_attention=True, **settings)
+            all_ids, all_attention = captioner.generate(pixels, settings, return_attention=True)
             for (path, score), image, ids, per_block in zip(batch, pictures, all_ids, all_attention):
                 entries.append(visualise_one(args, captioner, tokenizer, path, score, image, ids, per_block, out))
                 bar.update(1)

@@ -27,7 +27,8 @@ from hw3.inference import predict
 from hw3.training import trainer
 from hw3.pipeline import records
 from hw3.util import resources
-from hw3.models import search
+from hw3.models import decoding
+from hw3.models.decoding import DecodingSettings
 from hw3.training import loop
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.util.device import resolve_device
@@ -117,12 +118,12 @@ class Context:
 
     def scoring_max_len(self) -> int:
         """The length every scored caption may reach: covers the longest val reference and its end token, never
-        below the README's 30 (search.covering_max_len; the decoder's positions cap it in search)."""
+        below the README's 30 (decoding.covering_max_len; the decoder's positions cap it in search)."""
         if self._scoring_max_len is None:
             val = corpus.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
                                         default_split="val")
             _, _, longest = corpus.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
-            self._scoring_max_len = search.covering_max_len(longest)
+            self._scoring_max_len = decoding.covering_max_len(longest)
         return self._scoring_max_len
 
     def _places(self, absolute: bool = False):
@@ -518,23 +519,14 @@ def scored_path(ctx: Context, method: str, stage: str = "p2") -> str:
                                                 "_scst" if stage == "scst" else ""))
 
 
-def decoding_flags(settings: dict, checkpoint: Optional[str] = None) -> List[str]:
-    """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
-    flags, sampling its own. With `checkpoint`, lengths within its decoder's positions (a small from-scratch decoder
-    trained on short captions), which a flag beyond would be refused."""
-    most = search.caption_positions(read_checkpoint_config(checkpoint)) if checkpoint else None
-    max_len, min_len = (min(int(settings[k]), most or sys.maxsize) for k in ("max_len", "min_len"))
-    flags = ["--method", settings["method"], "--max-len", str(max_len), "--min-len", str(min_len),
-             "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
-    if settings["method"] == "beam":
-        flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
-    if settings["method"] == "sample":
-        flags += [f for key in search.SAMPLING_DEFAULTS
-                  for f in ("--" + key.replace("_", "-"), str(settings.get(key, search.SAMPLING_DEFAULTS[key])))]
-    return flags
+def decoding_flags(settings: DecodingSettings, checkpoint: Optional[str] = None) -> List[str]:
+    """Every setting as a flag (so a checkpoint's own recommendation never enters a score). With `checkpoint`,
+    lengths within its decoder's positions (a small from-scratch decoder trained on short captions), which a flag
+    beyond would be refused."""
+    return decoding.within_positions(settings, read_checkpoint_config(checkpoint) if checkpoint else None).as_flags()
 
 
-def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
+def caption_and_score(ctx: Context, checkpoint: str, settings: DecodingSettings, pred: str, clip,
                       names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
     scoring of `names`) with the CLIP loaded once. Kept as a finished part of the stage: scored again only when the
@@ -542,7 +534,7 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
     result's "checkpoint_fingerprint" is the scored checkpoint's. Captions may reach at least the longest val
     reference and its end token (Context.scoring_max_len); the scores carry "cut" (captions that reached "max_len"
     without their end token) and that "max_len"."""
-    settings = dict(settings, max_len=max(int(settings["max_len"]), ctx.scoring_max_len()))
+    settings = settings.replace(max_len=max(int(settings.max_len), ctx.scoring_max_len()))
     what = dict(checkpoint=checkpoint_fingerprint(checkpoint), config=records.fingerprint(config_path(checkpoint)),
                 settings=decoding_flags(settings, checkpoint), metrics=list(names), split=ctx.split_flags(),
                 clip=[ctx.args.clip_model, ctx.args.clip_pretrained],
@@ -617,8 +609,8 @@ def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None
     dest = dest or ctx.path("p2", "p2_best.pt")
     with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
         shutil.copyfileobj(src, f)
-    meta = dict(ctx.portable(read_checkpoint_config(checkpoint)), **{search.INFERENCE_KEY: chosen})
-    search.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
+    meta = dict(ctx.portable(read_checkpoint_config(checkpoint)), **{decoding.INFERENCE_KEY: chosen})
+    decoding.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
     write_json(config_path(dest), meta)
     return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))
 
@@ -626,6 +618,6 @@ def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None
 def shipped_predictions(ctx: Context) -> str:
     """p2_best's val captions with its shipped decoding, as the p2 stage wrote them."""
     chosen, best = ctx.results["p2_inference"], ctx.results["p2_best"]
-    if setting_name(chosen) == setting_name(dict(search.DECODE_DEFAULTS, **DECODING_GRID[0])):
+    if setting_name(chosen) == setting_name(dict(decoding.DECODE_DEFAULTS, **DECODING_GRID[0])):
         return ctx.path("p2", best, "pred.json")
     return ctx.path("p2", "decoding", setting_name(chosen) + ".json")

@@ -24,7 +24,7 @@ from hw3.training import trainer
 from hw3.attention import visualize
 from hw3.pipeline import records
 from hw3.pipeline import context
-from hw3.models import search
+from hw3.models.decoding import DECODE_DEFAULTS, DEFAULT_DECODING, DecodingSettings
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.util.errors import UserError
 from hw3.util.files import read_json, write_json
@@ -45,7 +45,7 @@ def has_gpt2(ctx: Context) -> bool:
 def compare_decoding() -> dict:
     """The compare stage's decoding of every architecture (the README default), read when called (tests shorten
     run_context.DECODING_GRID)."""
-    return dict(search.DECODE_DEFAULTS, **context.DECODING_GRID[0])
+    return dict(DECODE_DEFAULTS, **context.DECODING_GRID[0])
 
 
 def best_arch(rows: dict, archs: Tuple[str, ...]) -> Optional[str]:
@@ -128,7 +128,7 @@ def teacher_captions(ctx: Context, settings: dict, human: str, path: str, checkp
     predict.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint", checkpoint, "--captions",
                        human, "--split", teacher_split(ctx), "--format", "coco", "--captions-per-image",
                        str(settings["captions_per_image"]), "--device", ctx.args.device, "--num-workers",
-                       str(ctx.args.workers)] + decoding_flags(settings, checkpoint))
+                       str(ctx.args.workers)] + decoding_flags(DecodingSettings.from_record(settings), checkpoint))
     return path
 
 
@@ -178,7 +178,7 @@ def stage_distill(ctx: Context) -> dict:
             seconds[name] = round(train_run(ctx, name, student_argv(ctx, captions[name]), inputs, "distill")[0], 1)
             bar.update(1)
             checkpoint, pred = scored_checkpoint(ctx, name, "distill"), ctx.path("distill", name, "pred.json")
-            scores = caption_and_score(ctx, checkpoint, search.DECODE_DEFAULTS, pred, clip, SUITE)
+            scores = caption_and_score(ctx, checkpoint, DEFAULT_DECODING, pred, clip, SUITE)
             rows[name] = dict(distill_row(scores, per_image[name], pred), checkpoint=checkpoint,
                               checkpoint_fingerprint=scores["checkpoint_fingerprint"], arch=ctx.args.student_arch)
             bar.update(1)
@@ -270,7 +270,7 @@ def stage_compare(ctx: Context) -> dict:
         for run in COMPARE_RUNS:
             checkpoint = scored_checkpoint(ctx, run, "compare")
             ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
-            scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
+            scores = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(default), ctx.path("compare", run, "pred.json"), clip, SUITE)
             per_image[run] = scores["per_image"]
             meta = read_checkpoint_config(checkpoint)
             reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
@@ -319,7 +319,7 @@ def attention_figures(ctx: Context, arch: str, checkpoint: str, per_image: dict,
     visualize.main(["--images", ctx.data("val_images"), "--out", folder, "--from-scores", scores, "--top",
                        str(ATTENTION_IMAGES), "--bottom", str(ATTENTION_IMAGES), "--checkpoint", checkpoint,
                        "--decoder", ctx.data("decoder"), "--device", ctx.args.device]
-                      + decoding_flags(decoding, checkpoint))
+                      + decoding_flags(DecodingSettings.from_record(decoding), checkpoint))
     figures = read_json(os.path.join(folder, "attention.json"), "attention figures")["figures"]
     drawn = {corpus.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
              for f in figures}
@@ -474,11 +474,11 @@ def stage_scst(ctx: Context) -> dict:
                                            device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split()), **cut)
         else:
             before_pred = ctx.path("scst", best, "before.json")
-            before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
+            before = caption_and_score(ctx, init, DecodingSettings.from_record(decoding), before_pred, clip, SCST_SUITE)
         bar.update(1)
         checkpoint, pred = scored_checkpoint(ctx, best, "scst"), ctx.path("scst", best, "pred.json")
         ctx.say("scst: scoring %s after (%s)" % (best, checkpoint))
-        after = caption_and_score(ctx, checkpoint, decoding, pred, clip, SCST_SUITE)
+        after = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(decoding), pred, clip, SCST_SUITE)
         bar.update(1)
     meta = read_checkpoint_config(checkpoint)
     took = meta.get("train_seconds", None if ctx.args.score_checkpoints else round(seconds, 1))

@@ -31,6 +31,7 @@ from hw3.util.device import autocast, resolve_device
 from hw3.util.errors import UserError, progress
 from hw3.util.files import atomic_write
 from hw3.util.resources import HalvingBatches
+from hw3.models.decoding import DecodingSettings
 from hw3.models.search import decode_captions
 from hw3.data.tokenizer import BPETokenizer
 
@@ -181,8 +182,8 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
     def one_batch(index, visuals) -> Tuple[List[List[int]], float, int]:
         with autocast(device, amp):
             tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
-            ids = captioner.generate(tokens, method=args.val_decode, beam_size=args.val_beam_size,
-                                     max_len=args.val_max_len)
+            ids = captioner.generate(tokens, DecodingSettings(method=args.val_decode, beam_size=args.val_beam_size,
+                                                              max_len=args.val_max_len))
             rows = [(r, caption) for r, i in enumerate(index) for caption in val_tokens[i]]
             inputs, targets = corpus.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
@@ -414,10 +415,10 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
         t0 = time.time()
         with autocast(world.device, amp):
             tokens = captioner.image_tokens(visuals.to(world.device, non_blocking=True))  # (B, N, width)
-            samples = captioner.generate(tokens, method="sample", temperature=args.scst_temperature,
-                                         captions_per_image=K, max_len=max_len, seed=args.seed,
+            samples = captioner.generate(tokens, DecodingSettings(method="sample", temperature=args.scst_temperature,
+                                                                  captions_per_image=K, max_len=max_len, seed=args.seed),
                                          image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
-            greedy = captioner.generate(tokens, method="greedy", max_len=max_len) \
+            greedy = captioner.generate(tokens, DecodingSettings(method="greedy", max_len=max_len)) \
                 if args.scst_baseline == "greedy" else None
         t1 = time.time()
         rows = [i for i in index for _ in range(K)]

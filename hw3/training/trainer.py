@@ -38,7 +38,7 @@ from hw3.models.output_vocab import collect_output_ids
 from hw3.models.gpt2 import Config, peft_config
 from hw3.models.encoder import DEFAULT_ENCODER
 from hw3.models.rnn_decoder import GLOBAL_POOLS, RNNConfig
-from hw3.models.search import DATA_LENGTH_KEY, DECODE_DEFAULTS, covering_max_len
+from hw3.models.decoding import DATA_LENGTH_KEY, DECODE_DEFAULTS, covering_max_len
 from hw3.data.tokenizer import BPETokenizer
 from hw3.models.transformer_decoder import TransformerConfig
 from hw3.training.loop import (WARMUP_SHARE, BatchSplit, Dist, check_budget, effective_warmup, grad_scaler, log_line,

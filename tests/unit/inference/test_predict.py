@@ -13,7 +13,8 @@ from PIL import Image
 
 from hw3.models import captioner
 from hw3.util import safe_load
-from hw3.models import search
+from hw3.models import decoding, search
+from hw3.models.decoding import DecodingSettings
 from hw3.inference import predict
 from hw3.data.images import load_rgb
 from hw3.util.errors import UserError
@@ -50,7 +51,7 @@ def setup(tmp_path_factory):
     randomize_trainable(model.decoder)
     checkpoint = str(root / "ckpt" / "p2_best.pt")
     os.makedirs(os.path.dirname(checkpoint))
-    captioner.save_checkpoint(checkpoint, model, extra={search.INFERENCE_KEY: dict(SETTINGS, chosen_on="test")})
+    captioner.save_checkpoint(checkpoint, model, extra={decoding.INFERENCE_KEY: dict(SETTINGS, chosen_on="test")})
     names = write_images(root / "images")
     (root / "images" / "notes.txt").write_text("not an image")
     return dict(root=root, weights=weights, checkpoint=checkpoint, names=names, images=str(root / "images"))
@@ -64,7 +65,7 @@ def reference_captions(setup, **settings) -> dict:
     for name in setup["names"]:
         pixels = model.encoder.transform(load_rgb(os.path.join(setup["images"], name))).unsqueeze(0)
         key = os.path.splitext(name)[0]
-        captions = search.decode_captions(model.generate(pixels, image_keys=[key], **settings))
+        captions = search.decode_captions(model.generate(pixels, DecodingSettings(**settings), image_keys=[key]))
         out[key] = captions if "captions_per_image" in settings else captions[0]
     return out
 
@@ -112,7 +113,7 @@ def test_without_recommended_settings_it_decodes_with_the_readme_defaults(setup,
                         generation=dict(method="greedy", beam_size=1, max_len=3))
     out = tmp_path / "pred.json"
     run(plain, out)
-    assert json.loads(out.read_text()) == reference_captions(plain, **search.DECODE_DEFAULTS)
+    assert json.loads(out.read_text()) == reference_captions(plain, **decoding.DECODE_DEFAULTS)
     said = capsys.readouterr().err
     assert "decoding: method=beam, beam_size=3, max_len=30" in said and "all from the README defaults" in said
 

@@ -15,6 +15,7 @@ from PIL import Image
 from hw3.data import corpus
 from hw3.training import trainer
 from hw3.training import loop
+from hw3.models.decoding import DecodingSettings
 from hw3.util.errors import UserError
 from tiny_models import TINY_ENCODER, tiny_gpt2
 from hw3 import REPO_ROOT
@@ -156,7 +157,7 @@ def test_tiny_model_overfits_and_reproduces_captions(world, tmp_path):
     caps = corpus.load_captions(str(world / "val.json"), str(world / "images"))
     images = torch.stack([captioner.encoder.transform(Image.open(caps.path(i)).convert("RGB"))
                           for i in range(len(caps.names))])
-    ids = generate(captioner.decoder, captioner.image_tokens(images), method="greedy", max_len=12)
+    ids = generate(captioner.decoder, captioner.image_tokens(images), DecodingSettings(method="greedy", max_len=12))
     assert [BPETokenizer().decode(s).strip() for s in ids] == [c[0] for c in caps.captions]
     assert meta["metrics"]["cider"] > 5  # identical captions: CIDEr-D near its 10x maximum
     # validation's decoding is recorded as such and never becomes the checkpoint's inference recommendation
@@ -459,7 +460,7 @@ def _with_train_json(argv, path):
 def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
     """Without --max-caption-tokens the longest training caption, rounded up to a multiple of 8, sets it: recorded in
     the checkpoint JSON, which then decodes at a length that covers it; the GPT-2's positions cap it."""
-    from hw3.models import search
+    from hw3.models import decoding
 
     long_json, longest = _length_world(world, tmp_path)
     expected = -(-longest // trainer.CAPTION_LENGTH_STEP) * trainer.CAPTION_LENGTH_STEP
@@ -471,7 +472,7 @@ def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
             % (expected, longest)) in err and "captions cut" not in err
     meta = json.loads((out / "best.json").read_text())
     assert meta["max_caption_tokens"] == expected and meta["decoder"]["block_size"] == expected + 2
-    assert search.resolve_decoding({}, meta)[0]["max_len"] == expected + 1
+    assert decoding.resolve_decoding({}, meta)[0].max_len == expected + 1
     gpt2 = tmp_path / "gpt2"
     assert trainer.main(_with_train_json(cli(world, gpt2, "--peft", "none", "--epochs", "1"), long_json)) == 0
     assert "captions cut to 30 tokens (the decoder's 32 positions less start and end): 1 of 16 training" in \
