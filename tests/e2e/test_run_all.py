@@ -29,7 +29,7 @@ from hw3.report import answer_file
 from hw3.util import resources
 from hw3.pipeline import run_all
 from hw3.pipeline import context
-from hw3.models import search
+from hw3.models import decoding
 import tiny_models
 import torch
 from hw3.training import loop
@@ -215,10 +215,10 @@ def test_shipped_checkpoint_carries_the_chosen_decoding_and_no_local_path(finish
     out, _ = finished
     results = read_json(os.path.join(out, "results.json"))
     meta = read_checkpoint_config(records.local_path(results["p2_shipping"]["checkpoint"], out))
-    settings, said = search.resolve_decoding({}, meta, "p2_best.json")
+    settings, said = decoding.resolve_decoding({}, meta, "p2_best.json")
     assert "chosen on" in said and meta["inference"]["chosen_on"].startswith("highest CIDEr on the val split")
     best = max(results["p2_decoding"], key=lambda d: d["cider"])
-    assert settings == {k: best[k] for k in search.DECODE_DEFAULTS}
+    assert settings.as_record() == {k: best[k] for k in decoding.DECODE_DEFAULTS}
     shipped = records.local_path(results["p2_shipping"]["checkpoint"], out)
     assert results["p2_shipping"]["bytes"] == os.path.getsize(shipped)
     shipped = open(os.path.join(out, "p2", "p2_best.json"), encoding="utf-8").read()
@@ -1059,7 +1059,7 @@ def test_scst_fine_tunes_the_chosen_attempts_scored_checkpoint(tuned):
     # --score-checkpoints: the committed fine-tuned checkpoint is the one scored "after", and ships
     assert os.path.samefile(scst["after"]["checkpoint"], os.path.join(demo.MODELS, "p2_%s_scst.pt" % method))
     shipped = read_checkpoint_config(os.path.join(out, "scst", "p2_scst.pt"))  # hw3_2.sh-ready, as p2_best is
-    assert shipped[search.INFERENCE_KEY] == results["p2_inference"] and scst["shipping"]["sha256"] == sha(
+    assert shipped[decoding.INFERENCE_KEY] == results["p2_inference"] and scst["shipping"]["sha256"] == sha(
         scst["after"]["checkpoint"])
 
 
@@ -1235,7 +1235,7 @@ def test_paragraph_captions_are_scored_at_a_length_that_covers_them(world, tmp_p
     tokenizer = BPETokenizer()
     val = corpus.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
     longest_val = max(len(tokenizer.encode(r)) for refs in val.references for r in refs)
-    assert longest_val > search.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
+    assert longest_val > decoding.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
     results = read_json(os.path.join(out, "results.json"))
     table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
     for arch, row in results["compare"].items():

@@ -34,7 +34,7 @@ from hw3.data.tokenizer import BPETokenizer
 
 IMAGES = 40  # 32 train, 8 val by file-name hash
 MAX_TOKENS = 64  # the paragraphs' longest is under 50 GPT-2 tokens
-SHORT = 30  # search.DECODE_DEFAULTS' decode limit before data-derived lengths: it cuts some of the paragraphs
+SHORT = 30  # decoding.DECODE_DEFAULTS' decode limit before data-derived lengths: it cuts some of the paragraphs
 MIN_BEST_CIDER = 0.05
 MIN_MEAN_WORDS = 8  # the longest opening sentence ("the picture shows three shapes on a gray background.") has 9
 TRAINING = dict(epochs=6, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4, val_max_images=8)  # lengths: the data's

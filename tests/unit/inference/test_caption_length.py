@@ -41,7 +41,7 @@ def test_every_committed_captioner_is_checked():
 def test_committed_checkpoints_decode_as_before(val_images, name, tmp_path):
     checkpoint = os.path.join(MODELS, name)
     meta = read_checkpoint_config(checkpoint)
-    assert search.DATA_LENGTH_KEY not in meta
+    assert decoding.DATA_LENGTH_KEY not in meta
     before = dict(decoding.DECODE_DEFAULTS, **{k: v for k, v in (meta.get(decoding.INFERENCE_KEY) or {}).items()
                                              if k in decoding.DECODE_DEFAULTS})
     settings, _ = decoding.resolve_decoding({}, meta)
