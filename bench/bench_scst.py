@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from hw3.data import corpus
+from hw3.data import caption_files, datasets
 from hw3.training import trainer
 from hw3.training import loop
 from hw3.models.captioner import Captioner, decoder_from_config
@@ -56,7 +56,7 @@ class FeatureCacheOnly:
     width = VIT_H14["width"]
 
 
-def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generator) -> corpus.CaptionSet:
+def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generator) -> caption_files.CaptionSet:
     """`count` images with REFERENCES captions each of exactly CAPTION_TOKENS tokens (random COCO-like words)."""
     def caption() -> str:
         text = ""
@@ -66,7 +66,7 @@ def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generato
         return text
 
     captions = [[caption() for _ in range(REFERENCES)] for _ in range(count)]
-    return corpus.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions, captions)
+    return caption_files.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions, captions)
 
 
 def last_logged_seconds(log_path: str) -> float:
@@ -116,11 +116,11 @@ def main() -> None:
         cache = os.path.join(tmp, "train.npy")
         rows = torch.randn(count, VIT_H14["tokens"], VIT_H14["width"], generator=torch.Generator().manual_seed(0))
         np.save(cache, rows.half().numpy())  # (count, N, width), as p2_data.build_feature_cache writes it
-        features = corpus.Features(cache)
-        tokens, _, _ = corpus.tokenize_captions(train.captions, tokenizer, args.max_caption_tokens)
+        features = datasets.Features(cache)
+        tokens, _, _ = datasets.tokenize_captions(train.captions, tokenizer, args.max_caption_tokens)
         assert all(len(t) == CAPTION_TOKENS for caps in tokens for t in caps)
-        xe_pairs = corpus.CaptionPairs(features, [caps[:1] for caps in tokens[:args.batch_size]])
-        xe_loader = DataLoader(xe_pairs, batch_size=args.batch_size, collate_fn=corpus.collate_pairs)
+        xe_pairs = datasets.CaptionPairs(features, [caps[:1] for caps in tokens[:args.batch_size]])
+        xe_loader = DataLoader(xe_pairs, batch_size=args.batch_size, collate_fn=datasets.collate_pairs)
         scst_loader = DataLoader(Subset(features, range(images)), batch_size=images, collate_fn=collate_images)
         reward = trainer.make_reward(args, train, None, "cpu")
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 
-from hw3.data import corpus
+from hw3.data import caption_files, datasets, feature_cache
 from hw3.training import trainer
 from hw3.training import loop
 from hw3.models.captioner import build_captioner
@@ -76,22 +76,22 @@ def main() -> None:
                   "--batch-size", str(bench.batch_size), "--epochs", "1", "--log-every", "1000000",
                   "--max-caption-tokens", "40"]  # p2_train's default is the data's, set only once it reads them
         args = trainer.parse_args(common)
-        caps = corpus.load_captions(annotation, os.path.join(tmp, "images"))
-        tokens, _, _ = corpus.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)
+        caps = caption_files.load_captions(annotation, os.path.join(tmp, "images"))
+        tokens, _, _ = datasets.tokenize_captions(caps.captions, BPETokenizer(), args.max_caption_tokens)
 
         def loader(visuals):
-            pairs = corpus.CaptionPairs(visuals, tokens)
+            pairs = datasets.CaptionPairs(visuals, tokens)
             return torch.utils.data.DataLoader(pairs, batch_size=bench.batch_size, shuffle=True,
-                                               collate_fn=corpus.collate_pairs)
+                                               collate_fn=datasets.collate_pairs)
 
         started = time.perf_counter()
-        cache = corpus.build_feature_cache(os.path.join(tmp, "cache"), "train", captioner.encoder, caps,
-                                            batch_size=bench.batch_size)
+        cache = feature_cache.build_feature_cache(os.path.join(tmp, "cache"), "train", captioner.encoder, caps,
+                                            feature_cache.Encoding(batch_size=bench.batch_size))
         fill_seconds = time.perf_counter() - started
-        cached = loader(corpus.Features(cache))
+        cached = loader(datasets.Features(cache))
         timed_epoch(captioner, captioner, cached, args, world)  # warm-up: first-call allocations
         with_cache = timed_epoch(captioner, captioner, cached, args, world)
-        without_cache = timed_epoch(captioner, captioner, loader(corpus.images(caps, captioner.encoder.transform)),
+        without_cache = timed_epoch(captioner, captioner, loader(datasets.images(caps, captioner.encoder.transform)),
                                     args, world)
         row_mb = np.load(cache, mmap_mode="r")[0].nbytes / 2 ** 20
     print("encoder %s, decoder GPT-2 small + %s (%s trainable), batch %d, %d steps, %d CPU threads" % (

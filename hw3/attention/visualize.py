@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.models import decoding
 from hw3.models.captioner import config_path, load_captioner, no_attention_reason, read_checkpoint_config
 from hw3.data.images import load_rgb
@@ -230,7 +230,7 @@ def resolve_images(args) -> List[Tuple[str, Optional[float]]]:
             raise UserError("--from-scores needs --images to be the one folder holding the scored images (in it or "
                             "its sub-folders)")
         folder = args.images[0]
-        names = {corpus.image_key(n): n for n in corpus.find_images(folder)}
+        names = {caption_files.image_key(n): n for n in caption_files.find_images(folder)}
         out = []
         for key, score in select_from_scores(args.from_scores, args.top, args.bottom):
             if key not in names:
@@ -240,13 +240,13 @@ def resolve_images(args) -> List[Tuple[str, Optional[float]]]:
     out, seen = [], {}
     for item in args.images:
         if os.path.isdir(item):
-            paths = [os.path.join(item, n) for n in corpus.find_images(item)]
+            paths = [os.path.join(item, n) for n in caption_files.find_images(item)]
         elif os.path.isfile(item):
             paths = [item]
         else:
             raise UserError("--images: no such file or folder: %s" % item)
         for path in paths:
-            stem = corpus.image_key(path)
+            stem = caption_files.image_key(path)
             if stem in seen:
                 raise UserError("--images: %s and %s would both be drawn as %s.png" % (seen[stem], path, stem))
             seen[stem] = path

@@ -20,7 +20,7 @@ from hw3.evaluation import ptb
 from hw3.data.images import ImageFiles, collate_images, image_batches
 from hw3.util.errors import UserError, progress
 from hw3.util.files import read_json
-from hw3.data.corpus import VAL_FRACTION, image_key, read_captions, resolve_split, split_names
+from hw3.data.caption_files import VAL_FRACTION, image_key, read_captions, resolve_split, split_names
 from hw3.util.resources import HalvingBatches
 
 CLIPSCORE_WEIGHT = 2.5

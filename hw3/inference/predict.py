@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.models import decoding, search
 from hw3.models.decoding import DecodingSettings
 from hw3.models.captioner import Captioner, config_path, load_captioner, read_checkpoint_config
@@ -60,10 +60,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     data = parser.add_argument_group("which images (default: every image of the folder)")
     data.add_argument("--captions", metavar="FILE", help="caption only the images of a caption file's split (any "
                       "format p2_data reads), so the keys match p2_evaluate.py with the same --split")
-    data.add_argument("--split", choices=corpus.SPLITS, default=None, help="with --captions: the split (default: "
+    data.add_argument("--split", choices=caption_files.SPLITS, default=None, help="with --captions: the split (default: "
                       "val of a file with splits, the whole of a file without; train/val of a file without splits "
                       "divide it by file-name hash)")
-    data.add_argument("--val-fraction", type=float, default=corpus.VAL_FRACTION,
+    data.add_argument("--val-fraction", type=float, default=caption_files.VAL_FRACTION,
                       help="with --captions: share of a file without splits that --split val takes")
     decoding.add_decoding_arguments(parser)
     output = parser.add_argument_group("output")
@@ -112,7 +112,7 @@ def caption_folder(model: Captioner, folder: str, names: List[str], settings: De
     def generate(pixels: torch.Tensor, indices: List[int]) -> Tuple[List[List[int]], List[bool]]:
         with torch.no_grad(), autocast(device, runtime.fp16):
             return model.generate(pixels.to(device, non_blocking=True), settings, return_ended=True,
-                                  image_keys=[corpus.image_key(names[i]) for i in indices])
+                                  image_keys=[caption_files.image_key(names[i]) for i in indices])
 
     with progress(total=len(names), desc="captioning", unit="img") as bar:
         for indices, pixels in image_batches(loader):
@@ -148,7 +148,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, int]:
     check_output_file(args.output, "output JSON")
     if args.split and not args.captions:
         raise UserError("--split %s needs --captions FILE (the caption file whose split it is)" % args.split)
-    names = corpus.find_images(args.images, args.captions, split=args.split, default_split="val",
+    names = caption_files.find_images(args.images, args.captions, split=args.split, default_split="val",
                                 val_fraction=args.val_fraction)
     settings, said = decoding.resolve_decoding(vars(args), read_checkpoint_config(args.checkpoint),
                                              config_path(args.checkpoint))  # before the slow loading
@@ -167,10 +167,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, int]:
         info = dict(description="p2_inference.py captions of %s" % os.path.basename(os.path.normpath(args.images)),
                     checkpoint=os.path.basename(args.checkpoint),
                     decoding=dict(settings.as_record(), captions_per_image=count))
-        write_json(args.output, corpus.coco_captions(
+        write_json(args.output, caption_files.coco_captions(
             names, [captions[n * count:(n + 1) * count] for n in range(len(names))], info))
     else:
-        write_json(args.output, {corpus.image_key(n): c for n, c in zip(names, captions)})
+        write_json(args.output, {caption_files.image_key(n): c for n, c in zip(names, captions)})
     took = time.time() - loaded
     print("captioned %d images (%d captions) in %.1f s (%.1f images/s; model loading %.1f s) -> %s" % (
         len(names), len(captions), took, len(names) / max(took, 1e-9), loaded - start, args.output),

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from hw3.models import clip_backend
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import caption_files, datasets
 from hw3.inference import predict
 from hw3.training import trainer
 from hw3.pipeline import records
@@ -120,9 +120,9 @@ class Context:
         """The length every scored caption may reach: covers the longest val reference and its end token, never
         below the README's 30 (decoding.covering_max_len; the decoder's positions cap it in search)."""
         if self._scoring_max_len is None:
-            val = corpus.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
+            val = caption_files.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
                                         default_split="val")
-            _, _, longest = corpus.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
+            _, _, longest = datasets.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
             self._scoring_max_len = decoding.covering_max_len(longest)
         return self._scoring_max_len
 
@@ -261,14 +261,14 @@ def train_split(ctx: Context) -> str:
     if not ctx.args.train_max_images:
         return ctx.data("train_json")
     data = read_json(ctx.data("train_json"), "annotation file")
-    caption_file = corpus.read_captions(data, "annotation file")
+    caption_file = caption_files.read_captions(data, "annotation file")
     if caption_file.format == "coco":
         keep = {img["id"] for img in data["images"][:ctx.args.train_max_images]}
         data = dict(data, images=[i for i in data["images"] if i["id"] in keep],
                     annotations=[a for a in data["annotations"] if a["image_id"] in keep])
     else:
-        split = corpus.resolve_split(caption_file, None, "train")
-        names, _ = corpus.split_names(caption_file, split, show=False)
+        split = caption_files.resolve_split(caption_file, None, "train")
+        names, _ = caption_files.split_names(caption_file, split, show=False)
         data = {n: caption_file.captions[n] for n in names[:ctx.args.train_max_images]}
     path = ctx.path("p2", "train_subset.json")
     write_json(path, data, indent=None)

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from hw3.report import compose
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.inference import predict
 from hw3.training import trainer
 from hw3.attention import visualize
@@ -157,7 +157,7 @@ def stage_distill(ctx: Context) -> dict:
     teacher = best_captioner(ctx)
     ctx.say("distill: the teacher is %s (%s, %s)" % (teacher["arch"], teacher["chosen_on"], teacher["checkpoint"]))
     decodings = teacher_decodings(ctx, teacher["decoding"])
-    human_set = corpus.load_captions(human, ctx.data("train_images"), split=teacher_split(ctx))
+    human_set = caption_files.load_captions(human, ctx.data("train_images"), split=teacher_split(ctx))
     per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
                      **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
     with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
@@ -321,7 +321,7 @@ def attention_figures(ctx: Context, arch: str, checkpoint: str, per_image: dict,
                        "--decoder", ctx.data("decoder"), "--device", ctx.args.device]
                       + decoding_flags(DecodingSettings.from_record(decoding), checkpoint))
     figures = read_json(os.path.join(folder, "attention.json"), "attention figures")["figures"]
-    drawn = {corpus.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
+    drawn = {caption_files.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
              for f in figures}
     ranked = sorted(per_image, key=lambda k: (-per_image[k]["clipscore"], k))
 

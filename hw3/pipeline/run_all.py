@@ -60,7 +60,7 @@ from hw3.report import compose
 from hw3.pipeline import optional_stages
 from hw3.zeroshot import classify
 from hw3.zeroshot import prompt_templates
-from hw3.data import corpus
+from hw3.data import caption_files, datasets
 from hw3.training import trainer
 from hw3.attention import visualize
 from hw3.pipeline import records
@@ -172,10 +172,10 @@ def image_paths(ctx: Context, stages: List[str]) -> List[str]:
         if key == "p1_images":  # P1's labels come from the file names of the one folder
             names = list_images(ctx.data(key), DATA[key])
         elif split and (ctx.args.captions or os.path.isfile(ctx.data(split + "_json"))):
-            names = corpus.find_images(ctx.data(key), ctx.data(split + "_json"),
+            names = caption_files.find_images(ctx.data(key), ctx.data(split + "_json"),
                                         split=split if ctx.args.captions else None)
         else:
-            names = corpus.find_images(ctx.data(key), what=DATA[key])
+            names = caption_files.find_images(ctx.data(key), what=DATA[key])
         paths.update((os.path.normpath(os.path.join(ctx.data(key), n)), None) for n in names)
     return list(paths)
 
@@ -224,14 +224,14 @@ def describe_data(ctx: Context) -> dict:
     """results.json "data" of a --captions run: the caption file's format, its split sizes, the training captions'
     lengths in GPT-2 tokens (as p2_train.py cleans and tokenizes them) and, per training, how many of them its
     --max-caption-tokens (given, or p2_train's default from these captions) cuts (p2_data.tokenize_captions' count)."""
-    train, val = (corpus.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
-    tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
+    train, val = (caption_files.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
+    tokens, _, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]
     limits = {name: options.max_caption_tokens if isinstance(options.max_caption_tokens, int)
               else trainer.data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}
     cut = {name: dict(max_caption_tokens=limit, cut=sum(1 for n in lengths if n > limit))
            for name, limit in limits.items()}
-    return dict(format=corpus.read_captions(ctx.args.captions).format,
+    return dict(format=caption_files.read_captions(ctx.args.captions).format,
                 splits=dict(train=len(train.names), val=len(val.names)),
                 caption_tokens=dict(length_summary(lengths), captions=len(lengths)), cut=cut)
 
@@ -763,7 +763,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     g.add_argument("--captions", metavar="FILE", help="one caption file of any format p2_data reads (COCO, Karpathy "
                    "split JSON, DeepFashion-MultiModal captions.json, {file name: captions}): trained on its train "
                    "split, scored on its val split (a file without splits: divided by file-name hash, %g to val, as "
-                   "p2_train.py does)" % corpus.VAL_FRACTION)
+                   "p2_train.py does)" % caption_files.VAL_FRACTION)
     g.add_argument("--images", metavar="DIR", help="the folder of --captions' images")
     g.add_argument("--decoder-weights", metavar="FILE", help="the course's decoder_model.bin, for the P2 (GPT-2 "
                    "PEFT) stage; without it only the compare stage's from-scratch decoders are trained")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import datasets
 from hw3.util import safe_load
 from hw3.data.images import image_batches
 from hw3.util.device import autocast, resolve_device
@@ -164,9 +164,9 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
     logits (M, vocab) already taken at the M target positions (decoder(..., positions=targets != -100)) with the
     targets (B, T) or already taken there (M,)."""
     if logits.dim() == 2 and targets.dim() == 2:
-        targets = targets[targets != corpus.IGNORE_INDEX]
+        targets = targets[targets != datasets.IGNORE_INDEX]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=corpus.IGNORE_INDEX, label_smoothing=label_smoothing)
+                           ignore_index=datasets.IGNORE_INDEX, label_smoothing=label_smoothing)
 
 
 
@@ -185,13 +185,13 @@ def validate(captioner, val_loader, val, val_tokens, args, device, amp: bool) ->
             ids = captioner.generate(tokens, DecodingSettings(method=args.val_decode, beam_size=args.val_beam_size,
                                                               max_len=args.val_max_len))
             rows = [(r, caption) for r, i in enumerate(index) for caption in val_tokens[i]]
-            inputs, targets = corpus.caption_targets([c for _, c in rows])
+            inputs, targets = datasets.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
             targets = targets.to(device)
-            positions = targets != corpus.IGNORE_INDEX
+            positions = targets != datasets.IGNORE_INDEX
             logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat), positions=positions)
             targets = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
-        n = int((targets != corpus.IGNORE_INDEX).sum())
+        n = int((targets != datasets.IGNORE_INDEX).sum())
         return ids, float(caption_loss(logits, targets)) * n, n
 
     for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
@@ -289,13 +289,13 @@ def micro_batch_loss(model, decoder, batch, rows: Tuple[int, int], count: int, d
     visuals, inputs, targets = (t[rows[0]:rows[1]] for t in batch)
     with autocast(device, amp):
         targets = targets.to(device)
-        positions = targets != corpus.IGNORE_INDEX
+        positions = targets != datasets.IGNORE_INDEX
         out = model(visuals.to(device, non_blocking=True), inputs.to(device), positions=positions,
                     return_attention=penalised)  # (M, vocab): no logits on padding
         logits, attentions = out if penalised else (out, None)
         wanted = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
         loss = caption_loss(logits, wanted, args.label_smoothing)
-        loss = loss * (int((wanted != corpus.IGNORE_INDEX).sum()) / max(1, count))
+        loss = loss * (int((wanted != datasets.IGNORE_INDEX).sum()) / max(1, count))
         if penalised:
             loss = loss + decoder.attention_penalty(attentions, positions) * ((rows[1] - rows[0]) / len(batch[0]))
     return loss
@@ -306,7 +306,7 @@ def fit_micro_batch(model, decoder, batch, closes_group: bool, group_size: int, 
     """Forward and backward of one micro-batch in split.pieces; DDP syncs the gradients only on the group's last
     piece. Returns the micro-batch's loss."""
     targets = batch[2].to(world.device)
-    count = int((decoder.vocab.targets(targets)[targets != corpus.IGNORE_INDEX] != corpus.IGNORE_INDEX).sum())
+    count = int((decoder.vocab.targets(targets)[targets != datasets.IGNORE_INDEX] != datasets.IGNORE_INDEX).sum())
     pieces = split.ranges(len(batch[0]))
     loss = 0.0
     for k, rows in enumerate(pieces):
@@ -384,10 +384,10 @@ def sample_pairs(samples: List[List[int]], max_len: int) -> Tuple[torch.Tensor, 
     """Teacher-forcing inputs and targets (B, K) of sampled captions (ids without the end token): the end token is a
     target only where the caption ended, i.e. came out shorter than max_len. K stops at the last target, so a
     caption cut at the decoder's last position never feeds one more."""
-    inputs, targets = corpus.caption_targets(samples)
+    inputs, targets = datasets.caption_targets(samples)
     for row, ids in enumerate(samples):
         if len(ids) >= max_len:  # cut by max_len: it never sampled the end token
-            targets[row, len(ids)] = corpus.IGNORE_INDEX
+            targets[row, len(ids)] = datasets.IGNORE_INDEX
     width = max(len(ids) + (len(ids) < max_len) for ids in samples)  # the last target's column, plus one
     return inputs[:, :width], targets[:, :width]
 
@@ -431,7 +431,7 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
         t2 = time.time()
         inputs, targets = sample_pairs(samples, max_len)
         targets = targets.to(world.device)
-        positions = targets != corpus.IGNORE_INDEX
+        positions = targets != datasets.IGNORE_INDEX
         advantage = (rewards - base).view(-1, 1).expand_as(targets).to(world.device)[positions]  # (M,)
         with autocast(world.device, amp):
             logits = model(tokens.repeat_interleave(K, dim=0), inputs.to(world.device), positions=positions)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from hw3.models import clip_backend
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import caption_files, datasets, feature_cache
 from hw3.util import safe_load
 from hw3.models.captioner import ARCHITECTURES, FROM_SCRATCH, build_captioner, read_checkpoint_config, save_checkpoint
 from hw3.training.cider_reward import CiderD
@@ -66,13 +66,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--val-json", required=True, help="captions of the validation images (any of those formats; "
                    "may be the --train-json file)")
     g.add_argument("--val-images", required=True, help="folder of the validation images")
-    g.add_argument("--train-split", choices=corpus.SPLITS, default=None, help="split of --train-json trained on "
+    g.add_argument("--train-split", choices=caption_files.SPLITS, default=None, help="split of --train-json trained on "
                    "(default: train of a file with splits, restval included; the whole of a file without, or its "
                    "train share by file-name hash when it is also --val-json)")
-    g.add_argument("--val-split", choices=corpus.SPLITS, default=None, help="split of --val-json validated on "
+    g.add_argument("--val-split", choices=caption_files.SPLITS, default=None, help="split of --val-json validated on "
                    "(default: val of a file with splits; the whole of a file without, or its val share when it is "
                    "also --train-json)")
-    g.add_argument("--val-fraction", type=float, default=corpus.VAL_FRACTION, help="share of a file without "
+    g.add_argument("--val-fraction", type=float, default=caption_files.VAL_FRACTION, help="share of a file without "
                    "splits that the val split takes (by file-name hash: the same on every machine)")
     g.add_argument("--val-max-images", type=int, default=0, help="validate on the first N images only (0 = all)")
     g.add_argument("--max-caption-tokens", type=int, default=None, help="longer captions are cut to this many GPT-2 "
@@ -355,9 +355,9 @@ def load_splits(args):
     same_file = os.path.abspath(args.train_json) == os.path.abspath(args.val_json)
     train_split = args.train_split or ("train" if same_file else None)
     val_split = args.val_split or ("val" if same_file else None)
-    train = corpus.load_captions(args.train_json, args.train_images, clean=not args.raw_captions, split=train_split,
+    train = caption_files.load_captions(args.train_json, args.train_images, clean=not args.raw_captions, split=train_split,
                                   default_split="train", val_fraction=args.val_fraction, option="--train-split")
-    val = corpus.load_captions(args.val_json, args.val_images, clean=not args.raw_captions, split=val_split,
+    val = caption_files.load_captions(args.val_json, args.val_images, clean=not args.raw_captions, split=val_split,
                                 default_split="val", val_fraction=args.val_fraction, option="--val-split")
     if same_file and os.path.abspath(args.train_images) == os.path.abspath(args.val_images):
         shared = set(train.names) & set(val.names)
@@ -377,7 +377,7 @@ def caption_length(args, train, world: Dist) -> None:
     """Sets --max-caption-tokens from the training captions when it was not given (the longest, rounded up to a
     multiple of CAPTION_LENGTH_STEP: no caption is cut) and --val-max-len to a length covering it; says so."""
     if args.max_caption_tokens is None:
-        _, _, longest = corpus.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
+        _, _, longest = datasets.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
         args.max_caption_tokens = data_caption_tokens(longest)
         if world.main:
             print("caption length: --max-caption-tokens %d from the training captions (the longest has %d tokens, "
@@ -395,8 +395,8 @@ def trained_caption_tokens(args, captioner) -> int:
 def build_data(args, train, val, captioner, world: Dist):
     tokenizer = BPETokenizer()
     max_tokens = trained_caption_tokens(args, captioner)
-    train_tokens, cut, longest = corpus.tokenize_captions(train.captions, tokenizer, max_tokens)
-    val_tokens, val_cut, val_longest = corpus.tokenize_captions(val.captions, tokenizer, max_tokens)
+    train_tokens, cut, longest = datasets.tokenize_captions(train.captions, tokenizer, max_tokens)
+    val_tokens, val_cut, val_longest = datasets.tokenize_captions(val.captions, tokenizer, max_tokens)
     if world.main and (cut or val_cut):
         limit = ("--max-caption-tokens %d" % max_tokens if max_tokens == args.max_caption_tokens else
                  "%d tokens (the decoder's %d positions less start and end)" % (max_tokens,
@@ -406,21 +406,21 @@ def build_data(args, train, val, captioner, world: Dist):
               file=sys.stderr)
     encoder = captioner.encoder
     if args.feature_cache:
-        kwargs = dict(batch_size=args.encode_batch_size, device=world.device, num_workers=args.workers,
-                      amp=world.device.type == "cuda" and not args.no_amp, rank=world.rank,
-                      world_size=world.world_size, barrier=world.barrier)
-        train_visuals = corpus.Features(corpus.build_feature_cache(args.feature_cache, "train", encoder, train,
-                                                                     **kwargs))
-        val_visuals = corpus.Features(corpus.build_feature_cache(args.feature_cache, "val", encoder, val, **kwargs))
+        run = feature_cache.Encoding(batch_size=args.encode_batch_size, device=world.device, num_workers=args.workers,
+                                     amp=world.device.type == "cuda" and not args.no_amp, rank=world.rank,
+                                     world_size=world.world_size, barrier=world.barrier)
+        train_visuals = datasets.Features(feature_cache.build_feature_cache(args.feature_cache, "train", encoder, train,
+                                                                            run))
+        val_visuals = datasets.Features(feature_cache.build_feature_cache(args.feature_cache, "val", encoder, val, run))
         captioner.release_encoder()  # never run again: free the accelerator for the decoder
     else:
-        augment = corpus.light_augmentation() if args.augment else None
-        train_visuals = corpus.images(train, encoder.transform, augment)
-        val_visuals = corpus.images(val, encoder.transform)
-    pairs = corpus.CaptionPairs(train_visuals, train_tokens)
+        augment = datasets.light_augmentation() if args.augment else None
+        train_visuals = datasets.images(train, encoder.transform, augment)
+        val_visuals = datasets.images(val, encoder.transform)
+    pairs = datasets.CaptionPairs(train_visuals, train_tokens)
     sampler = DistributedSampler(pairs, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(pairs, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=corpus.collate_pairs, pin_memory=world.device.type == "cuda")
+                        collate_fn=datasets.collate_pairs, pin_memory=world.device.type == "cuda")
     val_loader = DataLoader(val_visuals, batch_size=args.val_batch_size, num_workers=args.workers,
                             collate_fn=collate_images)
     scst_loader = None
@@ -489,7 +489,7 @@ TRAJECTORY_OPTIONS = ("raw_captions", "max_caption_tokens", "augment", "val_max_
 
 
 # Trajectory options added later: recorded only away from their defaults, so earlier runs still resume.
-LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=corpus.VAL_FRACTION, scst_epochs=0,
+LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=caption_files.VAL_FRACTION, scst_epochs=0,
                                 init_from=None, scst_samples=5, scst_baseline="mean", scst_lr=2e-5,
                                 scst_temperature=1.0, scst_clip_weight=0.0, scst_end_word=False)
 SCST_OPTIONS = ("scst_epochs", "scst_samples", "scst_baseline", "scst_lr", "scst_temperature", "scst_clip_weight",
@@ -534,7 +534,7 @@ def _run(args, world: Dist) -> int:
     train, val = load_splits(args)
     caption_length(args, train, world)
     if args.arch in FROM_SCRATCH:  # the compact output layer: the GPT-2 ids of the training captions
-        tokens, _, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), args.max_caption_tokens)
+        tokens, _, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), args.max_caption_tokens)
         cfg = decoder_config(args, collect_output_ids(ids for image in tokens for ids in image))
     torch.manual_seed(args.seed)  # identical initial trainable weights on every rank
     random.seed(args.seed)

@@ -22,7 +22,7 @@ import pytest
 
 from hw3.report import compose
 from hw3.pipeline import optional_stages
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.training import trainer
 from hw3.pipeline import records
 from hw3.report import answer_file
@@ -919,7 +919,7 @@ def test_with_names_only_optional_stages(finished, tmp_path, capsys):
 def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     """--captions FILE --images DIR: no P1 or P3 data; without --decoder-weights no P2 (and no gpt2 row); a file
     without splits is trained on its train share and scored on its val share, as p2_train.py divides it."""
-    from hw3.data import corpus
+    from hw3.data import caption_files
 
     p2 = os.path.join(world, "p2_data")
     config = str(tmp_path / "train_config.json")
@@ -938,7 +938,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     results = read_json(str(tmp_path / "out" / "results.json"))
     assert set(results["compare"]) == set(optional_stages.COMPARE_ARCHS)
     assert "p2" not in results and "p1_accuracy" not in results
-    val, _ = corpus.split_names(corpus.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
+    val, _ = caption_files.split_names(caption_files.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
     assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
         os.path.splitext(n)[0] for n in val)
     assert os.path.isfile(str(tmp_path / "out" / "report.pdf"))
@@ -970,7 +970,7 @@ def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
     train_names = {i["file_name"] for i in read_json(os.path.join(out, "p2", "train_subset.json"))["images"]}
     for name in ("precise", "creative"):
         path = os.path.join(out, "distill", "teacher_%s.json" % name)
-        captions = corpus.read_captions(path)
+        captions = caption_files.read_captions(path)
         assert captions.format == "coco" and set(captions.captions) == train_names
         assert all(len(c) == 1 and c[0] for c in captions.captions.values())
         trained = read_json(os.path.join(out, "distill", name, "train", "args.json"))
@@ -1233,14 +1233,14 @@ def test_paragraph_captions_are_scored_at_a_length_that_covers_them(world, tmp_p
                      "--train-config", config, "--device", "cpu", "--workers", "0"] + models, capsys)
     assert code == 0, err[-3000:]
     tokenizer = BPETokenizer()
-    val = corpus.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
+    val = caption_files.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
     longest_val = max(len(tokenizer.encode(r)) for refs in val.references for r in refs)
     assert longest_val > decoding.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
     results = read_json(os.path.join(out, "results.json"))
     table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
     for arch, row in results["compare"].items():
         meta = read_json(records.local_path(row["checkpoint"], out).replace(".pt", ".json"))
-        longest_train = max(len(tokenizer.encode(corpus.clean_caption(c))) for c in paragraphs.values())
+        longest_train = max(len(tokenizer.encode(caption_files.clean_caption(c))) for c in paragraphs.values())
         assert meta["max_caption_tokens"] >= longest_train  # trained on whole paragraphs
         assert row["max_len"] == min(longest_val + 1, meta["decoder"]["block_size"] - 1), arch
         assert 0 <= row["cut"] <= len(val.names)
