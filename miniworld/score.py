@@ -35,8 +35,8 @@ def score(checkpoint: str, p2: str, settings: DecodingSettings, out: str, clip) 
     predict.main([os.path.join(p2, "images", "val"), out, os.path.join(p2, generate.COURSE_DECODER),
                        "--checkpoint", checkpoint, "--device", "cpu", "--num-workers", "0"]
                       + context.decoding_flags(settings))
-    scores = metrics.evaluate(out, os.path.join(p2, "val.json"), os.path.join(p2, "images", "val"), clip=clip,
-                              metrics=("bleu", "cider", "clipscore"))
+    scores = metrics.evaluate(out, os.path.join(p2, "val.json"), os.path.join(p2, "images", "val"),
+                              metrics.Scoring(clip=clip, metrics=("bleu", "cider", "clipscore")))
     objects = world_lib.object_scores(read_json(out), scenes_of(p2))
     return dict(CIDEr=scores["CIDEr"], CLIPScore=scores["CLIPScore"], object_f1=objects["object_f1"],
                 exact_object_set=objects["exact_object_set"], BLEU4=scores["BLEU-4"])

@@ -296,9 +296,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def visualise_one(args, captioner, tokenizer, path: str, score: Optional[float], image, ids: List[int], per_block,
+def visualise_one(args, captioner, tokenizer, picture: Tuple[str, Optional[float], object], caption: tuple,
                   out: str) -> dict:
-    """Draws one image's figure into `out`; returns its index entry."""
+    """Draws one image's figure into `out`; returns its index entry. picture: (path, its score or None, the image);
+    caption: (its token ids, their per-block cross-attention as generate returns them)."""
+    (path, score, image), (ids, per_block) = picture, caption
     maps = captioner.attention_maps(per_block, args.layer, args.heads)  # (L, h, w)
     ended = maps.shape[0] == len(ids) + 1
     labels = token_labels(ids, tokenizer, ended=ended)
@@ -332,7 +334,7 @@ def main(argv=None) -> int:
             pixels = torch.stack([captioner.encoder.transform(p) for p in pictures]).to(device)
             all_ids, all_attention = captioner.generate(pixels, settings, return_attention=True)
             for (path, score), image, ids, per_block in zip(batch, pictures, all_ids, all_attention):
-                entries.append(visualise_one(args, captioner, tokenizer, path, score, image, ids, per_block, out))
+                entries.append(visualise_one(args, captioner, tokenizer, (path, score, image), (ids, per_block), out))
                 bar.update(1)
         write_index(out, entries)
         write_json(os.path.join(out, "attention.json"), dict(figures=entries, layer=args.layer, heads=args.heads))

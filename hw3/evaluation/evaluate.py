@@ -75,9 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if path:
             check_output_file(path, what)
     device = str(resolve_device(args.device))
-    result = metrics.evaluate(args.pred_file, args.annotation_file, args.images_root, clip_model=args.clip_model,
-                              clip_pretrained=args.clip_pretrained or None, batch_size=args.batch_size, device=device,
-                              java_tokenizer=args.java_tokenizer, num_workers=args.num_workers, metrics=args.metrics,
+    result = metrics.evaluate(args.pred_file, args.annotation_file, args.images_root,
+                              metrics.Scoring(args.metrics, clip_model=args.clip_model,
+                                              clip_pretrained=args.clip_pretrained or None, batch_size=args.batch_size,
+                                              device=device, tokenizer="java" if args.java_tokenizer else "python",
+                                              num_workers=args.num_workers),
                               split=args.split, val_fraction=args.val_fraction)
     keys = metrics.result_keys(args.metrics)
     if args.per_image:  # {key: {"caption", "cider", "clipscore"...}}: what p3_visualize.py --from-scores reads

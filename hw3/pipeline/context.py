@@ -544,8 +544,8 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: DecodingSettings,
         captioned = predict.run([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint,
                                       "--device", ctx.args.device, "--num-workers", str(ctx.args.workers)]
                                      + ctx.split_flags() + decoding_flags(settings, checkpoint))
-        scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                                  device=ctx.device, metrics=names, split=ctx.val_split())
+        scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"),
+                                  metrics.Scoring(clip=clip, device=ctx.device, metrics=names), split=ctx.val_split())
         log_out_of_memory(ctx, checkpoint)
         return dict(scores, cut=captioned["cut"], max_len=captioned["max_len"],
                     checkpoint_fingerprint=what["checkpoint"])

@@ -169,8 +169,9 @@ def stage_distill(ctx: Context) -> dict:
         clip = ctx.scoring_clip()
         teacher_pred = teacher["predictions"]
         rows = dict(teacher=dict(distill_row(dict(metrics.evaluate(
-            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE,
-            split=ctx.val_split()), **teacher["cut"]), ctx.args.teacher_captions, teacher_pred),
+            teacher_pred, ctx.data("val_json"), ctx.data("val_images"),
+            metrics.Scoring(clip=clip, device=ctx.device, metrics=SUITE), split=ctx.val_split()),
+            **teacher["cut"]), ctx.args.teacher_captions, teacher_pred),
             checkpoint=teacher["checkpoint"], decoding=decodings, arch=teacher["arch"], chosen_on=teacher["chosen_on"]))
         seconds = {}
         for name in CAPTION_SETS:
@@ -270,7 +271,8 @@ def stage_compare(ctx: Context) -> dict:
         for run in COMPARE_RUNS:
             checkpoint = scored_checkpoint(ctx, run, "compare")
             ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
-            scores = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(default), ctx.path("compare", run, "pred.json"), clip, SUITE)
+            scores = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(default),
+                                       ctx.path("compare", run, "pred.json"), clip, SUITE)
             per_image[run] = scores["per_image"]
             meta = read_checkpoint_config(checkpoint)
             reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
@@ -286,7 +288,8 @@ def stage_compare(ctx: Context) -> dict:
             ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
             p2_row = ctx.results["p2"][best]
             scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
-                                      clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
+                                      metrics.Scoring(clip=clip, device=ctx.device, metrics=SUITE),
+                                      split=ctx.val_split())
             seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
             if seconds_then is None and not ctx.args.score_checkpoints:  # the scored checkpoint is this training's
                 seconds_then = ctx.results["timings"]["p2_train"][best]
@@ -470,8 +473,9 @@ def stage_scst(ctx: Context) -> dict:
         if written_before:  # its captions with this decoding are P2's shipped ones or the compare stage's
             before_pred = shipped_predictions(ctx) if has_gpt2(ctx) else ctx.path("compare", best, "pred.json")
             cut = shipped_cut(ctx) if has_gpt2(ctx) else row_cut(ctx.results["compare"][best])
-            before = dict(metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                                           device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split()), **cut)
+            before = dict(metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"),
+                                           metrics.Scoring(clip=clip, device=ctx.device, metrics=SCST_SUITE),
+                                           split=ctx.val_split()), **cut)
         else:
             before_pred = ctx.path("scst", best, "before.json")
             before = caption_and_score(ctx, init, DecodingSettings.from_record(decoding), before_pred, clip, SCST_SUITE)

@@ -209,8 +209,9 @@ def score(predictions: dict, val, names, clip, device) -> Dict[str, Optional[flo
     """The --val-metrics of the validation captions against the references as written, through metrics (as
     p2_evaluate scores), as {field: score} (a skipped metric is None), plus "mean" when its four are there."""
     keys = val.keys()
-    result = metrics.score_captions(predictions, dict(zip(keys, val.references)), names,
-                                    paths={k: val.path(i) for i, k in enumerate(keys)}, clip=clip, device=str(device))
+    result = metrics.score_captions(predictions, dict(zip(keys, val.references)),
+                                    metrics.Scoring(names, clip=clip, device=str(device)),
+                                    paths={k: val.path(i) for i, k in enumerate(keys)})
     out = {k.lower(): (float(result[k]) if k in result else None) for k in metrics.result_keys(names)}
     if all(out.get(k.lower()) is not None for k in metrics.MEAN_OF):
         out["mean"] = sum(out[k.lower()] for k in metrics.MEAN_OF) / len(metrics.MEAN_OF)
@@ -416,7 +417,8 @@ def scst_epoch(epoch: int, model, captioner, loader, keys: List[str], reward, op
         with autocast(world.device, amp):
             tokens = captioner.image_tokens(visuals.to(world.device, non_blocking=True))  # (B, N, width)
             samples = captioner.generate(tokens, DecodingSettings(method="sample", temperature=args.scst_temperature,
-                                                                  captions_per_image=K, max_len=max_len, seed=args.seed),
+                                                                  captions_per_image=K, max_len=max_len,
+                                                                  seed=args.seed),
                                          image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
             greedy = captioner.generate(tokens, DecodingSettings(method="greedy", max_len=max_len)) \
                 if args.scst_baseline == "greedy" else None

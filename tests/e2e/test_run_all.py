@@ -1079,7 +1079,7 @@ def test_scst_results_hold_before_and_after(tuned):
             assert isinstance(row[key], float), (side, key)
         captions[side] = read_json(records.local_path(row["predictions"], out))
         scores = metrics.evaluate(captions[side], os.path.join(data, "p2_data", "val.json"),
-                                  os.path.join(data, "p2_data", "images", "val"), metrics=("cider",))
+                                  os.path.join(data, "p2_data", "images", "val"), metrics.Scoring(metrics=("cider",)))
         assert row["CIDEr"] == pytest.approx(scores["CIDEr"]), side
         assert row["object_f1"] == pytest.approx(world_lib.object_scores(captions[side], scenes)["object_f1"]), side
     if scst["method"] == results["p2_best"]:  # "before" is P2's shipped captions: the decoding table's chosen row
