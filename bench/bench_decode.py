@@ -109,7 +109,8 @@ def main() -> int:
     with torch.no_grad():
         generate(decoder, feats[:2], DecodingSettings(method="greedy", max_len=2))  # warm-up
         memory_s, _ = timed(lambda: decoder.image_memory(feats))
-        t, ids = timed(lambda: generate(decoder, feats, DecodingSettings(method="greedy", max_len=T, no_repeat_ngram=0)))
+        t, ids = timed(lambda: generate(decoder, feats,
+                                        DecodingSettings(method="greedy", max_len=T, no_repeat_ngram=0)))
         assert all(len(c) == T for c in ids), "a caption ended early: steps differ"
         rows.append(("ours: batched cached greedy", B / t))
         t, ids = timed(lambda: generate(decoder, feats, DecodingSettings(method="beam", beam_size=K, max_len=T,

@@ -66,7 +66,8 @@ def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generato
         return text
 
     captions = [[caption() for _ in range(REFERENCES)] for _ in range(count)]
-    return caption_files.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions, captions)
+    return caption_files.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions,
+                                    captions)
 
 
 def last_logged_seconds(log_path: str) -> float:

@@ -153,7 +153,8 @@ def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: Captio
         write_json(meta_path, dict(identity=identity, complete=True, contents=hashes,
                                    shape=list(np.load(path, mmap_mode="r").shape)))
         print("feature cache: %s (%s)" % (path, "encoded %d images" % len(todo) if not reusable else
-                                          "re-encoded %d of %d images whose content changed" % (len(todo), len(hashes))),
+                                          "re-encoded %d of %d images whose content changed" % (len(todo),
+                                                                                                len(hashes))),
               file=sys.stderr)
     barrier()
     return path

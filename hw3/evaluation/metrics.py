@@ -149,8 +149,8 @@ def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict]
     if absent:
         raise UserError("%d image(s) missing from %s: %s" % (len(absent), images_root, _show(absent)))
     if scoring.clip is None and any(m in CLIP_METRICS for m in scoring.metrics):  # before the text metrics: a
-        clip = clip_backend.load_clip(scoring.clip_model, scoring.clip_pretrained, scoring.device)  # missing CLIP fails
-        scoring = dataclasses.replace(scoring, clip=clip)
+        scoring = dataclasses.replace(scoring, clip=clip_backend.load_clip(  # missing CLIP fails before their work
+            scoring.clip_model, scoring.clip_pretrained, scoring.device))
     return score_captions(predictions, references, scoring, paths)
 
 

@@ -366,7 +366,8 @@ def stage_p2(ctx: Context) -> dict:
             started = time.time()
             checkpoint = scored_checkpoint(ctx, method)
             ctx.say("p2: scoring %s (%s) on val" % (method, checkpoint))
-            scored = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(grid[0]), ctx.path("p2", method, "pred.json"), clip)
+            scored = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(grid[0]),
+                                       ctx.path("p2", method, "pred.json"), clip)
             write_json(ctx.path("p2", method, "per_image.json"), scored["per_image"])
             meta = read_checkpoint_config(checkpoint)
             rows[method] = dict(cider=scored["CIDEr"], clipscore=scored["CLIPScore"], cut=scored["cut"],
@@ -404,7 +405,8 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
             per_image[name] = None
         else:
             ctx.say("p2: decoding %s" % name)
-            scores = caption_and_score(ctx, row["checkpoint"], DecodingSettings.from_record(settings), ctx.path("p2", "decoding", name + ".json"),
+            scores = caption_and_score(ctx, row["checkpoint"], DecodingSettings.from_record(settings),
+                                       ctx.path("p2", "decoding", name + ".json"),
                                        clip)
             per_image[name] = scores["per_image"]
             bar.update(1)

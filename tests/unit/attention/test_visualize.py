@@ -87,7 +87,8 @@ def test_maps_are_the_modules_probabilities_during_cached_decoding(trained):
         reference.append(((q @ k.transpose(-2, -1)) / head ** 0.5).softmax(-1)[0, :, 0].mean(0))
     reference = torch.stack(reference)  # (steps, N)
 
-    (ids2,), (per_block,) = search.generate(decoder, image_tokens, DecodingSettings(method="greedy", max_len=6), return_attention=True)
+    (ids2,), (per_block,) = search.generate(decoder, image_tokens, DecodingSettings(method="greedy", max_len=6),
+                                            return_attention=True)
     assert ids2 == ids
     attention = per_block[-1].mean(0)  # the last block, head mean: what attention_maps draws by default
     assert attention.shape == reference.shape

@@ -99,7 +99,8 @@ def test_karpathy_splits_and_restval(folder):
     assert train.captions[1] == ["a dog runs", "a brown dog"] and train.references[1] == ["A dog runs.", "a brown dog"]
     val = caption_files.load_captions(path, str(folder), default_split="val")
     assert val.names == ["c.jpg"] and val.keys() == ["c"]
-    assert caption_files.load_captions(path, str(folder), split="all").names == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+    assert caption_files.load_captions(path, str(folder), split="all").names == ["a.jpg", "b.jpg", "c.jpg", "d.jpg",
+                                                                                 "e.jpg"]
 
 
 def test_karpathy_filepath_is_a_sub_folder(tmp_path):
@@ -115,7 +116,8 @@ def test_karpathy_filepath_is_a_sub_folder(tmp_path):
 def test_a_file_without_splits_is_whole_unless_a_split_is_asked(folder):
     names = deepfashion_names(40)
     path = write(folder.parent / "captions.json", {n: DEEPFASHION_PARAGRAPHS[i % 4] for i, n in enumerate(names)})
-    whole = caption_files.load_captions(path, str(folder), default_split="val")  # no splits: the default is the whole file
+    whole = caption_files.load_captions(path, str(folder),
+                                        default_split="val")  # no splits: the default is the whole file
     assert whole.names == sorted(names) and whole.split == "all"
     course = caption_files.load_captions(path, str(folder))
     assert course.names == whole.names
@@ -180,7 +182,8 @@ def test_karpathy_refusals(tmp_path):
     with pytest.raises(UserError, match=r"images\[0\] \(a.jpg\) has an empty \"sentences\" list"):
         caption_files.read_captions(karpathy([("a.jpg", "train", [])]))
     with pytest.raises(UserError, match="no val images .--val-split val.; it has train 1"):
-        caption_files.split_names(caption_files.read_captions(karpathy([("a.jpg", "train", ["x"])])), "val", option="--val-split")
+        caption_files.split_names(caption_files.read_captions(karpathy([("a.jpg", "train", ["x"])])), "val",
+                                  option="--val-split")
     with pytest.raises(UserError, match="no images"):
         caption_files.read_captions({"images": []})
 

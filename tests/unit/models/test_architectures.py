@@ -98,7 +98,9 @@ def test_a_beam_keeping_every_hypothesis_is_exhaustive_search(arch, min_len, ima
     model = build(arch, output_ids=(262, 290, 318, END_TOKEN), seed=1)
     feats = model.image_tokens(images[:3])
     with torch.no_grad():
-        beams = generate(model.decoder, feats, DecodingSettings(method="beam", beam_size=64, max_len=3, min_len=min_len, length_penalty=0.0, no_repeat_ngram=0, captions_per_image=3))
+        beams = generate(model.decoder, feats,
+                         DecodingSettings(method="beam", beam_size=64, max_len=3, min_len=min_len, length_penalty=0.0,
+                                          no_repeat_ngram=0, captions_per_image=3))
         best = [exhaustive(model.decoder, feats[i:i + 1], 3, min_len)[:3] for i in range(3)]
     assert [beams[3 * i:3 * i + 3] for i in range(3)] == best
     assert len({tuple(map(tuple, b)) for b in best}) > 1, "the images should not share their best three captions"
@@ -206,7 +208,8 @@ def test_cnn_grid_tokens_feed_the_attention_gru_and_its_maps(tmp_path):
     assert model.encoder.num_prefix_tokens == 0
     h, w = model.encoder.grid_size
     images = torch.randn(2, 3, *model.encoder.input_size)
-    ids, attention = model.generate(images, DecodingSettings(method="beam", beam_size=2, max_len=6), return_attention=True)
+    ids, attention = model.generate(images, DecodingSettings(method="beam", beam_size=2, max_len=6),
+                                    return_attention=True)
     maps = model.attention_maps(attention[0])
     assert maps.shape[1:] == (h, w) and torch.allclose(maps.flatten(1).sum(1), torch.ones(len(maps)), atol=1e-5)
     path = str(tmp_path / "cnn.pt")

@@ -53,7 +53,8 @@ def reference_greedy(decoder, feats, max_len: int, no_repeat_ngram: int, min_len
 @pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 0), (2, 5)])
 def test_cached_greedy_equals_uncached_one_by_one(world, no_repeat_ngram, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
-    ours = generate(decoder, feats, DecodingSettings(method="greedy", max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram))
+    ours = generate(decoder, feats,
+                    DecodingSettings(method="greedy", max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram))
     with torch.no_grad():
         assert ours == reference_greedy(decoder, feats, 16, no_repeat_ngram, min_len)
     assert len({tuple(c) for c in ours}) > 1, "captions should depend on the image"
@@ -67,7 +68,8 @@ def test_cached_beam_equals_uncached(world, beam_size, length_penalty, no_repeat
     settings = dict(method="beam", beam_size=beam_size, max_len=16, min_len=min_len, length_penalty=length_penalty,
                     no_repeat_ngram=no_repeat_ngram)
     with torch.no_grad():
-        assert generate(decoder, feats, DecodingSettings(**settings)) == generate(Uncached(decoder), feats, DecodingSettings(**settings))
+        assert generate(decoder, feats, DecodingSettings(**settings)) == generate(Uncached(decoder), feats,
+                                                                                  DecodingSettings(**settings))
 
 
 @pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 0), (2, 3)])
@@ -125,7 +127,9 @@ def test_text_only_decoding_equals_hugging_face_generate(world, beam_size, lengt
     skip_old_hf_beam(beam_size)
     decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
     method = "greedy" if beam_size == 1 else "beam"
-    ours = generate(decoder, world["feats"][:1], DecodingSettings(method=method, beam_size=beam_size, max_len=max_len, min_len=min_len, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram))[0]
+    ours = generate(decoder, world["feats"][:1],
+                    DecodingSettings(method=method, beam_size=beam_size, max_len=max_len, min_len=min_len,
+                                     length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram))[0]
     assert ours == hugging_face_generate(world["gpt2"], beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
 
 
@@ -148,7 +152,8 @@ def test_min_len_keeps_captions_from_being_empty(world, eager_end, method):
         assert int(gpt2(torch.full((1, 8), END_TOKEN)).logits[0].argmax(-1).eq(END_TOKEN).sum()) == 8
     feats = world["feats"]
     assert generate(decoder, feats, DecodingSettings(method=method, max_len=8, min_len=0)) == [[]] * len(feats)
-    assert all(len(ids) == 1 for ids in generate(decoder, feats, DecodingSettings(method=method, max_len=8)))  # the default, 1
+    assert all(len(ids) == 1 for ids in generate(decoder, feats,
+                                                 DecodingSettings(method=method, max_len=8)))  # the default, 1
     assert all(len(ids) == 3 for ids in generate(decoder, feats, DecodingSettings(method=method, max_len=8, min_len=3)))
     assert all(len(ids) == 8 for ids in generate(decoder, feats, DecodingSettings(method=method, max_len=8, min_len=8)))
 
@@ -158,7 +163,9 @@ def test_min_len_equals_hugging_face_min_new_tokens(world, eager_end, beam_size,
     skip_old_hf_beam(beam_size)
     gpt2, decoder = eager_end
     method = "greedy" if beam_size == 1 else "beam"
-    ours = generate(decoder, world["feats"][:1], DecodingSettings(method=method, beam_size=beam_size, max_len=8, min_len=min_len, no_repeat_ngram=0))[0]
+    ours = generate(decoder, world["feats"][:1],
+                    DecodingSettings(method=method, beam_size=beam_size, max_len=8, min_len=min_len,
+                                     no_repeat_ngram=0))[0]
     assert ours == hugging_face_generate(gpt2, beam_size, 8, min_len)
 
 
@@ -225,7 +232,8 @@ def test_sampling_that_keeps_only_the_best_token_equals_greedy(world, warp, no_r
     settings = dict(max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram)
     greedy = generate(decoder, feats, DecodingSettings(method="greedy", **settings))
     for seed in (0, 1):
-        assert generate(decoder, feats, DecodingSettings(method="sample", seed=seed, **dict(settings, **warp))) == greedy
+        assert generate(decoder, feats,
+                        DecodingSettings(method="sample", seed=seed, **dict(settings, **warp))) == greedy
 
 
 SAMPLED = dict(method="sample", max_len=16, no_repeat_ngram=2, temperature=1.5, top_k=10, top_p=0.95)
@@ -258,7 +266,8 @@ def test_cached_sampling_equals_uncached(world, warp, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
     settings = dict(SAMPLED, min_len=min_len, captions_per_image=2, **warp)
     with torch.no_grad():
-        assert generate(decoder, feats, DecodingSettings(**settings)) == generate(Uncached(decoder), feats, DecodingSettings(**settings))
+        assert generate(decoder, feats, DecodingSettings(**settings)) == generate(Uncached(decoder), feats,
+                                                                                  DecodingSettings(**settings))
 
 
 def test_several_captions_per_image(world):
@@ -274,7 +283,8 @@ def test_several_captions_per_image(world):
     top = generate(decoder, feats, DecodingSettings(captions_per_image=3, **beam))
     assert len(top) == 3 * len(KEYS) and top[::3] == best
     assert all(len({tuple(c) for c in top[3 * i:3 * i + 3]}) == 3 for i in range(len(KEYS)))
-    ids, attentions = generate(decoder, feats[:2], DecodingSettings(captions_per_image=2, **SAMPLED), return_attention=True)
+    ids, attentions = generate(decoder, feats[:2], DecodingSettings(captions_per_image=2, **SAMPLED),
+                               return_attention=True)
     assert len(ids) == len(attentions) == 4
     assert [blocks[0].shape[1] for blocks in attentions] == [len(c) + (len(c) < 16) for c in ids]
     for bad in (dict(method="greedy", captions_per_image=2), dict(beam, captions_per_image=5)):
@@ -285,7 +295,9 @@ def test_several_captions_per_image(world):
 def test_beam_captions_per_image_equal_hugging_face_num_return_sequences(world):
     skip_old_hf_beam(3)
     decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
-    ours = generate(decoder, world["feats"][:1], DecodingSettings(method="beam", beam_size=4, max_len=12, min_len=0, no_repeat_ngram=2, captions_per_image=3))
+    ours = generate(decoder, world["feats"][:1],
+                    DecodingSettings(method="beam", beam_size=4, max_len=12, min_len=0, no_repeat_ngram=2,
+                                     captions_per_image=3))
     with torch.no_grad():
         hf = world["gpt2"].generate(torch.tensor([[END_TOKEN]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
                                     do_sample=False, num_beams=4, num_return_sequences=3, max_new_tokens=12,
@@ -301,7 +313,9 @@ def test_min_len_holds_under_sampling(world, eager_end):
     _, decoder = eager_end
     feats = world["feats"]
     for min_len in (0, 1, 3):
-        ids = generate(decoder, feats, DecodingSettings(method="sample", max_len=8, min_len=min_len, no_repeat_ngram=0, captions_per_image=4, top_k=5))
+        ids = generate(decoder, feats,
+                       DecodingSettings(method="sample", max_len=8, min_len=min_len, no_repeat_ngram=0,
+                                        captions_per_image=4, top_k=5))
         assert all(len(c) >= min_len for c in ids)
         assert min(len(c) for c in ids) == min_len  # the end token is likely: it comes as soon as it may
 
@@ -362,8 +376,8 @@ def test_draw_streams_depend_on_seed_key_and_draw():
 
 def test_sampling_settings_are_resolved_validated_and_named():
     settings, said = resolve_decoding({"temperature": 0.9})  # a sampling flag alone means sampling
-    assert settings.as_record() == dict(method="sample", max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9, top_k=0,
-                            top_p=1.0, seed=0)
+    assert settings.as_record() == dict(method="sample", max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9,
+                                        top_k=0, top_p=1.0, seed=0)
     assert said.startswith("decoding: method=sample, max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9, "
                            "top_k=0, top_p=1.0, seed=0 (from the command line: method, temperature;")
     assert resolve_decoding({})[0].as_record() == DECODE_DEFAULTS  # the course's defaults: beam 3, no sampling settings
@@ -446,8 +460,10 @@ def test_ended_tells_the_cut_captions(world, method):
 
 def test_ended_comes_after_the_attention(world):
     decoder, feats = world["model"].decoder, world["feats"]
-    ids, attention, ended = generate(decoder, feats, DecodingSettings(method="greedy", max_len=3), return_attention=True, return_ended=True)
-    assert len(attention) == len(ids) == len(ended) and ids == generate(decoder, feats, DecodingSettings(method="greedy", max_len=3))
+    ids, attention, ended = generate(decoder, feats, DecodingSettings(method="greedy", max_len=3),
+                                     return_attention=True, return_ended=True)
+    assert len(attention) == len(ids) == len(ended) and ids == generate(decoder, feats,
+                                                                        DecodingSettings(method="greedy", max_len=3))
 
 
 def test_a_checkpoint_decodes_at_the_length_of_its_data():

@@ -269,7 +269,8 @@ def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatc
 
     monkeypatch.setattr(ImageEncoder, "forward", forward)
     capsys.readouterr()
-    halved = np.load(feature_cache.build_feature_cache(str(tmp_path / "small"), "val", encoder, caps, feature_cache.Encoding(batch_size=4)))
+    halved = np.load(feature_cache.build_feature_cache(str(tmp_path / "small"), "val", encoder, caps,
+                                                       feature_cache.Encoding(batch_size=4)))
     assert "out of GPU memory in the feature cache's encoding at batch 4: going on with batch 2" in \
         capsys.readouterr().err
     assert np.allclose(halved.astype(np.float32), reference.astype(np.float32), atol=1e-3)

@@ -33,5 +33,6 @@ def test_cpu_captioning_warns_nothing(captioning_world, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         captions, _ = predict.caption_folder(captioning_world["model"], str(tmp_path), names, settings,
-                                             predict.Runtime(torch.device("cpu"), batch_size=2, num_workers=0, fp16=True))
+                                             predict.Runtime(torch.device("cpu"), batch_size=2, num_workers=0,
+                                                             fp16=True))
     assert len(captions) == len(names) and all(isinstance(c, str) for c in captions)
