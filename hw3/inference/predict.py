@@ -149,9 +149,9 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, int]:
     if args.split and not args.captions:
         raise UserError("--split %s needs --captions FILE (the caption file whose split it is)" % args.split)
     names = caption_files.find_images(args.images, args.captions, split=args.split, default_split="val",
-                                val_fraction=args.val_fraction)
+                                      val_fraction=args.val_fraction)
     settings, said = decoding.resolve_decoding(vars(args), read_checkpoint_config(args.checkpoint),
-                                             config_path(args.checkpoint))  # before the slow loading
+                                               config_path(args.checkpoint))  # before the slow loading
     device = resolve_device(args.device)
     start = time.time()
     model, _ = load_captioner(args.checkpoint, args.decoder_weights, device=device, encoder_spec=args.encoder)

@@ -121,7 +121,7 @@ class Context:
         below the README's 30 (decoding.covering_max_len; the decoder's positions cap it in search)."""
         if self._scoring_max_len is None:
             val = caption_files.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
-                                        default_split="val")
+                                              default_split="val")
             _, _, longest = datasets.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
             self._scoring_max_len = decoding.covering_max_len(longest)
         return self._scoring_max_len

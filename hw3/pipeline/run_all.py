@@ -173,7 +173,7 @@ def image_paths(ctx: Context, stages: List[str]) -> List[str]:
             names = list_images(ctx.data(key), DATA[key])
         elif split and (ctx.args.captions or os.path.isfile(ctx.data(split + "_json"))):
             names = caption_files.find_images(ctx.data(key), ctx.data(split + "_json"),
-                                        split=split if ctx.args.captions else None)
+                                              split=split if ctx.args.captions else None)
         else:
             names = caption_files.find_images(ctx.data(key), what=DATA[key])
         paths.update((os.path.normpath(os.path.join(ctx.data(key), n)), None) for n in names)

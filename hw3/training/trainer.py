@@ -355,10 +355,11 @@ def load_splits(args):
     same_file = os.path.abspath(args.train_json) == os.path.abspath(args.val_json)
     train_split = args.train_split or ("train" if same_file else None)
     val_split = args.val_split or ("val" if same_file else None)
-    train = caption_files.load_captions(args.train_json, args.train_images, clean=not args.raw_captions, split=train_split,
-                                  default_split="train", val_fraction=args.val_fraction, option="--train-split")
+    train = caption_files.load_captions(args.train_json, args.train_images, clean=not args.raw_captions,
+                                        split=train_split, default_split="train", val_fraction=args.val_fraction,
+                                        option="--train-split")
     val = caption_files.load_captions(args.val_json, args.val_images, clean=not args.raw_captions, split=val_split,
-                                default_split="val", val_fraction=args.val_fraction, option="--val-split")
+                                      default_split="val", val_fraction=args.val_fraction, option="--val-split")
     if same_file and os.path.abspath(args.train_images) == os.path.abspath(args.val_images):
         shared = set(train.names) & set(val.names)
         if shared:  # only splits asked for explicitly can overlap

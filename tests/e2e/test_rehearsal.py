@@ -54,7 +54,7 @@ def test_the_data_set_has_the_course_layout_and_a_course_format_gpt2(tmp_path):
     assert sorted(classify.labels_from_names(names, len(classes), "p1")) == list(range(len(classes)))
     for split in ("train", "val"):
         captions = caption_files.load_captions(str(tmp_path / "p2_data" / ("%s.json" % split)),
-                                         str(tmp_path / "p2_data" / "images" / split))
+                                               str(tmp_path / "p2_data" / "images" / split))
         assert len(captions.names) == rehearsal.SIZES[split]
     assert len(list((tmp_path / "p3_data" / "images").iterdir())) == rehearsal.SIZES["p3"]
     shape = infer_shape(load_gpt2_weights(str(tmp_path / "p2_data" / "decoder_model.bin")))

@@ -292,7 +292,7 @@ def test_coco_output_is_a_training_file(setup, tmp_path):
     assert run(setup, beams, "--format", "coco", "--captions-per-image", "2", "--beam-size", "3") == 0
     best = reference_captions(setup, **dict(SETTINGS, captions_per_image=2))
     assert dict(caption_files.read_captions(str(beams)).captions) == {n: best[os.path.splitext(n)[0]]
-                                                                for n in setup["names"]}
+                                                                      for n in setup["names"]}
 
 
 @pytest.mark.parametrize("extra,message", [
