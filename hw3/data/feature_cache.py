@@ -62,7 +62,6 @@ def content_hashes(caption_set: CaptionSet, show: bool = True) -> List[str]:
                                                                unit="img", disable=not show, leave=False)]
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class Encoding:
     """How the cache's images are encoded: images per batch, the device, loader processes, fp16 autocast, and under
@@ -76,6 +75,7 @@ class Encoding:
     barrier: Callable[[], None] = lambda: None
 
 
+@torch.no_grad()
 def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], run: Encoding) -> None:
     from torch.utils.data import DataLoader, Subset
 
