@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from hw3.models.decoding import DecodingSettings
 from hw3.models.search import generate
 from hw3.data.tokenizer import END_TOKEN
 from hw3.models.gpt2 import Config, Decoder
@@ -106,12 +107,14 @@ def main() -> int:
 
     rows = []
     with torch.no_grad():
-        generate(decoder, feats[:2], method="greedy", max_len=2)  # warm-up
+        generate(decoder, feats[:2], DecodingSettings(method="greedy", max_len=2))  # warm-up
         memory_s, _ = timed(lambda: decoder.image_memory(feats))
-        t, ids = timed(lambda: generate(decoder, feats, method="greedy", max_len=T, no_repeat_ngram=0))
+        t, ids = timed(lambda: generate(decoder, feats,
+                                        DecodingSettings(method="greedy", max_len=T, no_repeat_ngram=0)))
         assert all(len(c) == T for c in ids), "a caption ended early: steps differ"
         rows.append(("ours: batched cached greedy", B / t))
-        t, ids = timed(lambda: generate(decoder, feats, method="beam", beam_size=K, max_len=T, no_repeat_ngram=3))
+        t, ids = timed(lambda: generate(decoder, feats, DecodingSettings(method="beam", beam_size=K, max_len=T,
+                                                                             no_repeat_ngram=3)))
         assert all(len(c) == T for c in ids), "a caption ended early: steps differ"
         rows.append(("ours: batched cached beam %d (no-repeat 3)" % K, B / t))
         n = args.baseline_images

@@ -88,7 +88,8 @@ def old_stage(args, root: str, names, classnames) -> dict:
             for compared in [[t] for _, t in prompt_templates.REPORT_TEMPLATES] + [templates]:
                 p1.class_embeddings(model, tokenizer, classnames, compared, "cpu")
             probabilities = torch.softmax(float(model.logit_scale.detach().exp().clamp(max=100)) * similarities, dim=1)
-            p1.plot_top5(os.path.join(root, "old.top5.png"), folder, names, probabilities, classnames, 3, 0, labels)
+            p1.plot_top5(os.path.join(root, "old.top5.png"), folder, names, probabilities, classnames, labels,
+                         p1.sampled_images(len(names), 3, 0))
         del model
     return accuracies
 
@@ -101,7 +102,7 @@ def warm_up(args, root: str, names, classnames) -> None:
     features = p1.encode_images(model, [os.path.join(folder, names[0])], preprocess, "cpu", 1, args.workers)
     text = p1.class_embeddings(model, tokenizer, classnames[:1], ["a photo of a {}."], "cpu")
     p1.plot_top5(os.path.join(root, "warm_up.png"), folder, names[:1], (features @ text.t()).softmax(dim=1),
-                 classnames[:1], 1, 0)
+                 classnames[:1])
 
 
 def new_stage(args, root: str) -> dict:

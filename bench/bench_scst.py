@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from hw3.data import corpus
+from hw3.data import caption_files, datasets
 from hw3.training.cli import command_settings, parse_config
 from hw3.training.loop import train_epoch
 from hw3.training.optimiser import check_budget, grad_scaler, make_optimizer
@@ -40,6 +40,7 @@ from hw3.models.captioner import Captioner
 from hw3.models.registry import config_from_args, decoder_from_config
 from hw3.data.images import collate_images
 from hw3.models.encoder import DEFAULT_ENCODER, as_spec
+from hw3.models.decoding import DecodingSettings
 from hw3.models.search import decode_captions
 from hw3.data.tokenizer import BPETokenizer
 
@@ -59,7 +60,7 @@ class FeatureCacheOnly:
     width = VIT_H14["width"]
 
 
-def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generator) -> corpus.CaptionSet:
+def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generator) -> caption_files.CaptionSet:
     """`count` images with REFERENCES captions each of exactly CAPTION_TOKENS tokens (random COCO-like words)."""
     def caption() -> str:
         text = ""
@@ -69,7 +70,7 @@ def synthetic_split(count: int, tokenizer: BPETokenizer, rng: np.random.Generato
         return text
 
     captions = [[caption() for _ in range(REFERENCES)] for _ in range(count)]
-    return corpus.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions, captions)
+    return caption_files.CaptionSet("synthetic", "synthetic", ["%012d.jpg" % i for i in range(count)], captions, captions)
 
 
 def last_logged_seconds(log_path: str) -> float:
@@ -120,11 +121,11 @@ def main() -> None:
         cache = os.path.join(tmp, "train.npy")
         rows = torch.randn(count, VIT_H14["tokens"], VIT_H14["width"], generator=torch.Generator().manual_seed(0))
         np.save(cache, rows.half().numpy())  # (count, N, width), as p2_data.build_feature_cache writes it
-        features = corpus.Features(cache)
-        tokens, _, _ = corpus.tokenize_captions(train.captions, tokenizer, args.max_caption_tokens)
+        features = datasets.Features(cache)
+        tokens, _, _ = datasets.tokenize_captions(train.captions, tokenizer, args.max_caption_tokens)
         assert all(len(t) == CAPTION_TOKENS for caps in tokens for t in caps)
-        xe_pairs = corpus.CaptionPairs(features, [caps[:1] for caps in tokens[:args.batch_size]])
-        xe_loader = DataLoader(xe_pairs, batch_size=args.batch_size, collate_fn=corpus.collate_pairs)
+        xe_pairs = datasets.CaptionPairs(features, [caps[:1] for caps in tokens[:args.batch_size]])
+        xe_loader = DataLoader(xe_pairs, batch_size=args.batch_size, collate_fn=datasets.collate_pairs)
         scst_loader = DataLoader(Subset(features, range(images)), batch_size=images, collate_fn=collate_images)
         reward = make_reward(config, train, None, "cpu")
 
@@ -147,9 +148,9 @@ def main() -> None:
         keys = ["%d/%s" % (args.epochs, train.keys()[i]) for i in range(images)]
         with torch.no_grad():
             visuals = torch.stack([features[i][1] for i in range(images)])  # (B, N, width) fp16, as the loader gives
-            drawn = captioner.generate(visuals, method="sample", temperature=args.scst_temperature,
-                                       captions_per_image=args.scst_samples, max_len=args.val_max_len,
-                                       seed=args.seed, image_keys=keys)
+            drawn = captioner.generate(visuals, DecodingSettings(
+                method="sample", temperature=args.scst_temperature, captions_per_image=args.scst_samples,
+                max_len=args.val_max_len, seed=args.seed), image_keys=keys)
         full = sum(len(ids) == args.val_max_len for ids in drawn)
         alone = statistics.median(timed_reward(reward, drawn, args.scst_samples, args.val_max_len, tokenizer)
                                   for _ in range(REWARD_REPEATS))

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 
-from hw3.data import corpus
+from hw3.data import caption_files, datasets, feature_cache
 from hw3.training.cli import parse_config
 from hw3.training.loop import train_epoch
 from hw3.training.optimiser import grad_scaler, make_optimizer
@@ -79,22 +79,22 @@ def main() -> None:
                   "--batch-size", str(bench.batch_size), "--epochs", "1", "--log-every", "1000000",
                   "--max-caption-tokens", "40"]  # p2_train's default is the data's, set only once it reads them
         config = parse_config(common)
-        caps = corpus.load_captions(annotation, os.path.join(tmp, "images"))
-        tokens, _, _ = corpus.tokenize_captions(caps.captions, BPETokenizer(), config.data.max_caption_tokens)
+        caps = caption_files.load_captions(annotation, os.path.join(tmp, "images"))
+        tokens, _, _ = datasets.tokenize_captions(caps.captions, BPETokenizer(), config.data.max_caption_tokens)
 
         def loader(visuals):
-            pairs = corpus.CaptionPairs(visuals, tokens)
+            pairs = datasets.CaptionPairs(visuals, tokens)
             return torch.utils.data.DataLoader(pairs, batch_size=bench.batch_size, shuffle=True,
-                                               collate_fn=corpus.collate_pairs)
+                                               collate_fn=datasets.collate_pairs)
 
         started = time.perf_counter()
-        cache = corpus.build_feature_cache(os.path.join(tmp, "cache"), "train", captioner.encoder, caps,
-                                            batch_size=bench.batch_size)
+        cache = feature_cache.build_feature_cache(os.path.join(tmp, "cache"), "train", captioner.encoder, caps,
+                                                  feature_cache.Encoding(batch_size=bench.batch_size))
         fill_seconds = time.perf_counter() - started
-        cached = loader(corpus.Features(cache))
+        cached = loader(datasets.Features(cache))
         timed_epoch(captioner, cached, config)  # warm-up: first-call allocations
         with_cache = timed_epoch(captioner, cached, config)
-        without_cache = timed_epoch(captioner, loader(corpus.images(caps, captioner.encoder.transform)), config)
+        without_cache = timed_epoch(captioner, loader(datasets.images(caps, captioner.encoder.transform)), config)
         row_mb = np.load(cache, mmap_mode="r")[0].nbytes / 2 ** 20
     print("encoder %s, decoder GPT-2 small + %s (%s trainable), batch %d, %d steps, %d CPU threads" % (
         bench.encoder, bench.peft, format(trainable, ","), bench.batch_size, bench.steps, torch.get_num_threads()))

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from hw3.models import search
+from hw3.models import decoding
 from hw3.models.captioner import config_path, load_captioner
 from hw3.data.images import list_images, load_rgb
 from hw3.util.device import resolve_device
@@ -67,7 +67,7 @@ def play(folder: str, objects: dict, checkpoint: str, decoder: str, batch_size: 
          layer: str = "last", heads: str = "mean") -> Dict[str, object]:
     """The pointing game over every image of `folder` that `objects` describes."""
     captioner, meta = load_captioner(checkpoint, decoder, device=device)
-    settings, said = search.resolve_decoding({}, meta, config_path(checkpoint))  # as p2_inference.py decodes
+    settings, said = decoding.resolve_decoding({}, meta, config_path(checkpoint))  # as p2_inference.py decodes
     print(said, file=sys.stderr)
     tokenizer = BPETokenizer()
     names = [n for n in list_images(folder) if scene_objects(objects, os.path.splitext(n)[0]) is not None]
@@ -76,7 +76,7 @@ def play(folder: str, objects: dict, checkpoint: str, decoder: str, batch_size: 
         batch = names[start:start + batch_size]
         pictures = [load_rgb(os.path.join(folder, n)) for n in batch]
         pixels = torch.stack([captioner.encoder.transform(p) for p in pictures]).to(device)
-        all_ids, all_attention = captioner.generate(pixels, return_attention=True, **settings)
+        all_ids, all_attention = captioner.generate(pixels, settings, return_attention=True)
         for name, image, ids, per_block in zip(batch, pictures, all_ids, all_attention):
             maps = captioner.attention_maps(per_block, layer, heads)
             words = [tokenizer.decode([t]).strip().lower() for t in ids]

@@ -16,7 +16,7 @@ from hw3.models import clip_backend
 from hw3.evaluation import metrics
 from hw3.inference import predict
 from hw3.pipeline import context
-from hw3.models import search
+from hw3.models.decoding import DEFAULT_DECODING, DecodingSettings
 from hw3.util.errors import UserError, run_main
 from hw3.util.files import read_json
 from miniworld import generate
@@ -31,12 +31,12 @@ def scenes_of(p2: str) -> dict:
     return world_lib.scenes_of(read_json(os.path.join(p2, "val_objects.json"), "world objects"))
 
 
-def score(checkpoint: str, p2: str, settings: dict, out: str, clip) -> dict:
+def score(checkpoint: str, p2: str, settings: DecodingSettings, out: str, clip) -> dict:
     predict.main([os.path.join(p2, "images", "val"), out, os.path.join(p2, generate.COURSE_DECODER),
                        "--checkpoint", checkpoint, "--device", "cpu", "--num-workers", "0"]
                       + context.decoding_flags(settings))
-    scores = metrics.evaluate(out, os.path.join(p2, "val.json"), os.path.join(p2, "images", "val"), clip=clip,
-                              metrics=("bleu", "cider", "clipscore"))
+    scores = metrics.evaluate(out, os.path.join(p2, "val.json"), os.path.join(p2, "images", "val"),
+                              metrics.Scoring(clip=clip, metrics=("bleu", "cider", "clipscore")))
     objects = world_lib.object_scores(read_json(out), scenes_of(p2))
     return dict(CIDEr=scores["CIDEr"], CLIPScore=scores["CLIPScore"], object_f1=objects["object_f1"],
                 exact_object_set=objects["exact_object_set"], BLEU4=scores["BLEU-4"])
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="captioner checkpoints (.pt with their .json)")
     parser.add_argument("--data", default=os.path.join("outputs", "demo", "data"), help="a course-layout world")
-    parser.add_argument("--beam-size", type=int, default=search.DECODE_DEFAULTS["beam_size"],
+    parser.add_argument("--beam-size", type=int, default=DEFAULT_DECODING.beam_size,
                         help="beam size, the other settings hw3_2.sh's defaults (default %(default)s; 1 = greedy)")
     parser.add_argument("--out", default=os.path.join("outputs", "score"), help="folder for the captions")
     args = parser.parse_args(argv)
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
         raise UserError("--data %s is not a course-layout world (run `bash demo.sh` first)" % args.data)
     if args.beam_size < 1:
         raise UserError("--beam-size must be at least 1, got %d" % args.beam_size)
-    settings = dict(search.DECODE_DEFAULTS, beam_size=args.beam_size,
-                    method="beam" if args.beam_size > 1 else "greedy")
+    settings = DEFAULT_DECODING.replace(beam_size=args.beam_size, method="beam" if args.beam_size > 1 else "greedy")
     clip = clip_backend.load_clip(os.path.join(MODELS, "tiny_clip.json"), os.path.join(MODELS, "tiny_clip.pt"), "cpu")
     for checkpoint in args.checkpoints:
         name = os.path.splitext(os.path.basename(checkpoint))[0]

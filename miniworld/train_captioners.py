@@ -31,6 +31,7 @@ import time
 from hw3.pipeline.stages import distill as distill_stage
 from hw3.pipeline import trainings
 from hw3.pipeline import context
+from hw3.models.decoding import DecodingSettings
 from hw3.util.errors import UserError, run_main
 from hw3.util.files import read_json, write_json
 from miniworld import generate
@@ -168,9 +169,9 @@ def teacher_flags(name: str) -> list:
     """precise: the teacher's shipped decoding; creative: run_all's sampling at 0.9 with the same lengths."""
     shipped = {k: v for k, v in read_json(SHIPPED, "the demo's results")["p2_inference"].items() if k != "chosen_on"}
     if name == "precise":
-        return context.decoding_flags(shipped)
+        return context.decoding_flags(DecodingSettings.from_record(shipped))
     lengths = {k: shipped[k] for k in ("max_len", "min_len", "no_repeat_ngram")}
-    return context.decoding_flags(dict(lengths, **distill_stage.CREATIVE))
+    return context.decoding_flags(DecodingSettings(**lengths, **distill_stage.CREATIVE))
 
 
 def teacher_captions(world: str, env: dict, args) -> dict:

@@ -23,8 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from hw3.data import corpus
-from hw3.models import search
+from hw3.data import caption_files
+from hw3.models import decoding
 from hw3.models.captioner import config_path, load_captioner, no_attention_reason, read_checkpoint_config
 from hw3.models.registry import ARCHITECTURES
 from hw3.data.images import load_rgb
@@ -231,7 +231,7 @@ def resolve_images(args) -> List[Tuple[str, Optional[float]]]:
             raise UserError("--from-scores needs --images to be the one folder holding the scored images (in it or "
                             "its sub-folders)")
         folder = args.images[0]
-        names = {corpus.image_key(n): n for n in corpus.find_images(folder)}
+        names = {caption_files.image_key(n): n for n in caption_files.find_images(folder)}
         out = []
         for key, score in select_from_scores(args.from_scores, args.top, args.bottom):
             if key not in names:
@@ -241,13 +241,13 @@ def resolve_images(args) -> List[Tuple[str, Optional[float]]]:
     out, seen = [], {}
     for item in args.images:
         if os.path.isdir(item):
-            paths = [os.path.join(item, n) for n in corpus.find_images(item)]
+            paths = [os.path.join(item, n) for n in caption_files.find_images(item)]
         elif os.path.isfile(item):
             paths = [item]
         else:
             raise UserError("--images: no such file or folder: %s" % item)
         for path in paths:
-            stem = corpus.image_key(path)
+            stem = caption_files.image_key(path)
             if stem in seen:
                 raise UserError("--images: %s and %s would both be drawn as %s.png" % (seen[stem], path, stem))
             seen[stem] = path
@@ -290,16 +290,18 @@ def parse_args(argv=None):
     view.add_argument("--layer", type=_layer, default="last",
                       help="'last' block with cross-attention, 'mean' of them, or a block index")
     view.add_argument("--heads", type=_heads, default="mean", help="'mean', 'max' or a head index")
-    search.add_decoding_arguments(parser)
+    decoding.add_decoding_arguments(parser)
     run = parser.add_argument_group("runtime")
     run.add_argument("--batch-size", type=_positive, default=16, help="images decoded together")
     run.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     return parser.parse_args(argv)
 
 
-def visualise_one(args, captioner, tokenizer, path: str, score: Optional[float], image, ids: List[int], per_block,
+def visualise_one(args, captioner, tokenizer, picture: Tuple[str, Optional[float], object], caption: tuple,
                   out: str) -> dict:
-    """Draws one image's figure into `out`; returns its index entry."""
+    """Draws one image's figure into `out`; returns its index entry. picture: (path, its score or None, the image);
+    caption: (its token ids, their per-block cross-attention as generate returns them)."""
+    (path, score, image), (ids, per_block) = picture, caption
     maps = captioner.attention_maps(per_block, args.layer, args.heads)  # (L, h, w)
     ended = maps.shape[0] == len(ids) + 1
     labels = token_labels(ids, tokenizer, ended=ended)
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
     if ARCHITECTURES[arch].no_attention:  # before any model is built: it has nothing to draw
         raise UserError("%s: %s" % (args.checkpoint, no_attention_reason(arch)))
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=device)
-    settings, said = search.resolve_decoding(vars(args), meta, config_path(args.checkpoint))  # as p2_inference.py
+    settings, said = decoding.resolve_decoding(vars(args), meta, config_path(args.checkpoint))  # as p2_inference.py
     print(said, file=sys.stderr)
     tokenizer = BPETokenizer()
     entries = []
@@ -331,9 +333,9 @@ def main(argv=None) -> int:
             batch = images[start:start + args.batch_size]
             pictures = [load_rgb(path) for path, _ in batch]
             pixels = torch.stack([captioner.encoder.transform(p) for p in pictures]).to(device)
-            all_ids, all_attention = captioner.generate(pixels, return_attention=True, **settings)
+            all_ids, all_attention = captioner.generate(pixels, settings, return_attention=True)
             for (path, score), image, ids, per_block in zip(batch, pictures, all_ids, all_attention):
-                entries.append(visualise_one(args, captioner, tokenizer, path, score, image, ids, per_block, out))
+                entries.append(visualise_one(args, captioner, tokenizer, (path, score, image), (ids, per_block), out))
                 bar.update(1)
         write_index(out, entries)
         write_json(os.path.join(out, "attention.json"), dict(figures=entries, layer=args.layer, heads=args.heads))

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from hw3.models import clip_backend
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.util.device import resolve_device
 from hw3.util.errors import run_main
 from hw3.util.files import check_output_file, write_json
@@ -40,10 +40,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              % ", ".join(metrics.METRIC_KEYS))
     scores.add_argument("--json", metavar="OUT.json", help="also write {metric: score} for the metrics asked "
                         "(keys BLEU-1..4, METEOR, ROUGE-L, CIDEr, CLIPScore, RefCLIPScore; null if skipped)")
-    scores.add_argument("--split", choices=corpus.SPLITS, default=None,
+    scores.add_argument("--split", choices=caption_files.SPLITS, default=None,
                         help="the images scored: val of a file with splits by default, the whole of a file without; "
                              "train/val of a file without splits divide it by file-name hash; all = every image")
-    scores.add_argument("--val-fraction", type=float, default=corpus.VAL_FRACTION,
+    scores.add_argument("--val-fraction", type=float, default=caption_files.VAL_FRACTION,
                         help="share of a file without splits that --split val takes")
     clip = parser.add_argument_group("CLIPScore and RefCLIPScore")
     clip.add_argument("--clip-model", default=clip_backend.CLIPSCORE_CLIP[0],
@@ -75,9 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if path:
             check_output_file(path, what)
     device = str(resolve_device(args.device))
-    result = metrics.evaluate(args.pred_file, args.annotation_file, args.images_root, clip_model=args.clip_model,
-                              clip_pretrained=args.clip_pretrained or None, batch_size=args.batch_size, device=device,
-                              java_tokenizer=args.java_tokenizer, num_workers=args.num_workers, metrics=args.metrics,
+    result = metrics.evaluate(args.pred_file, args.annotation_file, args.images_root,
+                              metrics.Scoring(args.metrics, clip_model=args.clip_model,
+                                              clip_pretrained=args.clip_pretrained or None, batch_size=args.batch_size,
+                                              device=device, tokenizer="java" if args.java_tokenizer else "python",
+                                              num_workers=args.num_workers),
                               split=args.split, val_fraction=args.val_fraction)
     keys = metrics.result_keys(args.metrics)
     if args.per_image:  # {key: {"caption", "cider", "clipscore"...}}: what p3_visualize.py --from-scores reads

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from hw3.models import clip_backend
@@ -20,7 +22,7 @@ from hw3.evaluation import ptb
 from hw3.data.images import ImageFiles, collate_images, image_batches
 from hw3.util.errors import UserError, progress
 from hw3.util.files import read_json
-from hw3.data.corpus import VAL_FRACTION, image_key, read_captions, resolve_split, split_names
+from hw3.data.caption_files import VAL_FRACTION, image_key, read_captions, resolve_split, split_names
 from hw3.util.resources import HalvingBatches
 
 CLIPSCORE_WEIGHT = 2.5
@@ -116,16 +118,26 @@ def check_predictions(predictions, references: Dict[str, List[str]], where: str 
         raise UserError("%s: %d caption(s) are not strings: %s" % (where, len(not_text), _show(not_text)))
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How captions are scored: the metrics asked, the CLIP ((model, preprocess, tokenizer) already loaded, or
+    clip_model/clip_pretrained to load when a CLIP metric is asked), images per batch, the device, the PTB
+    tokenizer ("python", our port, or "java", the jar) and image loading processes."""
+    metrics: Sequence[str] = DEFAULT_METRICS
+    clip: Optional[tuple] = None
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: Optional[str] = "openai"
+    batch_size: int = 64
+    device: str = "cpu"
+    tokenizer: str = "python"
+    num_workers: int = 0
+
+
 def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict], images_root: str,
-             clip: Optional[tuple] = None, clip_model: str = "ViT-B-32", clip_pretrained: Optional[str] = "openai",
-             batch_size: int = 64, device: str = "cpu", java_tokenizer: bool = False, num_workers: int = 0,
-             metrics: Sequence[str] = DEFAULT_METRICS, split: Optional[str] = None,
-             val_fraction: float = VAL_FRACTION) -> dict:
+             scoring: Scoring = Scoring(), split: Optional[str] = None, val_fraction: float = VAL_FRACTION) -> dict:
     """{result key: score for the metrics asked, "per_image": {key: {"caption", metric: score...}}, "skipped":
     {result key: why}} for predictions (a dict or a JSON path) against a split of a caption file (`split` None:
-    val of a file with splits, the whole of one without). `clip` = (model, preprocess, tokenizer) reuses a loaded
-    CLIP; otherwise clip_model/clip_pretrained are loaded through clip_utils when a CLIP metric is asked.
-    Everything is checked before any model runs."""
+    val of a file with splits, the whole of one without). Everything is checked before any model runs."""
     where = pred if isinstance(pred, str) else "predictions"
     predictions = read_json(pred, "prediction file") if isinstance(pred, str) else pred
     references, files = load_references(annotation_file, split, "val", val_fraction)
@@ -136,23 +148,23 @@ def evaluate(pred: Union[str, Dict[str, str]], annotation_file: Union[str, dict]
     absent = [files[k] for k, p in paths.items() if not os.path.isfile(p)]
     if absent:
         raise UserError("%d image(s) missing from %s: %s" % (len(absent), images_root, _show(absent)))
-    if clip is None and any(m in CLIP_METRICS for m in metrics):  # before the text metrics: a missing CLIP fails
-        clip = clip_backend.load_clip(clip_model, clip_pretrained, device)
-    return score_captions(predictions, references, metrics, paths=paths, clip=clip, batch_size=batch_size,
-                          device=device, tokenizer="java" if java_tokenizer else "python", num_workers=num_workers)
+    if scoring.clip is None and any(m in CLIP_METRICS for m in scoring.metrics):  # before the text metrics: a
+        scoring = dataclasses.replace(scoring, clip=clip_backend.load_clip(  # missing CLIP fails before their work
+            scoring.clip_model, scoring.clip_pretrained, scoring.device))
+    return score_captions(predictions, references, scoring, paths)
 
 
-def score_captions(predictions: Dict[str, str], references: Dict[str, List[str]], metrics: Sequence[str],
-                   paths: Optional[Dict[str, str]] = None, clip: Optional[tuple] = None, batch_size: int = 64,
-                   device: str = "cpu", tokenizer: str = "python", num_workers: int = 0) -> dict:
+def score_captions(predictions: Dict[str, str], references: Dict[str, List[str]], scoring: Scoring,
+                   paths: Optional[Dict[str, str]] = None) -> dict:
     """The metrics asked of predictions {key: caption} against references {key: captions} (and, for the CLIP
     metrics, image paths {key: path} and a loaded CLIP): as `evaluate` returns them. A METEOR that cannot run is
     skipped with one line on stderr saying why; the others are still scored."""
-    keys = list(predictions)
+    keys, metrics, clip = list(predictions), scoring.metrics, scoring.clip
+    batch_size, device = scoring.batch_size, scoring.device
     result: dict = {"per_image": OrderedDict((k, {"caption": predictions[k]}) for k in keys), "skipped": {}}
     text = [m for m in metrics if m not in CLIP_METRICS]
     if text:
-        means, per_image, skipped = text_scores(predictions, references, text, tokenizer)
+        means, per_image, skipped = text_scores(predictions, references, text, scoring.tokenizer)
         result.update(means)
         result["skipped"].update(skipped)
         for key, scores in per_image.items():
@@ -160,10 +172,10 @@ def score_captions(predictions: Dict[str, str], references: Dict[str, List[str]]
     if any(m in CLIP_METRICS for m in metrics):
         if clip is None or paths is None:
             raise ValueError("CLIPScore and RefCLIPScore need the images' paths and a loaded CLIP")
-        model, preprocess, clip_tokenizer = clip
+        model, _, clip_tokenizer = clip
         captions = [predictions[k] for k in keys]
-        clip_mean, clip_each = clip_score([paths[k] for k in keys], captions, model, preprocess, clip_tokenizer,
-                                          batch_size=batch_size, device=device, num_workers=num_workers)
+        clip_mean, clip_each = clip_score([paths[k] for k in keys], captions, clip, batch_size=batch_size,
+                                          device=device, num_workers=scoring.num_workers)
         if "clipscore" in metrics:
             result["CLIPScore"] = clip_mean
             for k, s in zip(keys, clip_each):
@@ -268,15 +280,17 @@ def cider(predictions: Dict[str, str], references: Dict[str, List[str]],
 # ---------------------------------------------------------------------------------------------------------------
 # CLIPScore
 # ---------------------------------------------------------------------------------------------------------------
-def clip_score(paths: Sequence[str], captions: Sequence[str], model, preprocess: Callable, tokenizer: Callable,
-               batch_size: int = 64, device: str = "cpu", num_workers: int = 0) -> Tuple[float, List[float]]:
+def clip_score(paths: Sequence[str], captions: Sequence[str], clip: tuple, batch_size: int = 64, device: str = "cpu",
+               num_workers: int = 0) -> Tuple[float, List[float]]:
     """CLIPScore = 2.5 * max(cos(image embedding, caption embedding), 0), as in the course's p2_evaluate.py (the
-    caption alone, no "A photo depicts" prefix): (mean, per pair) for image files and their captions. Captions
+    caption alone, no "A photo depicts" prefix): (mean, per pair) for image files and their captions, with a loaded
+    CLIP (model, preprocess, tokenizer). Captions
     longer than the CLIP context are truncated by open_clip's tokenizer (the course's clip.tokenize would raise)."""
     if len(paths) != len(captions):
         raise ValueError("%d images but %d captions" % (len(paths), len(captions)))
     if not len(paths):
         raise UserError("no images to score")
+    model, preprocess, tokenizer = clip
     images = clip_image_embeddings(paths, model, preprocess, batch_size, device, num_workers)
     scores = clip_text_scores(images, captions, model, tokenizer, batch_size, device)
     return sum(scores) / len(scores), scores

@@ -21,12 +21,14 @@ if "--allow-download" not in sys.argv:
 
 import argparse
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from hw3.data import corpus
-from hw3.models import search
+from hw3.data import caption_files
+from hw3.models import decoding, search
+from hw3.models.decoding import DecodingSettings
 from hw3.models.captioner import Captioner, config_path, load_captioner, read_checkpoint_config
 from hw3.data.images import ImageFiles, collate_images, image_batches
 from hw3.util.device import autocast, hub_offline, resolve_device
@@ -58,12 +60,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     data = parser.add_argument_group("which images (default: every image of the folder)")
     data.add_argument("--captions", metavar="FILE", help="caption only the images of a caption file's split (any "
                       "format p2_data reads), so the keys match p2_evaluate.py with the same --split")
-    data.add_argument("--split", choices=corpus.SPLITS, default=None, help="with --captions: the split (default: "
-                      "val of a file with splits, the whole of a file without; train/val of a file without splits "
-                      "divide it by file-name hash)")
-    data.add_argument("--val-fraction", type=float, default=corpus.VAL_FRACTION,
+    data.add_argument("--split", choices=caption_files.SPLITS, default=None,
+                      help="with --captions: the split (default: val of a file with splits, the whole of a file "
+                           "without; train/val of a file without splits divide it by file-name hash)")
+    data.add_argument("--val-fraction", type=float, default=caption_files.VAL_FRACTION,
                       help="with --captions: share of a file without splits that --split val takes")
-    search.add_decoding_arguments(parser)
+    decoding.add_decoding_arguments(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=OUTPUT_FORMATS, default="course",
                         help="course: {file name without extension: caption} (hw3_2.sh's); coco: {\"images\": [{id, "
@@ -82,25 +84,35 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def caption_folder(model: Captioner, folder: str, names: List[str], settings: Dict[str, object],
-                   batch_size: int, num_workers: int, device: torch.device, fp16: bool) -> Tuple[List[str], int]:
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how captioning runs: the device, images per batch, image loading processes, fp16 autocast on
+    CUDA (ignored on CPU)."""
+    device: torch.device
+    batch_size: int = 32
+    num_workers: int = 0
+    fp16: bool = True
+
+
+def caption_folder(model: Captioner, folder: str, names: List[str], settings: DecodingSettings,
+                   runtime: Runtime) -> Tuple[List[str], int]:
     """The captions of `names`, image-major (settings' captions_per_image per image), and how many were cut (reached
     max_len without the end token); sampling is seeded by each image's key, so the captions do not depend on the
     batch size."""
     tokenizer = BPETokenizer()
-    count = int(settings.get("captions_per_image", 1))
+    count, device, batch_size = settings.captions_per_image, runtime.device, runtime.batch_size
     loader = torch.utils.data.DataLoader(
         ImageFiles([os.path.join(folder, n) for n in names], model.encoder.transform), batch_size=batch_size,
-        shuffle=False, num_workers=min(num_workers, (len(names) + batch_size - 1) // batch_size),
+        shuffle=False, num_workers=min(runtime.num_workers, (len(names) + batch_size - 1) // batch_size),
         collate_fn=collate_images, pin_memory=device.type == "cuda")
     captions: List[Optional[str]] = [None] * (len(names) * count)
     pieces = HalvingBatches("captioning")  # a CUDA out-of-memory error halves the batch
     cut = 0
 
     def generate(pixels: torch.Tensor, indices: List[int]) -> Tuple[List[List[int]], List[bool]]:
-        with torch.no_grad(), autocast(device, fp16):
-            return model.generate(pixels.to(device, non_blocking=True), return_ended=True,
-                                  image_keys=[corpus.image_key(names[i]) for i in indices], **settings)
+        with torch.no_grad(), autocast(device, runtime.fp16):
+            return model.generate(pixels.to(device, non_blocking=True), settings, return_ended=True,
+                                  image_keys=[caption_files.image_key(names[i]) for i in indices])
 
     with progress(total=len(names), desc="captioning", unit="img") as bar:
         for indices, pixels in image_batches(loader):
@@ -136,28 +148,29 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, int]:
     check_output_file(args.output, "output JSON")
     if args.split and not args.captions:
         raise UserError("--split %s needs --captions FILE (the caption file whose split it is)" % args.split)
-    names = corpus.find_images(args.images, args.captions, split=args.split, default_split="val",
-                                val_fraction=args.val_fraction)
-    settings, said = search.resolve_decoding(vars(args), read_checkpoint_config(args.checkpoint),
-                                             config_path(args.checkpoint))  # before the slow loading
+    names = caption_files.find_images(args.images, args.captions, split=args.split, default_split="val",
+                                      val_fraction=args.val_fraction)
+    settings, said = decoding.resolve_decoding(vars(args), read_checkpoint_config(args.checkpoint),
+                                               config_path(args.checkpoint))  # before the slow loading
     device = resolve_device(args.device)
     start = time.time()
     model, _ = load_captioner(args.checkpoint, args.decoder_weights, device=device, encoder_spec=args.encoder)
     print(said, file=sys.stderr)
     loaded = time.time()
-    captions, cut = caption_folder(model, args.images, names, settings, args.batch_size, args.num_workers, device,
-                                   args.fp16)
-    max_len = search.effective_max_len(model.decoder, int(settings["max_len"]))
+    captions, cut = caption_folder(model, args.images, names, settings,
+                                   Runtime(device, args.batch_size, args.num_workers, args.fp16))
+    max_len = search.effective_max_len(model.decoder, settings.max_len)
     if cut:
         print(cut_line(cut, len(captions), max_len), file=sys.stderr)
     if args.format == "coco":
         count = args.captions_per_image
         info = dict(description="p2_inference.py captions of %s" % os.path.basename(os.path.normpath(args.images)),
-                    checkpoint=os.path.basename(args.checkpoint), decoding=settings)
-        write_json(args.output, corpus.coco_captions(
+                    checkpoint=os.path.basename(args.checkpoint),
+                    decoding=dict(settings.as_record(), captions_per_image=count))
+        write_json(args.output, caption_files.coco_captions(
             names, [captions[n * count:(n + 1) * count] for n in range(len(names))], info))
     else:
-        write_json(args.output, {corpus.image_key(n): c for n, c in zip(names, captions)})
+        write_json(args.output, {caption_files.image_key(n): c for n, c in zip(names, captions)})
     took = time.time() - loaded
     print("captioned %d images (%d captions) in %.1f s (%.1f images/s; model loading %.1f s) -> %s" % (
         len(names), len(captions), took, len(names) / max(took, 1e-9), loaded - start, args.output),

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from hw3.util import safe_load
 from hw3.models import search
+from hw3.models.decoding import DEFAULT_DECODING, DecodingSettings
 from hw3.util.errors import UserError
 from hw3.util.files import atomic_write, read_json, write_json
 from hw3.models.gpt2 import Decoder, DecoderWeightsError
@@ -73,9 +74,9 @@ class Captioner(nn.Module):
         return self.decoder(tokens, image_tokens=self.image_tokens(visual), positions=positions,
                             return_attention=return_attention)
 
-    def generate(self, visual: torch.Tensor, **settings):
-        """Caption ids for images or image tokens; settings as search.generate (return_attention=True for P3)."""
-        return search.generate(self.decoder, self.image_tokens(visual), **settings)
+    def generate(self, visual: torch.Tensor, settings: DecodingSettings = DEFAULT_DECODING, **options):
+        """Caption ids for images or image tokens; options as search.generate's (return_attention=True for P3)."""
+        return search.generate(self.decoder, self.image_tokens(visual), settings, **options)
 
     def attention_maps(self, per_block: Sequence[Optional[torch.Tensor]], layer: str = "last",
                        heads: str = "mean") -> torch.Tensor:
@@ -147,7 +148,7 @@ def config_path(checkpoint: str) -> str:
 
 def save_checkpoint(path: str, captioner: Captioner, extra: Optional[dict] = None) -> None:
     """Writes only the trainable tensors (a flat dict) and, beside it, the JSON that rebuilds the model. `extra`
-    (epoch, scores, recommended decoding under search.INFERENCE_KEY...) goes in the JSON too."""
+    (epoch, scores, recommended decoding under decoding.INFERENCE_KEY...) goes in the JSON too."""
     state = {k: v.detach().cpu().contiguous() for k, v in captioner.trainable_state_dict().items()}
     decoder_config = captioner.decoder.cfg.to_dict()
     decoder_config.pop("checkpoint", None)  # the decoder weights are an inference argument, not part of the model

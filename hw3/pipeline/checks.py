@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.data.images import check_image_file, list_images
 from hw3.pipeline import records
 from hw3.pipeline.context import Context, checked_training
@@ -52,10 +52,10 @@ def image_paths(ctx: Context, stages: List[str]) -> List[str]:
         if key == "p1_images":  # P1's labels come from the file names of the one folder
             names = list_images(ctx.data(key), DATA[key])
         elif split and (ctx.args.captions or os.path.isfile(ctx.data(split + "_json"))):
-            names = corpus.find_images(ctx.data(key), ctx.data(split + "_json"),
+            names = caption_files.find_images(ctx.data(key), ctx.data(split + "_json"),
                                         split=split if ctx.args.captions else None)
         else:
-            names = corpus.find_images(ctx.data(key), what=DATA[key])
+            names = caption_files.find_images(ctx.data(key), what=DATA[key])
         paths.update((os.path.normpath(os.path.join(ctx.data(key), n)), None) for n in names)
     return list(paths)
 

@@ -21,12 +21,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from hw3.models import clip_backend
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import caption_files, datasets
 from hw3.inference import predict
 from hw3.training import cli, trainer
 from hw3.pipeline import records
 from hw3.util import resources
-from hw3.models import registry, search
+from hw3.models import registry, decoding
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.pipeline.layout import DATA
@@ -37,6 +37,7 @@ from hw3.pipeline.trainings import (TRAIN_DONE, checkpoint_seal, finished_traini
 from hw3.util.device import resolve_device
 from hw3.util.errors import UserError, progress
 from hw3.util.files import read_json, write_json
+from hw3.models.decoding import DecodingSettings
 from hw3.models.encoder import EncoderSpec
 from hw3.data.tokenizer import BPETokenizer
 
@@ -107,10 +108,10 @@ class Context:
         """The length every scored caption may reach: covers the longest val reference and its end token, never
         below the README's 30 (search.covering_max_len; the decoder's positions cap it in search)."""
         if self._scoring_max_len is None:
-            val = corpus.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
+            val = caption_files.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
                                         default_split="val")
-            _, _, longest = corpus.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
-            self._scoring_max_len = search.covering_max_len(longest)
+            _, _, longest = datasets.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
+            self._scoring_max_len = decoding.covering_max_len(longest)
         return self._scoring_max_len
 
     def _places(self, absolute: bool = False):
@@ -293,23 +294,14 @@ def train_run(ctx: Context, method: str, config: TrainingConfig, inputs: dict,
 
 # ----------------------------------------------------------------------------------------------- scoring
 
-def decoding_flags(settings: dict, checkpoint: Optional[str] = None) -> List[str]:
-    """Every setting as a flag (so a checkpoint's own recommendation never enters a score); greedy takes no beam
-    flags, sampling its own. With `checkpoint`, lengths within its decoder's positions (a small from-scratch decoder
-    trained on short captions), which a flag beyond would be refused."""
-    most = search.caption_positions(read_checkpoint_config(checkpoint)) if checkpoint else None
-    max_len, min_len = (min(int(settings[k]), most or sys.maxsize) for k in ("max_len", "min_len"))
-    flags = ["--method", settings["method"], "--max-len", str(max_len), "--min-len", str(min_len),
-             "--no-repeat-ngram", str(settings["no_repeat_ngram"])]
-    if settings["method"] == "beam":
-        flags += ["--beam-size", str(settings["beam_size"]), "--length-penalty", str(settings["length_penalty"])]
-    if settings["method"] == "sample":
-        flags += [f for key in search.SAMPLING_DEFAULTS
-                  for f in ("--" + key.replace("_", "-"), str(settings.get(key, search.SAMPLING_DEFAULTS[key])))]
-    return flags
+def decoding_flags(settings: DecodingSettings, checkpoint: Optional[str] = None) -> List[str]:
+    """Every setting as a flag (so a checkpoint's own recommendation never enters a score). With `checkpoint`,
+    lengths within its decoder's positions (a small from-scratch decoder trained on short captions), which a flag
+    beyond would be refused."""
+    return decoding.within_positions(settings, read_checkpoint_config(checkpoint) if checkpoint else None).as_flags()
 
 
-def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, clip,
+def caption_and_score(ctx: Context, checkpoint: str, settings: DecodingSettings, pred: str, clip,
                       names: Tuple[str, ...] = metrics.DEFAULT_METRICS) -> dict:
     """p2_inference.py (hw3_2.sh's code) with explicit decoding settings, then metrics.evaluate (p2_evaluate.py's
     scoring of `names`) with the CLIP loaded once. Kept as a finished part of the stage: scored again only when the
@@ -317,7 +309,7 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
     result's "checkpoint_fingerprint" is the scored checkpoint's. Captions may reach at least the longest val
     reference and its end token (Context.scoring_max_len); the scores carry "cut" (captions that reached "max_len"
     without their end token) and that "max_len"."""
-    settings = dict(settings, max_len=max(int(settings["max_len"]), ctx.scoring_max_len()))
+    settings = settings.replace(max_len=max(int(settings.max_len), ctx.scoring_max_len()))
     what = dict(checkpoint=checkpoint_fingerprint(checkpoint), config=records.fingerprint(config_path(checkpoint)),
                 settings=decoding_flags(settings, checkpoint), metrics=list(names), split=ctx.split_flags(),
                 clip=[ctx.args.clip_model, ctx.args.clip_pretrained],
@@ -327,8 +319,8 @@ def caption_and_score(ctx: Context, checkpoint: str, settings: dict, pred: str, 
         captioned = predict.run([ctx.data("val_images"), pred, ctx.data("decoder"), "--checkpoint", checkpoint,
                                       "--device", ctx.args.device, "--num-workers", str(ctx.args.workers)]
                                      + ctx.split_flags() + decoding_flags(settings, checkpoint))
-        scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                                  device=ctx.device, metrics=names, split=ctx.val_split())
+        scores = metrics.evaluate(read_json(pred), ctx.data("val_json"), ctx.data("val_images"),
+                                  metrics.Scoring(clip=clip, device=ctx.device, metrics=names), split=ctx.val_split())
         log_out_of_memory(ctx, checkpoint)
         return dict(scores, cut=captioned["cut"], max_len=captioned["max_len"],
                     checkpoint_fingerprint=what["checkpoint"])

@@ -48,7 +48,7 @@ import sys
 import time
 from typing import List, Optional
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.models import clip_backend
 from hw3.pipeline import checks, plan, records, runner
 from hw3.pipeline.context import Context
@@ -89,7 +89,7 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--captions", metavar="FILE", help="one caption file of any format p2_data reads (COCO, Karpathy "
                    "split JSON, DeepFashion-MultiModal captions.json, {file name: captions}): trained on its train "
                    "split, scored on its val split (a file without splits: divided by file-name hash, %g to val, as "
-                   "p2_train.py does)" % corpus.VAL_FRACTION)
+                   "p2_train.py does)" % caption_files.VAL_FRACTION)
     g.add_argument("--images", metavar="DIR", help="the folder of --captions' images")
     g.add_argument("--decoder-weights", metavar="FILE", help="the course's decoder_model.bin, for the P2 (GPT-2 "
                    "PEFT) stage; without it only the compare stage's from-scratch decoders are trained")

@@ -7,7 +7,7 @@ import shutil
 from typing import Dict, Optional
 
 from hw3 import REPO_ROOT
-from hw3.models import search
+from hw3.models import decoding
 from hw3.models.captioner import config_path, read_checkpoint_config
 from hw3.pipeline import context
 from hw3.pipeline.context import Context
@@ -25,8 +25,8 @@ def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None
     dest = dest or ctx.path("p2", "p2_best.pt")
     with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
         shutil.copyfileobj(src, f)
-    meta = dict(ctx.portable(read_checkpoint_config(checkpoint)), **{search.INFERENCE_KEY: chosen})
-    search.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
+    meta = dict(ctx.portable(read_checkpoint_config(checkpoint)), **{decoding.INFERENCE_KEY: chosen})
+    decoding.resolve_decoding({}, meta, config_path(dest))  # raises if hw3_2.sh could not use it
     write_json(config_path(dest), meta)
     return dict(checkpoint=dest, config=config_path(dest), sha256=file_sha256(dest), bytes=os.path.getsize(dest))
 
@@ -34,7 +34,7 @@ def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None
 def shipped_predictions(ctx: Context) -> str:
     """p2_best's val captions with its shipped decoding, as the p2 stage wrote them."""
     chosen, best = ctx.results["p2_inference"], ctx.results["p2_best"]
-    if setting_name(chosen) == setting_name(dict(search.DECODE_DEFAULTS, **context.DECODING_GRID[0])):
+    if setting_name(chosen) == setting_name(dict(decoding.DECODE_DEFAULTS, **context.DECODING_GRID[0])):
         return ctx.path("p2", best, "pred.json")
     return ctx.path("p2", "decoding", setting_name(chosen) + ".json")
 

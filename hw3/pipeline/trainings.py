@@ -9,7 +9,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.pipeline.layout import P2_DATA
 from hw3.training.state import load_state
 from hw3.util.errors import UserError
@@ -53,14 +53,14 @@ def train_split(ctx: Context) -> str:
     if not ctx.args.train_max_images:
         return ctx.data("train_json")
     data = read_json(ctx.data("train_json"), "annotation file")
-    caption_file = corpus.read_captions(data, "annotation file")
+    caption_file = caption_files.read_captions(data, "annotation file")
     if caption_file.format == "coco":
         keep = {img["id"] for img in data["images"][:ctx.args.train_max_images]}
         data = dict(data, images=[i for i in data["images"] if i["id"] in keep],
                     annotations=[a for a in data["annotations"] if a["image_id"] in keep])
     else:
-        split = corpus.resolve_split(caption_file, None, "train")
-        names, _ = corpus.split_names(caption_file, split, show=False)
+        split = caption_files.resolve_split(caption_file, None, "train")
+        names, _ = caption_files.split_names(caption_file, split, show=False)
         data = {n: caption_file.captions[n] for n in names[:ctx.args.train_max_images]}
     path = ctx.path("p2", "train_subset.json")
     write_json(path, data, indent=None)

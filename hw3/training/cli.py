@@ -17,11 +17,11 @@ import os
 import sys
 from typing import List, Optional
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.evaluation import metrics
 from hw3.models import clip_backend, registry
 from hw3.models.encoder import DEFAULT_ENCODER
-from hw3.models.search import DECODE_DEFAULTS
+from hw3.models.decoding import DECODE_DEFAULTS
 from hw3.util.errors import UserError
 from hw3.training.config import TrainingConfig, flag_name, validation_metric_names
 from hw3.training.data import CAPTION_LENGTH_STEP
@@ -45,13 +45,13 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-json", required=True, help="captions of the validation images (any of those formats; "
                    "may be the --train-json file)")
     g.add_argument("--val-images", required=True, help="folder of the validation images")
-    g.add_argument("--train-split", choices=corpus.SPLITS, default=None, help="split of --train-json trained on "
+    g.add_argument("--train-split", choices=caption_files.SPLITS, default=None, help="split of --train-json trained on "
                    "(default: train of a file with splits, restval included; the whole of a file without, or its "
                    "train share by file-name hash when it is also --val-json)")
-    g.add_argument("--val-split", choices=corpus.SPLITS, default=None, help="split of --val-json validated on "
+    g.add_argument("--val-split", choices=caption_files.SPLITS, default=None, help="split of --val-json validated on "
                    "(default: val of a file with splits; the whole of a file without, or its val share when it is "
                    "also --train-json)")
-    g.add_argument("--val-fraction", type=float, default=corpus.VAL_FRACTION, help="share of a file without "
+    g.add_argument("--val-fraction", type=float, default=caption_files.VAL_FRACTION, help="share of a file without "
                    "splits that the val split takes (by file-name hash: the same on every machine)")
     g.add_argument("--val-max-images", type=int, default=0, help="validate on the first N images only (0 = all)")
     g.add_argument("--max-caption-tokens", type=int, default=None, help="longer captions are cut to this many GPT-2 "

@@ -13,10 +13,10 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.models import clip_backend
 from hw3.models.encoder import DEFAULT_ENCODER
-from hw3.models.search import DECODE_DEFAULTS
+from hw3.models.decoding import DECODE_DEFAULTS
 
 
 def flag_name(option: str) -> str:
@@ -32,7 +32,7 @@ class DataSettings:
     val_images: Optional[str] = None
     train_split: Optional[str] = None
     val_split: Optional[str] = None
-    val_fraction: float = corpus.VAL_FRACTION
+    val_fraction: float = caption_files.VAL_FRACTION
     val_max_images: int = 0
     max_caption_tokens: Optional[int] = None  # None: from the training captions, when the run reads them
     raw_captions: bool = False

@@ -8,10 +8,10 @@ from typing import NamedTuple, Optional
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from hw3.data import corpus
+from hw3.data import caption_files, datasets, feature_cache
 from hw3.data.images import collate_images
 from hw3.data.tokenizer import BPETokenizer
-from hw3.models.search import covering_max_len
+from hw3.models.decoding import covering_max_len
 from hw3.training.config import DataSettings, TrainingConfig
 from hw3.training.state import Dist
 
@@ -26,9 +26,9 @@ def load_splits(data: DataSettings):
     same_file = os.path.abspath(data.train_json) == os.path.abspath(data.val_json)
     train_split = data.train_split or ("train" if same_file else None)
     val_split = data.val_split or ("val" if same_file else None)
-    train = corpus.load_captions(data.train_json, data.train_images, clean=not data.raw_captions, split=train_split,
+    train = caption_files.load_captions(data.train_json, data.train_images, clean=not data.raw_captions, split=train_split,
                                  default_split="train", val_fraction=data.val_fraction, option="--train-split")
-    val = corpus.load_captions(data.val_json, data.val_images, clean=not data.raw_captions, split=val_split,
+    val = caption_files.load_captions(data.val_json, data.val_images, clean=not data.raw_captions, split=val_split,
                                default_split="val", val_fraction=data.val_fraction, option="--val-split")
     if same_file and os.path.abspath(data.train_images) == os.path.abspath(data.val_images):
         shared = set(train.names) & set(val.names)
@@ -49,7 +49,7 @@ def caption_length(config: TrainingConfig, train, world: Dist) -> TrainingConfig
     to a multiple of CAPTION_LENGTH_STEP: no caption is cut), said on stderr, and --val-max-len covering it."""
     max_tokens = config.data.max_caption_tokens
     if max_tokens is None:
-        _, _, longest = corpus.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
+        _, _, longest = datasets.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
         max_tokens = data_caption_tokens(longest)
         if world.main:
             print("caption length: --max-caption-tokens %d from the training captions (the longest has %d tokens, "
@@ -78,10 +78,10 @@ def build_data(config: TrainingConfig, train, val, captioner, world: Dist) -> Tr
     train_tokens, val_tokens = _caption_tokens(config.data, train, val, captioner, world)
     train_visuals, val_visuals = _visuals(config, train, val, captioner, world)
     batch_size, workers, seed = config.optimisation.batch_size, config.run.workers, config.optimisation.seed
-    pairs = corpus.CaptionPairs(train_visuals, train_tokens)
+    pairs = datasets.CaptionPairs(train_visuals, train_tokens)
     sampler = DistributedSampler(pairs, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=seed)
     loader = DataLoader(pairs, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=corpus.collate_pairs, pin_memory=world.device.type == "cuda")
+                        collate_fn=datasets.collate_pairs, pin_memory=world.device.type == "cuda")
     val_loader = DataLoader(val_visuals, batch_size=config.validation.val_batch_size, num_workers=workers,
                             collate_fn=collate_images)
     scst_loader = None
@@ -97,8 +97,8 @@ def _caption_tokens(data: DataSettings, train, val, captioner, world: Dist):
     """The training and validation captions as GPT-2 ids, cut to the trained length (stderr says how many were)."""
     tokenizer = BPETokenizer()
     max_tokens = trained_caption_tokens(data, captioner)
-    train_tokens, cut, longest = corpus.tokenize_captions(train.captions, tokenizer, max_tokens)
-    val_tokens, val_cut, val_longest = corpus.tokenize_captions(val.captions, tokenizer, max_tokens)
+    train_tokens, cut, longest = datasets.tokenize_captions(train.captions, tokenizer, max_tokens)
+    val_tokens, val_cut, val_longest = datasets.tokenize_captions(val.captions, tokenizer, max_tokens)
     if world.main and (cut or val_cut):
         limit = ("--max-caption-tokens %d" % max_tokens if max_tokens == data.max_caption_tokens else
                  "%d tokens (the decoder's %d positions less start and end)" % (max_tokens,
@@ -114,13 +114,14 @@ def _visuals(config: TrainingConfig, train, val, captioner, world: Dist):
     cache (then the encoder is released), or the images themselves (augmented with --augment)."""
     encoder = captioner.encoder
     if config.data.feature_cache:
-        kwargs = dict(batch_size=config.run.encode_batch_size, device=world.device, num_workers=config.run.workers,
-                      amp=world.device.type == "cuda" and not config.optimisation.no_amp, rank=world.rank,
-                      world_size=world.world_size, barrier=world.barrier)
+        run = feature_cache.Encoding(batch_size=config.run.encode_batch_size, device=world.device,
+                                     num_workers=config.run.workers, rank=world.rank, world_size=world.world_size,
+                                     amp=world.device.type == "cuda" and not config.optimisation.no_amp,
+                                     barrier=world.barrier)
         cache = config.data.feature_cache
-        train_visuals = corpus.Features(corpus.build_feature_cache(cache, "train", encoder, train, **kwargs))
-        val_visuals = corpus.Features(corpus.build_feature_cache(cache, "val", encoder, val, **kwargs))
+        train_visuals = datasets.Features(feature_cache.build_feature_cache(cache, "train", encoder, train, run))
+        val_visuals = datasets.Features(feature_cache.build_feature_cache(cache, "val", encoder, val, run))
         captioner.release_encoder()  # never run again: free the accelerator for the decoder
         return train_visuals, val_visuals
-    augment = corpus.light_augmentation() if config.data.augment else None
-    return corpus.images(train, encoder.transform, augment), corpus.images(val, encoder.transform)
+    augment = datasets.light_augmentation() if config.data.augment else None
+    return datasets.images(train, encoder.transform, augment), datasets.images(val, encoder.transform)

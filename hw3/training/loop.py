@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from hw3.data import corpus
+from hw3.data import datasets
 from hw3.util import resources
 from hw3.util.device import autocast
 from hw3.util.errors import progress
@@ -28,9 +28,9 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
     logits (M, vocab) already taken at the M target positions (decoder(..., positions=targets != -100)) with the
     targets (B, T) or already taken there (M,)."""
     if logits.dim() == 2 and targets.dim() == 2:
-        targets = targets[targets != corpus.IGNORE_INDEX]
+        targets = targets[targets != datasets.IGNORE_INDEX]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=corpus.IGNORE_INDEX, label_smoothing=label_smoothing)
+                           ignore_index=datasets.IGNORE_INDEX, label_smoothing=label_smoothing)
 
 
 def micro_batch_loss(state: TrainingState, batch, rows: Tuple[int, int], count: int,
@@ -41,13 +41,13 @@ def micro_batch_loss(state: TrainingState, batch, rows: Tuple[int, int], count: 
     device, decoder = state.world.device, state.decoder
     with autocast(device, state.amp):
         targets = targets.to(device)
-        positions = targets != corpus.IGNORE_INDEX
+        positions = targets != datasets.IGNORE_INDEX
         out = state.model(visuals.to(device, non_blocking=True), inputs.to(device), positions=positions,
                           return_attention=penalised)  # (M, vocab): no logits on padding
         logits, attentions = out if penalised else (out, None)
         wanted = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
         loss = caption_loss(logits, wanted, state.config.optimisation.label_smoothing)
-        loss = loss * (int((wanted != corpus.IGNORE_INDEX).sum()) / max(1, count))
+        loss = loss * (int((wanted != datasets.IGNORE_INDEX).sum()) / max(1, count))
         if penalised:
             loss = loss + decoder.attention_penalty(attentions, positions) * ((rows[1] - rows[0]) / len(batch[0]))
     return loss
@@ -57,7 +57,7 @@ def fit_micro_batch(state: TrainingState, batch, closes_group: bool, group_size:
     """Forward and backward of one micro-batch in state.split's pieces; DDP syncs the gradients only on the group's
     last piece. Returns the micro-batch's loss."""
     targets = batch[2].to(state.world.device)
-    count = int((state.decoder.vocab.targets(targets)[targets != corpus.IGNORE_INDEX] != corpus.IGNORE_INDEX).sum())
+    count = int((state.decoder.vocab.targets(targets)[targets != datasets.IGNORE_INDEX] != datasets.IGNORE_INDEX).sum())
     pieces = state.split.ranges(len(batch[0]))
     loss = 0.0
     for k, rows in enumerate(pieces):

@@ -10,10 +10,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from hw3.data import corpus
+from hw3.data import datasets
 from hw3.data.images import image_batches
 from hw3.data.tokenizer import BPETokenizer
 from hw3.evaluation import metrics
+from hw3.models.decoding import DecodingSettings
 from hw3.models.search import decode_captions
 from hw3.util.device import autocast
 from hw3.util.errors import progress
@@ -49,10 +50,10 @@ def sample_pairs(samples: List[List[int]], max_len: int) -> Tuple[torch.Tensor, 
     """Teacher-forcing inputs and targets (B, K) of sampled captions (ids without the end token): the end token is a
     target only where the caption ended, i.e. came out shorter than max_len. K stops at the last target, so a
     caption cut at the decoder's last position never feeds one more."""
-    inputs, targets = corpus.caption_targets(samples)
+    inputs, targets = datasets.caption_targets(samples)
     for row, ids in enumerate(samples):
         if len(ids) >= max_len:  # cut by max_len: it never sampled the end token
-            targets[row, len(ids)] = corpus.IGNORE_INDEX
+            targets[row, len(ids)] = datasets.IGNORE_INDEX
     width = max(len(ids) + (len(ids) < max_len) for ids in samples)  # the last target's column, plus one
     return inputs[:, :width], targets[:, :width]
 
@@ -81,11 +82,11 @@ def scst_rollout(state: TrainingState, epoch: int, index: List[int], visuals, ke
     max_len = min(state.config.validation.val_max_len, state.decoder.max_text_len - 1)  # as search.generate caps it
     with autocast(device, state.amp):
         tokens = state.captioner.image_tokens(visuals.to(device, non_blocking=True))  # (B, N, width)
-        samples = state.captioner.generate(tokens, method="sample", temperature=scst.scst_temperature,
-                                           captions_per_image=scst.scst_samples, max_len=max_len,
-                                           seed=state.config.optimisation.seed,
-                                           image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
-        greedy = state.captioner.generate(tokens, method="greedy", max_len=max_len) \
+        sampling = DecodingSettings(method="sample", temperature=scst.scst_temperature,
+                                    captions_per_image=scst.scst_samples, max_len=max_len,
+                                    seed=state.config.optimisation.seed)
+        samples = state.captioner.generate(tokens, sampling, image_keys=["%d/%s" % (epoch, keys[i]) for i in index])
+        greedy = state.captioner.generate(tokens, DecodingSettings(method="greedy", max_len=max_len)) \
             if scst.scst_baseline == "greedy" else None
     return Rollout(list(index), tokens, samples, greedy, max_len)
 
@@ -112,7 +113,7 @@ def scst_policy_step(state: TrainingState, rollout: Rollout, advantage: torch.Te
     device, K = state.world.device, advantage.shape[1]
     inputs, targets = sample_pairs(rollout.samples, rollout.max_len)
     targets = targets.to(device)
-    positions = targets != corpus.IGNORE_INDEX
+    positions = targets != datasets.IGNORE_INDEX
     weights = advantage.reshape(-1, 1).expand_as(targets).to(device)[positions]  # (M,)
     with autocast(device, state.amp):
         logits = state.model(rollout.tokens.repeat_interleave(K, dim=0), inputs.to(device), positions=positions)

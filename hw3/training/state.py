@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.util import resources, safe_load
 from hw3.util.device import resolve_device
 from hw3.util.errors import UserError
@@ -28,7 +28,7 @@ TRAJECTORY_OPTIONS = ("raw_captions", "max_caption_tokens", "augment", "val_max_
                       "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "label_smoothing",
                       "no_amp", "seed", "select")
 # Trajectory options added later: recorded only away from their defaults, so earlier runs still resume.
-LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=corpus.VAL_FRACTION, scst_epochs=0,
+LATER_TRAJECTORY_OPTIONS = dict(train_split=None, val_split=None, val_fraction=caption_files.VAL_FRACTION, scst_epochs=0,
                                 init_from=None, scst_samples=5, scst_baseline="mean", scst_lr=2e-5,
                                 scst_temperature=1.0, scst_clip_weight=0.0, scst_end_word=False)
 

@@ -9,12 +9,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from hw3.data import corpus
+from hw3.data import datasets
 from hw3.data.images import image_batches
 from hw3.evaluation import metrics
 from hw3.models import clip_backend
 from hw3.models.captioner import save_checkpoint
-from hw3.models.search import DATA_LENGTH_KEY, decode_captions
+from hw3.models.decoding import DATA_LENGTH_KEY, DecodingSettings
+from hw3.models.search import decode_captions
 from hw3.util.device import autocast
 from hw3.util.errors import UserError, progress
 from hw3.util.files import write_json
@@ -44,15 +45,16 @@ def validate(state: TrainingState, val_loader, val, val_tokens) -> dict:
     def one_batch(index, visuals) -> Tuple[List[List[int]], float, int]:
         with autocast(device, amp):
             tokens = captioner.image_tokens(visuals.to(device))  # (B, N, width)
-            ids = captioner.generate(tokens, method=v.val_decode, beam_size=v.val_beam_size, max_len=v.val_max_len)
+            ids = captioner.generate(tokens, DecodingSettings(method=v.val_decode, beam_size=v.val_beam_size,
+                                                              max_len=v.val_max_len))
             rows = [(r, caption) for r, i in enumerate(index) for caption in val_tokens[i]]
-            inputs, targets = corpus.caption_targets([c for _, c in rows])
+            inputs, targets = datasets.caption_targets([c for _, c in rows])
             repeat = torch.tensor([r for r, _ in rows], device=device)
             targets = targets.to(device)
-            positions = targets != corpus.IGNORE_INDEX
+            positions = targets != datasets.IGNORE_INDEX
             logits = decoder(inputs.to(device), image_tokens=tokens.index_select(0, repeat), positions=positions)
             targets = decoder.vocab.targets(targets)[positions]  # (M,); a compact layer's unknown ids are ignored
-        n = int((targets != corpus.IGNORE_INDEX).sum())
+        n = int((targets != datasets.IGNORE_INDEX).sum())
         return ids, float(caption_loss(logits, targets)) * n, n
 
     for index, visuals in image_batches(progress(val_loader, desc="validation", leave=False)):
@@ -70,8 +72,9 @@ def score(predictions: dict, val, names, clip, device) -> Dict[str, Optional[flo
     """The --val-metrics of the validation captions against the references as written, through metrics (as
     p2_evaluate scores), as {field: score} (a skipped metric is None), plus "mean" when its four are there."""
     keys = val.keys()
-    result = metrics.score_captions(predictions, dict(zip(keys, val.references)), names,
-                                    paths={k: val.path(i) for i, k in enumerate(keys)}, clip=clip, device=str(device))
+    result = metrics.score_captions(predictions, dict(zip(keys, val.references)),
+                                    metrics.Scoring(names, clip=clip, device=str(device)),
+                                    paths={k: val.path(i) for i, k in enumerate(keys)})
     out = {k.lower(): (float(result[k]) if k in result else None) for k in metrics.result_keys(names)}
     if all(out.get(k.lower()) is not None for k in metrics.MEAN_OF):
         out["mean"] = sum(out[k.lower()] for k in metrics.MEAN_OF) / len(metrics.MEAN_OF)

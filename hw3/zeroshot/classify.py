@@ -223,15 +223,21 @@ def compare_prompts(out_csv: str, features, text: ClassEmbeddings, names: Sequen
     return rows
 
 
+def sampled_images(total: int, count: int, seed: int) -> List[int]:
+    """The places of the images plot_top5 shows: `count` of `total` drawn with `seed`, in their order."""
+    return sorted(random.Random(seed).sample(range(total), min(count, total)))
+
+
 def plot_top5(path: str, folder: str, names: Sequence[str], probabilities, classnames: Sequence[str],
-              count: int, seed: int, labels: Optional[Sequence[int]] = None) -> List[str]:
-    """One PNG, a row per sampled image: the image beside a bar chart of its top-5 class probabilities."""
+              labels: Optional[Sequence[int]] = None, chosen: Optional[Sequence[int]] = None) -> List[str]:
+    """One PNG, a row per chosen image (sampled_images; all by default): the image beside a bar chart of its top-5
+    class probabilities."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = sorted(random.Random(seed).sample(range(len(names)), min(count, len(names))))
+    chosen = range(len(names)) if chosen is None else chosen
     figure, axes = plt.subplots(len(chosen), 2, figsize=(9, 2.6 * len(chosen)), squeeze=False,
                                 gridspec_kw={"width_ratios": [1, 2]})
     for row, index in enumerate(chosen):
@@ -379,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         scale = float(model.logit_scale.detach().exp().clamp(max=100)) if hasattr(model, "logit_scale") else 100.0
         probabilities = torch.softmax(scale * similarities, dim=1)
         shown = plot_top5(sidecar(args.out_csv, ".top5.png"), args.image_dir, names, probabilities, classnames,
-                          args.plot_top5, args.seed, labels_or_none(names, len(classnames)))
+                          labels_or_none(names, len(classnames)), sampled_images(len(names), args.plot_top5, args.seed))
         print("top-5 plot of %s -> %s" % (", ".join(shown), sidecar(args.out_csv, ".top5.png")))
     return 0
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from hw3.models import captioner
-from hw3.models import search
+from hw3.models import decoding
 from hw3.util.errors import run_main
 from hw3.models.gpt2 import Config
 from tiny_models import TINY_ENCODER, tiny_gpt2
@@ -322,11 +322,11 @@ PROBES = [
     Probe("--batch-size 0", "p3_visualize", p3("--batch-size", "0"), 2, "--batch-size", None, None, None),
     Probe("checkpoint recommends an unknown method", "p2_inference", infer(checkpoint="{tmp}/p2.pt"), 2,
           "method must be beam, greedy or sample",
-          with_config(**{search.INFERENCE_KEY: dict(search.DECODE_DEFAULTS, method="nucleus", chosen_on="x")}),
+          with_config(**{decoding.INFERENCE_KEY: dict(decoding.DECODE_DEFAULTS, method="nucleus", chosen_on="x")}),
           "out.json", None),
     Probe("checkpoint recommends 2.5 beams", "p2_inference", infer(checkpoint="{tmp}/p2.pt"), 2,
           "beam_size must be a whole number",
-          with_config(**{search.INFERENCE_KEY: dict(search.DECODE_DEFAULTS, beam_size=2.5, chosen_on="x")}),
+          with_config(**{decoding.INFERENCE_KEY: dict(decoding.DECODE_DEFAULTS, beam_size=2.5, chosen_on="x")}),
           "out.json", None),
 ]
 

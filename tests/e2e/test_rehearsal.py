@@ -11,7 +11,7 @@ import torch
 from hw3.models import clip_backend
 from hw3.models import encoder
 from hw3.zeroshot import classify
-from hw3.data import corpus
+from hw3.data import caption_files
 from bench import rehearsal
 from hw3.models.gpt2 import infer_shape, load_gpt2_weights
 
@@ -53,8 +53,8 @@ def test_the_data_set_has_the_course_layout_and_a_course_format_gpt2(tmp_path):
     names = sorted(p.name for p in (tmp_path / "p1_data" / "val").iterdir())
     assert sorted(classify.labels_from_names(names, len(classes), "p1")) == list(range(len(classes)))
     for split in ("train", "val"):
-        captions = corpus.load_captions(str(tmp_path / "p2_data" / ("%s.json" % split)),
-                                         str(tmp_path / "p2_data" / "images" / split))
+        captions = caption_files.load_captions(str(tmp_path / "p2_data" / ("%s.json" % split)),
+                                               str(tmp_path / "p2_data" / "images" / split))
         assert len(captions.names) == rehearsal.SIZES[split]
     assert len(list((tmp_path / "p3_data" / "images").iterdir())) == rehearsal.SIZES["p3"]
     shape = infer_shape(load_gpt2_weights(str(tmp_path / "p2_data" / "decoder_model.bin")))

@@ -20,7 +20,7 @@ from collections import namedtuple
 
 import pytest
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.training import trainer
 from hw3.pipeline import records
 from hw3.report import answer_file
@@ -30,7 +30,7 @@ from hw3.pipeline import run_all
 from hw3.pipeline import context, runner, scoring, shipping, trainings
 from hw3.pipeline.stages import (compare as compare_stage, distill as distill_stage, p2 as p2_stage, p3 as p3_stage,
                                 report as report_stage, scst as scst_stage, shared)
-from hw3.models import registry, search
+from hw3.models import registry, decoding
 import tiny_models
 import torch
 from hw3.training.state import STATE_FORMAT, load_state
@@ -217,10 +217,10 @@ def test_shipped_checkpoint_carries_the_chosen_decoding_and_no_local_path(finish
     out, _ = finished
     results = read_json(os.path.join(out, "results.json"))
     meta = read_checkpoint_config(records.local_path(results["p2_shipping"]["checkpoint"], out))
-    settings, said = search.resolve_decoding({}, meta, "p2_best.json")
+    settings, said = decoding.resolve_decoding({}, meta, "p2_best.json")
     assert "chosen on" in said and meta["inference"]["chosen_on"].startswith("highest CIDEr on the val split")
     best = max(results["p2_decoding"], key=lambda d: d["cider"])
-    assert settings == {k: best[k] for k in search.DECODE_DEFAULTS}
+    assert settings.as_record() == {k: best[k] for k in decoding.DECODE_DEFAULTS}
     shipped = records.local_path(results["p2_shipping"]["checkpoint"], out)
     assert results["p2_shipping"]["bytes"] == os.path.getsize(shipped)
     shipped = open(os.path.join(out, "p2", "p2_best.json"), encoding="utf-8").read()
@@ -921,7 +921,7 @@ def test_with_names_only_optional_stages(finished, tmp_path, capsys):
 def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     """--captions FILE --images DIR: no P1 or P3 data; without --decoder-weights no P2 (and no gpt2 row); a file
     without splits is trained on its train share and scored on its val share, as p2_train.py divides it."""
-    from hw3.data import corpus
+    from hw3.data import caption_files
 
     p2 = os.path.join(world, "p2_data")
     config = str(tmp_path / "train_config.json")
@@ -940,7 +940,7 @@ def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
     results = read_json(str(tmp_path / "out" / "results.json"))
     assert set(results["compare"]) == set(compare_stage.COMPARE_ARCHS)
     assert "p2" not in results and "p1_accuracy" not in results
-    val, _ = corpus.split_names(corpus.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
+    val, _ = caption_files.split_names(caption_files.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
     assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
         os.path.splitext(n)[0] for n in val)
     assert os.path.isfile(str(tmp_path / "out" / "report.pdf"))
@@ -972,7 +972,7 @@ def test_distill_teacher_captions_are_coco_files_the_students_read(distilled):
     train_names = {i["file_name"] for i in read_json(os.path.join(out, "p2", "train_subset.json"))["images"]}
     for name in ("precise", "creative"):
         path = os.path.join(out, "distill", "teacher_%s.json" % name)
-        captions = corpus.read_captions(path)
+        captions = caption_files.read_captions(path)
         assert captions.format == "coco" and set(captions.captions) == train_names
         assert all(len(c) == 1 and c[0] for c in captions.captions.values())
         trained = read_json(os.path.join(out, "distill", name, "train", "args.json"))
@@ -1061,7 +1061,7 @@ def test_scst_fine_tunes_the_chosen_attempts_scored_checkpoint(tuned):
     # --score-checkpoints: the committed fine-tuned checkpoint is the one scored "after", and ships
     assert os.path.samefile(scst["after"]["checkpoint"], os.path.join(demo.MODELS, "p2_%s_scst.pt" % method))
     shipped = read_checkpoint_config(os.path.join(out, "scst", "p2_scst.pt"))  # hw3_2.sh-ready, as p2_best is
-    assert shipped[search.INFERENCE_KEY] == results["p2_inference"] and scst["shipping"]["sha256"] == sha(
+    assert shipped[decoding.INFERENCE_KEY] == results["p2_inference"] and scst["shipping"]["sha256"] == sha(
         scst["after"]["checkpoint"])
 
 
@@ -1081,7 +1081,7 @@ def test_scst_results_hold_before_and_after(tuned):
             assert isinstance(row[key], float), (side, key)
         captions[side] = read_json(records.local_path(row["predictions"], out))
         scores = metrics.evaluate(captions[side], os.path.join(data, "p2_data", "val.json"),
-                                  os.path.join(data, "p2_data", "images", "val"), metrics=("cider",))
+                                  os.path.join(data, "p2_data", "images", "val"), metrics.Scoring(metrics=("cider",)))
         assert row["CIDEr"] == pytest.approx(scores["CIDEr"]), side
         assert row["object_f1"] == pytest.approx(world_lib.object_scores(captions[side], scenes)["object_f1"]), side
     if scst["method"] == results["p2_best"]:  # "before" is P2's shipped captions: the decoding table's chosen row
@@ -1235,14 +1235,14 @@ def test_paragraph_captions_are_scored_at_a_length_that_covers_them(world, tmp_p
                      "--train-config", config, "--device", "cpu", "--workers", "0"] + models, capsys)
     assert code == 0, err[-3000:]
     tokenizer = BPETokenizer()
-    val = corpus.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
+    val = caption_files.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
     longest_val = max(len(tokenizer.encode(r)) for refs in val.references for r in refs)
-    assert longest_val > search.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
+    assert longest_val > decoding.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
     results = read_json(os.path.join(out, "results.json"))
     table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
     for arch, row in results["compare"].items():
         meta = read_json(records.local_path(row["checkpoint"], out).replace(".pt", ".json"))
-        longest_train = max(len(tokenizer.encode(corpus.clean_caption(c))) for c in paragraphs.values())
+        longest_train = max(len(tokenizer.encode(caption_files.clean_caption(c))) for c in paragraphs.values())
         assert meta["max_caption_tokens"] >= longest_train  # trained on whole paragraphs
         assert row["max_len"] == min(longest_val + 1, meta["decoder"]["block_size"] - 1), arch
         assert 0 <= row["cut"] <= len(val.names)

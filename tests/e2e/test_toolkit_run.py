@@ -20,7 +20,7 @@ import shutil
 import pytest
 
 from hw3.pipeline.stages import compare as compare_stage
-from hw3.data import corpus
+from hw3.data import caption_files, datasets
 from hw3.training.data import data_caption_tokens
 from hw3.pipeline import records
 from hw3.pipeline import run_all
@@ -131,10 +131,10 @@ def test_the_teacher_and_the_fine_tuned_are_the_best_architecture(toolkit_run):
     assert teacher["CIDEr"] == pytest.approx(rows[best]["CIDEr"])  # its val captions are the compare stage's
     assert "compare stage's best architecture" in teacher["chosen_on"]
     for name in ("precise", "creative"):
-        info = corpus.read_captions(os.path.join(out, "distill", "teacher_%s.json" % name))
+        info = caption_files.read_captions(os.path.join(out, "distill", "teacher_%s.json" % name))
         assert info.format == "coco" and len(info.captions) == results["data"]["splits"]["train"]
         assert teacher["decoding"][name]["max_len"] > SHORT  # the teacher's paragraphs are not cut at 30 tokens
-    precise = corpus.read_captions(os.path.join(out, "distill", "teacher_precise.json"))
+    precise = caption_files.read_captions(os.path.join(out, "distill", "teacher_precise.json"))
     assert max(token_count(c) for caps in precise.captions for c in caps) < teacher["decoding"]["precise"]["max_len"]
     scst = results["scst"]
     assert scst["method"] == best and scst["settings"]["init_from"] == rows[best]["checkpoint"]
@@ -153,8 +153,8 @@ def test_results_describe_the_data(toolkit_run, world):
     out, _ = toolkit_run
     data = read_results(out)["data"]
     captions = os.path.join(world, "captions.json")
-    train = corpus.load_captions(captions, os.path.join(world, "images"), split="train")
-    val = corpus.load_captions(captions, os.path.join(world, "images"), split="val")
+    train = caption_files.load_captions(captions, os.path.join(world, "images"), split="train")
+    val = caption_files.load_captions(captions, os.path.join(world, "images"), split="val")
     assert data["format"] == "deepfashion" and data["splits"] == dict(train=len(train.names), val=len(val.names))
     lengths = sorted(token_count(c) for caps in train.captions for c in caps)
     tokens = data["caption_tokens"]
@@ -162,7 +162,7 @@ def test_results_describe_the_data(toolkit_run, world):
     assert tokens["min"] <= tokens["median"] <= tokens["p95"] <= tokens["max"]
     trained = data_caption_tokens(lengths[-1])  # the default length, from the training captions
     assert data["cut"] == {run: dict(max_caption_tokens=trained, cut=0) for run in compare_stage.COMPARE_RUNS}
-    _, cut, _ = corpus.tokenize_captions(train.captions, BPETokenizer(), SHORT)  # p2_train.py's own count
+    _, cut, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), SHORT)  # p2_train.py's own count
     assert cut == sum(1 for n in lengths if n > SHORT) > 0  # the world's paragraphs exercise the long path
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.evaluation import metrics
 from hw3.attention import visualize
 from hw3.models.captioner import read_checkpoint_config
+from hw3.models.decoding import DecodingSettings
 from hw3.pipeline import context, records
 from hw3.pipeline.context import Context, caption_and_score, checked_training, decoding_flags, steps, train_run, \
     training_config
@@ -85,7 +86,8 @@ def stage_compare(ctx: Context) -> dict:
         for run in COMPARE_RUNS:
             checkpoint = scored_checkpoint(ctx, run, "compare")
             ctx.say("compare: scoring %s (%s) on val" % (run, checkpoint))
-            scores = caption_and_score(ctx, checkpoint, default, ctx.path("compare", run, "pred.json"), clip, SUITE)
+            scores = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(default),
+                                       ctx.path("compare", run, "pred.json"), clip, SUITE)
             per_image[run] = scores["per_image"]
             meta = read_checkpoint_config(checkpoint)
             reg = meta["decoder"].get("attention_reg") if meta["arch"] == "attention-gru" else None
@@ -101,7 +103,8 @@ def stage_compare(ctx: Context) -> dict:
             ctx.say("compare: scoring gpt2 (P2's best attempt, %s: its val captions) with the whole suite" % best)
             p2_row = ctx.results["p2"][best]
             scores = metrics.evaluate(ctx.path("p2", best, "pred.json"), ctx.data("val_json"), ctx.data("val_images"),
-                                      clip=clip, device=ctx.device, metrics=SUITE, split=ctx.val_split())
+                                      metrics.Scoring(clip=clip, device=ctx.device, metrics=SUITE),
+                                      split=ctx.val_split())
             seconds_then = read_checkpoint_config(p2_row["checkpoint"]).get("train_seconds")
             if seconds_then is None and not ctx.args.score_checkpoints:  # the scored checkpoint is this training's
                 seconds_then = ctx.results["timings"]["p2_train"][best]
@@ -134,9 +137,9 @@ def attention_figures(ctx: Context, arch: str, checkpoint: str, per_image: dict,
     visualize.main(["--images", ctx.data("val_images"), "--out", folder, "--from-scores", scores, "--top",
                        str(ATTENTION_IMAGES), "--bottom", str(ATTENTION_IMAGES), "--checkpoint", checkpoint,
                        "--decoder", ctx.data("decoder"), "--device", ctx.args.device]
-                      + decoding_flags(decoding, checkpoint))
+                      + decoding_flags(DecodingSettings.from_record(decoding), checkpoint))
     figures = read_json(os.path.join(folder, "attention.json"), "attention figures")["figures"]
-    drawn = {corpus.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
+    drawn = {caption_files.image_key(f["image"]): os.path.relpath(os.path.join(folder, f["figure"]), ctx.out)
              for f in figures}
     ranked = sorted(per_image, key=lambda k: (-per_image[k]["clipscore"], k))
 

@@ -8,11 +8,11 @@ import argparse
 import os
 from typing import Dict, List, Tuple
 
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.evaluation import metrics
 from hw3.inference import predict
-from hw3.models import search
 from hw3.models.captioner import config_path
+from hw3.models.decoding import DEFAULT_DECODING, DecodingSettings
 from hw3.models.registry import ARCHITECTURES
 from hw3.pipeline import records
 from hw3.pipeline.context import Context, caption_and_score, checked_training, decoding_flags, steps, train_run, \
@@ -102,7 +102,7 @@ def teacher_captions(ctx: Context, settings: dict, human: str, path: str, checkp
     predict.main([ctx.data("train_images"), path, ctx.data("decoder"), "--checkpoint", checkpoint, "--captions",
                        human, "--split", teacher_split(ctx), "--format", "coco", "--captions-per-image",
                        str(settings["captions_per_image"]), "--device", ctx.args.device, "--num-workers",
-                       str(ctx.args.workers)] + decoding_flags(settings, checkpoint))
+                       str(ctx.args.workers)] + decoding_flags(DecodingSettings.from_record(settings), checkpoint))
     return path
 
 
@@ -131,7 +131,7 @@ def stage_distill(ctx: Context) -> dict:
     teacher = best_captioner(ctx)
     ctx.say("distill: the teacher is %s (%s, %s)" % (teacher["arch"], teacher["chosen_on"], teacher["checkpoint"]))
     decodings = teacher_decodings(ctx, teacher["decoding"])
-    human_set = corpus.load_captions(human, ctx.data("train_images"), split=teacher_split(ctx))
+    human_set = caption_files.load_captions(human, ctx.data("train_images"), split=teacher_split(ctx))
     per_image = dict(human=round(sum(map(len, human_set.captions)) / len(human_set.names), 2),
                      **{name: decodings[name]["captions_per_image"] for name in ("precise", "creative")})
     with steps(2 + 2 * len(CAPTION_SETS), "distill") as bar:
@@ -143,8 +143,9 @@ def stage_distill(ctx: Context) -> dict:
         clip = ctx.scoring_clip()
         teacher_pred = teacher["predictions"]
         rows = dict(teacher=dict(distill_row(dict(metrics.evaluate(
-            teacher_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip, device=ctx.device, metrics=SUITE,
-            split=ctx.val_split()), **teacher["cut"]), ctx.args.teacher_captions, teacher_pred),
+            teacher_pred, ctx.data("val_json"), ctx.data("val_images"),
+            metrics.Scoring(clip=clip, device=ctx.device, metrics=SUITE), split=ctx.val_split()),
+            **teacher["cut"]), ctx.args.teacher_captions, teacher_pred),
             checkpoint=teacher["checkpoint"], decoding=decodings, arch=teacher["arch"], chosen_on=teacher["chosen_on"]))
         seconds = {}
         for name in CAPTION_SETS:
@@ -152,7 +153,7 @@ def stage_distill(ctx: Context) -> dict:
             seconds[name] = round(train_run(ctx, name, student_argv(ctx, captions[name]), inputs, "distill")[0], 1)
             bar.update(1)
             checkpoint, pred = scored_checkpoint(ctx, name, "distill"), ctx.path("distill", name, "pred.json")
-            scores = caption_and_score(ctx, checkpoint, search.DECODE_DEFAULTS, pred, clip, SUITE)
+            scores = caption_and_score(ctx, checkpoint, DEFAULT_DECODING, pred, clip, SUITE)
             rows[name] = dict(distill_row(scores, per_image[name], pred), checkpoint=checkpoint,
                               checkpoint_fingerprint=scores["checkpoint_fingerprint"], arch=ctx.args.student_arch)
             bar.update(1)

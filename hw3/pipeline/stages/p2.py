@@ -7,8 +7,9 @@ import os
 import time
 from typing import List, Tuple
 
-from hw3.models import search
+from hw3.models import decoding
 from hw3.models.captioner import read_checkpoint_config
+from hw3.models.decoding import DecodingSettings
 from hw3.pipeline import context
 from hw3.pipeline.context import Context, caption_and_score, steps, train_run, training_config
 from hw3.pipeline.layout import DATA
@@ -88,7 +89,7 @@ def active_settings(ctx: Context, method: str, checkpoint: str, meta: dict) -> d
 
 def stage_p2(ctx: Context) -> dict:
     methods = ctx.args.methods
-    grid = [dict(search.DECODE_DEFAULTS, **g) for g in context.DECODING_GRID]
+    grid = [dict(decoding.DECODE_DEFAULTS, **g) for g in context.DECODING_GRID]
     grid = [dict(g, max_len=max(g["max_len"], ctx.scoring_max_len())) for g in grid]  # covers the references
     with steps(3 * len(methods) + len(grid) - 1, "p2") as bar:
         train_json = train_split(ctx)
@@ -108,7 +109,8 @@ def stage_p2(ctx: Context) -> dict:
             started = time.time()
             checkpoint = scored_checkpoint(ctx, method)
             ctx.say("p2: scoring %s (%s) on val" % (method, checkpoint))
-            scored = caption_and_score(ctx, checkpoint, grid[0], ctx.path("p2", method, "pred.json"), clip)
+            scored = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(grid[0]),
+                                       ctx.path("p2", method, "pred.json"), clip)
             write_json(ctx.path("p2", method, "per_image.json"), scored["per_image"])
             meta = read_checkpoint_config(checkpoint)
             rows[method] = dict(cider=scored["CIDEr"], clipscore=scored["CLIPScore"], cut=scored["cut"],
@@ -146,14 +148,14 @@ def tune_decoding(ctx: Context, method: str, row: dict, grid: List[dict], clip, 
             per_image[name] = None
         else:
             ctx.say("p2: decoding %s" % name)
-            scores = caption_and_score(ctx, row["checkpoint"], settings, ctx.path("p2", "decoding", name + ".json"),
-                                       clip)
+            scores = caption_and_score(ctx, row["checkpoint"], DecodingSettings.from_record(settings),
+                                       ctx.path("p2", "decoding", name + ".json"), clip)
             per_image[name] = scores["per_image"]
             bar.update(1)
         table.append(dict(settings, cider=scores["CIDEr"], clipscore=scores["CLIPScore"], cut=scores["cut"],
                           max_len=scores["max_len"]))
     best = max(range(len(table)), key=lambda i: (table[i]["cider"], -i))
-    chosen = {k: table[best][k] for k in search.DECODE_DEFAULTS}
+    chosen = {k: table[best][k] for k in decoding.DECODE_DEFAULTS}
     chosen["chosen_on"] = "highest CIDEr on the val split (%s, %d images) among %d settings (run_all.py)" % (
         "%s, its val split" % os.path.basename(ctx.args.captions) if ctx.args.captions else DATA["val_json"],
         len(read_json(ctx.path("p2", method, "pred.json"))), len(grid))

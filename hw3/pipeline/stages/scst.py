@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 
 from hw3.evaluation import metrics
 from hw3.models.captioner import read_checkpoint_config
+from hw3.models.decoding import DecodingSettings
 from hw3.pipeline import records
 from hw3.pipeline.context import Context, caption_and_score, checked_training, steps, train_run, training_config
 from hw3.training.config import TrainingConfig, to_argv
@@ -147,15 +148,16 @@ def stage_scst(ctx: Context) -> dict:
         if written_before:  # its captions with this decoding are P2's shipped ones or the compare stage's
             before_pred = shipped_predictions(ctx) if has_gpt2(ctx) else ctx.path("compare", best, "pred.json")
             cut = shipped_cut(ctx) if has_gpt2(ctx) else row_cut(ctx.results["compare"][best])
-            before = dict(metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"), clip=clip,
-                                           device=ctx.device, metrics=SCST_SUITE, split=ctx.val_split()), **cut)
+            before = dict(metrics.evaluate(before_pred, ctx.data("val_json"), ctx.data("val_images"),
+                                           metrics.Scoring(clip=clip, device=ctx.device, metrics=SCST_SUITE),
+                                           split=ctx.val_split()), **cut)
         else:
             before_pred = ctx.path("scst", best, "before.json")
-            before = caption_and_score(ctx, init, decoding, before_pred, clip, SCST_SUITE)
+            before = caption_and_score(ctx, init, DecodingSettings.from_record(decoding), before_pred, clip, SCST_SUITE)
         bar.update(1)
         checkpoint, pred = scored_checkpoint(ctx, best, "scst"), ctx.path("scst", best, "pred.json")
         ctx.say("scst: scoring %s after (%s)" % (best, checkpoint))
-        after = caption_and_score(ctx, checkpoint, decoding, pred, clip, SCST_SUITE)
+        after = caption_and_score(ctx, checkpoint, DecodingSettings.from_record(decoding), pred, clip, SCST_SUITE)
         bar.update(1)
     meta = read_checkpoint_config(checkpoint)
     took = meta.get("train_seconds", None if ctx.args.score_checkpoints else round(seconds, 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-from hw3.models import search
+from hw3.models import decoding
 from hw3.pipeline import context
 from hw3.pipeline.context import Context
 
@@ -23,7 +23,7 @@ def has_gpt2(ctx: Context) -> bool:
 def compare_decoding() -> dict:
     """The compare stage's decoding of every architecture (the README default), read when called (tests shorten
     context.DECODING_GRID)."""
-    return dict(search.DECODE_DEFAULTS, **context.DECODING_GRID[0])
+    return dict(decoding.DECODE_DEFAULTS, **context.DECODING_GRID[0])
 
 
 def best_arch(rows: dict, archs: Tuple[str, ...]) -> Optional[str]:

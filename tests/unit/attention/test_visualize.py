@@ -12,7 +12,8 @@ from PIL import Image
 
 from hw3.models import captioner
 from hw3.attention import visualize as p3
-from hw3.models import search
+from hw3.models import decoding, search
+from hw3.models.decoding import DecodingSettings
 from hw3.util.errors import UserError
 from hw3.models.gpt2 import Config, Decoder
 from hw3.models.encoder import ImageEncoder
@@ -55,8 +56,8 @@ def trained(tmp_path_factory):
             if p.requires_grad:
                 p.normal_(0, 0.3 if "cross_gate" in name or ".up." in name else 0.05)
     checkpoint = str(folder / "p2.pt")
-    captioner.save_checkpoint(checkpoint, model, extra={search.INFERENCE_KEY: dict(
-        search.DECODE_DEFAULTS, method="greedy", max_len=6, chosen_on="test")})
+    captioner.save_checkpoint(checkpoint, model, extra={decoding.INFERENCE_KEY: dict(
+        decoding.DECODE_DEFAULTS, method="greedy", max_len=6, chosen_on="test")})
     images = folder / "images"
     images.mkdir()
     for k, colour in enumerate(["red", "navy", "olive"]):
@@ -75,7 +76,7 @@ def test_maps_are_the_modules_probabilities_during_cached_decoding(trained):
     seen = []
     handle = block.ln_cross.register_forward_hook(lambda m, args, out: seen.append(out[:, -1:].detach()))
     try:
-        ids = search.generate(decoder, image_tokens, method="greedy", max_len=6)[0]
+        ids = search.generate(decoder, image_tokens, DecodingSettings(method="greedy", max_len=6))[0]
     finally:
         handle.remove()
     k, _ = block.cross_attn.memory(decoder.image_proj(image_tokens))
@@ -86,7 +87,8 @@ def test_maps_are_the_modules_probabilities_during_cached_decoding(trained):
         reference.append(((q @ k.transpose(-2, -1)) / head ** 0.5).softmax(-1)[0, :, 0].mean(0))
     reference = torch.stack(reference)  # (steps, N)
 
-    (ids2,), (per_block,) = search.generate(decoder, image_tokens, method="greedy", max_len=6, return_attention=True)
+    (ids2,), (per_block,) = search.generate(decoder, image_tokens, DecodingSettings(method="greedy", max_len=6),
+                                            return_attention=True)
     assert ids2 == ids
     attention = per_block[-1].mean(0)  # the last block, head mean: what attention_maps draws by default
     assert attention.shape == reference.shape

@@ -12,7 +12,7 @@ from PIL import Image
 
 from hw3.models import captioner
 from hw3.evaluation import metrics
-from hw3.data import corpus
+from hw3.data import caption_files
 from hw3.evaluation import evaluate
 from hw3.inference import predict
 from hw3.training import trainer
@@ -100,11 +100,11 @@ def p3_argv(data, out, *extra):
 # ----------------------------------------------------------------------------------------------- the one rule
 
 def test_a_caption_file_and_a_bare_folder_find_the_same_images(data):
-    found = {s: corpus.find_images(data["images"], data["karpathy"], split=s) for s in ("train", "val", "test")}
+    found = {s: caption_files.find_images(data["images"], data["karpathy"], split=s) for s in ("train", "val", "test")}
     assert {s: sorted(n) for s, n in found.items()} == {s: sorted(names_of(s)) for s in found}
-    assert sorted(corpus.find_images(data["images"])) == sorted(n for names in found.values() for n in names)
+    assert sorted(caption_files.find_images(data["images"])) == sorted(n for names in found.values() for n in names)
     coco_file = write(os.path.join(data["root"], "val_coco.json"), coco(names_of("val")))
-    assert corpus.find_images(data["images"], coco_file) == sorted(names_of("val"))
+    assert caption_files.find_images(data["images"], coco_file) == sorted(names_of("val"))
 
 
 def test_two_images_of_one_key_in_sub_folders_are_refused(tmp_path):
@@ -112,19 +112,19 @@ def test_two_images_of_one_key_in_sub_folders_are_refused(tmp_path):
         os.makedirs(str(tmp_path / folder))
         Image.new("RGB", (8, 8)).save(str(tmp_path / folder / "same.png"))
     with pytest.raises(UserError, match="would share the key 'same'"):
-        corpus.find_images(str(tmp_path))
+        caption_files.find_images(str(tmp_path))
 
 
 def test_inference_captions_the_sub_folder_images(data, tmp_path):
     out = str(tmp_path / "val.json")
     assert predict.main(infer_argv(data, out, "--captions", data["karpathy"])) == 0  # val by default
-    assert sorted(json.load(open(out))) == sorted(corpus.image_key(n) for n in names_of("val"))
+    assert sorted(json.load(open(out))) == sorted(caption_files.image_key(n) for n in names_of("val"))
     assert predict.main(infer_argv(data, out)) == 0  # no caption file: the folder and its sub-folders
     assert len(json.load(open(out))) == len(LAYOUT)
 
 
 def test_evaluation_scores_the_sub_folder_images(data, tmp_path):
-    right = {corpus.image_key(n): "a %s picture" % corpus.image_key(n) for n in names_of("val")}
+    right = {caption_files.image_key(n): "a %s picture" % caption_files.image_key(n) for n in names_of("val")}
     swapped = dict(zip(right, reversed(list(right.values()))))
     scores = str(tmp_path / "scores.json")
     cider = []
@@ -190,7 +190,7 @@ ESCAPES = [
 def test_a_path_leaving_the_image_folder_is_refused_naming_the_entry(tmp_path, content, fragment):
     path = write(tmp_path / "captions.json", content())
     with pytest.raises(UserError) as err:
-        corpus.read_captions(path)
+        caption_files.read_captions(path)
     assert fragment in str(err.value) and path in str(err.value)
 
 
@@ -218,8 +218,8 @@ def test_empty_references_are_left_out_and_counted_once_per_file(data, tmp_path,
                           image_0=dict(sentences=[dict(raw=" ")]))
     path = write(tmp_path / "empty.json", with_empty)
     capsys.readouterr()
-    val = corpus.load_captions(path, data["images"], default_split="val")
-    train = corpus.load_captions(path, data["images"], default_split="train")
+    val = caption_files.load_captions(path, data["images"], default_split="val")
+    train = caption_files.load_captions(path, data["images"], default_split="train")
     references, _ = metrics.load_references(path, default_split="val")
     err = capsys.readouterr().err
     assert err.count("3 empty captions in caption file %s left out" % path) == 1
@@ -247,7 +247,7 @@ def test_a_latin1_caption_file_is_named_as_an_encoding_error(data, tmp_path, cap
     path.write_bytes(text.encode("latin-1"))
     offset = text.encode("latin-1").index(b"\xe9")
     with pytest.raises(UserError) as err:
-        corpus.read_captions(str(path))
+        caption_files.read_captions(str(path))
     assert "is not UTF-8 text" in str(err.value) and "byte %d is 0xe9" % offset in str(err.value)
     assert "not valid JSON" not in str(err.value) and str(path) in str(err.value)
     line = refused(evaluate.main, ["--pred_file", write(tmp_path / "pred.json", {"v0": "a"}), "--images_root",

@@ -60,7 +60,7 @@ def expected_scores(world, predictions=PREDICTIONS):
     model, preprocess, tokenizer = world["clip"]
     files = {os.path.splitext(n)[0]: n for n in os.listdir(world["images"])}
     paths = [os.path.join(world["images"], files[k]) for k in predictions]
-    clip_mean, clip_each = metrics.clip_score(paths, list(predictions.values()), model, preprocess, tokenizer)
+    clip_mean, clip_each = metrics.clip_score(paths, list(predictions.values()), (model, preprocess, tokenizer))
     cider, cider_each = metrics.cider(predictions, CAPTIONS)
     return cider, cider_each, clip_mean, clip_each
 
@@ -89,7 +89,8 @@ def test_cli_end_to_end_with_tiny_clip(world, tmp_path):
 
 
 def test_evaluate_reuses_a_loaded_clip(world):
-    result = metrics.evaluate(dict(PREDICTIONS), world["ann"], world["images"], clip=world["clip"], batch_size=2)
+    result = metrics.evaluate(dict(PREDICTIONS), world["ann"], world["images"], metrics.Scoring(clip=world["clip"],
+                                                                                                batch_size=2))
     cider, _, clip_mean, _ = expected_scores(world)
     assert result["CIDEr"] == pytest.approx(cider, abs=1e-12)
     assert result["CLIPScore"] == pytest.approx(clip_mean, abs=1e-6)
@@ -98,8 +99,8 @@ def test_evaluate_reuses_a_loaded_clip(world):
 
 def test_prediction_order_does_not_change_the_scores(world):
     reordered = dict(reversed(list(PREDICTIONS.items())))
-    a = metrics.evaluate(dict(PREDICTIONS), world["ann"], world["images"], clip=world["clip"])
-    b = metrics.evaluate(reordered, world["ann"], world["images"], clip=world["clip"])
+    a = metrics.evaluate(dict(PREDICTIONS), world["ann"], world["images"], metrics.Scoring(clip=world["clip"]))
+    b = metrics.evaluate(reordered, world["ann"], world["images"], metrics.Scoring(clip=world["clip"]))
     assert a["CIDEr"] == pytest.approx(b["CIDEr"], abs=1e-12)
     assert a["CLIPScore"] == pytest.approx(b["CLIPScore"], abs=1e-6)
 
@@ -110,7 +111,7 @@ def test_key_mismatch_names_missing_and_extra_keys(world):
     predictions["dog.png"] = "a dog"
     predictions["cat_3"] = "a cat"
     with pytest.raises(UserError) as err:
-        metrics.evaluate(predictions, world["ann"], world["images"], clip=world["clip"])
+        metrics.evaluate(predictions, world["ann"], world["images"], metrics.Scoring(clip=world["clip"]))
     message = str(err.value)
     assert "1 image(s) without a prediction: dog" in message
     assert "2 key(s) not in the annotations: cat_3, dog.png" in message
@@ -131,21 +132,23 @@ def test_many_mismatched_keys_are_counted_and_shortened():
 ])
 def test_malformed_predictions_are_refused(world, bad, expected):
     with pytest.raises(UserError, match=expected):
-        metrics.evaluate(bad, world["ann"], world["images"], clip=world["clip"])
+        metrics.evaluate(bad, world["ann"], world["images"], metrics.Scoring(clip=world["clip"]))
 
 
 def test_malformed_annotations_and_missing_files_are_refused(world, tmp_path):
     with pytest.raises(UserError, match="annotation file not found"):
-        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "nope.json"), world["images"], clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "nope.json"), world["images"],
+                         metrics.Scoring(clip=world["clip"]))
     (tmp_path / "bad.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
     with pytest.raises(UserError, match=r"images\[0\] lacks"):
-        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "bad.json"), world["images"], clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "bad.json"), world["images"],
+                         metrics.Scoring(clip=world["clip"]))
     with pytest.raises(UserError, match="images root not found"):
-        metrics.evaluate(dict(PREDICTIONS), world["ann"], str(tmp_path / "none"), clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), world["ann"], str(tmp_path / "none"), metrics.Scoring(clip=world["clip"]))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="4 image.s. missing from"):
-        metrics.evaluate(dict(PREDICTIONS), world["ann"], str(empty), clip=world["clip"])
+        metrics.evaluate(dict(PREDICTIONS), world["ann"], str(empty), metrics.Scoring(clip=world["clip"]))
 
 
 def test_missing_clip_weights_fail_fast_offline(world):
@@ -227,17 +230,19 @@ def test_references_in_karpathy_and_deepfashion_formats(world, tmp_path):
                         "sentences": [{"raw": c} for c in CAPTIONS[k]]} for i, k in enumerate(keys)]}
     (tmp_path / "karpathy.json").write_text(json.dumps(data))
     val = {k: PREDICTIONS[k] for k in keys[:3]}
-    result = metrics.evaluate(val, str(tmp_path / "karpathy.json"), world["images"], clip=world["clip"])
+    result = metrics.evaluate(val, str(tmp_path / "karpathy.json"), world["images"],
+                              metrics.Scoring(clip=world["clip"]))
     assert set(result["per_image"]) == set(val)  # the default split of a file with splits is val
     assert result["CIDEr"] == pytest.approx(metrics.cider(val, CAPTIONS)[0], abs=1e-12)
-    every = metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "karpathy.json"), world["images"], clip=world["clip"],
-                             split="all", metrics=("cider",))
+    every = metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "karpathy.json"), world["images"],
+                             metrics.Scoring(clip=world["clip"], metrics=("cider",)), split="all")
     assert every["CIDEr"] == pytest.approx(metrics.cider(PREDICTIONS, CAPTIONS)[0], abs=1e-12)
     assert "CLIPScore" not in every
     plain = {files[k]: CAPTIONS[k] for k in keys}
     (tmp_path / "plain.json").write_text(json.dumps(plain))
-    same = metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "plain.json"), world["images"], clip=world["clip"])
+    same = metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "plain.json"), world["images"],
+                            metrics.Scoring(clip=world["clip"]))
     assert same["CIDEr"] == pytest.approx(expected_scores(world)[0], abs=1e-12)
     with pytest.raises(UserError, match="keys do not match"):
-        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "plain.json"), world["images"], clip=world["clip"],
-                         split="val", val_fraction=0.5)
+        metrics.evaluate(dict(PREDICTIONS), str(tmp_path / "plain.json"), world["images"],
+                         metrics.Scoring(clip=world["clip"]), split="val", val_fraction=0.5)

@@ -96,7 +96,7 @@ def test_clip_score_equals_formula(tiny_clip, tmp_path):
     model, preprocess, tokenizer = tiny_clip
     images = synthetic_images(tmp_path, 7)
     captions = ["a red square", "A photo of a dog.", "", "two cats " * 20, "blue", "green sky", "x"]
-    mean, per_image = metrics.clip_score(images, captions, model, preprocess, tokenizer, batch_size=3)
+    mean, per_image = metrics.clip_score(images, captions, (model, preprocess, tokenizer), batch_size=3)
     expected = []
     with torch.no_grad():
         for image, caption in zip(images, captions):  # one at a time, as the course's getCLIPScore
@@ -123,8 +123,8 @@ def test_clip_score_clamps_negative_similarity(tmp_path):
         def encode_text(self, t):
             return -self.w.expand(t.shape[0], 4)
 
-    mean, per_image = metrics.clip_score(synthetic_images(tmp_path, 2), ["a", "b"], Opposite(),
-                                         lambda im: torch.zeros(3, 4, 4), lambda caps: torch.zeros(len(caps), 5).long())
+    mean, per_image = metrics.clip_score(synthetic_images(tmp_path, 2), ["a", "b"], (
+        Opposite(), lambda im: torch.zeros(3, 4, 4), lambda caps: torch.zeros(len(caps), 5).long()))
     assert per_image == [0.0, 0.0] and mean == 0.0
 
 
@@ -202,8 +202,9 @@ def test_ref_clip_score_follows_hessel_et_al(tiny_clip, tmp_path):
     predictions = dict(zip(keys, ["a red square", "a dog", "", "two cats on a bed"]))
     references = dict(zip(keys, [["a red box", "red square"], ["a dog runs"], ["something"],
                                  ["cats", "two cats", "a bed with two cats on it"]]))
-    result = metrics.score_captions(predictions, references, ("clipscore", "refclipscore"),
-                                    paths=dict(zip(keys, images)), clip=tiny_clip, batch_size=3)
+    result = metrics.score_captions(predictions, references,
+                                    metrics.Scoring(("clipscore", "refclipscore"), clip=tiny_clip, batch_size=3),
+                                    paths=dict(zip(keys, images)))
 
     def text(caption):
         with torch.no_grad():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hw3.inference import predict
-from hw3.models import search
+from hw3.models import decoding, search
+from hw3.models.decoding import DecodingSettings
 from hw3.models.captioner import config_path, load_captioner, read_checkpoint_config
 from hw3.data.images import load_rgb
 from miniworld import generate
@@ -40,11 +41,11 @@ def test_every_committed_captioner_is_checked():
 def test_committed_checkpoints_decode_as_before(val_images, name, tmp_path):
     checkpoint = os.path.join(MODELS, name)
     meta = read_checkpoint_config(checkpoint)
-    assert search.DATA_LENGTH_KEY not in meta
-    before = dict(search.DECODE_DEFAULTS, **{k: v for k, v in (meta.get(search.INFERENCE_KEY) or {}).items()
-                                             if k in search.DECODE_DEFAULTS})
-    settings, _ = search.resolve_decoding({}, meta)
-    assert {k: settings[k] for k in search.DECODE_DEFAULTS} == before
+    assert decoding.DATA_LENGTH_KEY not in meta
+    before = dict(decoding.DECODE_DEFAULTS, **{k: v for k, v in (meta.get(decoding.INFERENCE_KEY) or {}).items()
+                                             if k in decoding.DECODE_DEFAULTS})
+    settings, _ = decoding.resolve_decoding({}, meta)
+    assert {k: getattr(settings, k) for k in decoding.DECODE_DEFAULTS} == before
     out = tmp_path / "pred.json"
     captioned = predict.run([val_images, str(out), os.path.join(MODELS, "decoder_model.bin"), "--checkpoint",
                                   checkpoint, "--device", "cpu", "--num-workers", "0"])
@@ -52,6 +53,6 @@ def test_committed_checkpoints_decode_as_before(val_images, name, tmp_path):
     names = sorted(os.listdir(val_images))
     pixels = torch.stack([model.encoder.transform(load_rgb(os.path.join(val_images, n))) for n in names])
     with torch.no_grad():
-        plain = search.decode_captions(model.generate(pixels, **before))
+        plain = search.decode_captions(model.generate(pixels, DecodingSettings(**before)))
     assert json.loads(out.read_text()) == {os.path.splitext(n)[0]: c for n, c in zip(names, plain)}
     assert captioned["cut"] == 0 and captioned["max_len"] == before["max_len"]

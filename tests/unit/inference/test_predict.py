@@ -13,7 +13,8 @@ from PIL import Image
 
 from hw3.models import captioner
 from hw3.util import safe_load
-from hw3.models import search
+from hw3.models import decoding, search
+from hw3.models.decoding import DecodingSettings
 from hw3.inference import predict
 from hw3.data.images import load_rgb
 from hw3.util.errors import UserError
@@ -50,7 +51,7 @@ def setup(tmp_path_factory):
     randomize_trainable(model.decoder)
     checkpoint = str(root / "ckpt" / "p2_best.pt")
     os.makedirs(os.path.dirname(checkpoint))
-    captioner.save_checkpoint(checkpoint, model, extra={search.INFERENCE_KEY: dict(SETTINGS, chosen_on="test")})
+    captioner.save_checkpoint(checkpoint, model, extra={decoding.INFERENCE_KEY: dict(SETTINGS, chosen_on="test")})
     names = write_images(root / "images")
     (root / "images" / "notes.txt").write_text("not an image")
     return dict(root=root, weights=weights, checkpoint=checkpoint, names=names, images=str(root / "images"))
@@ -64,7 +65,7 @@ def reference_captions(setup, **settings) -> dict:
     for name in setup["names"]:
         pixels = model.encoder.transform(load_rgb(os.path.join(setup["images"], name))).unsqueeze(0)
         key = os.path.splitext(name)[0]
-        captions = search.decode_captions(model.generate(pixels, image_keys=[key], **settings))
+        captions = search.decode_captions(model.generate(pixels, DecodingSettings(**settings), image_keys=[key]))
         out[key] = captions if "captions_per_image" in settings else captions[0]
     return out
 
@@ -112,7 +113,7 @@ def test_without_recommended_settings_it_decodes_with_the_readme_defaults(setup,
                         generation=dict(method="greedy", beam_size=1, max_len=3))
     out = tmp_path / "pred.json"
     run(plain, out)
-    assert json.loads(out.read_text()) == reference_captions(plain, **search.DECODE_DEFAULTS)
+    assert json.loads(out.read_text()) == reference_captions(plain, **decoding.DECODE_DEFAULTS)
     said = capsys.readouterr().err
     assert "decoding: method=beam, beam_size=3, max_len=30" in said and "all from the README defaults" in said
 
@@ -219,7 +220,7 @@ def test_mismatched_checkpoint_is_refused(setup, tmp_path):
 def test_captions_file_split_captions_only_that_split(setup, tmp_path):
     """--captions FILE --split val: only the val images of the folder, keyed as p2_evaluate.py --split val scores."""
     from hw3.evaluation import metrics
-    from hw3.data import corpus
+    from hw3.data import caption_files
 
     captions = tmp_path / "captions.json"  # DeepFashion-style: {file name: paragraph}, no splits
     captions.write_text(json.dumps({n: "A picture. It is small." for n in setup["names"]}))
@@ -231,7 +232,7 @@ def test_captions_file_split_captions_only_that_split(setup, tmp_path):
     assert sorted(pred) == sorted(references)
     everything = reference_captions(setup, **SETTINGS)
     assert pred == {k: everything[k] for k in pred}
-    whole = corpus.load_captions(str(captions), setup["images"]).names  # no --split: the whole file
+    whole = caption_files.load_captions(str(captions), setup["images"]).names  # no --split: the whole file
     assert run(setup, out, "--captions", str(captions)) == 0 and len(json.loads(out.read_text())) == len(whole)
     with pytest.raises(UserError, match="--split val needs --captions FILE"):
         run(setup, out, "--split", "val")
@@ -263,7 +264,7 @@ def test_sampled_captions_are_the_same_for_any_batch_size(setup, tmp_path, capsy
 
 def test_coco_output_is_a_training_file(setup, tmp_path):
     """--format coco --captions-per-image 3: every image with its 3 draws, read back by p2_data and p2_train."""
-    from hw3.data import corpus
+    from hw3.data import caption_files
     from hw3.training.cli import parse_config
     from hw3.training.data import load_splits
 
@@ -272,13 +273,13 @@ def test_coco_output_is_a_training_file(setup, tmp_path):
     data = json.loads(out.read_text())
     assert [i["file_name"] for i in data["images"]] == setup["names"]
     assert data["info"]["decoding"]["captions_per_image"] == 3 and data["info"]["decoding"]["seed"] == 7
-    written = corpus.read_captions(str(out))
+    written = caption_files.read_captions(str(out))
     assert written.format == "coco"
     settings = dict(method="sample", temperature=1.5, top_k=40, top_p=0.95, seed=7, max_len=12, no_repeat_ngram=2,
                     captions_per_image=3)
     expected = reference_captions(setup, **settings)
     assert dict(written.captions) == {n: expected[os.path.splitext(n)[0]] for n in setup["names"]}
-    loaded = corpus.load_captions(str(out), setup["images"], clean=False)
+    loaded = caption_files.load_captions(str(out), setup["images"], clean=False)
     assert loaded.names == setup["names"] and all(len(c) == 3 for c in loaded.captions)
     config = parse_config(["--train-json", str(out), "--train-images", setup["images"], "--val-json", str(out),
                            "--val-images", setup["images"], "--val-fraction", "0.5",
@@ -291,7 +292,7 @@ def test_coco_output_is_a_training_file(setup, tmp_path):
     beams = tmp_path / "beams.json"
     assert run(setup, beams, "--format", "coco", "--captions-per-image", "2", "--beam-size", "3") == 0
     best = reference_captions(setup, **dict(SETTINGS, captions_per_image=2))
-    assert dict(corpus.read_captions(str(beams)).captions) == {n: best[os.path.splitext(n)[0]]
+    assert dict(caption_files.read_captions(str(beams)).captions) == {n: best[os.path.splitext(n)[0]]
                                                                 for n in setup["names"]}
 
 

@@ -19,6 +19,7 @@ from hw3.inference import predict
 from hw3.training import cli
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.attention import visualize
+from hw3.models.decoding import DecodingSettings
 from hw3.util.errors import UserError
 from hw3.models.search import generate
 from tiny_models import CAPTION_ENCODER, Uncached
@@ -74,8 +75,8 @@ def test_cached_search_equals_full_recomputation(arch, settings, images):
     model = build(arch)
     feats = model.image_tokens(images)
     with torch.no_grad():
-        cached = generate(model.decoder, feats, max_len=12, **settings)
-        assert cached == generate(Uncached(model.decoder), feats, max_len=12, **settings)
+        cached = generate(model.decoder, feats, DecodingSettings(max_len=12, **settings))
+        assert cached == generate(Uncached(model.decoder), feats, DecodingSettings(max_len=12, **settings))
     assert all(i in OUTPUT_IDS and i != END_TOKEN for ids in cached for i in ids), "GPT-2 ids of the compact layer"
     assert len({tuple(c) for c in cached}) > 1, "captions should depend on the image (and the draw)"
 
@@ -112,8 +113,9 @@ def test_a_beam_keeping_every_hypothesis_is_exhaustive_search(arch, min_len, ima
     model = build(arch, output_ids=(262, 290, 318, END_TOKEN), seed=1)
     feats = model.image_tokens(images[:3])
     with torch.no_grad():
-        beams = generate(model.decoder, feats, method="beam", beam_size=64, max_len=3, min_len=min_len,
-                         length_penalty=0.0, no_repeat_ngram=0, captions_per_image=3)
+        beams = generate(model.decoder, feats,
+                         DecodingSettings(method="beam", beam_size=64, max_len=3, min_len=min_len, length_penalty=0.0,
+                                          no_repeat_ngram=0, captions_per_image=3))
         best = [exhaustive(model.decoder, feats[i:i + 1], 3, min_len)[:3] for i in range(3)]
     assert [beams[3 * i:3 * i + 3] for i in range(3)] == best
     assert len({tuple(map(tuple, b)) for b in best}) > 1, "the images should not share their best three captions"
@@ -130,7 +132,7 @@ def test_checkpoint_rebuilds_the_model_and_its_captions(arch, images, tmp_path):
     loaded, _ = captioner_lib.load_captioner(path, "no GPT-2 needed")
     assert isinstance(loaded.decoder, type(model.decoder)) and loaded.arch == arch
     settings = dict(method="beam", beam_size=3, max_len=12)
-    assert loaded.generate(images, **settings) == model.generate(images, **settings)
+    assert loaded.generate(images, DecodingSettings(**settings)) == model.generate(images, DecodingSettings(**settings))
 
 
 def test_a_checkpoint_of_an_unknown_arch_is_refused(images, tmp_path):
@@ -148,7 +150,7 @@ def test_a_checkpoint_of_an_unknown_arch_is_refused(images, tmp_path):
 @pytest.mark.parametrize("arch", ATTENDING, indirect=True)
 def test_attention_maps_of_the_attending_archs(arch, images):
     model = build(arch)
-    ids, attention = model.generate(images[:2], method="greedy", max_len=8, return_attention=True)
+    ids, attention = model.generate(images[:2], DecodingSettings(method="greedy", max_len=8), return_attention=True)
     for caption, per_block in zip(ids, attention):
         maps = model.attention_maps(per_block)  # (L, h, w) over the 4 x 4 patch grid
         assert maps.shape[1:] == (4, 4) and maps.shape[0] in (len(caption), len(caption) + 1)
@@ -158,7 +160,7 @@ def test_attention_maps_of_the_attending_archs(arch, images):
 @pytest.mark.parametrize("arch", NOT_ATTENDING, indirect=True)
 def test_an_arch_without_attention_has_no_attention_map(arch, images, tmp_path):
     model = build(arch)
-    _, attention = model.generate(images[:1], method="greedy", max_len=4, return_attention=True)
+    _, attention = model.generate(images[:1], DecodingSettings(method="greedy", max_len=4), return_attention=True)
     with pytest.raises(UserError, match="--arch %s has no attention map" % arch):
         model.attention_maps(attention[0])
     path = str(tmp_path / "p2.pt")
@@ -222,14 +224,14 @@ def test_cnn_grid_tokens_feed_the_attention_gru_and_its_maps(tmp_path):
     assert model.encoder.num_prefix_tokens == 0
     h, w = model.encoder.grid_size
     images = torch.randn(2, 3, *model.encoder.input_size)
-    ids, attention = model.generate(images, method="beam", beam_size=2, max_len=6, return_attention=True)
+    ids, attention = model.generate(images, DecodingSettings(method="beam", beam_size=2, max_len=6),
+                                    return_attention=True)
     maps = model.attention_maps(attention[0])
     assert maps.shape[1:] == (h, w) and torch.allclose(maps.flatten(1).sum(1), torch.ones(len(maps)), atol=1e-5)
     path = str(tmp_path / "cnn.pt")
     captioner_lib.save_checkpoint(path, model)
     loaded, meta = captioner_lib.load_captioner(path, "")
-    assert meta["encoder"]["name"] == "resnet10t" and loaded.generate(images, max_len=6) == model.generate(
-        images, max_len=6)
+    assert meta["encoder"]["name"] == "resnet10t" and loaded.generate(images, DecodingSettings(max_len=6)) == model.generate(images, DecodingSettings(max_len=6))
 
 
 def test_one_module_and_one_row_make_an_architecture(monkeypatch, images, tmp_path):
@@ -254,8 +256,8 @@ def test_one_module_and_one_row_make_an_architecture(monkeypatch, images, tmp_pa
     captioner_lib.save_checkpoint(path, model)
     loaded, meta = captioner_lib.load_captioner(path, "no GPT-2 needed")
     assert meta["arch"] == loaded.arch == "toy" and loaded.decoder.cfg == model.decoder.cfg
-    assert loaded.generate(images, method="beam", beam_size=3, max_len=12) == model.generate(
-        images, method="beam", beam_size=3, max_len=12)
+    beam = DecodingSettings(method="beam", beam_size=3, max_len=12)
+    assert loaded.generate(images, beam) == model.generate(images, beam)
     flags = to_argv(TrainingConfig.from_options(registry.model_options(meta)))
     assert flags == ["--arch", "toy", "--max-caption-tokens", "18", "--width", str(TINY), "--dropout", "0.0"]
     rebuilt = registry.config_from_args(_options(*flags), OUTPUT_IDS)

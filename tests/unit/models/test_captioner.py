@@ -10,6 +10,7 @@ import torch
 
 from hw3.util import safe_load
 from hw3.models.captioner import Captioner, load_captioner, save_checkpoint
+from hw3.models.decoding import DecodingSettings
 from hw3.util.errors import UserError
 from hw3.models.gpt2 import Config, Decoder
 from hw3.models.encoder import EncoderSpec
@@ -42,7 +43,7 @@ def test_checkpoint_holds_only_trainable_tensors_and_rebuilds_the_model(world, t
     assert EncoderSpec.from_json(meta["encoder"]) == EncoderSpec.parse(CAPTION_ENCODER) and meta["epoch"] == 3 and "checkpoint" not in meta["decoder"]
     loaded, _ = load_captioner(path, world["weights"])
     settings = dict(method="beam", beam_size=3, max_len=16)
-    assert loaded.generate(world["images"], **settings) == model.generate(world["images"], **settings)
+    assert loaded.generate(world["images"], DecodingSettings(**settings)) == model.generate(world["images"], DecodingSettings(**settings))
 
 
 def test_checkpoint_errors_name_the_file(world, tmp_path):

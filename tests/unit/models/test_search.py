@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from hw3.models.gpt2 import Config, Decoder
 from hw3.util.errors import UserError
-from hw3.models.search import DATA_LENGTH_KEY, DECODE_DEFAULTS, decode_captions, generate, resolve_decoding
+from hw3.models.decoding import DATA_LENGTH_KEY, DECODE_DEFAULTS, DecodingSettings, resolve_decoding
+from hw3.models.search import decode_captions, generate
 from tiny_models import Uncached, ending_gpt2, save_course_format
 from hw3.data.tokenizer import END_TOKEN
 
@@ -52,7 +53,8 @@ def reference_greedy(decoder, feats, max_len: int, no_repeat_ngram: int, min_len
 @pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 0), (2, 5)])
 def test_cached_greedy_equals_uncached_one_by_one(world, no_repeat_ngram, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
-    ours = generate(decoder, feats, method="greedy", max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram)
+    ours = generate(decoder, feats,
+                    DecodingSettings(method="greedy", max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram))
     with torch.no_grad():
         assert ours == reference_greedy(decoder, feats, 16, no_repeat_ngram, min_len)
     assert len({tuple(c) for c in ours}) > 1, "captions should depend on the image"
@@ -66,7 +68,8 @@ def test_cached_beam_equals_uncached(world, beam_size, length_penalty, no_repeat
     settings = dict(method="beam", beam_size=beam_size, max_len=16, min_len=min_len, length_penalty=length_penalty,
                     no_repeat_ngram=no_repeat_ngram)
     with torch.no_grad():
-        assert generate(decoder, feats, **settings) == generate(Uncached(decoder), feats, **settings)
+        assert generate(decoder, feats, DecodingSettings(**settings)) == generate(Uncached(decoder), feats,
+                                                                                  DecodingSettings(**settings))
 
 
 @pytest.mark.parametrize("no_repeat_ngram,min_len", [(0, 1), (2, 0), (2, 3)])
@@ -74,16 +77,16 @@ def test_beam_size_one_equals_greedy(world, no_repeat_ngram, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
     for max_len in (4, 16):
         settings = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram)
-        assert generate(decoder, feats, method="beam", beam_size=1, **settings) == \
-            generate(decoder, feats, method="greedy", **settings)
+        assert generate(decoder, feats, DecodingSettings(method="beam", beam_size=1, **settings)) == \
+            generate(decoder, feats, DecodingSettings(method="greedy", **settings))
 
 
 @pytest.mark.parametrize("method,beam_size", [("greedy", 1), ("beam", 3)])
 def test_batch_equals_one_by_one(world, method, beam_size):
     decoder, feats = world["model"].decoder, world["feats"]
     settings = dict(method=method, beam_size=beam_size, max_len=16, no_repeat_ngram=2)
-    batched = generate(decoder, feats, **settings)
-    single = [generate(decoder, feats[i:i + 1], **settings)[0] for i in range(feats.shape[0])]
+    batched = generate(decoder, feats, DecodingSettings(**settings))
+    single = [generate(decoder, feats[i:i + 1], DecodingSettings(**settings))[0] for i in range(feats.shape[0])]
     assert batched == single
 
 
@@ -124,8 +127,9 @@ def test_text_only_decoding_equals_hugging_face_generate(world, beam_size, lengt
     skip_old_hf_beam(beam_size)
     decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
     method = "greedy" if beam_size == 1 else "beam"
-    ours = generate(decoder, world["feats"][:1], method=method, beam_size=beam_size, max_len=max_len, min_len=min_len,
-                    length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)[0]
+    ours = generate(decoder, world["feats"][:1],
+                    DecodingSettings(method=method, beam_size=beam_size, max_len=max_len, min_len=min_len,
+                                     length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram))[0]
     assert ours == hugging_face_generate(world["gpt2"], beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
 
 
@@ -147,10 +151,11 @@ def test_min_len_keeps_captions_from_being_empty(world, eager_end, method):
     with torch.no_grad():
         assert int(gpt2(torch.full((1, 8), END_TOKEN)).logits[0].argmax(-1).eq(END_TOKEN).sum()) == 8
     feats = world["feats"]
-    assert generate(decoder, feats, method=method, max_len=8, min_len=0) == [[]] * len(feats)
-    assert all(len(ids) == 1 for ids in generate(decoder, feats, method=method, max_len=8))  # the default, 1
-    assert all(len(ids) == 3 for ids in generate(decoder, feats, method=method, max_len=8, min_len=3))
-    assert all(len(ids) == 8 for ids in generate(decoder, feats, method=method, max_len=8, min_len=8))
+    assert generate(decoder, feats, DecodingSettings(method=method, max_len=8, min_len=0)) == [[]] * len(feats)
+    assert all(len(ids) == 1 for ids in generate(decoder, feats,
+                                                 DecodingSettings(method=method, max_len=8)))  # the default, 1
+    assert all(len(ids) == 3 for ids in generate(decoder, feats, DecodingSettings(method=method, max_len=8, min_len=3)))
+    assert all(len(ids) == 8 for ids in generate(decoder, feats, DecodingSettings(method=method, max_len=8, min_len=8)))
 
 
 @pytest.mark.parametrize("beam_size,min_len", [(1, 0), (1, 1), (1, 3), (3, 0), (3, 1), (3, 3)])
@@ -158,8 +163,9 @@ def test_min_len_equals_hugging_face_min_new_tokens(world, eager_end, beam_size,
     skip_old_hf_beam(beam_size)
     gpt2, decoder = eager_end
     method = "greedy" if beam_size == 1 else "beam"
-    ours = generate(decoder, world["feats"][:1], method=method, beam_size=beam_size, max_len=8, min_len=min_len,
-                    no_repeat_ngram=0)[0]
+    ours = generate(decoder, world["feats"][:1],
+                    DecodingSettings(method=method, beam_size=beam_size, max_len=8, min_len=min_len,
+                                     no_repeat_ngram=0))[0]
     assert ours == hugging_face_generate(gpt2, beam_size, 8, min_len)
 
 
@@ -168,13 +174,13 @@ def test_checkpoints_from_before_min_len_take_its_default():
     before = dict(method="greedy", beam_size=1, max_len=20, length_penalty=1.0, no_repeat_ngram=2)
     old = dict(before, chosen_on="val")
     settings, said = resolve_decoding({}, {"inference": old}, "ckpt/p2_best.json")
-    assert settings == dict(before, min_len=1) and DECODE_DEFAULTS["min_len"] == 1
+    assert settings.as_record() == dict(before, min_len=1) and DECODE_DEFAULTS["min_len"] == 1
     assert "min_len=1" in said and "min_len: the README default (not in the checkpoint)" in said
     assert "the rest from p2_best.json (chosen on val)" in said
     settings, said = resolve_decoding({"min_len": 0}, {"inference": old}, "ckpt/p2_best.json")
-    assert settings["min_len"] == 0 and "from the command line: min_len" in said and "not in the" not in said
+    assert settings.min_len == 0 and "from the command line: min_len" in said and "not in the" not in said
     settings, said = resolve_decoding({}, {"inference": dict(old, min_len=3)}, "ckpt/p2_best.json")
-    assert settings["min_len"] == 3 and "all from p2_best.json" in said
+    assert settings.min_len == 3 and "all from p2_best.json" in said
     with pytest.raises(UserError, match="min-len 21 exceeds max-len 20"):
         resolve_decoding({"min_len": 21}, {"inference": old}, "ckpt/p2_best.json")
     with pytest.raises(UserError, match="p2_best.json.*min-len must be >= 0"):
@@ -183,7 +189,7 @@ def test_checkpoints_from_before_min_len_take_its_default():
 
 def test_return_attention_follows_the_generation_steps(world):
     decoder, feats = world["model"].decoder, world["feats"]
-    ids, attentions = generate(decoder, feats, method="greedy", max_len=16, return_attention=True)
+    ids, attentions = generate(decoder, feats, DecodingSettings(method="greedy", max_len=16), return_attention=True)
     for i, (seq, blocks) in enumerate(zip(ids, attentions)):
         assert len(blocks) == decoder.cfg.n_layer
         steps = len(seq) + (1 if len(seq) < 16 else 0)
@@ -201,7 +207,7 @@ def test_return_attention_follows_the_generation_steps(world):
 
 def test_generate_restores_training_mode(world):
     model = world["model"].train()
-    model.generate(world["images"][:1], method="greedy", max_len=3)
+    model.generate(world["images"][:1], DecodingSettings(method="greedy", max_len=3))
     assert model.decoder.training
     model.eval()
 
@@ -224,9 +230,10 @@ KEYS = ["img%d" % i for i in range(6)]
 def test_sampling_that_keeps_only_the_best_token_equals_greedy(world, warp, no_repeat_ngram, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
     settings = dict(max_len=16, min_len=min_len, no_repeat_ngram=no_repeat_ngram)
-    greedy = generate(decoder, feats, method="greedy", **settings)
+    greedy = generate(decoder, feats, DecodingSettings(method="greedy", **settings))
     for seed in (0, 1):
-        assert generate(decoder, feats, method="sample", seed=seed, **dict(settings, **warp)) == greedy
+        assert generate(decoder, feats,
+                        DecodingSettings(method="sample", seed=seed, **dict(settings, **warp))) == greedy
 
 
 SAMPLED = dict(method="sample", max_len=16, no_repeat_ngram=2, temperature=1.5, top_k=10, top_p=0.95)
@@ -234,22 +241,22 @@ SAMPLED = dict(method="sample", max_len=16, no_repeat_ngram=2, temperature=1.5, 
 
 def test_same_seed_same_captions_whatever_the_batch_size(world):
     decoder, feats = world["model"].decoder, world["feats"]
-    whole = generate(decoder, feats, image_keys=KEYS, **SAMPLED)
+    whole = generate(decoder, feats, DecodingSettings(**SAMPLED), image_keys=KEYS)
     assert len({tuple(c) for c in whole}) == len(whole) and len({len(c) for c in whole}) > 1
     for size in (1, 2, 5):
-        chunks = [generate(decoder, feats[i:i + size], image_keys=KEYS[i:i + size], **SAMPLED)
+        chunks = [generate(decoder, feats[i:i + size], DecodingSettings(**SAMPLED), image_keys=KEYS[i:i + size])
                   for i in range(0, len(KEYS), size)]
         assert [ids for chunk in chunks for ids in chunk] == whole, size
-    reordered = generate(decoder, feats.flip(0), image_keys=KEYS[::-1], **SAMPLED)
+    reordered = generate(decoder, feats.flip(0), DecodingSettings(**SAMPLED), image_keys=KEYS[::-1])
     assert reordered[::-1] == whole  # the key, not the place, seeds an image's draws
 
 
 def test_different_seeds_give_different_captions(world):
     decoder, feats = world["model"].decoder, world["feats"]
-    first = generate(decoder, feats, image_keys=KEYS, **SAMPLED)
-    assert generate(decoder, feats, image_keys=KEYS, **SAMPLED) == first
+    first = generate(decoder, feats, DecodingSettings(**SAMPLED), image_keys=KEYS)
+    assert generate(decoder, feats, DecodingSettings(**SAMPLED), image_keys=KEYS) == first
     for seed in (1, 2):
-        other = generate(decoder, feats, image_keys=KEYS, **dict(SAMPLED, seed=seed))
+        other = generate(decoder, feats, DecodingSettings(**dict(SAMPLED, seed=seed)), image_keys=KEYS)
         assert sum(a != b for a, b in zip(first, other)) >= len(KEYS) - 1, seed
 
 
@@ -259,35 +266,38 @@ def test_cached_sampling_equals_uncached(world, warp, min_len):
     decoder, feats = world["model"].decoder, world["feats"]
     settings = dict(SAMPLED, min_len=min_len, captions_per_image=2, **warp)
     with torch.no_grad():
-        assert generate(decoder, feats, **settings) == generate(Uncached(decoder), feats, **settings)
+        assert generate(decoder, feats, DecodingSettings(**settings)) == generate(Uncached(decoder), feats,
+                                                                                  DecodingSettings(**settings))
 
 
 def test_several_captions_per_image(world):
     """N draws per image, image-major; draw 0 is the single caption of the same seed. Beam search gives its N best
     beams, the first of them its single caption."""
     decoder, feats = world["model"].decoder, world["feats"]
-    one = generate(decoder, feats, image_keys=KEYS, **SAMPLED)
-    three = generate(decoder, feats, image_keys=KEYS, captions_per_image=3, **SAMPLED)
+    one = generate(decoder, feats, DecodingSettings(**SAMPLED), image_keys=KEYS)
+    three = generate(decoder, feats, DecodingSettings(captions_per_image=3, **SAMPLED), image_keys=KEYS)
     assert len(three) == 3 * len(KEYS) and three[::3] == one
     assert all(len({tuple(c) for c in three[3 * i:3 * i + 3]}) == 3 for i in range(len(KEYS)))
     beam = dict(method="beam", beam_size=4, max_len=16, no_repeat_ngram=2)
-    best = generate(decoder, feats, **beam)
-    top = generate(decoder, feats, captions_per_image=3, **beam)
+    best = generate(decoder, feats, DecodingSettings(**beam))
+    top = generate(decoder, feats, DecodingSettings(captions_per_image=3, **beam))
     assert len(top) == 3 * len(KEYS) and top[::3] == best
     assert all(len({tuple(c) for c in top[3 * i:3 * i + 3]}) == 3 for i in range(len(KEYS)))
-    ids, attentions = generate(decoder, feats[:2], captions_per_image=2, return_attention=True, **SAMPLED)
+    ids, attentions = generate(decoder, feats[:2], DecodingSettings(captions_per_image=2, **SAMPLED),
+                               return_attention=True)
     assert len(ids) == len(attentions) == 4
     assert [blocks[0].shape[1] for blocks in attentions] == [len(c) + (len(c) < 16) for c in ids]
     for bad in (dict(method="greedy", captions_per_image=2), dict(beam, captions_per_image=5)):
-        with pytest.raises(ValueError, match="captions_per_image"):
-            generate(decoder, feats, **bad)
+        with pytest.raises(UserError, match="captions-per-image"):  # refused when made, before any search
+            DecodingSettings(**bad)
 
 
 def test_beam_captions_per_image_equal_hugging_face_num_return_sequences(world):
     skip_old_hf_beam(3)
     decoder = Decoder(Config(checkpoint=world["weights"], encoder_dim=32)).eval()
-    ours = generate(decoder, world["feats"][:1], method="beam", beam_size=4, max_len=12, min_len=0,
-                    no_repeat_ngram=2, captions_per_image=3)
+    ours = generate(decoder, world["feats"][:1],
+                    DecodingSettings(method="beam", beam_size=4, max_len=12, min_len=0, no_repeat_ngram=2,
+                                     captions_per_image=3))
     with torch.no_grad():
         hf = world["gpt2"].generate(torch.tensor([[END_TOKEN]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
                                     do_sample=False, num_beams=4, num_return_sequences=3, max_new_tokens=12,
@@ -303,8 +313,9 @@ def test_min_len_holds_under_sampling(world, eager_end):
     _, decoder = eager_end
     feats = world["feats"]
     for min_len in (0, 1, 3):
-        ids = generate(decoder, feats, method="sample", max_len=8, min_len=min_len, no_repeat_ngram=0,
-                       captions_per_image=4, top_k=5)
+        ids = generate(decoder, feats,
+                       DecodingSettings(method="sample", max_len=8, min_len=min_len, no_repeat_ngram=0,
+                                        captions_per_image=4, top_k=5))
         assert all(len(c) >= min_len for c in ids)
         assert min(len(c) for c in ids) == min_len  # the end token is likely: it comes as soon as it may
 
@@ -365,20 +376,20 @@ def test_draw_streams_depend_on_seed_key_and_draw():
 
 def test_sampling_settings_are_resolved_validated_and_named():
     settings, said = resolve_decoding({"temperature": 0.9})  # a sampling flag alone means sampling
-    assert settings == dict(method="sample", max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9, top_k=0,
-                            top_p=1.0, seed=0)
+    assert settings.as_record() == dict(method="sample", max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9,
+                                        top_k=0, top_p=1.0, seed=0)
     assert said.startswith("decoding: method=sample, max_len=30, min_len=1, no_repeat_ngram=3, temperature=0.9, "
                            "top_k=0, top_p=1.0, seed=0 (from the command line: method, temperature;")
-    assert resolve_decoding({})[0] == DECODE_DEFAULTS  # the course's defaults: beam 3, no sampling settings
-    assert resolve_decoding({"method": "sample", "captions_per_image": 5})[0]["captions_per_image"] == 5
+    assert resolve_decoding({})[0].as_record() == DECODE_DEFAULTS  # the course's defaults: beam 3, no sampling settings
+    assert resolve_decoding({"method": "sample", "captions_per_image": 5})[0].captions_per_image == 5
     old = dict(DECODE_DEFAULTS, chosen_on="val")  # a checkpoint from before sampling
     settings, said = resolve_decoding({"method": "sample", "seed": 3}, {"inference": old}, "p2_best.json")
-    assert settings["seed"] == 3 and settings["top_p"] == 1.0
+    assert settings.seed == 3 and settings.top_p == 1.0
     assert "temperature, top_k, top_p: the README default (not in the checkpoint)" in said
     saved = dict(old, method="sample", temperature=0.7, top_k=40)  # a checkpoint may recommend sampling
     settings, said = resolve_decoding({}, {"inference": saved}, "p2_best.json")
-    assert (settings["method"], settings["temperature"], settings["top_k"]) == ("sample", 0.7, 40)
-    assert resolve_decoding({"beam_size": 5}, {"inference": saved})[0] == dict(DECODE_DEFAULTS, beam_size=5)
+    assert (settings.method, settings.temperature, settings.top_k) == ("sample", 0.7, 40)
+    assert resolve_decoding({"beam_size": 5}, {"inference": saved})[0].as_record() == dict(DECODE_DEFAULTS, beam_size=5)
     for given, message in [
         ({"temperature": 0.0}, "--temperature must be > 0, got 0.0"),
         ({"temperature": -1.0}, "--temperature must be > 0"),
@@ -425,7 +436,7 @@ def test_decoding_settings_that_cannot_work_are_named_with_their_origin():
         with pytest.raises(UserError, match=message):
             resolve_decoding({}, dict(meta, inference=dict(meta["inference"], **saved)), "ckpt/p2_best.json")
     prompted = dict(meta, decoder=dict(block_size=64, prompt_len=10))
-    assert resolve_decoding({"max_len": 53}, prompted, "p2_best.json")[0]["max_len"] == 53
+    assert resolve_decoding({"max_len": 53}, prompted, "p2_best.json")[0].max_len == 53
     with pytest.raises(UserError, match="at most 53 tokens per caption .block_size 64, less the prompt"):
         resolve_decoding({"max_len": 54}, prompted, "p2_best.json")
 
@@ -436,12 +447,12 @@ def test_ended_tells_the_cut_captions(world, method):
     token banned at the first step by min_len 1) every one is, and in between exactly those as long as max_len."""
     decoder, feats = world["model"].decoder, world["feats"]
     warp = dict(top_k=3) if method == "sample" else {}  # the likelier tokens, among them the end token
-    ids, ended = generate(decoder, feats, method=method, max_len=40, return_ended=True, **warp)
-    assert ids == generate(decoder, feats, method=method, max_len=40, **warp) and all(ended)
-    _, ended = generate(decoder, feats, method=method, max_len=1, return_ended=True, **warp)
+    ids, ended = generate(decoder, feats, DecodingSettings(method=method, max_len=40, **warp), return_ended=True)
+    assert ids == generate(decoder, feats, DecodingSettings(method=method, max_len=40, **warp)) and all(ended)
+    _, ended = generate(decoder, feats, DecodingSettings(method=method, max_len=1, **warp), return_ended=True)
     assert ended == [False] * len(feats)
     limit = sorted(len(c) for c in ids)[len(ids) // 2]  # the median length: some captions fit, some do not
-    short, ended = generate(decoder, feats, method=method, max_len=limit, return_ended=True, **warp)
+    short, ended = generate(decoder, feats, DecodingSettings(method=method, max_len=limit, **warp), return_ended=True)
     assert ended == [len(c) < limit for c in short] and 0 < ended.count(False) < len(feats)
     if method == "greedy":  # the same steps, stopped sooner
         assert short == [c[:limit] for c in ids] and ended == [len(c) < limit for c in ids]
@@ -449,22 +460,23 @@ def test_ended_tells_the_cut_captions(world, method):
 
 def test_ended_comes_after_the_attention(world):
     decoder, feats = world["model"].decoder, world["feats"]
-    ids, attention, ended = generate(decoder, feats, method="greedy", max_len=3, return_attention=True,
-                                     return_ended=True)
-    assert len(attention) == len(ids) == len(ended) and ids == generate(decoder, feats, method="greedy", max_len=3)
+    ids, attention, ended = generate(decoder, feats, DecodingSettings(method="greedy", max_len=3),
+                                     return_attention=True, return_ended=True)
+    assert len(attention) == len(ids) == len(ended) and ids == generate(decoder, feats,
+                                                                        DecodingSettings(method="greedy", max_len=3))
 
 
 def test_a_checkpoint_decodes_at_the_length_of_its_data():
     """max_len: a flag, then the checkpoint's recommendation, then its training captions' length, then 30; a length
     short enough keeps 30, and a checkpoint that records none decodes as before."""
-    assert resolve_decoding({}, {})[0] == resolve_decoding({}, {"arch": "gru"})[0] == DECODE_DEFAULTS
+    assert resolve_decoding({}, {})[0] == resolve_decoding({}, {"arch": "gru"})[0] == DecodingSettings()
     long_data = {DATA_LENGTH_KEY: 60}
     settings, said = resolve_decoding({}, long_data, "ckpt/best.json")
-    assert settings == dict(DECODE_DEFAULTS, max_len=61)
+    assert settings == DecodingSettings(max_len=61)
     assert "max_len=61: covers the checkpoint's training captions (max_caption_tokens 60)" in said
-    assert resolve_decoding({"max_len": 20}, long_data)[0]["max_len"] == 20
+    assert resolve_decoding({"max_len": 20}, long_data)[0].max_len == 20
     shipped = dict(long_data, inference=dict(DECODE_DEFAULTS, max_len=45, chosen_on="val"))
-    assert resolve_decoding({}, shipped)[0]["max_len"] == 45
-    assert resolve_decoding({}, {DATA_LENGTH_KEY: 12})[0] == DECODE_DEFAULTS  # short captions: the default 30
+    assert resolve_decoding({}, shipped)[0].max_len == 45
+    assert resolve_decoding({}, {DATA_LENGTH_KEY: 12})[0] == DecodingSettings()  # short captions: the default 30
     with pytest.raises(UserError, match="max_caption_tokens"):
         resolve_decoding({}, {DATA_LENGTH_KEY: "long"})

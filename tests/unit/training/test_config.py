@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hw3.models.search import covering_max_len
+from hw3.models.decoding import covering_max_len
 from hw3.training import cli
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.training.data import CAPTION_LENGTH_STEP, caption_length

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hw3.data import corpus
+from hw3.data import caption_files, datasets, feature_cache
 from hw3.models import registry
+from hw3.models.decoding import DecodingSettings
 from hw3.training import optimiser, trainer
 from hw3.training.cli import parse_args
 from hw3.training.data import CAPTION_LENGTH_STEP
@@ -92,23 +93,23 @@ def log_records(out):
 
 def test_caption_targets_follow_the_course():
     tokens = [[64, 9592, 351], [257], [5, 6, 7, 8, 9]]
-    inputs, targets = corpus.caption_targets(tokens)
+    inputs, targets = datasets.caption_targets(tokens)
     K = 5 + 2
     for row, t in enumerate(tokens):  # the course's 11/27 note, written out
         expected_input = [50256] + t + [50256] + [50256] * (K - len(t) - 2)
         expected_target = t + [50256] + [-100] * (K - len(t) - 1)
         assert inputs[row].tolist() == expected_input
         assert targets[row].tolist() == expected_target
-    shifted = targets != corpus.IGNORE_INDEX  # targets are the inputs moved left by one
+    shifted = targets != datasets.IGNORE_INDEX  # targets are the inputs moved left by one
     assert torch.equal(targets[:, :-1][shifted[:, :-1]], inputs[:, 1:][shifted[:, :-1]])
 
 
 def test_clean_caption_and_loading(world):
-    assert corpus.clean_caption("  A Dog  runs.. ") == "a dog runs"
-    caps = corpus.load_captions(str(world / "train.json"), str(world / "images"))
+    assert caption_files.clean_caption("  A Dog  runs.. ") == "a dog runs"
+    caps = caption_files.load_captions(str(world / "train.json"), str(world / "images"))
     assert caps.names == sorted(CAPTIONS)
     assert all(c == [CAPTIONS[n]] * 4 for n, c in zip(caps.names, caps.captions))
-    raw = corpus.load_captions(str(world / "val.json"), str(world / "images"), clean=False)
+    raw = caption_files.load_captions(str(world / "val.json"), str(world / "images"), clean=False)
     assert raw.captions[0] == [CAPTIONS[raw.names[0]].capitalize() + "."]
 
 
@@ -117,10 +118,10 @@ def test_bad_annotations_name_the_file(world, tmp_path):
     bad["images"][0]["file_name"] = "missing.png"
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(UserError, match="missing.png"):
-        corpus.load_captions(str(tmp_path / "bad.json"), str(world / "images"))
+        caption_files.load_captions(str(tmp_path / "bad.json"), str(world / "images"))
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(UserError, match="broken.json"):
-        corpus.load_captions(str(tmp_path / "broken.json"), str(world / "images"))
+        caption_files.load_captions(str(tmp_path / "broken.json"), str(world / "images"))
 
 
 # ----------------------------------------------------------------------------------------------- budget
@@ -158,10 +159,10 @@ def test_tiny_model_overfits_and_reproduces_captions(world, tmp_path):
     steps = [r["loss"] for r in log_records(out) if r["kind"] == "step"]
     assert steps[-1] < steps[0] / 20, (steps[0], steps[-1])
     captioner, meta = load_captioner(str(out / "best.pt"), str(world / "decoder_model.bin"))
-    caps = corpus.load_captions(str(world / "val.json"), str(world / "images"))
+    caps = caption_files.load_captions(str(world / "val.json"), str(world / "images"))
     images = torch.stack([captioner.encoder.transform(Image.open(caps.path(i)).convert("RGB"))
                           for i in range(len(caps.names))])
-    ids = generate(captioner.decoder, captioner.image_tokens(images), method="greedy", max_len=12)
+    ids = generate(captioner.decoder, captioner.image_tokens(images), DecodingSettings(method="greedy", max_len=12))
     assert [BPETokenizer().decode(s).strip() for s in ids] == [c[0] for c in caps.captions]
     assert meta["metrics"]["cider"] > 5  # identical captions: CIDEr-D near its 10x maximum
     # validation's decoding is recorded as such and never becomes the checkpoint's inference recommendation
@@ -224,8 +225,9 @@ def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monk
     from hw3.models.encoder import ImageEncoder
 
     encoder = ImageEncoder(TINY_ENCODER)
-    caps = corpus.load_captions(str(world / "val.json"), str(world / "images"))
-    path = corpus.build_feature_cache(str(tmp_path), "val", encoder, caps, batch_size=3)
+    caps = caption_files.load_captions(str(world / "val.json"), str(world / "images"))
+    path = feature_cache.build_feature_cache(str(tmp_path), "val", encoder, caps,
+                                             feature_cache.Encoding(batch_size=3))
     rows = np.load(path, mmap_mode="r")
     with torch.no_grad():
         reference = encoder(torch.stack([encoder.transform(Image.open(caps.path(i)).convert("RGB"))
@@ -234,12 +236,12 @@ def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monk
     assert np.allclose(rows.astype(np.float32), reference.numpy(), rtol=1e-3, atol=1e-3)
     real_forward = ImageEncoder.forward
     monkeypatch.setattr(ImageEncoder, "forward", lambda *a: pytest.fail("the cache was not reused"))
-    assert corpus.build_feature_cache(str(tmp_path), "val", encoder, caps) == path
+    assert feature_cache.build_feature_cache(str(tmp_path), "val", encoder, caps) == path
     monkeypatch.setattr(ImageEncoder, "forward", real_forward)
-    assert corpus.build_feature_cache(str(tmp_path), "val", encoder, caps.subset(2)) != path  # other image list
+    assert feature_cache.build_feature_cache(str(tmp_path), "val", encoder, caps.subset(2)) != path  # other image list
     with torch.no_grad():
         next(encoder.parameters()).add_(1.0)  # other (random) weights under the same spec
-    assert corpus.build_feature_cache(str(tmp_path), "val", encoder, caps) != path
+    assert feature_cache.build_feature_cache(str(tmp_path), "val", encoder, caps) != path
 
 
 def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatch, capsys):
@@ -250,9 +252,9 @@ def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatc
     from hw3.models.encoder import ImageEncoder
 
     encoder = ImageEncoder(TINY_ENCODER)
-    caps = corpus.load_captions(str(world / "val.json"), str(world / "images"))
-    reference = np.array(np.load(corpus.build_feature_cache(str(tmp_path / "plain"), "val", encoder, caps,
-                                                             batch_size=4)))
+    caps = caption_files.load_captions(str(world / "val.json"), str(world / "images"))
+    reference = np.array(np.load(feature_cache.build_feature_cache(str(tmp_path / "plain"), "val", encoder, caps,
+                                                                    feature_cache.Encoding(batch_size=4))))
 
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -261,7 +263,7 @@ def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatc
         patch.setattr(os, "posix_fallocate", no_space, raising=False)
         with pytest.raises(UserError, match=r"the disk is full: writing val-.*partial.npy \(the feature cache\) in "
                                             r".*full.* GB free there"):
-            corpus.build_feature_cache(str(tmp_path / "full"), "val", encoder, caps)
+            feature_cache.build_feature_cache(str(tmp_path / "full"), "val", encoder, caps)
     assert not [n for n in os.listdir(str(tmp_path / "full")) if n.endswith(".npy")]
     real, calls = ImageEncoder.forward, []
 
@@ -273,7 +275,8 @@ def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatc
 
     monkeypatch.setattr(ImageEncoder, "forward", forward)
     capsys.readouterr()
-    halved = np.load(corpus.build_feature_cache(str(tmp_path / "small"), "val", encoder, caps, batch_size=4))
+    halved = np.load(feature_cache.build_feature_cache(str(tmp_path / "small"), "val", encoder, caps,
+                                                       feature_cache.Encoding(batch_size=4)))
     assert "out of GPU memory in the feature cache's encoding at batch 4: going on with batch 2" in \
         capsys.readouterr().err
     assert np.allclose(halved.astype(np.float32), reference.astype(np.float32), atol=1e-3)
@@ -289,12 +292,12 @@ def test_feature_cache_re_encodes_images_whose_content_changed(world, tmp_path, 
     folder = tmp_path / "images"
     shutil.copytree(str(world / "images"), str(folder))
     encoder = ImageEncoder(TINY_ENCODER)
-    caps = corpus.load_captions(str(world / "val.json"), str(folder))
-    path = corpus.build_feature_cache(str(tmp_path / "cache"), "val", encoder, caps)
+    caps = caption_files.load_captions(str(world / "val.json"), str(folder))
+    path = feature_cache.build_feature_cache(str(tmp_path / "cache"), "val", encoder, caps)
     before = np.array(np.load(path))
     Image.new("RGB", (32, 32), (250, 250, 0)).save(caps.path(1))  # new content, same name
     capsys.readouterr()
-    assert corpus.build_feature_cache(str(tmp_path / "cache"), "val", encoder, caps) == path
+    assert feature_cache.build_feature_cache(str(tmp_path / "cache"), "val", encoder, caps) == path
     assert "re-encoded 1 of %d images whose content changed" % len(caps.names) in capsys.readouterr().err
     after = np.load(path)
     with torch.no_grad():
@@ -321,7 +324,7 @@ def test_augment_and_cache_are_exclusive(world, tmp_path):
 def test_augmented_training_runs_and_crops_mildly(world, tmp_path):
     image = _image("grid.png").resize((64, 48))
     torch.manual_seed(0)
-    crops = [corpus.light_augmentation()(image) for _ in range(20)]
+    crops = [datasets.light_augmentation()(image) for _ in range(20)]
     assert all(c.size[0] * c.size[1] >= 0.8 * 64 * 48 - 64 for c in crops)
     assert len({c.tobytes() for c in crops}) > 1
     assert trainer.main(cli(world, tmp_path / "run", "--peft", "none", "--epochs", "1", "--augment")) == 0
@@ -412,7 +415,7 @@ def test_one_epoch_from_other_formats_validates_the_suite(world, fashion_world, 
         assert "train split, 6 of 12 images (train 6, val 3, test 3)" in err
         expected_val = sorted(os.path.splitext(i["filename"])[0] for i in names["images"] if i["split"] == "val")
     else:
-        val = [n for n in names if corpus.in_val_fraction(n, 0.4)]
+        val = [n for n in names if caption_files.in_val_fraction(n, 0.4)]
         assert "%d train, %d val" % (12 - len(val), len(val)) in err
         expected_val = sorted(os.path.splitext(n)[0] for n in val)
     assert sorted(predictions) == expected_val
@@ -453,7 +456,7 @@ def _length_world(world, tmp_path):
     coco["annotations"][0]["caption"] = PARAGRAPH
     path = tmp_path / "long.json"
     path.write_text(json.dumps(coco))
-    return path, len(BPETokenizer().encode(corpus.clean_caption(PARAGRAPH)))
+    return path, len(BPETokenizer().encode(caption_files.clean_caption(PARAGRAPH)))
 
 
 def _with_train_json(argv, path):
@@ -464,7 +467,7 @@ def _with_train_json(argv, path):
 def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
     """Without --max-caption-tokens the longest training caption, rounded up to a multiple of 8, sets it: recorded in
     the checkpoint JSON, which then decodes at a length that covers it; the GPT-2's positions cap it."""
-    from hw3.models import search
+    from hw3.models import decoding
 
     long_json, longest = _length_world(world, tmp_path)
     expected = -(-longest // CAPTION_LENGTH_STEP) * CAPTION_LENGTH_STEP
@@ -476,7 +479,7 @@ def test_default_caption_length_follows_the_data(world, tmp_path, capsys):
             % (expected, longest)) in err and "captions cut" not in err
     meta = json.loads((out / "best.json").read_text())
     assert meta["max_caption_tokens"] == expected and meta["decoder"]["block_size"] == expected + 2
-    assert search.resolve_decoding({}, meta)[0]["max_len"] == expected + 1
+    assert decoding.resolve_decoding({}, meta)[0].max_len == expected + 1
     gpt2 = tmp_path / "gpt2"
     assert trainer.main(_with_train_json(cli(world, gpt2, "--peft", "none", "--epochs", "1"), long_json)) == 0
     assert "captions cut to 30 tokens (the decoder's 32 positions less start and end): 1 of 16 training" in \

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from hw3.inference import predict
-from hw3.models import search
+from hw3.models.decoding import DEFAULT_DECODING
 from hw3.util.device import autocast
 
 
@@ -29,9 +29,10 @@ def test_cpu_captioning_warns_nothing(captioning_world, tmp_path):
     names = ["%d.png" % i for i in range(3)]
     for name in names:
         Image.fromarray((rng.rand(32, 32, 3) * 255).astype(np.uint8)).save(os.path.join(str(tmp_path), name))
-    settings = dict(search.DECODE_DEFAULTS, max_len=4)
+    settings = DEFAULT_DECODING.replace(max_len=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        captions, _ = predict.caption_folder(captioning_world["model"], str(tmp_path), names, settings, batch_size=2,
-                                                  num_workers=0, device=torch.device("cpu"), fp16=True)
+        captions, _ = predict.caption_folder(captioning_world["model"], str(tmp_path), names, settings,
+                                             predict.Runtime(torch.device("cpu"), batch_size=2, num_workers=0,
+                                                             fp16=True))
     assert len(captions) == len(names) and all(isinstance(c, str) for c in captions)

@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-from hw3.data import corpus
+from hw3.data import caption_files, datasets
 from hw3.util.errors import UserError
 from hw3.data.tokenizer import BPETokenizer
 from hw3 import REPO_ROOT
@@ -81,25 +81,26 @@ def test_each_format_is_recognised_by_its_content(tmp_path):
              ({"x.jpg": "one", "y.jpg": ["two", "three"]}, "plain", {"x.jpg": ["one"], "y.jpg": ["two", "three"]},
               False)]
     for i, (data, kind, captions, has_splits) in enumerate(cases):
-        read = corpus.read_captions(write(tmp_path / ("f%d.json" % i), data))
+        read = caption_files.read_captions(write(tmp_path / ("f%d.json" % i), data))
         assert read.format == kind and dict(read.captions) == captions
         assert (read.splits is not None) == has_splits
-    assert list(corpus.read_captions(karpathy(KARPATHY)).captions) == [n for n, _, _ in KARPATHY]  # file order
+    assert list(caption_files.read_captions(karpathy(KARPATHY)).captions) == [n for n, _, _ in KARPATHY]  # file order
 
 
 def test_karpathy_splits_and_restval(folder):
-    read = corpus.read_captions(karpathy(KARPATHY))
+    read = caption_files.read_captions(karpathy(KARPATHY))
     assert read.splits == {"b.jpg": "train", "a.jpg": "train", "c.jpg": "val", "d.jpg": "test", "e.jpg": "train"}
     for split, names in [("train", ["b.jpg", "a.jpg", "e.jpg"]), ("val", ["c.jpg"]), ("test", ["d.jpg"]),
                          ("all", ["b.jpg", "a.jpg", "c.jpg", "d.jpg", "e.jpg"])]:
-        assert corpus.split_names(read, split)[0] == names
+        assert caption_files.split_names(read, split)[0] == names
     path = write(folder.parent / "k.json", karpathy(KARPATHY))
-    train = corpus.load_captions(path, str(folder), default_split="train")
+    train = caption_files.load_captions(path, str(folder), default_split="train")
     assert train.names == ["a.jpg", "b.jpg", "e.jpg"] and train.split == "train"  # restval trains, sorted
     assert train.captions[1] == ["a dog runs", "a brown dog"] and train.references[1] == ["A dog runs.", "a brown dog"]
-    val = corpus.load_captions(path, str(folder), default_split="val")
+    val = caption_files.load_captions(path, str(folder), default_split="val")
     assert val.names == ["c.jpg"] and val.keys() == ["c"]
-    assert corpus.load_captions(path, str(folder), split="all").names == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+    assert caption_files.load_captions(path, str(folder), split="all").names == ["a.jpg", "b.jpg", "c.jpg", "d.jpg",
+                                                                                 "e.jpg"]
 
 
 def test_karpathy_filepath_is_a_sub_folder(tmp_path):
@@ -107,7 +108,7 @@ def test_karpathy_filepath_is_a_sub_folder(tmp_path):
     Image.new("RGB", (8, 8)).save(str(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"))
     data = karpathy([("COCO_val2014_000000000042.jpg", "val", ["A plate of food."])])
     data["images"][0]["filepath"] = "val2014"
-    caps = corpus.load_captions(write(tmp_path / "coco_karpathy.json", data), str(tmp_path), default_split="val")
+    caps = caption_files.load_captions(write(tmp_path / "coco_karpathy.json", data), str(tmp_path), default_split="val")
     assert caps.names == ["val2014/COCO_val2014_000000000042.jpg"] and caps.keys() == ["COCO_val2014_000000000042"]
     assert os.path.isfile(caps.path(0))
 
@@ -115,30 +116,31 @@ def test_karpathy_filepath_is_a_sub_folder(tmp_path):
 def test_a_file_without_splits_is_whole_unless_a_split_is_asked(folder):
     names = deepfashion_names(40)
     path = write(folder.parent / "captions.json", {n: DEEPFASHION_PARAGRAPHS[i % 4] for i, n in enumerate(names)})
-    whole = corpus.load_captions(path, str(folder), default_split="val")  # no splits: the default is the whole file
+    whole = caption_files.load_captions(path, str(folder),
+                                        default_split="val")  # no splits: the default is the whole file
     assert whole.names == sorted(names) and whole.split == "all"
-    course = corpus.load_captions(path, str(folder))
+    course = caption_files.load_captions(path, str(folder))
     assert course.names == whole.names
-    train = corpus.load_captions(path, str(folder), split="train")
-    val = corpus.load_captions(path, str(folder), split="val")
+    train = caption_files.load_captions(path, str(folder), split="train")
+    val = caption_files.load_captions(path, str(folder), split="val")
     assert not set(train.names) & set(val.names) and sorted(train.names + val.names) == sorted(names)
     assert 0 < len(val.names) < len(train.names)
-    half = corpus.load_captions(path, str(folder), split="val", val_fraction=0.5)
+    half = caption_files.load_captions(path, str(folder), split="val", val_fraction=0.5)
     assert set(val.names) <= set(half.names)  # a larger fraction only adds images: each name's side is its own
     with pytest.raises(UserError, match="no test split"):
-        corpus.load_captions(path, str(folder), split="test")
+        caption_files.load_captions(path, str(folder), split="test")
     with pytest.raises(UserError, match="--val-fraction"):
-        corpus.load_captions(path, str(folder), split="val", val_fraction=1.0)
+        caption_files.load_captions(path, str(folder), split="val", val_fraction=1.0)
 
 
 def test_the_split_is_stable_across_processes_and_machines():
     """The side of a name is a function of its bytes alone (SHA-256), not of Python's salted hash()."""
     names = deepfashion_names(1000)
     expected = [int(hashlib.sha256(n.encode("utf-8")).hexdigest()[:16], 16) < 0.2 * 2 ** 64 for n in names]
-    assert [corpus.in_val_fraction(n, 0.2) for n in names] == expected
+    assert [caption_files.in_val_fraction(n, 0.2) for n in names] == expected
     assert 150 < sum(expected) < 250
-    code = ("import json, sys; from hw3.data import corpus; names = json.loads(sys.stdin.read()); "
-            "print(json.dumps([corpus.in_val_fraction(n, 0.2) for n in names]))")
+    code = ("import json, sys; from hw3.data import caption_files; names = json.loads(sys.stdin.read()); "
+            "print(json.dumps([caption_files.in_val_fraction(n, 0.2) for n in names]))")
     for seed in ("0", "12345"):
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(names), capture_output=True, text=True,
                              cwd=ROOT, env=dict(os.environ, PYTHONHASHSEED=seed), timeout=120, check=True)
@@ -147,10 +149,10 @@ def test_the_split_is_stable_across_processes_and_machines():
 
 def test_split_counts_are_printed(folder, capsys):
     path = write(folder.parent / "captions.json", {n: "a shirt" for n in deepfashion_names(40)})
-    train = corpus.load_captions(path, str(folder), split="train", option="--train-split")
+    train = caption_files.load_captions(path, str(folder), split="train", option="--train-split")
     err = capsys.readouterr().err
     assert "%d train, %d val" % (len(train.names), 40 - len(train.names)) in err and "--train-split" in err
-    corpus.load_captions(write(folder.parent / "k.json", karpathy(KARPATHY)), str(folder), default_split="train")
+    caption_files.load_captions(write(folder.parent / "k.json", karpathy(KARPATHY)), str(folder), default_split="train")
     assert "train split, 3 of 5 images (train 3, val 1, test 1)" in capsys.readouterr().err
 
 
@@ -165,7 +167,7 @@ def test_split_counts_are_printed(folder, capsys):
 def test_unknown_format_names_the_file_and_what_was_expected(tmp_path, data, expected):
     path = write(tmp_path / "odd.json", data)
     with pytest.raises(UserError) as err:
-        corpus.read_captions(path)
+        caption_files.read_captions(path)
     message = str(err.value)
     assert "odd.json" in message and "unknown caption format" in message
     assert all(kind in message for kind in ("coco", "karpathy", "deepfashion", "plain"))
@@ -176,29 +178,30 @@ def test_unknown_format_names_the_file_and_what_was_expected(tmp_path, data, exp
 def test_karpathy_refusals(tmp_path):
     bad_split = karpathy([("a.jpg", "dev", ["x"])])
     with pytest.raises(UserError, match=r"images\[0\] \(a.jpg\) has split 'dev'; expected one of train, restval"):
-        corpus.read_captions(bad_split)
+        caption_files.read_captions(bad_split)
     with pytest.raises(UserError, match=r"images\[0\] \(a.jpg\) has an empty \"sentences\" list"):
-        corpus.read_captions(karpathy([("a.jpg", "train", [])]))
+        caption_files.read_captions(karpathy([("a.jpg", "train", [])]))
     with pytest.raises(UserError, match="no val images .--val-split val.; it has train 1"):
-        corpus.split_names(corpus.read_captions(karpathy([("a.jpg", "train", ["x"])])), "val", option="--val-split")
+        caption_files.split_names(caption_files.read_captions(karpathy([("a.jpg", "train", ["x"])])), "val",
+                                  option="--val-split")
     with pytest.raises(UserError, match="no images"):
-        corpus.read_captions({"images": []})
+        caption_files.read_captions({"images": []})
 
 
 def test_empty_caption_lists_and_empty_captions(folder, capsys):
     with pytest.raises(UserError, match="image 'b.jpg' has an empty caption list"):
-        corpus.read_captions(write(folder.parent / "p.json", {"a.jpg": ["x"], "b.jpg": []}))
+        caption_files.read_captions(write(folder.parent / "p.json", {"a.jpg": ["x"], "b.jpg": []}))
     with pytest.raises(UserError, match="empty JSON object"):
-        corpus.read_captions(write(folder.parent / "e.json", {}))
+        caption_files.read_captions(write(folder.parent / "e.json", {}))
     path = write(folder.parent / "d.json", {"a.jpg": "A cat.", "b.jpg": "  "})  # a blank paragraph: left out, said
-    assert corpus.load_captions(path, str(folder)).names == ["a.jpg"]
+    assert caption_files.load_captions(path, str(folder)).names == ["a.jpg"]
     assert "1 image(s) without a caption left out" in capsys.readouterr().err
 
 
 def test_a_caption_naming_an_absent_image(folder):
     path = write(folder.parent / "captions.json", {"a.jpg": "A cat.", "MEN-Denim-id_09999999-01_1_front.jpg": "x"})
     with pytest.raises(UserError) as err:
-        corpus.load_captions(path, str(folder))
+        caption_files.load_captions(path, str(folder))
     assert "1 image(s) of %s are not in %s, e.g. MEN-Denim-id_09999999-01_1_front.jpg" % (path, folder) \
         in str(err.value)
 
@@ -208,7 +211,7 @@ def test_two_images_with_one_prediction_key_are_refused(tmp_path):
         os.makedirs(str(tmp_path / os.path.dirname(name)), exist_ok=True)
         Image.new("RGB", (8, 8)).save(str(tmp_path / name))
     with pytest.raises(UserError, match="share the prediction key 'a'"):
-        corpus.load_captions(write(tmp_path / "c.json", {"x/a.jpg": "one", "y/a.jpg": "two"}), str(tmp_path))
+        caption_files.load_captions(write(tmp_path / "c.json", {"x/a.jpg": "one", "y/a.jpg": "two"}), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------- lengths
@@ -216,11 +219,11 @@ def test_two_images_with_one_prediction_key_are_refused(tmp_path):
 def test_deepfashion_paragraphs_fit_the_documented_caption_length():
     """README trains DeepFashion with --max-caption-tokens 160: the template's richest paragraph is 126 tokens."""
     tokenizer = BPETokenizer()
-    lengths = [len(tokenizer.encode(corpus.clean_caption(p))) for p in DEEPFASHION_PARAGRAPHS]
+    lengths = [len(tokenizer.encode(caption_files.clean_caption(p))) for p in DEEPFASHION_PARAGRAPHS]
     assert max(lengths) <= DEEPFASHION_MAX_TOKENS
     assert max(lengths) > 40  # the course's default would cut them
-    cleaned = [corpus.clean_caption(p) for p in DEEPFASHION_PARAGRAPHS]  # what training tokenises
-    tokens, cut, longest = corpus.tokenize_captions([cleaned], tokenizer, 40)
+    cleaned = [caption_files.clean_caption(p) for p in DEEPFASHION_PARAGRAPHS]  # what training tokenises
+    tokens, cut, longest = datasets.tokenize_captions([cleaned], tokenizer, 40)
     assert cut == sum(n > 40 for n in lengths) and longest == max(lengths)
     assert all(len(t) <= 40 for t in tokens[0])
-    assert corpus.tokenize_captions([cleaned], tokenizer, DEEPFASHION_MAX_TOKENS)[1] == 0
+    assert datasets.tokenize_captions([cleaned], tokenizer, DEEPFASHION_MAX_TOKENS)[1] == 0

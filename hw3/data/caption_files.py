@@ -1,35 +1,23 @@
-"""Captioning data for training: COCO-style annotations, the course's caption targets, and the encoder feature cache.
-
-The encoder is frozen, so its output for an image never changes: `build_feature_cache` computes the image tokens of
-a split once into a memory-mapped fp16 .npy file, keyed by the encoder spec, its weights, its transform and the image
-list. Later epochs and later runs read rows from that file and never run the ViT (and so cannot augment images).
+"""Caption files and their splits: the COCO, Karpathy and plain {image: [captions]} formats read into one shape, the
+train/val/test splits (a file without splits divided by file-name hash), the captions of a split with their images.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
-import json
 import os
 import re
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from hw3.data.images import ImageFiles, collate_images, image_batches, list_images, load_rgb
-from hw3.util.device import autocast
-from hw3.util.errors import UserError, progress
-from hw3.util.files import file_sha256, read_json, write_json
-from hw3.util.resources import HalvingBatches
-from hw3.data.tokenizer import END_TOKEN
+from hw3.data.images import list_images
+from hw3.util.errors import UserError
+from hw3.util.files import read_json
 
-IGNORE_INDEX = -100  # targets on padding: CrossEntropyLoss(ignore_index=-100), as the course's 11/27 note says
-CACHE_VERSION = 2  # 2: each image's content hash is recorded and checked
 
 
 # ----------------------------------------------------------------------------------------------- annotations
@@ -351,225 +339,3 @@ def find_images(images_root: str, caption_file: Optional[str] = None, split: Opt
             raise UserError("%s and %s in %s would share the key %r (file names without folder and extension must "
                             "be unique)" % (keys[image_key(name)], name, images_root, image_key(name)))
     return names
-
-
-def tokenize_captions(captions: List[List[str]], tokenizer, max_tokens: int) -> Tuple[List[List[List[int]]], int, int]:
-    """(token ids of every caption cut to `max_tokens`, how many were cut, the longest length before cutting); the
-    end token is added by `caption_targets`."""
-    full = [[tokenizer.encode(c) for c in caps] for caps in captions]
-    lengths = [len(t) for caps in full for t in caps]
-    return ([[t[:max_tokens] for t in caps] for caps in full], sum(1 for n in lengths if n > max_tokens),
-            max(lengths, default=0))
-
-
-def caption_targets(token_lists: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The course's training pair for a batch of token lists, padded to the longest (K = N_max + 2):
-    inputs  [50256, t1..tN, 50256, 50256...]   targets [t1..tN, 50256, -100, -100...]  (both (B, K))."""
-    K = max(len(t) for t in token_lists) + 2
-    inputs = torch.full((len(token_lists), K), END_TOKEN, dtype=torch.long)
-    targets = torch.full((len(token_lists), K), IGNORE_INDEX, dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        n = len(tokens)
-        inputs[row, 1:n + 1] = torch.tensor(list(tokens), dtype=torch.long)
-        targets[row, :n] = inputs[row, 1:n + 1]
-        targets[row, n] = END_TOKEN
-    return inputs, targets
-
-
-# ----------------------------------------------------------------------------------------------- images
-
-def light_augmentation() -> Callable:
-    """A mild crop (80-100% of the area) and colour jitter before the encoder's own transform. No horizontal flip:
-    captions say "left" and "right"."""
-    import torchvision.transforms as T
-    import torchvision.transforms.functional as TF
-
-    jitter = T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)
-
-    def augment(image):
-        top, left, height, width = T.RandomResizedCrop.get_params(image, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3))
-        return jitter(TF.crop(image, top, left, height, width))
-
-    return augment
-
-
-def images(caption_set: CaptionSet, transform: Callable, augment: Optional[Callable] = None) -> ImageFiles:
-    """The split's images as common.ImageFiles, (index, pixels, error), through the encoder's transform, optionally
-    augmented first."""
-    if augment is not None:
-        transform = _then(augment, transform)
-    return ImageFiles([caption_set.path(i) for i in range(len(caption_set.names))], transform)
-
-
-class _then:
-    """f then g, as an object so DataLoader workers can pickle it."""
-
-    def __init__(self, f: Callable, g: Callable):
-        self.f, self.g = f, g
-
-    def __call__(self, x):
-        return self.g(self.f(x))
-
-
-class Features(Dataset):
-    """(index, cached image tokens (N, width) fp16, "") from a feature-cache file, shaped like ImageFiles' items and
-    opened lazily in each process so DataLoader workers never pickle the memory map."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.shape = tuple(np.load(path, mmap_mode="r").shape)
-        self._rows = None
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: int):
-        if self._rows is None:
-            self._rows = np.load(self.path, mmap_mode="r")
-        return index, torch.from_numpy(np.array(self._rows[index])), ""
-
-
-class CaptionPairs(Dataset):
-    """Every (image, caption) pair of a split: the decoder sees each caption once per epoch."""
-
-    def __init__(self, visuals: Dataset, tokens: List[List[List[int]]]):
-        self.visuals = visuals
-        self.pairs = [(i, j) for i, caps in enumerate(tokens) for j in range(len(caps))]
-        self.tokens = tokens
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int):
-        image, caption = self.pairs[index]
-        _, visual, error = self.visuals[image]
-        if error:
-            raise UserError(error)
-        return visual, self.tokens[image][caption]
-
-
-def collate_pairs(batch):
-    """[(visual, tokens)] -> (visuals (B, ...), inputs (B, K), targets (B, K))."""
-    visuals = torch.stack([v for v, _ in batch])
-    inputs, targets = caption_targets([t for _, t in batch])
-    return visuals, inputs, targets
-
-
-# ----------------------------------------------------------------------------------------------- feature cache
-
-def _encoder_identity(encoder) -> dict:
-    """What decides an encoder's output: its spec, the stat of a local weight file, and its transform."""
-    weights, stat = encoder.spec.weight_file, None
-    if weights and os.path.isfile(weights):
-        info = os.stat(weights)
-        stat = [os.path.abspath(weights), info.st_size, int(info.st_mtime)]
-    elif encoder.spec.random:  # random weights: the spec alone may not pin them down
-        digest = hashlib.sha1()
-        for tensor in encoder.state_dict().values():
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        stat = ["random", digest.hexdigest()]
-    return dict(spec=str(encoder.spec), weights_file=stat, transform=repr(encoder.transform), width=int(encoder.width))
-
-
-def cache_key(encoder, caption_set: CaptionSet) -> Tuple[str, dict]:
-    identity = dict(version=CACHE_VERSION, encoder=_encoder_identity(encoder),
-                    folder=os.path.abspath(caption_set.folder), names=caption_set.names)
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-    return digest, identity
-
-
-def cache_paths(cache_dir: str, split: str, digest: str) -> Tuple[str, str]:
-    stem = os.path.join(cache_dir, "%s-%s" % (split, digest))
-    return stem + ".npy", stem + ".json"
-
-
-def content_hashes(caption_set: CaptionSet, show: bool = True) -> List[str]:
-    """SHA-256 of every image file's bytes: what the cache is keyed by, so an image replaced under the same name is
-    encoded again."""
-    return [file_sha256(caption_set.path(i)) for i in progress(range(len(caption_set.names)), desc="hashing images",
-                                                               unit="img", disable=not show, leave=False)]
-
-
-@torch.no_grad()
-def _fill_rows(rows, encoder, caption_set: CaptionSet, indices: List[int], batch_size: int, device, num_workers: int,
-               amp: bool, show: bool) -> None:
-    from torch.utils.data import DataLoader, Subset
-
-    loader = DataLoader(Subset(images(caption_set, encoder.transform), indices), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_images)
-    pieces = HalvingBatches("the feature cache's encoding")
-
-    def encode(pixels: torch.Tensor) -> np.ndarray:
-        with autocast(device, amp):
-            return encoder(pixels.to(device)).float().cpu().numpy().astype(np.float16)  # (B, N, width)
-
-    for index, pixels in image_batches(progress(loader, desc="encoding %d images" % len(indices), disable=not show)):
-        rows[np.array(index)] = np.concatenate(pieces(len(pixels), lambda s, e: encode(pixels[s:e])))
-
-
-def reserve_disk_space(path: str, what: str) -> None:
-    """Allocates a memory-mapped file's blocks now: a full disk is then one line here rather than a SIGBUS when the
-    mapped rows are written back. The file is removed when the space is not there."""
-    from hw3.util import resources
-
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as err:
-        if resources.disk_full(err) is None:
-            return  # a file system without fallocate: written as before
-        os.close(fd)
-        fd = None
-        os.remove(path)
-        raise UserError(resources.disk_full_line(path, what)) from None
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def build_feature_cache(cache_dir: str, split: str, encoder, caption_set: CaptionSet, batch_size: int = 64,
-                        device="cpu", num_workers: int = 0, amp: bool = False, rank: int = 0, world_size: int = 1,
-                        barrier: Callable[[], None] = lambda: None) -> str:
-    """Path of the split's cache, computing what is missing. The cache of an encoder and image list records each
-    image's content hash: images whose content changed since are encoded again (and stderr says how many), the rest
-    are reused. Under DDP every rank encodes its share into the same file (rank 0 creates it, `barrier` waits for
-    all); the description JSON marks it complete."""
-    digest, identity = cache_key(encoder, caption_set)
-    path, meta_path = cache_paths(cache_dir, split, digest)
-    hashes = content_hashes(caption_set, show=rank == 0)
-    meta = read_json(meta_path, "feature-cache description") if os.path.isfile(meta_path) else {}
-    reusable = (os.path.isfile(path) and meta.get("identity") == identity and meta.get("complete")
-                and len(meta.get("contents") or []) == len(hashes))
-    todo = [i for i, h in enumerate(hashes) if not reusable or meta["contents"][i] != h]
-    if not todo:
-        return path
-    target = path if reusable else path[:-len(".npy")] + ".partial.npy"
-    if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        if reusable:  # rows are rewritten in place: incomplete until they are all done
-            write_json(meta_path, dict(meta, complete=False))
-        else:
-            with torch.no_grad():
-                probe = encoder(encoder.transform(load_rgb(caption_set.path(0))).unsqueeze(0).to(device))
-            shape = (len(caption_set.names),) + tuple(probe.shape[1:])
-            np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=shape).flush()
-            reserve_disk_space(target, "the feature cache")
-    barrier()
-    rows = np.load(target, mmap_mode="r+")
-    _fill_rows(rows, encoder, caption_set, todo[rank::world_size], batch_size, device, num_workers, amp,
-               show=rank == 0)
-    rows.flush()
-    del rows
-    barrier()
-    if rank == 0:
-        if not reusable:
-            os.replace(target, path)
-        write_json(meta_path, dict(identity=identity, complete=True, contents=hashes,
-                                   shape=list(np.load(path, mmap_mode="r").shape)))
-        print("feature cache: %s (%s)" % (path, "encoded %d images" % len(todo) if not reusable else
-                                          "re-encoded %d of %d images whose content changed" % (len(todo), len(hashes))),
-              file=sys.stderr)
-    barrier()
-    return path
