@@ -33,7 +33,8 @@ METRIC_KEYS = OrderedDict([("bleu", ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")), (
                            ("refclipscore", ("RefCLIPScore",))])
 DEFAULT_METRICS = ("cider", "clipscore")  # the course's line: CIDEr: x | CLIPScore: y
 CLIP_METRICS = ("clipscore", "refclipscore")
-MEAN_OF = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")  # "mean": what seed 004 picks its checkpoint by
+# "mean": what the course project report (Zhao, Wang and Zhang) picks its checkpoint by
+MEAN_OF = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 JAVA_HINT = "install Java (Debian/Ubuntu: apt-get install default-jre-headless)"
 
 

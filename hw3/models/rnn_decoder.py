@@ -1,9 +1,10 @@
 """The from-scratch recurrent captioners, the baselines that show what GPT-2 and cross-attention add: `gru`, a GRU fed
-the mean image feature at every step (the seed's §3.2.1 GRUDecoder), and `attention-gru`, Show-Attend-Tell's soft
-attention (Xu et al. 2015; sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning `models.py`) with a GRU cell where the
-tutorial has an LSTM (the seed's §3.2.2). Both are small enough to train fully, every parameter trainable, and they
-implement docs/DECODERS.md, so the one search drives them: the image memory holds the initial hidden state and the
-per-image tensors every step reads, and the decoding state is the hidden state of each row.
+the mean image feature at every step (the GRUDecoder of the course project report by Zhao, Wang and Zhang, §3.2.1),
+and `attention-gru`, Show-Attend-Tell's soft attention (Xu et al. 2015; sgrvinod's
+a-PyTorch-Tutorial-to-Image-Captioning `models.py`) with a GRU cell where the tutorial has an LSTM (the same report's
+§3.2.2). Both are small enough to train fully, every parameter trainable, and they implement docs/DECODERS.md, so the
+one search drives them: the image memory holds the initial hidden state and the per-image tensors every step reads,
+and the decoding state is the hidden state of each row.
 """
 from __future__ import annotations
 

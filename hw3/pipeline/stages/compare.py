@@ -151,7 +151,7 @@ def attention_figures(ctx: Context, arch: str, checkpoint: str, per_image: dict,
 
 
 def compare_table(results: dict) -> str:
-    """results.md's compare section: one row per architecture, the seed's table beside it, the ablation."""
+    """results.md's compare section: one row per architecture, the published table beside it, the ablation."""
     rows, ablation = results["compare"], results.get("ablation") or {}
     columns = filled(ROW_KEYS + WORLD_SCORES, rows.values())
 

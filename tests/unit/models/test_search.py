@@ -414,7 +414,7 @@ def test_sampling_settings_are_resolved_validated_and_named():
 
 
 def test_decoding_settings_that_cannot_work_are_named_with_their_origin():
-    """Issue 29: infinite or NaN numbers, unknown "inference" keys and lengths beyond the block size, each one line
+    """Infinite or NaN numbers, unknown "inference" keys and lengths beyond the block size, each one line
     naming the setting and whether the flag or the checkpoint gave it."""
     meta = {"decoder": dict(block_size=64, prompt_len=0), "inference": dict(DECODE_DEFAULTS, chosen_on="val")}
     for given, message in [

@@ -245,7 +245,7 @@ def test_feature_cache_holds_encoder_outputs_and_is_reused(world, tmp_path, monk
 
 
 def test_feature_cache_on_a_full_disk_or_a_small_gpu(world, tmp_path, monkeypatch, capsys):
-    """Issue 29: a disk too small for the cache is one line (the folder, the free space) and leaves no file; an
+    """A disk too small for the cache is one line (the folder, the free space) and leaves no file; an
     out-of-memory error while encoding halves the batch and gives the same rows."""
     import errno
 
@@ -707,7 +707,7 @@ class LaterOutOfMemory(RuntimeError):
 
 @pytest.mark.parametrize("spelling", ["torch-1.12", "OutOfMemoryError"])
 def test_out_of_memory_halves_the_batch_and_keeps_the_planned_step(world, tmp_path, monkeypatch, spelling):
-    """Issue 29: a CUDA out-of-memory error at some step (injected on the CPU, in either spelling) cuts the batch in
+    """A CUDA out-of-memory error at some step (injected on the CPU, in either spelling) cuts the batch in
     pieces whose gradients add up to the planned batch's: the weights match the run without it, within float
     rounding; stderr says so and the log records it."""
     from hw3.models import captioner
