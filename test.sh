@@ -4,8 +4,7 @@
 #   course: .venv-course (Python 3.8, torch 1.12.1, timm 0.9.10... requirements-course.txt), the same test suite.
 # `bash test.sh --lane modern|course` runs one lane; other arguments go to pytest (`bash test.sh -k tokenizer`).
 # pytest runs on as many workers as there are cores, at most 2 (HW3_TEST_WORKERS overrides; 0 runs in one process):
-# --dist loadgroup hands out tests one by one, except a module whose tests share an expensive finished run, which
-# is marked as one xdist_group and so stays on one worker with its module fixtures built once.
+# --dist loadfile keeps each module on one worker, its module fixtures built once (tests/conftest.py orders them).
 set -euo pipefail
 root="$(cd "$(dirname "$0")" && pwd)"
 lanes="modern course"
@@ -26,6 +25,6 @@ for lane in $lanes; do
     fi
     echo "== pytest ($("$HW3_PY" -c 'import sys, torch; print("Python %d.%d, torch %s" % (sys.version_info[:2] + (torch.__version__,)))'))" >&2
     workers="${HW3_TEST_WORKERS:-$(( $(nproc) < 2 ? $(nproc) : 2 ))}"
-    "$HW3_PY" -m pytest -q -p no:cacheprovider -n "$workers" --dist loadgroup tests "$@"
+    "$HW3_PY" -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile tests "$@"
   )
 done

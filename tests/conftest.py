@@ -36,33 +36,20 @@ def captioning_world(tmp_path_factory):
 
 
 
-# `bash test.sh` runs the suite on two xdist workers with --dist loadgroup, where a session fixture is built once per
-# worker. Each module is one group (its module fixtures are built once, on one worker), except that the tests of a
-# session fixture named in SESSION_GROUPS form one group across modules, and tests marked with an xdist_group of
-# their own keep it. The groups are handed out in LONGEST_FIRST's order, so that no long group starts last; the rest
-# follow in collection order.
-SESSION_GROUPS = {"demo_run": "demo"}  # tests/e2e/conftest.py
-LONGEST_FIRST = ("demo",)
+# `bash test.sh` runs the suite on two xdist workers with --dist loadfile: each module runs on one worker, so its
+# module fixtures are built once, and a session fixture (tests/e2e/conftest.py's demo_run) once per module that
+# uses it: its readers share one module. (--dist loadgroup would allow groups across modules, but pytest-xdist 3.8
+# cannot label test ids under pytest 9.) The modules are handed out in LONGEST_FIRST's order, so that no long one
+# starts last; the rest follow in collection order.
+LONGEST_FIRST = ("tests/e2e/test_demo.py", "tests/e2e/test_run_all.py", "tests/e2e/test_toolkit_run.py",
+                 "tests/e2e/test_run_all_inputs.py")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "xdist_group(name): tests that must share one xdist worker")
-    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.7 sorts groups by test count instead
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.7 sorts modules by test count instead
         config.option.loadscopereorder = False
 
 
-def group_of(item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    if mark is not None:
-        return mark.args[0] if mark.args else mark.kwargs.get("name", "default")
-    shared = [group for fixture, group in SESSION_GROUPS.items() if fixture in item.fixturenames]
-    return shared[0] if shared else item.nodeid.split("::")[0]
-
-
 def pytest_collection_modifyitems(config, items):
-    groups = {item.nodeid: group_of(item) for item in items}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
     rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
