@@ -1,6 +1,7 @@
 """run_all.py on inputs other than the finished small-world run of test_run_all.py, each a run of its own: another
-captions file and images folder (no P1 or P3 data), paragraphs, and two processes under torchrun. A module apart from
-test_run_all.py so that the other test worker runs it beside that module's long chain of runs."""
+captions file and images folder (no P1 or P3 data), and two processes under torchrun. A module apart from
+test_run_all.py so that the other test worker runs it beside that module's long chain of runs (paragraph captions:
+test_toolkit_run.py)."""
 from __future__ import annotations
 
 import json
@@ -14,10 +15,9 @@ import torch
 import tiny_models
 from hw3 import REPO_ROOT
 from hw3.data import corpus
-from hw3.models import search
 from hw3.pipeline import optional_stages, records
 from hw3.training import loop
-from hw3.util.files import read_json, write_json
+from hw3.util.files import read_json
 from miniworld import demo
 from test_run_all import command, run
 
@@ -90,43 +90,3 @@ def test_torchrun_runs_p2_with_two_processes(world, tmp_path):
     assert read_json(records.record_path(out, "p2"))["results"]["p2_best"] == "lora"
     assert os.path.isfile(os.path.join(out, "p2", "p2_best.pt"))
     assert "== p2: done earlier" in second and "training lora" not in second
-
-
-def test_paragraph_captions_are_scored_at_a_length_that_covers_them(world, tmp_path, capsys):
-    """A DeepFashion-like file (one paragraph per image, no splits): the compare runs train at a length that covers
-    the paragraphs and are scored at one that covers the val paragraphs (capped by each decoder's positions); each
-    row counts its cut captions, and results.md names every row that has some."""
-    from hw3.data.tokenizer import BPETokenizer
-
-    p2 = os.path.join(world, "p2_data")
-    coco = read_json(os.path.join(p2, "train.json"))
-    names = {image["id"]: image["file_name"] for image in coco["images"]}
-    paragraphs = {}
-    for note in coco["annotations"]:
-        paragraphs.setdefault(names[note["image_id"]], []).append(note["caption"].rstrip(".") + ".")
-    captions = str(tmp_path / "captions.json")
-    paragraphs = {name: " ".join(sentences) for name, sentences in paragraphs.items()}
-    write_json(captions, paragraphs)
-    config = str(tmp_path / "train_config.json")
-    write_json(config, {r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in optional_stages.COMPARE_RUNS})
-    profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
-    models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
-        "--encoder", profile[profile.index("--encoder") + 1]]
-    out = str(tmp_path / "out")
-    code, err = run(["--captions", captions, "--images", os.path.join(p2, "images", "train"), "--out", out,
-                     "--train-config", config, "--device", "cpu", "--workers", "0"] + models, capsys)
-    assert code == 0, err[-3000:]
-    tokenizer = BPETokenizer()
-    val = corpus.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
-    longest_val = max(len(tokenizer.encode(r)) for refs in val.references for r in refs)
-    assert longest_val > search.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
-    results = read_json(os.path.join(out, "results.json"))
-    table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
-    for arch, row in results["compare"].items():
-        meta = read_json(records.local_path(row["checkpoint"], out).replace(".pt", ".json"))
-        longest_train = max(len(tokenizer.encode(corpus.clean_caption(c))) for c in paragraphs.values())
-        assert meta["max_caption_tokens"] >= longest_train  # trained on whole paragraphs
-        assert row["max_len"] == min(longest_val + 1, meta["decoder"]["block_size"] - 1), arch
-        assert 0 <= row["cut"] <= len(val.names)
-        line = "- compare %s: %d captions cut at %d tokens" % (arch, row["cut"], row["max_len"])
-        assert (line in table) == (row["cut"] > 0), arch
