@@ -3,6 +3,8 @@
 #   modern: .venv (python3, requirements-dev.txt): Python 3.8 syntax check (vermin -t=3.8-), then the test suite;
 #   course: .venv-course (Python 3.8, torch 1.12.1, timm 0.9.10... requirements-course.txt), the same test suite.
 # `bash test.sh --lane modern|course` runs one lane; other arguments go to pytest (`bash test.sh -k tokenizer`).
+# pytest runs on as many workers as there are cores, at most 2 (HW3_TEST_WORKERS overrides; 0 runs in one process):
+# --dist loadfile keeps each module on one worker, its module fixtures built once (tests/conftest.py orders them).
 set -euo pipefail
 root="$(cd "$(dirname "$0")" && pwd)"
 lanes="modern course"
@@ -22,6 +24,7 @@ for lane in $lanes; do
       git ls-files -co --exclude-standard '*.py' | xargs "$HW3_VENV/bin/vermin" -t=3.8- --no-tips --violations --eval-annotations
     fi
     echo "== pytest ($("$HW3_PY" -c 'import sys, torch; print("Python %d.%d, torch %s" % (sys.version_info[:2] + (torch.__version__,)))'))" >&2
-    "$HW3_PY" -m pytest -q -p no:cacheprovider tests "$@"
+    workers="${HW3_TEST_WORKERS:-$(( $(nproc) < 2 ? $(nproc) : 2 ))}"
+    "$HW3_PY" -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile tests "$@"
   )
 done

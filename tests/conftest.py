@@ -34,3 +34,22 @@ def captioning_world(tmp_path_factory):
     return dict(folder=folder, gpt2=gpt2, weights=weights, model=model.eval(), images=images,
                 feats=model.image_tokens(images))
 
+
+
+# `bash test.sh` runs the suite on two xdist workers with --dist loadfile: each module runs on one worker, so its
+# module fixtures are built once, and a session fixture (tests/e2e/conftest.py's demo_run) once per module that
+# uses it: its readers share one module. (--dist loadgroup would allow groups across modules, but pytest-xdist 3.8
+# cannot label test ids under pytest 9.) The modules are handed out in LONGEST_FIRST's order, so that no long one
+# starts last; the rest follow in collection order.
+LONGEST_FIRST = ("tests/e2e/test_demo.py", "tests/e2e/test_run_all.py", "tests/e2e/test_toolkit_run.py",
+                 "tests/e2e/test_run_all_inputs.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.7 sorts modules by test count instead
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

@@ -33,32 +33,19 @@ from hw3.pipeline.stages import (compare as compare_stage, distill as distill_st
 from hw3.models import registry, decoding
 import tiny_models
 import torch
-from hw3.training.state import STATE_FORMAT, load_state
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import read_checkpoint_config
 from hw3.util.errors import run_main
 from hw3.util.files import read_json, write_json
-from miniworld import demo, generate
+from miniworld import demo
 from hw3 import REPO_ROOT
 
 ROOT = REPO_ROOT
-GRID = context.DECODING_GRID[:2]  # the README default and greedy: the table's logic at a third of the decoding time
 TRAINING = ["p2/%s/train/%s" % (m, f) for m in p2_stage.METHODS for f in ("best.pt", "last_state.pt", "log.jsonl")]
 FINISHED = TRAINING + ["p2/p2_best.pt", "p1/pred.csv", "results.json", "stages/p2.json"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def short_grid():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(context, "DECODING_GRID", GRID)
-        yield
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("world") / "data")
-    generate.generate(folder, 0, True, "course", os.path.join(demo.MODELS, "decoder_model.bin"))
-    return folder
+pytestmark = pytest.mark.usefixtures("short_grid")  # tests/e2e/conftest.py, as the world fixture
 
 
 def command(data: str, out: str):
@@ -184,7 +171,7 @@ def test_resume_skips_the_finished_stage_and_runs_the_rest(finished):
     assert results["command"] == ctx.portable_text(report_stage.command(ctx)) and "--out <OUT> " in results["command"]
     assert results["p1_accuracy"] >= 0.8 and max(r["cider"] for r in results["p2"].values()) >= 0.5
     assert set(results["p2"]) == set(p2_stage.METHODS) and all("object_f1" in r for r in results["p2"].values())
-    assert len(results["p2_decoding"]) == len(GRID) and results["pointing_trials"] > 0
+    assert len(results["p2_decoding"]) == len(context.DECODING_GRID) and results["pointing_trials"] > 0
     assert [e["image"] for e in results["p3_best_worst"]] and os.path.isdir(os.path.join(out, "p2", "feature_cache"))
     for name in ("results.md", "report.pdf", "p1/pred.top5.png", "p1/pred.prompts.md", "p2/loss_curves.png",
                  "p3/index.md", "p3/best_worst/index.md", "p2/p2_best.per_image.json"):
@@ -918,34 +905,6 @@ def test_with_names_only_optional_stages(finished, tmp_path, capsys):
     assert code == 2 and "opt-in: add --with compare" in err
 
 
-def test_another_dataset_runs_compare_and_report_alone(world, tmp_path, capsys):
-    """--captions FILE --images DIR: no P1 or P3 data; without --decoder-weights no P2 (and no gpt2 row); a file
-    without splits is trained on its train share and scored on its val share, as p2_train.py divides it."""
-    from hw3.data import caption_files
-
-    p2 = os.path.join(world, "p2_data")
-    config = str(tmp_path / "train_config.json")
-    with open(config, "w", encoding="utf-8") as f:
-        json.dump({r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in compare_stage.COMPARE_RUNS}, f)
-    profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
-    models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
-        "--encoder", profile[profile.index("--encoder") + 1]]
-    argv = ["--captions", os.path.join(p2, "train.json"), "--images", os.path.join(p2, "images", "train"), "--out",
-            str(tmp_path / "out"), "--train-config", config, "--device", "cpu", "--workers", "0"] + models
-    code, err = run(argv + ["--data", world], capsys)
-    assert code == 2 and "not both" in err
-    code, err = run(argv, capsys)
-    assert code == 0, err[-3000:]
-    assert "no gpt2 row" in err
-    results = read_json(str(tmp_path / "out" / "results.json"))
-    assert set(results["compare"]) == set(compare_stage.COMPARE_ARCHS)
-    assert "p2" not in results and "p1_accuracy" not in results
-    val, _ = caption_files.split_names(caption_files.read_captions(read_json(os.path.join(p2, "train.json"))), "val", show=False)
-    assert sorted(read_json(str(tmp_path / "out" / "compare" / "gru" / "pred.json"))) == sorted(
-        os.path.splitext(n)[0] for n in val)
-    assert os.path.isfile(str(tmp_path / "out" / "report.pdf"))
-
-
 # ----------------------------------------------------------------------------------------------- distill (opt-in)
 
 @pytest.fixture(scope="module")
@@ -1161,46 +1120,6 @@ def test_scst_method_must_be_an_attempt(finished, tmp_path, capsys):
     assert code == 2 and "--scst-method prompt is not among --methods adapter,prefix,lora" in err
 
 
-def torchrun_command(argv, port: int):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(port), os.path.join(ROOT, "run_all.py")] + argv
-
-
-def test_torchrun_runs_p2_with_two_processes(world, tmp_path):
-    """Issue 29: run_all.py under torchrun on the CPU (gloo): both processes train, rank 0 swaps the training in,
-    scores and writes; the rerun skips."""
-    pytest.importorskip("torch.distributed.run")
-    if not torch.distributed.is_available():
-        pytest.skip("this torch has no torch.distributed")
-    import socket
-
-    out = str(tmp_path / "out")
-    argv = command(world, out)
-    argv[argv.index("--methods") + 1] = "lora"
-    argv[argv.index("--train-config") + 1] = str(tmp_path / "lora.json")
-    with open(str(tmp_path / "lora.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(lora=demo.SHORT_RUN), f)
-    argv[argv.index("--train-max-images") + 1] = "16"
-    argv += ["--only", "p2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    runs = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        runs.append(subprocess.run(torchrun_command(argv, port), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, timeout=600))
-        assert runs[-1].returncode == 0, runs[-1].stderr.decode()[-3000:]
-    first, second = (r.stderr.decode() for r in runs)
-    state = load_state(os.path.join(out, "p2", "lora", "train", "last_state.pt"))
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
-    assert first.count("== p2: training lora") == 2 and first.count("== p2: done in") == 1  # both train, one scores
-    assert not os.path.exists(os.path.join(out, "p2", "lora", "train.new"))
-    assert read_json(records.record_path(out, "p2"))["results"]["p2_best"] == "lora"
-    assert os.path.isfile(os.path.join(out, "p2", "p2_best.pt"))
-    assert "== p2: done earlier" in second and "training lora" not in second
-
-
 def test_every_file_a_stage_reads_is_among_its_recorded_inputs(reads, finished, compared, distilled, tuned):
     """Each stage, the opt-in ones included, as the module's fixtures ran it: every file under OUT, DATA or the
     models folder that it opened (and had not written itself) is an input or an output of its record."""
@@ -1208,43 +1127,3 @@ def test_every_file_a_stage_reads_is_among_its_recorded_inputs(reads, finished, 
     assert set(stages) <= set(reads.missed), sorted(reads.missed)
     missed = {s: m for s, m in reads.missed.items() if m}
     assert not missed, json.dumps(missed, indent=1)
-
-
-def test_paragraph_captions_are_scored_at_a_length_that_covers_them(world, tmp_path, capsys):
-    """A DeepFashion-like file (one paragraph per image, no splits): the compare runs train at a length that covers
-    the paragraphs and are scored at one that covers the val paragraphs (capped by each decoder's positions); each
-    row counts its cut captions, and results.md names every row that has some."""
-    from hw3.data.tokenizer import BPETokenizer
-
-    p2 = os.path.join(world, "p2_data")
-    coco = read_json(os.path.join(p2, "train.json"))
-    names = {image["id"]: image["file_name"] for image in coco["images"]}
-    paragraphs = {}
-    for note in coco["annotations"]:
-        paragraphs.setdefault(names[note["image_id"]], []).append(note["caption"].rstrip(".") + ".")
-    captions = str(tmp_path / "captions.json")
-    paragraphs = {name: " ".join(sentences) for name, sentences in paragraphs.items()}
-    write_json(captions, paragraphs)
-    config = str(tmp_path / "train_config.json")
-    write_json(config, {r: dict(demo.SHORT_RUN, **tiny_models.TINY_COMPARE[r]) for r in compare_stage.COMPARE_RUNS})
-    profile = demo.profile(world, str(tmp_path / "unused"), demo.parse_args([]))
-    models = profile[profile.index("--clip-model"):profile.index("--clip-model") + 4] + [
-        "--encoder", profile[profile.index("--encoder") + 1]]
-    out = str(tmp_path / "out")
-    code, err = run(["--captions", captions, "--images", os.path.join(p2, "images", "train"), "--out", out,
-                     "--train-config", config, "--device", "cpu", "--workers", "0"] + models, capsys)
-    assert code == 0, err[-3000:]
-    tokenizer = BPETokenizer()
-    val = caption_files.load_captions(captions, os.path.join(p2, "images", "train"), split="val")
-    longest_val = max(len(tokenizer.encode(r)) for refs in val.references for r in refs)
-    assert longest_val > decoding.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
-    results = read_json(os.path.join(out, "results.json"))
-    table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
-    for arch, row in results["compare"].items():
-        meta = read_json(records.local_path(row["checkpoint"], out).replace(".pt", ".json"))
-        longest_train = max(len(tokenizer.encode(caption_files.clean_caption(c))) for c in paragraphs.values())
-        assert meta["max_caption_tokens"] >= longest_train  # trained on whole paragraphs
-        assert row["max_len"] == min(longest_val + 1, meta["decoder"]["block_size"] - 1), arch
-        assert 0 <= row["cut"] <= len(val.names)
-        line = "- compare %s: %d captions cut at %d tokens" % (arch, row["cut"], row["max_len"])
-        assert (line in table) == (row["cut"] > 0), arch

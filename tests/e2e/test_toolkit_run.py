@@ -25,6 +25,7 @@ from hw3.training.data import data_caption_tokens
 from hw3.pipeline import records
 from hw3.pipeline import run_all
 from hw3.pipeline import context
+from hw3.models import decoding
 import tiny_models
 from hw3.models.captioner import read_checkpoint_config
 from hw3.util.files import read_json
@@ -164,6 +165,27 @@ def test_results_describe_the_data(toolkit_run, world):
     assert data["cut"] == {run: dict(max_caption_tokens=trained, cut=0) for run in compare_stage.COMPARE_RUNS}
     _, cut, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), SHORT)  # p2_train.py's own count
     assert cut == sum(1 for n in lengths if n > SHORT) > 0  # the world's paragraphs exercise the long path
+
+
+def test_compare_rows_are_scored_at_a_length_that_covers_the_val_paragraphs(toolkit_run, world):
+    """The compare runs train at a length that covers the training paragraphs and are scored at one that covers the
+    val paragraphs (capped by each decoder's positions); each row counts its cut captions, and results.md names every
+    row that has some."""
+    out, _ = toolkit_run
+    captions, images = os.path.join(world, "captions.json"), os.path.join(world, "images")
+    train = caption_files.load_captions(captions, images, split="train")
+    val = caption_files.load_captions(captions, images, split="val")
+    longest_train = max(token_count(c) for caps in train.captions for c in caps)
+    longest_val = max(token_count(r) for refs in val.references for r in refs)
+    assert longest_val > decoding.DECODE_DEFAULTS["max_len"]  # paragraphs: the default 30 would cut them
+    table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    for arch, row in read_results(out)["compare"].items():
+        meta = read_json(row["checkpoint"].replace(".pt", ".json"))
+        assert meta["max_caption_tokens"] >= longest_train, arch  # trained on whole paragraphs
+        assert row["max_len"] == min(longest_val + 1, meta["decoder"]["block_size"] - 1), arch
+        assert 0 <= row["cut"] <= len(val.names)
+        line = "- compare %s: %d captions cut at %d tokens" % (arch, row["cut"], row["max_len"])
+        assert (line in table) == (row["cut"] > 0), arch
 
 
 def test_results_hold_the_attention_maps_of_the_best_attentive_architecture(toolkit_run):
