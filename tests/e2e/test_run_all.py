@@ -33,6 +33,7 @@ from hw3.pipeline.stages import (compare as compare_stage, distill as distill_st
 from hw3.models import registry, decoding
 import tiny_models
 import torch
+from hw3.training.state import STATE_FORMAT
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.models.captioner import read_checkpoint_config
 from hw3.util.errors import run_main
