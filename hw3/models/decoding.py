@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from hw3.util.config import flag_name
 from hw3.util.errors import UserError
 
 METHODS = ("beam", "greedy", "sample")
@@ -59,7 +60,7 @@ class DecodingSettings:
         flags = ["--method", self.method, "--max-len", str(self.max_len), "--min-len", str(self.min_len),
                  "--no-repeat-ngram", str(self.no_repeat_ngram)]
         keys = BEAM_ONLY if self.method == "beam" else SAMPLING_ONLY if self.method == "sample" else ()
-        return flags + [f for key in keys for f in (_flag(key), str(getattr(self, key)))]
+        return flags + [f for key in keys for f in (flag_name(key), str(getattr(self, key)))]
 
     def replace(self, **changes) -> "DecodingSettings":
         return dataclasses.replace(self, **changes)
@@ -102,7 +103,7 @@ def checked_values(settings: Dict[str, object], where: str, prefix: str = "") ->
             kind = {str: "text", int: "whole number", float: "number"}[type(default)]
             raise UserError("%s: %s must be a %s, got %r" % (where, key, kind, value))
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError("%s: %s%s must be a finite number, got %s" % (where, prefix, key.replace("_", "-"), value))
+            raise UserError("%s: %s%s must be a finite number, got %s" % (where, prefix, flag_name(key)[2:], value))
         out[key] = type(default)(value)
     _check_ranges(out, where, prefix)
     return out
@@ -114,7 +115,7 @@ def _check_ranges(out: Dict[str, object], where: str, prefix: str) -> None:
                                                                  out["method"]))
     for key, least in (("beam_size", 1), ("max_len", 1), ("min_len", 0), ("no_repeat_ngram", 0), ("top_k", 0)):
         if out[key] < least:
-            raise UserError("%s: %s%s must be >= %d, got %s" % (where, prefix, key.replace("_", "-"), least,
+            raise UserError("%s: %s%s must be >= %d, got %s" % (where, prefix, flag_name(key)[2:], least,
                                                                  out[key]))
     if not out["temperature"] > 0:
         raise UserError("%s: %stemperature must be > 0, got %s" % (where, prefix, out["temperature"]))
@@ -165,7 +166,7 @@ def _check_block_size(settings: Dict[str, object], flags: Dict[str, object], met
     decoder = meta["decoder"]
     for key in ("max_len", "min_len"):
         if settings[key] > most:
-            origin = "%s (command line)" % _flag(key) if key in flags else "%s: %s" % (where, key)
+            origin = "%s (command line)" % flag_name(key) if key in flags else "%s: %s" % (where, key)
             raise UserError("%s %d is beyond the decoder's block size: at most %d tokens per caption (block_size %d%s)"
                             % (origin, settings[key], most, decoder["block_size"], ", less the prompt" if
                                decoder.get("prompt_len") else ""))
@@ -197,10 +198,6 @@ def add_decoding_arguments(parser) -> None:
                                                 "and its draw number, never on the batch")
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _implied_method(flags: Dict[str, object]) -> Dict[str, object]:
     """Refuses flags that contradict the method; a beam-only or sampling-only flag alone asks for its method."""
     beam = [k for k in BEAM_ONLY if k in flags and (k != "beam_size" or flags[k] > 1)]
@@ -208,13 +205,13 @@ def _implied_method(flags: Dict[str, object]) -> Dict[str, object]:
     method = flags.get("method")
     if method in ("greedy", "sample") and beam:
         raise UserError("--method %s contradicts %s, which only beam search uses"
-                        % (method, " and ".join(map(_flag, beam))))
+                        % (method, " and ".join(map(flag_name, beam))))
     if method in ("greedy", "beam") and sampling:
         raise UserError("--method %s contradicts %s, which only sampling uses"
-                        % (method, " and ".join(map(_flag, sampling))))
+                        % (method, " and ".join(map(flag_name, sampling))))
     if method is None and beam and sampling:
         raise UserError("%s (beam search) contradicts %s (sampling): give --method"
-                        % (" and ".join(map(_flag, beam)), " and ".join(map(_flag, sampling))))
+                        % (" and ".join(map(flag_name, beam)), " and ".join(map(flag_name, sampling))))
     if method is None and any(k in flags for k in BEAM_ONLY) and flags.get("beam_size", 2) > 1:
         return dict(flags, method="beam")
     if method is None and sampling:

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+from hw3.util.config import flag_name
 from hw3.util.errors import UserError
 from hw3.models.gpt2 import Config, Decoder, peft_config
 from hw3.models.rnn_decoder import GLOBAL_POOLS, AttentionGRUDecoder, GRUDecoder, RNNConfig
@@ -35,7 +36,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.dest.replace("_", "-")
+        return flag_name(self.dest)
 
     def add_to(self, group) -> None:
         if self.switch:
@@ -159,20 +160,20 @@ def gpt2_config(row: Architecture, args: argparse.Namespace, output_ids=None) ->
 
 def _check_peft(args: argparse.Namespace, cfg: Config) -> None:
     for method, options in PEFT_OPTIONS.items():
-        given = ["--" + o.replace("_", "-") for o in options if getattr(args, o) is not None]
+        given = [flag_name(o) for o in options if getattr(args, o) is not None]
         if given and method != args.peft:
             raise UserError("%s belong%s to --peft %s, not --peft %s" % (
                 " and ".join(given), "s" if len(given) == 1 else "", method, args.peft))
     for option, least in PEFT_SIZES.items():
         if option in PEFT_OPTIONS.get(args.peft, ()) and getattr(cfg, option) < least:
             raise UserError("--%s must be at least %d for --peft %s, got %s" % (
-                option.replace("_", "-"), least, args.peft, getattr(cfg, option)))
+                flag_name(option)[2:], least, args.peft, getattr(cfg, option)))
     if args.peft == "lora" and not (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1):
         raise UserError("--lora-alpha must be above 0 and --lora-dropout in [0, 1), got %s and %s"
                         % (cfg.lora_alpha, cfg.lora_dropout))
     for option in PEFT_OPTIONS.get(args.peft, ()):
         if option in ("adapter_places", "lora_targets") and not getattr(cfg, option):
-            raise UserError("--%s lists nothing" % option.replace("_", "-"))
+            raise UserError("%s lists nothing" % flag_name(option))
 
 
 def gpt2_options(row: Architecture, cfg: dict) -> Dict[str, Any]:
@@ -271,7 +272,7 @@ def _refuse_foreign_options(args: argparse.Namespace) -> None:
     options = {o.dest: o for row in ARCHITECTURES.values() for o in row.options}
     foreign = sorted(dest for dest, option in options.items() if option.given(args) and dest not in own)
     if foreign:
-        owners = ", ".join("--%s (%s)" % (dest.replace("_", "-"), " or ".join(
+        owners = ", ".join("%s (%s)" % (flag_name(dest), " or ".join(
             name for name, row in ARCHITECTURES.items() if dest in row.option_names)) for dest in foreign)
         raise UserError("--arch %s does not use %s" % (args.arch, owners))
 

@@ -23,7 +23,8 @@ from hw3.models import clip_backend, registry
 from hw3.models.encoder import DEFAULT_ENCODER
 from hw3.models.decoding import DECODE_DEFAULTS
 from hw3.util.errors import UserError
-from hw3.training.config import TrainingConfig, flag_name, validation_metric_names
+from hw3.training.config import TrainingConfig, validation_metric_names
+from hw3.util.config import flag_name
 from hw3.training.data import CAPTION_LENGTH_STEP
 from hw3.training.optimiser import WARMUP_SHARE
 from hw3.training.validation import SELECT_METRICS

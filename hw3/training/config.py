@@ -17,11 +17,7 @@ from hw3.data import caption_files
 from hw3.models import clip_backend
 from hw3.models.encoder import DEFAULT_ENCODER
 from hw3.models.decoding import DECODE_DEFAULTS
-
-
-def flag_name(option: str) -> str:
-    """The command-line flag of a settings field: batch_size -> --batch-size."""
-    return "--" + option.replace("_", "-")
+from hw3.util.config import flag_name
 
 
 @dataclasses.dataclass(frozen=True)

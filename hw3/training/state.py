@@ -19,7 +19,8 @@ from hw3.util import resources, safe_load
 from hw3.util.device import resolve_device
 from hw3.util.errors import UserError
 from hw3.util.files import atomic_write
-from hw3.training.config import TrainingConfig, flag_name
+from hw3.training.config import TrainingConfig
+from hw3.util.config import flag_name
 
 STATE_FORMAT = "hw3-p2-train-state/1"
 

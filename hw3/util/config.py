@@ -1,9 +1,12 @@
-"""Model config dataclasses from a checkpoint's JSON."""
+"""Model config dataclasses from a checkpoint's JSON, and the one spelling of a settings field as a flag."""
 from __future__ import annotations
 
 import dataclasses
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of a settings field: batch_size -> --batch-size."""
+    return "--" + field.replace("_", "-")
 
 
 def config_from_dict(cls, d: dict, what: str):

@@ -1,4 +1,4 @@
-"""Issue 13's probes as one table: each row gives a script hostile or broken input and states the exit code, a
+"""Hostile-input probes as one table: each row gives a script hostile or broken input and states the exit code, a
 fragment of the one-line message, and that an earlier output survives (and, for crafted weight files, that the
 file's payload never ran). Every row runs in both test lanes (torch 1.12 takes the restricted-unpickler path).
 

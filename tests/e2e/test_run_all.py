@@ -1,7 +1,7 @@
 """run_all.py on the small world in the course's layout, with the demo's tiny models.
 
 First the run a student makes (a kill between stages and the rerun that resumes, a finished command that skips every
-stage, the shippable checkpoint hw3_2.sh can read), then issue 23's faults as one table: each row copies the finished
+stage, the shippable checkpoint hw3_2.sh can read), then the faults of a careless or hostile rerun as one table: each row copies the finished
 output folder (and, if it changes them, the data), does one hostile or careless thing, and states the exit code, a
 fragment of what run_all says, and which finished files must survive byte for byte.
 """
@@ -587,7 +587,7 @@ ROWS = [
         "--force p1: not among the stages to run", FINISHED, None),
     Row("failed-stage-keeps-record", failing_p3, ["--force", "p3"], "RuntimeError", "p3: running again: forced",
         FINISHED, record_kept),
-    # issue 29: a damaged record is not done, never a traceback
+    # a damaged record is not done, never a traceback
     Row("record-outputs-a-list", reshaped("stages", "p1.json", outputs=["p1/pred.csv"]), ["--only", "p1"], 0,
         "p1: running again: its record is damaged, so it counts as not done", TRAINING, None),
     Row("record-results-a-string", reshaped("stages", "p3.json", results="p3"), ["--only", "p3,report"], 0,
@@ -601,18 +601,18 @@ ROWS = [
         0, "best.pt no longer matches the size and hash in finished.json", OTHER_TRAININGS, lora_retrained),
     Row("torn-log-line", torn_last_line(LORA + "log.jsonl"), ["--only", "p2"], 0,
         "log.jsonl has a line that cannot be read", OTHER_TRAININGS, lora_retrained),
-    # issue 29: the disk
+    # the disk
     Row("disk-short", short_disk, [], 2, "not enough disk space for this run in", FINISHED, None),
     Row("disk-fills-in-save-state", disk_fills_in_save_state, ["--only", "p2"], 2,
         "the disk is full: writing last_state.pt (the training state --resume continues from) in", TRAINING,
         nothing_half_written_and_resumed),
-    # issue 29: GPU memory and decoding settings
+    # GPU memory and decoding settings
     Row("out-of-memory", out_of_memory_once, ["--only", "p2"], 0,
         "out of GPU memory in captioning at batch 12: going on with batch 6",
         OTHER_TRAININGS, recorded_out_of_memory),
     Row("infinite-scst-temperature", lambda lab: config(lab, {"scst_temperature": float("inf")}), [], 2,
         "lora: --scst-temperature must be a finite number, got inf", FINISHED, None),
-    # 8. issue 29: a stage's inputs are all it reads, OUT moves whole, runtime options, finished parts kept
+    # 8. a stage's inputs are all it reads, OUT moves whole, runtime options, finished parts kept
     Row("scst-after-p2-change", changed_train_captions, ["--only", "p2,scst"], 0,
         "scst: running again: input changed: <DATA>/p2_data/train.json", [], None, "tuned"),
     Row("stale-row-after-kill", swapped_in_student, ["--only", "distill,miniworld.demo:world_stage,report"], 0,
@@ -1106,7 +1106,7 @@ def test_option_flags_keep_zero_values():
 
 
 def test_scst_flag_is_the_opt_in_stage(finished):
-    """--scst (the issue's spelling) is --with scst; with --with naming other stages too, once."""
+    """--scst (the spelling the toolkit's docs use) is --with scst; with --with naming other stages too, once."""
     _, argv = finished
     assert run_all.parse_args(argv + ["--scst"]).with_stages == ["scst"]
     assert run_all.parse_args(argv + ["--with", "compare,scst", "--scst"]).with_stages == ["compare", "scst"]
