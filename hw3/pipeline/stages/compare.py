@@ -5,7 +5,7 @@ on a --captions run, the attention maps of the best attentive architecture too (
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from hw3.data import caption_files
 from hw3.evaluation import metrics
@@ -19,7 +19,7 @@ from hw3.training.config import TrainingConfig, to_argv
 from hw3.pipeline.layout import P2_DATA
 from hw3.pipeline.scoring import cut_lines, scored_checkpoint
 from hw3.pipeline.stage_row import OptionalStage
-from hw3.pipeline.stages.shared import CUT_KEYS, ROW_KEYS, SUITE, best_arch, compare_decoding, filled
+from hw3.pipeline.stages.shared import CUT_KEYS, ROW_KEYS, SUITE, best_arch, compare_decoding, filled, has_gpt2
 from hw3.pipeline.trainings import TRAIN_DONE, run_folder, train_config, train_inputs, train_split
 from hw3.report import published
 from hw3.util.errors import UserError
@@ -206,6 +206,17 @@ def compare_scored(ctx: Context) -> List[str]:
 def compare_best(ctx: Context) -> Optional[str]:
     """The compare stage's best architecture (None before the stage has run)."""
     return best_arch(ctx.results.get("compare") or {}, COMPARE_ARCHS)
+
+
+def best_captioner_upstream(ctx: Context) -> Tuple[str, ...]:
+    """The stages whose best captioner distill and scst start from: P2; without the GPT-2, also compare."""
+    return ("p2",) if has_gpt2(ctx) else ("p2", "compare")
+
+
+def compare_best_checkpoint(ctx: Context) -> List[str]:
+    """The compare stage's best checkpoint where it stands in for P2's (no GPT-2) and the stage has run."""
+    best = compare_best(ctx)
+    return [ctx.results["compare"][best]["checkpoint"]] if not has_gpt2(ctx) and best else []
 
 
 def no_compare_line(stage: str, out: str, which: str = "") -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 from hw3.data import caption_files
 from hw3.evaluation import metrics
@@ -22,7 +22,7 @@ from hw3.pipeline.layout import P2_DATA
 from hw3.pipeline.scoring import checkpoint_fingerprint, cut_lines, kept_part, scored_checkpoint, setting_name
 from hw3.pipeline.shipping import shipped_cut, shipped_predictions
 from hw3.pipeline.stage_row import OptionalStage
-from hw3.pipeline.stages.compare import compare_best
+from hw3.pipeline.stages.compare import best_captioner_upstream, compare_best, compare_best_checkpoint
 from hw3.pipeline.stages.shared import CUT_KEYS, ROW_KEYS, SUITE, compare_decoding, filled, has_gpt2, row_cut
 from hw3.pipeline.trainings import TRAIN_DONE, train_config, train_inputs, train_split
 from hw3.util.errors import UserError
@@ -201,21 +201,15 @@ def distill_about(ctx: Context) -> str:
             "val" % ctx.args.student_arch)
 
 
-def distill_upstream(ctx: Context) -> Tuple[str, ...]:
-    """P2's shipped captioner teaches; without the GPT-2, the compare stage's best architecture."""
-    return ("p2",) if has_gpt2(ctx) else ("p2", "compare")
-
-
 def distill_reads(ctx: Context) -> List[str]:
     """The teacher's checkpoint."""
     results = ctx.results
     teachers = [results["p2_shipping"]["checkpoint"]] if results.get("p2_shipping") else []
-    best = compare_best(ctx)
-    return teachers + ([results["compare"][best]["checkpoint"]] if not has_gpt2(ctx) and best else [])
+    return teachers + compare_best_checkpoint(ctx)
 
 
 STAGE = OptionalStage(name="distill", about=distill_about, run=stage_distill, settings=distill_settings, data=P2_DATA,
-                      upstream=distill_upstream, reads=distill_reads,
+                      upstream=best_captioner_upstream, reads=distill_reads,
                       table=lambda results: [distill_table(results["distill"])] if results.get("distill") else [],
                       add_options=add_distill_options, check_args=check_distill_args, check=check_distill,
                       scored=distill_scored, trainings=CAPTION_SETS)

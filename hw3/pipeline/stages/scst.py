@@ -17,7 +17,8 @@ from hw3.pipeline.layout import P2_DATA
 from hw3.pipeline.scoring import cut_lines, scored_checkpoint, setting_name
 from hw3.pipeline.shipping import ship, shipped_cut, shipped_predictions
 from hw3.pipeline.stage_row import OptionalStage
-from hw3.pipeline.stages.compare import COMPARE_ARCHS, COMPARE_RUNS, COMPARE_TRAINING, compare_best
+from hw3.pipeline.stages.compare import (COMPARE_ARCHS, COMPARE_RUNS, COMPARE_TRAINING, best_captioner_upstream,
+                                         compare_best, compare_best_checkpoint)
 from hw3.pipeline.stages.shared import CUT_KEYS, compare_decoding, filled, has_gpt2, row_cut
 from hw3.pipeline.trainings import TRAIN_DONE, run_folder, train_config, train_inputs, train_split
 from hw3.models import registry
@@ -221,21 +222,15 @@ def scst_about(ctx: Context) -> str:
             "changed most" % options)
 
 
-def scst_upstream(ctx: Context) -> Tuple[str, ...]:
-    """P2's attempt is fine-tuned; without the GPT-2, the compare stage's best architecture."""
-    return ("p2",) if has_gpt2(ctx) else ("p2", "compare")
-
-
 def scst_reads(ctx: Context) -> List[str]:
     """The checkpoint it fine-tunes."""
     results, method = ctx.results, scst_method(ctx)
     starts = [results["p2"][method]["checkpoint"]] if method and method in (results.get("p2") or {}) else []
-    best = compare_best(ctx)
-    return starts + ([results["compare"][best]["checkpoint"]] if not has_gpt2(ctx) and best else [])
+    return starts + compare_best_checkpoint(ctx)
 
 
 STAGE = OptionalStage(name="scst", about=scst_about, run=stage_scst, settings=scst_settings, data=P2_DATA,
-                      upstream=scst_upstream, reads=scst_reads,
+                      upstream=best_captioner_upstream, reads=scst_reads,
                       table=lambda results: [scst_table(results["scst"])] if results.get("scst") else [],
                       add_options=add_scst_options, check_args=check_scst_args, check=check_scst,
                       scored=scst_scored, trainings=None)
