@@ -166,7 +166,7 @@ def checkpoint_part() -> Part:
             if os.path.isfile(dest) and os.path.isfile(config):
                 return dest  # put there by hand
             raise NotReleased("train one with p2_train.py, then put its URL, SHA-256 and size in RELEASE in "
-                              "hw3_download.py, or copy OUT/best.pt and OUT/best.json to %s and %s"
+                              "hw3/models/downloads.py, or copy OUT/best.pt and OUT/best.json to %s and %s"
                               % (RELEASE["path"], os.path.relpath(config, HERE)))
         if os.path.isfile(dest) and (not RELEASE["sha256"] or file_sha256(dest) == RELEASE["sha256"]):
             return dest

@@ -21,7 +21,7 @@ SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the re
 
 def ship(ctx: Context, checkpoint: str, chosen: dict, dest: Optional[str] = None) -> dict:
     """OUT/p2/p2_best.{pt,json} (or `dest`): the best checkpoint with its chosen decoding under "inference" (checked
-    as hw3_2.sh will read it), and what RELEASE in hw3_download.py needs."""
+    as hw3_2.sh will read it), and what RELEASE in hw3/models/downloads.py needs."""
     dest = dest or ctx.path("p2", "p2_best.pt")
     with atomic_write(dest, "wb") as f, open(checkpoint, "rb") as src:
         shutil.copyfileobj(src, f)
@@ -63,6 +63,6 @@ def install(ctx: Context) -> None:
 def shipping_note(shipping: dict) -> str:
     dest = os.path.join(*SHIP)
     return ("to ship the best captioner: copy %s -> %s and %s -> %s (or rerun with --install); or upload "
-            "p2_best.pt, commit its JSON as %s and set RELEASE in hw3_download.py: sha256=%r, bytes=%d"
+            "p2_best.pt, commit its JSON as %s and set RELEASE in hw3/models/downloads.py: sha256=%r, bytes=%d"
             % (shipping["checkpoint"], dest, shipping["config"], config_path(dest), config_path(dest),
                shipping["sha256"], shipping["bytes"]))
