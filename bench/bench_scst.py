@@ -120,7 +120,7 @@ def main() -> None:
         train = synthetic_split(count, tokenizer, np.random.default_rng(0))
         cache = os.path.join(tmp, "train.npy")
         rows = torch.randn(count, VIT_H14["tokens"], VIT_H14["width"], generator=torch.Generator().manual_seed(0))
-        np.save(cache, rows.half().numpy())  # (count, N, width), as p2_data.build_feature_cache writes it
+        np.save(cache, rows.half().numpy())  # (count, N, width), as feature_cache.build_feature_cache writes it
         features = datasets.Features(cache)
         tokens, _, _ = datasets.tokenize_captions(train.captions, tokenizer, args.max_caption_tokens)
         assert all(len(t) == CAPTION_TOKENS for caps in tokens for t in caps)

@@ -4,7 +4,7 @@
 
 Each paragraph opens with the number of shapes, then gives one sentence per object, left to right: its size, colour,
 shape and place in a 3 x 3 grid, in one of several phrasings. The file is a DeepFashion `captions.json`
-({"IMAGE.jpg": "paragraph", ...}, no splits: p2_data divides it by file-name hash), so
+({"IMAGE.jpg": "paragraph", ...}, no splits: caption_files divides it by file-name hash), so
 `run_all.py --captions OUT/captions.json --images OUT/images` runs the long-caption path on data that is long.
 Scenes are drawn as the world's are (generate.make_scene), from generators seeded by (seed, PARAGRAPH_SPLIT, index).
 """

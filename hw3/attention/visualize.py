@@ -224,8 +224,8 @@ def select_from_scores(path: str, top: int, bottom: int) -> List[Tuple[str, floa
 
 
 def resolve_images(args) -> List[Tuple[str, Optional[float]]]:
-    """(image path, score or None) for every image to draw; a folder's images are found as p2_data finds them (its
-    sub-folders too)."""
+    """(image path, score or None) for every image to draw; a folder's images are found as caption_files.find_images
+    finds them (its sub-folders too)."""
     if args.from_scores:
         if not args.images or len(args.images) != 1 or not os.path.isdir(args.images[0]):
             raise UserError("--from-scores needs --images to be the one folder holding the scored images (in it or "

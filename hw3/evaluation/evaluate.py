@@ -8,7 +8,7 @@ and on request the field's other metrics (BLEU-1..4, METEOR, ROUGE-L, RefCLIPSco
 
 Scores as the course's p2_evaluate.py does (PTBTokenizer + pycocoevalcap's scorers; CLIP ViT-B/32 openai weights),
 without Java except for METEOR, and batched; the scoring itself is metrics.evaluate, which training calls too. The
-references may be any caption format p2_data reads (COCO, Karpathy, DeepFashion-MultiModal, plain JSON).
+references may be any caption format hw3.data.caption_files reads (COCO, Karpathy, DeepFashion-MultiModal, plain JSON).
 """
 from __future__ import annotations
 

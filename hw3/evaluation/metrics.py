@@ -71,7 +71,7 @@ def load_references(annotation_file: Union[str, dict], split: Optional[str] = No
                     default_split: Optional[str] = None, val_fraction: float = VAL_FRACTION
                     ) -> Tuple["OrderedDict[str, List[str]]", Dict[str, str]]:
     """({key: captions as written}, {key: image file name}) of a split of a caption file in any format
-    (p2_data.read_captions); the key is the file name without folder or extension, as the course's prediction
+    (caption_files.read_captions); the key is the file name without folder or extension, as the course's prediction
     files use. `split` None takes `default_split` from a file with splits and the whole of a file without. Images
     left without a caption (every one empty) are left out, and stderr says which."""
     where = annotation_file if isinstance(annotation_file, str) else "annotations"
@@ -87,7 +87,7 @@ def load_references(annotation_file: Union[str, dict], split: Optional[str] = No
     empty = [k for k, caps in references.items() if not caps]
     if len(empty) == len(references):
         raise UserError("annotation file %s holds no captioned images in the split scored" % where)
-    if empty:  # as p2_data.load_captions leaves them out, so p2_inference --captions never captions them
+    if empty:  # as caption_files.load_captions leaves them out, so p2_inference --captions never captions them
         print("annotation file %s: %d image(s) without a caption left out: %s" % (where, len(empty), _show(empty)),
               file=sys.stderr)
     return (OrderedDict((k, caps) for k, caps in references.items() if caps),

@@ -59,7 +59,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                        help="let timm/open_clip download missing encoder weights (default: offline, fail fast)")
     data = parser.add_argument_group("which images (default: every image of the folder)")
     data.add_argument("--captions", metavar="FILE", help="caption only the images of a caption file's split (any "
-                      "format p2_data reads), so the keys match p2_evaluate.py with the same --split")
+                      "format p2_train.py reads), so the keys match p2_evaluate.py with the same --split")
     data.add_argument("--split", choices=caption_files.SPLITS, default=None,
                       help="with --captions: the split (default: val of a file with splits, the whole of a file "
                            "without; train/val of a file without splits divide it by file-name hash)")

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from hw3.data.tokenizer import END_TOKEN
 
-IGNORE_INDEX = -100  # as p2_data.IGNORE_INDEX and torch's cross_entropy default
+IGNORE_INDEX = -100  # as datasets.IGNORE_INDEX and torch's cross_entropy default
 GPT2_VOCAB = 50257
 
 

@@ -4,7 +4,7 @@ The seed report's ViT + nn.TransformerDecoder, rebuilt from decoder.py's blocks 
 and P3 need and nn.TransformerDecoder lacks: a self-attention KV cache, image keys/values computed once per image,
 and the cross-attention probabilities. Pre-LayerNorm blocks (self-attention, cross-attention without decoder.py's
 tanh gate, which would start closed, MLP), learned positions, a final LayerNorm, and an output layer over the compact
-vocabulary (compact_vocab.py) tied to the input embedding. Every parameter is trained; nanoGPT's initialisation.
+vocabulary (output_vocab.py) tied to the input embedding. Every parameter is trained; nanoGPT's initialisation.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class TransformerConfig:
     compact vocabulary; the full GPT-2 vocabulary alone would add 20M more."""
 
     encoder_dim: int = 0  # width of the image tokens; set by captioner.build_captioner from the encoder
-    output_ids: Optional[Tuple[int, ...]] = None  # compact output layer (compact_vocab.py); None = all GPT-2 ids
+    output_ids: Optional[Tuple[int, ...]] = None  # compact output layer (output_vocab.py); None = all GPT-2 ids
     block_size: int = 64  # most positions, start token included
     n_layer: int = 3
     n_head: int = 8

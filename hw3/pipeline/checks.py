@@ -42,9 +42,9 @@ def check_train_options(ctx: Context) -> None:
 
 
 def image_paths(ctx: Context, stages: List[str]) -> List[str]:
-    """Every image the chosen stages read, found as p2_data finds them (a caption file's split where captions name
-    the images, so its images are checked to exist and its captions to be readable), each once: train and val in
-    one folder share no image, but a path is never listed twice."""
+    """Every image the chosen stages read, found as caption_files.find_images finds them (a caption file's split where
+    captions name the images, so its images are checked to exist and its captions to be readable), each once: train
+    and val in one folder share no image, but a path is never listed twice."""
     keys = {k for s in stages for k in stage_data(s) if k in IMAGE_FOLDERS}
     paths: Dict[str, None] = {}
     for key in sorted(keys):

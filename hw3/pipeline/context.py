@@ -90,7 +90,7 @@ class Context:
         self._scoring_max_len: Optional[int] = None
 
     def data(self, key: str) -> str:
-        if self.args.captions:  # another dataset: one caption file, one image folder, split by p2_data's rules
+        if self.args.captions:  # another dataset: one caption file, one image folder, split by caption_files' rules
             return dict(train_json=self.args.captions, val_json=self.args.captions, train_images=self.args.images,
                         val_images=self.args.images, decoder=self.args.decoder_weights or "")[key]
         return os.path.join(self.args.data, DATA[key])
@@ -188,7 +188,7 @@ class Context:
         return flags
 
     def scoring_clip(self):
-        """The CLIP of CLIPScore (--clip-model/--clip-pretrained, else clip_utils' default), loaded for a stage."""
+        """The CLIP of CLIPScore (--clip-model/--clip-pretrained, else clip_backend's default), loaded for a stage."""
         return clip_backend.load_clip(self.args.clip_model or clip_backend.CLIPSCORE_CLIP[0],
                                     self.args.clip_pretrained or clip_backend.CLIPSCORE_CLIP[1], self.device)
 

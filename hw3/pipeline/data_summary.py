@@ -25,7 +25,7 @@ def length_summary(lengths: List[int]) -> dict:
 def describe_data(ctx: Context) -> dict:
     """results.json "data" of a --captions run: the caption file's format, its split sizes, the training captions'
     lengths in GPT-2 tokens (as p2_train.py cleans and tokenizes them) and, per training, how many of them its
-    --max-caption-tokens (given, or p2_train's default from these captions) cuts (p2_data.tokenize_captions' count)."""
+    --max-caption-tokens (given, or p2_train's default from these captions) cuts (datasets.tokenize_captions' count)."""
     train, val = (caption_files.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
     tokens, _, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]

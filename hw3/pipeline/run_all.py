@@ -86,10 +86,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("another dataset instead of --data: the P2, %s and report stages" % ", ".join(
         name for name, row in TABLE.items() if row.on_captions))
-    g.add_argument("--captions", metavar="FILE", help="one caption file of any format p2_data reads (COCO, Karpathy "
-                   "split JSON, DeepFashion-MultiModal captions.json, {file name: captions}): trained on its train "
-                   "split, scored on its val split (a file without splits: divided by file-name hash, %g to val, as "
-                   "p2_train.py does)" % caption_files.VAL_FRACTION)
+    g.add_argument("--captions", metavar="FILE", help="one caption file of any format p2_train.py reads (COCO, "
+                   "Karpathy split JSON, DeepFashion-MultiModal captions.json, {file name: captions}): trained on its "
+                   "train split, scored on its val split (a file without splits: divided by file-name hash, %g to "
+                   "val, as p2_train.py does)" % caption_files.VAL_FRACTION)
     g.add_argument("--images", metavar="DIR", help="the folder of --captions' images")
     g.add_argument("--decoder-weights", metavar="FILE", help="the course's decoder_model.bin, for the P2 (GPT-2 "
                    "PEFT) stage; without it only the compare stage's from-scratch decoders are trained")
@@ -186,7 +186,7 @@ def check_data_options(args: argparse.Namespace) -> None:
         if not os.path.isdir(args.images):
             raise UserError("--images %s is not a folder" % args.images)
         if args.train_max_images:
-            raise UserError("--train-max-images works with --data only (a --captions file is split by p2_data)")
+            raise UserError("--train-max-images works with --data only (a --captions file is split by its own rules)")
         args.data = args.images  # <DATA> in records: the image folder
         args.with_stages = ",".join([args.with_stages] + [n for n, row in TABLE.items() if row.on_captions])
         return

@@ -66,7 +66,7 @@ def clean_class_name(name: str) -> str:
 
 
 def load_templates(spec: str) -> List[prompt_templates.Template]:
-    """A named set (p1_templates) or a file with one template per line; `{}` or `{object}` marks the class name."""
+    """A named set (prompt_templates) or a file with one template per line; `{}` or `{object}` marks the class name."""
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
             lines = [(number, line.strip()) for number, line in enumerate(f, 1)]

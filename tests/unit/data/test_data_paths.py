@@ -1,5 +1,5 @@
 """One rule for finding images in every entry point: a Karpathy file whose images sit under `filepath`
-sub-folders and a COCO file whose file_name holds a sub-folder, read by p2_data, p2_inference, p2_evaluate,
+sub-folders and a COCO file whose file_name holds a sub-folder, read by caption_files, p2_inference, p2_evaluate,
 p3_visualize and run_all's checks alike; paths that leave the image folder, empty references and a Latin-1 file
 refused or said in one line; a refused command leaves no folder it would have created."""
 from __future__ import annotations

@@ -263,7 +263,7 @@ def test_sampled_captions_are_the_same_for_any_batch_size(setup, tmp_path, capsy
 
 
 def test_coco_output_is_a_training_file(setup, tmp_path):
-    """--format coco --captions-per-image 3: every image with its 3 draws, read back by p2_data and p2_train."""
+    """--format coco --captions-per-image 3: every image with its 3 draws, read back by caption_files and p2_train."""
     from hw3.data import caption_files
     from hw3.training.cli import parse_config
     from hw3.training.data import load_splits

@@ -1,4 +1,4 @@
-"""clip_utils: tiny configs load with random weights, round-trip through a checkpoint file, fail fast and clearly."""
+"""hw3.models.clip_backend: tiny configs load with random weights, round-trip through a checkpoint file, fail fast and clearly."""
 from __future__ import annotations
 
 import json

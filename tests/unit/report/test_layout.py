@@ -1,4 +1,4 @@
-"""report_layout.py: one document, two renderings. What the PDF says (pdftotext) and what report.md says are the
+"""hw3.report.layout: one document, two renderings. What the PDF says (pdftotext) and what report.md says are the
 report's lines; figures resolve; a script without an installed font becomes one line naming the package."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""p2_train.py / p2_data.py on a tiny world: synthetic images, a random 1-block ViT and a random 2-block GPT-2."""
+"""p2_train.py, hw3.training and hw3.data on a tiny world: synthetic images, a random 1-block ViT and a random
+2-block GPT-2."""
 from __future__ import annotations
 
 import json
