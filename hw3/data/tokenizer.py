@@ -15,7 +15,6 @@ from hw3 import REPO_ROOT
 
 END_TOKEN = 50256
 END_TEXT = "<|endoftext|>"
-HERE = REPO_ROOT  # encoder.json and vocab.bpe, the course's files
 
 # GPT-2's pre-tokenisation: contractions, letter runs, digit runs, other symbols, each with at most one leading
 # space; white space runs keep their last space for the following word.
@@ -44,8 +43,8 @@ class BPETokenizer:
     """Encodes text to GPT-2 token ids and back; `<|endoftext|>` in the text becomes the single id 50256."""
 
     def __init__(self, encoder_file: Optional[str] = None, vocab_file: Optional[str] = None):
-        encoder_file = encoder_file or os.path.join(HERE, "encoder.json")
-        vocab_file = vocab_file or os.path.join(HERE, "vocab.bpe")
+        encoder_file = encoder_file or os.path.join(REPO_ROOT, "encoder.json")
+        vocab_file = vocab_file or os.path.join(REPO_ROOT, "vocab.bpe")
         for path in (encoder_file, vocab_file):
             if not os.path.isfile(path):
                 raise FileNotFoundError("BPE file not found: %s (expected GPT-2's encoder.json and vocab.bpe)" % path)

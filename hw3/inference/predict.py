@@ -38,8 +38,7 @@ from hw3.util.resources import HalvingBatches
 from hw3.data.tokenizer import BPETokenizer
 from hw3 import REPO_ROOT
 
-HERE = REPO_ROOT
-DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "p2_best.pt")
+DEFAULT_CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "p2_best.pt")
 OUTPUT_FORMATS = ("course", "coco")
 
 

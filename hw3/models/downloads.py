@@ -31,7 +31,6 @@ from hw3.util.errors import UserError, progress, run_main
 from hw3.util.files import file_sha256
 from hw3 import REPO_ROOT
 
-HERE = REPO_ROOT
 HUB_HOST = "huggingface.co"
 CHUNK = 1 << 20
 DEFAULT_CNN = encoder.EncoderSpec.parse(encoder.DEFAULT_CNN_ENCODER).name  # what --cnn alone fetches
@@ -158,7 +157,7 @@ def cnn_spec(name: str) -> str:
 
 
 def checkpoint_part() -> Part:
-    dest = os.path.join(HERE, RELEASE["path"])
+    dest = os.path.join(REPO_ROOT, RELEASE["path"])
     config = os.path.splitext(dest)[0] + ".json"
 
     def cached() -> Optional[str]:
@@ -167,7 +166,7 @@ def checkpoint_part() -> Part:
                 return dest  # put there by hand
             raise NotReleased("train one with p2_train.py, then put its URL, SHA-256 and size in RELEASE in "
                               "hw3/models/downloads.py, or copy OUT/best.pt and OUT/best.json to %s and %s"
-                              % (RELEASE["path"], os.path.relpath(config, HERE)))
+                              % (RELEASE["path"], os.path.relpath(config, REPO_ROOT)))
         if os.path.isfile(dest) and (not RELEASE["sha256"] or file_sha256(dest) == RELEASE["sha256"]):
             return dest
         return None

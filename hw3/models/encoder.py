@@ -33,7 +33,6 @@ DOWNLOAD_HINT = ("run `%s` (online) first, or point the encoder at a local weigh
                  "(p2_inference.py --encoder timm:NAME@/path/to/weights)")
 TIMM_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # what timm's load_state_dict unwraps
 RANDOM_INIT_SEED = 0  # `@none` encoders are seeded, so a saved spec rebuilds the same random weights
-ROOT = REPO_ROOT
 
 
 # ----------------------------------------------------------------------------------------------- the spec
@@ -93,8 +92,8 @@ class EncoderSpec:
     def from_repo_root(self) -> "EncoderSpec":
         """A weight file given relative to the repository (as the committed checkpoints do) is found from anywhere."""
         path = self.weight_file
-        if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):
-            return dataclasses.replace(self, weights=os.path.join(ROOT, path))
+        if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+            return dataclasses.replace(self, weights=os.path.join(REPO_ROOT, path))
         return self
 
 

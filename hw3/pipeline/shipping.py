@@ -15,7 +15,6 @@ from hw3.pipeline.scoring import setting_name
 from hw3.util.errors import UserError
 from hw3.util.files import atomic_write, file_sha256, write_json
 
-HERE = REPO_ROOT
 SHIP = ("checkpoints", "p2_best.pt")  # where hw3_2.sh looks, relative to the repository
 
 
@@ -53,7 +52,7 @@ def install(ctx: Context) -> None:
     for path in (shipping["checkpoint"], shipping["config"]):
         if not os.path.isfile(path):
             raise UserError("--install: %s is missing; run the p2 stage again (drop --only, or add p2 to it)" % path)
-    dest = os.path.join(HERE, *SHIP)
+    dest = os.path.join(REPO_ROOT, *SHIP)
     for src, dst in ((shipping["checkpoint"], dest), (shipping["config"], config_path(dest))):
         with atomic_write(dst, "wb") as f, open(src, "rb") as s:
             shutil.copyfileobj(s, f)

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 pytestmark = pytest.mark.skipif(os.environ.get("HW3_LANE") != "course", reason="course lane only (HW3_LANE=course)")
 
 

@@ -11,9 +11,8 @@ from hw3.pipeline.stages import compare as compare_stage
 from hw3.inference import predict
 from hw3.util.files import read_json
 from miniworld import demo, generate
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 COMMITTED = os.path.join(ROOT, "results", "miniworld")
 
 KEYS = ("p1_accuracy", "p1_heldout_accuracy", "p1_heldout_accuracy_all_classes", "p1_single_prompt_accuracy",

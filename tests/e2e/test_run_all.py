@@ -39,9 +39,7 @@ from hw3.models.captioner import read_checkpoint_config
 from hw3.util.errors import run_main
 from hw3.util.files import read_json, write_json
 from miniworld import demo
-from hw3 import REPO_ROOT
 
-ROOT = REPO_ROOT
 TRAINING = ["p2/%s/train/%s" % (m, f) for m in p2_stage.METHODS for f in ("best.pt", "last_state.pt", "log.jsonl")]
 FINISHED = TRAINING + ["p2/p2_best.pt", "p1/pred.csv", "results.json", "stages/p2.json"]
 
@@ -219,7 +217,7 @@ def test_shipped_checkpoint_carries_the_chosen_decoding_and_no_local_path(finish
 def test_install_copies_the_best_checkpoint(finished, tmp_path, monkeypatch):
     out, argv = finished
     copy = copy_run(out, tmp_path)
-    monkeypatch.setattr(shipping, "HERE", str(tmp_path))
+    monkeypatch.setattr(shipping, "REPO_ROOT", str(tmp_path))
     assert run_all.main(argv_for(argv, out, copy) + ["--install"]) == 0
     assert os.path.isfile(str(tmp_path / "checkpoints" / "p2_best.pt"))
     assert "inference" in read_json(str(tmp_path / "checkpoints" / "p2_best.json"))
@@ -631,7 +629,7 @@ def test_fault(row, request, world, tmp_path, capsys, monkeypatch):
     copy = copy_run(out, tmp_path)
     lab = dict(out=copy, tmp=str(tmp_path), world=world, argv=argv_for(argv, out, copy),
                config=str(tmp_path / "train_config.json"), patch=monkeypatch, base_out=out)
-    monkeypatch.setattr(shipping, "HERE", str(tmp_path))  # --install copies into tmp_path/checkpoints
+    monkeypatch.setattr(shipping, "REPO_ROOT", str(tmp_path))  # --install copies into tmp_path/checkpoints
     before = {f: sha(os.path.join(copy, f)) for f in row.survives}
     row.setup(lab)
     try:

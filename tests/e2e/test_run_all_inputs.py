@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny_models
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 from hw3.data import caption_files
 from hw3.pipeline import records
 from hw3.pipeline.stages import compare as compare_stage
@@ -22,7 +22,6 @@ from hw3.util.files import read_json
 from miniworld import demo
 from test_run_all import command, run
 
-ROOT = REPO_ROOT
 pytestmark = pytest.mark.usefixtures("short_grid")  # tests/e2e/conftest.py, as the world fixture
 
 

@@ -15,9 +15,8 @@ from PIL import Image
 from hw3.data import caption_files, datasets
 from hw3.util.errors import UserError
 from hw3.data.tokenizer import BPETokenizer
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 # Written in DeepFashion-MultiModal's template style (the dataset itself is not downloadable here): a short, a usual
 # and the richest paragraph the template can make (every shape, fabric and colour attribute present).
 DEEPFASHION_PARAGRAPHS = [

@@ -6,9 +6,8 @@ import os
 import pytest
 
 from hw3.data.tokenizer import END_TOKEN, BPETokenizer
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 
 CORPUS = [
     "a kitchen with a sink and many cooking machines and a pot of food",

@@ -16,9 +16,8 @@ from hw3.models.decoding import DecodingSettings
 from hw3.models.captioner import config_path, load_captioner, read_checkpoint_config
 from hw3.data.images import load_rgb
 from miniworld import generate
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 MODELS = os.path.join(ROOT, "miniworld", "models")
 CHECKPOINTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(MODELS, "*.pt"))
                      if os.path.isfile(config_path(p)) and json.load(open(config_path(p))).get("decoder"))

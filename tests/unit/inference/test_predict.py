@@ -20,9 +20,8 @@ from hw3.data.images import load_rgb
 from hw3.util.errors import UserError
 from hw3.models.gpt2 import Config
 from tiny_models import CAPTION_ENCODER, ending_gpt2, randomize_trainable, save_course_format
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 pytestmark = pytest.mark.filterwarnings("ignore:skipping 1 non-image file")  # the fixture's notes.txt
 SETTINGS = dict(method="beam", beam_size=3, max_len=16, length_penalty=1.0, no_repeat_ngram=2)
 

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 sys.path.insert(0, ROOT)
 
 from hw3.models import clip_backend  # noqa: E402

@@ -118,7 +118,7 @@ def test_a_failing_part_does_not_stop_the_others(monkeypatch, capsys):
 
 
 def test_an_unreleased_checkpoint_is_a_warning_with_the_next_step(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(downloads, "HERE", str(tmp_path))
+    monkeypatch.setattr(downloads, "REPO_ROOT", str(tmp_path))
     monkeypatch.setitem(downloads.RELEASE, "url", "")
     parts = [part("P1 CLIP", cached="/cache/eva.bin"), downloads.checkpoint_part()]
     monkeypatch.setattr(downloads, "plan", lambda args: parts)
@@ -150,7 +150,7 @@ def test_offline_reports_every_part_and_keeps_what_is_there(monkeypatch, capsys)
 
 
 def test_a_released_checkpoint_is_fetched_as_a_part(server, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(downloads, "HERE", str(tmp_path))
+    monkeypatch.setattr(downloads, "REPO_ROOT", str(tmp_path))
     monkeypatch.setattr(downloads, "RELEASE", dict(url=server, sha256=SHA, bytes=len(PAYLOAD),
                                                       path=os.path.join("checkpoints", "p2_best.pt")))
     monkeypatch.setattr(downloads, "plan", lambda args: [downloads.checkpoint_part()])

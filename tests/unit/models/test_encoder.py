@@ -120,7 +120,7 @@ def test_saved_relative_paths_resolve_from_the_repository(tmp_path, monkeypatch)
 
     spec = EncoderSpec.parse("timm:vit_x@miniworld/models/caption_vit.pt?img_size=96")
     monkeypatch.chdir(tmp_path)
-    assert spec.from_repo_root().weight_file == os.path.join(encoder.ROOT, "miniworld/models/caption_vit.pt")
+    assert spec.from_repo_root().weight_file == os.path.join(encoder.REPO_ROOT, "miniworld/models/caption_vit.pt")
     assert EncoderSpec.parse("timm:vit_x@none").from_repo_root() == EncoderSpec.parse("timm:vit_x@none")
     (tmp_path / "here.pt").write_bytes(b"")
     assert EncoderSpec.parse("timm:vit_x@here.pt").from_repo_root().weight_file == "here.pt"  # the working folder wins

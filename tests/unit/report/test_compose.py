@@ -19,9 +19,8 @@ from PIL import Image
 from hw3.report import answer_file, compose, layout, p1_section, p3_section, published, results_folder
 from hw3.report.questions import QUESTIONS
 from hw3.util.errors import UserError
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 
 WORLD_PHRASES = ("held-out", "object f1", "exact set", "pointing game", "colour-shape", "shape word")
 CAPTIONS = dict(bike="a man riding a bike down a street.", girl="a girl holding an umbrella in the rain",

@@ -24,10 +24,9 @@ from hw3.training.state import LATER_TRAJECTORY_OPTIONS, Dist, TrainingState, lo
 from hw3.training.config import TrainingConfig, to_argv
 from hw3.util.errors import UserError
 from tiny_models import TINY_ENCODER, tiny_gpt2
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
 pytest.importorskip("transformers")
-ROOT = REPO_ROOT
 CAPTIONS = {"red.png": "a red square on a table", "blue.png": "two blue birds", "green.png": "a green field",
             "grid.png": "a black and white grid"}
 

@@ -20,9 +20,8 @@ from hw3.models import clip_backend
 from hw3.zeroshot import classify as p1
 from hw3.zeroshot import prompt_templates
 from hw3.util.errors import UserError
-from hw3 import REPO_ROOT
+from hw3 import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 TINY_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
