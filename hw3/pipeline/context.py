@@ -40,6 +40,7 @@ from hw3.util.files import read_json, write_json
 from hw3.models.decoding import DecodingSettings
 from hw3.models.encoder import EncoderSpec
 from hw3.data.tokenizer import BPETokenizer
+from hw3.models.output_vocab import collect_output_ids
 
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it. Every stage reads
 # it as context.DECODING_GRID (no copy by `from ... import`), so one assignment changes it for all.
@@ -85,9 +86,13 @@ class Context:
         self.results: Dict[str, object] = {}
         self.log_path = os.path.join(self.out, "run_all.log")
         self.train_options: Dict[str, argparse.Namespace] = {}  # p2_train.py's parsed options per method
+        # each opt-in stage's trainings' parsed options as its check read them (stage -> training -> options): the
+        # disk estimate sizes those trainings from their own models
+        self.stage_options: Dict[str, Dict[str, argparse.Namespace]] = {}
         self._fingerprints: Dict[str, Optional[str]] = {}
         self.stage: Optional[str] = None  # the stage running now: its --force redoes its kept parts too
         self._scoring_max_len: Optional[int] = None
+        self._train_output_ids: Optional[Tuple[int, ...]] = None
 
     def data(self, key: str) -> str:
         if self.args.captions:  # another dataset: one caption file, one image folder, split by caption_files' rules
@@ -113,6 +118,17 @@ class Context:
             _, _, longest = datasets.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
             self._scoring_max_len = decoding.covering_max_len(longest)
         return self._scoring_max_len
+
+    def train_output_ids(self) -> Tuple[int, ...]:
+        """The GPT-2 ids of the training captions, uncut: the compact output layer of a from-scratch decoder trained
+        on them (the disk estimate sizes every from-scratch training so, a distill student's too, whose teacher's
+        captions hold about as many)."""
+        if self._train_output_ids is None:
+            train = caption_files.load_captions(self.data("train_json"), self.data("train_images"),
+                                                split="train" if self.args.captions else None, default_split="train")
+            tokens, _, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
+            self._train_output_ids = collect_output_ids(ids for image in tokens for ids in image)
+        return self._train_output_ids
 
     def _places(self, absolute: bool = False):
         """(spelled prefix, its name) for the data and output folders, the longer first (OUT may hold DATA); with

@@ -8,6 +8,7 @@ Both out-of-memory spellings are recognised: torch 1.12's `RuntimeError: CUDA ou
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -34,6 +35,7 @@ PREDICTION_BYTES = 256  # one caption in a prediction JSON, with its key
 VIT_SIZES = dict(tiny=(192, 12, 3), small=(384, 12, 6), base=(768, 12, 12), large=(1024, 24, 16),
                  huge=(1280, 32, 16), giant=(1408, 40, 16))
 VIT_NAME = re.compile(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?:_[a-z0-9]+)*?_(?P<image>\d{3})")
+UNKNOWN_ENCODER_WIDTH = 768  # the image tokens' width the estimates assume when the encoder's name does not say
 COURSE_TRAINABLE_LIMIT = 35_000_000  # an opt-in stage's training without a P2 attempt to size it: at most this
 T = TypeVar("T")
 
@@ -129,12 +131,22 @@ def disk_full_line(path: str, what: str) -> str:
 # ----------------------------------------------------------------------------------------------- model sizes
 
 def vit_shape(encoder: str) -> Optional[Dict[str, int]]:
-    """tokens, width, layers, heads and parameters of a timm ViT named in the usual way; None for other encoders."""
+    """tokens, width, layers, heads and parameters of a timm ViT named in the usual way, with the spec's own
+    img_size, patch_size, embed_dim, depth and num_heads over the name's; None for other encoders."""
+    from hw3.models.encoder import EncoderSpec  # models import this module
+
     match = VIT_NAME.search(encoder or "")
     if not match or match.group("size") not in VIT_SIZES:
         return None
     width, layers, heads = VIT_SIZES[match.group("size")]
-    side = int(match.group("image")) // int(match.group("patch"))
+    image, patch = int(match.group("image")), int(match.group("patch"))
+    try:
+        options = dict(EncoderSpec.parse(encoder).options)
+    except UserError:
+        options = {}
+    given = lambda key, default: options[key] if isinstance(options.get(key), int) else default
+    width, layers, heads = given("embed_dim", width), given("depth", layers), given("num_heads", heads)
+    side = given("img_size", image) // given("patch_size", patch)
     return dict(tokens=side * side + 1, width=width, layers=layers, heads=heads, parameters=12 * layers * width ** 2)
 
 
@@ -210,45 +222,91 @@ def folder_bytes(folder: str) -> int:
 def plan_lines(ctx, selected: Sequence[str]) -> List[str]:
     """run_all's plan lines: the disk the run still needs (refused now when short) and each P2 attempt's peak GPU
     memory at its batch sizes on an 11 GB card. Estimates from the model sizes, not measurements."""
-    from hw3.models import registry
-    from hw3.data.images import list_images
     from hw3.models.encoder import DEFAULT_ENCODER
 
     image = vit_shape(ctx.args.encoder or DEFAULT_ENCODER)
-    shapes, lines = {}, []
-    for method in [m for m in ctx.args.methods if m in ctx.train_options and "p2" in selected]:
-        options = ctx.train_options[method]
-        shapes[method] = decoder_shape(registry.decoder_from_config(registry.config_from_args(options)))
-        caption_tokens = (options.max_caption_tokens or ctx.scoring_max_len()) + 2  # None: the data's, as val's
-        peaks = [("training batch %d" % options.batch_size, training_peak_bytes(
-            shapes[method], image, options.batch_size, caption_tokens, bool(options.feature_cache)))]
-        if image:
-            peaks.append(("encoding batch %d" % options.encode_batch_size,
-                          encoding_peak_bytes(image, options.encode_batch_size)))
-        lines.append("GPU memory (estimate, fp16): %s: %s of an 11 GB card" % (method, ", ".join(
-            "%s %.1f GB%s" % (what, peak / GB, " (over: lower it)" if peak > CARD_BYTES else "")
-            for what, peak in peaks)))
-    largest = max([s["trainable"] for s in shapes.values()] or [COURSE_TRAINABLE_LIMIT])
-    trainings = [shapes[m]["trainable"] for m in shapes
-                 if "p2" in selected and not _finished(ctx, "p2", m, ctx.forced("p2"))]
-    from hw3.pipeline.stage_table import TABLE  # the pipeline imports this module
-
-    for stage, row in TABLE.items():
-        if stage in selected:
-            names = tuple(ctx.args.methods[:1]) if row.trainings is None else row.trainings
-            trainings += [largest for n in names if not _finished(ctx, stage, n, ctx.forced(stage))]
-    def count(folder: str) -> int:  # every image under it: a caption file's sub-folders (Karpathy's filepath) too
-        return len(list_images(folder, recursive=True))
-
-    folders = sorted({ctx.data(k) for k in ("train_images", "val_images")})  # one folder counted once
-    images = sum(count(f) for f in folders) if {"p2", "compare", "distill"} & set(selected) else 0
-    if ctx.args.train_max_images:
-        images = min(images, ctx.args.train_max_images + count(ctx.data("val_images")))
+    shapes = ModelShapes(ctx.train_output_ids, image["width"] if image else UNKNOWN_ENCODER_WIDTH)
+    methods = [m for m in ctx.args.methods if m in ctx.train_options and "p2" in selected]
+    lines = [gpu_line(ctx, method, shapes(ctx.train_options[method]), image) for method in methods]
+    trainings = [shapes(ctx.train_options[m])["trainable"] for m in methods
+                 if not _finished(ctx, "p2", m, ctx.forced("p2"))]
+    largest = max([shapes(ctx.train_options[m])["trainable"] for m in methods] or [COURSE_TRAINABLE_LIMIT])
+    trainings += stage_trainings(ctx, selected, shapes, largest)
+    images = planned_images(ctx, selected)
     cache = ctx.path("p2", "feature_cache")
     need = disk_need(images if not ctx.args.no_feature_cache else 0, image,
                      folder_bytes(cache) if os.path.isdir(cache) else 0, trainings,
                      predictions=images * 8)
     return [check_disk(ctx.out, need)] + lines
+
+
+class ModelShapes:
+    """decoder_shape of the decoder that parsed p2_train.py options describe, each distinct config built once: with
+    cross-attention from image tokens `encoder_dim` wide, and a from-scratch decoder with the compact output layer of
+    `output_ids()` (the training captions' ids)."""
+
+    def __init__(self, output_ids: Callable[[], Sequence[int]], encoder_dim: int):
+        self.output_ids, self.encoder_dim = output_ids, encoder_dim
+        self.known: Dict[str, Dict[str, int]] = {}
+
+    def __call__(self, options) -> Dict[str, int]:
+        from hw3.models import registry
+
+        config = registry.config_from_args(options)
+        if registry.ARCHITECTURES[options.arch].from_scratch:
+            config = registry.config_from_args(options, self.output_ids())
+        config = dataclasses.replace(config, encoder_dim=self.encoder_dim)  # as captioner.build_captioner sets it
+        key = repr(config)
+        if key not in self.known:
+            self.known[key] = decoder_shape(registry.decoder_from_config(config))
+        return self.known[key]
+
+
+def gpu_line(ctx, method: str, shape: Dict[str, int], image: Optional[Dict[str, int]]) -> str:
+    """One P2 attempt's peak GPU memory (estimate) at its training and encoding batch sizes."""
+    options = ctx.train_options[method]
+    caption_tokens = (options.max_caption_tokens or ctx.scoring_max_len()) + 2  # None: the data's, as val's
+    peaks = [("training batch %d" % options.batch_size, training_peak_bytes(
+        shape, image, options.batch_size, caption_tokens, bool(options.feature_cache)))]
+    if image:
+        peaks.append(("encoding batch %d" % options.encode_batch_size,
+                      encoding_peak_bytes(image, options.encode_batch_size)))
+    return "GPU memory (estimate, fp16): %s: %s of an 11 GB card" % (method, ", ".join(
+        "%s %.1f GB%s" % (what, peak / GB, " (over: lower it)" if peak > CARD_BYTES else "") for what, peak in peaks))
+
+
+def stage_trainings(ctx, selected: Sequence[str], shapes: ModelShapes, largest: int) -> List[int]:
+    """The trained parameters of each opt-in stage's trainings still to run: sized from the options its check read
+    (ctx.stage_options; a training it did not name: the largest of its checked ones), else `largest` (P2's
+    largest attempt, or the course's limit)."""
+    from hw3.pipeline.stage_table import TABLE  # the pipeline imports this module
+
+    trainings = []
+    for stage, row in TABLE.items():
+        if stage not in selected:
+            continue
+        checked = {name: shapes(options)["trainable"] for name, options in ctx.stage_options.get(stage, {}).items()}
+        default = max(checked.values(), default=largest)
+        names = tuple(ctx.args.methods[:1]) if row.trainings is None else row.trainings
+        trainings += [checked.get(n, default) for n in names if not _finished(ctx, stage, n, ctx.forced(stage))]
+    return trainings
+
+
+def planned_images(ctx, selected: Sequence[str]) -> int:
+    """The images whose features the run caches and captions: train and val (each folder once, a caption file's
+    sub-folders too), at most --train-max-images of train."""
+    from hw3.data.images import list_images
+
+    def count(folder: str) -> int:  # every image under it: a caption file's sub-folders (Karpathy's filepath) too
+        return len(list_images(folder, recursive=True))
+
+    if not {"p2", "compare", "distill"} & set(selected):
+        return 0
+    folders = sorted({ctx.data(k) for k in ("train_images", "val_images")})  # one folder counted once
+    images = sum(count(f) for f in folders)
+    if ctx.args.train_max_images:
+        images = min(images, ctx.args.train_max_images + count(ctx.data("val_images")))
+    return images
 
 
 def _finished(ctx, stage: str, name: str, forced: bool) -> bool:

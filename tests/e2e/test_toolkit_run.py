@@ -13,6 +13,7 @@ end them.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,9 @@ import shutil
 import pytest
 
 from hw3.pipeline.stages import compare as compare_stage
+from hw3.pipeline.stages import distill as distill_stage
+from hw3.pipeline import checks, plan
+from hw3.util import resources, safe_load
 from hw3.data import caption_files, datasets
 from hw3.training.data import data_caption_tokens
 from hw3.pipeline import records
@@ -238,3 +242,27 @@ def test_a_finished_compare_lets_distill_run_alone(toolkit_run, tmp_path, capsys
     argv[argv.index("--out") + 1] = copy
     code, err = run(argv + ["--only", "distill"], capsys)
     assert code == 0 and "== distill: done earlier" in err, err[-2000:]
+
+
+def test_the_disk_estimate_sizes_each_training_from_its_own_model(toolkit_run, monkeypatch):
+    """The plan's disk need for this run redone (its stages forced): each training's best.pt sized from the model it
+    trains (a from-scratch decoder with the training captions' output layer), not the course's 35M-parameter limit:
+    within the plan's margin of a tenth of what the trainings saved, and not twice it. (A distill student's output
+    layer holds its teacher's captions' ids, as BPE re-reads the decoded text: sampled captions may hold ids the
+    training captions lack, or fewer.)"""
+    out, argv = toolkit_run
+    ctx = context.Context(run_all.parse_args(argv + ["--force", "compare,distill,scst"]), argv)
+    selected = checks.choose_stages(ctx, [s[0] for s in plan.stage_list(ctx)])
+    checks.check_inputs(ctx, selected)
+    need = {}
+    monkeypatch.setattr(resources, "check_disk", lambda folder, sizes: need.update(sizes) or "")
+    resources.plan_lines(ctx, selected)
+    saved = [os.path.join(out, stage, run, "train", "best.pt") for stage, runs in (
+        ("compare", compare_stage.COMPARE_RUNS), ("distill", distill_stage.CAPTION_SETS)) for run in runs]
+    saved += glob.glob(os.path.join(out, "scst", "*", "train", "best.pt"))
+    assert len(saved) == len(compare_stage.COMPARE_RUNS) + len(distill_stage.CAPTION_SETS) + 1
+    saved_bytes = sum(t.numel() * t.element_size() for path in saved for t in safe_load.load_tensors(path).values()
+                      if t.is_floating_point())  # the weights, not the output layer's id maps
+    assert saved_bytes <= need["checkpoints"] * resources.DISK_MARGIN and need["checkpoints"] < 2 * saved_bytes, (
+        saved_bytes, need)
+    assert need["states"] == 3 * need["checkpoints"]  # the weights and Adam's two moments

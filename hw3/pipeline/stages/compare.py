@@ -57,6 +57,7 @@ def check_compare(ctx: Context) -> None:
             raise UserError("%s: %s set by run_all.py itself (the run's definition)" % (where, ", ".join(taken)))
         argv = compare_argv(ctx, run, ctx.data("train_json")).replace(out=run_folder(ctx, run, "new", "compare"))
         ctx.train_options[run] = checked_training(ctx, argv, options, where)
+        ctx.stage_options.setdefault("compare", {})[run] = ctx.train_options[run]
         if ctx.args.score_checkpoints:
             scored_checkpoint(ctx, run, "compare")
 

@@ -59,7 +59,9 @@ def check_distill(ctx: Context) -> None:
     """The student's options through p2_train.py's checks, and the committed students when they are scored."""
     options = train_config(ctx).get("distill", {})
     where = "--train-config %s: distill" % ctx.args.train_config if options else "--student-arch"
-    checked_training(ctx, student_argv(ctx, ctx.data("train_json")).replace(out=ctx.path("distill")), options, where)
+    parsed = checked_training(ctx, student_argv(ctx, ctx.data("train_json")).replace(out=ctx.path("distill")),
+                              options, where)
+    ctx.stage_options["distill"] = {name: parsed for name in CAPTION_SETS}  # alike but for their captions
     if ctx.args.score_students:
         for name in CAPTION_SETS:
             scored_checkpoint(ctx, name, "distill")

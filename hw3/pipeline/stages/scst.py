@@ -91,7 +91,7 @@ def check_scst(ctx: Context) -> None:
         else ctx.args.methods
     for method in candidates:
         argv = scst_argv(ctx, method, ctx.data("train_json"), None).replace(out=run_folder(ctx, method, "new", "scst"))
-        checked_training(ctx, argv, options, where)
+        ctx.stage_options.setdefault("scst", {})[method] = checked_training(ctx, argv, options, where)
     if ctx.args.score_checkpoints and ctx.args.scst_method:
         scored_checkpoint(ctx, ctx.args.scst_method, "scst")
 
