@@ -33,7 +33,7 @@ from hw3.util.errors import UserError, progress, run_main
 from hw3.util.files import atomic_dir, atomic_write, check_output_dir, read_json, write_json
 from hw3.models.encoder import coordinate_mapper
 from hw3.report.layout import drawable, readable
-from hw3.data.tokenizer import BPETokenizer
+from hw3.data.tokenizer import shared_tokenizer
 
 END_TEXT = "<|endoftext|>"
 CONTINUATION_MARK = "##"  # a word piece that continues the previous token's word
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     captioner, meta = load_captioner(args.checkpoint, args.decoder, device=device)
     settings, said = decoding.resolve_decoding(vars(args), meta, config_path(args.checkpoint))  # as p2_inference.py
     print(said, file=sys.stderr)
-    tokenizer = BPETokenizer()
+    tokenizer = shared_tokenizer()
     entries = []
     with atomic_dir(args.out, "attention.json", "P3 figures") as out, \
             progress(total=len(images), desc="attention maps", unit="image") as bar:

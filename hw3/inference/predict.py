@@ -35,7 +35,7 @@ from hw3.util.device import autocast, hub_offline, resolve_device
 from hw3.util.errors import UserError, progress, run_main
 from hw3.util.files import check_output_file, write_json
 from hw3.util.resources import HalvingBatches
-from hw3.data.tokenizer import BPETokenizer
+from hw3.data.tokenizer import shared_tokenizer
 from hw3 import REPO_ROOT
 
 DEFAULT_CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "p2_best.pt")
@@ -98,7 +98,7 @@ def caption_folder(model: Captioner, folder: str, names: List[str], settings: De
     """The captions of `names`, image-major (settings' captions_per_image per image), and how many were cut (reached
     max_len without the end token); sampling is seeded by each image's key, so the captions do not depend on the
     batch size."""
-    tokenizer = BPETokenizer()
+    tokenizer = shared_tokenizer()
     count, device, batch_size = settings.captions_per_image, runtime.device, runtime.batch_size
     loader = torch.utils.data.DataLoader(
         ImageFiles([os.path.join(folder, n) for n in names], model.encoder.transform), batch_size=batch_size,

@@ -17,12 +17,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from hw3.data.tokenizer import END_TOKEN, BPETokenizer
+from hw3.data.tokenizer import END_TOKEN, BPETokenizer, shared_tokenizer
 from hw3.models.decoding import DEFAULT_DECODING, DecodingSettings
 
 def decode_captions(ids: List[List[int]], tokenizer: Optional[BPETokenizer] = None) -> List[str]:
     """Token ids (end token stripped, as generate returns them) -> caption texts."""
-    tokenizer = tokenizer or BPETokenizer()
+    tokenizer = tokenizer or shared_tokenizer()
     return [tokenizer.decode(seq).strip() for seq in ids]
 
 

@@ -39,7 +39,7 @@ from hw3.util.errors import UserError, progress
 from hw3.util.files import read_json, write_json
 from hw3.models.decoding import DecodingSettings
 from hw3.models.encoder import EncoderSpec
-from hw3.data.tokenizer import BPETokenizer
+from hw3.data.tokenizer import shared_tokenizer
 from hw3.models.output_vocab import collect_output_ids
 
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it. Every stage reads
@@ -115,7 +115,7 @@ class Context:
         if self._scoring_max_len is None:
             val = caption_files.load_captions(self.data("val_json"), self.data("val_images"), split=self.val_split(),
                                         default_split="val")
-            _, _, longest = datasets.tokenize_captions(val.references, BPETokenizer(), sys.maxsize)
+            _, _, longest = datasets.tokenize_captions(val.references, shared_tokenizer(), sys.maxsize)
             self._scoring_max_len = decoding.covering_max_len(longest)
         return self._scoring_max_len
 
@@ -126,7 +126,7 @@ class Context:
         if self._train_output_ids is None:
             train = caption_files.load_captions(self.data("train_json"), self.data("train_images"),
                                                 split="train" if self.args.captions else None, default_split="train")
-            tokens, _, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
+            tokens, _, _ = datasets.tokenize_captions(train.captions, shared_tokenizer(), sys.maxsize)
             self._train_output_ids = collect_output_ids(ids for image in tokens for ids in image)
         return self._train_output_ids
 

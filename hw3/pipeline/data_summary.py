@@ -7,7 +7,7 @@ import statistics
 from typing import List
 
 from hw3.data import caption_files, datasets
-from hw3.data.tokenizer import BPETokenizer
+from hw3.data.tokenizer import shared_tokenizer
 from hw3.pipeline.context import Context
 from hw3.training.data import data_caption_tokens
 
@@ -27,7 +27,7 @@ def describe_data(ctx: Context) -> dict:
     lengths in GPT-2 tokens (as p2_train.py cleans and tokenizes them) and, per training, how many of them its
     --max-caption-tokens (given, or p2_train's default from these captions) cuts (datasets.tokenize_captions' count)."""
     train, val = (caption_files.load_captions(ctx.args.captions, ctx.args.images, split=s) for s in ("train", "val"))
-    tokens, _, _ = datasets.tokenize_captions(train.captions, BPETokenizer(), UNCUT)
+    tokens, _, _ = datasets.tokenize_captions(train.captions, shared_tokenizer(), UNCUT)
     lengths = [len(t) for caps in tokens for t in caps]
     limits = {name: options.max_caption_tokens if isinstance(options.max_caption_tokens, int)
               else data_caption_tokens(max(lengths, default=0)) for name, options in ctx.train_options.items()}

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from hw3.data import caption_files, datasets, feature_cache
 from hw3.data.images import collate_images
-from hw3.data.tokenizer import BPETokenizer
+from hw3.data.tokenizer import shared_tokenizer
 from hw3.models.decoding import covering_max_len
 from hw3.training.config import DataSettings, TrainingConfig
 from hw3.training.state import Dist
@@ -49,7 +49,7 @@ def caption_length(config: TrainingConfig, train, world: Dist) -> TrainingConfig
     to a multiple of CAPTION_LENGTH_STEP: no caption is cut), said on stderr, and --val-max-len covering it."""
     max_tokens = config.data.max_caption_tokens
     if max_tokens is None:
-        _, _, longest = datasets.tokenize_captions(train.captions, BPETokenizer(), sys.maxsize)
+        _, _, longest = datasets.tokenize_captions(train.captions, shared_tokenizer(), sys.maxsize)
         max_tokens = data_caption_tokens(longest)
         if world.main:
             print("caption length: --max-caption-tokens %d from the training captions (the longest has %d tokens, "
@@ -95,7 +95,7 @@ def build_data(config: TrainingConfig, train, val, captioner, world: Dist) -> Tr
 
 def _caption_tokens(data: DataSettings, train, val, captioner, world: Dist):
     """The training and validation captions as GPT-2 ids, cut to the trained length (stderr says how many were)."""
-    tokenizer = BPETokenizer()
+    tokenizer = shared_tokenizer()
     max_tokens = trained_caption_tokens(data, captioner)
     train_tokens, cut, longest = datasets.tokenize_captions(train.captions, tokenizer, max_tokens)
     val_tokens, val_cut, val_longest = datasets.tokenize_captions(val.captions, tokenizer, max_tokens)

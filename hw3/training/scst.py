@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hw3.data import datasets
 from hw3.data.images import image_batches
-from hw3.data.tokenizer import BPETokenizer
+from hw3.data.tokenizer import shared_tokenizer
 from hw3.evaluation import metrics
 from hw3.models.decoding import DecodingSettings
 from hw3.models.search import decode_captions
@@ -130,7 +130,7 @@ def scst_epoch(state: TrainingState, epoch: int, loader, keys: List[str], reward
     reward (`reward(image indices, captions, ended)`: CIDEr-D, plus the CLIP term) minus the baseline, policy step.
     Returns the epoch's reward figures."""
     K = state.config.scst.scst_samples
-    tokenizer = BPETokenizer()  # built once: reading its merges took most of the reward's time when built per step
+    tokenizer = shared_tokenizer()
     state.captioner.train()
     totals = dict(reward=0.0, baseline=0.0, images=0, reward_seconds=0.0, sample_seconds=0.0)
     started = time.time()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hw3.data import datasets
-from hw3.data.tokenizer import BPETokenizer
+from hw3.data.tokenizer import shared_tokenizer
 from hw3.models import registry
 from hw3.models.captioner import build_captioner, read_checkpoint_config
 from hw3.models.output_vocab import collect_output_ids
@@ -85,7 +85,7 @@ def _setup(config: TrainingConfig, world: Dist):
     train_set, val = load_splits(config.data)
     config = caption_length(config, train_set, world)
     if registry.ARCHITECTURES[config.model.arch].from_scratch:  # the compact output layer: the training captions' ids
-        tokens, _, _ = datasets.tokenize_captions(train_set.captions, BPETokenizer(), config.data.max_caption_tokens)
+        tokens, _, _ = datasets.tokenize_captions(train_set.captions, shared_tokenizer(), config.data.max_caption_tokens)
         decoder_config = registry.config_from_args(command_settings(config),
                                                    collect_output_ids(ids for image in tokens for ids in image))
     seed = config.optimisation.seed
