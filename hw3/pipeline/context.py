@@ -303,9 +303,18 @@ def train_run(ctx: Context, method: str, config: TrainingConfig, inputs: dict,
                                                       out_of_memory=[line for line in loss_log(new)
                                                                      if line.get("kind") == "out_of_memory"]))
         log_out_of_memory(ctx, new)  # the feature cache's
+        drop_resume_state(new)
         os.remove(started_file)
         swap_in(ctx, method, stage)
     return seconds, True
+
+
+def drop_resume_state(folder: str) -> None:
+    """A finished training's last_state.pt (its weights and Adam's moments, three times best.pt): run_all never
+    resumes a finished training (other settings or data train afresh), so the state only takes disk."""
+    state = os.path.join(folder, "last_state.pt")
+    if os.path.isfile(state):
+        os.remove(state)
 
 
 # ----------------------------------------------------------------------------------------------- scoring

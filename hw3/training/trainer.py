@@ -163,7 +163,7 @@ def _resume_or_start(state: TrainingState, start: dict) -> Optional[dict]:
             pass
         write_json(os.path.join(out, "args.json"), vars(command_settings(config)))
         log_line(log_path, kind="start", settings=state.settings, time=round(time.time(), 1),
-                 **start)  # run_all's estimate
+                 world_size=world.world_size, **start)  # run_all's estimate
     return None
 
 

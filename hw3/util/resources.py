@@ -186,11 +186,12 @@ def encoding_peak_bytes(image: Dict[str, int], batch: int) -> int:
 
 def disk_need(images: int, image: Optional[Dict[str, int]], cached: int, trainings: Sequence[int],
               predictions: int) -> Dict[str, int]:
-    """Bytes still needed: the feature cache (fp16 rows, less what is there), per training still to run its best.pt
-    and its state file, and the prediction files."""
+    """Bytes still needed: the feature cache (fp16 rows, less what is there), per training still to run its best.pt,
+    the largest training's state file (run_all removes a training's state once it has finished, so one is there at
+    a time), and the prediction files."""
     cache = max(0, images * image["tokens"] * image["width"] * FP16 - cached) if image else 0
     return dict(feature_cache=cache, checkpoints=sum(t * FP32 for t in trainings),
-                states=sum(t * ADAM_BYTES for t in trainings), predictions=predictions * PREDICTION_BYTES)
+                states=max(trainings, default=0) * ADAM_BYTES, predictions=predictions * PREDICTION_BYTES)
 
 
 def check_disk(folder: str, need: Dict[str, int]) -> str:

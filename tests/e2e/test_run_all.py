@@ -40,7 +40,7 @@ from hw3.util.errors import run_main
 from hw3.util.files import read_json, write_json
 from miniworld import demo
 
-TRAINING = ["p2/%s/train/%s" % (m, f) for m in p2_stage.METHODS for f in ("best.pt", "last_state.pt", "log.jsonl")]
+TRAINING = ["p2/%s/train/%s" % (m, f) for m in p2_stage.METHODS for f in ("best.pt", "best.json", "log.jsonl")]
 FINISHED = TRAINING + ["p2/p2_best.pt", "p1/pred.csv", "results.json", "stages/p2.json"]
 
 

@@ -17,7 +17,7 @@ from hw3 import REPO_ROOT as ROOT
 from hw3.data import caption_files
 from hw3.pipeline import records
 from hw3.pipeline.stages import compare as compare_stage
-from hw3.training.state import load_state
+from hw3.pipeline import trainings
 from hw3.util.files import read_json
 from miniworld import demo
 from test_run_all import command, run
@@ -83,8 +83,9 @@ def test_torchrun_runs_p2_with_two_processes(world, tmp_path):
                                    stderr=subprocess.PIPE, timeout=600))
         assert runs[-1].returncode == 0, runs[-1].stderr.decode()[-3000:]
     first, second = (r.stderr.decode() for r in runs)
-    state = load_state(os.path.join(out, "p2", "lora", "train", "last_state.pt"))
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    start = trainings.loss_log(os.path.join(out, "p2", "lora", "train"))[0]
+    assert start["kind"] == "start" and start["world_size"] == 2
+    assert not os.path.exists(os.path.join(out, "p2", "lora", "train", "last_state.pt"))  # finished: not resumed
     # Both train, one scores. A rank that starts after rank 0 wrote started.json reads it as an interrupted training
     # and says "resuming"; with no state file yet it starts from the beginning all the same.
     starts = first.count("== p2: training lora") + first.count("== p2: lora training was interrupted: resuming it")
