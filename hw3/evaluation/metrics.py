@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import sys
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -297,10 +298,46 @@ def clip_score(paths: Sequence[str], captions: Sequence[str], clip: tuple, batch
     return sum(scores) / len(scores), scores
 
 
+# CLIP image embeddings computed in this process, per CLIP model (dropped with it): run_all scores every attempt,
+# decoding setting and stage row on the same val images, and each of those scorings after the first reuses them. The
+# key is the whole request (every file's path, size and modification time, the batch size, the device), so a reuse
+# gives the very tensor a fresh computation would (the same batches in the same order) and a changed file misses.
+_IMAGE_EMBEDDINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+EMBEDDINGS_KEPT = 4  # requests kept per model (a real val split's rows: 2,481 x 512 floats, 5 MB)
+
+
+def _file_identity(path: str) -> Optional[tuple]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # the loader names it
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
 def clip_image_embeddings(paths: Sequence[str], model, preprocess: Callable, batch_size: int = 64,
                           device: str = "cpu", num_workers: int = 0):
-    """CLIP image embeddings (N, D), float32, of image files in order (computed once: CLIPScore's image side, and
-    self-critical training's CLIP reward caches them for the whole run)."""
+    """CLIP image embeddings (N, D), float32, of image files in order (CLIPScore's image side, and self-critical
+    training's CLIP reward caches them for the whole run); the same request again in this process is answered from
+    _IMAGE_EMBEDDINGS."""
+    files = tuple(_file_identity(p) for p in paths)
+    key = (files, batch_size, str(device))
+    try:
+        kept = _IMAGE_EMBEDDINGS.setdefault(model, OrderedDict())
+    except TypeError:  # a model that takes no weak reference: computed every time
+        kept = OrderedDict()
+    if key in kept:
+        kept.move_to_end(key)
+        return kept[key]
+    embeddings = _compute_image_embeddings(paths, model, preprocess, batch_size, device, num_workers)
+    if None not in files:
+        kept[key] = embeddings
+        while len(kept) > EMBEDDINGS_KEPT:
+            kept.popitem(last=False)
+    return embeddings
+
+
+def _compute_image_embeddings(paths: Sequence[str], model, preprocess: Callable, batch_size: int, device: str,
+                              num_workers: int):
     import torch
     from torch.utils.data import DataLoader
 

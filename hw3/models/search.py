@@ -134,12 +134,15 @@ def _beam(decoder, memory, batch: int, settings: DecodingSettings, device) -> Li
         A = len(alive)
         logp = _step_log_probs(decoder, seqs, memory, cache, settings.no_repeat_ngram, end,
                                step >= settings.min_len)  # (A * K, V)
-        vocab = logp.shape[-1]
-        candidates = (logp + scores.view(-1, 1)).view(A, K * vocab)
+        # Each beam's best 2K tokens, then the best 2K of those K * 2K: the 2K best of all K * V candidates (a beam
+        # adds one score to all its tokens), without adding the scores to, and ranking, the whole vocabulary.
+        per_beam, per_token = logp.topk(min(2 * K, logp.shape[-1]), dim=1)  # (A * K, W), best first
+        width = per_beam.shape[1]
+        candidates = (per_beam + scores.view(-1, 1)).view(A, K * width)
         top_scores, top_index = candidates.topk(2 * K, dim=1)  # (A, 2K), best first
-        beam = torch.div(top_index, vocab, rounding_mode="floor")  # (A, 2K); `//` warns on torch 1.12
+        beam = torch.div(top_index, width, rounding_mode="floor")  # (A, 2K); `//` warns on torch 1.12
         source = beam + torch.arange(A, device=device).unsqueeze(1) * K  # (A, 2K) rows of seqs
-        token = top_index % vocab
+        token = per_token.view(A, K * width).gather(1, top_index)
         ends = token == end
         last = step == max_len - 1
         length = step + 1  # generated tokens, the end token included

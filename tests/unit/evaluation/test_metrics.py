@@ -3,6 +3,7 @@ computed directly on a tiny random CLIP."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -126,6 +127,38 @@ def test_clip_score_clamps_negative_similarity(tmp_path):
     mean, per_image = metrics.clip_score(synthetic_images(tmp_path, 2), ["a", "b"], (
         Opposite(), lambda im: torch.zeros(3, 4, 4), lambda caps: torch.zeros(len(caps), 5).long()))
     assert per_image == [0.0, 0.0] and mean == 0.0
+
+
+def test_clip_image_embeddings_are_reused_for_the_same_files_and_redone_for_changed_ones(tiny_clip, tmp_path):
+    """A second scoring of the same images with the same CLIP gives the very tensor the first computed, without
+    running the image tower; a rewritten file, another batch size or another CLIP computes afresh, equal to a
+    fresh computation."""
+    model, preprocess, _ = tiny_clip
+    paths = synthetic_images(tmp_path, 5)
+    towers = []
+    real = model.encode_image
+
+    def counted(pixels):
+        towers.append(len(pixels))
+        return real(pixels)
+
+    model.encode_image = counted
+    try:
+        first = metrics.clip_image_embeddings(paths, model, preprocess, batch_size=2)
+        assert towers == [2, 2, 1]
+        again = metrics.clip_image_embeddings(list(paths), model, preprocess, batch_size=2)
+        assert towers == [2, 2, 1] and torch.equal(again, first)
+        other_batch = metrics.clip_image_embeddings(paths, model, preprocess, batch_size=5)
+        assert towers[3:] == [5] and torch.allclose(other_batch, first, atol=1e-5)
+        synthetic_images(tmp_path, 5, seed=1)  # the same names, new colours and sizes
+        os.utime(paths[0], ns=(1, 1))  # even a file whose size might match differs in its time
+        changed = metrics.clip_image_embeddings(paths, model, preprocess, batch_size=2)
+        assert towers[4:] == [2, 2, 1] and not torch.allclose(changed, first)
+        del model.encode_image
+        fresh = metrics._compute_image_embeddings(paths, model, preprocess, 2, "cpu", 0)
+        assert torch.equal(changed, fresh)
+    finally:
+        model.__dict__.pop("encode_image", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
