@@ -560,7 +560,7 @@ ROWS = [
         [f for f in FINISHED if f not in ("p1/pred.csv", "results.json")], exists("p1", "pred.csv")),
     Row("p2-best-deleted-install", remove("p2", "p2_best.pt"), ["--install"], 0,
         "p2: running again: output p2/p2_best.pt is missing", TRAINING, installed),
-    Row("best-pt-deleted-force", remove("p2", "lora", "train", "best.pt"), ["--force", "p2"], 0,
+    Row("best-pt-deleted-force", remove("p2", "lora", "train", "best.pt"), ["--force", "p2", "--only", "p2"], 0,
         "forced (--force p2)", [], retrained),
     # 4. data changed in place
     Row("class-names-swapped", swap_two_names, ["--only", "p1"], 0,
