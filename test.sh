@@ -5,6 +5,8 @@
 # `bash test.sh --lane modern|course` runs one lane; other arguments go to pytest (`bash test.sh -k tokenizer`).
 # pytest runs on as many workers as there are cores, at most 2 (HW3_TEST_WORKERS overrides; 0 runs in one process):
 # --dist loadfile keeps each module on one worker, its module fixtures built once (tests/conftest.py orders them).
+# A passed test's tmp_path is removed when it ends, and a passed lane's whole temporary folder at its end (pytest's
+# tmp_path_retention_policy=failed): the fault rows copy a finished run each, which would otherwise fill a small disk.
 set -euo pipefail
 root="$(cd "$(dirname "$0")" && pwd)"
 lanes="modern course"
@@ -25,6 +27,7 @@ for lane in $lanes; do
     fi
     echo "== pytest ($("$HW3_PY" -c 'import sys, torch; print("Python %d.%d, torch %s" % (sys.version_info[:2] + (torch.__version__,)))'))" >&2
     workers="${HW3_TEST_WORKERS:-$(( $(nproc) < 2 ? $(nproc) : 2 ))}"
-    "$HW3_PY" -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile tests "$@"
+    "$HW3_PY" -m pytest -q -p no:cacheprovider -o tmp_path_retention_policy=failed -n "$workers" --dist loadfile \
+      tests "$@"
   )
 done
