@@ -36,11 +36,11 @@ def captioning_world(tmp_path_factory):
 
 
 
-# `bash test.sh` runs the suite on xdist workers (one more than the cores) with --dist loadfile: each module runs on
-# one worker, so its module fixtures are built once, and a session fixture (tests/e2e/conftest.py's demo_run) once
-# per module that uses it: its readers share one module. (--dist loadgroup would allow groups across modules, but pytest-xdist 3.8
-# cannot label test ids under pytest 9.) The modules are handed out in LONGEST_FIRST's order, so that no long one
-# starts last; the rest follow in collection order.
+# `bash test.sh` runs the suite on 2 or 3 xdist workers (test.sh says which) with --dist loadfile: each module runs on
+# one worker, so its module fixtures are built once, and a session fixture (tests/e2e/conftest.py's demo_run) once per
+# module that uses it: its readers share one module. (--dist loadgroup would allow groups across modules, but
+# pytest-xdist 3.8 cannot label test ids under pytest 9.) The modules are handed out in LONGEST_FIRST's order, so that
+# no long one starts last; the rest follow in collection order.
 LONGEST_FIRST = ("tests/e2e/test_demo.py", "tests/e2e/test_run_all.py", "tests/e2e/test_toolkit_run.py",
                  "tests/e2e/test_run_all_inputs.py")
 
