@@ -3,10 +3,9 @@
 #   modern: .venv (python3, requirements-dev.txt): Python 3.8 syntax check (vermin -t=3.8-), then the test suite;
 #   course: .venv-course (Python 3.8, torch 1.12.1, timm 0.9.10... requirements-course.txt), the same test suite.
 # `bash test.sh --lane modern|course` runs one lane; other arguments go to pytest (`bash test.sh -k tokenizer`).
-# pytest runs on 2 workers (1 on 1 core), the course lane on 3 where there are 2 cores or more; HW3_TEST_WORKERS
-# overrides (0 runs in one process). Measured on 2 cores: the course lane (torch 1.12) 5:35 on 3 workers, 6:05 on 2
-# (its workers wait now and then, on Java's METEOR, torchrun's processes, files, and the third keeps the cores busy);
-# the modern lane (torch 2) 5:36 on 2, 6:17 on 3 (there the third worker costs more CPU than it saves).
+# pytest runs on as many workers as there are cores, at most 2 (HW3_TEST_WORKERS overrides; 0 runs in one process).
+# A third worker on 2 cores measured 5:35 against 6:05 for the course lane once, but 6:17 against 5:36 for the modern
+# lane and 8:12 for the course lane on a fresh clone's disk: not kept.
 # --dist loadfile keeps each module on one worker, its module fixtures built once (tests/conftest.py orders them).
 # A passed test's tmp_path is removed when it ends, and a passed lane's whole temporary folder at its end (pytest's
 # tmp_path_retention_policy=failed): the fault rows copy a finished run each, which would otherwise fill a small disk.
@@ -29,9 +28,7 @@ for lane in $lanes; do
       git ls-files -co --exclude-standard '*.py' | xargs "$HW3_VENV/bin/vermin" -t=3.8- --no-tips --violations --eval-annotations
     fi
     echo "== pytest ($("$HW3_PY" -c 'import sys, torch; print("Python %d.%d, torch %s" % (sys.version_info[:2] + (torch.__version__,)))'))" >&2
-    default=$(( $(nproc) < 2 ? $(nproc) : 2 ))
-    [ "$lane" = course ] && [ "$(nproc)" -ge 2 ] && default=3
-    workers="${HW3_TEST_WORKERS:-$default}"
+    workers="${HW3_TEST_WORKERS:-$(( $(nproc) < 2 ? $(nproc) : 2 ))}"
     "$HW3_PY" -m pytest -q -p no:cacheprovider -o tmp_path_retention_policy=failed -n "$workers" --dist loadfile \
       tests "$@"
   )

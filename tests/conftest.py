@@ -36,13 +36,17 @@ def captioning_world(tmp_path_factory):
 
 
 
-# `bash test.sh` runs the suite on 2 or 3 xdist workers (test.sh says which) with --dist loadfile: each module runs on
+# `bash test.sh` runs the suite on two xdist workers with --dist loadfile: each module runs on
 # one worker, so its module fixtures are built once, and a session fixture (tests/e2e/conftest.py's demo_run) once per
 # module that uses it: its readers share one module. (--dist loadgroup would allow groups across modules, but
 # pytest-xdist 3.8 cannot label test ids under pytest 9.) The modules are handed out in LONGEST_FIRST's order, so that
 # no long one starts last; the rest follow in collection order.
 LONGEST_FIRST = ("tests/e2e/test_demo.py", "tests/e2e/test_run_all.py", "tests/e2e/test_toolkit_run.py",
-                 "tests/e2e/test_run_all_inputs.py")
+                 "tests/e2e/test_run_all_inputs.py", "tests/unit/training/test_trainer.py",
+                 "tests/unit/evaluation/test_evaluate.py", "tests/unit/models/test_gpt2.py",
+                 "tests/unit/inference/test_predict.py", "tests/unit/models/test_search.py",
+                 "tests/unit/report/test_compose.py", "tests/unit/evaluation/test_metrics.py",
+                 "tests/unit/zeroshot/test_classify.py")  # then the short ones: the last to finish end close together
 
 
 def pytest_configure(config):
