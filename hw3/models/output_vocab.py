@@ -25,6 +25,16 @@ def collect_output_ids(captions: Iterable[Sequence[int]]) -> Tuple[int, ...]:
     return tuple(sorted(seen))
 
 
+def captions_output_ids(captions: Sequence[Sequence[str]], max_tokens: int) -> Tuple[int, ...]:
+    """collect_output_ids of caption texts (per image, a list each), tokenised and cut to max_tokens as training
+    tokenises them: the compact output layer of a from-scratch decoder trained on them."""
+    from hw3.data.datasets import tokenize_captions
+    from hw3.data.tokenizer import shared_tokenizer
+
+    tokens, _, _ = tokenize_captions(captions, shared_tokenizer(), max_tokens)
+    return collect_output_ids(ids for image in tokens for ids in image)
+
+
 class OutputVocab(nn.Module):
     """GPT-2 id <-> output index maps of a compact output layer (or the identity when output_ids is None)."""
 
@@ -98,4 +108,5 @@ class FromScratchDecoder(nn.Module):
         return 0  # no LoRA
 
 
-__all__ = ["GPT2_VOCAB", "IGNORE_INDEX", "FromScratchDecoder", "OutputVocab", "collect_output_ids"]
+__all__ = ["GPT2_VOCAB", "IGNORE_INDEX", "FromScratchDecoder", "OutputVocab", "captions_output_ids",
+           "collect_output_ids"]

@@ -40,7 +40,7 @@ from hw3.util.files import read_json, write_json
 from hw3.models.decoding import DecodingSettings
 from hw3.models.encoder import EncoderSpec
 from hw3.data.tokenizer import shared_tokenizer
-from hw3.models.output_vocab import collect_output_ids
+from hw3.models.output_vocab import captions_output_ids
 
 # Decoding settings tried on the best attempt; the README default comes first, so a tie keeps it. Every stage reads
 # it as context.DECODING_GRID (no copy by `from ... import`), so one assignment changes it for all.
@@ -126,8 +126,7 @@ class Context:
         if self._train_output_ids is None:
             train = caption_files.load_captions(self.data("train_json"), self.data("train_images"),
                                                 split="train" if self.args.captions else None, default_split="train")
-            tokens, _, _ = datasets.tokenize_captions(train.captions, shared_tokenizer(), sys.maxsize)
-            self._train_output_ids = collect_output_ids(ids for image in tokens for ids in image)
+            self._train_output_ids = captions_output_ids(train.captions, sys.maxsize)
         return self._train_output_ids
 
     def _places(self, absolute: bool = False):

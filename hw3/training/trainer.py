@@ -17,11 +17,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from hw3.data import datasets
-from hw3.data.tokenizer import shared_tokenizer
 from hw3.models import registry
 from hw3.models.captioner import build_captioner, read_checkpoint_config
-from hw3.models.output_vocab import collect_output_ids
+from hw3.models.output_vocab import captions_output_ids
 from hw3.util import safe_load
 from hw3.util.errors import UserError, run_main
 from hw3.util.files import atomic_write, check_writable_dir, write_json
@@ -85,9 +83,8 @@ def _setup(config: TrainingConfig, world: Dist):
     train_set, val = load_splits(config.data)
     config = caption_length(config, train_set, world)
     if registry.ARCHITECTURES[config.model.arch].from_scratch:  # the compact output layer: the training captions' ids
-        tokens, _, _ = datasets.tokenize_captions(train_set.captions, shared_tokenizer(), config.data.max_caption_tokens)
-        decoder_config = registry.config_from_args(command_settings(config),
-                                                   collect_output_ids(ids for image in tokens for ids in image))
+        decoder_config = registry.config_from_args(command_settings(config), captions_output_ids(
+            train_set.captions, config.data.max_caption_tokens))
     seed = config.optimisation.seed
     torch.manual_seed(seed)  # identical initial trainable weights on every rank
     random.seed(seed)

@@ -253,9 +253,8 @@ class ModelShapes:
     def __call__(self, options) -> Dict[str, int]:
         from hw3.models import registry
 
-        config = registry.config_from_args(options)
-        if registry.ARCHITECTURES[options.arch].from_scratch:
-            config = registry.config_from_args(options, self.output_ids())
+        from_scratch = registry.ARCHITECTURES[options.arch].from_scratch
+        config = registry.config_from_args(options, self.output_ids() if from_scratch else None)
         config = dataclasses.replace(config, encoder_dim=self.encoder_dim)  # as captioner.build_captioner sets it
         key = repr(config)
         if key not in self.known:
